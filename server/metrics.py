@@ -1,0 +1,88 @@
+"""Prometheus metrics (prometheus-client, default registry), served on the metrics port.
+
+Names, labels and units are documented in docs/metrics.md. ``model`` is the logical model for
+request-level series and the variant (Triton name) for ``upstream_ready``. Label sets stay small:
+precisions and status codes are short closed sets.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+)
+
+REQUESTS = Counter(
+    "precision_serve_requests",
+    "Inference requests by model, serving precision, protocol and status (ok or gRPC code name).",
+    ["model", "precision", "protocol", "status"],
+)
+REQUEST_DURATION = Histogram(
+    "precision_serve_request_duration_seconds",
+    "End-to-end inference time inside the gateway (seconds).",
+    ["model", "precision"],
+    buckets=_LATENCY_BUCKETS,
+)
+QUEUE_DURATION = Histogram(
+    "precision_serve_queue_duration_seconds",
+    "Time a request waited for a batch or a free worker (seconds).",
+    ["model", "precision"],
+    buckets=_LATENCY_BUCKETS,
+)
+UPSTREAM_DURATION = Histogram(
+    "precision_serve_upstream_duration_seconds",
+    "Time of the engine run / upstream call that served a request (seconds).",
+    ["model", "precision"],
+    buckets=_LATENCY_BUCKETS,
+)
+INFLIGHT = Gauge(
+    "precision_serve_inflight_requests",
+    "Inference requests currently being handled.",
+    ["model"],
+)
+BATCH_SIZE = Histogram(
+    "precision_serve_batch_size",
+    "Rows per engine run after dynamic batching.",
+    ["model", "precision"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+FALLBACKS = Counter(
+    "precision_serve_fallbacks",
+    "Requests served by another precision because the chosen one was not ready/unavailable.",
+    ["model", "from_precision", "to_precision"],
+)
+ROUTING_DECISIONS = Counter(
+    "precision_serve_routing_decisions",
+    "Precision chosen for requests to a logical model, by the policy (or request/header).",
+    ["model", "precision", "policy"],
+)
+SHADOW_COMPARISONS = Counter(
+    "precision_serve_shadow_comparisons",
+    "Shadow comparisons of a served variant against its reference, by top-1 agreement.",
+    ["model", "precision", "reference", "top1_agree"],
+)
+SHADOW_COSINE = Histogram(
+    "precision_serve_shadow_cosine",
+    "Cosine similarity of served vs reference outputs (per request, flattened).",
+    ["model", "precision", "reference"],
+    buckets=(0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999, 1.0),
+)
+UPSTREAM_READY = Gauge(
+    "precision_serve_upstream_ready",
+    "1 when the upstream can serve the variant, else 0.",
+    ["upstream", "model"],
+)

@@ -1,0 +1,180 @@
+"""Read a model repository (manifests + each variant's ``config.pbtxt``) into memory.
+
+A logical model (``digits``) has one :class:`Variant` per built precision (``digits_int8``...).
+The served interface of a variant comes from its ``config.pbtxt`` (what Triton would serve);
+the manifest supplies the precision, engine, file, speed and quality records. A variant whose
+config cannot be read is kept with ``problem`` set, so it reports unready instead of stopping
+the whole gateway. No torch here (builder.manifest and builder.triton_config import none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+
+from builder.errors import BuildError
+from builder.manifest import Manifest, TensorSpec, VariantRecord, load_manifests
+from builder.triton_config import (
+    ServingOptions,
+    build_model_config,
+    config_dtype_to_np,
+    read_config,
+    serving_options_from_config,
+)
+from server.errors import ConfigError
+
+# numpy dtype name -> KServe v2 datatype
+_NP_TO_KSERVE = {
+    "bool": "BOOL",
+    "uint8": "UINT8",
+    "uint16": "UINT16",
+    "uint32": "UINT32",
+    "uint64": "UINT64",
+    "int8": "INT8",
+    "int16": "INT16",
+    "int32": "INT32",
+    "int64": "INT64",
+    "float16": "FP16",
+    "float32": "FP32",
+    "float64": "FP64",
+    "object": "BYTES",
+}
+KSERVE_TO_NP = {v: np.dtype(k) for k, v in _NP_TO_KSERVE.items()}
+
+# Most accurate first: used for defaults and for ordering listings.
+PRECISION_ORDER = ["fp32", "bf16", "fp16", "int8-dynamic", "int8"]
+
+
+def kserve_datatype(dtype: np.dtype) -> str:
+    return _NP_TO_KSERVE[np.dtype(dtype).name]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A served input/output. ``shape`` excludes the batch dimension; -1 is dynamic."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def datatype(self) -> str:
+        return kserve_datatype(self.dtype)
+
+
+@dataclass
+class Variant:
+    """One servable precision variant (a Triton model)."""
+
+    name: str  # Triton name, e.g. "digits_int8"
+    model: str  # logical model, e.g. "digits"
+    precision: str
+    path: Path  # the model file
+    record: VariantRecord
+    config: mc.ModelConfig
+    serving: ServingOptions
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    version: str = "1"
+    problem: str | None = None  # why it cannot be served (unreadable config, missing file)
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.serving.max_batch_size
+
+    def input(self, name: str) -> TensorInfo | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+
+@dataclass
+class Model:
+    """A logical model and its variants, keyed by precision."""
+
+    name: str
+    manifest: Manifest
+    variants: dict[str, Variant] = field(default_factory=dict)
+
+    def precisions(self) -> list[str]:
+        known = [p for p in PRECISION_ORDER if p in self.variants]
+        return known + sorted(p for p in self.variants if p not in PRECISION_ORDER)
+
+    def reference(self) -> Variant:
+        """The variant whose interface the logical model presents (fp32 when present)."""
+        return self.variants[self.precisions()[0]]
+
+
+@dataclass
+class Repository:
+    root: Path
+    models: dict[str, Model]
+
+    def variants(self) -> list[Variant]:
+        return [v for m in self.models.values() for v in m.variants.values()]
+
+    def variant(self, name: str) -> Variant | None:
+        return next((v for v in self.variants() if v.name == name), None)
+
+
+def _tensors_from_config(items: list) -> list[TensorInfo]:
+    return [TensorInfo(t.name, config_dtype_to_np(t.data_type), tuple(t.dims)) for t in items]
+
+
+def _tensors_from_specs(specs: list[TensorSpec]) -> list[TensorInfo]:
+    return [TensorInfo(s.name, np.dtype(s.dtype), tuple(s.shape)) for s in specs]
+
+
+def _load_variant(root: Path, manifest: Manifest, record: VariantRecord) -> Variant:
+    problem = None
+    path = root / record.file
+    try:
+        config = read_config(root / record.triton_name)
+        serving = serving_options_from_config(config)
+        inputs = _tensors_from_config(list(config.input))
+        outputs = _tensors_from_config(list(config.output))
+    except (BuildError, KeyError, ValueError) as e:
+        problem = f"config of {record.triton_name} unusable: {e}"
+        serving = ServingOptions(max_batch_size=manifest.max_batch_size)
+        config = build_model_config(record.triton_name, manifest.inputs, manifest.outputs, serving)
+        inputs = _tensors_from_specs(manifest.inputs)
+        outputs = _tensors_from_specs(manifest.outputs)
+    if problem is None and not path.is_file():
+        problem = f"model file {path} is missing"
+    return Variant(
+        name=record.triton_name,
+        model=manifest.model,
+        precision=record.precision,
+        path=path,
+        record=record,
+        config=config,
+        serving=serving,
+        inputs=inputs,
+        outputs=outputs,
+        problem=problem,
+    )
+
+
+def load_repository(root: Path) -> Repository:
+    """Read every manifest under ``root``; raises ConfigError when the repository is unusable."""
+    root = Path(root)
+    try:
+        manifests = load_manifests(root)
+    except BuildError as e:
+        raise ConfigError(str(e)) from e
+    if not manifests:
+        raise ConfigError(f"model repository {root} holds no *.manifest.json (build a model first)")
+    models: dict[str, Model] = {}
+    for name, manifest in manifests.items():
+        if not manifest.variants:
+            raise ConfigError(f"manifest of model {name!r} lists no variants")
+        model = Model(name=name, manifest=manifest)
+        for record in manifest.variants.values():
+            model.variants[record.precision] = _load_variant(root, manifest, record)
+        models[name] = model
+    names = [v.name for m in models.values() for v in m.variants.values()]
+    clash = sorted(set(names) & set(models))
+    if clash:
+        raise ConfigError(f"variant name(s) {clash} clash with logical model names")
+    return Repository(root=root, models=models)

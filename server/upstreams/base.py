@@ -1,0 +1,108 @@
+"""The upstream protocol: what actually runs a variant (embedded ONNX Runtime, or Triton).
+
+An upstream is chosen with ``--upstream``: ``embedded`` or ``triton://HOST:PORT[,HOST:PORT...]``.
+The scheme picks a registry entry (name -> "module:attribute", imported lazily); the class is
+constructed as ``cls(address, repository, settings)`` where ``address`` is the text after
+``scheme://`` ("" for ``embedded``).
+
+Contract for implementations:
+- ``start()`` loads/connects (may take time; runs before the gateway reports ready) and must not
+  raise for one broken variant: that variant just reports ``ready() == False``.
+- ``ready(variant)`` is cheap and synchronous (called per request by the fallback logic).
+- ``infer(variant, inputs, deadline)`` gets validated numpy inputs (batch dimension first) and
+  returns every output of the variant by name, batch dimension first. ``deadline`` is an
+  absolute ``time.monotonic()`` value or None. It raises :class:`UpstreamUnavailable` when the
+  variant cannot serve right now (not loaded, Triton answered UNAVAILABLE, connection refused):
+  the core then falls back to the next variant in the model's chain. Other ``GatewayError``s
+  (DeadlineExceeded, InvalidInput, InternalError) go to the client as they are.
+- It never blocks the event loop (run engines in threads; use grpc.aio for remote calls).
+- ``report_ready(...)`` keeps the ``precision_serve_upstream_ready`` gauge current.
+- ``close()`` releases sessions/channels; called once at shutdown.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from server.errors import ConfigError, Unavailable
+from server.repository import Repository, Variant
+
+
+class UpstreamUnavailable(Unavailable):
+    """The variant cannot serve right now; the core tries the next one in the fallback chain."""
+
+
+@dataclass
+class UpstreamSettings:
+    """Knobs shared by upstreams. ``threads`` = intra-op threads per engine session (0 = auto)."""
+
+    threads: int = 0
+    # Embedded: cap on worker threads across all variants (0 = sum of instance_group counts).
+    max_workers: int = 0
+    # Remote upstreams: default per-call timeout when the client gave no deadline.
+    default_timeout_s: float = 30.0
+
+
+@runtime_checkable
+class Upstream(Protocol):
+    name: str  # label value for precision_serve_upstream_ready{upstream=...}
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def ready(self, variant: Variant) -> bool: ...
+
+    async def infer(
+        self, variant: Variant, inputs: dict[str, np.ndarray], deadline: float | None
+    ) -> dict[str, np.ndarray]: ...
+
+
+# scheme -> "module:attribute"
+_REGISTRY: dict[str, str] = {
+    "embedded": "server.upstreams.embedded:EmbeddedUpstream",
+    "triton": "server.upstreams.triton:TritonUpstream",
+}
+
+
+def register_upstream(scheme: str, target: str) -> None:
+    _REGISTRY[scheme] = target
+
+
+def upstream_schemes() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def parse_upstream_spec(spec: str) -> tuple[str, str]:
+    """``"embedded"`` -> ("embedded", ""); ``"triton://h:1,h:2"`` -> ("triton", "h:1,h:2")."""
+    scheme, sep, address = spec.partition("://")
+    scheme = scheme.strip().lower()
+    if scheme not in _REGISTRY:
+        raise ConfigError(
+            f"unknown upstream {spec!r}; use one of: "
+            + ", ".join(f"{s}://..." if s != "embedded" else s for s in upstream_schemes())
+        )
+    if scheme != "embedded" and not (sep and address):
+        raise ConfigError(f"upstream {spec!r} needs an address: {scheme}://HOST:PORT[,HOST:PORT]")
+    return scheme, address
+
+
+def create_upstream(spec: str, repository: Repository, settings: UpstreamSettings) -> Upstream:
+    scheme, address = parse_upstream_spec(spec)
+    module_name, _, attr = _REGISTRY[scheme].partition(":")
+    try:
+        cls: Any = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"upstream {scheme!r} is not available: {e}") from e
+    return cls(address, repository, settings)
+
+
+def report_ready(upstream: str, variant: Variant, ready: bool) -> None:
+    """Publish a variant's readiness on precision_serve_upstream_ready{upstream, model}."""
+    from server import metrics
+
+    metrics.UPSTREAM_READY.labels(upstream=upstream, model=variant.name).set(1 if ready else 0)
