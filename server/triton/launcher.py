@@ -1,0 +1,372 @@
+"""Start and stop a local Triton server on a precision-serve repository.
+
+``TritonServer`` derives a python-backend repository (server.triton.derive) in a work folder,
+lays out the python backend from the ``nvidia-pytriton`` wheel, starts ``tritonserver`` with its
+logs in a file, waits until it reports ready (tritonclient health), and stops it with
+terminate -> wait -> kill. Ports given as 0 are picked by the OS (tritonserver wants explicit
+ports, so a bind-to-0 probe picks them; a start that loses the race for a port is retried).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from server.triton.derive import DerivedModel, derive_repository
+from server.triton.distribution import TritonDistribution, find_distribution
+from server.triton.errors import TritonStartError
+
+log = logging.getLogger(__name__)
+
+MODEL_CONTROL_MODES = ("none", "explicit")
+_PORT_IN_USE = ("Address already in use", "address already in use", "Failed to listen")
+
+
+@dataclass
+class TritonOptions:
+    """How to run one local Triton server."""
+
+    repository: Path
+    host: str = "127.0.0.1"
+    grpc_port: int = 8001  # 0: picked by the OS
+    http_port: int = 8000
+    metrics_port: int = 8002
+    model_control: str = "none"  # "explicit": models can be loaded/unloaded through the API
+    log_file: Path | None = None  # default: <work_dir>/tritonserver.log
+    work_dir: Path | None = None  # default: a temporary folder removed on stop
+    threads: int = 1  # engine threads per model instance (0: the engine decides)
+    startup_timeout: float = 120.0
+    exit_timeout: int = 5  # seconds Triton waits for in-flight requests on SIGTERM
+    log_verbose: int = 0
+    extra_args: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.repository = Path(self.repository)
+        if self.model_control not in MODEL_CONTROL_MODES:
+            raise ValueError(
+                f"model_control must be one of {MODEL_CONTROL_MODES}, got {self.model_control!r}"
+            )
+        for name in ("grpc_port", "http_port", "metrics_port"):
+            port = getattr(self, name)
+            if not 0 <= port < 65536:
+                raise ValueError(f"{name} must be in 0..65535, got {port}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.startup_timeout <= 0:
+            raise ValueError(f"startup_timeout must be > 0, got {self.startup_timeout}")
+
+
+def _probe_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def stub_environment_dir() -> Path:
+    """The Python environment the python-backend stub will use: this interpreter's.
+
+    The stub embeds the system's libpython in isolated mode (PYTHONPATH is ignored); it finds its
+    standard library and site-packages from the first ``python3`` on PATH (a virtual
+    environment's ``pyvenv.cfg`` included), so the server's PATH starts with this environment's
+    ``bin`` - the same approach PyTriton takes.
+    """
+    return Path(sys.exec_prefix)
+
+
+def check_stub_environment(env_dir: Path | None = None) -> str:
+    """Fail early, with a clear message, where the stub could not run our python model.
+
+    Runs the environment's ``python3`` isolated (as the stub will) and imports numpy and the engine
+    registry; numpy 2 is refused (with it every python-backend response came back empty).
+    Returns the numpy version.
+    """
+    python = (env_dir or stub_environment_dir()) / "bin" / "python3"
+    if not python.exists():
+        raise TritonStartError(f"no python3 in {python.parent} for the python-backend stub")
+    probe = "import numpy, server.engines; print(numpy.__version__)"
+    try:
+        done = subprocess.run(
+            [str(python), "-I", "-c", probe],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd="/",
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise TritonStartError(f"cannot run {python}: {e}") from e
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["?"])[-1]
+        raise TritonStartError(
+            f"the python-backend stub could not import our package from {python} ({last}); "
+            "install precision-serve into that environment (pip install -e .)"
+        )
+    version = done.stdout.strip()
+    if int(version.split(".")[0]) >= 2:
+        raise TritonStartError(
+            f"numpy {version} in {python}: Triton's python backend (nvidia-pytriton) needs numpy<2"
+        )
+    return version
+
+
+def server_environment(
+    dist: TritonDistribution, base: dict[str, str] | None = None, env_dir: Path | None = None
+) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        p for p in (str(dist.libs_dir), env.get("LD_LIBRARY_PATH", "")) if p
+    )
+    bin_dir = str((env_dir or stub_environment_dir()) / "bin")
+    env["PATH"] = os.pathsep.join(p for p in (bin_dir, env.get("PATH", "")) if p)
+    return env
+
+
+class TritonServer:
+    """A local ``tritonserver`` process; a context manager (start on enter, stop on exit)."""
+
+    def __init__(self, options: TritonOptions, distribution: TritonDistribution | None = None):
+        self.options = options
+        self._dist = distribution
+        self._proc: subprocess.Popen | None = None
+        self._own_work_dir = False
+        self.work_dir: Path | None = None
+        self.log_file: Path | None = None
+        self.models: list[DerivedModel] = []
+        self.grpc_port = options.grpc_port
+        self.http_port = options.http_port
+        self.metrics_port = options.metrics_port
+        self.startup_seconds: float | None = None
+
+    # ---- addresses --------------------------------------------------------------------------
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.options.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.options.host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.options.host}:{self.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    # ---- preparation ------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        opts = self.options
+        self._dist = self._dist or find_distribution()
+        check_stub_environment()
+        if opts.work_dir is None:
+            self.work_dir = Path(tempfile.mkdtemp(prefix="precision-serve-triton-"))
+            self._own_work_dir = True
+        else:
+            self.work_dir = Path(opts.work_dir)
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.models = derive_repository(opts.repository, self.work_dir / "models", opts.threads)
+        self._dist.prepare_backends(self.work_dir / "backends")
+        self.log_file = Path(opts.log_file) if opts.log_file else self.work_dir / "tritonserver.log"
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+
+    def command(self) -> list[str]:
+        assert self._dist is not None and self.work_dir is not None
+        opts = self.options
+        cmd = [
+            str(self._dist.binary),
+            f"--model-repository={self.work_dir / 'models'}",
+            f"--backend-directory={self.work_dir / 'backends'}",
+            f"--model-control-mode={opts.model_control}",
+            "--disable-auto-complete-config",
+            "--strict-readiness=true",
+            f"--exit-timeout-secs={opts.exit_timeout}",
+            f"--log-verbose={opts.log_verbose}",
+            f"--grpc-address={opts.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-address={opts.host}",
+            f"--http-port={self.http_port}",
+            "--allow-metrics=true",
+            "--allow-gpu-metrics=false",
+            f"--metrics-address={opts.host}",
+            f"--metrics-port={self.metrics_port}",
+        ]
+        if opts.model_control == "explicit":
+            cmd.append("--load-model=*")
+        return cmd + list(opts.extra_args)
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def start(self) -> TritonServer:
+        if self.running:
+            return self
+        try:
+            self._prepare()
+        except BaseException:
+            self._cleanup()
+            raise
+        attempts = (
+            3
+            if 0 in (self.options.grpc_port, self.options.http_port, self.options.metrics_port)
+            else 1
+        )
+        for attempt in range(attempts):
+            self._pick_ports()
+            try:
+                self._launch()
+                return self
+            except TritonStartError as e:
+                if attempt + 1 < attempts and any(s in str(e) for s in _PORT_IN_USE):
+                    log.warning("tritonserver lost a port race, retrying: %s", e)
+                    continue
+                self._cleanup()
+                raise
+        raise AssertionError("unreachable")
+
+    def _pick_ports(self) -> None:
+        host = self.options.host
+        self.grpc_port = self.options.grpc_port or _probe_port(host)
+        self.http_port = self.options.http_port or _probe_port(host)
+        self.metrics_port = self.options.metrics_port or _probe_port(host)
+
+    def _launch(self) -> None:
+        assert self._dist is not None and self.log_file is not None
+        started = time.monotonic()
+        with open(self.log_file, "ab") as logf:
+            logf.write(f"\n==== {' '.join(self.command())}\n".encode())
+            logf.flush()
+            self._proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=server_environment(self._dist),
+                start_new_session=True,  # its own process group: the stubs go down with it
+            )
+        log.info("tritonserver pid %d starting (log: %s)", self._proc.pid, self.log_file)
+        try:
+            self._wait_ready(started)
+        except TritonStartError:
+            self._terminate(grace=5.0)
+            raise
+        self.startup_seconds = time.monotonic() - started
+        log.info(
+            "tritonserver ready in %.1fs: grpc %s http %s metrics %s",
+            self.startup_seconds,
+            self.grpc_url,
+            self.http_url,
+            self.metrics_url,
+        )
+
+    def _wait_ready(self, started: float) -> None:
+        import tritonclient.grpc as grpcclient
+
+        deadline = started + self.options.startup_timeout
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        try:
+            while time.monotonic() < deadline:
+                assert self._proc is not None
+                if self._proc.poll() is not None:
+                    raise TritonStartError(
+                        f"tritonserver exited with code {self._proc.returncode} during start-up; "
+                        f"log {self.log_file}:\n{self.log_tail()}"
+                    )
+                try:
+                    if client.is_server_ready(client_timeout=2.0):
+                        return
+                except Exception:  # not listening yet
+                    pass
+                time.sleep(0.2)
+        finally:
+            client.close()
+        raise TritonStartError(
+            f"tritonserver not ready after {self.options.startup_timeout:.0f}s; "
+            f"log {self.log_file}:\n{self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_file.read_text(errors="replace") if self.log_file else ""
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _signal_group(self, sig: int) -> None:
+        assert self._proc is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, sig)  # the group was created for this server
+
+    def _terminate(self, grace: float) -> int | None:
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self._signal_group(signal.SIGKILL)
+                proc.wait(timeout=grace)
+        self._signal_group(signal.SIGKILL)  # python-backend stubs left behind, if any
+        return proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the server and its stubs at once (what a crashed replica looks like)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._signal_group(signal.SIGKILL)
+            self._proc.wait(timeout=10)
+
+    def stop(self, grace: float | None = None) -> int | None:
+        """terminate -> wait -> kill; returns the exit code."""
+        wait = grace if grace is not None else self.options.exit_timeout + 5.0
+        code = self._terminate(wait)
+        self._cleanup()
+        return code
+
+    def _cleanup(self) -> None:
+        """Remove a temporary work folder (keeping it while it holds the only copy of the log)."""
+        if not self._own_work_dir or self.work_dir is None:
+            return
+        if self.options.log_file:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+        else:
+            for sub in ("models", "backends"):
+                shutil.rmtree(self.work_dir / sub, ignore_errors=True)
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def start_server(repository: Path, **kwargs: object) -> TritonServer:
+    """``TritonServer(TritonOptions(repository, **kwargs)).start()``."""
+    return TritonServer(TritonOptions(repository=Path(repository), **kwargs)).start()  # type: ignore[arg-type]
+
+
+__all__ = [
+    "TritonOptions",
+    "TritonServer",
+    "check_stub_environment",
+    "server_environment",
+    "start_server",
+]
