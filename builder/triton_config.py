@@ -66,7 +66,9 @@ class ServingOptions:
         if self.instance_count < 1:
             raise ValueError(f"instance_count must be >= 1, got {self.instance_count}")
         if self.instance_kind not in ("KIND_CPU", "KIND_GPU"):
-            raise ValueError(f"instance_kind must be KIND_CPU or KIND_GPU, got {self.instance_kind}")
+            raise ValueError(
+                f"instance_kind must be KIND_CPU or KIND_GPU, got {self.instance_kind}"
+            )
         self.preferred_batch_sizes = [
             b for b in self.preferred_batch_sizes if 0 < b <= max(self.max_batch_size, 0)
         ]
@@ -103,7 +105,8 @@ def build_model_config(
     cfg.output.extend(_io(s, mc.ModelOutput) for s in outputs)
     cfg.instance_group.append(
         mc.ModelInstanceGroup(
-            count=serving.instance_count, kind=mc.ModelInstanceGroup.Kind.Value(serving.instance_kind)
+            count=serving.instance_count,
+            kind=mc.ModelInstanceGroup.Kind.Value(serving.instance_kind),
         )
     )
     if serving.max_batch_size > 0 and serving.dynamic_batching:
@@ -153,7 +156,11 @@ def read_config(model_dir: Path) -> mc.ModelConfig:
 def serving_options_from_config(cfg: mc.ModelConfig) -> ServingOptions:
     """The serving options a config asks for (what the embedded upstream honours)."""
     count = sum(g.count or 1 for g in cfg.instance_group) or 1
-    kind = mc.ModelInstanceGroup.Kind.Name(cfg.instance_group[0].kind) if cfg.instance_group else "KIND_CPU"
+    kind = (
+        mc.ModelInstanceGroup.Kind.Name(cfg.instance_group[0].kind)
+        if cfg.instance_group
+        else "KIND_CPU"
+    )
     has_db = cfg.HasField("dynamic_batching")
     return ServingOptions(
         max_batch_size=cfg.max_batch_size,

@@ -1,0 +1,95 @@
+"""``precision-build``: turn arguments into BuildOptions and call the build engine."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from builder.calibration import METHODS
+from builder.errors import BuildError
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="precision-build",
+        description="Build FP32/FP16/BF16/INT8 variants of a model as a Triton model repository.",
+    )
+    p.add_argument(
+        "model",
+        help="digits | minilm | resnet50 | onnx:PATH | torch:MODULE:FACTORY | hf:FOLDER",
+    )
+    p.add_argument(
+        "--precisions",
+        help="comma-separated, e.g. fp32,fp16,int8 (default: the model's own list)",
+    )
+    p.add_argument("--calibration-method", choices=METHODS, default="minmax")
+    p.add_argument("--calibration-data", type=Path, help="folder of .npy/.npz files or images")
+    p.add_argument("--calibration-samples", type=int, default=256)
+    p.add_argument(
+        "--accuracy-budget",
+        type=float,
+        help="max loss vs FP32 in points; worst INT8 layers stay FP32 until within it",
+    )
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--force", action="store_true", help="rebuild variants that already exist")
+    p.add_argument("--engine", help="run every variant on this engine (default: measured)")
+    p.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument(
+        "--configs-only",
+        action="store_true",
+        help="with --target gpu: write GPU configs and ONNX inputs without building engines",
+    )
+    p.add_argument("--instances", type=int, default=1, help="Triton instance_group count")
+    p.add_argument("--threads", type=int, default=0, help="engine threads for checks (0: auto)")
+    p.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def options_from_args(args: argparse.Namespace):
+    from builder.pipeline import BuildOptions
+
+    precisions = (
+        [s.strip() for s in args.precisions.split(",") if s.strip()] if args.precisions else None
+    )
+    return BuildOptions(
+        repository=args.repository,
+        precisions=precisions,
+        calibration_method=args.calibration_method,
+        calibration_data=args.calibration_data,
+        calibration_samples=args.calibration_samples,
+        accuracy_budget=args.accuracy_budget,
+        force=args.force,
+        measure_speed=not args.no_speed,
+        threads=args.threads,
+        instance_count=args.instances,
+        engine=args.engine,
+        target=args.target,
+        configs_only=args.configs_only,
+        progress=not args.quiet,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        from builder.pipeline import build_model
+        from builder.report import summary
+
+        manifest = build_model(args.model, options_from_args(args))
+    except BuildError as e:
+        print(f"precision-build: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("precision-build: interrupted; nothing half-written was left", file=sys.stderr)
+        return 130
+    print(summary(manifest))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

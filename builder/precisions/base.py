@@ -1,0 +1,46 @@
+"""The precision plug-in protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from builder.evaluate import Evaluator
+    from builder.pipeline import BuildOptions
+    from builder.sources.base import LoadedModel
+
+
+@dataclass
+class BuildContext:
+    """Everything a precision needs to turn the FP32 reference into its variant."""
+
+    model: LoadedModel
+    fp32_path: Path  # the FP32 reference file
+    options: BuildOptions
+    cache_dir: Path  # per-model cache (calibration ranges, ...)
+    evaluator: Evaluator  # quality vs FP32 on the evaluation set
+    work_dir: Path  # scratch space, removed after the build
+
+
+@dataclass
+class VariantResult:
+    """What a precision produced: the file plus how it was made."""
+
+    path: Path
+    engine: str = "onnxruntime"
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Precision(Protocol):
+    name: str
+
+    def skip_reason(self, model: LoadedModel) -> str | None:
+        """Why this precision cannot be built for ``model`` on this host (None: it can)."""
+        ...
+
+    def build(self, ctx: BuildContext, out_path: Path) -> VariantResult:
+        """Write the variant's model file to ``out_path``."""
+        ...

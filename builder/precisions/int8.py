@@ -1,0 +1,256 @@
+"""Static INT8: ONNX Runtime QDQ quantization, per-channel weights, calibrated and cached.
+
+- Activation/weight types follow the host: unsigned 8-bit activations with signed weights on x86
+  (signed/signed is no faster than FP32 there), signed/signed elsewhere.
+- Calibration ranges are cached under the model's cache dir, keyed by a hash of the
+  pre-processed model, the calibration data and the method; a rebuild reuses them.
+- Per-layer drift (``onnxruntime.quantization.qdq_loss_debug``) lists the activations with the
+  lowest SQNR vs FP32. With an accuracy budget, the nodes consuming the worst ones stay FP32
+  until the variant is within budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from builder import hostinfo
+from builder.calibration import DatasetReader, cache_key, ort_method
+from builder.errors import QuantizationError
+from builder.precisions.base import BuildContext, VariantResult
+from builder.sources.base import Dataset, LoadedModel
+
+log = logging.getLogger(__name__)
+
+DRIFT_SAMPLES = 8
+DRIFT_REPORTED = 8
+STANDARD_DOMAINS = {"", "ai.onnx", "com.microsoft", "ai.onnx.ml"}
+
+
+@dataclass
+class QuantTypes:
+    activation: str  # "QUInt8" | "QInt8"
+    weight: str
+    reduce_range: bool
+    reason: str
+
+
+def host_quant_types() -> QuantTypes:
+    """The fastest correct INT8 types for this CPU (ONNX Runtime's CPU guidance + our numbers)."""
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64", "i686"):
+        if hostinfo.supports_vnni():
+            return QuantTypes(
+                "QUInt8", "QInt8", False, "x86 with VNNI: U8 activations x S8 weights (fast path)"
+            )
+        return QuantTypes(
+            "QUInt8", "QInt8", True, "x86 without VNNI: U8 x S8 with 7-bit weights (no saturation)"
+        )
+    return QuantTypes("QInt8", "QInt8", False, f"{machine}: symmetric S8 x S8")
+
+
+def check_quantizable(model_path: Path) -> None:
+    """Fail early, naming the node, on ops that ONNX Runtime cannot run or quantize."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    for node in model.graph.node:
+        if node.domain not in STANDARD_DOMAINS:
+            raise QuantizationError(
+                f"node {node.name or '<unnamed>'!r} uses op {node.domain}::{node.op_type}, "
+                "which ONNX Runtime cannot quantize"
+            )
+
+
+def preprocess(fp32_path: Path, out_path: Path) -> Path:
+    """Shape inference + optimisation before quantization (symbolic shapes skipped: they fail
+    on transformer exports)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=True)
+    except Exception as e:
+        raise QuantizationError(f"quantization pre-processing failed: {e}") from e
+    return out_path
+
+
+def quantize_static_qdq(
+    fp32_path: Path,
+    out_path: Path,
+    calibration: Dataset,
+    method: str = "minmax",
+    activation_type: str = "QUInt8",
+    weight_type: str = "QInt8",
+    per_channel: bool = True,
+    reduce_range: bool = False,
+    symmetric_activations: bool = False,
+    symmetric_weights: bool = True,
+    nodes_to_exclude: list[str] | None = None,
+    cache_path: Path | None = None,
+    calibration_batch: int = 8,
+    extra_options: dict[str, Any] | None = None,
+) -> None:
+    """ONNX Runtime ``quantize_static`` in QDQ format (shared by the CPU and GPU targets)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    options = {
+        "ActivationSymmetric": symmetric_activations,
+        "WeightSymmetric": symmetric_weights,
+        **(extra_options or {}),
+    }
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        quantize_static(
+            str(fp32_path),
+            str(out_path),
+            calibration_data_reader=DatasetReader(calibration, calibration_batch),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            activation_type=QuantType[activation_type],
+            weight_type=QuantType[weight_type],
+            nodes_to_exclude=nodes_to_exclude or [],
+            calibrate_method=ort_method(method),
+            extra_options=options,
+            calibration_cache_path=str(cache_path) if cache_path else None,
+        )
+    except QuantizationError:
+        raise
+    except Exception as e:
+        raise QuantizationError(f"static INT8 quantization failed: {e}") from e
+
+
+def layer_drift(
+    float_path: Path, qdq_path: Path, data: Dataset, work_dir: Path
+) -> list[tuple[str, float]]:
+    """(activation, SQNR dB of the INT8 model's value vs FP32's), worst first."""
+    from onnxruntime.quantization import qdq_loss_debug as qd
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    aug_float = work_dir / "drift_float.onnx"
+    aug_qdq = work_dir / "drift_qdq.onnx"
+    qd.modify_model_output_intermediate_tensors(str(float_path), str(aug_float))
+    qd.modify_model_output_intermediate_tensors(str(qdq_path), str(aug_qdq))
+    reader = DatasetReader(data, batch_size=1)
+    float_acts = qd.collect_activations(str(aug_float), reader)
+    reader.rewind()
+    qdq_acts = qd.collect_activations(str(aug_qdq), reader)
+    matched = qd.create_activation_matching(qdq_acts, float_acts)
+    errors = qd.compute_activation_error(matched)
+    drift = [(name, float(e["xmodel_err"])) for name, e in errors.items() if "xmodel_err" in e]
+    return sorted(drift, key=lambda t: t[1])
+
+
+def consumers(model_path: Path, tensors: list[str]) -> list[str]:
+    """Names of the nodes that read each tensor, in the order of ``tensors``."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    out: list[str] = []
+    for t in tensors:
+        for node in model.graph.node:
+            if t in node.input and node.name and node.name not in out:
+                out.append(node.name)
+    return out
+
+
+def _doubling(n: int) -> list[int]:
+    """1, 2, 4, ... below n, then n."""
+    sizes, k = [], 1
+    while k < n:
+        sizes.append(k)
+        k *= 2
+    return [*sizes, n] if n else []
+
+
+@dataclass
+class BudgetSearch:
+    kept: list[str] = field(default_factory=list)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    met: bool = True
+
+
+class StaticInt8:
+    name = "int8"
+
+    def skip_reason(self, model: LoadedModel) -> str | None:
+        return None
+
+    def build(self, ctx: BuildContext, out_path: Path) -> VariantResult:
+        opts = ctx.options
+        check_quantizable(ctx.fp32_path)
+        pre = preprocess(ctx.fp32_path, ctx.work_dir / "int8_pre.onnx")
+        calib = ctx.model.calibration.take(opts.calibration_samples)
+        if len(calib) == 0:
+            raise QuantizationError("no calibration data: the model source provided none")
+        types = host_quant_types()
+        key = cache_key(pre, calib, opts.calibration_method)
+        cache_path = ctx.cache_dir / "calibration" / f"{opts.calibration_method}-{key}.json"
+        cache_hit = cache_path.is_file()
+        batch = 1 if ctx.model.max_batch_size == 0 else 8
+
+        def quantize(exclude: list[str]) -> dict[str, Any]:
+            quantize_static_qdq(
+                pre,
+                out_path,
+                calib,
+                method=opts.calibration_method,
+                activation_type=types.activation,
+                weight_type=types.weight,
+                per_channel=True,
+                reduce_range=types.reduce_range,
+                nodes_to_exclude=exclude,
+                cache_path=cache_path,
+                calibration_batch=batch,
+            )
+            return ctx.evaluator.quality(out_path)
+
+        quality = quantize([])
+        drift: list[tuple[str, float]] = []
+        try:
+            drift = layer_drift(
+                pre, out_path, ctx.model.evaluation.take(DRIFT_SAMPLES), ctx.work_dir / "drift"
+            )
+        except Exception as e:  # drift is a diagnostic; never fail the build on it
+            log.warning("per-layer drift analysis failed: %s", e)
+
+        search = BudgetSearch()
+        budget = opts.accuracy_budget
+        if budget is not None and float(quality["accuracy_loss"] or 0.0) > budget:
+            ranked = consumers(pre, [name for name, _ in drift])
+            search.met = False
+            for k in _doubling(len(ranked)):
+                exclude = ranked[:k]
+                q = quantize(exclude)
+                search.attempts.append({"kept": k, "accuracy_loss": q["accuracy_loss"]})
+                search.kept, quality = exclude, q
+                if float(q["accuracy_loss"] or 0.0) <= budget:
+                    search.met = True
+                    break
+
+        return VariantResult(
+            out_path,
+            details={
+                "format": "QDQ",
+                "activation_type": types.activation,
+                "weight_type": types.weight,
+                "reduce_range": types.reduce_range,
+                "per_channel": True,
+                "type_choice": types.reason,
+                "calibration_method": opts.calibration_method,
+                "calibration_samples": len(calib),
+                "calibration_data": calib.description or "model source",
+                "calibration_cache": cache_path.name,
+                "calibration_cache_hit": cache_hit,
+                "lowest_sqnr_layers": [
+                    {"tensor": n, "sqnr_db": round(s, 2)} for n, s in drift[:DRIFT_REPORTED]
+                ],
+                "fp32_kept_nodes": search.kept,
+                "budget_met": search.met,
+                "budget_attempts": search.attempts,
+            },
+        )

@@ -1,0 +1,62 @@
+"""The summary table printed at the end of a build (and by the demo)."""
+
+from __future__ import annotations
+
+from builder.manifest import Manifest
+
+
+def _fmt(value: float | None, spec: str, empty: str = "-") -> str:
+    return empty if value is None else format(value, spec)
+
+
+def summary_rows(manifest: Manifest) -> list[dict[str, str]]:
+    fp32 = manifest.variants.get("fp32")
+    rows = []
+    for precision, v in manifest.variants.items():
+        q = v.quality
+        mb = v.size_bytes / 1e6
+        agreement = q.get("top1_agreement") if manifest.task == "classification" else None
+        rows.append(
+            {
+                "precision": precision,
+                "engine": v.engine,
+                "MB": f"{mb:.2f}",
+                "size vs fp32": _fmt(v.size_bytes / fp32.size_bytes if fp32 else None, ".2f"),
+                "accuracy": _fmt(None if q.get("accuracy") is None else 100 * q["accuracy"], ".2f"),
+                "top-1 agree": _fmt(None if agreement is None else 100 * agreement, ".1f"),
+                "cosine mean": _fmt(q.get("cosine_mean"), ".4f"),
+                "loss (pts)": _fmt(v.details.get("accuracy_loss"), ".2f"),
+                "kept fp32": str(len(v.details.get("fp32_kept_nodes", []))),
+                "b1 ms": _fmt(v.speed.get("latency_ms_p50"), ".2f"),
+                "items/s": _fmt(v.speed.get("throughput"), ".0f"),
+                "x fp32": _fmt(v.speed.get("speedup_vs_fp32"), ".2f"),
+            }
+        )
+    return rows
+
+
+def format_table(rows: list[dict[str, str]]) -> str:
+    if not rows:
+        return "(no variants)"
+    headers = list(rows[0])
+    widths = {h: max(len(h), *(len(r[h]) for r in rows)) for h in headers}
+    line = "| " + " | ".join(h.ljust(widths[h]) for h in headers) + " |"
+    sep = "|" + "|".join("-" * (widths[h] + 2) for h in headers) + "|"
+    body = ["| " + " | ".join(r[h].ljust(widths[h]) for h in headers) + " |" for r in rows]
+    return "\n".join([line, sep, *body])
+
+
+def summary(manifest: Manifest) -> str:
+    head = f"{manifest.model} ({manifest.task}, source {manifest.source})"
+    lines = [head, format_table(summary_rows(manifest))]
+    if not manifest.accuracy_meaningful:
+        lines.append("note: accuracy figures are not meaningful for this model (random weights).")
+    lines.extend(f"note: {n}" for n in manifest.notes)
+    speed_batch = next((v.speed.get("batch_size") for v in manifest.variants.values()), None)
+    if speed_batch:
+        cpu = manifest.host.get("model", "?")
+        lines.append(
+            f"speed: batch-1 p50 latency and throughput at batch {int(speed_batch)} on {cpu}"
+            f" ({manifest.host.get('cores')} cores)"
+        )
+    return "\n".join(lines)
