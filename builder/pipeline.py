@@ -168,8 +168,37 @@ def _build(spec: str, options: BuildOptions, repo: Path, work: Path) -> Manifest
 
     if options.measure_speed and manifest.variants:
         _measure(manifest, model, repo, options)
+    write_samples(repo, model)
     manifest.save(repo)
     return manifest
+
+
+SAMPLES_SUFFIX = ".samples.npz"
+SAMPLE_ROWS = 64
+
+
+def samples_path(repository: Path, model: str) -> Path:
+    return Path(repository) / f"{model}{SAMPLES_SUFFIX}"
+
+
+def write_samples(repo: Path, model: LoadedModel) -> Path:
+    """Real evaluation rows (and labels, under ``__labels__``) for clients that have no torch:
+    the load test and the benchmarks send these."""
+    import io
+
+    import numpy as np
+
+    rows = model.evaluation.take(SAMPLE_ROWS)
+    arrays = dict(rows.inputs)
+    if rows.labels is not None:
+        arrays["__labels__"] = rows.labels
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    target = samples_path(repo, model.name)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(target)
+    return target
 
 
 def _build_variant(
