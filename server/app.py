@@ -1,0 +1,170 @@
+"""Assemble and run the gateway: repository -> router -> upstream -> core -> gRPC/HTTP/metrics.
+
+:class:`GatewayServer` starts everything in the running event loop (tests can inject an
+upstream); :func:`serve` runs until SIGTERM/SIGINT, then stops accepting, lets in-flight
+requests finish within the grace period and returns. ``GatewayProcess`` (server/testing.py)
+runs ``python -m server.cli`` as a subprocess for tests, the load test and benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from builder.manifest import atomic_write_text
+from server.core import Gateway
+from server.errors import ConfigError
+from server.grpc_service import start_grpc_server
+from server.http_app import start_http_server
+from server.repository import load_repository
+from server.routing import Router, load_routing
+from server.upstreams.base import Upstream, UpstreamSettings, create_upstream
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class ServeOptions:
+    repository: Path
+    host: str = "127.0.0.1"
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    upstream: str = "embedded"
+    routing: Path | None = None
+    ready_file: Path | None = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    auth_token: str | None = None
+    threads: int = 0
+    grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("grpc_port", "http_port", "metrics_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"--{name.replace('_', '-')} must be 0..65535, got {port}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key must be given together")
+        if self.max_request_bytes < 1024:
+            raise ConfigError(f"--max-request-bytes must be >= 1024, got {self.max_request_bytes}")
+        if self.threads < 0:
+            raise ConfigError(f"--threads must be >= 0, got {self.threads}")
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from e
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+class GatewayServer:
+    def __init__(self, options: ServeOptions, upstream: Upstream | None = None) -> None:
+        self.options = options
+        repository = load_repository(options.repository)
+        router = Router(repository, load_routing(options.routing))
+        if upstream is None:
+            upstream = create_upstream(
+                options.upstream, repository, UpstreamSettings(threads=options.threads)
+            )
+        self.gateway = Gateway(
+            repository, router, upstream, options.max_request_bytes, options.auth_token
+        )
+        self.ports: dict[str, int] = {}
+        self._grpc: grpc.aio.Server | None = None
+        self._runners: list[web.AppRunner] = []
+
+    def _tls(self) -> tuple[tuple[bytes, bytes] | None, ssl.SSLContext | None]:
+        o = self.options
+        if o.tls_cert is None or o.tls_key is None:
+            return None, None
+        cert, key = _read(o.tls_cert, "TLS certificate"), _read(o.tls_key, "TLS key")
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ctx.load_cert_chain(str(o.tls_cert), str(o.tls_key))
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(f"cannot load TLS certificate/key: {e}") from e
+        return (cert, key), ctx
+
+    async def start(self) -> dict[str, int]:
+        o = self.options
+        grpc_tls, http_tls = self._tls()
+        await self.gateway.start()
+        try:
+            self._grpc, self.ports["grpc_port"] = await start_grpc_server(
+                self.gateway, o.host, o.grpc_port, o.max_request_bytes, grpc_tls
+            )
+        except RuntimeError as e:
+            raise ConfigError(f"cannot bind gRPC port {o.host}:{o.grpc_port}: {e}") from e
+        try:
+            runner, self.ports["http_port"] = await start_http_server(
+                self.gateway, o.host, o.http_port, http_tls, o.grace_s
+            )
+            self._runners.append(runner)
+            metrics_app = web.Application()
+            metrics_app.router.add_get("/metrics", _metrics)
+            runner = web.AppRunner(metrics_app, access_log=None, handle_signals=False)
+            await runner.setup()
+            site = web.TCPSite(runner, o.host, o.metrics_port)
+            await site.start()
+            self._runners.append(runner)
+            self.ports["metrics_port"] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        except OSError as e:
+            raise ConfigError(
+                f"cannot bind HTTP/metrics port on {o.host}: {e.strerror or e}"
+            ) from e
+        if o.ready_file is not None:
+            atomic_write_text(Path(o.ready_file), json.dumps({**self.ports, "pid": os.getpid()}))
+        log.info("precision-serve ready: %s", self.ports)
+        return self.ports
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish within the grace period, close."""
+        self.gateway.drain()
+        tasks = [runner.cleanup() for runner in self._runners]
+        if self._grpc is not None:
+            tasks.append(self._grpc.stop(self.options.grace_s))
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.gateway.close()
+
+
+async def serve(options: ServeOptions) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = GatewayServer(options)
+    try:
+        await server.start()
+        await stop.wait()
+        log.info("precision-serve: signal received, draining (grace %.0fs)", options.grace_s)
+    finally:
+        await server.stop()
+
+
+def __getattr__(name: str):  # server.app.GatewayProcess, without importing it eagerly
+    if name in ("GatewayProcess", "InProcessGateway"):
+        from server import testing
+
+        return getattr(testing, name)
+    raise AttributeError(name)

@@ -1,0 +1,85 @@
+"""``precision-serve``: run the gateway (see docs/gateway.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from server.app import DEFAULT_MAX_REQUEST_BYTES, ServeOptions, serve
+from server.errors import GatewayError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="precision-serve",
+        description="Triton-compatible gRPC/HTTP gateway that routes each request by precision.",
+    )
+    p.add_argument("--repository", type=Path, required=True, help="model repository directory")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (0 = OS picks)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (0 = OS picks)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus port (0 = OS picks)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    p.add_argument(
+        "--upstream",
+        default="embedded",
+        help="embedded (ONNX Runtime in-process) or triton://HOST:PORT[,HOST:PORT...]",
+    )
+    p.add_argument("--routing", type=Path, help="routing YAML file (policies per model)")
+    p.add_argument("--ready-file", type=Path, help="write bound ports as JSON here once ready")
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="largest accepted request (RESOURCE_EXHAUSTED / 413 above)",
+    )
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate: serve gRPC and HTTP over TLS")
+    p.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
+    p.add_argument(
+        "--auth-token",
+        default=os.environ.get("PRECISION_SERVE_AUTH_TOKEN"),
+        help="bearer token required on inference calls (env PRECISION_SERVE_AUTH_TOKEN)",
+    )
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads per session (0=auto)")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds to drain on SIGTERM")
+    p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        options = ServeOptions(
+            repository=args.repository,
+            host=args.host,
+            grpc_port=args.grpc_port,
+            http_port=args.http_port,
+            metrics_port=args.metrics_port,
+            upstream=args.upstream,
+            routing=args.routing,
+            ready_file=args.ready_file,
+            max_request_bytes=args.max_request_bytes,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            auth_token=args.auth_token or None,
+            threads=args.threads,
+            grace_s=args.grace,
+        )
+        asyncio.run(serve(options))
+    except GatewayError as e:
+        print(f"precision-serve: error: {e.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,470 @@
+"""The data plane: one place that validates, routes, runs, falls back and records metrics.
+
+The gRPC servicer and the HTTP handlers only translate their wire formats into
+:class:`InferRequest` / out of :class:`InferResponse` and :class:`GatewayError` into a status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+
+from server import metrics
+from server.errors import (
+    DeadlineExceeded,
+    GatewayError,
+    InvalidInput,
+    ModelNotFound,
+    PayloadTooLarge,
+    Unauthenticated,
+    Unavailable,
+)
+from server.repository import Model, Repository, TensorInfo, Variant
+from server.routing import Decision, Router
+from server.tensors import WireTensor, decode
+from server.upstreams.base import Upstream, UpstreamUnavailable
+
+log = logging.getLogger(__name__)
+
+PRECISION_PARAMETER = "precision"
+PRECISION_HEADER = "x-precision"
+REQUEST_KEY = "x-request-key"
+TIMEOUT_PARAMETER = "timeout"  # microseconds, as tritonclient's ``timeout=`` sends it
+MAX_SHADOW_TASKS = 8
+
+
+@dataclass
+class InferRequest:
+    model: str
+    inputs: list[WireTensor]
+    version: str = ""
+    id: str = ""
+    outputs: list[str] | None = None  # requested output names (None = all)
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    deadline: float | None = None  # absolute time.monotonic()
+    protocol: str = "grpc"
+
+
+@dataclass
+class InferResponse:
+    model_name: str  # the variant's Triton name
+    model_version: str
+    precision: str
+    id: str
+    outputs: dict[str, np.ndarray]  # in the variant's output order
+
+
+@dataclass
+class VariantStats:
+    """What ModelStatistics reports (Triton's InferStatistics subset the gateway knows)."""
+
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    inference_count: int = 0  # rows
+    execution_count: int = 0
+    last_inference_ms: int = 0
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What metadata endpoints show for a name (logical model or variant)."""
+
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+
+
+class Gateway:
+    def __init__(
+        self,
+        repository: Repository,
+        router: Router,
+        upstream: Upstream,
+        max_request_bytes: int = 64 * 1024 * 1024,
+        auth_token: str | None = None,
+    ) -> None:
+        self.auth_token = auth_token
+        self.repository = repository
+        self.router = router
+        self.upstream = upstream
+        self.max_request_bytes = max_request_bytes
+        self.stats: dict[str, VariantStats] = {
+            v.name: VariantStats() for v in repository.variants()
+        }
+        self._shadow_tasks: set[asyncio.Task] = set()
+        self._started = False
+        self._draining = False
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.upstream.start()
+        self._started = True
+
+    def drain(self) -> None:
+        """Stop reporting ready (load balancers move away) while in-flight requests finish."""
+        self._draining = True
+
+    async def close(self) -> None:
+        for task in list(self._shadow_tasks):
+            task.cancel()
+        await asyncio.gather(*self._shadow_tasks, return_exceptions=True)
+        await self.upstream.close()
+
+    # ---- health and metadata ------------------------------------------------------------------
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        if not self._started or self._draining:
+            return False
+        return all(self._model_ready(m) for m in self.repository.models.values())
+
+    def _model_ready(self, model: Model) -> bool:
+        return any(self.upstream.ready(v) for v in model.variants.values())
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        target = self._lookup(name, version)
+        if isinstance(target, Model):
+            return self._started and self._model_ready(target)
+        return self._started and self.upstream.ready(target)
+
+    def _lookup(self, name: str, version: str = "") -> Model | Variant:
+        if version not in ("", "1"):
+            raise ModelNotFound(f"model {name!r} has no version {version!r} (only version 1)")
+        if name in self.repository.models:
+            return self.repository.models[name]
+        variant = self.repository.variant(name)
+        if variant is None:
+            known = sorted(
+                list(self.repository.models) + [v.name for v in self.repository.variants()]
+            )
+            raise ModelNotFound(f"unknown model {name!r} (known: {', '.join(known)})")
+        return variant
+
+    def metadata(self, name: str, version: str = "") -> ModelView:
+        target = self._lookup(name, version)
+        variant = target.reference() if isinstance(target, Model) else target
+        return ModelView(
+            name=name,
+            versions=[variant.version],
+            platform=variant.config.platform or variant.config.backend,
+            inputs=variant.inputs,
+            outputs=variant.outputs,
+        )
+
+    def default_variant(self, model: Model) -> Variant:
+        return model.variants[self.router.policies[model.name].default_precision]
+
+    def config(self, name: str, version: str = "") -> mc.ModelConfig:
+        target = self._lookup(name, version)
+        variant = self.default_variant(target) if isinstance(target, Model) else target
+        cfg = mc.ModelConfig()
+        cfg.CopyFrom(variant.config)
+        cfg.name = name
+        return cfg
+
+    def index(self) -> list[tuple[str, str, str, str]]:
+        """(name, version, state, reason) for logical models and variants."""
+        rows = []
+        for model in self.repository.models.values():
+            ok = self._started and self._model_ready(model)
+            rows.append((model.name, "1", "READY" if ok else "UNAVAILABLE", ""))
+            for v in model.variants.values():
+                ok = self._started and self.upstream.ready(v)
+                reason = (
+                    ""
+                    if ok
+                    else (v.problem or getattr(self.upstream, "problems", {}).get(v.name, ""))
+                )
+                rows.append((v.name, v.version, "READY" if ok else "UNAVAILABLE", reason))
+        return rows
+
+    # ---- inference ---------------------------------------------------------------------------
+    async def infer(self, request: InferRequest) -> InferResponse:
+        start = time.monotonic()
+        model_label, precision_label = "unknown", "none"
+        inflight = None
+        try:
+            self.authorize(request.headers)
+            target = self._lookup(request.model, request.version)
+            model = self.repository.models[target.model] if isinstance(target, Variant) else target
+            model_label = model.name
+            inflight = metrics.INFLIGHT.labels(model=model.name)
+            inflight.inc()
+            deadline = self._deadline(request)
+            if isinstance(target, Variant):
+                decision = Decision(target.precision, "variant")
+                candidates = [target.precision]
+            else:
+                decision = self._decide(model, request)
+                candidates = self.router.candidates(model.name, decision.precision)
+            precision_label = decision.precision
+            self._check_size(request)
+            arrays = self._validate(model.variants[decision.precision], request)
+            variant, outputs = await self._run(model, candidates, arrays, deadline)
+            precision_label = variant.precision
+            if variant.precision != decision.precision:
+                metrics.FALLBACKS.labels(
+                    model=model.name,
+                    from_precision=decision.precision,
+                    to_precision=variant.precision,
+                ).inc()
+            if isinstance(target, Model):
+                metrics.ROUTING_DECISIONS.labels(
+                    model=model.name, precision=decision.precision, policy=decision.policy
+                ).inc()
+            if decision.shadow_reference and variant.precision == decision.precision:
+                self._mirror(model, variant, decision.shadow_reference, arrays, outputs)
+            selected = self._select_outputs(variant, outputs, request.outputs)
+            self._record(variant, arrays, start, ok=True)
+            metrics.REQUESTS.labels(
+                model=model_label, precision=precision_label, protocol=request.protocol, status="ok"
+            ).inc()
+            return InferResponse(
+                model_name=variant.name,
+                model_version=variant.version,
+                precision=variant.precision,
+                id=request.id,
+                outputs=selected,
+            )
+        except GatewayError as e:
+            metrics.REQUESTS.labels(
+                model=model_label,
+                precision=precision_label,
+                protocol=request.protocol,
+                status=e.code,
+            ).inc()
+            raise
+        finally:
+            if inflight is not None:
+                inflight.dec()
+                metrics.REQUEST_DURATION.labels(
+                    model=model_label, precision=precision_label
+                ).observe(time.monotonic() - start)
+
+    def authorize(self, headers: Mapping[str, str]) -> None:
+        """Inference calls must carry ``authorization: Bearer <token>`` when a token is set."""
+        if not self.auth_token:
+            return
+        given = headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.auth_token.encode()
+        ):
+            raise Unauthenticated("missing or wrong bearer token (header 'authorization')")
+
+    def _deadline(self, request: InferRequest) -> float | None:
+        deadline = request.deadline
+        timeout_us = request.parameters.get(TIMEOUT_PARAMETER)
+        if timeout_us not in (None, "", 0):
+            try:
+                own = time.monotonic() + float(timeout_us) / 1e6
+            except (TypeError, ValueError):
+                raise InvalidInput(
+                    f"parameter 'timeout' must be microseconds, got {timeout_us!r}"
+                ) from None
+            deadline = own if deadline is None else min(deadline, own)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("deadline exceeded before the request was routed")
+        return deadline
+
+    def _decide(self, model: Model, request: InferRequest) -> Decision:
+        requested = request.parameters.get(PRECISION_PARAMETER)
+        source = "request"
+        if not requested:
+            requested = request.headers.get(PRECISION_HEADER)
+            source = "header"
+        if requested is not None and not isinstance(requested, str):
+            raise InvalidInput(f"parameter 'precision' must be a string, got {requested!r}")
+        key = request.parameters.get(REQUEST_KEY) or request.headers.get(REQUEST_KEY)
+        return self.router.decide(model.name, requested or None, source, str(key) if key else None)
+
+    def _check_size(self, request: InferRequest) -> None:
+        total = sum(t.nbytes for t in request.inputs)
+        if total > self.max_request_bytes:
+            raise PayloadTooLarge(
+                f"request inputs are {total} bytes, over the limit of {self.max_request_bytes}"
+            )
+
+    def _validate(self, variant: Variant, request: InferRequest) -> dict[str, np.ndarray]:
+        given: dict[str, WireTensor] = {}
+        for t in request.inputs:
+            if t.name in given:
+                raise InvalidInput(f"input {t.name!r} given twice")
+            given[t.name] = t
+        expected = {t.name for t in variant.inputs}
+        unknown = sorted(set(given) - expected)
+        if unknown:
+            raise InvalidInput(
+                f"unexpected input(s) {unknown} for model {variant.model!r} "
+                f"(expected: {sorted(expected)})"
+            )
+        batched = variant.max_batch_size > 0
+        arrays: dict[str, np.ndarray] = {}
+        batch: int | None = None
+        for spec in variant.inputs:
+            t = given.get(spec.name)
+            if t is None:
+                raise InvalidInput(
+                    f"missing input {spec.name!r} ({spec.datatype} {_dims(spec, batched)})"
+                )
+            if t.datatype != spec.datatype:
+                raise InvalidInput(
+                    f"input {spec.name!r}: expected datatype {spec.datatype}, got {t.datatype}"
+                )
+            self._check_shape(variant, spec, list(t.shape), batched)
+            if batched:
+                if batch is not None and t.shape[0] != batch:
+                    raise InvalidInput(
+                        f"input {spec.name!r}: batch size {t.shape[0]} differs from the other "
+                        f"inputs' {batch}"
+                    )
+                batch = t.shape[0]
+            arrays[spec.name] = decode(t)
+        if request.outputs is not None:
+            names = {o.name for o in variant.outputs}
+            bad = sorted(set(request.outputs) - names)
+            if bad:
+                raise InvalidInput(
+                    f"unknown requested output(s) {bad} (model outputs: {sorted(names)})"
+                )
+        return arrays
+
+    @staticmethod
+    def _check_shape(variant: Variant, spec: TensorInfo, shape: list[int], batched: bool) -> None:
+        want = _dims(spec, batched)
+        rank_ok = len(shape) == len(want)
+        dims_ok = rank_ok and all(w == -1 or w == g for w, g in zip(want, shape, strict=True))
+        if not dims_ok or any(d < 0 for d in shape):
+            raise InvalidInput(f"input {spec.name!r}: expected shape {want}, got {shape}")
+        if batched and not 1 <= shape[0] <= variant.max_batch_size:
+            raise InvalidInput(
+                f"input {spec.name!r}: batch size {shape[0]} is outside "
+                f"1..{variant.max_batch_size} (max_batch_size of {variant.name})"
+            )
+
+    async def _run(
+        self,
+        model: Model,
+        candidates: list[str],
+        arrays: dict[str, np.ndarray],
+        deadline: float | None,
+    ) -> tuple[Variant, dict[str, np.ndarray]]:
+        reasons = []
+        for precision in candidates:
+            variant = model.variants[precision]
+            if not self.upstream.ready(variant):
+                reasons.append(f"{variant.name}: not ready")
+                continue
+            try:
+                return variant, await self.upstream.infer(variant, arrays, deadline)
+            except UpstreamUnavailable as e:
+                reasons.append(f"{variant.name}: {e.message}")
+                continue
+            except GatewayError:
+                self._record(variant, arrays, None, ok=False)
+                raise
+        raise Unavailable(f"no ready variant of {model.name!r} ({'; '.join(reasons)})")
+
+    @staticmethod
+    def _select_outputs(
+        variant: Variant, outputs: dict[str, np.ndarray], requested: list[str] | None
+    ) -> dict[str, np.ndarray]:
+        names = [o.name for o in variant.outputs] if requested is None else requested
+        missing = [n for n in names if n not in outputs]
+        if missing:
+            raise Unavailable(f"upstream returned no output(s) {missing} for {variant.name}")
+        return {n: outputs[n] for n in names}
+
+    def _record(
+        self, variant: Variant, arrays: dict[str, np.ndarray], start: float | None, ok: bool
+    ) -> None:
+        s = self.stats[variant.name]
+        ns = int((time.monotonic() - start) * 1e9) if start is not None else 0
+        if ok:
+            s.success_count += 1
+            s.success_ns += ns
+            s.execution_count += 1
+            first = next(iter(arrays.values()), None)
+            rows = first.shape[0] if first is not None and variant.max_batch_size > 0 else 1
+            s.inference_count += int(rows)
+        else:
+            s.fail_count += 1
+            s.fail_ns += ns
+        s.last_inference_ms = int(time.time() * 1000)
+
+    # ---- shadow traffic -----------------------------------------------------------------------
+    def _mirror(
+        self,
+        model: Model,
+        served: Variant,
+        reference: str,
+        arrays: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray],
+    ) -> None:
+        if reference == served.precision or len(self._shadow_tasks) >= MAX_SHADOW_TASKS:
+            return
+        ref = model.variants[reference]
+        task = asyncio.get_running_loop().create_task(self._compare(served, ref, arrays, outputs))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _compare(
+        self,
+        served: Variant,
+        ref: Variant,
+        arrays: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray],
+    ) -> None:
+        try:
+            if not self.upstream.ready(ref):
+                return
+            ref_out = await self.upstream.infer(ref, arrays, None)
+            name = served.outputs[0].name
+            agree, cosines = compare_outputs(
+                outputs[name], ref_out[name], served.max_batch_size > 0
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the shadow never affects served traffic
+            log.debug("shadow comparison %s vs %s failed: %s", served.name, ref.name, e)
+            return
+        labels = {"model": served.model, "precision": served.precision, "reference": ref.precision}
+        for a in agree:
+            metrics.SHADOW_COMPARISONS.labels(**labels, top1_agree=str(a).lower()).inc()
+        for c in cosines:
+            metrics.SHADOW_COSINE.labels(**labels).observe(c)
+
+
+def compare_outputs(
+    served: np.ndarray, reference: np.ndarray, batched: bool
+) -> tuple[list[bool], list[float]]:
+    """Per row: top-1 (argmax) agreement and cosine similarity of the flattened outputs."""
+    a = np.asarray(served, dtype=np.float64)
+    b = np.asarray(reference, dtype=np.float64)
+    if not batched:
+        a, b = a[None, ...], b[None, ...]
+    a = a.reshape(a.shape[0], -1)
+    b = b.reshape(b.shape[0], -1)
+    agree = [bool(x) for x in np.argmax(a, axis=1) == np.argmax(b, axis=1)]
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    dots = np.sum(a * b, axis=1)
+    cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 1.0)
+    return agree, [float(c) for c in cos]
+
+
+def _dims(spec: TensorInfo, batched: bool) -> list[int]:
+    return ([-1] if batched else []) + list(spec.shape)

@@ -1,0 +1,251 @@
+"""Triton's ``inference.GRPCInferenceService`` on grpc.aio: a thin adapter over server.core.
+
+Uses the generated stubs shipped in tritonclient. Gateway errors become gRPC statuses in
+:func:`_status_of` (the one mapping for this transport), applied by :func:`_handled`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from server.core import PRECISION_HEADER, Gateway, InferRequest, InferResponse, ModelView
+from server.errors import GatewayError, InvalidInput
+from server.tensors import WireTensor, datatype_of, encode_raw
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "precision-serve"
+
+
+def server_version() -> str:
+    try:
+        return importlib.metadata.version("precision-serve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
+
+
+EXTENSIONS = ["model_configuration", "statistics", "binary_tensor_data", "parameters"]
+
+# KServe datatype -> InferTensorContents field for typed (non-raw) contents.
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def _status_of(error: GatewayError) -> grpc.StatusCode:
+    """The one GatewayError -> gRPC status mapping (the code names are gRPC's own)."""
+    return getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
+
+
+def _handled(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(method)
+    async def wrapper(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext):
+        try:
+            return await method(self, request, context)
+        except GatewayError as e:
+            await context.abort(_status_of(e), e.message)
+        except (grpc.aio.AbortError, grpc.RpcError):
+            raise
+        except Exception as e:  # the server never dies on a request
+            log.exception("unexpected error in %s", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {e}")
+
+    return wrapper
+
+
+def _param_value(p: pb.InferParameter) -> Any:
+    kind = p.WhichOneof("parameter_choice")
+    return getattr(p, kind) if kind else None
+
+
+def _wire_tensors(request: pb.ModelInferRequest) -> list[WireTensor]:
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs"
+        )
+    out = []
+    for i, t in enumerate(request.inputs):
+        wt = WireTensor(name=t.name, datatype=t.datatype, shape=[int(d) for d in t.shape])
+        if raw:
+            wt.raw = raw[i]
+        else:
+            field = _CONTENTS_FIELD.get(t.datatype)
+            if field is None:
+                raise InvalidInput(
+                    f"input {t.name!r}: {t.datatype} needs raw_input_contents (no typed contents)"
+                )
+            wt.values = list(getattr(t.contents, field))
+        out.append(wt)
+    return out
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    md = context.invocation_metadata() or ()
+    return {k.lower(): v if isinstance(v, str) else v.decode() for k, v in md}
+
+
+def _tensor_meta(
+    view: ModelView, which: str, batched: bool
+) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    tensors = view.inputs if which == "inputs" else view.outputs
+    return [
+        pb.ModelMetadataResponse.TensorMetadata(
+            name=t.name, datatype=t.datatype, shape=([-1] if batched else []) + list(t.shape)
+        )
+        for t in tensors
+    ]
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    @_handled
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=self.gateway.live())
+
+    @_handled
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.gateway.ready())
+
+    @_handled
+    async def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=self.gateway.model_ready(request.name, request.version))
+
+    @_handled
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS
+        )
+
+    @_handled
+    async def ModelMetadata(self, request, context):
+        view = self.gateway.metadata(request.name, request.version)
+        batched = self.gateway.config(request.name, request.version).max_batch_size > 0
+        return pb.ModelMetadataResponse(
+            name=view.name,
+            versions=view.versions,
+            platform=view.platform,
+            inputs=_tensor_meta(view, "inputs", batched),
+            outputs=_tensor_meta(view, "outputs", batched),
+        )
+
+    @_handled
+    async def ModelConfig(self, request, context):
+        return pb.ModelConfigResponse(config=self.gateway.config(request.name, request.version))
+
+    @_handled
+    async def ModelStatistics(self, request, context):
+        return pb.ModelStatisticsResponse(
+            model_stats=[
+                _stats(name, s)
+                for name, s in self.gateway.stats.items()
+                if not request.name or request.name == name
+            ]
+        )
+
+    @_handled
+    async def RepositoryIndex(self, request, context):
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(
+                    name=name, version=version, state=state, reason=reason
+                )
+                for name, version, state, reason in self.gateway.index()
+                if not request.ready or state == "READY"
+            ]
+        )
+
+    @_handled
+    async def ModelInfer(self, request, context):
+        remaining = context.time_remaining()
+        infer = InferRequest(
+            model=request.model_name,
+            version=request.model_version,
+            id=request.id,
+            inputs=_wire_tensors(request),
+            outputs=[o.name for o in request.outputs] or None,
+            parameters={k: _param_value(v) for k, v in request.parameters.items()},
+            headers=_metadata(context),
+            deadline=None if remaining is None else time.monotonic() + remaining,
+            protocol="grpc",
+        )
+        response = await self.gateway.infer(infer)
+        await context.send_initial_metadata(((PRECISION_HEADER, response.precision),))
+        return _infer_response(response)
+
+
+def _infer_response(r: InferResponse) -> pb.ModelInferResponse:
+    out = pb.ModelInferResponse(model_name=r.model_name, model_version=r.model_version, id=r.id)
+    out.parameters["precision"].string_param = r.precision
+    for name, arr in r.outputs.items():
+        arr = np.asarray(arr)
+        out.outputs.append(
+            pb.ModelInferResponse.InferOutputTensor(
+                name=name, datatype=datatype_of(arr), shape=list(arr.shape)
+            )
+        )
+        out.raw_output_contents.append(encode_raw(arr))
+    return out
+
+
+def _stats(name: str, s: Any) -> pb.ModelStatistics:
+    duration = pb.StatisticDuration
+    return pb.ModelStatistics(
+        name=name,
+        version="1",
+        last_inference=s.last_inference_ms,
+        inference_count=s.inference_count,
+        execution_count=s.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=duration(count=s.success_count, ns=s.success_ns),
+            fail=duration(count=s.fail_count, ns=s.fail_ns),
+        ),
+    )
+
+
+async def start_grpc_server(
+    gateway: Gateway,
+    host: str,
+    port: int,
+    max_message_bytes: int,
+    tls: tuple[bytes, bytes] | None = None,
+) -> tuple[grpc.aio.Server, int]:
+    """Start the service; returns the server and the bound port (``port`` may be 0)."""
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max(max_message_bytes, 64 * 1024 * 1024)),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(gateway), server)
+    address = f"{host}:{port}"
+    if tls is not None:
+        cert, key = tls
+        bound = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+    else:
+        bound = server.add_insecure_port(address)
+    await server.start()
+    return server, bound

@@ -1,0 +1,331 @@
+"""KServe v2 REST (plus Triton's binary-tensor extension) on aiohttp: a thin adapter over core.
+
+Gateway errors become HTTP statuses in :data:`HTTP_STATUS` / :func:`_error_middleware` (the one
+mapping for this transport); bodies are ``{"error": "..."}`` as Triton sends them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+from google.protobuf import json_format
+
+from server.core import PRECISION_HEADER, Gateway, InferRequest, InferResponse, ModelView
+from server.errors import GatewayError, InvalidInput, PayloadTooLarge
+from server.grpc_service import EXTENSIONS, SERVER_NAME, server_version
+from server.tensors import WireTensor, datatype_of, encode_raw
+
+log = logging.getLogger(__name__)
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+HTTP_STATUS = {
+    "NOT_FOUND": 404,
+    "INVALID_ARGUMENT": 400,
+    "RESOURCE_EXHAUSTED": 413,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+    "UNAUTHENTICATED": 401,
+    "UNIMPLEMENTED": 501,
+    "FAILED_PRECONDITION": 400,
+    "INTERNAL": 500,
+}
+GATEWAY_KEY = web.AppKey("gateway", Gateway)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def _error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GatewayError as e:
+        return _error(HTTP_STATUS.get(e.code, 500), e.message)
+    except web.HTTPRequestEntityTooLarge as e:
+        return _error(413, PayloadTooLarge(f"request body too large: {e.text}").message)
+    except web.HTTPException as e:
+        return _error(e.status, e.reason or "error")
+    except Exception as e:  # the server never dies on a request
+        log.exception("unexpected error for %s", request.path)
+        return _error(500, f"internal error: {e}")
+
+
+def _gw(request: web.Request) -> Gateway:
+    return request.app[GATEWAY_KEY]
+
+
+def _version(request: web.Request) -> str:
+    return request.match_info.get("version", "")
+
+
+# ---- health / metadata ----------------------------------------------------------------------
+async def live(request: web.Request) -> web.Response:
+    return web.json_response({"live": True}, status=200 if _gw(request).live() else 503)
+
+
+async def ready(request: web.Request) -> web.Response:
+    ok = _gw(request).ready()
+    return web.json_response({"ready": ok}, status=200 if ok else 503)
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return web.json_response(
+        {"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS}
+    )
+
+
+def _tensors(tensors: list, batched: bool) -> list[dict[str, Any]]:
+    return [
+        {"name": t.name, "datatype": t.datatype, "shape": ([-1] if batched else []) + list(t.shape)}
+        for t in tensors
+    ]
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    gw, name, version = _gw(request), request.match_info["model"], _version(request)
+    view: ModelView = gw.metadata(name, version)
+    batched = gw.config(name, version).max_batch_size > 0
+    return web.json_response(
+        {
+            "name": view.name,
+            "versions": view.versions,
+            "platform": view.platform,
+            "inputs": _tensors(view.inputs, batched),
+            "outputs": _tensors(view.outputs, batched),
+        }
+    )
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    ok = _gw(request).model_ready(request.match_info["model"], _version(request))
+    return web.json_response({"ready": ok}, status=200 if ok else 503)
+
+
+async def model_config(request: web.Request) -> web.Response:
+    cfg = _gw(request).config(request.match_info["model"], _version(request))
+    return web.json_response(json_format.MessageToDict(cfg, preserving_proto_field_name=True))
+
+
+async def model_stats(request: web.Request) -> web.Response:
+    gw, name = _gw(request), request.match_info.get("model", "")
+    if name:
+        gw.metadata(name, _version(request))  # 404 for unknown models
+    stats = [
+        {
+            "name": n,
+            "version": "1",
+            "last_inference": s.last_inference_ms,
+            "inference_count": s.inference_count,
+            "execution_count": s.execution_count,
+            "inference_stats": {
+                "success": {"count": s.success_count, "ns": s.success_ns},
+                "fail": {"count": s.fail_count, "ns": s.fail_ns},
+            },
+        }
+        for n, s in gw.stats.items()
+        if not name or n == name
+    ]
+    return web.json_response({"model_stats": stats})
+
+
+async def repository_index(request: web.Request) -> web.Response:
+    only_ready = False
+    if request.can_read_body:
+        try:
+            body = await request.json()
+            only_ready = bool(isinstance(body, dict) and body.get("ready"))
+        except ValueError:
+            raise InvalidInput("repository index body must be JSON") from None
+    rows = [
+        {"name": n, "version": v, "state": s, "reason": r}
+        for n, v, s, r in _gw(request).index()
+        if not only_ready or s == "READY"
+    ]
+    return web.json_response(rows)
+
+
+# ---- inference ---------------------------------------------------------------------------------
+def _parse_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise InvalidInput(
+                f"{HEADER_LENGTH} must be an integer, got {header_length!r}"
+            ) from None
+        if not 0 <= n <= len(body):
+            raise InvalidInput(f"{HEADER_LENGTH} {n} is outside the body of {len(body)} bytes")
+        head, binary = body[:n], body[n:]
+    else:
+        head, binary = body, b""
+    try:
+        doc = json.loads(head)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"request is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput("request must be a JSON object")
+    return doc, binary
+
+
+def _wire_inputs(doc: dict[str, Any], binary: bytes) -> list[WireTensor]:
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidInput("request needs a non-empty 'inputs' list")
+    offset, out = 0, []
+    for i, t in enumerate(inputs):
+        if not isinstance(t, dict):
+            raise InvalidInput(f"inputs[{i}] must be an object")
+        name, datatype, shape = t.get("name"), t.get("datatype"), t.get("shape")
+        if not isinstance(name, str) or not isinstance(datatype, str):
+            raise InvalidInput(f"inputs[{i}] needs string 'name' and 'datatype'")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in shape
+        ):
+            raise InvalidInput(f"input {name!r}: 'shape' must be a list of integers")
+        params = t.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise InvalidInput(f"input {name!r}: 'parameters' must be an object")
+        wt = WireTensor(name=name, datatype=datatype, shape=shape)
+        if "binary_data_size" in params:
+            size = params["binary_data_size"]
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise InvalidInput(
+                    f"input {name!r}: binary_data_size {size!r} exceeds the "
+                    f"{len(binary) - offset} binary bytes left"
+                )
+            wt.raw = binary[offset : offset + size]
+            offset += size
+        else:
+            data = t.get("data")
+            if data is None:
+                raise InvalidInput(f"input {name!r}: no 'data' and no binary_data_size")
+            wt.values = data if isinstance(data, list) else [data]
+        out.append(wt)
+    return out
+
+
+def _requested_outputs(doc: dict[str, Any]) -> tuple[list[str] | None, dict[str, bool]]:
+    outputs = doc.get("outputs")
+    if outputs is None:
+        return None, {}
+    if not isinstance(outputs, list):
+        raise InvalidInput("'outputs' must be a list")
+    names, binary = [], {}
+    for o in outputs:
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise InvalidInput("each requested output needs a string 'name'")
+        params = o.get("parameters") or {}
+        names.append(o["name"])
+        binary[o["name"]] = bool(isinstance(params, dict) and params.get("binary_data"))
+    return names, binary
+
+
+def _json_data(arr: np.ndarray) -> list[Any]:
+    if arr.dtype == np.object_:
+        return [x.decode() if isinstance(x, bytes) else str(x) for x in arr.flatten()]
+    return arr.flatten().tolist()
+
+
+def _render(r: InferResponse, binary_all: bool, binary: dict[str, bool]) -> web.Response:
+    doc: dict[str, Any] = {
+        "model_name": r.model_name,
+        "model_version": r.model_version,
+        "parameters": {"precision": r.precision},
+        "outputs": [],
+    }
+    if r.id:
+        doc["id"] = r.id
+    chunks = []
+    for name, arr in r.outputs.items():
+        arr = np.asarray(arr)
+        entry: dict[str, Any] = {
+            "name": name,
+            "datatype": datatype_of(arr),
+            "shape": list(arr.shape),
+        }
+        if binary_all or binary.get(name):
+            raw = encode_raw(arr)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = _json_data(arr)
+        doc["outputs"].append(entry)
+    head = json.dumps(doc).encode()
+    headers = {PRECISION_HEADER: r.precision}
+    if not chunks:
+        return web.Response(body=head, content_type="application/json", headers=headers)
+    headers[HEADER_LENGTH] = str(len(head))
+    return web.Response(
+        body=head + b"".join(chunks), content_type="application/octet-stream", headers=headers
+    )
+
+
+async def infer(request: web.Request) -> web.Response:
+    gw = _gw(request)
+    body = await request.read()
+    if len(body) > gw.max_request_bytes:
+        raise PayloadTooLarge(f"request body is {len(body)} bytes, over {gw.max_request_bytes}")
+    doc, binary = _parse_body(body, request.headers.get(HEADER_LENGTH))
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInput("'parameters' must be an object")
+    names, binary_outputs = _requested_outputs(doc)
+    request_id = doc.get("id", "")
+    response = await gw.infer(
+        InferRequest(
+            model=request.match_info["model"],
+            version=_version(request),
+            id=request_id if isinstance(request_id, str) else str(request_id),
+            inputs=_wire_inputs(doc, binary),
+            outputs=names,
+            parameters=params,
+            headers={k.lower(): v for k, v in request.headers.items()},
+            protocol="http",
+        )
+    )
+    return _render(response, bool(params.get("binary_data_output")), binary_outputs)
+
+
+def make_app(gateway: Gateway) -> web.Application:
+    # The body limit is enforced in ``infer`` (a clean 413); aiohttp's own cap sits just above.
+    app = web.Application(
+        middlewares=[_error_middleware], client_max_size=gateway.max_request_bytes + 1024 * 1024
+    )
+    app[GATEWAY_KEY] = gateway
+    r = app.router
+    r.add_get("/v2/health/live", live)
+    r.add_get("/v2/health/ready", ready)
+    r.add_get("/v2", server_metadata)
+    r.add_get("/v2/models/stats", model_stats)
+    r.add_post("/v2/repository/index", repository_index)
+    for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        r.add_get(prefix, model_metadata)
+        r.add_get(prefix + "/ready", model_ready)
+        r.add_get(prefix + "/config", model_config)
+        r.add_get(prefix + "/stats", model_stats)
+        r.add_post(prefix + "/infer", infer)
+    return app
+
+
+async def start_http_server(
+    gateway: Gateway,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None = None,
+    grace_s: float = 10.0,
+) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(
+        make_app(gateway), access_log=None, handle_signals=False, shutdown_timeout=grace_s
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, bound

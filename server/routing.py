@@ -1,0 +1,342 @@
+"""Per-request precision routing: policies (protocol + lazy registry), routing file, fallback.
+
+For a request to a logical model the precision comes from, in order: the request parameter
+``precision``, the gRPC metadata / HTTP header ``x-precision``, then the model's policy. A request
+for a variant name (``digits_int8``) bypasses routing entirely. See docs/gateway.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from server.errors import ConfigError, ModelNotFound
+from server.repository import PRECISION_ORDER, Model, Repository
+
+# Least to most accurate: a request whose variant is unready moves right along this chain.
+DEFAULT_FALLBACK = ["int8", "int8-dynamic", "fp16", "bf16", "fp32"]
+DEFAULT_SHADOW_FRACTION = 0.1
+# ``auto`` budget when the routing file gives none: accuracy points (0..100) for labelled
+# models, 1 - cosine for models whose manifest says accuracy is not meaningful.
+DEFAULT_BUDGET_POINTS = 1.0
+DEFAULT_BUDGET_COSINE = 0.01
+
+
+# ---- the routing file (pydantic only for parsing) ------------------------------------------
+class _ShadowFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reference: str = "fp32"
+    fraction: float = Field(DEFAULT_SHADOW_FRACTION, ge=0.0, le=1.0)
+
+
+class _ModelFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    policy: str | None = None
+    precision: str | None = None
+    weights: dict[str, float] | None = None
+    accuracy_budget: float | None = Field(None, ge=0.0)
+    shadow: _ShadowFile | None = None
+    fallback: list[str] | None = None
+
+
+class _RoutingFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: Literal[1] = 1
+    seed: int | None = None
+    defaults: _ModelFile = Field(default_factory=_ModelFile)
+    models: dict[str, _ModelFile] = Field(default_factory=dict)
+
+
+@dataclass
+class ModelRoute:
+    """The routing settings of one model, defaults applied."""
+
+    policy: str = "fixed"
+    precision: str | None = None  # fixed: the precision; shadow: the served one
+    weights: dict[str, float] = field(default_factory=dict)
+    accuracy_budget: float | None = None
+    shadow_reference: str = "fp32"
+    shadow_fraction: float = DEFAULT_SHADOW_FRACTION
+    fallback: list[str] = field(default_factory=lambda: list(DEFAULT_FALLBACK))
+
+
+@dataclass
+class RoutingConfig:
+    models: dict[str, ModelRoute] = field(default_factory=dict)
+    default: ModelRoute = field(default_factory=ModelRoute)
+    seed: int | None = None
+
+    def for_model(self, name: str) -> ModelRoute:
+        return self.models.get(name, self.default)
+
+
+def _merge(defaults: _ModelFile, own: _ModelFile) -> ModelRoute:
+    def pick(attr: str) -> Any:
+        value = getattr(own, attr)
+        return value if value is not None else getattr(defaults, attr)
+
+    shadow = pick("shadow") or _ShadowFile()
+    return ModelRoute(
+        policy=pick("policy") or "fixed",
+        precision=pick("precision"),
+        weights=dict(pick("weights") or {}),
+        accuracy_budget=pick("accuracy_budget"),
+        shadow_reference=shadow.reference,
+        shadow_fraction=shadow.fraction,
+        fallback=list(pick("fallback") or DEFAULT_FALLBACK),
+    )
+
+
+def parse_routing(data: Any, source: str = "routing file") -> RoutingConfig:
+    try:
+        parsed = _RoutingFile.model_validate(data or {})
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{source}: {where}: {err['msg']}") from e
+    return RoutingConfig(
+        models={name: _merge(parsed.defaults, m) for name, m in parsed.models.items()},
+        default=_merge(parsed.defaults, _ModelFile()),
+        seed=parsed.seed,
+    )
+
+
+def load_routing(path: Path | None) -> RoutingConfig:
+    if path is None:
+        return RoutingConfig()
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read routing file {path}: {e.strerror or e}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"routing file {path} is not valid YAML: {e}") from e
+    return parse_routing(data, str(path))
+
+
+# ---- policies --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Decision:
+    precision: str
+    policy: str  # label for precision_serve_routing_decisions_total (policy name/request/header)
+    shadow_reference: str | None = None  # set when this request is mirrored
+
+
+@dataclass(frozen=True)
+class RouteContext:
+    key: str | None  # x-request-key (sticky split)
+    rng: random.Random
+
+
+class Policy(Protocol):
+    """Built once per model as ``cls(model, route)``; raises ConfigError when misconfigured."""
+
+    name: str
+    default_precision: str  # what the logical model's ModelConfig describes
+
+    def choose(self, ctx: RouteContext) -> Decision: ...
+
+
+def _check_precision(model: Model, precision: str, what: str) -> str:
+    if precision not in model.variants:
+        raise ConfigError(
+            f"routing for model {model.name!r}: {what} {precision!r} is not built "
+            f"(available: {', '.join(model.precisions())})"
+        )
+    return precision
+
+
+def _key_fraction(key: str) -> float:
+    """A stable number in [0, 1) for a request key (same key -> same split bucket)."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+class FixedPolicy:
+    name = "fixed"
+
+    def __init__(self, model: Model, route: ModelRoute) -> None:
+        self.precision = _check_precision(
+            model, route.precision or model.precisions()[0], "precision"
+        )
+        self.default_precision = self.precision
+
+    def choose(self, ctx: RouteContext) -> Decision:
+        return Decision(self.precision, self.name)
+
+
+class AutoPolicy:
+    """Fastest variant (manifest ``speed``) whose ``details.accuracy_loss`` is within budget.
+
+    Variants without a recorded loss only qualify when they are fp32 (the reference). Variants
+    without speed data rank after those with it; ties go to the more accurate precision.
+    Decided once at start-up from the manifest.
+    """
+
+    name = "auto"
+
+    def __init__(self, model: Model, route: ModelRoute) -> None:
+        budget = route.accuracy_budget
+        if budget is None:
+            meaningful = model.manifest.accuracy_meaningful
+            budget = DEFAULT_BUDGET_POINTS if meaningful else DEFAULT_BUDGET_COSINE
+        self.budget = budget
+        candidates = []
+        for precision, variant in model.variants.items():
+            loss = variant.record.details.get("accuracy_loss")
+            if loss is None and precision != "fp32":
+                continue
+            if loss is not None and float(loss) > budget:
+                continue
+            candidates.append(
+                (self._speed_rank(variant.record.speed), _accuracy_rank(precision), precision)
+            )
+        if not candidates:
+            raise ConfigError(
+                f"routing for model {model.name!r}: no variant within accuracy budget {budget}"
+            )
+        self.precision = self.default_precision = min(candidates)[2]
+
+    @staticmethod
+    def _speed_rank(speed: dict[str, float]) -> tuple[int, float]:
+        if speed.get("latency_ms_p50"):
+            return (0, float(speed["latency_ms_p50"]))
+        if speed.get("throughput"):
+            return (0, 1000.0 / float(speed["throughput"]))
+        return (1, 0.0)
+
+    def choose(self, ctx: RouteContext) -> Decision:
+        return Decision(self.precision, self.name)
+
+
+def _accuracy_rank(precision: str) -> int:
+    return (
+        PRECISION_ORDER.index(precision) if precision in PRECISION_ORDER else len(PRECISION_ORDER)
+    )
+
+
+class SplitPolicy:
+    """Weighted traffic split; a request key (``x-request-key``) always lands on the same side."""
+
+    name = "split"
+
+    def __init__(self, model: Model, route: ModelRoute) -> None:
+        weights = {p: w for p, w in route.weights.items() if w > 0}
+        if not weights:
+            raise ConfigError(f"routing for model {model.name!r}: split needs positive weights")
+        for p in weights:
+            _check_precision(model, p, "split weight for")
+        total = sum(weights.values())
+        self.default_precision = max(weights, key=lambda p: weights[p])
+        self.cumulative: list[tuple[float, str]] = []
+        acc = 0.0
+        for p, w in weights.items():
+            acc += w / total
+            self.cumulative.append((acc, p))
+
+    def choose(self, ctx: RouteContext) -> Decision:
+        x = _key_fraction(ctx.key) if ctx.key else ctx.rng.random()
+        for bound, precision in self.cumulative:
+            if x < bound:
+                return Decision(precision, self.name)
+        return Decision(self.cumulative[-1][1], self.name)
+
+
+class ShadowPolicy:
+    """Serve ``precision`` and mirror a ``fraction`` of requests to ``reference`` (background)."""
+
+    name = "shadow"
+
+    def __init__(self, model: Model, route: ModelRoute) -> None:
+        served = route.precision or _cheapest(model)
+        self.precision = _check_precision(model, served, "precision")
+        self.reference = _check_precision(model, route.shadow_reference, "shadow reference")
+        self.fraction = route.shadow_fraction
+        self.default_precision = self.precision
+
+    def choose(self, ctx: RouteContext) -> Decision:
+        mirror = self.fraction > 0 and ctx.rng.random() < self.fraction
+        return Decision(self.precision, self.name, self.reference if mirror else None)
+
+
+def _cheapest(model: Model) -> str:
+    return model.precisions()[-1]
+
+
+_POLICIES: dict[str, str] = {
+    "fixed": "server.routing:FixedPolicy",
+    "auto": "server.routing:AutoPolicy",
+    "split": "server.routing:SplitPolicy",
+    "shadow": "server.routing:ShadowPolicy",
+}
+
+
+def register_policy(name: str, target: str) -> None:
+    _POLICIES[name] = target
+
+
+def policy_names() -> list[str]:
+    return sorted(_POLICIES)
+
+
+def make_policy(model: Model, route: ModelRoute) -> Policy:
+    try:
+        target = _POLICIES[route.policy]
+    except KeyError:
+        raise ConfigError(
+            f"routing for model {model.name!r}: unknown policy {route.policy!r} "
+            f"(known: {', '.join(policy_names())})"
+        ) from None
+    module_name, _, attr = target.partition(":")
+    cls: Any = getattr(importlib.import_module(module_name), attr)
+    return cls(model, route)
+
+
+# ---- the router --------------------------------------------------------------------------------
+class Router:
+    """Decides the precision of each request to a logical model and its fallback candidates."""
+
+    def __init__(self, repository: Repository, config: RoutingConfig | None = None) -> None:
+        config = config or RoutingConfig()
+        unknown = sorted(set(config.models) - set(repository.models))
+        if unknown:
+            raise ConfigError(f"routing file names unknown model(s): {', '.join(unknown)}")
+        self._models = repository.models
+        self._rng = random.Random(config.seed)
+        self.routes = {name: config.for_model(name) for name in repository.models}
+        self.policies = {
+            name: make_policy(model, self.routes[name]) for name, model in repository.models.items()
+        }
+
+    def decide(
+        self,
+        model: str,
+        requested: str | None = None,
+        source: str = "request",
+        key: str | None = None,
+    ) -> Decision:
+        m = self._models[model]
+        if requested:
+            precision = requested.strip().lower()
+            if precision not in m.variants:
+                raise ModelNotFound(
+                    f"model {model!r} has no precision {requested!r} "
+                    f"(available: {', '.join(m.precisions())})"
+                )
+            return Decision(precision, source)
+        return self.policies[model].choose(RouteContext(key=key, rng=self._rng))
+
+    def candidates(self, model: str, precision: str) -> list[str]:
+        """``precision`` then the built precisions after it in the model's fallback chain."""
+        m = self._models[model]
+        chain = self.routes[model].fallback
+        later = chain[chain.index(precision) + 1 :] if precision in chain else []
+        out = [precision]
+        out += [p for p in later if p in m.variants and p not in out]
+        return out

@@ -1,0 +1,106 @@
+"""The embedded upstream: engine sessions (ONNX Runtime by default) inside the gateway process.
+
+Per variant: ``instance_group`` count sessions loaded through ``server.engines`` (honouring the
+manifest's ``engine`` / ``engine_options``), a :class:`server.batching.DynamicBatcher` applying the
+config's ``dynamic_batching``, and engine runs on a shared thread pool so the event loop never
+blocks. A variant that fails to load stays unready (the core falls back) and its reason is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from server.batching import BatchPolicy, DynamicBatcher
+from server.engines import EngineError, EngineSession, get_engine
+from server.repository import Repository, Variant
+from server.upstreams.base import UpstreamSettings, UpstreamUnavailable, report_ready
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedUpstream:
+    name = "embedded"
+
+    def __init__(self, address: str, repository: Repository, settings: UpstreamSettings) -> None:
+        self._repository = repository
+        self._settings = settings
+        self._batchers: dict[str, DynamicBatcher] = {}
+        self.problems: dict[str, str] = {}
+        instances = sum(v.serving.instance_count for v in repository.variants()) or 1
+        workers = settings.max_workers or instances
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine")
+
+    def _load_sessions(self, variant: Variant) -> list[EngineSession]:
+        engine = get_engine(variant.record.engine)
+        sessions = [
+            engine.load(variant.path, variant.record.engine_options, self._settings.threads)
+            for _ in range(variant.serving.instance_count)
+        ]
+        if variant.serving.warmup:
+            self._warm(variant, sessions)
+        return sessions
+
+    @staticmethod
+    def _warm(variant: Variant, sessions: list[EngineSession]) -> None:
+        batch = (1,) if variant.max_batch_size > 0 else ()
+        feeds = {
+            t.name: np.zeros(batch + tuple(d if d > 0 else 1 for d in t.shape), dtype=t.dtype)
+            for t in variant.inputs
+        }
+        for s in sessions:
+            try:
+                s.run(feeds)
+            except EngineError as e:  # a model with data-dependent shapes: skip warm-up
+                log.debug("warm-up of %s skipped: %s", variant.name, e)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for variant in self._repository.variants():
+            if variant.problem:
+                self._fail(variant, variant.problem)
+                continue
+            try:
+                sessions = await loop.run_in_executor(self._executor, self._load_sessions, variant)
+            except EngineError as e:
+                self._fail(variant, str(e))
+                continue
+            s = variant.serving
+            policy = BatchPolicy(
+                max_batch_size=s.max_batch_size,
+                dynamic=s.dynamic_batching,
+                preferred_sizes=list(s.preferred_batch_sizes),
+                max_queue_delay_s=s.max_queue_delay_us / 1e6,
+            )
+            batcher = DynamicBatcher(
+                sessions, policy, self._executor, (variant.model, variant.precision)
+            )
+            batcher.start()
+            self._batchers[variant.name] = batcher
+            report_ready(self.name, variant, True)
+
+    def _fail(self, variant: Variant, reason: str) -> None:
+        self.problems[variant.name] = reason
+        log.warning("variant %s is not servable: %s", variant.name, reason)
+        report_ready(self.name, variant, False)
+
+    def ready(self, variant: Variant) -> bool:
+        return variant.name in self._batchers
+
+    async def infer(
+        self, variant: Variant, inputs: dict[str, np.ndarray], deadline: float | None
+    ) -> dict[str, np.ndarray]:
+        batcher = self._batchers.get(variant.name)
+        if batcher is None:
+            reason = self.problems.get(variant.name, "not loaded")
+            raise UpstreamUnavailable(f"variant {variant.name} is not ready: {reason}")
+        return await batcher.submit(inputs, deadline)
+
+    async def close(self) -> None:
+        for batcher in self._batchers.values():
+            await batcher.close()
+        self._batchers.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
