@@ -1,0 +1,283 @@
+"""The Triton upstream: ``--upstream triton://h1:8001,h2:8001`` - one or more Triton replicas.
+
+- One ``tritonclient.grpc.aio`` client per replica (gRPC ports of Triton servers serving the same
+  repository: a Triton container on the standard repository, or ``precision-serve triton start``).
+- Readiness is checked on an interval: ServerReady (does the replica answer at all) and then
+  ModelReady for every variant. A variant is servable on a replica when its ModelReady is true (a
+  Triton with ``--strict-readiness`` reports the *server* unready while any model is unloaded;
+  its other models still serve). Transitions are logged, and each replica/variant pair is
+  exported as ``precision_serve_upstream_ready{upstream="triton://HOST:PORT", model=VARIANT}``.
+- Balancing: the ready replica with the fewest outstanding requests (ties rotate).
+- A call answered UNAVAILABLE (replica gone: refused, reset) or NOT_FOUND (variant not loaded
+  there) marks that replica/variant unready until the next check, and is retried once on another
+  ready replica. When no replica can serve the variant, :class:`UpstreamUnavailable` is raised and
+  the core falls back along the model's precision chain.
+- A replica with nothing listening never stops the gateway: it is just unready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import tritonclient.grpc.aio as grpcaio
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from server.errors import ConfigError, DeadlineExceeded, InternalError, InvalidInput
+from server.repository import Repository, Variant
+from server.upstreams.base import UpstreamSettings, UpstreamUnavailable, report_ready
+
+log = logging.getLogger(__name__)
+
+CHECK_INTERVAL_S = 1.0  # readiness poll period per replica
+CHECK_TIMEOUT_S = 2.0  # per health RPC
+_MAX_MESSAGE = 2**31 - 1
+# tritonclient's defaults (message sizes) plus a short reconnect backoff, so that a replica that
+# comes back is seen within a few seconds instead of gRPC's default of up to two minutes.
+_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", _MAX_MESSAGE),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+]
+# Status codes after which another replica may succeed.
+_REPLICA_DOWN = "UNAVAILABLE"
+_NOT_LOADED = "NOT_FOUND"
+
+
+def parse_replicas(address: str) -> list[str]:
+    """``"h1:8001,h2:8001"`` -> ["h1:8001", "h2:8001"]; ConfigError naming a bad entry."""
+    replicas: list[str] = []
+    for raw in address.split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        host, sep, port = entry.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"triton upstream address {entry!r} is not HOST:PORT")
+        if entry in replicas:
+            raise ConfigError(f"triton upstream lists replica {entry} twice")
+        replicas.append(entry)
+    if not replicas:
+        raise ConfigError("triton upstream needs at least one HOST:PORT")
+    return replicas
+
+
+def _code(e: InferenceServerException) -> str:
+    """``"StatusCode.UNAVAILABLE"`` -> ``"UNAVAILABLE"``."""
+    return str(e.status() or "").rpartition(".")[2]
+
+
+@dataclass
+class Replica:
+    address: str
+    client: grpcaio.InferenceServerClient | None = None
+    reachable: bool = False
+    server_ready: bool = False
+    models: dict[str, bool] = field(default_factory=dict)  # variant name -> ModelReady
+    outstanding: int = 0
+    problem: str | None = None  # why it is not reachable, when it is not
+
+    @property
+    def label(self) -> str:
+        return f"triton://{self.address}"
+
+    def ready_for(self, variant: str) -> bool:
+        return self.reachable and self.models.get(variant, False)
+
+
+class TritonUpstream:
+    name = "triton"
+
+    def __init__(self, address: str, repository: Repository, settings: UpstreamSettings) -> None:
+        self._repository = repository
+        self._settings = settings
+        self.replicas = [Replica(a) for a in parse_replicas(address)]
+        self._rotation = itertools.count()
+        self._checker: asyncio.Task | None = None
+        self._kick = asyncio.Event()
+        self.check_interval = CHECK_INTERVAL_S
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        for replica in self.replicas:
+            replica.client = grpcaio.InferenceServerClient(
+                replica.address, channel_args=list(_CHANNEL_ARGS)
+            )
+        await self.check_all()
+        self._checker = asyncio.create_task(self._check_loop(), name="triton-readiness")
+
+    async def close(self) -> None:
+        if self._checker is not None:
+            self._checker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checker
+            self._checker = None
+        for replica in self.replicas:
+            if replica.client is not None:
+                with contextlib.suppress(Exception):
+                    await replica.client.close()
+                replica.client = None
+
+    # ---- readiness --------------------------------------------------------------------------
+    async def _check_loop(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self.check_interval)
+            self._kick.clear()
+            try:
+                await self.check_all()
+            except Exception:  # never let the checker die
+                log.exception("triton readiness check failed")
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self._check(r) for r in self.replicas))
+
+    async def _check(self, replica: Replica) -> None:
+        assert replica.client is not None
+        variants = self._repository.variants()
+        try:
+            server_ready = await replica.client.is_server_ready(client_timeout=CHECK_TIMEOUT_S)
+            states = await asyncio.gather(
+                *(
+                    replica.client.is_model_ready(v.name, client_timeout=CHECK_TIMEOUT_S)
+                    for v in variants
+                ),
+                return_exceptions=True,
+            )
+        except InferenceServerException as e:
+            self._set_unreachable(replica, f"{_code(e)}: {e.message()}")
+            return
+        if not replica.reachable:
+            log.info(
+                "triton replica %s is reachable (server ready: %s)", replica.address, server_ready
+            )
+        replica.reachable, replica.server_ready, replica.problem = True, bool(server_ready), None
+        for variant, state in zip(variants, states, strict=True):
+            self._set_model(replica, variant, state is True)
+
+    def _set_unreachable(self, replica: Replica, reason: str) -> None:
+        if replica.reachable or replica.problem is None:
+            log.warning("triton replica %s is unready: %s", replica.address, reason)
+        replica.reachable, replica.server_ready, replica.problem = False, False, reason
+        for variant in self._repository.variants():
+            self._set_model(replica, variant, False)
+
+    def _set_model(self, replica: Replica, variant: Variant, ready: bool) -> None:
+        before = replica.models.get(variant.name)
+        replica.models[variant.name] = ready
+        if before is not None and before != ready and replica.reachable:
+            log.info(
+                "triton replica %s: variant %s is %s",
+                replica.address,
+                variant.name,
+                "ready" if ready else "unready",
+            )
+        report_ready(replica.label, variant, ready)
+
+    def ready(self, variant: Variant) -> bool:
+        return any(r.ready_for(variant.name) for r in self.replicas)
+
+    # ---- inference --------------------------------------------------------------------------
+    def _pick(self, variant: Variant, exclude: Replica | None = None) -> Replica | None:
+        candidates = [r for r in self.replicas if r is not exclude and r.ready_for(variant.name)]
+        if not candidates:
+            return None
+        start = next(self._rotation) % len(candidates)
+        rotated = candidates[start:] + candidates[:start]
+        return min(rotated, key=lambda r: r.outstanding)
+
+    async def infer(
+        self, variant: Variant, inputs: dict[str, np.ndarray], deadline: float | None
+    ) -> dict[str, np.ndarray]:
+        replica = self._pick(variant)
+        if replica is None:
+            raise UpstreamUnavailable(self._unready_reason(variant))
+        try:
+            return await self._call(replica, variant, inputs, deadline)
+        except _ReplicaFailed as first:
+            retry = self._pick(variant, exclude=replica)
+            if retry is None:
+                raise UpstreamUnavailable(
+                    f"variant {variant.name}: replica {replica.address} failed ({first}) "
+                    "and no other replica is ready"
+                ) from None
+            log.info("retrying %s on %s after %s", variant.name, retry.address, first)
+            try:
+                return await self._call(retry, variant, inputs, deadline)
+            except _ReplicaFailed as second:
+                raise UpstreamUnavailable(
+                    f"variant {variant.name}: replicas {replica.address} ({first}) and "
+                    f"{retry.address} ({second}) failed"
+                ) from None
+
+    def _unready_reason(self, variant: Variant) -> str:
+        parts = [
+            f"{r.address}: {r.problem or 'variant not ready'}"
+            for r in self.replicas
+            if not r.ready_for(variant.name)
+        ]
+        return f"variant {variant.name} is not ready on any Triton replica ({'; '.join(parts)})"
+
+    async def _call(
+        self,
+        replica: Replica,
+        variant: Variant,
+        inputs: dict[str, np.ndarray],
+        deadline: float | None,
+    ) -> dict[str, np.ndarray]:
+        assert replica.client is not None
+        if deadline is not None:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                raise DeadlineExceeded(f"deadline passed before {variant.name} was called")
+        else:
+            timeout = self._settings.default_timeout_s
+        request = []
+        for name, array in inputs.items():
+            tensor = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor.set_data_from_numpy(array)
+            request.append(tensor)
+        outputs = [InferRequestedOutput(t.name) for t in variant.outputs]
+        replica.outstanding += 1
+        try:
+            result = await replica.client.infer(
+                variant.name, request, outputs=outputs, client_timeout=timeout
+            )
+        except InferenceServerException as e:
+            self._raise_for(replica, variant, e)
+        finally:
+            replica.outstanding -= 1
+        return {t.name: result.as_numpy(t.name) for t in variant.outputs}
+
+    def _raise_for(self, replica: Replica, variant: Variant, e: InferenceServerException) -> None:
+        code, message = _code(e), e.message() or ""
+        if code == _REPLICA_DOWN:
+            self._set_unreachable(replica, f"{code}: {message}")
+            self._kick.set()
+            raise _ReplicaFailed(f"{code}: {message}")
+        if code == _NOT_LOADED:
+            self._set_model(replica, variant, False)
+            self._kick.set()
+            raise _ReplicaFailed(f"{code}: {message}")
+        if code == "DEADLINE_EXCEEDED":
+            raise DeadlineExceeded(f"{variant.name} on {replica.address}: deadline exceeded")
+        if code == "INVALID_ARGUMENT":
+            raise InvalidInput(f"{variant.name}: {message}")
+        raise InternalError(f"{variant.name} on Triton {replica.address}: {code}: {message}")
+
+
+class _ReplicaFailed(Exception):
+    """One replica could not serve the call; another may."""
+
+
+__all__ = ["Replica", "TritonUpstream", "parse_replicas"]
