@@ -1,4 +1,7 @@
-"""``precision-serve``: run the gateway (see docs/gateway.md)."""
+"""``precision-serve``: run the gateway (see docs/gateway.md).
+
+``precision-serve triton ...`` is handed to server/triton/cli.py (a local Triton server).
+"""
 
 from __future__ import annotations
 
@@ -50,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["triton"]:  # ``precision-serve triton start|derive``: server/triton/cli.py
+        from server.triton.cli import main as triton_main
+
+        return triton_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
