@@ -281,8 +281,7 @@ class TritonServer:
                 assert self._proc is not None
                 if self._proc.poll() is not None:
                     raise TritonStartError(
-                        f"tritonserver exited with code {self._proc.returncode} during start-up; "
-                        f"log {self.log_file}:\n{self.log_tail()}"
+                        self._failure(f"exited with code {self._proc.returncode} during start-up")
                     )
                 try:
                     if client.is_server_ready(client_timeout=2.0):
@@ -293,9 +292,33 @@ class TritonServer:
         finally:
             client.close()
         raise TritonStartError(
-            f"tritonserver not ready after {self.options.startup_timeout:.0f}s; "
-            f"log {self.log_file}:\n{self.log_tail()}"
+            self._failure(f"not ready after {self.options.startup_timeout:.0f}s")
         )
+
+    def _failure(self, what: str) -> str:
+        """One line naming Triton's first error (a model that failed to load...), then the log."""
+        errors = self.log_errors()
+        first = f": {errors[0]}" if errors else ""
+        return f"tritonserver {what}{first} (log {self.log_file})\n{self.log_tail()}"
+
+    def log_errors(self, limit: int = 5) -> list[str]:
+        """Messages of Triton's error lines (``E1122 hh:mm:ss pid file.cc:N] "message"``)."""
+        try:
+            text = self.log_file.read_text(errors="replace") if self.log_file else ""
+        except OSError:
+            return []
+        found: list[str] = []
+        for line in text.splitlines():
+            if line.startswith("E") and "] " in line[:80]:
+                message = line.split("] ", 1)[1].strip().strip('"')
+                message = message.split("\\n")[0].replace("ERROR: ", "")
+                if message not in found:
+                    found.append(message)
+            elif line.startswith("error: "):
+                found.append(line[len("error: ") :])
+        # "failed to load 'digits_int8' version 1: ..." names the model: show those first.
+        found.sort(key=lambda m: "failed to load" not in m)
+        return found[:limit]
 
     def log_tail(self, lines: int = 30) -> str:
         try:
