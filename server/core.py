@@ -214,7 +214,16 @@ class Gateway:
             precision_label = decision.precision
             self._check_size(request)
             arrays = self._validate(model.variants[decision.precision], request)
-            variant, outputs = await self._run(model, candidates, arrays, deadline)
+            run = self._run(model, candidates, arrays, deadline)
+            if deadline is None:
+                variant, outputs = await run
+            else:
+                try:
+                    variant, outputs = await asyncio.wait_for(run, deadline - time.monotonic())
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"deadline exceeded while {model.name!r} was running"
+                    ) from None
             precision_label = variant.precision
             if variant.precision != decision.precision:
                 metrics.FALLBACKS.labels(
@@ -246,6 +255,15 @@ class Gateway:
                 precision=precision_label,
                 protocol=request.protocol,
                 status=e.code,
+            ).inc()
+            raise
+        except asyncio.CancelledError:  # the client went away or its deadline passed
+            expired = request.deadline is not None and time.monotonic() >= request.deadline
+            metrics.REQUESTS.labels(
+                model=model_label,
+                precision=precision_label,
+                protocol=request.protocol,
+                status="DEADLINE_EXCEEDED" if expired else "CANCELLED",
             ).inc()
             raise
         finally:
