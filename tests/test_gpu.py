@@ -331,6 +331,22 @@ class FakeTensorRT:
             def get_input(self, i: int) -> Tensor:
                 return self.inputs[i]
 
+        class ParserError:
+            def __init__(self, desc: str) -> None:
+                self._desc = desc
+
+            def node_name(self) -> str:
+                return ""
+
+            def node(self) -> int:
+                return -1
+
+            def node_operator(self) -> str:
+                return ""
+
+            def desc(self) -> str:
+                return self._desc
+
         class Parser:
             def __init__(self, network: Network, logger: ILogger) -> None:
                 self.network, self.errors = network, []
@@ -342,7 +358,7 @@ class FakeTensorRT:
                 try:
                     model = onnx.load(path)
                 except Exception as e:
-                    self.errors = [f"In node -1: cannot read model ({type(e).__name__})"]
+                    self.errors = [ParserError(f"cannot read model ({type(e).__name__})")]
                     return False
                 for vi in model.graph.input:
                     dims = tuple(
@@ -356,7 +372,7 @@ class FakeTensorRT:
             def num_errors(self) -> int:
                 return len(self.errors)
 
-            def get_error(self, i: int) -> str:
+            def get_error(self, i: int) -> ParserError:
                 return self.errors[i]
 
         class TimingCache:
@@ -463,7 +479,9 @@ def test_engine_build_calls_against_fake_tensorrt(fake_trt: FakeTensorRT, tmp_pa
 def test_parser_errors_are_listed(fake_trt: FakeTensorRT, tmp_path: Path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not onnx")
-    with pytest.raises(EngineBuildError, match=r"cannot parse .*bad.onnx: In node -1: cannot read"):
+    with pytest.raises(
+        EngineBuildError, match=r"cannot parse .*bad.onnx: node #-1 \(\): cannot read model"
+    ):
         build_engine(bad, tmp_path / "x.plan", EngineBuildOptions(), FAKE_GPU)
     assert not (tmp_path / "x.plan").exists()
 

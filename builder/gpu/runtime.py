@@ -36,6 +36,14 @@ def _check(result: Any) -> Any:
     return rest[0] if len(rest) == 1 else rest
 
 
+def _handle(obj: Any) -> int:
+    """A cuda-python handle (stream) as the integer TensorRT takes."""
+    try:
+        return int(obj)
+    except TypeError:
+        return int(obj.getPtr())
+
+
 class TensorRTRunner:
     """Deserialize a plan once; ``run`` copies inputs to the GPU, executes, copies outputs back."""
 
@@ -83,7 +91,7 @@ class TensorRTRunner:
                 ptr = _check(cudart.cudaMalloc(max(results[name].nbytes, 1)))
                 allocations.append(ptr)
                 self.context.set_tensor_address(name, int(ptr))
-            if not self.context.execute_async_v3(int(stream)):
+            if not self.context.execute_async_v3(_handle(stream)):
                 raise RuntimeError("TensorRT execute_async_v3 failed")
             _check(cudart.cudaStreamSynchronize(stream))
             for name, ptr in zip(self.outputs, allocations[len(self.inputs) :], strict=True):

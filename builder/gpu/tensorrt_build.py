@@ -167,12 +167,21 @@ def network_flags(trt: Any) -> int:
     return 1 << int(flag)
 
 
+def _parser_error_text(err: Any) -> str:
+    """``node NAME (OpType): description`` where the binding has those accessors (10.x)."""
+    try:
+        node = err.node_name() or f"#{err.node()}"
+        return f"node {node} ({err.node_operator()}): {err.desc()}"
+    except Exception:
+        return str(err)
+
+
 def _parse(trt: Any, network: Any, logger: Any, onnx_path: Path) -> None:
     parser = trt.OnnxParser(network, logger)
     ok = parser.parse_from_file(str(onnx_path))
     if ok:
         return
-    errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    errors = [_parser_error_text(parser.get_error(i)) for i in range(parser.num_errors)]
     detail = "; ".join(e.strip().replace("\n", " ") for e in errors) or "no parser errors reported"
     raise EngineBuildError(f"TensorRT cannot parse {onnx_path}: {detail}")
 
