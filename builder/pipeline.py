@@ -6,11 +6,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from builder import hostinfo
 from builder.calibration import METHODS, load_calibration_data
+from builder.engine_choice import choose_engine
 from builder.errors import BuildError
 from builder.evaluate import EVAL_BATCH, Evaluator, measure_speed
 from builder.manifest import Manifest, VariantRecord, load_manifest, manifest_path
@@ -24,6 +26,7 @@ from builder.repository import (
     variant_layout,
 )
 from builder.sources import LoadedModel, load_model
+from builder.triton_backend import standard_backend
 from builder.triton_config import ServingOptions, build_model_config, write_config
 from server.engines import EngineError, get_engine
 
@@ -98,6 +101,13 @@ def _existing(manifest: Manifest | None, repo: Path, precision: str) -> VariantR
 
 def build_model(spec: str, options: BuildOptions) -> Manifest:
     """Build (or refresh) every requested precision variant of ``spec`` into the repository."""
+    if options.target == "gpu" and not options.configs_only:
+        from builder.gpu.device import check_gpu_available
+        from builder.gpu.errors import GpuUnavailableError
+
+        problem = check_gpu_available()
+        if problem:  # fail before any CPU work
+            raise GpuUnavailableError(problem)
     repo = ensure_writable(options.repository)
     work = staging_dir(repo, "build")
     try:
@@ -148,7 +158,7 @@ def _build(spec: str, options: BuildOptions, repo: Path, work: Path) -> Manifest
         if not options.force and _existing(old, repo, precision):
             log.info("%s exists; kept (use --force to rebuild)", name)
             continue
-        reason = plugins[precision].skip_reason(model)
+        reason = plugins[precision].skip_reason(model, options)
         if reason:
             manifest.notes.append(f"{precision} skipped: {reason}")
             manifest.variants.pop(precision, None)
@@ -170,7 +180,27 @@ def _build(spec: str, options: BuildOptions, repo: Path, work: Path) -> Manifest
         _measure(manifest, model, repo, options)
     write_samples(repo, model)
     manifest.save(repo)
+    if options.target == "gpu":
+        _build_gpu(manifest, model, repo, options)
     return manifest
+
+
+def _build_gpu(manifest: Manifest, model: LoadedModel, repo: Path, options: BuildOptions) -> None:
+    """TensorRT plans and GPU Triton configs next to the CPU variants (see docs/gpu.md)."""
+    from builder.gpu.target import GpuTargetOptions, build_gpu_target
+
+    result = build_gpu_target(
+        manifest,
+        repo,
+        options.configs_only,
+        calibration=model.calibration.take(options.calibration_samples),
+        options=GpuTargetOptions(
+            calibration_method=options.calibration_method, force=options.force
+        ),
+    )
+    manifest.notes = [n for n in manifest.notes if not n.startswith("gpu target: ")]
+    manifest.notes.extend(f"gpu target: {line}" for line in result.summary_lines())
+    manifest.save(repo)
 
 
 SAMPLES_SUFFIX = ".samples.npz"
@@ -227,14 +257,25 @@ def _build_variant(
     )
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     result: VariantResult = plugin.build(ctx, out_file)  # type: ignore[attr-defined]
-    if options.engine:
-        result.engine = options.engine
-    get_engine(result.engine)  # fail early on an engine that is not installed
-    quality = evaluator.quality(out_file, result.engine, result.engine_options)
-    cfg = build_model_config(name, model.inputs, model.outputs, serving, **triton_platform(result))
+    # The engine that runs the file: measured here, quality-checked; --engine overrides.
+    choice = choose_engine(
+        result,
+        out_file,
+        evaluator,
+        model.evaluation,
+        speed_batch(model),
+        forced=options.engine,
+        measure=options.measure_speed,
+        threads=options.threads,
+    )
+    result.engine, result.engine_options = choice.engine, choice.options
+    quality = choice.quality
+    platform = triton_platform(result, serving.max_batch_size)
+    cfg = build_model_config(name, model.inputs, model.outputs, serving, **platform)
     write_config(staged, cfg)
     install(staged, repo / name, work / "replaced")
     details = dict(result.details)
+    details.update(choice.details())
     details["accuracy_loss"] = quality.pop("accuracy_loss")
     return VariantRecord(
         precision=precision,
@@ -249,9 +290,9 @@ def _build_variant(
     )
 
 
-def triton_platform(result: VariantResult) -> dict[str, str]:
-    """How a standard Triton container serves this variant's file."""
-    return {"platform": "onnxruntime_onnx"}
+def triton_platform(result: VariantResult, max_batch_size: int = 1) -> dict[str, Any]:
+    """How a standard Triton container serves this variant's file (builder.triton_backend)."""
+    return standard_backend(result.engine, result.engine_options, result.path.name, max_batch_size)
 
 
 def _measure(manifest: Manifest, model: LoadedModel, repo: Path, options: BuildOptions) -> None:

@@ -262,3 +262,34 @@ def test_public_model_zoo_model_converts(tmp_path: Path) -> None:
     assert manifest.variants["int8"].size_bytes <= 0.35 * fp32
     for v in manifest.variants.values():
         assert v.quality["finite"] == 1.0
+
+
+def test_cli_gpu_target_without_cuda_is_one_line(tmp_path: Path, tiny_onnx: Path) -> None:
+    from builder.gpu.device import check_gpu_available
+
+    if check_gpu_available() is None:
+        pytest.skip("this host has CUDA and TensorRT")
+    res = _cli(f"onnx:{tiny_onnx}", "--repository", str(tmp_path), "--target", "gpu")
+    assert res.returncode == 2
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "precision-serve[gpu]" in lines[0], res.stderr
+    assert not list(tmp_path.glob("tiny_*")), "nothing may be built before the GPU check"
+
+
+def test_cli_gpu_configs_only(tmp_path: Path, tiny_onnx: Path) -> None:
+    res = _cli(
+        f"onnx:{tiny_onnx}",
+        "--repository",
+        str(tmp_path),
+        "--precisions",
+        "fp32,fp16",
+        "--target",
+        "gpu",
+        "--configs-only",
+    )
+    assert res.returncode == 0, res.stderr
+    cfg = parse_config_text((tmp_path / "tiny_fp16_trt" / "config.pbtxt").read_text())
+    assert cfg.platform == "tensorrt_plan"
+    assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert not list(tmp_path.glob("tiny_*_trt/1/*.plan"))
+    assert "gpu target:" in res.stdout

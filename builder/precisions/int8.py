@@ -26,6 +26,14 @@ from builder.sources.base import Dataset, LoadedModel
 log = logging.getLogger(__name__)
 
 DRIFT_SAMPLES = 8
+# ONNX Runtime quantization formats; QDQ is the default (OpenVINO and TensorRT read it too).
+# BuildOptions.extra["int8_format"] = "QOperator" asks for QLinear* operators instead.
+FORMATS = ("QDQ", "QOperator")
+TRANSFORMER_NEEDS_BUDGET = (
+    "static INT8 on a transformer is built only with --accuracy-budget (which keeps the worst "
+    "layers FP32): naive static INT8 collapses MiniLM (mean cosine 0.36 to FP32); "
+    "int8-dynamic is the transformers' INT8"
+)
 DRIFT_REPORTED = 8
 STANDARD_DOMAINS = {"", "ai.onnx", "com.microsoft", "ai.onnx.ml"}
 
@@ -89,12 +97,20 @@ def quantize_static_qdq(
     symmetric_activations: bool = False,
     symmetric_weights: bool = True,
     nodes_to_exclude: list[str] | None = None,
+    op_types_to_quantize: list[str] | None = None,
     cache_path: Path | None = None,
     calibration_batch: int = 8,
     extra_options: dict[str, Any] | None = None,
+    quant_format: str = "QDQ",
 ) -> None:
-    """ONNX Runtime ``quantize_static`` in QDQ format (shared by the CPU and GPU targets)."""
+    """ONNX Runtime ``quantize_static``, QDQ format by default (shared by the CPU and GPU
+    targets); ``quant_format="QOperator"`` writes QLinear* operators instead."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    if quant_format not in FORMATS:
+        raise QuantizationError(
+            f"INT8 format must be one of {', '.join(FORMATS)}, got {quant_format!r}"
+        )
 
     options = {
         "ActivationSymmetric": symmetric_activations,
@@ -108,12 +124,13 @@ def quantize_static_qdq(
             str(fp32_path),
             str(out_path),
             calibration_data_reader=DatasetReader(calibration, calibration_batch),
-            quant_format=QuantFormat.QDQ,
+            quant_format=QuantFormat.from_string(quant_format),
             per_channel=per_channel,
             reduce_range=reduce_range,
             activation_type=QuantType[activation_type],
             weight_type=QuantType[weight_type],
             nodes_to_exclude=nodes_to_exclude or [],
+            op_types_to_quantize=op_types_to_quantize,
             calibrate_method=ort_method(method),
             extra_options=options,
             calibration_cache_path=str(cache_path) if cache_path else None,
@@ -177,11 +194,14 @@ class BudgetSearch:
 class StaticInt8:
     name = "int8"
 
-    def skip_reason(self, model: LoadedModel) -> str | None:
+    def skip_reason(self, model: LoadedModel, options: object = None) -> str | None:
+        if model.transformer and getattr(options, "accuracy_budget", None) is None:
+            return TRANSFORMER_NEEDS_BUDGET
         return None
 
     def build(self, ctx: BuildContext, out_path: Path) -> VariantResult:
         opts = ctx.options
+        quant_format = str(opts.extra.get("int8_format", "QDQ"))
         check_quantizable(ctx.fp32_path)
         pre = preprocess(ctx.fp32_path, ctx.work_dir / "int8_pre.onnx")
         calib = ctx.model.calibration.take(opts.calibration_samples)
@@ -206,6 +226,7 @@ class StaticInt8:
                 nodes_to_exclude=exclude,
                 cache_path=cache_path,
                 calibration_batch=batch,
+                quant_format=quant_format,
             )
             return ctx.evaluator.quality(out_path)
 
@@ -235,7 +256,7 @@ class StaticInt8:
         return VariantResult(
             out_path,
             details={
-                "format": "QDQ",
+                "format": quant_format,
                 "activation_type": types.activation,
                 "weight_type": types.weight,
                 "reduce_range": types.reduce_range,
