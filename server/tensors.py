@@ -85,9 +85,10 @@ def decode(t: WireTensor) -> np.ndarray:
         return np.frombuffer(t.raw, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(t.shape)
     values = t.values if t.values is not None else []
     if not isinstance(values, np.ndarray):
-        values = _flatten(list(values))
+        values = _flatten(list(values) if isinstance(values, list | tuple) else [values])
     try:
-        arr = np.asarray(values, dtype=dtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # out-of-range -> inf, as numpy casts
+            arr = np.asarray(values, dtype=dtype)
     except (ValueError, TypeError, OverflowError) as e:
         raise InvalidInput(f"input {t.name!r}: values are not {t.datatype}: {e}") from e
     if arr.size != count:
