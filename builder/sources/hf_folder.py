@@ -144,8 +144,14 @@ class HfFolderSource:
 
         import onnx
 
-        inputs, outputs, _ = onnx_io_specs(onnx.load(str(target), load_external_data=False))
         hidden = int(model.config.hidden_size)
+        proto = onnx.load(str(target))
+        # The tracer loses the static hidden size through the pooling; it is known, so record it.
+        out_dims = proto.graph.output[0].type.tensor_type.shape.dim
+        if len(out_dims) == 2:
+            out_dims[1].dim_value = hidden
+            onnx.save(proto, str(target))
+        inputs, outputs, _ = onnx_io_specs(proto)
         expected = [TensorSpec("embeddings", "float32", [hidden])]
         if outputs != expected:
             raise SourceError(f"export of {folder} produced outputs {outputs}, expected {expected}")
