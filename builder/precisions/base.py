@@ -37,8 +37,9 @@ class VariantResult:
 class Precision(Protocol):
     name: str
 
-    def skip_reason(self, model: LoadedModel) -> str | None:
-        """Why this precision cannot be built for ``model`` on this host (None: it can)."""
+    def skip_reason(self, model: LoadedModel, options: BuildOptions | None = None) -> str | None:
+        """Why this precision cannot be built for ``model`` on this host with ``options``
+        (None: it can). The skip is recorded as a note in the manifest."""
         ...
 
     def build(self, ctx: BuildContext, out_path: Path) -> VariantResult:

@@ -51,7 +51,7 @@ def overflowing_nodes(model) -> list[str]:
 class FP16:
     name = "fp16"
 
-    def skip_reason(self, model: LoadedModel) -> str | None:
+    def skip_reason(self, model: LoadedModel, options: object = None) -> str | None:
         return None
 
     def _convert(self, src: Path, dst: Path, op_block: list[str], node_block: list[str]) -> None:

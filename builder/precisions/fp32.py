@@ -12,7 +12,7 @@ from builder.sources.base import LoadedModel
 class FP32:
     name = "fp32"
 
-    def skip_reason(self, model: LoadedModel) -> str | None:
+    def skip_reason(self, model: LoadedModel, options: object = None) -> str | None:
         return None
 
     def build(self, ctx: BuildContext, out_path: Path) -> VariantResult:

@@ -14,7 +14,7 @@ from builder.sources.base import LoadedModel
 class DynamicInt8:
     name = "int8-dynamic"
 
-    def skip_reason(self, model: LoadedModel) -> str | None:
+    def skip_reason(self, model: LoadedModel, options: object = None) -> str | None:
         return None
 
     def build(self, ctx: BuildContext, out_path: Path) -> VariantResult:
