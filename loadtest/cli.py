@@ -1,0 +1,256 @@
+"""``precision-loadtest``: one headless Locust step per (precision, users, batch size), a report.
+
+    precision-loadtest --model digits --precisions fp32,fp16,int8 --users 1,4,16 --duration 30s \
+        [--batch-size 1,8] [--target HOST:PORT | --serve] [--warmup 5s] --out reports/NAME
+
+Locust is never imported in this process (it gevent-patches the whole interpreter): every step
+runs it as a subprocess (see loadtest/runner.py). See docs/loadtest.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loadtest.errors import ConfigError, LoadTestError
+from loadtest.runner import Step, StepResult, StepSettings, run_step
+
+DEFAULT_PRECISIONS = "fp32,fp16,int8"
+_TIMESPAN = re.compile(r"^\s*(\d+)\s*(s|m|h)?\s*$")
+
+
+@dataclass
+class LoadTestConfig:
+    """Everything one load test is told; the CLI only fills this in."""
+
+    model: str
+    out: Path
+    repository: Path | None = Path("model_repository")
+    precisions: list[str] = field(default_factory=lambda: DEFAULT_PRECISIONS.split(","))
+    users: list[int] = field(default_factory=lambda: [1, 4, 16])
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    duration_s: int = 30
+    warmup_s: int = 5
+    target: str | None = None  # HOST:PORT of a running gateway; None = start one (--serve)
+    metrics_url: str | None = None  # default: the served gateway's, or http://HOST:8002/metrics
+    scrape_metrics: bool = True
+    accuracy_budget: float = 1.0
+    precision_via: str = "parameter"
+    gateway_args: list[str] = field(default_factory=list)
+    request_timeout_s: float = 10.0
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.repository is not None:
+            self.repository = Path(self.repository)
+        if not self.model:
+            raise ConfigError("--model must not be empty")
+        if not self.precisions:
+            raise ConfigError("--precisions must name at least one precision")
+        for name, values in (("--users", self.users), ("--batch-size", self.batch_sizes)):
+            if not values or any(v < 1 for v in values):
+                raise ConfigError(f"{name} must be positive integers, got {values}")
+        if self.duration_s < 1:
+            raise ConfigError(f"--duration must be at least 1s, got {self.duration_s}s")
+        if self.warmup_s < 0:
+            raise ConfigError(f"--warmup must be >= 0s, got {self.warmup_s}s")
+        if self.accuracy_budget < 0:
+            raise ConfigError(f"--accuracy-budget must be >= 0, got {self.accuracy_budget}")
+        if self.precision_via not in ("parameter", "variant"):
+            raise ConfigError(
+                f"--precision-via must be parameter or variant, got {self.precision_via!r}"
+            )
+        if self.target is not None and ":" not in self.target:
+            raise ConfigError(f"--target must be HOST:PORT, got {self.target!r}")
+        if self.target is None and (self.repository is None or not self.repository.is_dir()):
+            raise ConfigError(f"--serve needs a model repository; {self.repository} is not one")
+
+    @property
+    def steps(self) -> list[Step]:
+        return [
+            Step(p, u, b) for p in self.precisions for b in self.batch_sizes for u in self.users
+        ]
+
+
+def parse_timespan(text: str, option: str) -> int:
+    """'30s', '2m', '1h' or plain seconds -> whole seconds (Locust's --run-time takes these)."""
+    m = _TIMESPAN.match(text)
+    if not m:
+        raise ConfigError(f"{option} must look like 30s, 2m or 1h, got {text!r}")
+    return int(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2) or "s"]
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} must be comma-separated integers, got {text!r}") from None
+
+
+def check_precisions(config: LoadTestConfig) -> None:
+    """Fail early, naming the precision, when the manifest has no such variant."""
+    if config.repository is None:
+        return
+    from builder.manifest import load_manifest, manifest_path
+
+    path = manifest_path(config.repository, config.model)
+    if not path.is_file():
+        if config.target is None:
+            raise ConfigError(f"no manifest for model {config.model!r} at {path}")
+        return
+    built = load_manifest(path).variants
+    missing = [p for p in config.precisions if p not in built]
+    if missing:
+        raise ConfigError(
+            f"model {config.model!r} has no {', '.join(missing)} variant "
+            f"(built: {', '.join(built) or 'none'})"
+        )
+
+
+def run_loadtest(config: LoadTestConfig, log=print) -> tuple[list[StepResult], dict[str, Path]]:  # type: ignore[no-untyped-def]
+    """Run every step (starting a gateway when no target is given) and write the report."""
+    from builder.hostinfo import cpu_info
+    from loadtest.inputs import load_inputs
+    from loadtest.report import RunInfo, variant_info, write_report
+
+    check_precisions(config)
+    variants, meaningful = variant_info(config.repository, config.model)
+    found = load_inputs(config.repository, config.model) if config.repository else None
+    info = RunInfo(
+        model=config.model,
+        target=config.target or "",
+        host=dict(cpu_info()),
+        command=config.command,
+        duration_s=config.duration_s,
+        warmup_s=config.warmup_s,
+        accuracy_budget=config.accuracy_budget,
+        variants=variants,
+        accuracy_meaningful=meaningful,
+        inputs=found.origin if found else "synthetic (server metadata)",
+    )
+    config.out.mkdir(parents=True, exist_ok=True)
+    results: list[StepResult] = []
+    with ExitStack() as stack:
+        target, metrics_url = config.target, config.metrics_url
+        if target is None:
+            from server.testing import GatewayProcess
+
+            log(f"starting a gateway on {config.repository} ...")
+            gw = stack.enter_context(GatewayProcess(config.repository, config.gateway_args))  # type: ignore[arg-type]
+            target = gw.grpc_url
+            metrics_url = metrics_url or gw.metrics_url
+            info.target = f"{target} (gateway started by precision-loadtest)"
+        elif metrics_url is None:
+            metrics_url = f"http://{target.rsplit(':', 1)[0]}:8002/metrics"
+        settings = StepSettings(
+            model=config.model,
+            target=target,
+            repository=config.repository,
+            duration_s=config.duration_s,
+            warmup_s=config.warmup_s,
+            precision_via=config.precision_via,
+            metrics_url=metrics_url if config.scrape_metrics else None,
+            request_timeout_s=config.request_timeout_s,
+            work_dir=config.out / "steps",
+        )
+        steps = config.steps
+        for i, step in enumerate(steps, 1):
+            started = time.perf_counter()
+            r = run_step(step, settings)
+            results.append(r)
+            log(
+                f"[{i}/{len(steps)}] {config.model}/{step.precision} users={step.users} "
+                f"batch={step.batch_size}: {r.requests} requests, {r.failures} failed, "
+                f"{r.throughput:.0f} inf/s, p50 {r.latency_ms['p50']:.2f} ms "
+                f"({time.perf_counter() - started:.0f}s)"
+            )
+    paths = write_report(config.out, results, info)
+    return results, paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="precision-loadtest",
+        description="Load-test a model's precision variants through the gateway with Locust.",
+    )
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--model", required=True, help="logical model name, e.g. digits")
+    p.add_argument("--precisions", default=DEFAULT_PRECISIONS, help="comma-separated")
+    p.add_argument("--users", default="1,4,16", help="concurrency levels, comma-separated")
+    p.add_argument("--duration", default="30s", help="measured time per step (30s, 2m)")
+    p.add_argument("--warmup", default="5s", help="warm-up per step, not counted (0 = none)")
+    p.add_argument("--batch-size", default="1", help="rows per request, comma-separated")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--target", help="HOST:PORT of a running gateway's gRPC endpoint")
+    where.add_argument("--serve", action="store_true", help="start a gateway (the default)")
+    p.add_argument(
+        "--metrics-url", help="gateway /metrics (default: the served one, or HOST:8002 of --target)"
+    )
+    p.add_argument("--no-metrics", action="store_true", help="skip the server-side view")
+    p.add_argument(
+        "--accuracy-budget", type=float, default=1.0, help="points of accuracy vs fp32 (1.0)"
+    )
+    p.add_argument(
+        "--precision-via",
+        choices=["parameter", "variant"],
+        default="parameter",
+        help="ask via the request parameter (default) or by the variant's name",
+    )
+    p.add_argument(
+        "--gateway-arg",
+        action="append",
+        default=[],
+        help="extra argument for the started gateway (repeat), e.g. --gateway-arg=--threads=2",
+    )
+    p.add_argument("--request-timeout", type=float, default=10.0, help="seconds per request")
+    p.add_argument("--out", type=Path, help="output folder (default reports/<model>-<time>)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, argv: list[str]) -> LoadTestConfig:
+    out = args.out or Path("reports") / f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return LoadTestConfig(
+        model=args.model,
+        out=out,
+        repository=args.repository,
+        precisions=[x.strip() for x in args.precisions.split(",") if x.strip()],
+        users=_int_list(args.users, "--users"),
+        batch_sizes=_int_list(args.batch_size, "--batch-size"),
+        duration_s=parse_timespan(args.duration, "--duration"),
+        warmup_s=parse_timespan(args.warmup, "--warmup"),
+        target=args.target,
+        metrics_url=args.metrics_url,
+        scrape_metrics=not args.no_metrics,
+        accuracy_budget=args.accuracy_budget,
+        precision_via=args.precision_via,
+        gateway_args=list(args.gateway_arg),
+        request_timeout_s=args.request_timeout,
+        command=shlex.join(["precision-loadtest", *argv]),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args, argv)
+        _, paths = run_loadtest(config)
+    except LoadTestError as e:
+        print(f"precision-loadtest: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # the gateway failing to start, a report that cannot be written
+        print(f"precision-loadtest: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {paths['report']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""Write a load test's output folder: results.json, results.csv, report.md and the plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loadtest.runner import StepResult
+
+CSV_FIELDS = (
+    "precision",
+    "users",
+    "batch_size",
+    "requests",
+    "failures",
+    "duration_s",
+    "requests_per_s",
+    "throughput",
+    "p50_ms",
+    "p90_ms",
+    "p95_ms",
+    "p99_ms",
+    "max_ms",
+    "mean_ms",
+    "server_requests",
+    "server_p50_ms",
+    "server_p99_ms",
+    "server_mean_ms",
+    "server_queue_mean_ms",
+    "server_upstream_mean_ms",
+    "server_batch_mean",
+)
+
+
+@dataclass
+class VariantInfo:
+    """What the manifest says about one precision (None where unknown)."""
+
+    size_mb: float | None = None
+    accuracy: float | None = None  # 0..100
+    accuracy_loss: float | None = None  # points vs FP32 (or 1 - cosine without labels)
+    cosine_mean: float | None = None
+
+
+@dataclass
+class RunInfo:
+    model: str
+    target: str
+    host: dict[str, Any]
+    command: str
+    duration_s: int
+    warmup_s: int
+    accuracy_budget: float
+    variants: dict[str, VariantInfo] = field(default_factory=dict)
+    accuracy_meaningful: bool = True
+    inputs: str = ""  # where request inputs came from
+    started: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+
+
+def variant_info(repository: Path | None, model: str) -> tuple[dict[str, VariantInfo], bool]:
+    """Per-precision size and quality from the manifest; empty when there is no manifest."""
+    if repository is None:
+        return {}, True
+    from builder.manifest import load_manifest, manifest_path
+
+    path = manifest_path(Path(repository), model)
+    if not path.is_file():
+        return {}, True
+    m = load_manifest(path)
+    out = {}
+    for p, v in m.variants.items():
+        acc = v.quality.get("accuracy")
+        out[p] = VariantInfo(
+            size_mb=v.size_bytes / 1e6 if v.size_bytes else None,
+            accuracy=None if acc is None else 100.0 * acc,
+            accuracy_loss=0.0 if p == "fp32" else v.details.get("accuracy_loss"),
+            cosine_mean=v.quality.get("cosine_mean"),
+        )
+    return out, m.accuracy_meaningful
+
+
+# ---- the numbers behind the first table and the recommendations -----------------------------
+def _served(results: Sequence[StepResult]) -> list[StepResult]:
+    return [r for r in results if r.requests > r.failures]
+
+
+def lightest(results: Sequence[StepResult], precision: str) -> StepResult | None:
+    """The lowest-load step of a precision (fewest users, smallest batch): its latency."""
+    steps = [r for r in _served(results) if r.precision == precision]
+    return min(steps, key=lambda r: (r.users, r.batch_size), default=None)
+
+
+def peak(results: Sequence[StepResult], precision: str) -> StepResult | None:
+    steps = [r for r in _served(results) if r.precision == precision]
+    return max(steps, key=lambda r: r.throughput, default=None)
+
+
+def precisions_of(results: Sequence[StepResult]) -> list[str]:
+    return list(dict.fromkeys(r.precision for r in results))
+
+
+def recommendations(results: Sequence[StepResult], info: RunInfo) -> list[str]:
+    precs = [p for p in precisions_of(results) if lightest(results, p)]
+    if not precs:
+        return ["no precision served any request: no recommendation"]
+    p50 = {p: lightest(results, p).latency_ms["p50"] for p in precs}  # type: ignore[union-attr]
+    tput = {p: peak(results, p).throughput for p in precs}  # type: ignore[union-attr]
+    fastest = min(precs, key=lambda p: p50[p])  # type: ignore[arg-type,return-value]
+    busiest = max(precs, key=lambda p: tput[p])
+    lines = [
+        f"lowest latency: **{fastest}** (p50 {p50[fastest]:.2f} ms at the lightest load)",
+        f"highest throughput: **{busiest}** ({tput[busiest]:.0f} inferences/s peak)",
+    ]
+    budget = info.accuracy_budget
+    ok = [
+        p
+        for p in precs
+        if info.variants.get(p) is not None
+        and info.variants[p].accuracy_loss is not None
+        and info.variants[p].accuracy_loss <= budget  # type: ignore[operator]
+    ]
+    if not info.variants:
+        lines.append("best within the accuracy budget: unknown (no manifest to read accuracy from)")
+    elif not ok:
+        lines.append(f"best within the accuracy budget ({budget:g} pt): none of {', '.join(precs)}")
+    else:
+        best = max(ok, key=lambda p: (tput[p], -p50[p]))  # type: ignore[operator]
+        loss = info.variants[best].accuracy_loss
+        lines.append(
+            f"best within the accuracy budget ({budget:g} pt): **{best}** "
+            f"({tput[best]:.0f} inferences/s, {loss:.2f} pt below fp32)"
+        )
+    if not info.accuracy_meaningful:
+        lines.append("note: the manifest marks accuracy as not meaningful for this model")
+    return lines
+
+
+# ---- formatting ----------------------------------------------------------------------------
+def _f(x: float | None, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def comparison_rows(results: Sequence[StepResult], info: RunInfo) -> list[list[str]]:
+    rows = []
+    for p in precisions_of(results):
+        v = info.variants.get(p, VariantInfo())
+        light, top = lightest(results, p), peak(results, p)
+        if v.accuracy is not None:
+            acc = f"{v.accuracy:.2f} % ({_f(-v.accuracy_loss if v.accuracy_loss else 0.0)} pt)"
+        elif v.cosine_mean is not None:
+            acc = f"cosine {v.cosine_mean:.4f}"
+        else:
+            acc = "-"
+        rows.append(
+            [
+                p,
+                _f(v.size_mb),
+                acc,
+                "-" if top is None else f"{top.throughput:.0f} (u{top.users}, b{top.batch_size})",
+                "-"
+                if light is None
+                else f"{_f(light.latency_ms['p50'])} / {_f(light.latency_ms['p99'])}",
+            ]
+        )
+    return rows
+
+
+def comparison_table(results: Sequence[StepResult], info: RunInfo) -> str:
+    users = min((r.users for r in results), default=1)
+    batch = min((r.batch_size for r in results), default=1)
+    headers = [
+        "precision",
+        "model MB",
+        "accuracy (vs fp32)",
+        "peak inferences/s (users, batch)",
+        f"p50 / p99 ms ({users} user(s), batch {batch})",
+    ]
+    return markdown_table(headers, comparison_rows(results, info))
+
+
+def steps_table(results: Sequence[StepResult]) -> str:
+    headers = ["precision", "users", "batch", "requests", "failures", "inferences/s"]
+    headers += ["p50 ms", "p90 ms", "p95 ms", "p99 ms", "max ms"]
+    rows = [
+        [
+            r.precision,
+            str(r.users),
+            str(r.batch_size),
+            str(r.requests),
+            str(r.failures),
+            f"{r.throughput:.1f}",
+            *(_f(r.latency_ms[k]) for k in ("p50", "p90", "p95", "p99", "max")),
+        ]
+        for r in results
+    ]
+    return markdown_table(headers, rows)
+
+
+def server_table(results: Sequence[StepResult]) -> str:
+    headers = ["precision", "users", "batch", "client requests", "gateway requests"]
+    headers += ["client p50 ms", "gateway p50 ms (bucket)", "gateway mean ms"]
+    headers += ["queue mean ms", "upstream mean ms", "mean rows/run"]
+    rows = []
+    for r in results:
+        s = r.server or {}
+        bucket = s.get("p50_bucket_ms")
+        rows.append(
+            [
+                r.precision,
+                str(r.users),
+                str(r.batch_size),
+                str(r.requests),
+                str(s.get("requests", "-")),
+                _f(r.latency_ms["p50"]),
+                f"{_f(s.get('p50_ms'))} ({_f(bucket[0], 'g')}-{_f(bucket[1], 'g')})"
+                if bucket
+                else "-",
+                _f(s.get("mean_ms")),
+                _f(s.get("queue_mean_ms")),
+                _f(s.get("upstream_mean_ms")),
+                _f(s.get("batch_mean")),
+            ]
+        )
+    return markdown_table(headers, rows)
+
+
+def _host_line(host: dict[str, Any]) -> str:
+    flags = ", ".join(host.get("flags", [])) or "none of interest"
+    return f"{host.get('model', '?')}, {host.get('cores', '?')} logical cores (ISA: {flags})"
+
+
+def render_markdown(results: Sequence[StepResult], info: RunInfo, plots: Sequence[Path]) -> str:
+    parts = [
+        f"# Load test: {info.model}",
+        "",
+        f"Started {info.started} against `{info.target}`; hardware: {_host_line(info.host)}.",
+        f"Each step: {info.warmup_s} s warm-up (not counted), then {info.duration_s} s measured; "
+        f"closed-loop Locust users over Triton gRPC; inputs: {info.inputs or 'see locust logs'}.",
+        "",
+        comparison_table(results, info),
+        "",
+        *(f"- {line}" for line in recommendations(results, info)),
+        "",
+        "## Every step (client side, Locust)",
+        "",
+        "Latency over every request of the measured window; inferences/s = successful requests x "
+        "batch size / window (first request sent to last response).",
+        "",
+        steps_table(results),
+        "",
+        "## Server side for the same windows (gateway /metrics)",
+        "",
+        "The gateway's /metrics was scraped right before and after each measured run. Gateway "
+        "medians are histogram estimates (PromQL histogram_quantile interpolation); their "
+        "resolution is the bucket shown. Client latency adds the gRPC round trip and the "
+        "Locust client's own time on the same CPU.",
+        "",
+        server_table(results),
+        "",
+    ]
+    notes = sorted({r.server_note for r in results if r.server_note})
+    parts += [f"note: {n}" for n in notes]
+    if plots:
+        parts += ["## Plots", ""]
+        parts += [f"![{p.stem}]({p.name})" for p in plots]
+        parts.append("")
+    parts += [f"Command: `{info.command}`", ""]
+    return "\n".join(parts)
+
+
+def write_csv(path: Path, results: Sequence[StepResult]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in results:
+            s = r.server or {}
+            w.writerow(
+                {
+                    "precision": r.precision,
+                    "users": r.users,
+                    "batch_size": r.batch_size,
+                    "requests": r.requests,
+                    "failures": r.failures,
+                    "duration_s": round(r.duration_s, 4),
+                    "requests_per_s": round(r.requests_per_s, 3),
+                    "throughput": round(r.throughput, 3),
+                    **{
+                        f"{k}_ms": _round(r.latency_ms[k])
+                        for k in ("p50", "p90", "p95", "p99", "max", "mean")
+                    },
+                    "server_requests": s.get("requests"),
+                    "server_p50_ms": _round(s.get("p50_ms")),
+                    "server_p99_ms": _round(s.get("p99_ms")),
+                    "server_mean_ms": _round(s.get("mean_ms")),
+                    "server_queue_mean_ms": _round(s.get("queue_mean_ms")),
+                    "server_upstream_mean_ms": _round(s.get("upstream_mean_ms")),
+                    "server_batch_mean": _round(s.get("batch_mean")),
+                }
+            )
+
+
+def _round(x: Any) -> Any:
+    return None if x is None else round(float(x), 4)
+
+
+def write_report(out: Path, results: Sequence[StepResult], info: RunInfo) -> dict[str, Path]:
+    """Every output file; returns their paths by kind."""
+    from loadtest.plots import write_plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "model": info.model,
+        "target": info.target,
+        "started": info.started,
+        "command": info.command,
+        "host": info.host,
+        "duration_s": info.duration_s,
+        "warmup_s": info.warmup_s,
+        "accuracy_budget": info.accuracy_budget,
+        "inputs": info.inputs,
+        "variants": {p: vars(v) for p, v in info.variants.items()},
+        "recommendations": recommendations(results, info),
+        "steps": [r.to_dict() for r in results],
+    }
+    paths = {"json": out / "results.json", "csv": out / "results.csv", "report": out / "report.md"}
+    paths["json"].write_text(json.dumps(doc, indent=2) + "\n")
+    write_csv(paths["csv"], results)
+    plots = write_plots(out, results)
+    paths.update({p.stem: p for p in plots})
+    paths["report"].write_text(render_markdown(results, info, plots))
+    return paths

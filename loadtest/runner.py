@@ -1,0 +1,217 @@
+"""One load-test step: a headless Locust subprocess (warm-up, then the measured run).
+
+Locust is never imported here: it gevent-patches whatever process imports it. Each step runs
+``python -m locust -f loadtest/locustfile.py --headless`` twice: a warm-up whose numbers are
+thrown away, then the measured run. The gateway's /metrics is scraped between the two and after
+the second, so the server-side view covers exactly the measured requests (``--stop-timeout`` lets
+in-flight requests finish, so none is cut off on the client after the server counted it).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from loadtest import promtext
+from loadtest.errors import StepError
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+PERCENTILES = (50, 90, 95, 99)
+STOP_TIMEOUT_S = 15
+RUN_TIME_SLACK_S = 60
+
+
+@dataclass(frozen=True)
+class Step:
+    precision: str
+    users: int
+    batch_size: int
+
+    @property
+    def slug(self) -> str:
+        return f"{self.precision}_u{self.users}_b{self.batch_size}"
+
+
+@dataclass
+class StepSettings:
+    """What every step of one run shares."""
+
+    model: str
+    target: str  # HOST:PORT of the gRPC endpoint
+    repository: Path | None
+    duration_s: int
+    warmup_s: int
+    precision_via: str = "parameter"
+    metrics_url: str | None = None
+    request_timeout_s: float = 10.0
+    work_dir: Path = Path(".")
+
+
+@dataclass
+class StepResult:
+    precision: str
+    users: int
+    batch_size: int
+    requests: int
+    failures: int
+    duration_s: float  # first request sent -> last response received
+    requests_per_s: float
+    throughput: float  # inferences (rows) per second, successful requests only
+    latency_ms: dict[str, float | None]  # p50 p90 p95 p99 max mean, over every request
+    errors: dict[str, int] = field(default_factory=dict)  # Locust's failure messages
+    server: dict[str, object] | None = None  # promtext.ServerView.to_dict() for the window
+    server_note: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def locust_command(
+    step: Step, s: StepSettings, run_s: int, csv_prefix: Path, record: Path
+) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--users",
+        str(step.users),
+        "--spawn-rate",
+        str(step.users),
+        "--run-time",  # a safety net only: --stop-after ends the run
+        f"{run_s + RUN_TIME_SLACK_S}s",
+        "--stop-after",
+        str(run_s),
+        "--stop-timeout",
+        str(STOP_TIMEOUT_S),
+        "--host",
+        s.target,
+        "--only-summary",
+        "--loglevel",
+        "WARNING",
+        "--exit-code-on-error",
+        "0",
+        "--csv",
+        str(csv_prefix),
+        "--model",
+        s.model,
+        "--precision",
+        step.precision,
+        "--precision-via",
+        s.precision_via,
+        "--batch-size",
+        str(step.batch_size),
+        "--request-timeout",
+        str(s.request_timeout_s),
+        "--record",
+        str(record),
+    ]
+    if s.repository is not None:
+        cmd += ["--repository", str(s.repository)]
+    return cmd
+
+
+def _run_locust(cmd: list[str], log_path: Path, limit_s: float) -> None:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            rc = proc.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise StepError(
+                f"locust did not finish within {limit_s:.0f}s (log: {log_path})"
+            ) from None
+    if rc != 0:
+        tail = log_path.read_text(errors="replace")[-1500:]
+        raise StepError(f"locust exited with {rc} (log: {log_path}): {tail}")
+
+
+def _percentiles(latency_s: np.ndarray) -> dict[str, float | None]:
+    if latency_s.size == 0:
+        return {k: None for k in ("p50", "p90", "p95", "p99", "max", "mean")}
+    ms = latency_s * 1000.0
+    out: dict[str, float | None] = {f"p{p}": float(np.percentile(ms, p)) for p in PERCENTILES}
+    out["max"] = float(ms.max())
+    out["mean"] = float(ms.mean())
+    return out
+
+
+def _locust_errors(csv_prefix: Path) -> dict[str, int]:
+    import csv
+
+    path = Path(f"{csv_prefix}_failures.csv")
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        return {row["Error"]: int(row["Occurrences"]) for row in csv.DictReader(f)}
+
+
+def summarise(step: Step, record: Path, csv_prefix: Path) -> StepResult:
+    if not record.is_file():
+        raise StepError(f"locust left no record at {record}")
+    with np.load(record) as d:
+        start, latency, ok = d["start"], d["latency"], d["ok"].astype(bool)
+    requests = int(latency.size)
+    if requests == 0:
+        raise StepError(f"step {step.slug}: no request completed")
+    duration = float((start + latency).max() - start.min())
+    duration = max(duration, 1e-9)
+    good = int(ok.sum())
+    return StepResult(
+        precision=step.precision,
+        users=step.users,
+        batch_size=step.batch_size,
+        requests=requests,
+        failures=requests - good,
+        duration_s=duration,
+        requests_per_s=requests / duration,
+        throughput=good * step.batch_size / duration,
+        latency_ms=_percentiles(latency),
+        errors=_locust_errors(csv_prefix),
+    )
+
+
+def run_step(step: Step, s: StepSettings) -> StepResult:
+    """Warm up (not counted), scrape, measure, scrape; the result of the measured run."""
+    work = Path(s.work_dir) / step.slug
+    work.mkdir(parents=True, exist_ok=True)
+    slack = 60 + STOP_TIMEOUT_S
+    if s.warmup_s > 0:
+        cmd = locust_command(step, s, s.warmup_s, work / "warmup", work / "warmup.npz")
+        _run_locust(cmd, work / "warmup.log", s.warmup_s + slack)
+    before = after = None
+    note = ""
+    if s.metrics_url:
+        try:
+            before = promtext.scrape(s.metrics_url)
+        except promtext.ScrapeError as e:
+            note = str(e)
+    record = work / "record.npz"
+    cmd = locust_command(step, s, s.duration_s, work / "locust", record)
+    _run_locust(cmd, work / "locust.log", s.duration_s + slack)
+    if before is not None:
+        try:
+            after = promtext.scrape(s.metrics_url)  # type: ignore[arg-type]
+        except promtext.ScrapeError as e:
+            note = str(e)
+    result = summarise(step, record, work / "locust")
+    if before is not None and after is not None:
+        window = promtext.delta(before, after)
+        result.server = promtext.server_view(window, s.model, step.precision).to_dict()
+    result.server_note = note if s.metrics_url else "no metrics endpoint given"
+    return result
