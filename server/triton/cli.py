@@ -74,7 +74,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Run a local Triton server on a precision-serve repository."
+    )
     _configure(parser)
     return parser
 
