@@ -1,0 +1,183 @@
+"""The Triton upstream's replica logic against scripted clients (no server): balancing, the one
+retry on UNAVAILABLE, marking replicas/variants unready, error mapping, address parsing."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+from tritonclient.utils import InferenceServerException
+
+from server.errors import ConfigError, InvalidInput
+from server.repository import Repository, load_repository
+from server.upstreams.base import UpstreamSettings, UpstreamUnavailable, create_upstream
+from server.upstreams.triton import TritonUpstream, parse_replicas
+
+
+class _Result:
+    def __init__(self, outputs: dict[str, np.ndarray]) -> None:
+        self._outputs = outputs
+
+    def as_numpy(self, name: str) -> np.ndarray:
+        return self._outputs[name]
+
+
+class _Client:
+    """Answers health checks as told; ``infer`` raises ``fail`` (a status name) or echoes."""
+
+    def __init__(self, tag: float, reachable: bool = True, fail: str | None = None) -> None:
+        self.tag, self.reachable, self.fail = tag, reachable, fail
+        self.unready: set[str] = set()
+        self.calls: list[str] = []
+        self.gate: asyncio.Event | None = None
+
+    def _check(self) -> None:
+        if not self.reachable:
+            raise InferenceServerException("connection refused", status="StatusCode.UNAVAILABLE")
+
+    async def is_server_ready(self, client_timeout: float | None = None) -> bool:
+        self._check()
+        return not self.unready
+
+    async def is_model_ready(self, name: str, client_timeout: float | None = None) -> bool:
+        self._check()
+        return name not in self.unready
+
+    async def infer(self, model: str, inputs: list, outputs: list, client_timeout: float) -> Any:
+        self.calls.append(model)
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail:
+            raise InferenceServerException(
+                f"scripted {self.fail}", status=f"StatusCode.{self.fail}"
+            )
+        return _Result({o.name(): np.full((1, 4), self.tag, np.float32) for o in outputs})
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def repository(tiny_repository: Path) -> Repository:
+    return load_repository(tiny_repository)
+
+
+async def _upstream(repository: Repository, *clients: _Client) -> TritonUpstream:
+    addresses = ",".join(f"10.0.0.{i}:8001" for i in range(len(clients)))
+    upstream = create_upstream(f"triton://{addresses}", repository, UpstreamSettings())
+    assert isinstance(upstream, TritonUpstream)
+    for replica, client in zip(upstream.replicas, clients, strict=True):
+        replica.client = client  # type: ignore[assignment]
+    await upstream.check_all()
+    return upstream
+
+
+X = {"x": np.zeros((1, 16), np.float32)}
+
+
+def test_least_outstanding_replica_is_chosen(repository: Repository) -> None:
+    async def scenario() -> None:
+        a, b = _Client(1.0), _Client(2.0)
+        up = await _upstream(repository, a, b)
+        v = repository.variants()[0]
+        a.gate = asyncio.Event()  # a's first call hangs: a has 1 outstanding
+        pending = asyncio.create_task(up.infer(v, X, None))
+        await asyncio.sleep(0)
+        for _ in range(4):
+            out = await up.infer(v, X, None)
+            assert out["logits"][0, 0] == 2.0  # all go to b while a is busy
+        a.gate.set()
+        await pending
+        assert len(a.calls) == 1 and len(b.calls) == 4
+        assert up.replicas[0].outstanding == up.replicas[1].outstanding == 0
+
+    asyncio.run(scenario())
+
+
+def test_unavailable_is_retried_once_on_another_replica(repository: Repository) -> None:
+    async def scenario() -> None:
+        dead, alive = _Client(1.0, fail="UNAVAILABLE"), _Client(2.0)
+        up = await _upstream(repository, dead, alive)
+        v = repository.variants()[0]
+        up._rotation = iter([0] * 10)  # type: ignore[assignment]  # start with "dead"
+        out = await up.infer(v, X, None)
+        assert out["logits"][0, 0] == 2.0 and dead.calls == [v.name]
+        assert not up.replicas[0].reachable  # marked at once, not at the next check
+        assert up.ready(v)
+        labels = {"upstream": "triton://10.0.0.0:8001", "model": v.name}
+        assert REGISTRY.get_sample_value("precision_serve_upstream_ready", labels) == 0
+
+    asyncio.run(scenario())
+
+
+def test_no_replica_left_raises_upstream_unavailable(repository: Repository) -> None:
+    async def scenario() -> None:
+        a, b = _Client(1.0, fail="UNAVAILABLE"), _Client(2.0, fail="UNAVAILABLE")
+        up = await _upstream(repository, a, b)
+        v = repository.variants()[0]
+        with pytest.raises(UpstreamUnavailable, match="failed"):
+            await up.infer(v, X, None)
+        assert len(a.calls) + len(b.calls) == 2  # exactly one retry
+        with pytest.raises(UpstreamUnavailable, match="not ready on any Triton replica"):
+            await up.infer(v, X, None)
+
+    asyncio.run(scenario())
+
+
+def test_a_variant_unloaded_on_one_replica_only_moves_that_variant(
+    repository: Repository,
+) -> None:
+    async def scenario() -> None:
+        a, b = _Client(1.0), _Client(2.0)
+        v, other = repository.variants()[:2]
+        a.unready.add(v.name)
+        up = await _upstream(repository, a, b)
+        assert up.replicas[0].reachable and not up.replicas[0].ready_for(v.name)
+        assert up.replicas[0].ready_for(other.name)
+        for _ in range(3):
+            assert (await up.infer(v, X, None))["logits"][0, 0] == 2.0
+        b.unready.add(v.name)
+        await up.check_all()
+        assert not up.ready(v) and up.ready(other)
+
+    asyncio.run(scenario())
+
+
+def test_client_errors_are_not_retried(repository: Repository) -> None:
+    async def scenario() -> None:
+        a, b = _Client(1.0, fail="INVALID_ARGUMENT"), _Client(2.0, fail="INVALID_ARGUMENT")
+        up = await _upstream(repository, a, b)
+        with pytest.raises(InvalidInput):
+            await up.infer(repository.variants()[0], X, None)
+        assert len(a.calls) + len(b.calls) == 1
+
+    asyncio.run(scenario())
+
+
+def test_unreachable_replica_reports_every_variant_unready(repository: Repository) -> None:
+    async def scenario() -> None:
+        up = await _upstream(repository, _Client(1.0, reachable=False), _Client(2.0))
+        assert up.replicas[0].problem and "UNAVAILABLE" in up.replicas[0].problem
+        for v in repository.variants():
+            assert up.ready(v) and not up.replicas[0].ready_for(v.name)
+            labels = {"upstream": "triton://10.0.0.0:8001", "model": v.name}
+            assert REGISTRY.get_sample_value("precision_serve_upstream_ready", labels) == 0
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "address, problem",
+    [("h1", "not HOST:PORT"), ("h1:x", "not HOST:PORT"), ("h:1,h:1", "twice"), (" , ", "at least")],
+)
+def test_bad_addresses_are_config_errors(address: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        parse_replicas(address)
+
+
+def test_addresses_parse() -> None:
+    assert parse_replicas("h1:8001, 10.0.0.2:9001") == ["h1:8001", "10.0.0.2:9001"]
