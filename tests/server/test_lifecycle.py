@@ -1,0 +1,207 @@
+"""Process-level behaviour: SIGTERM drain, CLI errors, bearer token, TLS, no torch."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from server.testing import GatewayProcess
+from tests.helpers import skip_or_fail, wait_for
+from tests.server.conftest import ort_outputs, rows
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_slow_onnx(path: Path, layers: int = 200, width: int = 1024) -> Path:
+    """Same interface as the tiny model (x [-1,16] -> logits [-1,4]) but ~0.3 s a batch of 32."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w_in = rng.normal(0, 0.1, (16, width)).astype(np.float32)
+    w = (np.eye(width) + rng.normal(0, 1e-3, (width, width))).astype(np.float32)
+    w_out = rng.normal(0, 0.1, (width, 4)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w_in"], ["h0"])]
+    for i in range(layers):
+        nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"h{i + 1}"]))
+    nodes.append(helper.make_node("MatMul", [f"h{layers}", "w_out"], ["logits"]))
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[
+            numpy_helper.from_array(w_in, "w_in"),
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(w_out, "w_out"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def infer(url: str, x: np.ndarray, **kw) -> np.ndarray:
+    client = grpcclient.InferenceServerClient(
+        url, **{k: v for k, v in kw.items() if k in ("ssl", "root_certificates")}
+    )
+    inp = grpcclient.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    rest = {k: v for k, v in kw.items() if k not in ("ssl", "root_certificates")}
+    return client.infer("tiny", [inp], **rest).as_numpy("logits")
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_zero(repo_copy):
+    make_slow_onnx(repo_copy / "tiny_fp32" / "1" / "model.onnx")
+    gw = GatewayProcess(repo_copy, ["--grace", "20"]).start()
+    try:
+        client = grpcclient.InferenceServerClient(gw.grpc_url)
+        x = rows(32, seed=9)
+        want = ort_outputs(repo_copy, "fp32", x)
+        inp = grpcclient.InferInput("x", [32, 16], "FP32")
+        inp.set_data_from_numpy(x)
+        results: list = []
+        for _ in range(4):
+            client.async_infer(
+                "tiny", [inp], callback=lambda result, error: results.append((result, error))
+            )
+
+        def busy() -> bool:
+            with urllib.request.urlopen(gw.metrics_url, timeout=5) as resp:
+                return 'precision_serve_inflight_requests{model="tiny"} 4.0' in resp.read().decode()
+
+        wait_for(busy, 20, "four requests in flight", interval=0.02)
+        gw.proc.send_signal(signal.SIGTERM)
+        gw.proc.wait(timeout=30)
+        assert gw.proc.returncode == 0, gw.log()
+        wait_for(lambda: len(results) == 4, 5, "all answers")
+        for result, error in results:
+            assert error is None, error
+            np.testing.assert_allclose(result.as_numpy("logits"), want, rtol=1e-4, atol=1e-4)
+        # it no longer accepts anything
+        with pytest.raises(InferenceServerException):
+            grpcclient.InferenceServerClient(gw.grpc_url).is_server_live(client_timeout=2)
+        client.close()
+    finally:
+        gw.stop()
+        gw._tmp.cleanup()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+
+
+def test_bad_repository_and_routing_file_fail_with_one_line(tiny_repository, tmp_path):
+    for args, needle in (
+        (["--repository", str(tmp_path / "missing")], "does not exist"),
+        (["--repository", str(tmp_path)], "holds no *.manifest.json"),
+        (
+            ["--repository", str(tiny_repository), "--routing", str(tmp_path / "r.yaml")],
+            "cannot read routing file",
+        ),
+        (
+            ["--repository", str(tiny_repository), "--upstream", "carrier-pigeon"],
+            "unknown upstream",
+        ),
+        (["--repository", str(tiny_repository), "--tls-cert", "c.pem"], "--tls-key"),
+    ):
+        proc = run_cli(*args, "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0")
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("precision-serve: error:"), proc.stderr
+        assert needle in lines[0]
+    routing = tmp_path / "r.yaml"
+    routing.write_text("models:\n  tiny:\n    policy: split\n    weights: {fp8: 1}\n")
+    proc = run_cli("--repository", str(tiny_repository), "--routing", str(routing))
+    assert proc.returncode == 2 and "'fp8' is not built" in proc.stderr
+
+
+def test_bearer_token_required_for_inference_only(tiny_repository):
+    with GatewayProcess(tiny_repository, ["--auth-token", "s3cret"]) as gw:
+        g = grpcclient.InferenceServerClient(gw.grpc_url)
+        assert g.is_server_ready() and g.is_model_ready("tiny")  # health stays open
+        x = rows(1)
+        with pytest.raises(InferenceServerException) as info:
+            infer(gw.grpc_url, x)
+        assert info.value.status() == "StatusCode.UNAUTHENTICATED"
+        with pytest.raises(InferenceServerException) as info:
+            infer(gw.grpc_url, x, headers={"authorization": "Bearer wrong"})
+        assert info.value.status() == "StatusCode.UNAUTHENTICATED"
+        got = infer(gw.grpc_url, x, headers={"authorization": "Bearer s3cret"})
+        assert got.shape == (1, 4)
+        body = json.dumps(
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16], "data": [0.0] * 16}]}
+        ).encode()
+        url = f"http://{gw.http_url}/v2/models/tiny/infer"
+        with pytest.raises(urllib.error.HTTPError) as http_info:
+            urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=10)
+        assert http_info.value.code == 401
+        req = urllib.request.Request(url, data=body, headers={"Authorization": "Bearer s3cret"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
+
+
+def test_tls_on_grpc_and_http(tiny_repository, tmp_path):
+    if shutil.which("openssl") is None:
+        skip_or_fail("openssl CLI is needed to make a self-signed certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    args = ["--tls-cert", str(cert), "--tls-key", str(key)]
+    with GatewayProcess(tiny_repository, args, wait_ready=False) as gw:
+        ctx = ssl.create_default_context(cafile=str(cert))
+        ready_url = f"https://{gw.http_url}/v2/health/ready"
+        wait_for(
+            lambda: urllib.request.urlopen(ready_url, context=ctx, timeout=2).status == 200,
+            30,
+            "TLS ready",
+        )
+        x = rows(2)
+        got = infer(gw.grpc_url, x, ssl=True, root_certificates=str(cert))
+        np.testing.assert_allclose(
+            got, ort_outputs(tiny_repository, "fp32", x), rtol=1e-5, atol=1e-6
+        )
+        with pytest.raises(InferenceServerException):  # plaintext is refused
+            grpcclient.InferenceServerClient(gw.grpc_url).is_server_live(client_timeout=3)
+        with pytest.raises((urllib.error.URLError, http.client.HTTPException, ConnectionError)):
+            urllib.request.urlopen(f"http://{gw.http_url}/v2/health/ready", timeout=3)
+
+
+def test_server_never_imports_torch(tiny_repository):
+    code = (
+        "import sys, server.cli, server.app, server.core, server.grpc_service, server.http_app, "
+        "server.upstreams.embedded, server.routing, server.testing\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
+    with GatewayProcess(tiny_repository) as gw:
+        infer(gw.grpc_url, rows(1))
+        maps = Path(f"/proc/{gw.pid}/maps")
+        if maps.exists():
+            assert "libtorch" not in maps.read_text()
