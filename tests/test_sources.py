@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -39,6 +41,21 @@ def test_registry_resolves_every_source_class() -> None:
 def test_unknown_source_names_the_choices() -> None:
     with pytest.raises(SourceError, match=r"unknown model source 'mnist'.*digits.*onnx:"):
         resolve("mnist")
+
+
+def test_source_modules_do_not_import_heavy_packages() -> None:
+    code = (
+        "import sys\n"
+        "import builder.sources.onnx_file, builder.sources.torch_module\n"
+        "import builder.sources.hf_folder, builder.sources.demos.digits\n"
+        "import builder.sources.demos.minilm, builder.sources.demos.resnet50\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'sklearn') if m in sys.modules))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
 
 
 def test_sanitize_name() -> None:
@@ -128,6 +145,17 @@ def test_onnx_source_rejects_garbage_and_missing_files(tmp_path: Path) -> None:
         load_model(f"onnx:{garbage}", tmp_path / "work")
     with pytest.raises(SourceError, match=r"missing\.onnx does not exist"):
         load_model(f"onnx:{tmp_path / 'missing.onnx'}", tmp_path / "work")
+
+
+def test_onnx_source_rejects_inputs_without_shape(tmp_path: Path) -> None:
+    import onnx
+
+    proto = onnx.load(str(make_tiny_onnx(tmp_path / "tiny.onnx")))
+    proto.graph.input[0].type.tensor_type.ClearField("shape")
+    shapeless = tmp_path / "shapeless.onnx"
+    onnx.save(proto, str(shapeless))
+    with pytest.raises(SourceError, match=r"shapeless\.onnx.*shape"):
+        load_model(f"onnx:{shapeless}", tmp_path / "work")
 
 
 def test_onnx_source_rejects_an_invalid_graph(tmp_path: Path) -> None:
@@ -267,6 +295,15 @@ def test_hf_source_exports_minilm_embeddings(tmp_path: Path) -> None:
     assert padded.shape == (4, 384)
     np.testing.assert_allclose(np.linalg.norm(padded, axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(padded, short, atol=1e-5)
+    # Same embeddings as the reference implementation (sentence-transformers, in PyTorch).
+    from sentence_transformers import SentenceTransformer
+
+    from builder.sources.hf_folder import split_sentences
+
+    reference = SentenceTransformer(str(folder), device="cpu", local_files_only=True).encode(
+        split_sentences()[1][:4], normalize_embeddings=True
+    )
+    np.testing.assert_allclose(padded, reference, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -284,6 +321,13 @@ def test_digits_demo_held_out_accuracy(tmp_path: Path) -> None:
     )
     accuracy = float((predictions == model.evaluation.labels).mean())
     assert accuracy >= 0.97, f"held-out accuracy {accuracy:.4f} on {len(held_out)} images"
+    # The trained weights are cached: a rebuild skips training and exports the same model.
+    again = load_model("digits", tmp_path / "again")
+    assert any("reused from the cache" in n for n in again.notes)
+    np.testing.assert_array_equal(
+        _run(again.fp32_onnx, again.evaluation.take(8).inputs)[0],
+        _run(model.fp32_onnx, model.evaluation.take(8).inputs)[0],
+    )
 
 
 @pytest.mark.slow

@@ -113,6 +113,8 @@ def onnx_io_specs(model: Any) -> tuple[list[TensorSpec], list[TensorSpec], bool]
             t = v.type
             if not t.HasField("tensor_type"):
                 raise SourceError(f"graph input/output {v.name!r} is not a tensor")
+            if not t.tensor_type.HasField("shape"):
+                raise SourceError(f"graph input/output {v.name!r} declares no shape")
             dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.tensor_type.elem_type)).name
             dims = [_dim(d) for d in t.tensor_type.shape.dim]
             out.append((v.name, dtype, dims))

@@ -191,6 +191,7 @@ def trained_network(recipe: Recipe, x: np.ndarray, y: np.ndarray) -> tuple[Any, 
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         os.close(fd)
         torch.save(state, tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except OSError as e:
         log.warning("could not cache digits weights in %s: %s", path.parent, e)
