@@ -387,8 +387,14 @@ class Gateway:
             if not self.upstream.ready(variant):
                 reasons.append(f"{variant.name}: not ready")
                 continue
+            started = time.monotonic()
             try:
-                return variant, await self.upstream.infer(variant, arrays, deadline)
+                outputs = await self.upstream.infer(variant, arrays, deadline)
+                if not getattr(self.upstream, "records_timing", False):
+                    metrics.UPSTREAM_DURATION.labels(
+                        model=model.name, precision=variant.precision
+                    ).observe(time.monotonic() - started)
+                return variant, outputs
             except UpstreamUnavailable as e:
                 reasons.append(f"{variant.name}: {e.message}")
                 continue

@@ -17,6 +17,10 @@ Contract for implementations:
   (DeadlineExceeded, InvalidInput, InternalError) go to the client as they are.
 - It never blocks the event loop (run engines in threads; use grpc.aio for remote calls).
 - ``report_ready(...)`` keeps the ``precision_serve_upstream_ready`` gauge current.
+- Timing: unless the upstream sets ``records_timing = True`` (and then observes
+  ``precision_serve_queue_duration_seconds`` / ``upstream_duration_seconds`` / ``batch_size``
+  itself, as the embedded one does), the core observes the duration of each ``infer`` call as
+  ``precision_serve_upstream_duration_seconds``.
 - ``close()`` releases sessions/channels; called once at shutdown.
 """
 

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 class EmbeddedUpstream:
     name = "embedded"
+    records_timing = True  # the batcher observes queue/upstream duration and batch size itself
 
     def __init__(self, address: str, repository: Repository, settings: UpstreamSettings) -> None:
         self._repository = repository
