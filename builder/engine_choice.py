@@ -4,8 +4,9 @@ For each built variant file the candidates are the precision's own engine (what 
 returned) and, when the plug-in's engine options carry no engine-specific precision setting,
 every other engine installed here with its default CPU options. Each candidate must load and
 its quality vs FP32 must be within :data:`QUALITY_TOLERANCE` points of the own engine's (same
-file, same evaluation set). The survivors are timed together (``builder.evaluate.measure_speed``:
-warm-up, interleaved rounds, medians) at the model's speed batch; the fastest by throughput wins,
+file, same evaluation set). The survivors are timed round-robin (``builder.evaluate.measure_speed``
+per engine per round: warm-up, batch-1 latency, throughput; medians over rounds) at the model's
+speed batch; the fastest by throughput wins,
 but an alternative must beat the own engine by :data:`MIN_GAIN` so noise does not flip the
 choice. ``--engine`` overrides all of this; ``--no-speed`` keeps the own engine.
 """
@@ -13,6 +14,8 @@ choice. ``--engine`` overrides all of this; ``--no-speed`` keeps the own engine.
 from __future__ import annotations
 
 import logging
+import statistics
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +38,10 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
 }
 QUALITY_TOLERANCE = 0.25  # points of accuracy_loss (builder.evaluate.accuracy_loss)
 MIN_GAIN = 1.05  # an alternative engine must be >= 5 % faster than the precision's own
-ROUNDS = 3
-LATENCY_RUNS = 3
+ROUNDS = 3  # round-robin rounds over the candidate engines
+INNER_ROUNDS = 3  # measure_speed rounds per engine per round (batch runs)
+LATENCY_RUNS = 9  # batch-1 runs per engine per round
+SETTLE_SECONDS = 0.05  # pause before timing an engine: the previous one's threads go idle
 
 
 @dataclass
@@ -160,19 +165,50 @@ def _worse(candidate: Mapping[str, Any], own: Mapping[str, Any]) -> str | None:
     return None
 
 
+def measure_round_robin(
+    sessions: Mapping[str, Any],
+    sample: Dataset,
+    batch_size: int,
+    rounds: int = ROUNDS,
+    inner_rounds: int = INNER_ROUNDS,
+    latency_runs: int = LATENCY_RUNS,
+) -> dict[str, dict[str, float]]:
+    """``measure_speed``'s result, fairer across engines: round-robin over the sessions, each
+    timed in its own ``measure_speed`` call (which warms it up first) after a short pause;
+    medians over the rounds. Timing engines run by run in one call is biased: ONNX Runtime's
+    worker threads keep spinning after a run and steal the cores from whichever session runs
+    next (docs/engines.md has the numbers)."""
+    got: dict[str, list[dict[str, float]]] = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            time.sleep(SETTLE_SECONDS)
+            speed = measure_speed(
+                {name: session}, sample, batch_size, rounds=inner_rounds, latency_runs=latency_runs
+            )
+            got[name].append(speed[name])
+    return {
+        name: {
+            "latency_ms_p50": statistics.median(r["latency_ms_p50"] for r in runs),
+            "throughput": statistics.median(r["throughput"] for r in runs),
+            "batch_size": runs[0]["batch_size"],
+        }
+        for name, runs in got.items()
+    }
+
+
 def _timings(
     sessions: Mapping[str, Any],
     options: Mapping[str, dict[str, Any]],
     sample: Dataset,
     batch_size: int,
 ) -> dict[str, dict[str, Any]]:
-    speeds = measure_speed(sessions, sample, batch_size, rounds=ROUNDS, latency_runs=LATENCY_RUNS)
+    speeds = measure_round_robin(sessions, sample, batch_size)
     return {
-        engine: {
-            "options": options[engine],
+        name: {
+            "options": options[name],
             "throughput": round(float(s["throughput"]), 3),
             "latency_ms_p50": round(float(s["latency_ms_p50"]), 4),
             "batch_size": int(s["batch_size"]),
         }
-        for engine, s in speeds.items()
+        for name, s in speeds.items()
     }

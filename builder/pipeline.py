@@ -12,9 +12,9 @@ from tqdm.auto import tqdm
 
 from builder import hostinfo
 from builder.calibration import METHODS, load_calibration_data
-from builder.engine_choice import choose_engine
+from builder.engine_choice import choose_engine, measure_round_robin
 from builder.errors import BuildError
-from builder.evaluate import EVAL_BATCH, Evaluator, measure_speed
+from builder.evaluate import EVAL_BATCH, Evaluator
 from builder.manifest import Manifest, VariantRecord, load_manifest, manifest_path
 from builder.precisions import BuildContext, VariantResult, get_precision
 from builder.prepare import optimize_basic
@@ -300,7 +300,7 @@ def _measure(manifest: Manifest, model: LoadedModel, repo: Path, options: BuildO
         p: get_engine(v.engine).load(repo / v.file, v.engine_options, options.threads)
         for p, v in manifest.variants.items()
     }
-    speeds = measure_speed(sessions, model.evaluation, speed_batch(model))
+    speeds = measure_round_robin(sessions, model.evaluation, speed_batch(model), inner_rounds=1)
     fp32 = speeds.get("fp32")
     for p, s in speeds.items():
         if fp32:
