@@ -133,8 +133,13 @@ def choose_engine(
         except EngineError as e:
             if engine == own:
                 raise
-            rejected[engine] = f"cannot run this file: {e}"
+            rejected[engine] = "cannot run this file: " + _short(str(e))
             sessions.pop(engine, None)
+    for engine, why in rejected.items():
+        log.info("engine %s rejected for %s: %s", engine, path, why)
+    if len(sessions) == 1:
+        why = f"{own}: the only engine that passed (rejected: {', '.join(rejected)})"
+        return EngineChoice(own, own_options, own_quality, why, rejected=rejected)
     timings = _timings(sessions, options, sample, batch_size)
     own_speed = timings[own]["throughput"]
     best = max(timings, key=lambda e: timings[e]["throughput"])
@@ -146,9 +151,13 @@ def choose_engine(
         if best != own
         else f"{own}: fastest measured (alternatives not >= {MIN_GAIN:.2f}x faster)"
     )
-    for engine in rejected:
-        log.info("engine %s rejected for %s: %s", engine, path, rejected[engine])
     return EngineChoice(best, options[best], qualities[best], reason, timings, rejected)
+
+
+def _short(message: str, limit: int = 400) -> str:
+    """One line, bounded: engines' load errors run to pages."""
+    line = " ".join(message.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _worse(candidate: Mapping[str, Any], own: Mapping[str, Any]) -> str | None:

@@ -287,6 +287,8 @@ def test_a_faster_engine_that_loses_quality_is_rejected(
     )
     assert choice.engine == "onnxruntime"
     assert "accuracy loss 3.000 points" in choice.rejected["openvino"]
+    assert choice.reason == "onnxruntime: the only engine that passed (rejected: openvino)"
+    assert choice.details()["engine_rejected"] == choice.rejected
     # A variant whose options pin its engine (bf16) is never moved, nor forced elsewhere.
     pinned = VariantResult(tiny_onnx, "openvino", {"inference_precision": "bf16"})
     assert engine_choice.candidates(pinned.engine, pinned.engine_options) == [
