@@ -124,7 +124,9 @@ grpc_tensor = st.builds(
     tensors=st.lists(grpc_tensor, max_size=3),
     raw=st.lists(st.binary(max_size=200), max_size=3),
     typed=st.lists(st.floats(width=32, allow_nan=True), max_size=40),
-    precision=st.one_of(st.none(), st.sampled_from(["fp32", "int8", "fp8", ""]), st.integers()),
+    precision=st.one_of(
+        st.none(), st.sampled_from(["fp32", "int8", "fp8", ""]), st.integers(-(2**63), 2**63 - 1)
+    ),
     timeout=st.one_of(st.none(), st.integers(-10, 10)),
 )
 def test_grpc_fuzz(

@@ -112,29 +112,30 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_bad_repository_and_routing_file_fail_with_one_line(tiny_repository, tmp_path):
-    for args, needle in (
-        (["--repository", str(tmp_path / "missing")], "does not exist"),
-        (["--repository", str(tmp_path)], "holds no *.manifest.json"),
-        (
-            ["--repository", str(tiny_repository), "--routing", str(tmp_path / "r.yaml")],
-            "cannot read routing file",
-        ),
-        (
-            ["--repository", str(tiny_repository), "--upstream", "carrier-pigeon"],
-            "unknown upstream",
-        ),
-        (["--repository", str(tiny_repository), "--tls-cert", "c.pem"], "--tls-key"),
-    ):
-        proc = run_cli(*args, "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0")
-        assert proc.returncode == 2, proc.stderr
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("precision-serve: error:"), proc.stderr
-        assert needle in lines[0]
+def test_bad_repository_and_routing_file_fail_with_one_line(tiny_repository, tmp_path, capsys):
+    from server.cli import main
+
     routing = tmp_path / "r.yaml"
     routing.write_text("models:\n  tiny:\n    policy: split\n    weights: {fp8: 1}\n")
-    proc = run_cli("--repository", str(tiny_repository), "--routing", str(routing))
-    assert proc.returncode == 2 and "'fp8' is not built" in proc.stderr
+    ports = ["--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"]
+    for args, needle in (
+        (["--repository", str(tmp_path)], "holds no *.manifest.json"),
+        (["--repository", str(tiny_repository), "--routing", str(tmp_path / "no.yaml")],
+         "cannot read routing file"),
+        (["--repository", str(tiny_repository), "--routing", str(routing)], "'fp8' is not built"),
+        (["--repository", str(tiny_repository), "--upstream", "pigeon"], "unknown upstream"),
+        (["--repository", str(tiny_repository), "--tls-cert", "c.pem"], "--tls-key"),
+    ):  # fmt: skip
+        assert main([*args, *ports]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("precision-serve: error:"), lines
+        assert needle in lines[0]
+    # and as a process: one line on stderr, exit status 2
+    proc = run_cli("--repository", str(tmp_path / "missing"), *ports)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"precision-serve: error: model repository {tmp_path / 'missing'} does not exist"
+    ]
 
 
 def test_bearer_token_required_for_inference_only(tiny_repository):
