@@ -137,6 +137,8 @@ def test_openvino_makes_a_static_batch_dynamic_and_keeps_declared_dtypes(
     path = tmp_path / "static.onnx"
     onnx.save(model, path)
     session = get_engine("openvino").load(path)
+    assert [(s.name, s.dtype, s.shape) for s in session.inputs] == [("x", np.float32, (-1, 16))]
+    assert [(s.name, s.dtype) for s in session.outputs] == [("r", np.float32), ("label", np.int64)]
     x = _x(6)
     out = session.run({"x": x})
     assert list(out) == ["r", "label"]

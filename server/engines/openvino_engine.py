@@ -46,6 +46,12 @@ def _port_spec(port: Any) -> IOSpec:
     return IOSpec(name, dtype, tuple(_dim(d) for d in port.get_partial_shape()))
 
 
+def _with_shapes(declared: list[IOSpec], ports: Any) -> list[IOSpec]:
+    return [
+        IOSpec(d.name, d.dtype, _port_spec(p).shape) for d, p in zip(declared, ports, strict=True)
+    ]
+
+
 def compile_properties(options: Mapping[str, Any], threads: int) -> dict[str, Any]:
     """OpenVINO CPU properties for the engine options (validated; errors name the option)."""
     unknown = sorted(set(options) - set(KNOWN_OPTIONS))
@@ -196,11 +202,14 @@ class OpenVinoEngine:
             model = core.read_model(str(path))
         except Exception as e:
             raise EngineError(f"openvino cannot load {path}: {e}") from e
-        # The interface as the file declares it, before any reshape or compilation.
-        inputs = [_port_spec(p) for p in model.inputs]
-        outputs = [_port_spec(p) for p in model.outputs]
+        # Names and dtypes as the file declares them (before compilation may change types);
+        # shapes after the batch dimension was made dynamic.
+        declared_inputs = [_port_spec(p) for p in model.inputs]
+        declared_outputs = [_port_spec(p) for p in model.outputs]
         if options.get("dynamic_batch", True):
             _make_batch_dynamic(model)
+        inputs = _with_shapes(declared_inputs, model.inputs)
+        outputs = _with_shapes(declared_outputs, model.outputs)
         try:
             compiled = core.compile_model(model, "CPU", props)
         except Exception as e:
