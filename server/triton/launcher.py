@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -30,7 +32,8 @@ from server.triton.errors import TritonStartError
 log = logging.getLogger(__name__)
 
 MODEL_CONTROL_MODES = ("none", "explicit")
-_PORT_IN_USE = ("Address already in use", "address already in use", "Failed to listen")
+# Triton's GPU/driver probes on a CPU host: not the reason anything failed.
+_NOISE = ("CudaDriverHelper", "NVML", "DCGM", "cuda", "CUDA")
 
 
 @dataclass
@@ -146,6 +149,7 @@ class TritonServer:
         self.http_port = options.http_port
         self.metrics_port = options.metrics_port
         self.startup_seconds: float | None = None
+        self._log_offset = 0
 
     # ---- addresses --------------------------------------------------------------------------
     @property
@@ -229,12 +233,26 @@ class TritonServer:
                 self._launch()
                 return self
             except TritonStartError as e:
-                if attempt + 1 < attempts and any(s in str(e) for s in _PORT_IN_USE):
-                    log.warning("tritonserver lost a port race, retrying: %s", e)
+                if attempt + 1 < attempts and self._lost_port_race():
+                    log.warning("tritonserver lost a port race, retrying: %s", e.args[0][:200])
                     continue
                 self._cleanup()
                 raise
         raise AssertionError("unreachable")
+
+    def _lost_port_race(self) -> bool:
+        """Whether start-up failed because a port *we picked* was taken in the meantime."""
+        picked = [
+            port
+            for port, asked in (
+                (self.grpc_port, self.options.grpc_port),
+                (self.http_port, self.options.http_port),
+                (self.metrics_port, self.options.metrics_port),
+            )
+            if asked == 0
+        ]
+        text = "\n".join(self.log_errors(limit=50))
+        return "already in use" in text and any(f":{port}'" in text for port in picked)
 
     def _pick_ports(self) -> None:
         host = self.options.host
@@ -246,6 +264,7 @@ class TritonServer:
         assert self._dist is not None and self.log_file is not None
         started = time.monotonic()
         with open(self.log_file, "ab") as logf:
+            self._log_offset = logf.tell()
             logf.write(f"\n==== {' '.join(self.command())}\n".encode())
             logf.flush()
             self._proc = subprocess.Popen(
@@ -284,7 +303,7 @@ class TritonServer:
                         self._failure(f"exited with code {self._proc.returncode} during start-up")
                     )
                 try:
-                    if client.is_server_ready(client_timeout=2.0):
+                    if client.is_server_ready(client_timeout=2.0) and self._http_ok():
                         return
                 except Exception:  # not listening yet
                     pass
@@ -295,6 +314,17 @@ class TritonServer:
             self._failure(f"not ready after {self.options.startup_timeout:.0f}s")
         )
 
+    def _http_ok(self) -> bool:
+        """HTTP and metrics answer too (Triton starts them after gRPC and exits if one fails)."""
+        for url in (f"http://{self.http_url}/v2/health/ready", self.metrics_url):
+            try:
+                with urllib.request.urlopen(url, timeout=2.0) as r:
+                    if r.status != 200:
+                        return False
+            except (urllib.error.URLError, OSError):
+                return False
+        return self._proc is not None and self._proc.poll() is None
+
     def _failure(self, what: str) -> str:
         """One line naming Triton's first error (a model that failed to load...), then the log."""
         errors = self.log_errors()
@@ -303,10 +333,7 @@ class TritonServer:
 
     def log_errors(self, limit: int = 5) -> list[str]:
         """Messages of Triton's error lines (``E1122 hh:mm:ss pid file.cc:N] "message"``)."""
-        try:
-            text = self.log_file.read_text(errors="replace") if self.log_file else ""
-        except OSError:
-            return []
+        text = self._read_log()
         found: list[str] = []
         for line in text.splitlines():
             if line.startswith("E") and "] " in line[:80]:
@@ -316,16 +343,25 @@ class TritonServer:
                     found.append(message)
             elif line.startswith("error: "):
                 found.append(line[len("error: ") :])
-        # "failed to load 'digits_int8' version 1: ..." names the model: show those first.
-        found.sort(key=lambda m: "failed to load" not in m)
+        # "failed to load 'digits_int8' version 1: ...", "failed to start GRPC service: ...
+        # Socket '127.0.0.1:8001' already in use" say what went wrong: show those first.
+        found = [m for m in found if not any(n in m for n in _NOISE)]
+        found.sort(key=lambda m: not ("failed to load '" in m or "failed to start" in m))
         return found[:limit]
 
-    def log_tail(self, lines: int = 30) -> str:
+    def _read_log(self) -> str:
+        """This launch's part of the log file (earlier runs may have appended to it too)."""
+        if self.log_file is None:
+            return ""
         try:
-            text = self.log_file.read_text(errors="replace") if self.log_file else ""
+            with open(self.log_file, "rb") as f:
+                f.seek(self._log_offset)
+                return f.read().decode(errors="replace")
         except OSError:
             return ""
-        return "\n".join(text.splitlines()[-lines:])
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self._read_log().splitlines()[-lines:])
 
     def _signal_group(self, sig: int) -> None:
         assert self._proc is not None

@@ -33,16 +33,16 @@ def start_triton(tmp_path: Path, triton_distribution: TritonDistribution) -> Ite
 
     def start(repository: Path, **options: object) -> TritonServer:
         index = len(servers)
-        opts = TritonOptions(
-            repository=repository,
-            grpc_port=0,
-            http_port=0,
-            metrics_port=0,
-            log_file=tmp_path / f"triton-{index}.log",
-            work_dir=tmp_path / f"triton-{index}",
-            startup_timeout=90.0,
-            **options,  # type: ignore[arg-type]
-        )
+        fields: dict[str, object] = {
+            "grpc_port": 0,
+            "http_port": 0,
+            "metrics_port": 0,
+            "log_file": tmp_path / f"triton-{index}.log",
+            "work_dir": tmp_path / f"triton-{index}",
+            "startup_timeout": 90.0,
+            **options,
+        }
+        opts = TritonOptions(repository=repository, **fields)  # type: ignore[arg-type]
         server = TritonServer(opts, triton_distribution)
         servers.append(server)
         return server.start()

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -126,3 +127,18 @@ def test_cli_start_writes_ready_file_and_stops_on_sigterm(
         stop_process(proc)
         out.close()
     assert "tritonserver ready" in (tmp_path / "cli.out").read_text()
+
+
+def test_a_taken_port_fails_start_up_naming_it(
+    tiny_repository: Path, start_triton: StartTriton
+) -> None:
+    # The metrics service starts last, after gRPC already answers ready: the launcher must not
+    # report a server that is about to exit as started.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(TritonStartError) as info:
+            start_triton(tiny_repository, metrics_port=port)
+    first_line = str(info.value).splitlines()[0]
+    assert f"'127.0.0.1:{port}' already in use" in first_line and "Metrics" in first_line
