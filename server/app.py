@@ -21,6 +21,7 @@ import grpc
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from builder.errors import BuildError
 from builder.manifest import atomic_write_text
 from server.core import Gateway
 from server.errors import ConfigError
@@ -134,7 +135,12 @@ class GatewayServer:
                 f"cannot bind HTTP/metrics port on {o.host}: {e.strerror or e}"
             ) from e
         if o.ready_file is not None:
-            atomic_write_text(Path(o.ready_file), json.dumps({**self.ports, "pid": os.getpid()}))
+            try:
+                atomic_write_text(
+                    Path(o.ready_file), json.dumps({**self.ports, "pid": os.getpid()})
+                )
+            except BuildError as e:
+                raise ConfigError(f"cannot write --ready-file: {e}") from e
         log.info("precision-serve ready: %s", self.ports)
         return self.ports
 

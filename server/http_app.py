@@ -269,6 +269,8 @@ def _render(r: InferResponse, binary_all: bool, binary: dict[str, bool]) -> web.
 
 async def infer(request: web.Request) -> web.Response:
     gw = _gw(request)
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    gw.authorize(headers)  # before reading a body from an unauthenticated client
     body = await request.read()
     if len(body) > gw.max_request_bytes:
         raise PayloadTooLarge(f"request body is {len(body)} bytes, over {gw.max_request_bytes}")
@@ -286,7 +288,7 @@ async def infer(request: web.Request) -> web.Response:
             inputs=_wire_inputs(doc, binary),
             outputs=names,
             parameters=params,
-            headers={k.lower(): v for k, v in request.headers.items()},
+            headers=headers,
             protocol="http",
         )
     )
