@@ -174,6 +174,7 @@ def test_failover_when_a_replica_is_killed_under_load(
         assert all(start <= killed_at <= end for start, end, _ in failed), failed
         assert len(failed) <= 3
         after = [c for c in calls if c[0] > killed_at]
+        print(f"failover: {len(calls)} calls, {len(failed)} failed, {len(after)} after the kill")
         assert len(after) >= 150 and all(c[2] is None for c in after)
         assert _successes(a.grpc_url, variant) - served_a_before >= len(after)
         labels = {"upstream": f"triton://{b.grpc_url}", "model": variant}
