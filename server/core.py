@@ -176,6 +176,14 @@ class Gateway:
         cfg.name = name
         return cfg
 
+    def statistics(self, name: str = "", version: str = "") -> dict[str, VariantStats]:
+        """Per-variant statistics: all, one variant's, or a logical model's variants'."""
+        if not name:
+            return dict(self.stats)
+        target = self._lookup(name, version)
+        variants = target.variants.values() if isinstance(target, Model) else [target]
+        return {v.name: self.stats[v.name] for v in variants}
+
     def index(self) -> list[tuple[str, str, str, str]]:
         """(name, version, state, reason) for logical models and variants."""
         rows = []

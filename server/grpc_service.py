@@ -161,8 +161,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelStatisticsResponse(
             model_stats=[
                 _stats(name, s)
-                for name, s in self.gateway.stats.items()
-                if not request.name or request.name == name
+                for name, s in self.gateway.statistics(request.name, request.version).items()
             ]
         )
 

@@ -115,8 +115,6 @@ async def model_config(request: web.Request) -> web.Response:
 
 async def model_stats(request: web.Request) -> web.Response:
     gw, name = _gw(request), request.match_info.get("model", "")
-    if name:
-        gw.metadata(name, _version(request))  # 404 for unknown models
     stats = [
         {
             "name": n,
@@ -129,8 +127,7 @@ async def model_stats(request: web.Request) -> web.Response:
                 "fail": {"count": s.fail_count, "ns": s.fail_ns},
             },
         }
-        for n, s in gw.stats.items()
-        if not name or n == name
+        for n, s in gw.statistics(name, _version(request)).items()
     ]
     return web.json_response({"model_stats": stats})
 
