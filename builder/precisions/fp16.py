@@ -9,6 +9,8 @@ What was blocked is recorded in the variant's details.
 from __future__ import annotations
 
 import logging
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,8 @@ log = logging.getLogger(__name__)
 
 FP16_MAX = 65504.0
 COSINE_FLOOR = 0.995
+MAX_NODE_RETRIES = 20
+_BAD_NODE = re.compile(r"of node \(([^)]+)\)")
 ESCALATION_OPS = [
     "Pow",
     "ReduceMean",
@@ -60,13 +64,15 @@ class FP16:
 
         model = onnx.load(str(src))
         try:
-            converted = float16.convert_float_to_float16(
-                model,
-                keep_io_types=True,
-                op_block_list=op_block,
-                node_block_list=node_block,
-                disable_shape_infer=False,
-            )
+            with warnings.catch_warnings():  # "truncated to 1e-07" for every tiny weight
+                warnings.simplefilter("ignore", UserWarning)
+                converted = float16.convert_float_to_float16(
+                    model,
+                    keep_io_types=True,
+                    op_block_list=op_block,
+                    node_block_list=node_block,
+                    disable_shape_infer=False,
+                )
         except Exception as e:
             raise QuantizationError(f"fp16 conversion failed: {e}") from e
         onnx.save(converted, str(dst))
@@ -81,6 +87,23 @@ class FP16:
             return str(e)
         return None
 
+    def _convert_loadable(
+        self, src: Path, dst: Path, op_block: list[str], node_block: list[str]
+    ) -> str | None:
+        """Convert; while ONNX Runtime rejects a node's types (the converter leaves some Cast
+        value-infos inconsistent), keep that node FP32 and convert again. Returns the last
+        complaint if the model still does not load."""
+        for _ in range(MAX_NODE_RETRIES):
+            self._convert(src, dst, op_block, node_block)
+            problem = self._loads(dst)
+            if problem is None:
+                return None
+            match = _BAD_NODE.search(problem)
+            if not match or match.group(1) in node_block:
+                return problem
+            node_block.append(match.group(1))
+        return problem
+
     def build(self, ctx: BuildContext, out_path: Path) -> VariantResult:
         import onnx
         from onnxconverter_common import float16
@@ -88,8 +111,7 @@ class FP16:
         model = onnx.load(str(ctx.fp32_path))
         node_block = overflowing_nodes(model)
         op_block = list(float16.DEFAULT_OP_BLOCK_LIST)
-        self._convert(ctx.fp32_path, out_path, op_block, node_block)
-        problem = self._loads(out_path)
+        problem = self._convert_loadable(ctx.fp32_path, out_path, op_block, node_block)
         if problem is None:
             quality = ctx.evaluator.quality(out_path)
             if not quality.get("finite") or (quality.get("cosine_min") or 0.0) < COSINE_FLOOR:
@@ -99,8 +121,7 @@ class FP16:
         if escalated:
             log.info("fp16: %s; keeping %s in FP32", problem, ", ".join(ESCALATION_OPS))
             op_block = sorted(set(op_block) | set(ESCALATION_OPS))
-            self._convert(ctx.fp32_path, out_path, op_block, node_block)
-            still = self._loads(out_path)
+            still = self._convert_loadable(ctx.fp32_path, out_path, op_block, node_block)
             if still is not None:
                 raise QuantizationError(f"fp16 conversion produced an unloadable model: {still}")
         return VariantResult(

@@ -28,7 +28,10 @@ class DynamicInt8:
                 str(pre),
                 str(out_path),
                 weight_type=QuantType.QInt8,
-                per_channel=False,
+                # Per-channel weights: on MiniLM here, mean cosine to FP32 0.992 vs 0.961
+                # per-tensor (200 held-out sentences; see docs/builder.md).
+                per_channel=True,
+                reduce_range=False,
                 # ORT-fused transformer graphs need this (measurements.md).
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
             )
@@ -36,5 +39,10 @@ class DynamicInt8:
             raise QuantizationError(f"dynamic INT8 quantization failed: {e}") from e
         return VariantResult(
             out_path,
-            details={"format": "dynamic", "weight_type": "QInt8", "activations": "runtime U8"},
+            details={
+                "format": "dynamic",
+                "weight_type": "QInt8",
+                "per_channel": True,
+                "activations": "runtime U8",
+            },
         )
