@@ -33,6 +33,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=float,
         help="max loss vs FP32 in points; worst INT8 layers stay FP32 until within it",
     )
+    p.add_argument(
+        "--int8-format",
+        choices=("QDQ", "QOperator"),
+        default="QDQ",
+        help="static INT8 graph format (QDQ is faster on CPU here and what TensorRT takes)",
+    )
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--force", action="store_true", help="rebuild variants that already exist")
     p.add_argument("--engine", help="run every variant on this engine (default: measured)")
@@ -70,6 +76,7 @@ def options_from_args(args: argparse.Namespace):
         target=args.target,
         configs_only=args.configs_only,
         progress=not args.quiet,
+        extra={"int8_format": args.int8_format},
     )
 
 

@@ -28,7 +28,7 @@ from builder.repository import (
 from builder.sources import LoadedModel, load_model
 from builder.triton_backend import standard_backend
 from builder.triton_config import ServingOptions, build_model_config, write_config
-from server.engines import EngineError, get_engine
+from server.engines import EngineError, engine_names, get_engine
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ class BuildOptions:
             raise BuildError(f"calibration_samples must be >= 1, got {self.calibration_samples}")
         if self.accuracy_budget is not None and self.accuracy_budget < 0:
             raise BuildError(f"accuracy_budget must be >= 0, got {self.accuracy_budget}")
+        if self.engine is not None and self.engine not in engine_names():
+            raise BuildError(f"unknown engine {self.engine!r}; known: {', '.join(engine_names())}")
         if self.target not in TARGETS:
             raise BuildError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if self.calibration_data is not None:

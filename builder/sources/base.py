@@ -47,7 +47,7 @@ class LoadedModel:
     evaluation: Dataset  # held-out inputs (+ labels where known) for quality checks
     transformer: bool = False  # transformer models get dynamic INT8 by default
     accuracy_meaningful: bool = True  # False for random-weight models (resnet50)
-    default_precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8"])
+    default_precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "bf16", "int8"])
     max_batch_size: int = 32
     notes: list[str] = field(default_factory=list)
 

@@ -165,7 +165,7 @@ class HfFolderSource:
             calibration=calibration,
             evaluation=evaluation,
             transformer=True,
-            default_precisions=["fp32", "fp16", "int8-dynamic"],
+            default_precisions=["fp32", "fp16", "bf16", "int8-dynamic"],
             max_batch_size=32,
             notes=[
                 f"exported from {folder} (mean pooling + L2 normalisation) to ONNX opset 17 "

@@ -220,7 +220,7 @@ class DigitsSource:
             ),
             task="classification",
             max_batch_size=64,
-            default_precisions=["fp32", "fp16", "int8"],
+            default_precisions=["fp32", "fp16", "bf16", "int8"],
             notes=[f"residual CNN on sklearn digits (8x8 -> 32x32), {how}"],
         )
         return load_torch_spec(spec, Path(workdir), "digits", "digits")

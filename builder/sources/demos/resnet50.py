@@ -55,7 +55,7 @@ class ResNet50Source:
             task="classification",
             max_batch_size=32,
             accuracy_meaningful=False,
-            default_precisions=["fp32", "fp16", "int8"],
+            default_precisions=["fp32", "fp16", "bf16", "int8"],
             notes=[NOT_MEANINGFUL],
         )
         return load_torch_spec(spec, Path(workdir), "resnet50", "resnet50")
