@@ -24,6 +24,7 @@ from server.triton import python_model
 from server.triton.errors import TritonRepositoryError
 
 MODEL_PY = Path(python_model.__file__)
+MARKER = ".precision-serve-derived"  # only folders holding it are ever replaced
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,23 @@ def derive_config(
     return cfg
 
 
+def _replaceable(repository: Path, target: Path) -> None:
+    """Refuse to delete anything but an earlier derived repository (or an empty folder)."""
+    resolved = target.resolve()
+    if resolved == repository or resolved in repository.parents or repository in resolved.parents:
+        raise TritonRepositoryError(
+            f"derived repository {target} must be outside the model repository {repository}"
+        )
+    if target.exists():
+        if not target.is_dir():
+            raise TritonRepositoryError(f"{target} exists and is not a folder")
+        if any(target.iterdir()) and not (target / MARKER).exists():
+            raise TritonRepositoryError(
+                f"{target} is not empty and was not written by precision-serve; "
+                "choose an empty or new folder"
+            )
+
+
 def _version_of(record: VariantRecord) -> str:
     """The version folder of the variant file (``digits_int8/1/model.onnx`` -> ``1``)."""
     parts = Path(record.file).parts
@@ -72,9 +90,13 @@ def derive_repository(repository: Path, target: Path, threads: int = 1) -> list[
         raise TritonRepositoryError(str(e)) from e
     if not manifests:
         raise TritonRepositoryError(f"model repository {repository} holds no *.manifest.json")
+    _replaceable(repository, target)
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
+    (target / MARKER).write_text(
+        f"derived from {repository} by precision-serve; replaced on start\n"
+    )
     derived: list[DerivedModel] = []
     for manifest in manifests.values():
         for record in manifest.variants.values():

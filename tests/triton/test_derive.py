@@ -70,6 +70,22 @@ def test_derive_rejects_a_repository_without_manifests(tmp_path: Path) -> None:
         derive_repository(tmp_path / "empty", tmp_path / "out")
 
 
+def test_derive_never_deletes_a_folder_it_did_not_write(
+    tiny_repository: Path, tmp_path: Path
+) -> None:
+    for target in (tiny_repository, tiny_repository / "sub", tiny_repository.parent):
+        with pytest.raises(TritonRepositoryError, match="outside the model repository"):
+            derive_repository(tiny_repository, target)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(TritonRepositoryError, match="not empty"):
+        derive_repository(tiny_repository, precious)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    derive_repository(tiny_repository, tmp_path / "derived")
+    derive_repository(tiny_repository, tmp_path / "derived")  # its own output: replaced
+
+
 def test_merge_and_split_round_trip() -> None:
     rng = np.random.default_rng(0)
     a = {"x": rng.normal(size=(2, 3)).astype(np.float32)}
