@@ -14,11 +14,13 @@ import re
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loadtest.errors import ConfigError, LoadTestError
+from loadtest.report import RunInfo
 from loadtest.runner import Step, StepResult, StepSettings, run_step
 
 DEFAULT_PRECISIONS = "fp32,fp16,int8"
@@ -114,11 +116,30 @@ def check_precisions(config: LoadTestConfig) -> None:
         )
 
 
-def run_loadtest(config: LoadTestConfig, log=print) -> tuple[list[StepResult], dict[str, Path]]:  # type: ignore[no-untyped-def]
+@dataclass
+class LoadTestOutcome:
+    results: list[StepResult]
+    paths: dict[str, Path]  # report, json, csv and each plot
+    info: RunInfo
+
+    @property
+    def comparison_table(self) -> str:
+        from loadtest.report import comparison_table
+
+        return comparison_table(self.results, self.info)
+
+    @property
+    def recommendations(self) -> list[str]:
+        from loadtest.report import recommendations
+
+        return recommendations(self.results, self.info)
+
+
+def run_loadtest(config: LoadTestConfig, log: Callable[[str], None] = print) -> LoadTestOutcome:
     """Run every step (starting a gateway when no target is given) and write the report."""
     from builder.hostinfo import cpu_info
     from loadtest.inputs import load_inputs
-    from loadtest.report import RunInfo, variant_info, write_report
+    from loadtest.report import variant_info, write_report
 
     check_precisions(config)
     variants, meaningful = variant_info(config.repository, config.model)
@@ -172,7 +193,7 @@ def run_loadtest(config: LoadTestConfig, log=print) -> tuple[list[StepResult], d
                 f"({time.perf_counter() - started:.0f}s)"
             )
     paths = write_report(config.out, results, info)
-    return results, paths
+    return LoadTestOutcome(results, paths, info)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,14 +262,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args, argv)
-        _, paths = run_loadtest(config)
+        outcome = run_loadtest(config)
     except LoadTestError as e:
         print(f"precision-loadtest: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # the gateway failing to start, a report that cannot be written
         print(f"precision-loadtest: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    print(f"report: {paths['report']}")
+    print(outcome.comparison_table)
+    print(*(f"- {line}" for line in outcome.recommendations), sep="\n")
+    print(f"report: {outcome.paths['report']}")
     return 0
 
 

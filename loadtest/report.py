@@ -117,6 +117,8 @@ def recommendations(results: Sequence[StepResult], info: RunInfo) -> list[str]:
         f"highest throughput: **{busiest}** ({tput[busiest]:.0f} inferences/s peak)",
     ]
     budget = info.accuracy_budget
+    labelled = any(v.accuracy is not None for v in info.variants.values())
+    unit = "pt" if labelled else "of 1 - cosine"
     ok = [
         p
         for p in precs
@@ -127,13 +129,14 @@ def recommendations(results: Sequence[StepResult], info: RunInfo) -> list[str]:
     if not info.variants:
         lines.append("best within the accuracy budget: unknown (no manifest to read accuracy from)")
     elif not ok:
-        lines.append(f"best within the accuracy budget ({budget:g} pt): none of {', '.join(precs)}")
+        lines.append(
+            f"best within the accuracy budget ({budget:g} {unit}): none of {', '.join(precs)}"
+        )
     else:
         best = max(ok, key=lambda p: (tput[p], -p50[p]))  # type: ignore[operator]
-        loss = info.variants[best].accuracy_loss
         lines.append(
-            f"best within the accuracy budget ({budget:g} pt): **{best}** "
-            f"({tput[best]:.0f} inferences/s, {loss:.2f} pt below fp32)"
+            f"best within the accuracy budget ({budget:g} {unit}): **{best}** "
+            f"({tput[best]:.0f} inferences/s, {_loss(info.variants[best])})"
         )
     if not info.accuracy_meaningful:
         lines.append("note: the manifest marks accuracy as not meaningful for this model")
@@ -141,6 +144,20 @@ def recommendations(results: Sequence[StepResult], info: RunInfo) -> list[str]:
 
 
 # ---- formatting ----------------------------------------------------------------------------
+def _loss(v: VariantInfo) -> str:
+    if v.accuracy_loss is None:
+        return "loss unknown"
+    if v.accuracy is not None:
+        return f"{v.accuracy_loss:.2f} pt below fp32"
+    return f"1 - cosine = {v.accuracy_loss:.4f} vs fp32"
+
+
+def _mb(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.2f}" if x >= 1 else f"{x:.3f}"
+
+
 def _f(x: float | None, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -165,7 +182,7 @@ def comparison_rows(results: Sequence[StepResult], info: RunInfo) -> list[list[s
         rows.append(
             [
                 p,
-                _f(v.size_mb),
+                _mb(v.size_mb),
                 acc,
                 "-" if top is None else f"{top.throughput:.0f} (u{top.users}, b{top.batch_size})",
                 "-"

@@ -64,6 +64,7 @@ class StepResult:
     throughput: float  # inferences (rows) per second, successful requests only
     latency_ms: dict[str, float | None]  # p50 p90 p95 p99 max mean, over every request
     errors: dict[str, int] = field(default_factory=dict)  # Locust's failure messages
+    warmup_requests: int = 0  # sent before the window (not counted anywhere else)
     server: dict[str, object] | None = None  # promtext.ServerView.to_dict() for the window
     server_note: str = ""
 
@@ -99,6 +100,8 @@ def locust_command(
         "--exit-code-on-error",
         "0",
         "--csv",
+        str(csv_prefix),
+        "--json-file",  # <prefix>.json: final statistics once every user stopped (CSV: periodic)
         str(csv_prefix),
         "--model",
         s.model,
@@ -161,6 +164,13 @@ def _locust_errors(csv_prefix: Path) -> dict[str, int]:
         return {row["Error"]: int(row["Occurrences"]) for row in csv.DictReader(f)}
 
 
+def _count(record: Path) -> int:
+    if not record.is_file():
+        return 0
+    with np.load(record) as d:
+        return int(d["ok"].size)
+
+
 def summarise(step: Step, record: Path, csv_prefix: Path) -> StepResult:
     if not record.is_file():
         raise StepError(f"locust left no record at {record}")
@@ -210,6 +220,7 @@ def run_step(step: Step, s: StepSettings) -> StepResult:
         except promtext.ScrapeError as e:
             note = str(e)
     result = summarise(step, record, work / "locust")
+    result.warmup_requests = _count(work / "warmup.npz")
     if before is not None and after is not None:
         window = promtext.delta(before, after)
         result.server = promtext.server_view(window, s.model, step.precision).to_dict()
