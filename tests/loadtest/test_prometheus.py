@@ -1,0 +1,183 @@
+"""Every PromQL expression of the Grafana dashboard returns data from a real Prometheus server.
+
+Prometheus (Debian's binary) runs on loopback with deploy/prometheus/prometheus.yml's jobs
+pointed at live servers, scraping every second:
+- the gateway panels: a gateway on a copy of the tiny repository whose int8 file is broken (so
+  int8 requests fall back), with a shadow policy (so shadow comparisons happen), under a Locust
+  run (the project's locustfile) plus a thread sending policy-routed, int8 and malformed
+  requests (errors);
+- the Triton panels (``nv_inference_*``): a real Triton (tests/triton's launcher) serving the
+  tiny repository, under direct load.
+Grafana's ``$__rate_interval`` becomes 10s and ``$model`` its "All" value.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import yaml
+from tritonclient.utils import InferenceServerException
+
+from builder.manifest import load_manifests
+from loadtest.runner import Step, StepSettings, locust_command
+from server.testing import GatewayProcess
+from tests.helpers import stop_process
+from tests.loadtest.promserver import ROOT, PrometheusServer, config_from_deploy
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "precision-serve.json"
+RATE_INTERVAL = "10s"
+DEADLINE_S = 45.0
+
+
+def dashboard_exprs() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+
+
+def concrete(expr: str) -> str:
+    return expr.replace("$__rate_interval", RATE_INTERVAL).replace("$model", ".*")
+
+
+def is_triton(expr: str) -> bool:
+    return "nv_inference_" in expr
+
+
+def _infer(client: grpcclient.InferenceServerClient, model: str, x: np.ndarray, **kw) -> None:  # type: ignore[no-untyped-def]
+    t = grpcclient.InferInput("x", list(x.shape), "FP32")
+    t.set_data_from_numpy(x)
+    client.infer(model, [t], client_timeout=10, **kw)
+
+
+def _background(stop: threading.Event, work: Callable[[], None]) -> threading.Thread:
+    def loop() -> None:
+        while not stop.is_set():
+            work()
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread
+
+
+def _wait_for_data(prom: PrometheusServer, exprs: list[str]) -> dict[str, str]:
+    """Query until every expression has a result; returns the ones still empty (with why)."""
+    pending = {e: "no data" for e in exprs}
+    deadline = time.monotonic() + DEADLINE_S
+    while pending and time.monotonic() < deadline:
+        for expr in list(pending):
+            result = prom.query(concrete(expr))
+            if result:
+                del pending[expr]
+        time.sleep(1.0)
+    return pending
+
+
+def test_dashboard_gateway_queries_return_data(
+    tiny_repository: Path, tmp_path: Path, prometheus_binary: str
+) -> None:
+    repo = shutil.copytree(tiny_repository, tmp_path / "repo")
+    manifest = load_manifests(repo)["tiny"]
+    (repo / manifest.variants["int8"].file).write_bytes(b"not an onnx model")  # -> fallback
+    routing = tmp_path / "routing.yaml"
+    routing.write_text(
+        yaml.safe_dump(
+            {
+                "version": 1,
+                "models": {
+                    "tiny": {
+                        "policy": "shadow",
+                        "precision": "fp16",
+                        "shadow": {"reference": "fp32", "fraction": 1.0},
+                    }
+                },
+            }
+        )
+    )
+    exprs = [e for e in dashboard_exprs() if not is_triton(e)]
+    x = np.random.default_rng(0).normal(size=(1, 16)).astype(np.float32)
+    bad = np.zeros((1, 7), np.float32)  # wrong shape -> INVALID_ARGUMENT, counted as an error
+
+    with GatewayProcess(repo, ["--routing", str(routing)]) as gw:
+        metrics = gw.metrics_url.removeprefix("http://").removesuffix("/metrics")
+        config = config_from_deploy({"precision-serve": metrics})
+        with PrometheusServer(prometheus_binary, config, tmp_path / "prometheus") as prom:
+            settings = StepSettings(
+                model="tiny", target=gw.grpc_url, repository=repo, duration_s=30, warmup_s=0
+            )
+            cmd = locust_command(
+                Step("fp32", 2, 1), settings, 30, tmp_path / "locust", tmp_path / "rec.npz"
+            )
+            with open(tmp_path / "locust.log", "wb") as log:
+                locust = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            client = grpcclient.InferenceServerClient(gw.grpc_url)
+            stop = threading.Event()
+            rejected: list[str] = []
+
+            def mixed() -> None:
+                _infer(client, "tiny", x)  # shadow policy: fp16 served, fp32 compared
+                _infer(client, "tiny", x, parameters={"precision": "int8"})  # falls back
+                try:
+                    _infer(client, "tiny", bad, parameters={"precision": "fp32"})
+                    rejected.append("accepted")
+                except InferenceServerException as e:
+                    rejected.append(str(e.status()))
+
+            thread = _background(stop, mixed)
+            try:
+                missing = _wait_for_data(prom, exprs)
+                up = prom.targets_up()
+            finally:
+                stop.set()
+                thread.join(15)
+                client.close()
+                stop_process(locust)
+    assert up == {"precision-serve": "up"}
+    assert rejected and set(rejected) == {"StatusCode.INVALID_ARGUMENT"}, set(rejected)
+    assert not missing, f"dashboard expressions without data: {sorted(missing)}"
+
+
+def test_dashboard_triton_queries_return_data(
+    tiny_repository: Path, tmp_path: Path, prometheus_binary: str, start_triton
+) -> None:  # type: ignore[no-untyped-def]
+    exprs = [e for e in dashboard_exprs() if is_triton(e)]
+    assert exprs, "the dashboard has no Triton (nv_inference_*) panel"
+    triton = start_triton(tiny_repository)
+    metrics = triton.metrics_url.removeprefix("http://").removesuffix("/metrics")
+    config = config_from_deploy({"triton": metrics})
+    x = np.random.default_rng(1).normal(size=(2, 16)).astype(np.float32)
+    with PrometheusServer(prometheus_binary, config, tmp_path / "prometheus") as prom:
+        client = grpcclient.InferenceServerClient(triton.grpc_url)
+        stop = threading.Event()
+
+        def direct() -> None:
+            for precision in ("fp32", "int8"):
+                _infer(client, f"tiny_{precision}", x)
+
+        thread = _background(stop, direct)
+        try:
+            missing = _wait_for_data(prom, exprs)
+            up = prom.targets_up()
+        finally:
+            stop.set()
+            thread.join(15)
+            client.close()
+    assert up == {"triton": "up"}
+    assert not missing, f"Triton dashboard expressions without data: {sorted(missing)}"
+
+
+def test_every_dashboard_expression_is_checked() -> None:
+    exprs = dashboard_exprs()
+    assert len(exprs) >= 15
+    checked = [e for e in exprs if is_triton(e)] + [e for e in exprs if not is_triton(e)]
+    assert sorted(checked) == sorted(exprs)
