@@ -1,28 +1,33 @@
 """Dynamic batching for the embedded upstream, following a variant's ``config.pbtxt``.
 
-Concurrent requests for one variant wait in a queue; each instance (``instance_group`` count =
-number of engine sessions) takes the oldest request, then keeps collecting compatible requests
-(same non-batch shapes) for up to ``max_queue_delay_microseconds`` or until the rows reach the
-largest ``preferred_batch_size`` (or ``max_batch_size``), concatenates them into one engine run
-on a worker thread, and splits the outputs back. Without ``dynamic_batching`` every request
-runs alone; with ``max_batch_size == 0`` inputs have no batch dimension and are never merged.
+Each engine instance (``instance_group`` count = number of sessions) is one worker thread, like
+Triton's model instances. A worker takes the oldest request, keeps collecting compatible
+requests (same non-batch shapes) for up to ``max_queue_delay_microseconds`` after it arrived or
+until the rows reach the largest ``preferred_batch_size`` (never beyond ``max_batch_size``), runs
+them as one concatenated engine call and hands each request its slice of the outputs. Without
+``dynamic_batching`` every request runs alone; with ``max_batch_size == 0`` inputs have no batch
+dimension and are never merged.
+
+The queue lives under a ``threading.Condition`` so the batching delay has sub-millisecond
+precision (asyncio timers round up to whole milliseconds) and the engine runs on the worker
+thread itself, never on the event loop. Results go back with ``call_soon_threadsafe``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from server import metrics
 from server.engines import EngineError, EngineSession
-from server.errors import DeadlineExceeded, InternalError, Unavailable
+from server.errors import DeadlineExceeded, GatewayError, InternalError, Unavailable
 
 
 @dataclass
@@ -45,8 +50,22 @@ class _Item:
     rows: int
     key: tuple
     future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
     enqueued: float
     deadline: float | None
+    dropped: bool = False  # the caller gave up (cancelled / deadline): skip it
+
+    def resolve(self, result: dict[str, np.ndarray] | None, error: GatewayError | None) -> None:
+        def settle() -> None:
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            self.loop.call_soon_threadsafe(settle)
 
 
 def _shape_key(inputs: dict[str, np.ndarray], batched: bool) -> tuple:
@@ -54,79 +73,88 @@ def _shape_key(inputs: dict[str, np.ndarray], batched: bool) -> tuple:
 
 
 class DynamicBatcher:
-    """Queue + one worker task per engine session."""
+    """A request queue plus one worker thread per engine session."""
 
     def __init__(
         self,
         sessions: list[EngineSession],
         policy: BatchPolicy,
-        executor: Executor,
         labels: tuple[str, str],
         clock: Callable[[], float] = time.monotonic,
+        name: str = "engine",
     ) -> None:
         self._sessions = sessions
         self._policy = policy
-        self._executor = executor
         self._labels = {"model": labels[0], "precision": labels[1]}
         self._clock = clock
+        self._name = name
         self._queue: deque[_Item] = deque()
-        self._wakeup = asyncio.Event()
-        self._workers: list[asyncio.Task] = []
+        self._cond = threading.Condition()
+        self._threads: list[threading.Thread] = []
         self._closed = False
 
     def start(self) -> None:
-        self._workers = [
-            asyncio.get_running_loop().create_task(self._worker(s)) for s in self._sessions
-        ]
+        for i, session in enumerate(self._sessions):
+            t = threading.Thread(
+                target=self._worker, args=(session,), name=f"{self._name}-{i}", daemon=True
+            )
+            t.start()
+            self._threads.append(t)
 
     async def close(self) -> None:
-        self._closed = True
-        for w in self._workers:
-            w.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        while self._queue:
-            item = self._queue.popleft()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        loop = asyncio.get_running_loop()
+        for t in self._threads:
+            await loop.run_in_executor(None, t.join, 10.0)
+        with self._cond:
+            leftovers, self._queue = list(self._queue), deque()
+        for item in leftovers:
             if not item.future.done():
                 item.future.set_exception(Unavailable("gateway is shutting down"))
 
     async def submit(
         self, inputs: dict[str, np.ndarray], deadline: float | None
     ) -> dict[str, np.ndarray]:
-        if self._closed:
-            raise Unavailable("gateway is shutting down")
         batched = self._policy.max_batch_size > 0
         rows = next(iter(inputs.values())).shape[0] if batched and inputs else 1
-        fut = asyncio.get_running_loop().create_future()
-        item = _Item(inputs, rows, _shape_key(inputs, batched), fut, self._clock(), deadline)
-        self._queue.append(item)
-        self._wakeup.set()
-        timeout = None if deadline is None else max(0.0, deadline - self._clock())
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        item = _Item(inputs, rows, _shape_key(inputs, batched), fut, loop, self._clock(), deadline)
+        with self._cond:
+            if self._closed:
+                raise Unavailable("gateway is shutting down")
+            self._queue.append(item)
+            self._cond.notify()
         try:
+            if deadline is None:
+                return await asyncio.shield(fut)
+            timeout = max(0.0, deadline - self._clock())
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except TimeoutError:
-            fut.cancel()  # a worker that has not picked it up yet will skip it
             raise DeadlineExceeded("deadline exceeded while waiting for the engine") from None
-        except asyncio.CancelledError:
-            fut.cancel()
-            raise
+        finally:
+            item.dropped = not fut.done() or fut.cancelled()
 
-    # ---- worker side ------------------------------------------------------------------------
+    # ---- worker threads -----------------------------------------------------------------------
     def _pop_live(self) -> _Item | None:
         while self._queue:
             item = self._queue.popleft()
-            if item.future.done():
+            if item.dropped:
                 continue
             if item.deadline is not None and self._clock() >= item.deadline:
-                item.future.set_exception(DeadlineExceeded("deadline exceeded in the queue"))
+                item.resolve(None, DeadlineExceeded("deadline exceeded in the queue"))
                 continue
             return item
         return None
 
-    def _take_compatible(self, first: _Item, batch: list[_Item], rows: int, limit: int) -> int:
+    def _take_compatible(self, first: _Item, batch: list[_Item], rows: int) -> int:
+        limit = self._policy.max_batch_size
         keep: deque[_Item] = deque()
         while self._queue:
             item = self._queue.popleft()
-            if item.future.done():
+            if item.dropped:
                 continue
             if item.key == first.key and rows + item.rows <= limit:
                 batch.append(item)
@@ -136,73 +164,67 @@ class DynamicBatcher:
         self._queue.extendleft(reversed(keep))
         return rows
 
-    async def _collect(self, first: _Item) -> list[_Item]:
-        batch = [first]
-        target = self._policy.target_rows
-        if target <= 0 or first.rows >= target:
+    def _next_batch(self) -> list[_Item] | None:
+        """Under the lock: the next batch to run, or None when closed."""
+        with self._cond:
+            while True:
+                if self._closed:
+                    return None
+                first = self._pop_live()
+                if first is not None:
+                    break
+                self._cond.wait()
+            batch = [first]
+            target = self._policy.target_rows
+            if target > 0 and first.rows < target:
+                rows = self._take_compatible(first, batch, first.rows)
+                end = first.enqueued + self._policy.max_queue_delay_s
+                while rows < target and not self._closed:
+                    remaining = end - self._clock()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                    rows = self._take_compatible(first, batch, rows)
+            if self._queue:
+                self._cond.notify()  # leftovers for another instance
             return batch
-        limit = self._policy.max_batch_size
-        rows = self._take_compatible(first, batch, first.rows, limit)
-        end = first.enqueued + self._policy.max_queue_delay_s
-        while rows < target:
-            remaining = end - self._clock()
-            if remaining <= 0:
-                break
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            rows = self._take_compatible(first, batch, rows, limit)
-        if self._queue:
-            self._wakeup.set()  # leftovers: let another worker look
-        return batch
 
-    async def _worker(self, session: EngineSession) -> None:
-        loop = asyncio.get_running_loop()
+    def _worker(self, session: EngineSession) -> None:
         while True:
-            item = self._pop_live()
-            if item is None:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            batch = await self._collect(item)
-            batch = [b for b in batch if not b.future.done()]
-            if not batch:
-                continue
-            await self._run(loop, session, batch)
+            batch = self._next_batch()
+            if batch is None:
+                return
+            batch = [b for b in batch if not b.dropped]
+            if batch:
+                self._run(session, batch)
 
-    async def _run(self, loop, session: EngineSession, batch: list[_Item]) -> None:
+    def _run(self, session: EngineSession, batch: list[_Item]) -> None:
         start = self._clock()
+        queue_hist = metrics.QUEUE_DURATION.labels(**self._labels)
         for b in batch:
-            metrics.QUEUE_DURATION.labels(**self._labels).observe(start - b.enqueued)
-        if len(batch) == 1:
-            feeds = batch[0].inputs
-        else:
-            feeds = {k: np.concatenate([b.inputs[k] for b in batch]) for k in batch[0].inputs}
+            queue_hist.observe(start - b.enqueued)
         rows = sum(b.rows for b in batch)
         metrics.BATCH_SIZE.labels(**self._labels).observe(rows)
         try:
-            outputs = await loop.run_in_executor(self._executor, session.run, feeds)
-        except EngineError as e:
+            if len(batch) == 1:
+                feeds = batch[0].inputs
+            else:
+                feeds = {k: np.concatenate([b.inputs[k] for b in batch]) for k in batch[0].inputs}
+            outputs = session.run(feeds)
+        except Exception as e:  # an engine failure fails this batch, never the worker
+            message = str(e) if isinstance(e, EngineError) else f"engine failed: {e}"
             for b in batch:
-                if not b.future.done():
-                    b.future.set_exception(InternalError(str(e)))
-            return
-        except Exception as e:  # never let a worker die
-            for b in batch:
-                if not b.future.done():
-                    b.future.set_exception(InternalError(f"engine failed: {e}"))
+                b.resolve(None, InternalError(message))
             return
         finally:
             elapsed = self._clock() - start
+            upstream_hist = metrics.UPSTREAM_DURATION.labels(**self._labels)
             for _ in batch:
-                metrics.UPSTREAM_DURATION.labels(**self._labels).observe(elapsed)
+                upstream_hist.observe(elapsed)
         if len(batch) == 1:
-            if not batch[0].future.done():
-                batch[0].future.set_result(outputs)
+            batch[0].resolve(outputs, None)
             return
         offset = 0
         for b in batch:
-            part = {k: v[offset : offset + b.rows] for k, v in outputs.items()}
+            b.resolve({k: v[offset : offset + b.rows] for k, v in outputs.items()}, None)
             offset += b.rows
-            if not b.future.done():
-                b.future.set_result(part)

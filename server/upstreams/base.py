@@ -45,7 +45,7 @@ class UpstreamSettings:
     """Knobs shared by upstreams. ``threads`` = intra-op threads per engine session (0 = auto)."""
 
     threads: int = 0
-    # Embedded: cap on worker threads across all variants (0 = sum of instance_group counts).
+    # Embedded: threads that load variants at start-up (0 = 2); each instance then has its own.
     max_workers: int = 0
     # Remote upstreams: default per-call timeout when the client gave no deadline.
     default_timeout_s: float = 30.0

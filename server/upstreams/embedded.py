@@ -1,8 +1,8 @@
 """The embedded upstream: engine sessions (ONNX Runtime by default) inside the gateway process.
 
 Per variant: ``instance_group`` count sessions loaded through ``server.engines`` (honouring the
-manifest's ``engine`` / ``engine_options``), a :class:`server.batching.DynamicBatcher` applying the
-config's ``dynamic_batching``, and engine runs on a shared thread pool so the event loop never
+manifest's ``engine`` / ``engine_options``) and a :class:`server.batching.DynamicBatcher` applying
+the config's ``dynamic_batching`` with one worker thread per instance, so the event loop never
 blocks. A variant that fails to load stays unready (the core falls back) and its reason is logged.
 """
 
@@ -31,9 +31,10 @@ class EmbeddedUpstream:
         self._settings = settings
         self._batchers: dict[str, DynamicBatcher] = {}
         self.problems: dict[str, str] = {}
-        instances = sum(v.serving.instance_count for v in repository.variants()) or 1
-        workers = settings.max_workers or instances
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine")
+        # Loading (and warm-up) only; each instance then runs on its own batcher thread.
+        self._executor = ThreadPoolExecutor(
+            max_workers=max(1, settings.max_workers or 2), thread_name_prefix="load"
+        )
 
     def _load_sessions(self, variant: Variant) -> list[EngineSession]:
         engine = get_engine(variant.record.engine)
@@ -77,7 +78,7 @@ class EmbeddedUpstream:
                 max_queue_delay_s=s.max_queue_delay_us / 1e6,
             )
             batcher = DynamicBatcher(
-                sessions, policy, self._executor, (variant.model, variant.precision)
+                sessions, policy, (variant.model, variant.precision), name=variant.name
             )
             batcher.start()
             self._batchers[variant.name] = batcher

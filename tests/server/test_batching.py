@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -30,16 +29,15 @@ class RecordingSession:
 
 def run_batcher(sessions, policy, requests, deadline=None):
     async def main():
-        with ThreadPoolExecutor(4) as pool:
-            batcher = DynamicBatcher(sessions, policy, pool, ("m", "fp32"))
-            batcher.start()
-            try:
-                return await asyncio.gather(
-                    *(batcher.submit({"x": x}, deadline) for x in requests),
-                    return_exceptions=True,
-                )
-            finally:
-                await batcher.close()
+        batcher = DynamicBatcher(sessions, policy, ("m", "fp32"))
+        batcher.start()
+        try:
+            return await asyncio.gather(
+                *(batcher.submit({"x": x}, deadline) for x in requests),
+                return_exceptions=True,
+            )
+        finally:
+            await batcher.close()
 
     return asyncio.run(main())
 
