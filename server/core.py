@@ -265,6 +265,14 @@ class Gateway:
                 status=e.code,
             ).inc()
             raise
+        except Exception:  # a bug or an upstream's unexpected error: the transport says INTERNAL
+            metrics.REQUESTS.labels(
+                model=model_label,
+                precision=precision_label,
+                protocol=request.protocol,
+                status="INTERNAL",
+            ).inc()
+            raise
         except asyncio.CancelledError:  # the client went away or its deadline passed
             expired = request.deadline is not None and time.monotonic() >= request.deadline
             metrics.REQUESTS.labels(
