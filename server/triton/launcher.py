@@ -404,6 +404,8 @@ class TritonServer:
         else:
             for sub in ("models", "backends"):
                 shutil.rmtree(self.work_dir / sub, ignore_errors=True)
+            with contextlib.suppress(OSError):  # gone when no log was written into it
+                self.work_dir.rmdir()
 
     def __enter__(self) -> TritonServer:
         return self.start()
