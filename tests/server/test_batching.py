@@ -7,6 +7,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from server.batching import BatchPolicy, DynamicBatcher
 from server.errors import DeadlineExceeded
@@ -110,3 +111,46 @@ def test_unbatched_models_get_inputs_unchanged():
     )
     results = run_batcher([session], policy, [np.ones((3, 3), np.float32)] * 2)
     assert session.runs == [3, 3] and results[0]["y"].shape == (3, 3)
+
+
+@pytest.mark.integration
+def test_gateway_merges_concurrent_requests_and_splits_answers(repo_copy):
+    """Through the real server: a 50 ms queue delay in config.pbtxt makes 8 concurrent one-row
+    requests share engine runs, and every client still gets its own row back."""
+    import tritonclient.grpc.aio as aioclient
+
+    from builder.triton_config import read_config, write_config
+    from server.testing import GatewayProcess
+    from tests.server.conftest import ort_outputs, rows
+    from tests.server.test_policies import sample_value, scrape
+
+    cfg = read_config(repo_copy / "tiny_fp32")
+    cfg.dynamic_batching.max_queue_delay_microseconds = 50_000
+    del cfg.dynamic_batching.preferred_batch_size[:]
+    cfg.dynamic_batching.preferred_batch_size.append(8)
+    write_config(repo_copy / "tiny_fp32", cfg)
+    x = rows(8, seed=12)
+    want = ort_outputs(repo_copy, "fp32", x)
+
+    async def send(url: str) -> list[np.ndarray]:
+        client = aioclient.InferenceServerClient(url)
+        try:
+
+            async def one(i: int) -> np.ndarray:
+                inp = aioclient.InferInput("x", [1, 16], "FP32")
+                inp.set_data_from_numpy(x[i : i + 1])
+                return (await client.infer("tiny_fp32", [inp])).as_numpy("logits")
+
+            return await asyncio.gather(*(one(i) for i in range(8)))
+        finally:
+            await client.close()
+
+    with GatewayProcess(repo_copy) as gw:
+        got = asyncio.run(send(gw.grpc_url))
+        text = scrape(gw.metrics_url)
+    for i in range(8):
+        np.testing.assert_allclose(got[i], want[i : i + 1], rtol=1e-5, atol=1e-6)
+    labels = '{model="tiny",precision="fp32"}'
+    runs = sample_value(text, f"precision_serve_batch_size_count{labels}")
+    assert sample_value(text, f"precision_serve_batch_size_sum{labels}") == 8
+    assert runs < 8  # some requests shared an engine run
