@@ -11,6 +11,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from builder import hostinfo
+from builder.cache import calibration_cache_dir
 from builder.calibration import METHODS, load_calibration_data
 from builder.engine_choice import choose_engine, measure_round_robin
 from builder.errors import BuildError
@@ -150,7 +151,7 @@ def _build(spec: str, options: BuildOptions, repo: Path, work: Path) -> Manifest
         reference = optimize_basic(model.fp32_onnx, work / "fp32_optimized.onnx")
     eval_batch = min(EVAL_BATCH, model.max_batch_size) if model.max_batch_size > 0 else 1
     evaluator = Evaluator(model.task, model.evaluation, reference, options.threads, eval_batch)
-    cache_dir = repo / ".cache" / model.name
+    cache_dir = calibration_cache_dir(model.name)
     serving = _serving(model, options)
 
     bar = tqdm(precisions, desc=f"{model.name}: variants", disable=not options.progress)

@@ -80,11 +80,13 @@ def test_every_variant_keeps_the_fp32_interface(tiny_repository: Path) -> None:
 
 
 def test_calibration_is_cached_and_reused(tmp_path: Path, tiny_onnx: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PRECISION_SERVE_CACHE", str(tmp_path / "cache"))
     repo = tmp_path / "repo"
     first = _build(tiny_onnx, repo, precisions=["fp32", "int8"])
     assert first.variants["int8"].details["calibration_cache_hit"] is False
-    cache_files = list((repo / ".cache" / "tiny" / "calibration").glob("*.json"))
+    cache_files = list((tmp_path / "cache" / "calibration" / "tiny").glob("*.json"))
     assert len(cache_files) == 1
+    assert not (repo / ".cache").exists(), "Triton would take a cache folder for a model"
 
     import onnxruntime.quantization  # noqa: F401
 

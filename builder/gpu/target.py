@@ -190,11 +190,12 @@ def _int8_source(
             f"the int8 variant of {manifest.model} is not TensorRT-ready ({why}) and no "
             "calibration data was given to quantize it again with symmetric INT8"
         )
+    from builder.cache import calibration_cache_dir
     from builder.calibration import cache_key
     from builder.precisions.int8 import preprocess
 
     fp32 = repository / manifest.variants["fp32"].file
-    cache_dir = repository / ".cache" / manifest.model / "calibration"
+    cache_dir = calibration_cache_dir(manifest.model)
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".int8-work-", dir=dst.parent) as work:
         # Same pre-processing as the CPU INT8, so its FP32-kept node names match.

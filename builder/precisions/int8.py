@@ -209,7 +209,7 @@ class StaticInt8:
             raise QuantizationError("no calibration data: the model source provided none")
         types = host_quant_types()
         key = cache_key(pre, calib, opts.calibration_method)
-        cache_path = ctx.cache_dir / "calibration" / f"{opts.calibration_method}-{key}.json"
+        cache_path = ctx.cache_dir / f"{opts.calibration_method}-{key}.json"
         cache_hit = cache_path.is_file()
         batch = 1 if ctx.model.max_batch_size == 0 else 8
 

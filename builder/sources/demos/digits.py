@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from builder.cache import cache_root
 from builder.manifest import TensorSpec
 from builder.sources.base import Dataset, LoadedModel
 from builder.sources.torch_module import TorchModelSpec, load_torch_spec
@@ -55,8 +56,7 @@ class Recipe:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("PRECISION_SERVE_CACHE") or Path.home() / ".cache" / "precision-serve"
-    return Path(root) / "digits"
+    return cache_root() / "digits"
 
 
 def load_data(recipe: Recipe) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
