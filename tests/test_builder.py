@@ -260,6 +260,7 @@ def test_public_model_zoo_model_converts(tmp_path: Path) -> None:
     )
     assert set(manifest.variants) == set(PRECISIONS)
     assert any("opset 9" in n for n in manifest.notes)
+    assert manifest.task == "classification"  # output [1, 1000, 1, 1]
     fp32 = manifest.variants["fp32"].size_bytes
     assert manifest.variants["int8"].size_bytes <= 0.35 * fp32
     for v in manifest.variants.values():

@@ -136,9 +136,12 @@ def onnx_io_specs(model: Any) -> tuple[list[TensorSpec], list[TensorSpec], bool]
 
 
 def task_for_outputs(outputs: Sequence[TensorSpec], batched: bool = True) -> str:
-    """ "classification" when the first output is [batch, classes], else "embedding"."""
-    rank = len(outputs[0].shape) + (1 if batched else 0)
-    return "classification" if rank == 2 else "embedding"
+    """ "classification" when the first output is [batch, classes] (trailing 1-sized dims, as in
+    Caffe2-era model-zoo exports' [N, 1000, 1, 1], allowed), else "embedding"."""
+    dims = list(outputs[0].shape if batched else outputs[0].shape[1:])
+    while len(dims) > 1 and dims[-1] == 1:
+        dims.pop()
+    return "classification" if len(dims) == 1 else "embedding"
 
 
 def export_torch_to_onnx(
