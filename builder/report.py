@@ -49,7 +49,7 @@ def format_table(rows: list[dict[str, str]]) -> str:
 def summary(manifest: Manifest) -> str:
     head = f"{manifest.model} ({manifest.task}, source {manifest.source})"
     lines = [head, format_table(summary_rows(manifest))]
-    if not manifest.accuracy_meaningful:
+    if not manifest.accuracy_meaningful and not any("not meaningful" in n for n in manifest.notes):
         lines.append("note: accuracy figures are not meaningful for this model (random weights).")
     lines.extend(f"note: {n}" for n in manifest.notes)
     speed_batch = next((v.speed.get("batch_size") for v in manifest.variants.values()), None)
