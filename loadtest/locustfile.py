@@ -170,9 +170,12 @@ class TritonGrpcUser(User):
         else:
             self.target_model, self.parameters = self.model, {PRECISION_PARAMETER: self.precision}
         self.client = grpcclient.InferenceServerClient(_strip_scheme(self.host or DEFAULT_HOST))
-        samples = self._samples(opts.repository)
+        try:
+            samples = self._samples(opts.repository)
+        except Exception:
+            self.on_stop()  # an open channel left behind makes Locust hang at exit
+            raise
         self.requests = [self._make_inputs(b) for b in samples.batches(self.batch_size)]
-        self.outputs = None
         self.turn = 0
 
     def on_stop(self) -> None:
