@@ -1,0 +1,291 @@
+"""``make bench`` / ``python -m bench.run [--quick]``: measure, then write the JSON and the doc.
+
+    python -m bench.run [--repository model_repository] [--models resnet50,minilm,digits]
+        [--serving digits:int8,resnet50:int8] [--threads 2] [--no-triton] [--rebuild]
+        [--json docs/benchmarks.json] [--markdown docs/benchmarks.md] [--quick]
+    python -m bench.run --render docs/benchmarks.json [--markdown docs/benchmarks.md]
+
+``--quick`` is a smoke run (digits only, short windows, under 3 minutes) written to
+``reports/bench-quick/`` unless ``--json`` / ``--markdown`` say otherwise. Errors print one line
+and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import machine
+from bench.engine_level import EngineWindows
+from bench.serving import ServingWindows
+
+DEFAULT_MODELS = ("resnet50", "minilm", "digits")
+DEFAULT_SERVING = "digits:int8,resnet50:int8"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--models", help=f"engine-level models (default {','.join(DEFAULT_MODELS)})")
+    p.add_argument("--serving", help=f"model:precision list for serving ({DEFAULT_SERVING})")
+    p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 2))
+    p.add_argument(
+        "--serving-threads",
+        type=int,
+        default=1,
+        help="engine threads in the serving paths (default 1: the other core is the client's)",
+    )
+    p.add_argument("--no-triton", action="store_true", help="skip paths (c) and (d)")
+    p.add_argument("--no-serving", action="store_true", help="engine level only")
+    p.add_argument("--rebuild", action="store_true", help="call the builder even if built")
+    p.add_argument("--quick", action="store_true", help="smoke run: digits, short windows")
+    p.add_argument("--json", type=Path, help="raw results (default docs/benchmarks.json)")
+    p.add_argument("--markdown", type=Path, help="the report (default docs/benchmarks.md)")
+    p.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="measure nothing: write the markdown again from a results JSON",
+    )
+    return p
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _windows(quick: bool) -> tuple[EngineWindows, ServingWindows]:
+    if quick:
+        return (
+            EngineWindows(rounds=2, latency_runs=10, latency_seconds=0.3, throughput_runs=2,
+                          throughput_seconds=0.3),
+            ServingWindows(rounds=1, concurrencies=(1, 4), seconds=1.0, warmup=0.3,
+                           ceiling_concurrencies=(1, 4, 16), ceiling_seconds=1.0),
+        )  # fmt: skip
+    return EngineWindows(), ServingWindows()
+
+
+def ensure_built(repository: Path, models: list[str], rebuild: bool) -> dict[str, str]:
+    """Build what is missing (the builder keeps existing variants); returns what was done."""
+    from builder.manifest import load_manifest, manifest_path
+
+    done = {}
+    for name in models:
+        mpath = manifest_path(repository, name)
+        samples = repository / f"{name}.samples.npz"
+        if not rebuild and mpath.exists() and samples.exists():
+            m = load_manifest(mpath)
+            if m.variants and all((repository / v.file).is_file() for v in m.variants.values()):
+                done[name] = "reused"
+                continue
+        from builder.pipeline import BuildOptions, build_model
+
+        t0 = time.perf_counter()
+        _log(f"building {name} into {repository} (existing variants are kept)")
+        build_model(name, BuildOptions(repository=repository, progress=False))
+        done[name] = f"built in {time.perf_counter() - t0:.0f}s"
+    return done
+
+
+def auto_pick(repository: Path, model: str) -> str | None:
+    """The precision the gateway's ``auto`` routing policy picks from the manifest."""
+    try:
+        from server.repository import load_repository
+        from server.routing import AutoPolicy, ModelRoute
+
+        repo = load_repository(repository)
+        return AutoPolicy(repo.models[model], ModelRoute(policy="auto")).precision
+    except Exception as e:
+        return f"(could not decide: {e})"
+
+
+def run_engine_level(
+    repository: Path, models: list[str], threads: int, windows: EngineWindows, quick: bool
+) -> dict[str, Any]:
+    from bench.engine_level import measure_model
+
+    out: dict[str, Any] = {}
+    for name in models:
+        _log(f"engine level: {name}")
+        try:
+            out[name] = measure_model(repository, name, threads, windows, quick, log=_log)
+            out[name]["auto_pick"] = auto_pick(repository, name)
+        except Exception as e:
+            out[name] = {"error": " ".join(f"{type(e).__name__}: {e}".split())[:400]}
+            _log(f"engine level: {name} failed: {out[name]['error']}")
+    return out
+
+
+def run_profiles(repository: Path, engine: dict[str, Any], threads: int) -> dict[str, Any]:
+    """ONNX Runtime's profiler on the variants the precision targets compare."""
+    from bench.engine_level import load_samples, rows
+    from bench.profiling import ort_op_profile
+    from builder.manifest import load_manifest, manifest_path
+
+    out: dict[str, Any] = {}
+    plan = {"resnet50": ("fp32", "int8"), "minilm": ("fp32", "int8-dynamic")}
+    for model, precisions in plan.items():
+        if model not in engine or "error" in engine[model]:
+            continue
+        manifest = load_manifest(manifest_path(repository, model))
+        feeds = rows(load_samples(repository, model), engine[model]["headline_batch"])
+        for p in precisions:
+            v = manifest.variants.get(p)
+            if v is None:
+                continue
+            key = f"{v.triton_name} on onnxruntime, batch {engine[model]['headline_batch']}"
+            try:
+                out[key] = ort_op_profile(repository / v.file, feeds, threads, runs=2)
+            except Exception as e:
+                out[key] = {"error": " ".join(str(e).split())[:300]}
+    return out
+
+
+def analysis(results: dict[str, Any]) -> list[str]:
+    """Sentences on what bounds the missed figures, built from the measured numbers only."""
+    out = []
+    flags = set(results["machine"]["isa_flags"])
+    absent = [f for f in ("avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "avx512_bf16")
+              if f not in flags]  # fmt: skip
+    if absent:
+        out.append(
+            "**Precision targets.** This CPU reports none of "
+            + ", ".join(absent)
+            + ". INT8 convolutions and MatMuls then run on AVX2 (u8 x s8 via vpmaddubsw, with "
+            "7-bit weights to avoid its saturation), which gains far less over FP32 than "
+            "VNNI/AMX-INT8 does, and the bf16 variant (OpenVINO BF16 on AMX, the target's MiniLM "
+            "path) is not built. The profiles above show where each engine's time goes."
+        )
+    ceiling = results.get("serving", {}).get("ceiling", {})
+    best = ceiling.get("best") if ceiling else None
+    if best and best.get("gateway_cpu_ms_per_request"):
+        per = best["gateway_cpu_ms_per_request"]
+        out.append(
+            f"**Gateway ceiling.** At the ceiling the gateway process spends {per:.3f} ms of CPU "
+            f"per request (engine run included) and the client {best['client_cpu_ms_per_request']}"
+            f" ms; with client and gateway on the same {results['machine']['cores']} cores, "
+            f"{results['machine']['cores']} / (gateway + client CPU per request) bounds the rate."
+        )
+    return out
+
+
+def _finite(x: Any) -> Any:
+    """NaN (no samples) becomes null: the JSON stays standard."""
+    if isinstance(x, float) and x != x:
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.render:
+        from bench.report import render
+
+        md_path = args.markdown or Path("docs/benchmarks.md")
+        try:
+            md_path.write_text(render(json.loads(args.render.read_text())))
+        except (OSError, ValueError, KeyError) as e:
+            print(f"bench: error: cannot render {args.render}: {e}", file=sys.stderr)
+            return 2
+        _log(f"wrote {md_path} from {args.render}")
+        return 0
+    started = time.perf_counter()
+    info = machine.describe()
+    quick = args.quick
+    out_dir = Path("reports/bench-quick") if quick else Path("docs")
+    json_path = args.json or out_dir / "benchmarks.json"
+    md_path = args.markdown or out_dir / "benchmarks.md"
+    models = (args.models.split(",") if args.models else None) or (
+        ["digits"] if quick else list(DEFAULT_MODELS)
+    )
+    serving_spec = args.serving or ("digits:int8" if quick else DEFAULT_SERVING)
+    serving = [tuple(s.split(":", 1)) for s in serving_spec.split(",") if s]
+    if any(len(s) != 2 for s in serving):
+        print(f"bench: error: --serving wants model:precision items, got {serving_spec!r}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    engine_w, serving_w = _windows(quick)
+    repo = args.repository
+    _log(f"bench on {info['cpu_model']}, {info['cores']} cores, load {info['load_average_start']}")
+    try:
+        serving_models = [] if args.no_serving else [m for m, _ in serving]
+        needed = list(dict.fromkeys([*models, *serving_models]))
+        built = ensure_built(repo, needed, args.rebuild)
+    except Exception as e:
+        print(f"bench: error: build failed: {' '.join(str(e).split())[:300]}", file=sys.stderr)
+        return 2
+    results: dict[str, Any] = {
+        "command": " ".join(
+            ["python -m bench.run", shlex.join(sys.argv[1:] if argv is None else argv)]
+        ).strip(),
+        "machine": info,
+        "settings": {
+            "quick": quick,
+            "repository": str(repo),
+            "json": str(json_path),
+            "threads": args.threads,
+            "serving_threads": args.serving_threads,
+            "models": models,
+            "serving": [f"{m}:{p}" for m, p in serving],
+            "engine_windows": dataclasses.asdict(engine_w),
+            "serving_windows": dataclasses.asdict(serving_w),
+            "build": built,
+        },
+    }
+    results["engine_level"] = run_engine_level(repo, models, args.threads, engine_w, quick)
+    if not args.no_serving and serving:
+        from bench.serving import measure_serving
+
+        _log(f"serving: {serving_spec}")
+        try:
+            results["serving"] = measure_serving(
+                repo,
+                serving,
+                args.serving_threads,
+                serving_w,
+                with_triton=not args.no_triton,
+                ceiling_model=("digits", "int8") if ("digits", "int8") in serving else serving[0],
+                log=_log,
+            )
+        except Exception as e:
+            results["serving"] = {}
+            results["serving_error"] = " ".join(f"{type(e).__name__}: {e}".split())[:400]
+            _log(f"serving failed: {results['serving_error']}")
+    _log("profiles")
+    results["profiles"] = {
+        "onnxruntime_ops": run_profiles(repo, results["engine_level"], args.threads),
+        "py_spy": None
+        if (Path(sys.executable).parent / "py-spy").exists()
+        else "py-spy is not installed in this environment, so the gateway's Python stacks were "
+        "not sampled; the gateway's own timing histograms and CPU time per request stand in.",
+    }
+    from bench.report import render
+    from bench.targets import evaluate
+
+    results["targets"] = evaluate(results)
+    results["analysis"] = analysis(results)
+    results["machine"]["load_average_end"] = machine.load_average()
+    results["elapsed_seconds"] = round(time.perf_counter() - started, 1)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(_finite(results), indent=1, default=str) + "\n")
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(render(results))
+    _log(f"wrote {md_path} and {json_path} in {results['elapsed_seconds'] / 60:.1f} min")
+    for t in results["targets"]:
+        _log(f"target {t['status']:>12}: {t['target']}: {t['measured']} (wanted {t['wanted']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

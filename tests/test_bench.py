@@ -1,0 +1,120 @@
+"""The benchmark's smallest units on the tiny repository: structure of its JSON and markdown.
+
+No timing assertions (numbers depend on the host); only that every contender, batch size, path
+and target shows up where the report expects it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import clients
+from bench.engine_level import EngineWindows, measure_model
+from bench.run import main as bench_main
+from bench.serving import _ratios, subset_repository
+from bench.targets import evaluate
+
+SHORT = EngineWindows(
+    rounds=1, latency_runs=3, latency_seconds=0.0, throughput_runs=1, throughput_seconds=0.0
+)
+
+
+def test_engine_level_measures_every_variant_and_engine(tiny_repository: Path) -> None:
+    result = measure_model(tiny_repository, "tiny", 1, SHORT, log=lambda _: None)
+    assert result["model"] == "tiny"
+    assert result["batch_sizes"] == [1, 8, 32]
+    keys = {(c["precision"], c["engine"]) for c in result["contenders"]}
+    assert {("fp32", "onnxruntime"), ("fp16", "onnxruntime"), ("int8", "onnxruntime")} <= keys
+    served = [c for c in result["contenders"] if c["served"]]
+    assert sorted(c["precision"] for c in served) == ["fp16", "fp32", "int8"]
+    for c in result["contenders"]:
+        if "error" in c:
+            continue
+        assert set(c["throughput"]) == {"1", "8", "32"}
+        assert all(v > 0 for v in c["throughput"].values())
+        assert c["latency_samples"] == 3
+        assert 0 < c["latency_ms_p50"] <= c["latency_ms_p99"]
+        assert c["size_bytes"] > 0
+        assert set(c["ratio_to_ort_fp32"]) == {"1", "8", "32"}
+        assert c["sample_quality"]["cosine_mean"] > 0.9
+    ref = next(c for c in served if c["precision"] == "fp32" and c["engine"] == "onnxruntime")
+    assert ref["ratio_to_ort_fp32"] == {"1": 1.0, "8": 1.0, "32": 1.0}
+    assert ref["sample_quality"]["cosine_mean"] == pytest.approx(1.0)
+
+
+def test_quick_run_writes_json_and_markdown(tiny_repository: Path, tmp_path: Path) -> None:
+    out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
+    argv = [
+        "--quick", "--models", "tiny", "--no-serving", "--threads", "1",
+        "--repository", str(tiny_repository), "--json", str(out_json), "--markdown", str(out_md),
+    ]  # fmt: skip
+    assert bench_main(argv) == 0
+    data = json.loads(out_json.read_text())  # standard JSON: no NaN
+    assert data["machine"]["cores"] >= 1
+    assert "avx2" in data["machine"]["checked_flags"]
+    assert set(data["machine"]["packages"]) >= {"onnxruntime", "numpy", "grpcio", "tritonclient"}
+    assert len(data["machine"]["load_average_start"]) == 3
+    assert data["settings"]["build"] == {"tiny": "reused"}
+    assert [c["precision"] for c in data["engine_level"]["tiny"]["contenders"] if c["served"]]
+    assert {t["status"] for t in data["targets"]} == {"not measured"}
+    md = out_md.read_text()
+    for heading in (
+        "# Benchmarks",
+        "## Machine",
+        "## Targets",
+        "### tiny",
+        "## How it is measured",
+    ):
+        assert heading in md
+    assert "| fp32 | onnxruntime | yes |" in md
+
+
+def test_clients_against_echo_and_in_process(tiny_repository: Path, tmp_path: Path) -> None:
+    from bench.echo_server import EchoServer
+    from server.engines import get_engine
+
+    subset = subset_repository(tiny_repository, tmp_path / "repo", [("tiny", "int8")])
+    manifest = json.loads((subset / "tiny.manifest.json").read_text())
+    assert list(manifest["variants"]) == ["int8"]
+    assert (subset / "tiny_int8" / "1" / "model.onnx").is_file()
+
+    feeds = {"x": np.ones((1, 16), np.float32)}
+    session = get_engine("onnxruntime").load(subset / "tiny_int8/1/model.onnx", {}, 1)
+    local = clients.inprocess_window(session, feeds, 2, 0.1, 0.0)
+    assert local["requests"] > 0 and local["errors"] == 0 and local["concurrency"] == 2
+
+    payload = clients.infer_request_bytes("tiny_int8", feeds)
+    with EchoServer() as echo:
+        got = clients.grpc_window(echo.grpc_url, payload, 2, 0.2, 0.05)
+    assert got["requests"] > 0 and got["errors"] == 0
+    assert got["p50_ms"] <= got["p99_ms"]
+
+
+def test_ratios_and_targets_from_results() -> None:
+    paths = {
+        "inprocess": {"1": {"rps": 100.0, "p50_ms": 1.0}, "4": {"rps": 200.0, "p50_ms": 2.0}},
+        "gateway": {"1": {"rps": 50.0, "p50_ms": 1.5}, "4": {"rps": 196.0, "p50_ms": 3.0}},
+        "triton": {"1": {"rps": 80.0, "p50_ms": 2.0}},
+        "gateway_triton": {"1": {"rps": 40.0, "p50_ms": 4.5}},
+    }
+    ratios = _ratios(paths, (1, 4))
+    assert ratios["b_over_a"] == {
+        "throughput_c1": 0.5,
+        "throughput_c4": 0.98,
+        "p50_added_ms_c1": 0.5,
+    }
+    assert ratios["d_over_c"]["p50_added_ms_c1"] == 2.5
+    results = {
+        "machine": {"isa_flags": ["avx2"]},
+        "serving": {
+            "variants": {"digits_int8": {"ratios": ratios}, "resnet50_int8": {"ratios": ratios}}
+        },
+    }
+    status = {t["target"].split(",")[0]: t["status"] for t in evaluate(results)}
+    assert status["gateway (embedded) / in-process throughput"] == "met"
+    assert status["gateway adds at p50 over in-process"] == "met"
+    assert status["gateway -> Triton adds at p50 over Triton direct"] == "not met"
