@@ -120,3 +120,43 @@ def test_precision_loadtest_on_digits(digits_repository: Path, tmp_path: Path) -
     assert doc["host"]["cores"] >= 1 and str(doc["host"]["model"]) in report
     assert "Server side for the same windows" in report
     assert doc["inputs"] == "samples"  # real evaluation rows written by the builder
+
+
+def test_locustfile_works_in_the_web_ui(tiny_repository: Path, tmp_path: Path) -> None:
+    """``locust -f loadtest/locustfile.py`` as-is: start a swarm from the web UI's API, see
+    ``tiny/int8`` in its statistics, stop it, and the process exits on SIGTERM."""
+    import urllib.parse
+    import urllib.request
+
+    from tests.helpers import free_port, stop_process, wait_for
+
+    def get(url: str, data: dict[str, str] | None = None) -> dict:
+        body = urllib.parse.urlencode(data).encode() if data is not None else None
+        with urllib.request.urlopen(url, data=body, timeout=10) as r:
+            return json.loads(r.read() or b"{}")
+
+    with GatewayProcess(tiny_repository) as gw:
+        port = free_port()
+        cmd = [sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py"]
+        cmd += ["--web-host", "127.0.0.1", "--web-port", str(port), "--host", gw.grpc_url]
+        cmd += ["--model", "tiny", "--precision", "int8", "--repository", str(tiny_repository)]
+        root = Path(__file__).resolve().parents[2]
+        with open(tmp_path / "locust.log", "wb") as log:
+            proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            ui = f"http://127.0.0.1:{port}"
+            wait_for(lambda: get(f"{ui}/stats/requests") is not None, 60, "the Locust web UI")
+            assert get(f"{ui}/swarm", {"user_count": "2", "spawn_rate": "2"})["success"]
+
+            def served() -> bool:
+                stats = get(f"{ui}/stats/requests")["stats"]
+                return any(s["name"] == "tiny/int8" and s["num_requests"] >= 20 for s in stats)
+
+            wait_for(served, 30, "requests in the web UI's statistics")
+            get(f"{ui}/stop", {})
+            stats = {s["name"]: s for s in get(f"{ui}/stats/requests")["stats"]}
+            assert stats["tiny/int8"]["method"] == "grpc"
+            assert stats["tiny/int8"]["num_failures"] == 0
+        finally:
+            rc = stop_process(proc, grace=20)
+        assert rc is not None and proc.poll() is not None  # exited: no hang at shutdown
