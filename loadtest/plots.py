@@ -39,7 +39,7 @@ def write_plots(out: Path, results: Sequence[StepResult]) -> list[Path]:
             label=_label(p, b, batches),
         )
     ax.set(xlabel="concurrent users", ylabel="inferences / s", title="Throughput vs concurrency")
-    ax.set_xscale("log", base=2)
+    _users_axis(ax, results)
     ax.grid(True, alpha=0.3)
     ax.legend()
     paths.append(_save(fig, out / "throughput_vs_users.png"))
@@ -56,7 +56,7 @@ def write_plots(out: Path, results: Sequence[StepResult]) -> list[Path]:
             for key, style in (("p50", "o-"), ("p90", "s--"), ("p95", "^--"), ("p99", "v:")):
                 ax.plot(xs, [r.latency_ms[key] for r in steps], style, label=f"{key} b{b}")
         ax.set(title=p, xlabel="concurrent users")
-        ax.set_xscale("log", base=2)
+        _users_axis(ax, results)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
     axes[0][0].set_ylabel("latency (ms)")
@@ -82,6 +82,14 @@ def write_plots(out: Path, results: Sequence[StepResult]) -> list[Path]:
     ax.legend(fontsize="small")
     paths.append(_save(fig, out / "latency_throughput.png"))
     return paths
+
+
+def _users_axis(ax, results: Sequence[StepResult]) -> None:  # type: ignore[no-untyped-def]
+    users = sorted({r.users for r in results})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(users)
+    ax.set_xticklabels([str(u) for u in users])
+    ax.minorticks_off()
 
 
 def _save(fig, path: Path) -> Path:  # type: ignore[no-untyped-def]
