@@ -282,7 +282,7 @@ def test_hf_source_exports_minilm_embeddings(tmp_path: Path) -> None:
     model = load_model(f"hf:{folder}", tmp_path / "work")
     assert model.name == "model"
     assert model.transformer and model.task == "embedding"
-    assert model.default_precisions == ["fp32", "fp16", "int8-dynamic"]
+    assert model.default_precisions == ["fp32", "fp16", "bf16", "int8-dynamic"]
     assert [s.name for s in model.inputs] == ["input_ids", "attention_mask", "token_type_ids"]
     assert all(s.dtype == "int64" and s.shape == [-1] for s in model.inputs)
     assert model.outputs == [TensorSpec("embeddings", "float32", [384])]
