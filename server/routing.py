@@ -8,7 +8,6 @@ for a variant name (``digits_int8``) bypasses routing entirely. See docs/gateway
 from __future__ import annotations
 
 import hashlib
-import importlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.errors import ConfigError, ModelNotFound
+from server.plugins import PluginRegistry
 from server.repository import PRECISION_ORDER, Model, Repository
 
 # Least to most accurate: a request whose variant is unready moves right along this chain.
@@ -269,33 +269,33 @@ def _cheapest(model: Model) -> str:
     return model.precisions()[-1]
 
 
-_POLICIES: dict[str, str] = {
-    "fixed": "server.routing:FixedPolicy",
-    "auto": "server.routing:AutoPolicy",
-    "split": "server.routing:SplitPolicy",
-    "shadow": "server.routing:ShadowPolicy",
-}
+_POLICIES = PluginRegistry(
+    "policy",
+    ConfigError,
+    {
+        "fixed": "server.routing:FixedPolicy",
+        "auto": "server.routing:AutoPolicy",
+        "split": "server.routing:SplitPolicy",
+        "shadow": "server.routing:ShadowPolicy",
+    },
+)
 
 
 def register_policy(name: str, target: str) -> None:
-    _POLICIES[name] = target
+    _POLICIES.register(name, target)
 
 
 def policy_names() -> list[str]:
-    return sorted(_POLICIES)
+    return sorted(_POLICIES.names())
 
 
 def make_policy(model: Model, route: ModelRoute) -> Policy:
-    try:
-        target = _POLICIES[route.policy]
-    except KeyError:
+    if route.policy not in _POLICIES:
         raise ConfigError(
             f"routing for model {model.name!r}: unknown policy {route.policy!r} "
             f"(known: {', '.join(policy_names())})"
-        ) from None
-    module_name, _, attr = target.partition(":")
-    cls: Any = getattr(importlib.import_module(module_name), attr)
-    return cls(model, route)
+        )
+    return _POLICIES.load(route.policy)(model, route)
 
 
 # ---- the router --------------------------------------------------------------------------------

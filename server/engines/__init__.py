@@ -7,44 +7,34 @@ engine everywhere. An engine's heavy import happens only when it is used.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from server.engines.base import Engine, EngineError, EngineSession
+from server.plugins import PluginRegistry
 
-# name -> "module:attribute"; imported on first use.
-_REGISTRY: dict[str, str] = {
-    "onnxruntime": "server.engines.onnxruntime_engine:OnnxRuntimeEngine",
-    "openvino": "server.engines.openvino_engine:OpenVinoEngine",
-}
+_ENGINES = PluginRegistry(
+    "engine",
+    EngineError,
+    {
+        "onnxruntime": "server.engines.onnxruntime_engine:OnnxRuntimeEngine",
+        "openvino": "server.engines.openvino_engine:OpenVinoEngine",
+    },
+)
 _LOADED: dict[str, Engine] = {}
 
 
 def register_engine(name: str, target: str) -> None:
     """Register an engine as ``module:attribute`` (a class with a no-argument constructor)."""
-    _REGISTRY[name] = target
+    _ENGINES.register(name, target)
     _LOADED.pop(name, None)
 
 
 def engine_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(_ENGINES.names())
 
 
 def get_engine(name: str) -> Engine:
-    if name in _LOADED:
-        return _LOADED[name]
-    try:
-        target = _REGISTRY[name]
-    except KeyError:
-        raise EngineError(f"unknown engine {name!r}; known: {', '.join(engine_names())}") from None
-    module_name, _, attr = target.partition(":")
-    try:
-        cls: Any = getattr(importlib.import_module(module_name), attr)
-    except ImportError as e:
-        raise EngineError(f"engine {name!r} is not installed ({e})") from e
-    engine = cls()
-    _LOADED[name] = engine
-    return engine
+    if name not in _LOADED:
+        _LOADED[name] = _ENGINES.load(name)()
+    return _LOADED[name]
 
 
 def available_engines() -> list[str]:

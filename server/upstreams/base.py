@@ -26,13 +26,13 @@ Contract for implementations:
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from server.errors import ConfigError, Unavailable
+from server.plugins import PluginRegistry
 from server.repository import Repository, Variant
 
 
@@ -67,25 +67,29 @@ class Upstream(Protocol):
 
 
 # scheme -> "module:attribute"
-_REGISTRY: dict[str, str] = {
-    "embedded": "server.upstreams.embedded:EmbeddedUpstream",
-    "triton": "server.upstreams.triton:TritonUpstream",
-}
+_UPSTREAMS = PluginRegistry(
+    "upstream",
+    ConfigError,
+    {
+        "embedded": "server.upstreams.embedded:EmbeddedUpstream",
+        "triton": "server.upstreams.triton:TritonUpstream",
+    },
+)
 
 
 def register_upstream(scheme: str, target: str) -> None:
-    _REGISTRY[scheme] = target
+    _UPSTREAMS.register(scheme, target)
 
 
 def upstream_schemes() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(_UPSTREAMS.names())
 
 
 def parse_upstream_spec(spec: str) -> tuple[str, str]:
     """``"embedded"`` -> ("embedded", ""); ``"triton://h:1,h:2"`` -> ("triton", "h:1,h:2")."""
     scheme, sep, address = spec.partition("://")
     scheme = scheme.strip().lower()
-    if scheme not in _REGISTRY:
+    if scheme not in _UPSTREAMS:
         raise ConfigError(
             f"unknown upstream {spec!r}; use one of: "
             + ", ".join(f"{s}://..." if s != "embedded" else s for s in upstream_schemes())
@@ -97,12 +101,7 @@ def parse_upstream_spec(spec: str) -> tuple[str, str]:
 
 def create_upstream(spec: str, repository: Repository, settings: UpstreamSettings) -> Upstream:
     scheme, address = parse_upstream_spec(spec)
-    module_name, _, attr = _REGISTRY[scheme].partition(":")
-    try:
-        cls: Any = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"upstream {scheme!r} is not available: {e}") from e
-    return cls(address, repository, settings)
+    return _UPSTREAMS.load(scheme)(address, repository, settings)
 
 
 def report_ready(upstream: str, variant: Variant, ready: bool) -> None:
