@@ -25,8 +25,10 @@ DEFAULT_FALLBACK = ["int8", "int8-dynamic", "fp16", "bf16", "fp32"]
 DEFAULT_SHADOW_FRACTION = 0.1
 # ``auto`` budget when the routing file gives none: accuracy points (0..100) for labelled
 # models, 1 - cosine for models whose manifest says accuracy is not meaningful.
+# The manifest's accuracy_loss is always in points (0..100): accuracy points lost where labels
+# exist, else 100 x (1 - top-1 agreement) for classifiers and 100 x (1 - mean cosine) for
+# embeddings (builder/evaluate.py). One budget unit for every model.
 DEFAULT_BUDGET_POINTS = 1.0
-DEFAULT_BUDGET_COSINE = 0.01
 
 
 # ---- the routing file (pydantic only for parsing) ------------------------------------------
@@ -184,8 +186,7 @@ class AutoPolicy:
     def __init__(self, model: Model, route: ModelRoute) -> None:
         budget = route.accuracy_budget
         if budget is None:
-            meaningful = model.manifest.accuracy_meaningful
-            budget = DEFAULT_BUDGET_POINTS if meaningful else DEFAULT_BUDGET_COSINE
+            budget = DEFAULT_BUDGET_POINTS
         self.budget = budget
         candidates = []
         for precision, variant in model.variants.items():
