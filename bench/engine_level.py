@@ -37,10 +37,10 @@ class EngineWindows:
     """How long to measure each contender per round."""
 
     rounds: int = 3
-    latency_runs: int = 15  # batch-1 runs per contender per round, at most...
+    latency_runs: int = 30  # batch-1 runs per contender per round, at most...
     latency_seconds: float = 1.5  # ...or until this much time has passed (at least 3 runs)
-    throughput_runs: int = 3  # runs per batch size per contender per round, at most...
-    throughput_seconds: float = 1.5  # ...or until this much time has passed (at least 1 run)
+    throughput_runs: int = 20  # runs per batch size per contender per round, at most...
+    throughput_seconds: float = 1.0  # ...or until this much time has passed (at least 1 run)
     quality_rows: int = 32  # sample rows compared with ONNX Runtime FP32
 
 

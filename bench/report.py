@@ -201,17 +201,27 @@ def _serving(s: dict[str, Any]) -> list[str]:
         "closed-loop clients (concurrency = callers in flight): p50/p99 latency and requests/s, "
         "medians over rounds. Clients: threads calling the session for (a), a grpc.aio client "
         "sending one pre-serialised `ModelInferRequest` for (b)-(d), in the bench process on the "
-        "same 2 cores as the servers.",
+        "same 2 cores as the servers. *Server CPU*: user+system time of the serving process "
+        "(`/proc/<pid>/stat`) per request - the gateway's process includes its engine run; for "
+        "(a) the bench process; not shown for Triton, whose model runs in separate stub "
+        "processes.",
         "",
     ]
     for name, v in s["variants"].items():
-        header = ["path", "c1 p50 ms", "c1 p99 ms", *[f"c{c} req/s" for c in cs], "answer check"]
+        header = [
+            "path",
+            "c1 p50 ms",
+            "c1 p99 ms",
+            *[f"c{c} req/s" for c in cs],
+            "server CPU ms/req (c1)",
+            "answer check",
+        ]
         body = []
         for p in PATHS:
             per = v["paths"].get(p)
             if per is None:
                 why = s.get("path_errors", {}).get(p, "not run")
-                body.append([PATH_LABELS[p], "—", "—", *["—" for _ in cs], why[:120]])
+                body.append([PATH_LABELS[p], "—", "—", *["—" for _ in cs], "—", why[:120]])
                 continue
             check = v["answer_checks"].get(p)
             if check is None:
@@ -228,6 +238,7 @@ def _serving(s: dict[str, Any]) -> list[str]:
                     _f(per.get("1", {}).get("p50_ms")),
                     _f(per.get("1", {}).get("p99_ms")),
                     *[_f(per.get(c, {}).get("rps"), 1) for c in cs],
+                    _f(per.get("1", {}).get("server_cpu_ms_per_request"), 3),
                     ctext,
                 ]
             )
@@ -337,6 +348,42 @@ def _bounds(r: dict[str, Any]) -> list[str]:
             "*in the gateway* minus the engine run is request decoding, routing, the batcher "
             "(including its `max_queue_delay_microseconds` wait, up to "
             "the config's value when no second request arrives) and response encoding.",
+            "",
+        ]
+    c4 = serving.get("gateway_c4_breakdown") or {}
+    if c4:
+        body = []
+        for name, b in c4.items():
+            g = b["gateway"]
+            body.append(
+                [
+                    f"`{name}`",
+                    _f(b["client"].get("rps"), 1),
+                    f"{_f(b['client'].get('mean_ms'), 2)} ms",
+                    f"{_f(g.get('request_ms_mean'), 2)} ms",
+                    f"{_f(g.get('queue_ms_mean'), 2)} ms",
+                    f"{_f(g.get('upstream_ms_mean'), 2)} ms",
+                    _f(g.get("batch_rows_mean"), 2),
+                ]
+            )
+        lines += [
+            "**Gateway at concurrency 4**, same histograms: the embedded upstream runs one "
+            "engine call at a time per instance (`instance_group` count 1 in the built configs), "
+            "merging waiting requests into one batch, while in-process the 4 callers run the "
+            "session concurrently.",
+            "",
+            *_table(
+                [
+                    "variant",
+                    "req/s",
+                    "client round trip",
+                    "in the gateway",
+                    "waiting for a batch",
+                    "engine run",
+                    "rows per engine run",
+                ],
+                body,
+            ),
             "",
         ]
     cp = serving.get("gateway_cprofile")

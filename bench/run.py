@@ -39,8 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--serving-threads",
         type=int,
-        default=1,
-        help="engine threads in the serving paths (default 1: the other core is the client's)",
+        help="engine threads in the serving paths (default: --threads)",
     )
     p.add_argument("--no-triton", action="store_true", help="skip paths (c) and (d)")
     p.add_argument("--no-serving", action="store_true", help="engine level only")
@@ -193,8 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         from bench.report import render
 
         md_path = args.markdown or Path("docs/benchmarks.md")
+        from bench.targets import evaluate
+
         try:
-            md_path.write_text(render(json.loads(args.render.read_text())))
+            saved = json.loads(args.render.read_text())
+            saved["targets"] = evaluate(saved)  # judged again from the saved measurements
+            saved["analysis"] = analysis(saved)
+            md_path.write_text(render(saved))
         except (OSError, ValueError, KeyError) as e:
             print(f"bench: error: cannot render {args.render}: {e}", file=sys.stderr)
             return 2
@@ -216,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     engine_w, serving_w = _windows(quick)
+    serving_threads = args.serving_threads if args.serving_threads is not None else args.threads
     repo = args.repository
     _log(f"bench on {info['cpu_model']}, {info['cores']} cores, load {info['load_average_start']}")
     try:
@@ -235,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             "repository": str(repo),
             "json": str(json_path),
             "threads": args.threads,
-            "serving_threads": args.serving_threads,
+            "serving_threads": serving_threads,
             "models": models,
             "serving": [f"{m}:{p}" for m, p in serving],
             "engine_windows": dataclasses.asdict(engine_w),
@@ -252,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             results["serving"] = measure_serving(
                 repo,
                 serving,
-                args.serving_threads,
+                serving_threads,
                 serving_w,
                 with_triton=not args.no_triton,
                 ceiling_model=("digits", "int8") if ("digits", "int8") in serving else serving[0],
@@ -284,7 +289,28 @@ def main(argv: list[str] | None = None) -> int:
     _log(f"wrote {md_path} and {json_path} in {results['elapsed_seconds'] / 60:.1f} min")
     for t in results["targets"]:
         _log(f"target {t['status']:>12}: {t['target']}: {t['measured']} (wanted {t['wanted']})")
+    failed = failures(results)
+    if failed:
+        print(f"bench: error: {len(failed)} part(s) failed: {'; '.join(failed)[:400]}",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 0
+
+
+def failures(results: dict[str, Any]) -> list[str]:
+    """Parts that could not be measured or answered wrongly (the report still says which)."""
+    out = [f"{m}: {r['error']}" for m, r in results.get("engine_level", {}).items() if "error" in r]
+    if results.get("serving_error"):
+        out.append(f"serving: {results['serving_error']}")
+    serving = results.get("serving", {})
+    for path, why in serving.get("path_errors", {}).items():
+        if not why.startswith("skipped"):
+            out.append(f"{path}: {why}")
+    for name, v in serving.get("variants", {}).items():
+        for path, check in v.get("answer_checks", {}).items():
+            if not check.get("ok"):
+                out.append(f"{name} via {path}: wrong answer ({check.get('error', check)})")
+    return out
 
 
 if __name__ == "__main__":

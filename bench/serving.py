@@ -197,10 +197,13 @@ def _window(path: str, target: Target, servers: Servers, c: int, w: ServingWindo
 
 def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [r for r in runs if r["requests"]]
+    cpu = [r.get("server_cpu_ms_per_request", r.get("process_cpu_ms_per_request")) for r in ok]
+    cpu = [c for c in cpu if c is not None]
     return {
         "rps": round(median(r["rps"] for r in ok), 2) if ok else None,
         "p50_ms": round(median(r["p50_ms"] for r in ok), 4) if ok else None,
         "p99_ms": round(median(r["p99_ms"] for r in ok), 4) if ok else None,
+        "server_cpu_ms_per_request": round(median(cpu), 4) if cpu else None,
         "errors": sum(r["errors"] for r in runs),
         "rounds": runs,
     }
@@ -257,6 +260,11 @@ def measure_serving(
                     result["gateway_triton_breakdown"] = gateway_breakdown(
                         t, servers, "gateway_triton", windows
                     )
+            if servers.gateway is not None:
+                result["gateway_c4_breakdown"] = {
+                    t.triton_name: gateway_breakdown(t, servers, "gateway", windows, 4)
+                    for t in targets
+                }
         result["startup_seconds"] = servers.startup_seconds
         result["path_errors"] = servers.errors
     return result
@@ -338,16 +346,19 @@ def gateway_ceiling(
 
 
 def gateway_breakdown(
-    target: Target, servers: Servers, name: str, windows: ServingWindows
+    target: Target, servers: Servers, name: str, windows: ServingWindows, concurrency: int = 1
 ) -> dict[str, Any]:
-    """Where a concurrency-1 request's time goes, from a gateway's own histograms."""
+    """Where a request's time goes, from a gateway's own histograms around one window."""
     url = servers.procs[name].metrics_url
     before = profiling.scrape_histograms(url, target.model, target.precision)
-    out = clients.grpc_window(servers.targets[name], target.payload, 1, windows.seconds, 0.0)
+    out = clients.grpc_window(
+        servers.targets[name], target.payload, concurrency, windows.seconds, 0.0
+    )
     after = profiling.scrape_histograms(url, target.model, target.precision)
     return {
         "variant": target.triton_name,
         "path": name,
+        "concurrency": concurrency,
         "client": out,
         "gateway": profiling.histogram_means(before, after),
     }

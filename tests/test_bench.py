@@ -118,3 +118,25 @@ def test_ratios_and_targets_from_results() -> None:
     assert status["gateway (embedded) / in-process throughput"] == "met"
     assert status["gateway adds at p50 over in-process"] == "met"
     assert status["gateway -> Triton adds at p50 over Triton direct"] == "not met"
+
+
+def test_failures_name_what_could_not_be_measured() -> None:
+    from bench.run import failures
+
+    results = {
+        "engine_level": {"digits": {"contenders": []}, "minilm": {"error": "no manifest"}},
+        "serving": {
+            "path_errors": {"triton": "TritonStartError: boom", "gateway_triton": "skipped (x)"},
+            "variants": {
+                "digits_int8": {
+                    "answer_checks": {"gateway": {"ok": True}, "echo": {"ok": False, "error": "e"}}
+                }
+            },
+        },
+    }
+    assert failures(results) == [
+        "minilm: no manifest",
+        "triton: TritonStartError: boom",
+        "digits_int8 via echo: wrong answer (e)",
+    ]
+    assert failures({"engine_level": {"digits": {}}}) == []
