@@ -197,10 +197,11 @@ def _serving(s: dict[str, Any]) -> list[str]:
     lines = [
         "## 2. Serving overhead",
         "",
-        "Same variant, same input row (batch 1 per request), four paths measured round-robin; "
+        "Same variant, same input row (batch 1 per request), the four serving paths plus a bare "
+        "gRPC echo (the floor of one Python gRPC hop) measured round-robin; "
         "closed-loop clients (concurrency = callers in flight): p50/p99 latency and requests/s, "
         "medians over rounds. Clients: threads calling the session for (a), a grpc.aio client "
-        "sending one pre-serialised `ModelInferRequest` for (b)-(d), in the bench process on the "
+        "sending one pre-serialised `ModelInferRequest` for (b)-(e), in the bench process on the "
         "same 2 cores as the servers. *Server CPU*: user+system time of the serving process "
         "(`/proc/<pid>/stat`) per request - the gateway's process includes its engine run; for "
         "(a) the bench process; not shown for Triton, whose model runs in separate stub "
