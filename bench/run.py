@@ -162,6 +162,22 @@ def analysis(results: dict[str, Any]) -> list[str]:
             "VNNI/AMX-INT8 does, and the bf16 variant (OpenVINO BF16 on AMX, the target's MiniLM "
             "path) is not built. The profiles above show where each engine's time goes."
         )
+    ops = results.get("profiles", {}).get("onnxruntime_ops", {})
+    for fp32_key in [k for k in ops if "_fp32 " in k]:
+        model = fp32_key.split("_")[0]
+        other = next((k for k in ops if k != fp32_key and k.split("_")[0] == model), None)
+        a, b = ops[fp32_key], ops.get(other or "", {})
+        if a.get("kernel_ms_per_run") and b.get("kernel_ms_per_run"):
+            ratio = a["kernel_ms_per_run"] / b["kernel_ms_per_run"]
+            out.append(
+                f"ONNX Runtime's profiler: `{other}` spends {b['kernel_ms_per_run']:.1f} ms in "
+                f"kernels per run against {a['kernel_ms_per_run']:.1f} ms for `{fp32_key}` "
+                f"({ratio:.2f}x); the largest operator is {b['top_ops'][0]['op']} "
+                f"({100 * (b['top_ops'][0]['share'] or 0):.0f} % of kernel time) against "
+                f"{a['top_ops'][0]['op']} ({100 * (a['top_ops'][0]['share'] or 0):.0f} %): "
+                "the compute kernels "
+                "themselves, not overheads around them, bound the INT8 speed-up on this CPU."
+            )
     ceiling = results.get("serving", {}).get("ceiling", {})
     best = ceiling.get("best") if ceiling else None
     if best and best.get("gateway_cpu_ms_per_request"):
