@@ -49,6 +49,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="with --target gpu: write GPU configs and ONNX inputs without building engines",
     )
     p.add_argument("--instances", type=int, default=1, help="Triton instance_group count")
+    p.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=0,
+        help="dynamic_batching max_queue_delay_microseconds (0: batch only what already queued)",
+    )
     p.add_argument("--threads", type=int, default=0, help="engine threads for checks (0: auto)")
     p.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -72,6 +78,7 @@ def options_from_args(args: argparse.Namespace):
         measure_speed=not args.no_speed,
         threads=args.threads,
         instance_count=args.instances,
+        max_queue_delay_us=args.max_queue_delay_us,
         engine=args.engine,
         target=args.target,
         configs_only=args.configs_only,

@@ -148,7 +148,8 @@ def test_metadata_config_index_and_statistics(gateway):
         assert g.get_model_metadata(name).inputs[0].shape == [-1, 16]
     cfg = g.get_model_config("tiny").config
     assert cfg.name == "tiny" and cfg.max_batch_size == 32  # the default (fp32) variant's config
-    assert cfg.dynamic_batching.max_queue_delay_microseconds == 500
+    assert cfg.HasField("dynamic_batching")
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [4, 8, 16]
     assert h.get_model_config("tiny_int8")["name"] == "tiny_int8"
     assert g.get_server_metadata().name == "precision-serve"
     index = {m.name: m.state for m in g.get_model_repository_index().models}
