@@ -43,7 +43,9 @@ class VariantInfo:
 
     size_mb: float | None = None
     accuracy: float | None = None  # 0..100
-    accuracy_loss: float | None = None  # points vs FP32 (or 1 - cosine without labels)
+    # Points vs FP32, as the builder records it: accuracy points with labels, else
+    # 100 x (1 - top-1 agreement) for classifiers and 100 x (1 - mean cosine) for embeddings.
+    accuracy_loss: float | None = None
     cosine_mean: float | None = None
 
 
@@ -118,7 +120,7 @@ def recommendations(results: Sequence[StepResult], info: RunInfo) -> list[str]:
     ]
     budget = info.accuracy_budget
     labelled = any(v.accuracy is not None for v in info.variants.values())
-    unit = "pt" if labelled else "of 1 - cosine"
+    unit = "pt" if labelled else "pt of 100 x (1 - agreement or cosine)"
     ok = [
         p
         for p in precs
@@ -147,9 +149,7 @@ def recommendations(results: Sequence[StepResult], info: RunInfo) -> list[str]:
 def _loss(v: VariantInfo) -> str:
     if v.accuracy_loss is None:
         return "loss unknown"
-    if v.accuracy is not None:
-        return f"{v.accuracy_loss:.2f} pt below fp32"
-    return f"1 - cosine = {v.accuracy_loss:.4f} vs fp32"
+    return f"{v.accuracy_loss:.2f} pt below fp32"
 
 
 def _mb(x: float | None) -> str:
