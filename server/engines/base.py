@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+
+def importable(module: str) -> bool:
+    """Whether ``module`` can be imported here (without importing it)."""
+    return importlib.util.find_spec(module) is not None
 
 
 class EngineError(Exception):

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from server.engines.base import EngineError, IOSpec
+from server.engines.base import EngineError, IOSpec, importable
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -50,11 +50,7 @@ class OnnxRuntimeEngine:
     name = "onnxruntime"
 
     def available(self) -> bool:
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            return False
-        return True
+        return importable("onnxruntime")
 
     def load(
         self, path: Path, options: Mapping[str, Any] | None = None, threads: int = 0

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from server.engines.base import EngineError, IOSpec
+from server.engines.base import EngineError, IOSpec, importable
 
 log = logging.getLogger(__name__)
 
@@ -178,11 +178,7 @@ class OpenVinoEngine:
     name = "openvino"
 
     def available(self) -> bool:
-        try:
-            import openvino  # noqa: F401
-        except ImportError:
-            return False
-        return True
+        return importable("openvino")
 
     def load(
         self, path: Path, options: Mapping[str, Any] | None = None, threads: int = 0
