@@ -27,11 +27,9 @@ $(STAMP): pyproject.toml | system-deps
 	@touch $(STAMP)
 
 demo: install
-	$(BIN)/python -m builder.demo --repository $(REPO)
+	$(BIN)/python -m loadtest.demo --repository $(REPO)
 
-test: install
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+test: install lint
 	$(BIN)/python -m pytest -q
 
 bench: install
@@ -40,8 +38,11 @@ bench: install
 bench-quick: install
 	$(BIN)/python -m bench.run --quick
 
-lint:
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+# ruff, then the layer contract in pyproject.toml ([tool.importlinter]).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 format:
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .

@@ -73,7 +73,7 @@ def _windows(quick: bool) -> tuple[EngineWindows, ServingWindows]:
 
 def ensure_built(repository: Path, models: list[str], rebuild: bool) -> dict[str, str]:
     """Build what is missing (the builder keeps existing variants); returns what was done."""
-    from builder.manifest import load_manifest, manifest_path
+    from server.model_repository import load_manifest, manifest_path
 
     done = {}
     for name in models:
@@ -126,7 +126,7 @@ def run_profiles(repository: Path, engine: dict[str, Any], threads: int) -> dict
     """ONNX Runtime's profiler on the variants the precision targets compare."""
     from bench.engine_level import load_samples, rows
     from bench.profiling import ort_op_profile
-    from builder.manifest import load_manifest, manifest_path
+    from server.model_repository import load_manifest, manifest_path
 
     out: dict[str, Any] = {}
     plan = {"resnet50": ("fp32", "int8"), "minilm": ("fp32", "int8-dynamic")}

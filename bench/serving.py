@@ -31,8 +31,8 @@ import numpy as np
 from bench import clients, profiling
 from bench.engine_level import load_samples, rows
 from bench.stats import median
-from builder.manifest import load_manifest, manifest_path
 from server.engines import get_engine
+from server.model_repository import load_manifest, manifest_path
 
 PATHS = ("inprocess", "gateway", "triton", "gateway_triton", "echo")
 SETTLE_SECONDS = 0.1

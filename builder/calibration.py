@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from builder.errors import CalibrationDataError
-from builder.manifest import TensorSpec
 from builder.sources.base import Dataset
+from server.model_repository import TensorSpec
 
 METHODS = ("minmax", "entropy", "percentile")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm")

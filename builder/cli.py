@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from builder.calibration import METHODS
-from builder.errors import BuildError
+from builder.errors import USER_ERRORS
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -62,7 +62,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def options_from_args(args: argparse.Namespace):
-    from builder.pipeline import BuildOptions
+    from builder.options import BuildOptions
 
     precisions = (
         [s.strip() for s in args.precisions.split(",") if s.strip()] if args.precisions else None
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from builder.report import summary
 
         manifest = build_model(args.model, options_from_args(args))
-    except BuildError as e:
+    except USER_ERRORS as e:
         print(f"precision-build: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

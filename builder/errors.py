@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from server.model_repository.errors import RepositoryError
+
 
 class BuildError(Exception):
     """Base class: a build could not be done, for a reason the user can act on."""
@@ -19,5 +21,7 @@ class QuantizationError(BuildError):
     """A precision variant could not be produced from the FP32 model."""
 
 
-class RepositoryError(BuildError):
-    """The model repository cannot be written or read."""
+# The model repository's own errors (unreadable manifest, unwritable folder, bad config.pbtxt)
+# are server.model_repository.RepositoryError: the gateway reads repositories too, and it sits
+# below the builder. builder.cli reports both families the same way.
+USER_ERRORS: tuple[type[Exception], ...] = (BuildError, RepositoryError)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +11,11 @@ from tqdm.auto import tqdm
 
 from builder import hostinfo
 from builder.cache import calibration_cache_dir
-from builder.calibration import METHODS, load_calibration_data
+from builder.calibration import load_calibration_data
 from builder.engine_choice import choose_engine, measure_round_robin
 from builder.errors import BuildError
 from builder.evaluate import EVAL_BATCH, Evaluator
-from builder.manifest import Manifest, VariantRecord, load_manifest, manifest_path
+from builder.options import BuildOptions
 from builder.precisions import BuildContext, VariantResult, get_precision
 from builder.prepare import optimize_basic
 from builder.repository import (
@@ -28,59 +27,22 @@ from builder.repository import (
 )
 from builder.sources import LoadedModel, load_model
 from builder.triton_backend import standard_backend
-from builder.triton_config import ServingOptions, build_model_config, write_config
-from server.engines import EngineError, engine_names, get_engine
+from server.engines import EngineError, get_engine
+from server.model_repository import (
+    SAMPLES_LABELS_KEY,
+    Manifest,
+    ServingOptions,
+    VariantRecord,
+    atomic_write_bytes,
+    build_model_config,
+    load_manifest,
+    manifest_path,
+    samples_path,
+    variant_name,
+    write_config,
+)
 
 log = logging.getLogger(__name__)
-
-TARGETS = ("cpu", "gpu")
-
-
-@dataclass
-class BuildOptions:
-    """Everything a build can be told; the CLI only fills this in."""
-
-    repository: Path = Path("model_repository")
-    precisions: list[str] | None = None  # None: the source's defaults
-    calibration_method: str = "minmax"
-    calibration_data: Path | None = None
-    calibration_samples: int = 256
-    accuracy_budget: float | None = None  # points of accuracy (see builder.evaluate)
-    force: bool = False
-    measure_speed: bool = True
-    threads: int = 0  # engine threads for evaluation/timing; 0 = engine default
-    instance_count: int = 1
-    # 0: batch what queued while the engine was busy, never wait for more. On CPUs batching
-    # gains little per row for big models, and at low load any wait is pure latency (the
-    # gateway benchmark measured 0.67 ms of its p50 waiting at 500 us). Raise it for GPUs.
-    max_queue_delay_us: int = 0
-    engine: str | None = None  # force one engine for every variant
-    target: str = "cpu"
-    configs_only: bool = False
-    progress: bool = True
-    extra: dict[str, object] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.repository = Path(self.repository)
-        if self.calibration_method not in METHODS:
-            raise BuildError(
-                f"calibration_method must be one of {', '.join(METHODS)}, "
-                f"got {self.calibration_method!r}"
-            )
-        if self.calibration_samples < 1:
-            raise BuildError(f"calibration_samples must be >= 1, got {self.calibration_samples}")
-        if self.accuracy_budget is not None and self.accuracy_budget < 0:
-            raise BuildError(f"accuracy_budget must be >= 0, got {self.accuracy_budget}")
-        if self.engine is not None and self.engine not in engine_names():
-            raise BuildError(f"unknown engine {self.engine!r}; known: {', '.join(engine_names())}")
-        if self.target not in TARGETS:
-            raise BuildError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
-        if self.calibration_data is not None:
-            self.calibration_data = Path(self.calibration_data)
-
-
-def triton_name(model: str, precision: str) -> str:
-    return f"{model}_{precision}"
 
 
 def speed_batch(model: LoadedModel) -> int:
@@ -160,7 +122,7 @@ def _build(spec: str, options: BuildOptions, repo: Path, work: Path) -> Manifest
     bar = tqdm(precisions, desc=f"{model.name}: variants", disable=not options.progress)
     for precision in bar:
         bar.set_postfix_str(precision)
-        name = triton_name(model.name, precision)
+        name = variant_name(model.name, precision)
         if not options.force and _existing(old, repo, precision):
             log.info("%s exists; kept (use --force to rebuild)", name)
             continue
@@ -209,12 +171,7 @@ def _build_gpu(manifest: Manifest, model: LoadedModel, repo: Path, options: Buil
     manifest.save(repo)
 
 
-SAMPLES_SUFFIX = ".samples.npz"
 SAMPLE_ROWS = 64
-
-
-def samples_path(repository: Path, model: str) -> Path:
-    return Path(repository) / f"{model}{SAMPLES_SUFFIX}"
 
 
 def write_samples(repo: Path, model: LoadedModel) -> Path:
@@ -227,13 +184,11 @@ def write_samples(repo: Path, model: LoadedModel) -> Path:
     rows = model.evaluation.take(SAMPLE_ROWS)
     arrays = dict(rows.inputs)
     if rows.labels is not None:
-        arrays["__labels__"] = rows.labels
+        arrays[SAMPLES_LABELS_KEY] = rows.labels
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     target = samples_path(repo, model.name)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(target)
+    atomic_write_bytes(target, buf.getvalue())
     return target
 
 
@@ -249,7 +204,7 @@ def _build_variant(
     cache_dir: Path,
     serving: ServingOptions,
 ) -> VariantRecord:
-    name = triton_name(model.name, precision)
+    name = variant_name(model.name, precision)
     started = time.perf_counter()
     staged = work / name
     out_file = variant_layout(staged)

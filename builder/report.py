@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from builder.manifest import Manifest
+from server.model_repository import Manifest
 
 
 def _fmt(value: float | None, spec: str, empty: str = "-") -> str:

@@ -7,10 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from builder.errors import RepositoryError
-
-VERSION = "1"
-MODEL_FILENAME = "model.onnx"
+from server.model_repository import MODEL_FILENAME, VERSION, RepositoryError
 
 
 def ensure_writable(repository: Path) -> Path:

@@ -100,7 +100,7 @@ def check_precisions(config: LoadTestConfig) -> None:
     """Fail early, naming the precision, when the manifest has no such variant."""
     if config.repository is None:
         return
-    from builder.manifest import load_manifest, manifest_path
+    from server.model_repository import load_manifest, manifest_path
 
     path = manifest_path(config.repository, config.model)
     if not path.is_file():

@@ -1,9 +1,10 @@
-"""The load-test part of ``make demo``: a short run across the precisions of each demo model.
+"""``make demo``: build the demo models, then a short load test across each one's precisions.
 
     from loadtest.demo import run_demo
     run_demo(Path("model_repository"), ["digits"], Path("reports/demo"))
 
-or ``python -m loadtest.demo --repository model_repository --models digits --out reports/demo``.
+or ``python -m loadtest.demo`` (what ``make demo`` runs): build the demo models, then load-test
+them; ``--no-build`` load-tests what is already built.
 One gateway (embedded upstream) serves the whole repository; each model gets users 1 and 4 at
 batch 1, 5 s per step after a 1 s warm-up, and its own report folder under ``out``.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,7 +26,7 @@ DEMO_WARMUP_S = 1
 
 
 def _precisions(repository: Path, model: str) -> list[str]:
-    from builder.manifest import load_manifest, manifest_path
+    from server.model_repository import load_manifest, manifest_path
 
     return list(load_manifest(manifest_path(repository, model)).variants)
 
@@ -72,19 +74,54 @@ def run_demo(
     return outcomes
 
 
+DEMO_MODELS = ("digits", "minilm", "resnet50")
+
+
+def build_demo_models(repository: Path, models: Sequence[str], log: Callable[[str], None]) -> None:
+    """Build every precision variant of each demo model (variants already built are kept)."""
+    from builder.errors import USER_ERRORS
+    from builder.pipeline import BuildOptions, build_model
+    from builder.report import summary
+
+    for name in models:
+        log(f"== building {name} (variants are kept if already built) ==")
+        try:
+            manifest = build_model(name, BuildOptions(repository=repository))
+        except USER_ERRORS as e:
+            raise LoadTestError(f"building {name}: {e}") from e
+        log(summary(manifest) + "\n")
+    log(f"repository: {repository.resolve()}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``make demo``: build the demo models, then load-test them through one gateway."""
     p = argparse.ArgumentParser(prog="python -m loadtest.demo")
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
-    p.add_argument("--models", default="digits", help="comma-separated logical models")
+    p.add_argument("--models", default=",".join(DEMO_MODELS), help="demo models to build")
+    p.add_argument(
+        "--loadtest-models", default="digits,minilm", help="models to load-test (short steps)"
+    )
     p.add_argument("--out", type=Path, default=Path("reports/demo"))
     p.add_argument("--duration", type=int, default=DEMO_DURATION_S, help="seconds per step")
+    p.add_argument("--no-build", action="store_true", help="load-test what is already built")
+    p.add_argument("--no-loadtest", action="store_true", help="build and print tables only")
     args = p.parse_args(argv)
+    started = time.monotonic()
     models = [m for m in args.models.split(",") if m]
+    targets = [m for m in args.loadtest_models.split(",") if m and (args.no_build or m in models)]
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
     try:
-        run_demo(args.repository, models, args.out, duration_s=args.duration)
+        if not args.no_build:
+            build_demo_models(args.repository, models, log)
+        if not args.no_loadtest:
+            run_demo(args.repository, targets, args.out, duration_s=args.duration, log=log)
     except LoadTestError as e:
-        print(f"loadtest demo: error: {e}", file=sys.stderr)
+        print(f"demo: error: {e}", file=sys.stderr)
         return 2
+    print(f"\ndemo finished in {time.monotonic() - started:.0f} s", flush=True)
     return 0
 
 

@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from loadtest.errors import ConfigError
+from server.model_repository import SAMPLES_LABELS_KEY, samples_path
 
 log = logging.getLogger(__name__)
 
-SAMPLES_SUFFIX = ".samples.npz"  # same convention as builder.pipeline.samples_path
-LABELS_KEY = "__labels__"
 DYNAMIC_DIM = 16  # length used for a -1 dimension in synthetic inputs
 
 
@@ -57,13 +56,9 @@ class SampleInputs:
         return out
 
 
-def samples_path(repository: Path, model: str) -> Path:
-    return Path(repository) / f"{model}{SAMPLES_SUFFIX}"
-
-
 def read_samples(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files if k != LABELS_KEY}
+        return {k: data[k] for k in data.files if k != SAMPLES_LABELS_KEY}
 
 
 def synthetic(specs: list[InputSpec], rows: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
@@ -88,7 +83,7 @@ def synthetic(specs: list[InputSpec], rows: int = 64, seed: int = 0) -> dict[str
 
 def manifest_specs(repository: Path, model: str) -> list[InputSpec] | None:
     """Input specs from ``<repository>/<model>.manifest.json``, or None when there is none."""
-    from builder.manifest import load_manifest, manifest_path  # light: json + dataclasses
+    from server.model_repository import load_manifest, manifest_path  # light: json + dataclasses
 
     path = manifest_path(Path(repository), model)
     if not path.is_file():

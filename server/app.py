@@ -21,12 +21,11 @@ import grpc
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from builder.errors import BuildError
-from builder.manifest import atomic_write_text
 from server.core import Gateway
 from server.errors import ConfigError
 from server.grpc_service import start_grpc_server
 from server.http_app import start_http_server
+from server.model_repository import RepositoryError, atomic_write_text
 from server.repository import load_repository
 from server.routing import Router, load_routing
 from server.upstreams.base import Upstream, UpstreamSettings, create_upstream
@@ -139,7 +138,7 @@ class GatewayServer:
                 atomic_write_text(
                     Path(o.ready_file), json.dumps({**self.ports, "pid": os.getpid()})
                 )
-            except BuildError as e:
+            except RepositoryError as e:
                 raise ConfigError(f"cannot write --ready-file: {e}") from e
         log.info("precision-serve ready: %s", self.ports)
         return self.ports
@@ -166,11 +165,3 @@ async def serve(options: ServeOptions) -> None:
         log.info("precision-serve: signal received, draining (grace %.0fs)", options.grace_s)
     finally:
         await server.stop()
-
-
-def __getattr__(name: str):  # server.app.GatewayProcess, without importing it eagerly
-    if name in ("GatewayProcess", "InProcessGateway"):
-        from server import testing
-
-        return getattr(testing, name)
-    raise AttributeError(name)

@@ -4,7 +4,7 @@ A logical model (``digits``) has one :class:`Variant` per built precision (``dig
 The served interface of a variant comes from its ``config.pbtxt`` (what Triton would serve);
 the manifest supplies the precision, engine, file, speed and quality records. A variant whose
 config cannot be read is kept with ``problem`` set, so it reports unready instead of stopping
-the whole gateway. No torch here (builder.manifest and builder.triton_config import none).
+the whole gateway.
 """
 
 from __future__ import annotations
@@ -15,41 +15,23 @@ from pathlib import Path
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from builder.errors import BuildError
-from builder.manifest import Manifest, TensorSpec, VariantRecord, load_manifests
-from builder.triton_config import (
+from server.errors import ConfigError
+from server.model_repository import (
+    Manifest,
+    RepositoryError,
     ServingOptions,
+    TensorSpec,
+    VariantRecord,
     build_model_config,
-    config_dtype_to_np,
+    from_config_type,
+    load_manifests,
     read_config,
     serving_options_from_config,
+    to_datatype,
 )
-from server.errors import ConfigError
-
-# numpy dtype name -> KServe v2 datatype
-_NP_TO_KSERVE = {
-    "bool": "BOOL",
-    "uint8": "UINT8",
-    "uint16": "UINT16",
-    "uint32": "UINT32",
-    "uint64": "UINT64",
-    "int8": "INT8",
-    "int16": "INT16",
-    "int32": "INT32",
-    "int64": "INT64",
-    "float16": "FP16",
-    "float32": "FP32",
-    "float64": "FP64",
-    "object": "BYTES",
-}
-KSERVE_TO_NP = {v: np.dtype(k) for k, v in _NP_TO_KSERVE.items()}
 
 # Most accurate first: used for defaults and for ordering listings.
 PRECISION_ORDER = ["fp32", "bf16", "fp16", "int8-dynamic", "int8"]
-
-
-def kserve_datatype(dtype: np.dtype) -> str:
-    return _NP_TO_KSERVE[np.dtype(dtype).name]
 
 
 @dataclass(frozen=True)
@@ -62,7 +44,7 @@ class TensorInfo:
 
     @property
     def datatype(self) -> str:
-        return kserve_datatype(self.dtype)
+        return to_datatype(self.dtype)
 
 
 @dataclass
@@ -119,7 +101,7 @@ class Repository:
 
 
 def _tensors_from_config(items: list) -> list[TensorInfo]:
-    return [TensorInfo(t.name, config_dtype_to_np(t.data_type), tuple(t.dims)) for t in items]
+    return [TensorInfo(t.name, from_config_type(t.data_type), tuple(t.dims)) for t in items]
 
 
 def _tensors_from_specs(specs: list[TensorSpec]) -> list[TensorInfo]:
@@ -134,7 +116,7 @@ def _load_variant(root: Path, manifest: Manifest, record: VariantRecord) -> Vari
         serving = serving_options_from_config(config)
         inputs = _tensors_from_config(list(config.input))
         outputs = _tensors_from_config(list(config.output))
-    except (BuildError, KeyError, ValueError) as e:
+    except (RepositoryError, KeyError, ValueError) as e:
         problem = f"config of {record.triton_name} unusable: {e}"
         serving = ServingOptions(max_batch_size=manifest.max_batch_size)
         config = build_model_config(record.triton_name, manifest.inputs, manifest.outputs, serving)
@@ -161,7 +143,7 @@ def load_repository(root: Path) -> Repository:
     root = Path(root)
     try:
         manifests = load_manifests(root)
-    except BuildError as e:
+    except RepositoryError as e:
         raise ConfigError(str(e)) from e
     if not manifests:
         raise ConfigError(f"model repository {root} holds no *.manifest.json (build a model first)")

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from server.errors import InvalidInput
-from server.repository import KSERVE_TO_NP, kserve_datatype
+from server.model_repository.dtypes import from_datatype, to_datatype
+from server.model_repository.errors import DtypeError
 
 
 @dataclass
@@ -33,7 +34,10 @@ class WireTensor:
             return len(self.raw)
         if self.values is None:
             return 0
-        size = np.dtype(KSERVE_TO_NP.get(self.datatype, np.float64)).itemsize
+        try:
+            size = from_datatype(self.datatype).itemsize
+        except DtypeError:
+            size = 8
         return len(self.values) * size if hasattr(self.values, "__len__") else 0
 
 
@@ -56,8 +60,8 @@ def _flatten(values: Any) -> list[Any]:
 def decode(t: WireTensor) -> np.ndarray:
     """A numpy array of ``t``'s declared datatype and shape; InvalidInput when it cannot be."""
     try:
-        dtype = KSERVE_TO_NP[t.datatype]
-    except KeyError:
+        dtype = from_datatype(t.datatype)
+    except DtypeError:
         raise InvalidInput(f"input {t.name!r}: unknown datatype {t.datatype!r}") from None
     if any(d < 0 for d in t.shape):
         raise InvalidInput(f"input {t.name!r}: shape {list(t.shape)} has a negative dimension")
@@ -109,4 +113,4 @@ def encode_raw(arr: np.ndarray) -> bytes:
 
 
 def datatype_of(arr: np.ndarray) -> str:
-    return kserve_datatype(arr.dtype)
+    return to_datatype(arr.dtype)

@@ -12,10 +12,14 @@ import onnxruntime as ort
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from builder.errors import BuildError, CalibrationDataError, RepositoryError, SourceError
-from builder.manifest import load_manifest, load_manifests
+from builder.errors import BuildError, CalibrationDataError, SourceError
 from builder.pipeline import BuildOptions, build_model
-from builder.triton_config import parse_config_text
+from server.model_repository import (
+    RepositoryError,
+    load_manifest,
+    load_manifests,
+    parse_config_text,
+)
 from tests.helpers import make_tiny_onnx
 
 PRECISIONS = ["fp32", "fp16", "int8"]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.manifest import load_manifests
 from builder.pipeline import BuildOptions, build_model
+from server.model_repository import load_manifests
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

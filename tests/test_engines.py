@@ -14,14 +14,13 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from builder import engine_choice, hostinfo
 from builder.errors import BuildError
-from builder.manifest import load_manifests
 from builder.pipeline import BuildOptions, build_model
 from builder.precisions import get_precision
 from builder.precisions.base import VariantResult
 from builder.precisions.int8 import host_quant_types
 from builder.sources.base import Dataset, LoadedModel
-from builder.triton_config import ServingOptions, build_model_config, read_config
 from server.engines import EngineError, get_engine
+from server.model_repository import ServingOptions, build_model_config, load_manifests, read_config
 from tests.helpers import make_tiny_onnx, skip_or_fail
 
 ENGINES = [("onnxruntime", {}), ("openvino", {}), ("openvino", {"inference_precision": "bf16"})]
@@ -308,8 +307,8 @@ def test_a_faster_engine_that_loses_quality_is_rejected(
 def test_openvino_config_round_trips_through_the_protobuf() -> None:
     from google.protobuf import text_format
 
-    from builder.manifest import TensorSpec
     from builder.triton_backend import standard_backend
+    from server.model_repository import TensorSpec
 
     kwargs = standard_backend(
         "openvino", {"inference_precision": "bf16", "num_streams": 2}, "model.onnx", 8

@@ -29,9 +29,17 @@ from builder.gpu.errors import EngineBuildError, GpuUnavailableError
 from builder.gpu.quant import quantize_for_tensorrt, tensorrt_qdq_problems, weight_quantization
 from builder.gpu.target import GpuTargetOptions, build_gpu_target
 from builder.gpu.tensorrt_build import EngineBuildOptions, build_engine, profile_shapes
-from builder.manifest import Manifest, TensorSpec, VariantRecord, load_manifest
 from builder.sources.base import Dataset
-from builder.triton_config import CONFIG_NAME, ServingOptions, build_model_config, write_config
+from server.model_repository import (
+    CONFIG_NAME,
+    Manifest,
+    ServingOptions,
+    TensorSpec,
+    VariantRecord,
+    build_model_config,
+    load_manifest,
+    write_config,
+)
 from tests.helpers import make_tiny_onnx
 
 INPUTS = [TensorSpec("x", "float32", [16])]

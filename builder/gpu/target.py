@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder.errors import RepositoryError
 from builder.gpu.configs import (
     PRECISION_MODES,
     onnxruntime_tensorrt_config,
@@ -46,10 +45,12 @@ from builder.gpu.tensorrt_build import (
     profile_shapes,
     timing_cache_path,
 )
-from builder.manifest import Manifest, VariantRecord
 from builder.sources.base import Dataset
-from builder.triton_config import (
+from server.model_repository import (
+    Manifest,
+    RepositoryError,
     ServingOptions,
+    VariantRecord,
     read_config,
     serving_options_from_config,
     write_config,

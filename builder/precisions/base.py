@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from builder.evaluate import Evaluator
-    from builder.pipeline import BuildOptions
+    from builder.options import BuildOptions
     from builder.sources.base import LoadedModel
 
 

@@ -19,7 +19,7 @@ from builder.precisions.base import BuildContext, VariantResult
 from builder.sources.base import LoadedModel
 
 if TYPE_CHECKING:
-    from builder.pipeline import BuildOptions
+    from builder.options import BuildOptions
 
 ENGINE = "openvino"
 ENGINE_OPTIONS = {"inference_precision": "bf16"}

@@ -9,7 +9,7 @@ from typing import Protocol
 
 import numpy as np
 
-from builder.manifest import TensorSpec
+from server.model_repository import TensorSpec
 
 
 @dataclass

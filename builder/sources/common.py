@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from builder.errors import SourceError
-from builder.manifest import TensorSpec
 from builder.sources.base import Dataset
+from server.model_repository import TensorSpec
 
 EXPORT_OPSET = 17
 # Value used for a dynamic non-batch dimension (sequence length...) in synthetic data.

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import SourceError
-from builder.manifest import TensorSpec
 from builder.sources.base import Dataset, LoadedModel
 from builder.sources.common import (
     SYNTHETIC_NOTE,
@@ -33,6 +32,7 @@ from builder.sources.common import (
     synthetic_dataset,
     task_for_outputs,
 )
+from server.model_repository import TensorSpec
 
 CALIBRATION_SAMPLES = 64
 EVALUATION_SAMPLES = 64

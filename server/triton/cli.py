@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from builder.manifest import atomic_write_text
+from server.model_repository import RepositoryError, atomic_write_text
 from server.triton.errors import TritonError
 
 PROG = "precision-serve triton"
@@ -139,11 +139,9 @@ def _start(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run parsed arguments; errors become one line on stderr and exit code 2."""
-    from builder.errors import BuildError
-
     try:
         return int(args.func(args))
-    except (TritonError, BuildError) as e:
+    except (TritonError, RepositoryError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"{PROG}: error: {first}", file=sys.stderr)
         return 2

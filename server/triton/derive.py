@@ -17,9 +17,13 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from builder.errors import BuildError
-from builder.manifest import VariantRecord, load_manifests
-from builder.triton_config import read_config, write_config
+from server.model_repository import (
+    RepositoryError,
+    VariantRecord,
+    load_manifests,
+    read_config,
+    write_config,
+)
 from server.triton import python_model
 from server.triton.errors import TritonRepositoryError
 
@@ -86,7 +90,7 @@ def derive_repository(repository: Path, target: Path, threads: int = 1) -> list[
     target = Path(target)
     try:
         manifests = load_manifests(repository)
-    except BuildError as e:
+    except RepositoryError as e:
         raise TritonRepositoryError(str(e)) from e
     if not manifests:
         raise TritonRepositoryError(f"model repository {repository} holds no *.manifest.json")
@@ -107,7 +111,7 @@ def derive_repository(repository: Path, target: Path, threads: int = 1) -> list[
                 )
             try:
                 standard = read_config(repository / record.triton_name)
-            except BuildError as e:
+            except RepositoryError as e:
                 raise TritonRepositoryError(f"variant {record.triton_name}: {e}") from e
             if standard.name != record.triton_name:
                 raise TritonRepositoryError(

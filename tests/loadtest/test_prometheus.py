@@ -27,8 +27,8 @@ import tritonclient.grpc as grpcclient
 import yaml
 from tritonclient.utils import InferenceServerException
 
-from builder.manifest import load_manifests
 from loadtest.runner import Step, StepSettings, locust_command
+from server.model_repository import load_manifests
 from server.testing import GatewayProcess
 from tests.helpers import stop_process
 from tests.loadtest.promserver import ROOT, PrometheusServer, config_from_deploy

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from builder.manifest import load_manifests
+from server.model_repository import load_manifests
 from server.testing import GatewayProcess
 
 # speed (ms) and accuracy loss (points) written into routing_repo's manifest

@@ -119,7 +119,7 @@ def test_gateway_merges_concurrent_requests_and_splits_answers(repo_copy):
     requests share engine runs, and every client still gets its own row back."""
     import tritonclient.grpc.aio as aioclient
 
-    from builder.triton_config import read_config, write_config
+    from server.model_repository import read_config, write_config
     from server.testing import GatewayProcess
     from tests.server.conftest import ort_outputs, rows
     from tests.server.test_policies import sample_value, scrape

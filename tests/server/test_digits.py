@@ -10,8 +10,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from builder.manifest import load_manifests
 from server.engines import get_engine
+from server.model_repository import load_manifests
 from server.testing import GatewayProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from builder.manifest import load_manifests
-from builder.triton_config import read_config
+from server.model_repository import load_manifests, read_config
 from server.triton import python_model
 from server.triton.cli import main as triton_main
 from server.triton.derive import derive_repository

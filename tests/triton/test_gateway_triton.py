@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from builder.manifest import Manifest, load_manifests
+from server.model_repository import Manifest, load_manifests
 from server.testing import GatewayProcess
 from tests.helpers import free_port, wait_for
 from tests.triton.conftest import StartTriton

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from builder.manifest import load_manifests
 from server.engines import get_engine
+from server.model_repository import load_manifests
 from server.triton.errors import TritonStartError
 from tests.helpers import stop_process, wait_for
 from tests.triton.conftest import StartTriton

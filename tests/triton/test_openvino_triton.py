@@ -11,10 +11,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from builder import hostinfo
-from builder.manifest import load_manifests
 from builder.pipeline import BuildOptions, build_model
-from builder.triton_config import read_config
 from server.engines import get_engine
+from server.model_repository import load_manifests, read_config
 from tests.helpers import skip_or_fail
 from tests.triton.conftest import StartTriton
 

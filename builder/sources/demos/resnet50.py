@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from builder.manifest import TensorSpec
 from builder.sources.base import LoadedModel
 from builder.sources.common import synthetic_dataset
 from builder.sources.torch_module import TorchModelSpec, load_torch_spec
+from server.model_repository import TensorSpec
 
 CALIBRATION_SAMPLES = 32
 EVALUATION_SAMPLES = 32

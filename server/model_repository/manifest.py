@@ -1,26 +1,33 @@
 """The per-model manifest: what was built, how, and how each variant compares with FP32.
 
 Written by the builder as ``<repository>/<model>.manifest.json``; read by the gateway (routing,
-``auto`` policy), the load test (report tables) and the benchmarks.
+``auto`` policy), the load test (report tables) and the benchmarks. The schema is a set of
+pydantic dataclasses: a file is validated on load (unknown or mistyped fields are errors that
+name the field), and ``schema_version`` is checked first, so a file written by an older or a
+newer precision-serve gets a clear error instead of a half-read manifest.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
-from builder.errors import RepositoryError
+import pydantic
+from pydantic.dataclasses import dataclass
 
-MANIFEST_SUFFIX = ".manifest.json"
+from server.model_repository.atomic import atomic_write_text
+from server.model_repository.errors import ManifestError, RepositoryError, SchemaVersionError
+from server.model_repository.naming import MANIFEST_SUFFIX, manifest_path
+
 SCHEMA_VERSION = 1
 
+_STRICT = pydantic.ConfigDict(extra="forbid")
 
-@dataclass
+
+@dataclass(config=_STRICT)
 class TensorSpec:
     """One model input or output. ``shape`` excludes the batch dimension; -1 is dynamic."""
 
@@ -31,15 +38,14 @@ class TensorSpec:
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("TensorSpec.name must not be empty")
-        self.shape = [int(d) for d in self.shape]
 
 
-@dataclass
+@dataclass(config=_STRICT)
 class VariantRecord:
     """One built precision variant of a model."""
 
     precision: str  # fp32 | fp16 | bf16 | int8 | int8-dynamic
-    triton_name: str  # Triton model name, e.g. "digits_int8"
+    triton_name: str  # Triton model name, e.g. "digits_int8" (naming.variant_name)
     file: str  # model file relative to the repository root
     engine: str = "onnxruntime"  # which engine runs the file (see server.engines)
     engine_options: dict[str, Any] = field(default_factory=dict)
@@ -59,7 +65,7 @@ class VariantRecord:
         return self.details.get("accuracy_loss")
 
 
-@dataclass
+@dataclass(config=_STRICT)
 class Manifest:
     model: str
     source: str
@@ -79,11 +85,18 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
-        data = dict(data)
-        data["inputs"] = [TensorSpec(**t) for t in data.get("inputs", [])]
-        data["outputs"] = [TensorSpec(**t) for t in data.get("outputs", [])]
-        data["variants"] = {k: VariantRecord(**v) for k, v in data.get("variants", {}).items()}
-        return cls(**data)
+        """Validate a parsed manifest; raises ManifestError / SchemaVersionError."""
+        if not isinstance(data, dict):
+            raise ManifestError(f"a manifest is a JSON object, got {type(data).__name__}")
+        check_schema_version(data.get("schema_version"))
+        try:
+            return _ADAPTER.validate_python(data)
+        except pydantic.ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
+                for err in e.errors()
+            )
+            raise ManifestError(f"manifest of {data.get('model', '?')!r}: {problems}") from e
 
     def path(self, repository: Path) -> Path:
         return manifest_path(repository, self.model)
@@ -94,15 +107,37 @@ class Manifest:
         return target
 
 
-def manifest_path(repository: Path, model: str) -> Path:
-    return Path(repository) / f"{model}{MANIFEST_SUFFIX}"
+_ADAPTER = pydantic.TypeAdapter(Manifest)
+
+
+def check_schema_version(version: object) -> None:
+    """Accept exactly the schema this program writes; name the way out otherwise."""
+    if version == SCHEMA_VERSION:
+        return
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise SchemaVersionError(
+            f"manifest has no valid schema_version (got {version!r}, expected {SCHEMA_VERSION})"
+        )
+    if version > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"manifest schema_version {version} is newer than this precision-serve reads "
+            f"({SCHEMA_VERSION}): upgrade precision-serve"
+        )
+    raise SchemaVersionError(
+        f"manifest schema_version {version} is older than this precision-serve reads "
+        f"({SCHEMA_VERSION}): rebuild the model with `precision-build ... --force`"
+    )
 
 
 def load_manifest(path: Path) -> Manifest:
     try:
-        return Manifest.from_dict(json.loads(Path(path).read_text()))
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise RepositoryError(f"cannot read manifest {path}: {e}") from e
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"cannot read manifest {path}: {e}") from e
+    try:
+        return Manifest.from_dict(data)
+    except ManifestError as e:
+        raise type(e)(f"{path}: {e}") from e
 
 
 def load_manifests(repository: Path) -> dict[str, Manifest]:
@@ -115,16 +150,3 @@ def load_manifests(repository: Path) -> dict[str, Manifest]:
         m = load_manifest(p)
         out[m.model] = m
     return out
-
-
-def atomic_write_text(target: Path, text: str) -> None:
-    """Write a file through a temporary sibling and rename, so readers never see half a file."""
-    target = Path(target)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except OSError as e:
-        raise RepositoryError(f"cannot write {target}: {e.strerror or e}") from e

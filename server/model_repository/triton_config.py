@@ -13,39 +13,11 @@ import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from builder.errors import RepositoryError
-from builder.manifest import TensorSpec, atomic_write_text
-
-CONFIG_NAME = "config.pbtxt"
-
-_NP_TO_TYPE = {
-    "bool": mc.TYPE_BOOL,
-    "uint8": mc.TYPE_UINT8,
-    "uint16": mc.TYPE_UINT16,
-    "uint32": mc.TYPE_UINT32,
-    "uint64": mc.TYPE_UINT64,
-    "int8": mc.TYPE_INT8,
-    "int16": mc.TYPE_INT16,
-    "int32": mc.TYPE_INT32,
-    "int64": mc.TYPE_INT64,
-    "float16": mc.TYPE_FP16,
-    "float32": mc.TYPE_FP32,
-    "float64": mc.TYPE_FP64,
-    "object": mc.TYPE_STRING,
-}
-_TYPE_TO_NP = {v: k for k, v in _NP_TO_TYPE.items()}
-
-
-def np_to_config_dtype(dtype: str | np.dtype) -> int:
-    name = np.dtype(dtype).name
-    try:
-        return _NP_TO_TYPE[name]
-    except KeyError:
-        raise RepositoryError(f"dtype {name} has no Triton equivalent") from None
-
-
-def config_dtype_to_np(data_type: int) -> np.dtype:
-    return np.dtype(_TYPE_TO_NP[data_type])
+from server.model_repository.atomic import atomic_write_text
+from server.model_repository.dtypes import to_config_type
+from server.model_repository.errors import ConfigFileError
+from server.model_repository.manifest import TensorSpec
+from server.model_repository.naming import config_path
 
 
 @dataclass
@@ -75,7 +47,7 @@ class ServingOptions:
 
 
 def _io(spec: TensorSpec, cls: type) -> object:
-    return cls(name=spec.name, data_type=np_to_config_dtype(spec.dtype), dims=list(spec.shape))
+    return cls(name=spec.name, data_type=to_config_type(spec.dtype), dims=list(spec.shape))
 
 
 def _warmup_dims(spec: TensorSpec) -> list[int]:
@@ -121,7 +93,7 @@ def build_model_config(
         for s in inputs:
             warm.inputs[s.name].CopyFrom(
                 mc.ModelWarmup.Input(
-                    data_type=np_to_config_dtype(s.dtype), dims=_warmup_dims(s), zero_data=True
+                    data_type=to_config_type(s.dtype), dims=_warmup_dims(s), zero_data=True
                 )
             )
         cfg.model_warmup.append(warm)
@@ -131,7 +103,7 @@ def build_model_config(
 
 
 def write_config(model_dir: Path, cfg: mc.ModelConfig) -> Path:
-    path = Path(model_dir) / CONFIG_NAME
+    path = config_path(model_dir)
     atomic_write_text(path, text_format.MessageToString(cfg))
     return path
 
@@ -141,16 +113,16 @@ def parse_config_text(text: str) -> mc.ModelConfig:
     try:
         text_format.Parse(text, cfg)
     except text_format.ParseError as e:
-        raise RepositoryError(f"invalid Triton config: {e}") from e
+        raise ConfigFileError(f"invalid Triton config: {e}") from e
     return cfg
 
 
 def read_config(model_dir: Path) -> mc.ModelConfig:
-    path = Path(model_dir) / CONFIG_NAME
+    path = config_path(model_dir)
     try:
         return parse_config_text(path.read_text())
     except OSError as e:
-        raise RepositoryError(f"cannot read {path}: {e.strerror or e}") from e
+        raise ConfigFileError(f"cannot read {path}: {e.strerror or e}") from e
 
 
 def serving_options_from_config(cfg: mc.ModelConfig) -> ServingOptions:
