@@ -106,6 +106,71 @@ def precisions_of(results: Sequence[StepResult]) -> list[str]:
     return list(dict.fromkeys(r.precision for r in results))
 
 
+# Below this share of wall-clock time spent in the engine at peak load, the serving path (gateway,
+# client, transport) and not the precision decides throughput.
+ENDPOINT_BOUND_BELOW = 0.5
+
+
+@dataclass(frozen=True)
+class EngineShare:
+    """How much of the serving time the engine itself took, from the gateway's own histograms."""
+
+    precision: str
+    busy: float  # engine-seconds per wall-clock second at the precision's peak step
+    round_trip: float | None  # engine time / client mean round trip at the lightest step
+
+
+def engine_shares(results: Sequence[StepResult]) -> dict[str, EngineShare]:
+    """Per precision; precisions without a server-side view (no /metrics) are left out.
+
+    At the peak step, runs per second = rows per second / mean rows per run, so the engine was
+    busy ``throughput / batch_mean * upstream_mean`` of each second.
+    """
+    out: dict[str, EngineShare] = {}
+    for p in precisions_of(results):
+        top, light = peak(results, p), lightest(results, p)
+        s = (top.server or {}) if top else {}
+        upstream, rows = s.get("upstream_mean_ms"), s.get("batch_mean")
+        if top is None or light is None or not upstream or not rows:
+            continue
+        busy = top.throughput / float(rows) * float(upstream) / 1000.0  # type: ignore[arg-type]
+        ls = light.server or {}
+        mean_rt = light.latency_ms.get("mean")
+        engine_light = ls.get("upstream_mean_ms")
+        round_trip = float(engine_light) / mean_rt if engine_light and mean_rt else None  # type: ignore[arg-type]
+        out[p] = EngineShare(p, busy, round_trip)
+    return out
+
+
+def engine_ms_per_row(results: Sequence[StepResult]) -> dict[str, float]:
+    """Engine milliseconds per row at each precision's peak step (gateway histograms)."""
+    out: dict[str, float] = {}
+    for p in precisions_of(results):
+        top = peak(results, p)
+        s = (top.server or {}) if top else {}
+        upstream, rows = s.get("upstream_mean_ms"), s.get("batch_mean")
+        if upstream and rows:
+            out[p] = float(upstream) / float(rows)  # type: ignore[arg-type]
+    return out
+
+
+def endpoint_bound(results: Sequence[StepResult]) -> str | None:
+    """A plain sentence when the endpoint, not the precision, bounds throughput; else None."""
+    shares = engine_shares(results)
+    if not shares or any(sh.busy >= ENDPOINT_BOUND_BELOW for sh in shares.values()):
+        return None
+    parts = []
+    for sh in shares.values():
+        rt = f", {sh.round_trip:.0%} of a round trip at the lightest load" if sh.round_trip else ""
+        parts.append(f"{sh.precision} {sh.busy:.0%}{rt}")
+    return (
+        "the endpoint, not the precision, bounds throughput here: at peak load the engine was "
+        f"busy only {'; '.join(parts)} (gateway histograms); the rest is the gateway, the "
+        "client and the transport, so the throughput ranking below does not measure the "
+        "precisions (compare the engine times in the server-side table, or run `make bench`)"
+    )
+
+
 def recommendations(results: Sequence[StepResult], info: RunInfo) -> list[str]:
     precs = [p for p in precisions_of(results) if lightest(results, p)]
     if not precs:
@@ -114,9 +179,13 @@ def recommendations(results: Sequence[StepResult], info: RunInfo) -> list[str]:
     tput = {p: peak(results, p).throughput for p in precs}  # type: ignore[union-attr]
     fastest = min(precs, key=lambda p: p50[p])  # type: ignore[arg-type,return-value]
     busiest = max(precs, key=lambda p: tput[p])
-    lines = [
+    bound = endpoint_bound(results)
+    engine_ms = engine_ms_per_row(results)
+    lines = [] if bound is None else [bound]
+    lines += [
         f"lowest latency: **{fastest}** (p50 {p50[fastest]:.2f} ms at the lightest load)",
-        f"highest throughput: **{busiest}** ({tput[busiest]:.0f} inferences/s peak)",
+        f"highest throughput: **{busiest}** ({tput[busiest]:.0f} inferences/s peak)"
+        + (" — endpoint-bound, not evidence for this precision" if bound else ""),
     ]
     budget = info.accuracy_budget
     labelled = any(v.accuracy is not None for v in info.variants.values())
@@ -133,6 +202,13 @@ def recommendations(results: Sequence[StepResult], info: RunInfo) -> list[str]:
     elif not ok:
         lines.append(
             f"best within the accuracy budget ({budget:g} {unit}): none of {', '.join(precs)}"
+        )
+    elif bound and all(p in engine_ms for p in ok):
+        best = min(ok, key=lambda p: engine_ms[p])
+        lines.append(
+            f"best within the accuracy budget ({budget:g} {unit}): **{best}** by engine time "
+            f"({engine_ms[best]:.3f} ms per row at peak, {_loss(info.variants[best])}; "
+            "throughput is endpoint-bound)"
         )
     else:
         best = max(ok, key=lambda p: (tput[p], -p50[p]))  # type: ignore[operator]
