@@ -436,8 +436,9 @@ def gateway_cprofile(
     import json
     import os
     import signal
-    import subprocess
     import sys
+
+    from server import process
 
     root = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory(prefix="bench-cprofile-") as tmp:
@@ -450,13 +451,12 @@ def gateway_cprofile(
         ]  # fmt: skip
         path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, "PYTHONPATH": path}
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = process.start(cmd, env=env)
         try:
-            deadline = time.monotonic() + 300
-            while not ready.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    return {"error": f"gateway under cProfile did not start (rc {proc.poll()})"}
-                time.sleep(0.1)
+            try:
+                process.wait_ready(ready.exists, 300, "the gateway under cProfile", proc=proc)
+            except process.ProcessError as e:
+                return {"error": f"gateway under cProfile did not start ({e})"}
             ports = json.loads(ready.read_text())
             url = f"127.0.0.1:{ports['grpc_port']}"
             clients.grpc_window(url, target.payload, 1, windows.warmup, 0.0)  # warm-up
@@ -473,13 +473,7 @@ def gateway_cprofile(
             after = profiling.scrape_histograms(metrics, target.model, target.precision)
             requests = int(after["request"][1] - before["request"][1])
         finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
+            process.stop(proc, grace=30)
         if not prof.exists():
             return {"error": "the profiled gateway wrote no profile"}
         summary = profiling.cprofile_summary(prof, requests, root=root)

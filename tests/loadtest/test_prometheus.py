@@ -28,9 +28,9 @@ import yaml
 from tritonclient.utils import InferenceServerException
 
 from loadtest.runner import Step, StepSettings, locust_command
+from server import process
 from server.model_repository import load_manifests
 from server.testing import GatewayProcess
-from tests.helpers import stop_process
 from tests.loadtest.promserver import ROOT, PrometheusServer, config_from_deploy
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -141,7 +141,7 @@ def test_dashboard_gateway_queries_return_data(
                 stop.set()
                 thread.join(15)
                 client.close()
-                stop_process(locust)
+                process.stop(locust)
     assert up == {"precision-serve": "up"}
     assert rejected and set(rejected) == {"StatusCode.INVALID_ARGUMENT"}, set(rejected)
     assert not missing, f"dashboard expressions without data: {sorted(missing)}"
