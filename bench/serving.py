@@ -3,7 +3,7 @@
 The same variant and the same input rows through four paths:
 
 - (a) ``inprocess``: the variant's engine session in this process (threads calling ``run``);
-- (b) ``gateway``: the gateway with its embedded upstream (``server.testing.GatewayProcess``);
+- (b) ``gateway``: the gateway with its embedded upstream (``server.runner.GatewayProcess``);
 - (c) ``triton``: a local Triton server (``server.triton.launcher.TritonServer``, its python
   backend running the same engine);
 - (d) ``gateway_triton``: the gateway with ``--upstream triton://`` that Triton;
@@ -101,7 +101,7 @@ class Servers:
 
     def __enter__(self) -> Servers:
         from bench.echo_server import EchoServer
-        from server.testing import GatewayProcess
+        from server.runner import GatewayProcess
 
         self._start("echo", EchoServer)
         args = ["--threads", str(self.threads), "--log-level", "ERROR"]
@@ -376,7 +376,7 @@ def threads_ablation(
     """In-process vs gateway at concurrency 1 with 1 and 2 engine threads (interleaved): ONNX
     Runtime's intra-op threads spin after each run, which costs a server idling between requests
     CPU that the client and the gateway's own threads need on a 2-core host."""
-    from server.testing import GatewayProcess
+    from server.runner import GatewayProcess
 
     raw: dict[str, list[dict[str, Any]]] = {}
     with contextlib.ExitStack() as stack:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from loadtest import promtext
-from server.testing import GatewayProcess
+from server.runner import GatewayProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -30,7 +30,7 @@ from tritonclient.utils import InferenceServerException
 from loadtest.runner import Step, StepSettings, locust_command
 from server import process
 from server.model_repository import load_manifests
-from server.testing import GatewayProcess
+from server.runner import GatewayProcess
 from tests.loadtest.promserver import ROOT, PrometheusServer, config_from_deploy
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

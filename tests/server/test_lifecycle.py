@@ -19,7 +19,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from server.process import wait_ready
-from server.testing import GatewayProcess
+from server.runner import GatewayProcess
 from tests.helpers import skip_or_fail
 from tests.server.conftest import ort_outputs, rows
 
@@ -198,7 +198,7 @@ def test_tls_on_grpc_and_http(tiny_repository, tmp_path):
 def test_server_never_imports_torch(tiny_repository):
     code = (
         "import sys, server.cli, server.app, server.core, server.grpc_service, server.http_app, "
-        "server.upstreams.embedded, server.routing, server.testing\n"
+        "server.upstreams.embedded, server.routing, server.runner\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)

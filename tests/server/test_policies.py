@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 from server.app import ServeOptions
 from server.process import wait_ready
 from server.repository import load_repository
-from server.testing import GatewayProcess, InProcessGateway
+from server.runner import GatewayProcess, InProcessGateway
 from server.upstreams.base import UpstreamSettings, UpstreamUnavailable
 from server.upstreams.embedded import EmbeddedUpstream
 from tests.server.conftest import ort_outputs, rows

@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from server.model_repository import Manifest, load_manifests
 from server.process import wait_ready
-from server.testing import GatewayProcess
+from server.runner import GatewayProcess
 from tests.helpers import free_port
 from tests.triton.conftest import StartTriton
 

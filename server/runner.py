@@ -1,7 +1,8 @@
-"""Run a gateway for tests, the load test and benchmarks.
+"""Run a gateway from Python: the demo, the load test, the benchmarks and the tests use it.
 
 ``GatewayProcess``: ``python -m server.cli`` in a subprocess on OS-picked ports (port 0 + ready
-file), waits for the ready file and /v2/health/ready, stops terminate -> wait -> kill.
+file), waits for the ready file and /v2/health/ready, stops terminate -> wait -> kill
+(:mod:`server.process`).
 ``InProcessGateway``: the same servers on a background event-loop thread of this process, with an
 optional injected upstream (for routing/fallback tests with a test double).
 """
