@@ -114,3 +114,15 @@ def test_stop_without_group_leaves_the_grandchild(tmp_path: Path) -> None:
         assert _alive(grandchild)
     finally:
         os.kill(grandchild, signal.SIGKILL)
+
+
+def test_gateway_process_that_exits_at_start_up_fails_fast_with_its_error(tmp_path: Path) -> None:
+    from server.runner import GatewayProcess, GatewayStartError
+
+    gw = GatewayProcess(tmp_path / "no-such-repository", timeout=3600)
+    with pytest.raises(GatewayStartError) as err:
+        gw.start()
+    assert "exited with code 2" in str(err.value)
+    assert "precision-serve: error" in str(err.value)
+    assert isinstance(err.value.__cause__, process.ProcessExited)
+    gw.__exit__(None, None, None)
