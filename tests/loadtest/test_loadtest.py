@@ -143,8 +143,7 @@ def test_locustfile_works_in_the_web_ui(tiny_repository: Path, tmp_path: Path) -
         cmd += ["--web-host", "127.0.0.1", "--web-port", str(port), "--host", gw.grpc_url]
         cmd += ["--model", "tiny", "--precision", "int8", "--repository", str(tiny_repository)]
         root = Path(__file__).resolve().parents[2]
-        with open(tmp_path / "locust.log", "wb") as log:
-            proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT)
+        proc = process.start(cmd, log_path=tmp_path / "locust.log", cwd=root)
         try:
             ui = f"http://127.0.0.1:{port}"
             wait_ready(lambda: get(f"{ui}/stats/requests") is not None, 60, "the Locust web UI")

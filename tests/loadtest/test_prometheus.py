@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -118,8 +117,7 @@ def test_dashboard_gateway_queries_return_data(
             cmd = locust_command(
                 Step("fp32", 2, 1), settings, 30, tmp_path / "locust", tmp_path / "rec.npz"
             )
-            with open(tmp_path / "locust.log", "wb") as log:
-                locust = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            locust = process.start(cmd, log_path=tmp_path / "locust.log")
             client = grpcclient.InferenceServerClient(gw.grpc_url)
             stop = threading.Event()
             rejected: list[str] = []

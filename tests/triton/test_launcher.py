@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -108,8 +107,7 @@ def test_cli_start_writes_ready_file_and_stops_on_sigterm(
         "--ready-file",
         str(ready_file),
     ]
-    out = open(tmp_path / "cli.out", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    proc = process.start(cmd, log_path=tmp_path / "cli.out")
     try:
         what = "the triton CLI's ready file"
         wait_ready(ready_file.exists, 90, what, proc=proc, log=tmp_path / "cli.out")
@@ -127,7 +125,6 @@ def test_cli_start_writes_ready_file_and_stops_on_sigterm(
         assert _group_gone(ports["tritonserver_pid"])
     finally:
         process.stop(proc)
-        out.close()
     assert "tritonserver ready" in (tmp_path / "cli.out").read_text()
 
 
