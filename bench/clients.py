@@ -23,6 +23,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2
 
 from bench.stats import ms, percentile
+from server.model_repository import from_datatype, to_datatype
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 MAX_MESSAGE = 64 * 1024 * 1024
@@ -30,17 +31,6 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE),
     ("grpc.max_receive_message_length", MAX_MESSAGE),
 ]
-_KSERVE = {
-    "float32": "FP32",
-    "float16": "FP16",
-    "float64": "FP64",
-    "int64": "INT64",
-    "int32": "INT32",
-    "int8": "INT8",
-    "uint8": "UINT8",
-    "bool": "BOOL",
-}
-_NP = {v: k for k, v in _KSERVE.items()}
 
 
 def infer_request_bytes(model_name: str, feeds: Mapping[str, np.ndarray]) -> bytes:
@@ -50,7 +40,7 @@ def infer_request_bytes(model_name: str, feeds: Mapping[str, np.ndarray]) -> byt
         arr = np.ascontiguousarray(arr)
         t = req.inputs.add()
         t.name = name
-        t.datatype = _KSERVE[arr.dtype.name]
+        t.datatype = to_datatype(arr.dtype)
         t.shape.extend(arr.shape)
         req.raw_input_contents.append(arr.tobytes())
     return req.SerializeToString()
@@ -61,7 +51,7 @@ def decode_response(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]
     resp = service_pb2.ModelInferResponse.FromString(data)
     outputs = {}
     for spec, raw in zip(resp.outputs, resp.raw_output_contents, strict=False):
-        arr = np.frombuffer(raw, dtype=_NP.get(spec.datatype, "float32"))
+        arr = np.frombuffer(raw, dtype=from_datatype(spec.datatype))  # DtypeError if unknown
         outputs[spec.name] = arr.reshape(tuple(spec.shape))
     params = {k: p.string_param for k, p in resp.parameters.items()}
     return outputs, params

@@ -16,10 +16,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from tritonclient.grpc import service_pb2
+
+from server import process
 
 SERVICE = "inference.GRPCInferenceService"
 
@@ -79,30 +80,27 @@ class EchoServer:
 
     def __enter__(self) -> EchoServer:
         ready = Path(self._tmp.name) / "ready.json"
+        log = Path(self._tmp.name) / "echo.log"
         cmd = [sys.executable, "-m", "bench.echo_server", "--ready-file", str(ready)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                raise RuntimeError(f"echo server exited with {self.proc.returncode}: {err[-500:]}")
-            if ready.exists():
-                self.grpc_url = f"127.0.0.1:{json.loads(ready.read_text())['grpc_port']}"
-                return self
-            time.sleep(0.05)
-        self.__exit__()
-        raise RuntimeError(f"echo server not ready after {self.timeout:.0f}s")
+        self.proc = process.start(cmd, log_path=log)
+        try:
+            process.wait_ready(
+                ready.exists,
+                self.timeout,
+                "the echo server",
+                proc=self.proc,
+                log=log,
+                interval=0.05,
+            )
+        except process.ProcessError:
+            self.__exit__()
+            raise
+        self.grpc_url = f"127.0.0.1:{json.loads(ready.read_text())['grpc_port']}"
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        if self.proc is not None and self.proc.stderr:
-            self.proc.stderr.close()
+        if self.proc is not None:
+            process.stop(self.proc, grace=10)
         self._tmp.cleanup()
 
 

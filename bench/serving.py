@@ -3,7 +3,7 @@
 The same variant and the same input rows through four paths:
 
 - (a) ``inprocess``: the variant's engine session in this process (threads calling ``run``);
-- (b) ``gateway``: the gateway with its embedded upstream (``server.testing.GatewayProcess``);
+- (b) ``gateway``: the gateway with its embedded upstream (``server.runner.GatewayProcess``);
 - (c) ``triton``: a local Triton server (``server.triton.launcher.TritonServer``, its python
   backend running the same engine);
 - (d) ``gateway_triton``: the gateway with ``--upstream triton://`` that Triton;
@@ -101,7 +101,7 @@ class Servers:
 
     def __enter__(self) -> Servers:
         from bench.echo_server import EchoServer
-        from server.testing import GatewayProcess
+        from server.runner import GatewayProcess
 
         self._start("echo", EchoServer)
         args = ["--threads", str(self.threads), "--log-level", "ERROR"]
@@ -376,7 +376,7 @@ def threads_ablation(
     """In-process vs gateway at concurrency 1 with 1 and 2 engine threads (interleaved): ONNX
     Runtime's intra-op threads spin after each run, which costs a server idling between requests
     CPU that the client and the gateway's own threads need on a 2-core host."""
-    from server.testing import GatewayProcess
+    from server.runner import GatewayProcess
 
     raw: dict[str, list[dict[str, Any]]] = {}
     with contextlib.ExitStack() as stack:
@@ -436,8 +436,9 @@ def gateway_cprofile(
     import json
     import os
     import signal
-    import subprocess
     import sys
+
+    from server import process
 
     root = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory(prefix="bench-cprofile-") as tmp:
@@ -450,13 +451,12 @@ def gateway_cprofile(
         ]  # fmt: skip
         path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, "PYTHONPATH": path}
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = process.start(cmd, env=env)
         try:
-            deadline = time.monotonic() + 300
-            while not ready.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    return {"error": f"gateway under cProfile did not start (rc {proc.poll()})"}
-                time.sleep(0.1)
+            try:
+                process.wait_ready(ready.exists, 300, "the gateway under cProfile", proc=proc)
+            except process.ProcessError as e:
+                return {"error": f"gateway under cProfile did not start ({e})"}
             ports = json.loads(ready.read_text())
             url = f"127.0.0.1:{ports['grpc_port']}"
             clients.grpc_window(url, target.payload, 1, windows.warmup, 0.0)  # warm-up
@@ -473,13 +473,7 @@ def gateway_cprofile(
             after = profiling.scrape_histograms(metrics, target.model, target.precision)
             requests = int(after["request"][1] - before["request"][1])
         finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
+            process.stop(proc, grace=30)
         if not prof.exists():
             return {"error": "the profiled gateway wrote no profile"}
         summary = profiling.cprofile_summary(prof, requests, root=root)

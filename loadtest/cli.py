@@ -161,7 +161,7 @@ def run_loadtest(config: LoadTestConfig, log: Callable[[str], None] = print) -> 
     with ExitStack() as stack:
         target, metrics_url = config.target, config.metrics_url
         if target is None:
-            from server.testing import GatewayProcess
+            from server.runner import GatewayProcess
 
             log(f"starting a gateway on {config.repository} ...")
             gw = stack.enter_context(GatewayProcess(config.repository, config.gateway_args))  # type: ignore[arg-type]

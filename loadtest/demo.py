@@ -43,7 +43,7 @@ def run_demo(
 ) -> dict[str, LoadTestOutcome]:
     """Start a gateway, load-test every built precision of each model, print each comparison
     table and where the report and plots are; stop the gateway. Returns the outcomes by model."""
-    from server.testing import GatewayProcess
+    from server.runner import GatewayProcess
 
     repository, out = Path(repository), Path(out)
     outcomes: dict[str, LoadTestOutcome] = {}

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from loadtest.errors import ConfigError
-from server.model_repository import SAMPLES_LABELS_KEY, samples_path
+from server.model_repository import SAMPLES_LABELS_KEY, DtypeError, from_datatype, samples_path
 
 log = logging.getLogger(__name__)
 
@@ -108,28 +108,14 @@ def load_inputs(repository: Path | None, model: str) -> SampleInputs | None:
     return None
 
 
-_TRITON_TO_NUMPY = {
-    "BOOL": "bool",
-    "INT8": "int8",
-    "INT16": "int16",
-    "INT32": "int32",
-    "INT64": "int64",
-    "UINT8": "uint8",
-    "UINT16": "uint16",
-    "UINT32": "uint32",
-    "UINT64": "uint64",
-    "FP16": "float16",
-    "FP32": "float32",
-    "FP64": "float64",
-}
-
-
 def specs_from_metadata(inputs: list[tuple[str, str, list[int]]], batched: bool) -> list[InputSpec]:
     """InputSpecs from KServe model metadata (name, Triton datatype, shape incl. batch if any)."""
     out = []
     for name, datatype, shape in inputs:
-        if datatype not in _TRITON_TO_NUMPY:
-            raise ConfigError(f"input {name!r}: datatype {datatype} is not supported")
+        try:
+            dtype = from_datatype(datatype)
+        except DtypeError as e:
+            raise ConfigError(f"input {name!r}: {e}") from None
         dims = tuple(int(d) for d in (shape[1:] if batched else shape))
-        out.append(InputSpec(name, _TRITON_TO_NUMPY[datatype], dims))
+        out.append(InputSpec(name, dtype.name, dims))
     return out

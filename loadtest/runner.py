@@ -19,6 +19,7 @@ import numpy as np
 
 from loadtest import promtext
 from loadtest.errors import StepError
+from server import process
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 PERCENTILES = (50, 90, 95, 99)
@@ -125,20 +126,13 @@ def _run_locust(cmd: list[str], log_path: Path, limit_s: float) -> None:
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            rc = proc.wait(timeout=limit_s)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            raise StepError(
-                f"locust did not finish within {limit_s:.0f}s (log: {log_path})"
-            ) from None
+    log_path.unlink(missing_ok=True)  # this run's log only
+    proc = process.start(cmd, log_path=log_path, env=env)
+    try:
+        rc = proc.wait(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        process.stop(proc, grace=10)
+        raise StepError(f"locust did not finish within {limit_s:.0f}s (log: {log_path})") from None
     if rc != 0:
         tail = log_path.read_text(errors="replace")[-1500:]
         raise StepError(f"locust exited with {rc} (log: {log_path}): {tail}")

@@ -2,7 +2,7 @@
 
 :class:`GatewayServer` starts everything in the running event loop (tests can inject an
 upstream); :func:`serve` runs until SIGTERM/SIGINT, then stops accepting, lets in-flight
-requests finish within the grace period and returns. ``GatewayProcess`` (server/testing.py)
+requests finish within the grace period and returns. ``GatewayProcess`` (server/runner.py)
 runs ``python -m server.cli`` as a subprocess for tests, the load test and benchmarks.
 """
 

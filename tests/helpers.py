@@ -1,12 +1,10 @@
-"""Shared test utilities: skipping honestly, ports, waiting, process shutdown, a tiny ONNX model."""
+"""Shared test utilities: skipping honestly, ports, a tiny ONNX model (waiting for and stopping
+processes: :mod:`server.process`)."""
 
 from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,32 +25,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_for(
-    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except Exception:
-            pass
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> int | None:
-    """terminate -> wait -> kill."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=grace)
-    return proc.returncode
 
 
 def make_tiny_onnx(path: Path, in_features: int = 16, classes: int = 4, seed: int = 0) -> Path:

@@ -9,31 +9,41 @@ from typing import Any
 import numpy as np
 
 from server.engines.base import EngineError, IOSpec, importable
+from server.model_repository.dtypes import to_datatype
+from server.model_repository.errors import DtypeError
 
-_ORT_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int16)": np.int16,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-    "tensor(string)": np.object_,
-}
+# ONNX Runtime's type strings are ``tensor(<onnx element type>)``; where that name is not numpy's.
+_ORT_NAMES = {"float": "float32", "double": "float64", "string": "object"}
 
 
-def _spec(arg: Any) -> IOSpec:
+def ort_dtype(ort_type: str) -> np.dtype:
+    """``tensor(float)`` -> float32, ``tensor(string)`` -> object; :class:`DtypeError` for a type
+    the gateway cannot serve (``tensor(complex64)``, ``tensor(bfloat16)``, sequences, maps)."""
+    if not (ort_type.startswith("tensor(") and ort_type.endswith(")")):
+        raise DtypeError(f"{ort_type} is not a tensor type")
+    name = ort_type[len("tensor(") : -1]
+    try:
+        dtype = np.dtype(_ORT_NAMES.get(name, name))
+    except TypeError:
+        raise DtypeError(f"{ort_type} has no numpy equivalent") from None
+    to_datatype(dtype)  # raises DtypeError where KServe v2 / Triton has no such type
+    return dtype
+
+
+def _spec(arg: Any, kind: str) -> IOSpec:
+    try:
+        dtype = ort_dtype(arg.type)
+    except DtypeError as e:
+        raise EngineError(f"onnxruntime: {kind} {arg.name!r} has type {arg.type}: {e}") from None
     shape = tuple(d if isinstance(d, int) else -1 for d in arg.shape)
-    return IOSpec(arg.name, np.dtype(_ORT_TYPES.get(arg.type, np.float32)), shape)
+    return IOSpec(arg.name, dtype, shape)
 
 
 class OnnxRuntimeSession:
     def __init__(self, session: Any) -> None:
         self._session = session
-        self.inputs = [_spec(a) for a in session.get_inputs()]
-        self.outputs = [_spec(a) for a in session.get_outputs()]
+        self.inputs = [_spec(a, "input") for a in session.get_inputs()]
+        self.outputs = [_spec(a, "output") for a in session.get_outputs()]
         self._output_names = [o.name for o in self.outputs]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

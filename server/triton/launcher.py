@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from server import process
 from server.triton.derive import DerivedModel, derive_repository
 from server.triton.distribution import TritonDistribution, find_distribution
 from server.triton.errors import TritonStartError
@@ -267,14 +267,12 @@ class TritonServer:
             self._log_offset = logf.tell()
             logf.write(f"\n==== {' '.join(self.command())}\n".encode())
             logf.flush()
-            self._proc = subprocess.Popen(
-                self.command(),
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                env=server_environment(self._dist),
-                start_new_session=True,  # its own process group: the stubs go down with it
-            )
+        self._proc = process.start(
+            self.command(),
+            log_path=self.log_file,
+            env=server_environment(self._dist),
+            new_session=True,  # its own process group: the stubs go down with it
+        )
         log.info("tritonserver pid %d starting (log: %s)", self._proc.pid, self.log_file)
         try:
             self._wait_ready(started)
@@ -293,26 +291,26 @@ class TritonServer:
     def _wait_ready(self, started: float) -> None:
         import tritonclient.grpc as grpcclient
 
-        deadline = started + self.options.startup_timeout
+        remaining = max(started + self.options.startup_timeout - time.monotonic(), 0.0)
         client = grpcclient.InferenceServerClient(self.grpc_url)
         try:
-            while time.monotonic() < deadline:
-                assert self._proc is not None
-                if self._proc.poll() is not None:
-                    raise TritonStartError(
-                        self._failure(f"exited with code {self._proc.returncode} during start-up")
-                    )
-                try:
-                    if client.is_server_ready(client_timeout=2.0) and self._http_ok():
-                        return
-                except Exception:  # not listening yet
-                    pass
-                time.sleep(0.2)
+            process.wait_ready(
+                lambda: client.is_server_ready(client_timeout=2.0) and self._http_ok(),
+                remaining,
+                "tritonserver",
+                proc=self._proc,
+                interval=0.2,
+            )
+        except process.ProcessExited as e:
+            raise TritonStartError(
+                self._failure(f"exited with code {e.returncode} during start-up")
+            ) from None
+        except process.ReadyTimeout:
+            raise TritonStartError(
+                self._failure(f"not ready after {self.options.startup_timeout:.0f}s")
+            ) from None
         finally:
             client.close()
-        raise TritonStartError(
-            self._failure(f"not ready after {self.options.startup_timeout:.0f}s")
-        )
 
     def _http_ok(self) -> bool:
         """HTTP and metrics answer too (Triton starts them after gRPC and exits if one fails)."""
@@ -363,30 +361,16 @@ class TritonServer:
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self._read_log().splitlines()[-lines:])
 
-    def _signal_group(self, sig: int) -> None:
-        assert self._proc is not None
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._proc.pid, sig)  # the group was created for this server
-
     def _terminate(self, grace: float) -> int | None:
-        proc = self._proc
-        if proc is None:
+        if self._proc is None:
             return None
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                self._signal_group(signal.SIGKILL)
-                proc.wait(timeout=grace)
-        self._signal_group(signal.SIGKILL)  # python-backend stubs left behind, if any
-        return proc.returncode
+        # its group was created for this server: python-backend stubs left behind are killed too
+        return process.stop(self._proc, grace, group=True)
 
     def kill(self) -> None:
         """SIGKILL the server and its stubs at once (what a crashed replica looks like)."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._signal_group(signal.SIGKILL)
-            self._proc.wait(timeout=10)
+        if self._proc is not None:
+            process.kill(self._proc, group=True)
 
     def stop(self, grace: float | None = None) -> int | None:
         """terminate -> wait -> kill; returns the exit code."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -15,7 +14,8 @@ from typing import Any
 
 import yaml
 
-from tests.helpers import free_port, stop_process
+from server import process
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
@@ -59,23 +59,19 @@ class PrometheusServer:
         for _attempt in range(3):  # a port picked free can be taken before Prometheus binds it
             port = free_port()
             self.url = f"http://127.0.0.1:{port}"
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(
-                    [
-                        self.binary,
-                        f"--config.file={self.config_path}",
-                        f"--storage.tsdb.path={self.workdir / 'data'}",
-                        f"--web.listen-address=127.0.0.1:{port}",
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                if self._ready():
-                    return self
-                time.sleep(0.2)
-            stop_process(self.proc)
+            cmd = [
+                self.binary,
+                f"--config.file={self.config_path}",
+                f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ]
+            self.proc = process.start(cmd, log_path=self.log_path)
+            try:
+                log = self.log_path
+                process.wait_ready(self._ready, timeout, "prometheus", proc=self.proc, log=log)
+                return self
+            except process.ProcessError:
+                process.stop(self.proc)
         raise RuntimeError(f"prometheus did not start: {self.log_path.read_text()[-2000:]}")
 
     def _ready(self) -> bool:
@@ -101,7 +97,7 @@ class PrometheusServer:
 
     def stop(self) -> None:
         if self.proc is not None:
-            stop_process(self.proc)
+            process.stop(self.proc)
 
     def __enter__(self) -> PrometheusServer:
         return self.start()

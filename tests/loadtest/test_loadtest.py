@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from loadtest import promtext
-from server.testing import GatewayProcess
+from server.runner import GatewayProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -128,7 +128,9 @@ def test_locustfile_works_in_the_web_ui(tiny_repository: Path, tmp_path: Path) -
     import urllib.parse
     import urllib.request
 
-    from tests.helpers import free_port, stop_process, wait_for
+    from server import process
+    from server.process import wait_ready
+    from tests.helpers import free_port
 
     def get(url: str, data: dict[str, str] | None = None) -> dict:
         body = urllib.parse.urlencode(data).encode() if data is not None else None
@@ -141,22 +143,21 @@ def test_locustfile_works_in_the_web_ui(tiny_repository: Path, tmp_path: Path) -
         cmd += ["--web-host", "127.0.0.1", "--web-port", str(port), "--host", gw.grpc_url]
         cmd += ["--model", "tiny", "--precision", "int8", "--repository", str(tiny_repository)]
         root = Path(__file__).resolve().parents[2]
-        with open(tmp_path / "locust.log", "wb") as log:
-            proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT)
+        proc = process.start(cmd, log_path=tmp_path / "locust.log", cwd=root)
         try:
             ui = f"http://127.0.0.1:{port}"
-            wait_for(lambda: get(f"{ui}/stats/requests") is not None, 60, "the Locust web UI")
+            wait_ready(lambda: get(f"{ui}/stats/requests") is not None, 60, "the Locust web UI")
             assert get(f"{ui}/swarm", {"user_count": "2", "spawn_rate": "2"})["success"]
 
             def served() -> bool:
                 stats = get(f"{ui}/stats/requests")["stats"]
                 return any(s["name"] == "tiny/int8" and s["num_requests"] >= 20 for s in stats)
 
-            wait_for(served, 30, "requests in the web UI's statistics")
+            wait_ready(served, 30, "requests in the web UI's statistics")
             get(f"{ui}/stop", {})
             stats = {s["name"]: s for s in get(f"{ui}/stats/requests")["stats"]}
             assert stats["tiny/int8"]["method"] == "grpc"
             assert stats["tiny/int8"]["num_failures"] == 0
         finally:
-            rc = stop_process(proc, grace=20)
+            rc = process.stop(proc, grace=20)
         assert rc is not None and proc.poll() is not None  # exited: no hang at shutdown

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -28,9 +27,9 @@ import yaml
 from tritonclient.utils import InferenceServerException
 
 from loadtest.runner import Step, StepSettings, locust_command
+from server import process
 from server.model_repository import load_manifests
-from server.testing import GatewayProcess
-from tests.helpers import stop_process
+from server.runner import GatewayProcess
 from tests.loadtest.promserver import ROOT, PrometheusServer, config_from_deploy
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -118,8 +117,7 @@ def test_dashboard_gateway_queries_return_data(
             cmd = locust_command(
                 Step("fp32", 2, 1), settings, 30, tmp_path / "locust", tmp_path / "rec.npz"
             )
-            with open(tmp_path / "locust.log", "wb") as log:
-                locust = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            locust = process.start(cmd, log_path=tmp_path / "locust.log")
             client = grpcclient.InferenceServerClient(gw.grpc_url)
             stop = threading.Event()
             rejected: list[str] = []
@@ -141,7 +139,7 @@ def test_dashboard_gateway_queries_return_data(
                 stop.set()
                 thread.join(15)
                 client.close()
-                stop_process(locust)
+                process.stop(locust)
     assert up == {"precision-serve": "up"}
     assert rejected and set(rejected) == {"StatusCode.INVALID_ARGUMENT"}, set(rejected)
     assert not missing, f"dashboard expressions without data: {sorted(missing)}"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from server.model_repository import load_manifests
-from server.testing import GatewayProcess
+from server.runner import GatewayProcess
 
 # speed (ms) and accuracy loss (points) written into routing_repo's manifest
 SPEED = {"fp32": 0.05, "fp16": 0.08, "int8": 0.03}

@@ -120,7 +120,7 @@ def test_gateway_merges_concurrent_requests_and_splits_answers(repo_copy):
     import tritonclient.grpc.aio as aioclient
 
     from server.model_repository import read_config, write_config
-    from server.testing import GatewayProcess
+    from server.runner import GatewayProcess
     from tests.server.conftest import ort_outputs, rows
     from tests.server.test_policies import sample_value, scrape
 

@@ -12,7 +12,7 @@ import tritonclient.http as httpclient
 
 from server.engines import get_engine
 from server.model_repository import load_manifests
-from server.testing import GatewayProcess
+from server.runner import GatewayProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

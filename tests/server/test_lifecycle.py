@@ -18,8 +18,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from server.testing import GatewayProcess
-from tests.helpers import skip_or_fail, wait_for
+from server.process import wait_ready
+from server.runner import GatewayProcess
+from tests.helpers import skip_or_fail
 from tests.server.conftest import ort_outputs, rows
 
 pytestmark = pytest.mark.integration
@@ -85,11 +86,11 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(repo_copy):
             with urllib.request.urlopen(gw.metrics_url, timeout=5) as resp:
                 return 'precision_serve_inflight_requests{model="tiny"} 4.0' in resp.read().decode()
 
-        wait_for(busy, 20, "four requests in flight", interval=0.02)
+        wait_ready(busy, 20, "four requests in flight", interval=0.02)
         gw.proc.send_signal(signal.SIGTERM)
         gw.proc.wait(timeout=30)
         assert gw.proc.returncode == 0, gw.log()
-        wait_for(lambda: len(results) == 4, 5, "all answers")
+        wait_ready(lambda: len(results) == 4, 5, "all answers")
         for result, error in results:
             assert error is None, error
             np.testing.assert_allclose(result.as_numpy("logits"), want, rtol=1e-4, atol=1e-4)
@@ -178,7 +179,7 @@ def test_tls_on_grpc_and_http(tiny_repository, tmp_path):
     with GatewayProcess(tiny_repository, args, wait_ready=False) as gw:
         ctx = ssl.create_default_context(cafile=str(cert))
         ready_url = f"https://{gw.http_url}/v2/health/ready"
-        wait_for(
+        wait_ready(
             lambda: urllib.request.urlopen(ready_url, context=ctx, timeout=2).status == 200,
             30,
             "TLS ready",
@@ -197,7 +198,7 @@ def test_tls_on_grpc_and_http(tiny_repository, tmp_path):
 def test_server_never_imports_torch(tiny_repository):
     code = (
         "import sys, server.cli, server.app, server.core, server.grpc_service, server.http_app, "
-        "server.upstreams.embedded, server.routing, server.testing\n"
+        "server.upstreams.embedded, server.routing, server.runner\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)

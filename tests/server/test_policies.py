@@ -17,11 +17,11 @@ from prometheus_client import REGISTRY
 from tritonclient.utils import InferenceServerException
 
 from server.app import ServeOptions
+from server.process import wait_ready
 from server.repository import load_repository
-from server.testing import GatewayProcess, InProcessGateway
+from server.runner import GatewayProcess, InProcessGateway
 from server.upstreams.base import UpstreamSettings, UpstreamUnavailable
 from server.upstreams.embedded import EmbeddedUpstream
-from tests.helpers import wait_for
 from tests.server.conftest import ort_outputs, rows
 
 pytestmark = pytest.mark.integration
@@ -112,7 +112,7 @@ def test_shadow_policy_serves_one_and_records_agreement(tiny_repository, tmp_pat
                 >= 40
             )
 
-        wait_for(compared, 10, "shadow comparisons")
+        wait_ready(compared, 10, "shadow comparisons")
         text = scrape(gw.metrics_url)
     agree = sample_value(
         text, f'precision_serve_shadow_comparisons_total{{{labels},top1_agree="true"}}'
@@ -212,7 +212,7 @@ def test_client_deadline_is_honoured(in_process):
         infer(in_process.grpc_url, parameters={"precision": "fp16"}, client_timeout=0.3)
     assert info.value.status() == "StatusCode.DEADLINE_EXCEEDED"
 
-    wait_for(lambda: expired() == before + 1, 5, "the server to give up on the expired request")
+    wait_ready(lambda: expired() == before + 1, 5, "the server to give up on the expired request")
     # the server keeps serving
     assert infer(in_process.grpc_url)[0] == "fp32"
 

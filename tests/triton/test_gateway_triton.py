@@ -16,8 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from server.model_repository import Manifest, load_manifests
-from server.testing import GatewayProcess
-from tests.helpers import free_port, wait_for
+from server.process import wait_ready
+from server.runner import GatewayProcess
+from tests.helpers import free_port
 from tests.triton.conftest import StartTriton
 
 pytestmark = pytest.mark.integration
@@ -157,12 +158,12 @@ def test_failover_when_a_replica_is_killed_under_load(
     x = np.random.default_rng(0).normal(size=(1, 16)).astype(np.float32)
     with GatewayProcess(tiny_repository, extra_args=_upstream(a.grpc_url, b.grpc_url)) as gw:
         with _Load(gw.grpc_url, variant, x) as load:
-            wait_for(lambda: len(load.calls) >= 150, 30, "steady load before the kill")
+            wait_ready(lambda: len(load.calls) >= 150, 30, "steady load before the kill")
             served_a_before = _successes(a.grpc_url, variant)
             assert _successes(b.grpc_url, variant) > 0 and served_a_before > 0  # both balanced
             killed_at = time.monotonic()
             b.kill()
-            wait_for(
+            wait_ready(
                 lambda: sum(1 for s, _, _ in load.calls if s > killed_at) >= 150,
                 30,
                 "traffic after the kill",
@@ -198,7 +199,7 @@ def test_unloaded_int8_falls_back_to_the_next_precision_and_says_so(
         assert served == "int8"
 
         control.unload_model(int8)  # Triton's model-control API
-        wait_for(lambda: not client.is_model_ready(int8), 15, f"gateway sees {int8} unready")
+        wait_ready(lambda: not client.is_model_ready(int8), 15, f"gateway sees {int8} unready")
         out, served = _infer(client, manifest.model, x, precision="int8")
         assert served == "fp16"  # default chain int8 -> fp16 -> fp32
         fp16, _ = _infer(client, manifest.variants["fp16"].triton_name, x)
@@ -212,7 +213,7 @@ def test_unloaded_int8_falls_back_to_the_next_precision_and_says_so(
         assert fallbacks is not None and fallbacks >= 1
 
         control.load_model(int8)
-        wait_for(lambda: client.is_model_ready(int8), 30, f"gateway sees {int8} ready again")
+        wait_ready(lambda: client.is_model_ready(int8), 30, f"gateway sees {int8} ready again")
         assert _infer(client, manifest.model, x, precision="int8")[1] == "int8"
         client.close()
         control.close()

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -17,10 +16,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from server import process
 from server.engines import get_engine
 from server.model_repository import load_manifests
+from server.process import wait_ready
 from server.triton.errors import TritonStartError
-from tests.helpers import stop_process, wait_for
 from tests.triton.conftest import StartTriton
 
 pytestmark = pytest.mark.integration
@@ -107,16 +107,16 @@ def test_cli_start_writes_ready_file_and_stops_on_sigterm(
         "--ready-file",
         str(ready_file),
     ]
-    out = open(tmp_path / "cli.out", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    proc = process.start(cmd, log_path=tmp_path / "cli.out")
     try:
-        wait_for(ready_file.exists, 90, "the triton CLI's ready file")
+        what = "the triton CLI's ready file"
+        wait_ready(ready_file.exists, 90, what, proc=proc, log=tmp_path / "cli.out")
         ports = json.loads(ready_file.read_text())
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports['grpc_port']}")
         name = next(iter(load_manifests(tiny_repository).values())).variants["fp32"].triton_name
         assert _infer(client, name, np.zeros((1, 16), np.float32)).shape == (1, 4)
         client.unload_model(name)  # explicit model control
-        wait_for(lambda: not client.is_model_ready(name), 10, f"{name} unloaded")
+        wait_ready(lambda: not client.is_model_ready(name), 10, f"{name} unloaded")
         client.close()
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
@@ -124,8 +124,7 @@ def test_cli_start_writes_ready_file_and_stops_on_sigterm(
         assert time.monotonic() - started < 30
         assert _group_gone(ports["tritonserver_pid"])
     finally:
-        stop_process(proc)
-        out.close()
+        process.stop(proc)
     assert "tritonserver ready" in (tmp_path / "cli.out").read_text()
 
 

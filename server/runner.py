@@ -1,7 +1,8 @@
-"""Run a gateway for tests, the load test and benchmarks.
+"""Run a gateway from Python: the demo, the load test, the benchmarks and the tests use it.
 
 ``GatewayProcess``: ``python -m server.cli`` in a subprocess on OS-picked ports (port 0 + ready
-file), waits for the ready file and /v2/health/ready, stops terminate -> wait -> kill.
+file), waits for the ready file and /v2/health/ready, stops terminate -> wait -> kill
+(:mod:`server.process`).
 ``InProcessGateway``: the same servers on a background event-loop thread of this process, with an
 optional injected upstream (for routing/fallback tests with a test double).
 """
@@ -15,15 +16,16 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from server import process
 
-class GatewayStartError(RuntimeError):
+
+class GatewayStartError(process.ProcessError, RuntimeError):
     """The gateway did not become ready."""
 
 
@@ -78,7 +80,6 @@ class GatewayProcess(_Urls):
         self._tmp = tempfile.TemporaryDirectory(prefix="precision-serve-")
         self.ready_file = Path(self._tmp.name) / "ready.json"
         self.log_path = Path(self._tmp.name) / "gateway.log"
-        self._log: Any = None
 
     @property
     def pid(self) -> int:
@@ -107,23 +108,21 @@ class GatewayProcess(_Urls):
         env = {**os.environ, **(self.env or {})}
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise GatewayStartError(
-                    f"gateway exited with {self.proc.returncode}: {self.log()[-2000:]}"
-                )
-            if self.ready_file.exists():
-                self.ports = json.loads(self.ready_file.read_text())
-                if not self.wait_ready or _http_ok(f"http://{self.http_url}/v2/health/ready"):
-                    return self
-            time.sleep(0.1)
-        self.stop()
-        raise GatewayStartError(
-            f"gateway not ready after {self.timeout:.0f}s: {self.log()[-2000:]}"
-        )
+        self.proc = process.start(cmd, log_path=self.log_path, env=env)
+        try:
+            process.wait_ready(
+                self._ready, self.timeout, "the gateway", proc=self.proc, log=self.log_path
+            )
+        except process.ProcessError as e:
+            self.stop()
+            raise GatewayStartError(str(e)) from e
+        return self
+
+    def _ready(self) -> bool:
+        if not self.ready_file.exists():
+            return False
+        self.ports = json.loads(self.ready_file.read_text())
+        return not self.wait_ready or _http_ok(f"http://{self.http_url}/v2/health/ready")
 
     def log(self) -> str:
         try:
@@ -133,20 +132,7 @@ class GatewayProcess(_Urls):
 
     def stop(self, grace: float = 15.0) -> int | None:
         """terminate -> wait -> kill; returns the exit code."""
-        rc = None
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=grace)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=grace)
-            rc = self.proc.returncode
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return rc
+        return process.stop(self.proc, grace) if self.proc is not None else None
 
     def __enter__(self) -> GatewayProcess:
         return self.start()
