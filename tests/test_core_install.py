@@ -81,6 +81,17 @@ def test_core_install_lacks_the_build_stack(core_venv: Path, tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr
 
 
+def test_core_install_build_says_which_extra(
+    core_venv: Path, tiny_onnx: Path, tmp_path: Path
+) -> None:
+    cmd = [str(core_venv / "precision-build"), f"onnx:{tiny_onnx}", "--repository", str(tmp_path)]
+    done = _run(cmd, tmp_path, 120)
+    assert done.returncode == 2, done.stderr
+    assert "precision-serve[build]" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def _openvino_variant_copy(repository: Path, dest: Path) -> Path:
     """The repository with its fp16 variant recorded as an OpenVINO variant."""
     shutil.copytree(repository, dest)
