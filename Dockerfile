@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # precision-serve images (see docs/observability.md):
-#   gateway (default, last stage): the Triton-compatible gateway, core dependencies only (no torch);
-#                                  the model repository is mounted at /models.
+#   gateway (default, last stage): the Triton-compatible gateway: core dependencies plus the
+#                                  `openvino` extra (no torch, no onnx), so every engine the builder
+#                                  may record for a variant runs; the repository is mounted at /models.
 #   gateway-baked:                 the same with ./model_repository copied into /models.
 #   loadtest:                      Locust with loadtest/locustfile.py (the compose "locust" service).
 # Build: docker build -t precision-serve .        (or --target loadtest / --target gateway-baked)
@@ -20,8 +21,10 @@ COPY pyproject.toml README.md ./
 COPY builder ./builder
 COPY server ./server
 COPY loadtest ./loadtest
-# Core dependencies only: ONNX Runtime, tritonclient, grpcio, prometheus-client... never torch.
-RUN pip install .
+# The core (ONNX Runtime, tritonclient[grpc], grpcio, prometheus-client, aiohttp, pydantic...) and
+# OpenVINO: the builder records `engine: openvino` for variants it measured faster there, and a
+# gateway without it reports those variants unready. Never torch or onnx (the `build` extra).
+RUN pip install '.[openvino]'
 
 FROM base AS loadtest
 RUN pip install ".[loadtest]"

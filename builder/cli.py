@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
@@ -87,9 +88,25 @@ def options_from_args(args: argparse.Namespace):
     )
 
 
+# What every build imports; they come with the `build` extra, not with the core (gateway) install.
+BUILD_MODULES = ("onnx", "onnxconverter_common", "tqdm")
+
+
+def missing_build_modules() -> list[str]:
+    return [m for m in BUILD_MODULES if importlib.util.find_spec(m) is None]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    missing = missing_build_modules()
+    if missing:
+        print(
+            f"precision-build: error: the builder needs {', '.join(missing)}, which this install "
+            "lacks (the core install is the gateway only): pip install 'precision-serve[build]'",
+            file=sys.stderr,
+        )
+        return 2
     try:
         from builder.pipeline import build_model
         from builder.report import summary

@@ -26,6 +26,7 @@ from builder.repository import (
     variant_layout,
 )
 from builder.sources import LoadedModel, load_model
+from builder.sources.common import with_data_note
 from builder.triton_backend import standard_backend
 from server.engines import EngineError, get_engine
 from server.model_repository import (
@@ -90,6 +91,7 @@ def _build(spec: str, options: BuildOptions, repo: Path, work: Path) -> Manifest
     model = load_model(spec, work / "source")
     if options.calibration_data is not None:
         model.calibration = load_calibration_data(options.calibration_data, model.inputs)
+        model.notes = with_data_note(model.notes, model.calibration, model.evaluation)
     precisions = options.precisions or list(model.default_precisions)
     plugins = {p: get_precision(p) for p in precisions}  # unknown names fail before any work
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from builder.sources.common import DATA_NOTE_PREFIX
 from server.model_repository import Manifest
 
 
@@ -51,7 +52,8 @@ def summary(manifest: Manifest) -> str:
     lines = [head, format_table(summary_rows(manifest))]
     if not manifest.accuracy_meaningful and not any("not meaningful" in n for n in manifest.notes):
         lines.append("note: accuracy figures are not meaningful for this model (random weights).")
-    lines.extend(f"note: {n}" for n in manifest.notes)
+    # What INT8 was calibrated and quality judged on stands on its own line ("data: ...").
+    lines.extend(n if n.startswith(DATA_NOTE_PREFIX) else f"note: {n}" for n in manifest.notes)
     speed_batch = next((v.speed.get("batch_size") for v in manifest.variants.values()), None)
     if speed_batch:
         cpu = manifest.host.get("model", "?")

@@ -244,6 +244,33 @@ def test_cli_builds_and_prints_summary(tmp_path: Path, tiny_onnx: Path) -> None:
     assert set(data["variants"]) == {"fp32", "int8"}
 
 
+def test_cli_says_what_int8_was_calibrated_and_judged_on(tmp_path: Path, tiny_onnx: Path) -> None:
+    """An onnx: source has no data: the summary and the manifest say INT8 rests on noise."""
+    repo = tmp_path / "repo"
+    res = _cli(f"onnx:{tiny_onnx}", "--repository", str(repo), "--precisions", "fp32,int8")
+    assert res.returncode == 0, res.stderr
+    (line,) = [x for x in res.stdout.splitlines() if x.startswith("data: ")]
+    assert "synthetic" in line and "calibrated" in line and "quality" in line
+    assert "--calibration-data" in line
+    notes = json.loads((repo / "tiny.manifest.json").read_text())["notes"]
+    assert line in notes
+
+    # With --calibration-data only the quality figures still rest on noise, and it says so.
+    data = tmp_path / "calib"
+    data.mkdir()
+    np.savez(data / "rows.npz", x=np.random.default_rng(0).normal(size=(32, 16)).astype("f4"))
+    res = _cli(
+        f"onnx:{tiny_onnx}",
+        *("--repository", str(repo), "--precisions", "int8", "--calibration-data", str(data)),
+    )
+    assert res.returncode == 0, res.stderr
+    (line,) = [x for x in res.stdout.splitlines() if x.startswith("data: ")]
+    assert f"calibrated on user data from {data}" in line
+    assert "measured on synthetic data" in line and "--calibration-data" not in line
+    notes = json.loads((repo / "tiny.manifest.json").read_text())["notes"]
+    assert [n for n in notes if n.startswith("data: ")] == [line]
+
+
 def test_public_model_zoo_model_converts(tmp_path: Path) -> None:
     """SqueezeNet from the ONNX model zoo (opset 9, Caffe2 export), as shipped in the onnx
     wheel's backend test data (weights replaced by constants). Nobody here wrote it."""

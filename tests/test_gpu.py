@@ -303,11 +303,19 @@ class FakeTensorRT:
         self.module = self._module(version)
 
     def _module(self, version: str) -> types.ModuleType:
-        fake = self
         mod = types.ModuleType("tensorrt")
         mod.__version__ = version
         mod.__fake__ = True
+        ilogger, logger, flag, pool, tensor, network, parser_error = self._network_classes()
+        parser = self._parser_class(network, tensor, parser_error)
+        config, profile = self._config_classes()
+        builder = self._builder_class(network, config, profile)
+        mod.ILogger, mod.Logger, mod.Builder, mod.OnnxParser = ilogger, logger, builder, parser
+        mod.NetworkDefinitionCreationFlag, mod.MemoryPoolType = flag, pool
+        return mod
 
+    @staticmethod
+    def _network_classes() -> tuple[type, ...]:
         class ILogger:
             def __init__(self) -> None:
                 pass
@@ -355,8 +363,13 @@ class FakeTensorRT:
             def desc(self) -> str:
                 return self._desc
 
+        return ILogger, Logger, Flag, Pool, Tensor, Network, ParserError
+
+    def _parser_class(self, Network: type, Tensor: type, ParserError: type) -> type:
+        fake = self
+
         class Parser:
-            def __init__(self, network: Network, logger: ILogger) -> None:
+            def __init__(self, network: Network, logger: Any) -> None:
                 self.network, self.errors = network, []
 
             def parse_from_file(self, path: str) -> bool:
@@ -382,6 +395,11 @@ class FakeTensorRT:
 
             def get_error(self, i: int) -> ParserError:
                 return self.errors[i]
+
+        return Parser
+
+    def _config_classes(self) -> tuple[type, type]:
+        fake = self
 
         class TimingCache:
             def __init__(self, data: bytes) -> None:
@@ -420,8 +438,13 @@ class FakeTensorRT:
             def set_flag(self, flag: Any) -> None:  # must never be called (no FP16/INT8 flags)
                 fake.calls.append(("set_flag", flag))
 
+        return Config, Profile
+
+    def _builder_class(self, Network: type, Config: type, Profile: type) -> type:
+        fake = self
+
         class Builder:
-            def __init__(self, logger: ILogger) -> None:
+            def __init__(self, logger: Any) -> None:
                 fake.calls.append(("Builder", None))
 
             def create_network(self, flags: int = 0) -> Network:
@@ -438,9 +461,7 @@ class FakeTensorRT:
                 fake.calls.append(("build_serialized_network", network.flags))
                 return b"FAKE-PLAN:" + ",".join(t.name for t in network.inputs).encode()
 
-        mod.ILogger, mod.Logger, mod.Builder, mod.OnnxParser = ILogger, Logger, Builder, Parser
-        mod.NetworkDefinitionCreationFlag, mod.MemoryPoolType = Flag, Pool
-        return mod
+        return Builder
 
     def names(self) -> list[str]:
         return [c[0] for c in self.calls]

@@ -20,10 +20,44 @@ from server.model_repository import TensorSpec
 EXPORT_OPSET = 17
 # Value used for a dynamic non-batch dimension (sequence length...) in synthetic data.
 SYNTHETIC_DYNAMIC_DIM = 16
-SYNTHETIC_NOTE = (
-    "calibration and evaluation data are synthetic (seeded random inputs), so INT8 scales and "
-    "quality figures are only indicative; pass --calibration-data DIR to use real data"
-)
+# Every data-provenance note starts with this, so a build can replace the source's note.
+DATA_NOTE_PREFIX = "data: "
+
+
+def is_synthetic(data: Dataset) -> bool:
+    """Whether ``data`` is seeded noise from :func:`synthetic_dataset` (its description)."""
+    return data.description.startswith("synthetic")
+
+
+def data_note(calibration: Dataset, evaluation: Dataset) -> str | None:
+    """What the INT8 calibration and the quality figures rest on, when that is seeded noise."""
+    calibration_noise, evaluation_noise = is_synthetic(calibration), is_synthetic(evaluation)
+    if calibration_noise and evaluation_noise:
+        return (
+            f"{DATA_NOTE_PREFIX}synthetic (seeded random noise, not real inputs): INT8 is "
+            "calibrated, and every variant's quality (agreement, cosine) is measured, on it, so "
+            "INT8 scales and quality figures are only indicative; --calibration-data DIR "
+            "calibrates on real data"
+        )
+    if evaluation_noise:
+        return (
+            f"{DATA_NOTE_PREFIX}INT8 is calibrated on {calibration.description or 'given data'}, "
+            "but every variant's quality (agreement, cosine) is measured on synthetic data "
+            "(seeded random noise, not real inputs), so quality figures are only indicative"
+        )
+    if calibration_noise:
+        return (
+            f"{DATA_NOTE_PREFIX}synthetic calibration (seeded random noise, not real inputs): INT8 "
+            "scales are only indicative; --calibration-data DIR calibrates on real data"
+        )
+    return None
+
+
+def with_data_note(notes: list[str], calibration: Dataset, evaluation: Dataset) -> list[str]:
+    """``notes`` with its data-provenance note (re)computed for these datasets."""
+    kept = [n for n in notes if not n.startswith(DATA_NOTE_PREFIX)]
+    note = data_note(calibration, evaluation)
+    return [*kept, note] if note else kept
 
 
 def sanitize_name(stem: str) -> str:

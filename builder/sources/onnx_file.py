@@ -7,11 +7,11 @@ from pathlib import Path
 from builder.errors import SourceError
 from builder.sources.base import LoadedModel
 from builder.sources.common import (
-    SYNTHETIC_NOTE,
     onnx_io_specs,
     sanitize_name,
     synthetic_dataset,
     task_for_outputs,
+    with_data_note,
 )
 
 # QDQ per-channel quantization needs opset >= 13; older models are converted to this opset.
@@ -70,7 +70,6 @@ class OnnxFileSource:
                 "the first dimension of the inputs is fixed, so the model is served without "
                 "batching (max_batch_size 0, shapes are full shapes)"
             )
-        notes.append(SYNTHETIC_NOTE)
         calibration = synthetic_dataset(
             inputs, CALIBRATION_SAMPLES, seed=0, batched=batched, description="synthetic"
         )
@@ -87,7 +86,7 @@ class OnnxFileSource:
             calibration=calibration,
             evaluation=evaluation,
             max_batch_size=DEFAULT_MAX_BATCH if batched else 0,
-            notes=notes,
+            notes=with_data_note(notes, calibration, evaluation),
         )
 
     @staticmethod

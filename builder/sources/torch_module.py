@@ -25,12 +25,12 @@ from typing import Any
 from builder.errors import SourceError
 from builder.sources.base import Dataset, LoadedModel
 from builder.sources.common import (
-    SYNTHETIC_NOTE,
     export_torch_to_onnx,
     onnx_io_specs,
     sanitize_name,
     synthetic_dataset,
     task_for_outputs,
+    with_data_note,
 )
 from server.model_repository import TensorSpec
 
@@ -151,9 +151,6 @@ def load_torch_spec(
     seconds = export_torch_to_onnx(spec.module, example, output_names, target, dynamic_axes)
     notes.append(f"exported from PyTorch to ONNX opset 17 in {seconds:.1f} s")
     inputs, outputs, _ = onnx_io_specs(onnx.load(str(target), load_external_data=False))
-    synthetic = spec.calibration is None or spec.evaluation is None
-    if synthetic:
-        notes.append(SYNTHETIC_NOTE)
     calibration = spec.calibration
     if calibration is None:
         calibration = synthetic_dataset(inputs, CALIBRATION_SAMPLES, seed=seed)
@@ -175,7 +172,7 @@ def load_torch_spec(
         transformer=spec.transformer,
         accuracy_meaningful=spec.accuracy_meaningful,
         max_batch_size=spec.max_batch_size,
-        notes=notes,
+        notes=with_data_note(notes, calibration, evaluation),
         **kwargs,
     )
 

@@ -168,7 +168,8 @@ def test_dockerfile_gateway_image() -> None:
     assert re.search(r"^EXPOSE\s+8000 8001 8002$", gateway, re.MULTILINE)
     health = gateway.split("HEALTHCHECK", 1)[1].split("\nENTRYPOINT", 1)[0]
     assert "urllib" in health and "/v2/health/ready" in health and "curl" not in health
-    assert re.search(r"^RUN pip install \.$", text, re.MULTILINE)  # core dependencies only
+    # the core plus OpenVINO (variants the builder recorded as `engine: openvino`), never torch
+    assert re.search(r"^RUN pip install '\.\[openvino\]'$", text, re.MULTILINE)
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
 
