@@ -1,4 +1,4 @@
-"""docs/benchmarks.md from a run's JSON results (nothing here measures)."""
+"""docs/benchmarks/<cpu-class>.md from a run's JSON results (nothing here measures)."""
 
 from __future__ import annotations
 
@@ -70,6 +70,7 @@ def _machine(m: dict[str, Any], r: dict[str, Any]) -> list[str]:
             ["", ""],
             [
                 ["CPU", f"{m['cpu_model']} ({m['machine']})"],
+                ["CPU class", f"`{m.get('cpu_class', '?')}`"],
                 ["logical cores", str(m["cores"])],
                 ["ISA flags (bold: present, struck: absent)", checked],
                 ["Python", m["python"]],
@@ -106,8 +107,11 @@ def _targets(rows: list[dict[str, Any]]) -> list[str]:
     return [
         "## Targets",
         "",
-        "The issue's targets were set on a Sapphire Rapids host (AMX, AVX512-VNNI/BF16); this "
-        "table judges them on the machine above, from this run.",
+        "The precision targets depend on the CPU class (`bench/targets.py`: on `intel-amx` "
+        "ResNet-50 >= 5x and MiniLM >= 2.5x at cosine >= 0.999; on `avx2` and `avx512` ResNet-50 "
+        ">= 1.9x and MiniLM's fastest variant at cosine >= 0.999 *named* with its ratio); the "
+        "serving targets are the same on every class. This table judges them on the machine "
+        "above, from this run.",
         "",
         *_table(["target", "wanted", "measured", "status", "how", "why (when not met)"], body),
         "",
@@ -506,9 +510,12 @@ def _method(r: dict[str, Any]) -> list[str]:
         "",
         "- `make bench` (`python -m bench.run`): builds what is missing with the builder's "
         "defaults, measures everything above (under 20 minutes on 2 cores) and writes "
-        "`docs/benchmarks.md` and `docs/benchmarks.json`.",
+        "`docs/benchmarks/<cpu-class>.md` and `.json` for this host's class, then regenerates "
+        "`docs/benchmarks/README.md` (the index) from every class's JSON; other classes' files "
+        "stay as they are. It runs `make bench-tools` first (the `bench` extra: KServe, py-spy; "
+        "perf_analyzer in `.cache/bench-tools/`).",
         "- `make bench-quick` (`--quick`): a smoke run on `digits` only with short windows, "
-        "written to `reports/bench-quick/` (under 3 minutes).",
+        "written to `reports/bench-quick/<cpu-class>.*` (under 3 minutes).",
         "- Options: `--repository DIR`, `--models resnet50,minilm,digits`, "
         "`--serving digits:int8,resnet50:int8`, `--threads N` (engine level), "
         "`--serving-threads N`, `--no-triton`, `--no-serving`, `--rebuild`, `--json PATH`, "
