@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.report_peers import peer_ratios, perf_analyzer_section, pyspy_section
 from bench.serving import PATHS
 
 PATH_LABELS = {
@@ -12,6 +13,8 @@ PATH_LABELS = {
     "triton": "(c) Triton direct (python backend)",
     "gateway_triton": "(d) gateway -> Triton",
     "echo": "(e) bare gRPC echo, no model (floor)",
+    "kserve": "(f) KServe 0.21 ModelServer (same file, ONNX Runtime)",
+    "gateway_workers2": "(g) gateway --workers 2, embedded upstream",
 }
 
 
@@ -201,15 +204,16 @@ def _serving(s: dict[str, Any]) -> list[str]:
     lines = [
         "## 2. Serving overhead",
         "",
-        "Same variant, same input row (batch 1 per request), the four serving paths plus a bare "
-        "gRPC echo (the floor of one Python gRPC hop) measured round-robin; "
+        "Same variant, same input row (batch 1 per request), the four serving paths, a bare "
+        "gRPC echo (the floor of one Python gRPC hop), KServe's ModelServer (the peer) and the "
+        "gateway with `--workers 2` (when its CLI has the option) measured round-robin; "
         "closed-loop clients (concurrency = callers in flight): p50/p99 latency and requests/s, "
         "medians over rounds. Clients: threads calling the session for (a), a grpc.aio client "
         "sending one pre-serialised `ModelInferRequest` for (b)-(e), in the bench process on the "
         "same 2 cores as the servers. *Server CPU*: user+system time of the serving process "
         "(`/proc/<pid>/stat`) per request - the gateway's process includes its engine run; for "
         "(a) the bench process; not shown for Triton, whose model runs in separate stub "
-        "processes.",
+        "processes, nor for (g), whose workers are separate processes.",
         "",
     ]
     for name, v in s["variants"].items():
@@ -268,9 +272,11 @@ def _serving(s: dict[str, Any]) -> list[str]:
             ),
             "",
         ]
+        lines += peer_ratios(v, cs)
     if s.get("startup_seconds"):
         st = ", ".join(f"{k} {v}s" for k, v in s["startup_seconds"].items())
         lines += [f"Start-up times: {st}.", ""]
+    lines += perf_analyzer_section(s.get("perf_analyzer"))
     ceiling = s.get("ceiling")
     if ceiling:
         lines += _ceiling(ceiling)
@@ -407,8 +413,8 @@ def _bounds(r: dict[str, Any]) -> list[str]:
             for e in cp["gateway_code_by_cumulative"][:6]
         ]
         lines += [
-            f"**cProfile of the gateway's event-loop thread** (`bench/profiled_gateway.py`; "
-            f"py-spy is not installed) over {cp['requests']} concurrency-1 requests of "
+            f"**cProfile of the gateway's event-loop thread** (`bench/profiled_gateway.py`) "
+            f"over {cp['requests']} concurrency-1 requests of "
             f"`{cp['variant']}`, start-up excluded. cProfile's clock is wall time, so "
             "`epoll.poll` is the loop waiting (for the client, the engine thread, or a CPU) and "
             f"everything is inflated by the profiler; {_f(cp['main_thread_us_per_request'], 0)} "
@@ -473,6 +479,7 @@ def _bounds(r: dict[str, Any]) -> list[str]:
                 f"{_f(p['kernel_ms_per_run'], 1)} ms: {ops}"
             )
         lines.append("")
+    lines += pyspy_section(serving.get("py_spy"))
     for text in r.get("analysis", []):
         lines += [text, ""]
     py_spy = prof.get("py_spy")
@@ -503,8 +510,11 @@ def _method(r: dict[str, Any]) -> list[str]:
         "other core to the client and the servers' own threads.",
         "- Code: `bench/`: `engine_level.py` (section 1), `serving.py` (2, 3 and the gateway "
         "profiles), `clients.py` (load generators), `echo_server.py` (the gRPC floor), "
-        "`profiling.py` and `profiled_gateway.py` (what bounds a figure), `targets.py`, "
-        "`report.py` (this file from the JSON), `run.py` (the CLI).",
+        "`profiling.py` and `profiled_gateway.py` (what bounds a figure), `pyspy.py` (py-spy "
+        "on the gateway processes at c16), `peer_paths.py` and `peers/` (KServe's ModelServer "
+        "as path (f), the gateway's `--workers 2` as (g), perf_analyzer as a second client), "
+        "`targets.py` (per CPU class), `results.py` (where results go, the index), "
+        "`report.py` and `report_peers.py` (this file from the JSON), `run.py` (the CLI).",
         "",
         "## Running it",
         "",
@@ -520,6 +530,11 @@ def _method(r: dict[str, Any]) -> list[str]:
         "`--serving digits:int8,resnet50:int8`, `--threads N` (engine level), "
         "`--serving-threads N`, `--no-triton`, `--no-serving`, `--rebuild`, `--json PATH`, "
         "`--markdown PATH`; `--render JSON` writes the markdown again from saved results.",
+        "- Peers: KServe 0.21's Python `ModelServer` serves every measured variant's ONNX file "
+        "with ONNX Runtime at the same thread count (`bench/peers/kserve_peer.py`, loopback, one "
+        "worker); perf_analyzer (`-x 1 -i grpc --concurrency-range C -s 100`) drives the "
+        "gateway, Triton, gateway -> Triton, `--workers 2` and KServe at c4 and c16 (KServe "
+        "stops at *failed to get model config*: it has no ModelConfig).",
         "- The tables say *not measured* / *cannot run* where a component is missing (no "
         "Triton, an engine that cannot read a file); nothing is estimated.",
         "",
