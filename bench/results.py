@@ -60,6 +60,14 @@ def render_index(folder: Path) -> str:
         "without AMX, `avx2` otherwise) and regenerates this page from the JSONs here; other "
         "classes' files are left as they are.",
         "",
+        "Peers, on every class: KServe's Python `ModelServer` (the `bench` extra, kserve 0.21) "
+        "serving the same ONNX files as serving path (f), and NVIDIA's perf_analyzer (the C++ "
+        "binary from the tritonclient 2.40.0 wheel, in `.cache/bench-tools/`) as a second client "
+        "over the same paths; py-spy (also the `bench` extra) profiles the gateway where a "
+        "serving target is missed. `make bench-tools` installs all three (and Debian's "
+        "`libb64-0d`, and `libcudart.so.12` from the `nvidia-cuda-runtime-cu12` wheel, which "
+        "perf_analyzer loads on CPU hosts too); `make bench` runs it first.",
+        "",
         "| CPU class | report | raw results | machine | ISA flags | measured | targets |",
         "|---|---|---|---|---|---|---|",
     ]
