@@ -46,19 +46,23 @@ def perf_analyzer_section(pa: dict[str, Any] | None) -> list[str]:
     if "error" in pa:
         return [*lines, f"perf_analyzer did not run: {pa['error']}", ""]
     lines += [
-        f"NVIDIA's perf_analyzer (the C++ client from the tritonclient 2.40.0 wheel, synchronous "
-        f"gRPC calls, `-s 100` stability) against `{pa['variant']}`, one run per path and "
-        "concurrency, from its CSV; latencies in ms.",
+        "NVIDIA's perf_analyzer (the C++ client from the tritonclient 2.40.0 wheel, synchronous "
+        "gRPC calls, `-s 100` stability, `-s 400` where that never settled) against "
+        f"`{pa['variant']}`, one run per path and concurrency, from its CSV; latencies in ms.",
         "",
     ]
     body = []
     for path, per in pa["paths"].items():
         for c, r in per.items():
             if "error" in r:
-                body.append([path, c, "—", "—", "—", r["error"][:160]])
+                body.append([path, c, "—", "—", "—", "—", r["error"][:200]])
                 continue
-            body.append([path, c, _f(r["rps"], 1), _f(r.get("p50_ms")), _f(r.get("p99_ms")), ""])
-    return [*lines, *_table(["path", "concurrency", "req/s", "p50", "p99", "error"], body), ""]
+            body.append(
+                [path, c, _f(r["rps"], 1), _f(r.get("p50_ms")), _f(r.get("p99_ms")),
+                 str(r.get("stability_percent", "")), ""]
+            )  # fmt: skip
+    header = ["path", "concurrency", "req/s", "p50", "p99", "-s %", "error"]
+    return [*lines, *_table(header, body), ""]
 
 
 def pyspy_section(spy: dict[str, Any] | None) -> list[str]:

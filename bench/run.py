@@ -67,7 +67,7 @@ def _windows(quick: bool) -> tuple[EngineWindows, ServingWindows]:
         return (
             EngineWindows(rounds=2, latency_runs=10, latency_seconds=0.3, throughput_runs=2,
                           throughput_seconds=0.3),
-            ServingWindows(rounds=1, concurrencies=(1, 4), seconds=1.0, warmup=0.3,
+            ServingWindows(rounds=1, concurrencies=(1, 4, 16), seconds=1.0, warmup=0.3,
                            ceiling_concurrencies=(1, 4, 16), ceiling_seconds=1.0),
         )  # fmt: skip
     return EngineWindows(), ServingWindows()
