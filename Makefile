@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 EXTRAS := build,openvino,loadtest,triton,dev
 REPO ?= model_repository
 
-.PHONY: install demo test lint format bench bench-quick clean system-deps
+.PHONY: install demo test lint format bench bench-quick bench-tools bench-extra bench-binaries \
+	bench-system-deps clean system-deps
 
 install: $(STAMP)
 
@@ -32,11 +33,49 @@ demo: install
 test: install lint
 	$(BIN)/python -m pytest -q
 
-bench: install
+bench: install bench-tools
 	$(BIN)/python -m bench.run
 
-bench-quick: install
+bench-quick: install bench-tools
 	$(BIN)/python -m bench.run --quick
+
+# The peers the benchmark compares against (docs/benchmarks/README.md): the `bench` extra
+# (KServe's ModelServer, py-spy) in the venv, and NVIDIA's perf_analyzer, the C++ binary out of
+# the tritonclient 2.40.0 manylinux wheel (only the binary: that wheel is never installed), with
+# Debian's libb64 and libcudart.so.12 from the nvidia-cuda-runtime-cu12 wheel in a target dir.
+BENCH_TOOLS := .cache/bench-tools
+PA_WHEEL := tritonclient==2.40.0
+PA_MEMBER := tritonclient-2.40.0.data/data/bin/perf_analyzer
+
+bench-tools: bench-extra bench-binaries
+
+bench-extra: $(VENV)/.bench-installed
+
+$(VENV)/.bench-installed: pyproject.toml | install
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS),bench]"
+	@touch $@
+
+bench-binaries: $(BENCH_TOOLS)/bin/perf_analyzer $(BENCH_TOOLS)/cuda/.installed | bench-system-deps
+
+$(BENCH_TOOLS)/bin/perf_analyzer:
+	@mkdir -p $(BENCH_TOOLS)/bin
+	@tmp=$$(mktemp -d) && \
+	  $(BIN)/python -m pip download -q --no-deps --only-binary=:all: \
+	    --platform manylinux1_x86_64 --python-version 3.11 "$(PA_WHEEL)" -d $$tmp && \
+	  unzip -q -o -j $$tmp/tritonclient-2.40.0-*.whl "$(PA_MEMBER)" -d $(BENCH_TOOLS)/bin && \
+	  rm -rf $$tmp
+	chmod +x $@
+
+$(BENCH_TOOLS)/cuda/.installed:
+	$(BIN)/python -m pip install -q --no-deps --target $(BENCH_TOOLS)/cuda "nvidia-cuda-runtime-cu12>=12,<13"
+	@touch $@
+
+bench-system-deps:
+	@if ! ldconfig -p | grep -q 'libb64.so.0d'; then \
+	  echo ">> installing Debian package: libb64-0d (for perf_analyzer)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends libb64-0d >/dev/null; \
+	fi
 
 # ruff, then the layer contract in pyproject.toml ([tool.importlinter]).
 lint: install
@@ -48,4 +87,4 @@ format:
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) $(REPO)/*/ $(REPO)/*.json reports .pytest_cache
+	rm -rf $(VENV) $(REPO)/*/ $(REPO)/*.json reports .pytest_cache $(BENCH_TOOLS)

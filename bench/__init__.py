@@ -1,6 +1,6 @@
 """``make bench``: every precision and every serving path measured side by side on this host.
 
-``python -m bench.run`` (see docs/benchmarks.md) builds the demo models into a repository
+``python -m bench.run`` (see docs/benchmarks/README.md) builds the demo models into a repository
 (existing variants are kept), then measures, interleaving the contenders in one run:
 
 - :mod:`bench.engine_level`: every variant in-process on every engine that can run it;
@@ -8,5 +8,6 @@
   gateway's ceiling;
 - :mod:`bench.profiling`: what bounds a figure that misses its target;
 
-and writes the raw JSON and ``docs/benchmarks.md`` (:mod:`bench.report`).
+and writes the raw JSON and the report for this host's CPU class,
+``docs/benchmarks/<class>.json`` + ``.md`` (:mod:`bench.results`, :mod:`bench.report`).
 """

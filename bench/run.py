@@ -2,12 +2,14 @@
 
     python -m bench.run [--repository model_repository] [--models resnet50,minilm,digits]
         [--serving digits:int8,resnet50:int8] [--threads 2] [--no-triton] [--rebuild]
-        [--json docs/benchmarks.json] [--markdown docs/benchmarks.md] [--quick]
-    python -m bench.run --render docs/benchmarks.json [--markdown docs/benchmarks.md]
+        [--json docs/benchmarks/CLASS.json] [--markdown docs/benchmarks/CLASS.md] [--quick]
+    python -m bench.run --render docs/benchmarks/CLASS.json [--markdown PATH]
 
-``--quick`` is a smoke run (digits only, short windows, under 3 minutes) written to
-``reports/bench-quick/`` unless ``--json`` / ``--markdown`` say otherwise. Errors print one line
-and exit 2.
+Results go to ``docs/benchmarks/<cpu-class>.json`` + ``.md`` for this host's CPU class
+(:func:`bench.machine.cpu_class`), and the folder's index (``README.md``) is regenerated from
+every results JSON in it; other classes' files are left alone. ``--quick`` is a smoke run
+(digits only, short windows, under 3 minutes) written to ``reports/bench-quick/<class>.*``
+unless ``--json`` / ``--markdown`` say otherwise. Errors print one line and exit 2.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-serving", action="store_true", help="engine level only")
     p.add_argument("--rebuild", action="store_true", help="call the builder even if built")
     p.add_argument("--quick", action="store_true", help="smoke run: digits, short windows")
-    p.add_argument("--json", type=Path, help="raw results (default docs/benchmarks.json)")
-    p.add_argument("--markdown", type=Path, help="the report (default docs/benchmarks.md)")
+    p.add_argument("--json", type=Path, help="raw results (default docs/benchmarks/CLASS.json)")
+    p.add_argument("--markdown", type=Path, help="the report (default: the JSON's .md)")
     p.add_argument(
         "--render",
         type=Path,
@@ -65,7 +67,7 @@ def _windows(quick: bool) -> tuple[EngineWindows, ServingWindows]:
         return (
             EngineWindows(rounds=2, latency_runs=10, latency_seconds=0.3, throughput_runs=2,
                           throughput_seconds=0.3),
-            ServingWindows(rounds=1, concurrencies=(1, 4), seconds=1.0, warmup=0.3,
+            ServingWindows(rounds=1, concurrencies=(1, 4, 16), seconds=1.0, warmup=0.3,
                            ceiling_concurrencies=(1, 4, 16), ceiling_seconds=1.0),
         )  # fmt: skip
     return EngineWindows(), ServingWindows()
@@ -202,107 +204,177 @@ def _finite(x: Any) -> Any:
     return x
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.render:
-        from bench.report import render
+def render_saved(json_path: Path, md_path: Path | None) -> int:
+    """``--render``: judge the saved measurements again and write the markdown and the index."""
+    from bench.report import render
+    from bench.results import write_index
+    from bench.targets import evaluate
 
-        md_path = args.markdown or Path("docs/benchmarks.md")
-        from bench.targets import evaluate
+    md_path = md_path or json_path.with_suffix(".md")
+    try:
+        saved = json.loads(json_path.read_text())
+        saved["targets"] = evaluate(saved)  # judged again from the saved measurements
+        saved["analysis"] = analysis(saved)
+        md_path.write_text(render(saved))
+        json_path.write_text(json.dumps(_finite(saved), indent=1, default=str) + "\n")
+        write_index(json_path.parent)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"bench: error: cannot render {json_path}: {e}", file=sys.stderr)
+        return 2
+    _log(f"wrote {md_path} and {json_path.parent / 'README.md'} from {json_path}")
+    return 0
 
-        try:
-            saved = json.loads(args.render.read_text())
-            saved["targets"] = evaluate(saved)  # judged again from the saved measurements
-            saved["analysis"] = analysis(saved)
-            md_path.write_text(render(saved))
-        except (OSError, ValueError, KeyError) as e:
-            print(f"bench: error: cannot render {args.render}: {e}", file=sys.stderr)
-            return 2
-        _log(f"wrote {md_path} from {args.render}")
-        return 0
-    started = time.perf_counter()
-    info = machine.describe()
+
+@dataclasses.dataclass
+class Plan:
+    """What one run measures and where it writes (from the command line and the host)."""
+
+    repository: Path
+    json_path: Path
+    md_path: Path
+    models: list[str]
+    serving: list[tuple[str, str]]
+    threads: int
+    serving_threads: int
+    quick: bool
+    with_triton: bool
+    with_serving: bool
+    rebuild: bool
+
+
+def make_plan(args: argparse.Namespace, cpu_class: str) -> Plan:
+    from bench.results import default_paths
+
     quick = args.quick
-    out_dir = Path("reports/bench-quick") if quick else Path("docs")
-    json_path = args.json or out_dir / "benchmarks.json"
-    md_path = args.markdown or out_dir / "benchmarks.md"
+    json_default, md_default = default_paths(cpu_class, quick)
     models = (args.models.split(",") if args.models else None) or (
         ["digits"] if quick else list(DEFAULT_MODELS)
     )
-    serving_spec = args.serving or ("digits:int8" if quick else DEFAULT_SERVING)
-    serving = [tuple(s.split(":", 1)) for s in serving_spec.split(",") if s]
+    spec = args.serving or ("digits:int8" if quick else DEFAULT_SERVING)
+    serving = [tuple(s.split(":", 1)) for s in spec.split(",") if s]
     if any(len(s) != 2 for s in serving):
-        print(f"bench: error: --serving wants model:precision items, got {serving_spec!r}",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    engine_w, serving_w = _windows(quick)
-    serving_threads = args.serving_threads if args.serving_threads is not None else args.threads
-    repo = args.repository
-    _log(f"bench on {info['cpu_model']}, {info['cores']} cores, load {info['load_average_start']}")
-    try:
-        serving_models = [] if args.no_serving else [m for m, _ in serving]
-        needed = list(dict.fromkeys([*models, *serving_models]))
-        built = ensure_built(repo, needed, args.rebuild)
-    except Exception as e:
-        print(f"bench: error: build failed: {' '.join(str(e).split())[:300]}", file=sys.stderr)
-        return 2
-    results: dict[str, Any] = {
-        "command": " ".join(
-            ["python -m bench.run", shlex.join(sys.argv[1:] if argv is None else argv)]
-        ).strip(),
-        "machine": info,
-        "settings": {
-            "quick": quick,
-            "repository": str(repo),
-            "json": str(json_path),
-            "threads": args.threads,
-            "serving_threads": serving_threads,
-            "models": models,
-            "serving": [f"{m}:{p}" for m, p in serving],
-            "engine_windows": dataclasses.asdict(engine_w),
-            "serving_windows": dataclasses.asdict(serving_w),
-            "build": built,
-        },
-    }
-    results["engine_level"] = run_engine_level(repo, models, args.threads, engine_w, quick)
-    if not args.no_serving and serving:
-        from bench.serving import measure_serving
+        raise ValueError(f"--serving wants model:precision items, got {spec!r}")
+    return Plan(
+        repository=args.repository,
+        json_path=args.json or json_default,
+        md_path=args.markdown or (args.json.with_suffix(".md") if args.json else md_default),
+        models=models,
+        serving=[(m, p) for m, p in serving],
+        threads=args.threads,
+        serving_threads=args.serving_threads if args.serving_threads is not None else args.threads,
+        quick=quick,
+        with_triton=not args.no_triton,
+        with_serving=not args.no_serving and bool(serving),
+        rebuild=args.rebuild,
+    )
 
-        _log(f"serving: {serving_spec}")
-        try:
-            results["serving"] = measure_serving(
-                repo,
-                serving,
-                serving_threads,
-                serving_w,
-                with_triton=not args.no_triton,
-                ceiling_model=("digits", "int8") if ("digits", "int8") in serving else serving[0],
+
+def _settings(plan: Plan, built: dict[str, str]) -> dict[str, Any]:
+    engine_w, serving_w = _windows(plan.quick)
+    return {
+        "quick": plan.quick,
+        "repository": str(plan.repository),
+        "json": str(plan.json_path),
+        "threads": plan.threads,
+        "serving_threads": plan.serving_threads,
+        "models": plan.models,
+        "serving": [f"{m}:{p}" for m, p in plan.serving],
+        "engine_windows": dataclasses.asdict(engine_w),
+        "serving_windows": dataclasses.asdict(serving_w),
+        "build": built,
+    }
+
+
+def run_serving(plan: Plan, windows: ServingWindows) -> dict[str, Any]:
+    """Section 2 and 3 (``serving``), or ``serving_error`` when the measurement broke."""
+    from bench.serving import measure_serving
+
+    _log(f"serving: {', '.join(f'{m}:{p}' for m, p in plan.serving)}")
+    ceiling = ("digits", "int8") if ("digits", "int8") in plan.serving else plan.serving[0]
+    try:
+        return {
+            "serving": measure_serving(
+                plan.repository,
+                plan.serving,
+                plan.serving_threads,
+                windows,
+                with_triton=plan.with_triton,
+                ceiling_model=ceiling,
                 log=_log,
             )
-        except Exception as e:
-            results["serving"] = {}
-            results["serving_error"] = " ".join(f"{type(e).__name__}: {e}".split())[:400]
-            _log(f"serving failed: {results['serving_error']}")
+        }
+    except Exception as e:
+        error = " ".join(f"{type(e).__name__}: {e}".split())[:400]
+        _log(f"serving failed: {error}")
+        return {"serving": {}, "serving_error": error}
+
+
+def measure(plan: Plan, info: dict[str, Any], built: dict[str, str], command: str) -> dict:
+    engine_w, serving_w = _windows(plan.quick)
+    results: dict[str, Any] = {
+        "command": command,
+        "machine": info,
+        "settings": _settings(plan, built),
+    }
+    results["engine_level"] = run_engine_level(
+        plan.repository, plan.models, plan.threads, engine_w, plan.quick
+    )
+    if plan.with_serving:
+        results.update(run_serving(plan, serving_w))
     _log("profiles")
     results["profiles"] = {
-        "onnxruntime_ops": run_profiles(repo, results["engine_level"], args.threads),
+        "onnxruntime_ops": run_profiles(plan.repository, results["engine_level"], plan.threads),
         "py_spy": None
-        if (Path(sys.executable).parent / "py-spy").exists()
-        else "py-spy is not installed in this environment, so the gateway's Python stacks were "
-        "not sampled; the gateway's own timing histograms and CPU time per request stand in.",
+        if results.get("serving", {}).get("py_spy")
+        else "py-spy did not sample the serving processes in this run (not installed, or no "
+        "serving section); the gateway's own timing histograms and CPU time per request stand in.",
     }
+    return results
+
+
+def write_results(results: dict[str, Any], plan: Plan) -> None:
+    """The JSON and markdown of this class, then the index of the folder (others untouched)."""
     from bench.report import render
+    from bench.results import write_index
     from bench.targets import evaluate
 
     results["targets"] = evaluate(results)
     results["analysis"] = analysis(results)
     results["machine"]["load_average_end"] = machine.load_average()
+    plan.json_path.parent.mkdir(parents=True, exist_ok=True)
+    plan.json_path.write_text(json.dumps(_finite(results), indent=1, default=str) + "\n")
+    plan.md_path.parent.mkdir(parents=True, exist_ok=True)
+    plan.md_path.write_text(render(results))
+    write_index(plan.json_path.parent)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.render:
+        return render_saved(args.render, args.markdown)
+    started = time.perf_counter()
+    info = machine.describe()
+    try:
+        plan = make_plan(args, info["cpu_class"])
+    except ValueError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2
+    _log(
+        f"bench on {info['cpu_model']} ({info['cpu_class']}), {info['cores']} cores, "
+        f"load {info['load_average_start']}"
+    )
+    try:
+        serving_models = [m for m, _ in plan.serving] if plan.with_serving else []
+        needed = list(dict.fromkeys([*plan.models, *serving_models]))
+        built = ensure_built(plan.repository, needed, plan.rebuild)
+    except Exception as e:
+        print(f"bench: error: build failed: {' '.join(str(e).split())[:300]}", file=sys.stderr)
+        return 2
+    cli = shlex.join(sys.argv[1:] if argv is None else argv)
+    results = measure(plan, info, built, " ".join(["python -m bench.run", cli]).strip())
     results["elapsed_seconds"] = round(time.perf_counter() - started, 1)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(_finite(results), indent=1, default=str) + "\n")
-    md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(render(results))
-    _log(f"wrote {md_path} and {json_path} in {results['elapsed_seconds'] / 60:.1f} min")
+    write_results(results, plan)
+    _log(f"wrote {plan.md_path} and {plan.json_path} in {results['elapsed_seconds'] / 60:.1f} min")
     for t in results["targets"]:
         _log(f"target {t['status']:>12}: {t['target']}: {t['measured']} (wanted {t['wanted']})")
     failed = failures(results)
@@ -320,7 +392,7 @@ def failures(results: dict[str, Any]) -> list[str]:
         out.append(f"serving: {results['serving_error']}")
     serving = results.get("serving", {})
     for path, why in serving.get("path_errors", {}).items():
-        if not why.startswith("skipped"):
+        if not why.startswith(("skipped", "not available")):
             out.append(f"{path}: {why}")
     for name, v in serving.get("variants", {}).items():
         for path, check in v.get("answer_checks", {}).items():

@@ -8,7 +8,9 @@ The same variant and the same input rows through four paths:
   backend running the same engine);
 - (d) ``gateway_triton``: the gateway with ``--upstream triton://`` that Triton;
 - (e) ``echo``: a bare grpc.aio server answering at once (:mod:`bench.echo_server`), no model:
-  the floor of one Python gRPC hop on this host at this moment.
+  the floor of one Python gRPC hop on this host at this moment;
+- (f) ``kserve``: KServe's Python ``ModelServer`` running the same file, and (g)
+  ``gateway_workers2``: the gateway with ``--workers 2`` (:mod:`bench.peer_paths`).
 
 The servers get a repository holding only the measured variants (links to the built ones), so
 neither loads anything else. All four run at once and are measured round-robin - per round, per
@@ -34,7 +36,9 @@ from bench.stats import median
 from server.engines import get_engine
 from server.model_repository import load_manifest, manifest_path
 
-PATHS = ("inprocess", "gateway", "triton", "gateway_triton", "echo")
+PATHS = ("inprocess", "gateway", "triton", "gateway_triton", "echo", "kserve", "gateway_workers2")
+# Paths whose server runs in several processes: no CPU-time figure from one pid.
+MULTIPROCESS = ("triton", "gateway_workers2")
 SETTLE_SECONDS = 0.1
 
 
@@ -73,8 +77,18 @@ def subset_repository(repository: Path, dest: Path, wanted: list[tuple[str, str]
 class Servers:
     """Gateway (embedded), Triton, gateway -> Triton on one repository; each may fail alone."""
 
-    def __init__(self, repository: Path, threads: int, with_triton: bool, log: Callable) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        threads: int,
+        with_triton: bool,
+        log: Callable,
+        wanted: list[tuple[str, str]] | None = None,
+        source: Path | None = None,
+    ) -> None:
         self.repository = repository
+        self.wanted = wanted or []
+        self.source = source or repository
         self.threads = threads
         self.with_triton = with_triton
         self.log = log
@@ -108,6 +122,10 @@ class Servers:
         self.gateway = self._start(
             "gateway", lambda: GatewayProcess(self.repository, args, timeout=300)
         )
+        if self.wanted:
+            from bench.peer_paths import start_peer_paths
+
+            start_peer_paths(self, self.wanted, self.source, args)
         if not self.with_triton:
             self.errors["triton"] = self.errors["gateway_triton"] = "skipped (--no-triton)"
             return self
@@ -183,7 +201,7 @@ def _window(path: str, target: Target, servers: Servers, c: int, w: ServingWindo
         out = clients.inprocess_window(target.session, target.feeds, c, w.seconds, w.warmup)
         out["process_cpu_ms_per_request"] = out.pop("client_cpu_ms_per_request")
         return out
-    proc = servers.procs.get(path) if path != "triton" else None  # Triton: several processes
+    proc = servers.procs.get(path) if path not in MULTIPROCESS else None
     cpu0, wall0 = (profiling.process_cpu_seconds(proc.pid) if proc else None), time.perf_counter()
     out = clients.grpc_window(servers.targets[path], target.payload, c, w.seconds, w.warmup)
     wall = time.perf_counter() - wall0
@@ -246,7 +264,7 @@ def measure_serving(
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         subset = subset_repository(Path(repository), Path(tmp) / "repo", wanted)
         targets = _targets(Path(repository), wanted, threads)
-        with Servers(subset, threads, with_triton, log) as servers:
+        with Servers(subset, threads, with_triton, log, wanted, Path(repository)) as servers:
             result = _measure(targets, servers, windows, log)
             if ceiling_model and servers.gateway is not None:
                 t = next(t for t in targets if (t.model, t.precision) == ceiling_model)
@@ -260,6 +278,10 @@ def measure_serving(
                     result["gateway_triton_breakdown"] = gateway_breakdown(
                         t, servers, "gateway_triton", windows
                     )
+                from bench.peer_paths import perf_analyzer_over_paths, pyspy_over_paths
+
+                result["perf_analyzer"] = perf_analyzer_over_paths(servers, t, windows.seconds, log)
+                result["py_spy"] = pyspy_over_paths(servers, t, max(2.0, windows.seconds), log)
             if servers.gateway is not None:
                 result["gateway_c4_breakdown"] = {
                     t.triton_name: gateway_breakdown(t, servers, "gateway", windows, 4)

@@ -140,3 +140,48 @@ def test_failures_name_what_could_not_be_measured() -> None:
         "digits_int8 via echo: wrong answer (e)",
     ]
     assert failures({"engine_level": {"digits": {}}}) == []
+
+
+def test_py_spy_raw_summary_by_own_and_cumulative_samples() -> None:
+    from bench.pyspy import summarise
+
+    raw = "main (a.py:1);serve (b.py:2);encode (c.py:3) 6\nmain (a.py:1);serve (b.py:2) 3\n"
+    raw += "main (a.py:1);poll (d.py:4) 1\nnot a stack line\n"
+    s = summarise(raw)
+    assert s["samples"] == 10
+    assert s["top_own"][0] == {"function": "encode (c.py:3)", "share": 0.6}
+    assert [e["function"] for e in s["top_own"]] == ["encode (c.py:3)", "serve (b.py:2)",
+                                                     "poll (d.py:4)"]  # fmt: skip
+    cum = {e["function"]: e["share"] for e in s["top_cumulative"]}
+    assert cum == {"main (a.py:1)": 1.0, "serve (b.py:2)": 0.9, "encode (c.py:3)": 0.6,
+                   "poll (d.py:4)": 0.1}  # fmt: skip
+
+
+def test_workers_path_reports_not_available_without_the_cli_option(
+    monkeypatch: pytest.MonkeyPatch, tiny_repository: Path
+) -> None:
+    from bench import peer_paths
+    from bench.run import failures
+
+    class FakeServers:
+        repository = tiny_repository
+        threads = 1
+
+        def __init__(self) -> None:
+            self.errors: dict[str, str] = {}
+            self.started: list[str] = []
+
+        def _start(self, name: str, factory: object) -> None:
+            self.started.append(name)
+
+    monkeypatch.setattr(peer_paths, "gateway_accepts_workers", lambda: False)
+    monkeypatch.setattr("bench.peers.kserve_peer.available", lambda: True)
+    servers = FakeServers()
+    peer_paths.start_peer_paths(servers, [("tiny", "int8")], tiny_repository, [])
+    assert servers.errors["gateway_workers2"].startswith("not available")
+    assert servers.started == ["kserve"]
+    assert failures({"serving": {"path_errors": servers.errors}}) == []
+    monkeypatch.setattr(peer_paths, "gateway_accepts_workers", lambda: True)
+    servers.errors, servers.started = {}, []
+    peer_paths.start_peer_paths(servers, [("tiny", "int8")], tiny_repository, [])
+    assert servers.started == ["gateway_workers2", "kserve"] and servers.errors == {}

@@ -1,0 +1,122 @@
+"""Results kept per CPU class: the classifier, per-class targets, and the index page."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.machine import cpu_class
+from bench.results import render_index
+from bench.run import main as bench_main
+from bench.targets import evaluate
+
+SPR = [
+    "avx2",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+]
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (SPR, "intel-amx"),
+        (["avx2", "amx_bf16"], "intel-amx"),
+        (["avx2", "amx_tile"], "intel-amx"),
+        (["avx2", "avx512f", "avx512_vnni"], "avx512"),
+        (["avx2", "avx512f"], "avx512"),
+        (["avx2"], "avx2"),
+        (["avx2", "avx_vnni"], "avx2"),
+        ([], "avx2"),
+    ],
+)
+def test_cpu_class_from_flags(flags: list[str], expected: str) -> None:
+    assert cpu_class(flags) == expected
+
+
+def _resnet(ratio: float) -> dict:
+    fp32 = {
+        "precision": "fp32",
+        "engine": "onnxruntime",
+        "served": True,
+        "size_bytes": 4,
+        "ratio_to_ort_fp32": {"8": 1.0},
+        "throughput": {"8": 10.0},
+    }
+    int8 = {
+        "precision": "int8",
+        "engine": "onnxruntime",
+        "served": True,
+        "size_bytes": 1,
+        "ratio_to_ort_fp32": {"8": ratio},
+        "throughput": {"8": 10.0 * ratio},
+    }
+    return {"headline_batch": 8, "contenders": [fp32, int8]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("flags", "status"), [(["avx2"], "met"), (SPR, "not met")], ids=["avx2", "amx"]
+)
+def test_resnet_target_depends_on_the_cpu_class(flags: list[str], status: str) -> None:
+    results = {"machine": {"isa_flags": flags}, "engine_level": {"resnet50": _resnet(2.0)}}
+    row = evaluate(results)[0]
+    assert row["target"].startswith("ResNet-50")
+    assert row["status"] == status
+    assert row["wanted"] == (">= 1.9x" if status == "met" else ">= 5.0x")
+
+
+def test_kserve_serving_targets_from_paths() -> None:
+    def path(rps: float, cpu: float = 1.0) -> dict:
+        return {c: {"rps": rps, "server_cpu_ms_per_request": cpu} for c in ("1", "4", "16")}
+
+    paths = {"gateway": path(300.0), "kserve": path(100.0), "triton": path(400.0),
+             "gateway_triton": path(300.0, 1.1), "echo": path(900.0, 1.0)}  # fmt: skip
+    serving = {"variants": {"digits_int8": {"paths": paths, "ratios": {}}}}
+    rows = {t["target"]: t for t in evaluate({"machine": {}, "serving": serving})}
+    kserve = [t for name, t in rows.items() if "KServe" in name]
+    assert [t["measured"] for t in kserve] == [3.0, 3.0]
+    assert {t["status"] for t in kserve} == {"met"}
+    triton = next(t for name, t in rows.items() if name.startswith("gateway (embedded) / Triton"))
+    assert triton["measured"] == 0.75 and triton["status"] == "not met"
+    cpu = next(t for name, t in rows.items() if "CPU per forwarded" in name)
+    assert cpu["measured"] == 1.1 and cpu["status"] == "met"
+
+
+def _run(repo: Path, out: Path, name: str) -> None:
+    argv = ["--quick", "--models", "tiny", "--no-serving", "--threads", "1",
+            "--repository", str(repo), "--json", str(out / f"{name}.json")]  # fmt: skip
+    assert bench_main(argv) == 0
+
+
+def test_one_class_keeps_the_others_and_the_index_lists_all(
+    tiny_repository: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "benchmarks"
+    _run(tiny_repository, out, "intel-amx")
+    amx = json.loads((out / "intel-amx.json").read_text())
+    amx["machine"].update(cpu_class="intel-amx", cpu_model="Xeon SPR", isa_flags=SPR)
+    (out / "intel-amx.json").write_text(json.dumps(amx))
+    amx_md = (out / "intel-amx.md").read_text()
+    _run(tiny_repository, out, "avx2")
+    assert (out / "intel-amx.md").read_text() == amx_md  # the other class is untouched
+    assert json.loads((out / "intel-amx.json").read_text()) == amx
+    assert (out / "avx2.md").is_file()
+    index = (out / "README.md").read_text()
+    assert index == render_index(out)
+    rows = [line for line in index.splitlines() if line.startswith("| `")]
+    assert [r.split("|")[1].strip() for r in rows] == ["`avx2`", "`intel-amx`"]
+    assert "[intel-amx.md](intel-amx.md)" in rows[1] and "Xeon SPR" in rows[1]
+    assert "[avx2.md](avx2.md)" in rows[0]
+
+
+def test_the_docs_index_matches_the_docs_jsons() -> None:
+    docs = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
+    assert (docs / "avx2.json").is_file()
+    assert (docs / "README.md").read_text() == render_index(docs)
