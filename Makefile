@@ -3,10 +3,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS := build,openvino,loadtest,triton,dev
+EXTRAS := build,openvino,loadtest,triton,bench,dev
 REPO ?= model_repository
 
-.PHONY: install demo test lint format bench bench-quick bench-tools bench-extra bench-binaries \
+.PHONY: install demo test lint format bench bench-quick bench-tools bench-binaries \
 	bench-system-deps clean system-deps
 
 install: $(STAMP)
@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml | system-deps
 demo: install
 	$(BIN)/python -m loadtest.demo --repository $(REPO)
 
-test: install lint
+test: install bench-tools lint
 	$(BIN)/python -m pytest -q
 
 bench: install bench-tools
@@ -40,20 +40,15 @@ bench-quick: install bench-tools
 	$(BIN)/python -m bench.run --quick
 
 # The peers the benchmark compares against (docs/benchmarks/README.md): the `bench` extra
-# (KServe's ModelServer, py-spy) in the venv, and NVIDIA's perf_analyzer, the C++ binary out of
+# (KServe's ModelServer, py-spy; in EXTRAS, so `make install` has it), and NVIDIA's perf_analyzer, the C++ binary out of
 # the tritonclient 2.40.0 manylinux wheel (only the binary: that wheel is never installed), with
 # Debian's libb64 and libcudart.so.12 from the nvidia-cuda-runtime-cu12 wheel in a target dir.
 BENCH_TOOLS := .cache/bench-tools
 PA_WHEEL := tritonclient==2.40.0
 PA_MEMBER := tritonclient-2.40.0.data/data/bin/perf_analyzer
 
-bench-tools: bench-extra bench-binaries
-
-bench-extra: $(VENV)/.bench-installed
-
-$(VENV)/.bench-installed: pyproject.toml | install
-	$(BIN)/python -m pip install -q -e ".[$(EXTRAS),bench]"
-	@touch $@
+# The tests run the peers too (tests/test_bench_peers.py), so `make test` needs these.
+bench-tools: install bench-binaries
 
 bench-binaries: $(BENCH_TOOLS)/bin/perf_analyzer $(BENCH_TOOLS)/cuda/.installed | bench-system-deps
 
