@@ -1,12 +1,62 @@
-"""Session fixtures: repositories built once and shared by every test that needs them."""
+"""Session fixtures: repositories built once and shared by every test that needs them.
+
+Also the CI skip hook: under ``CI=true`` a test (or a whole module) that ends *skipped* is
+reported as *failed*, with the skip reason, unless it is ``gpu``-marked. Skips raised anywhere
+count: ``pytest.skip`` in the test, a fixture or setup, ``skip``/``skipif`` marks,
+``pytest.importorskip`` and module-level skips at collection. Expected failures (``xfail``)
+are not skips and are left alone. A missing component therefore cannot pass CI silently.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_tiny_onnx
+from tests.helpers import in_ci, make_tiny_onnx
+
+pytest_plugins = ["pytester"]
+
+
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    longrepr = report.longrepr
+    reason = (
+        str(longrepr[2]) if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    )
+    return reason.removeprefix("Skipped: ")
+
+
+def _fail_skip(report: pytest.TestReport | pytest.CollectReport, what: str) -> None:
+    reason = _skip_reason(report)
+    report.outcome = "failed"
+    report.longrepr = (
+        f"{what} skipped under CI=true, where every component must be present: {reason}"
+    )
+
+
+def _is_plain_skip(report: pytest.TestReport | pytest.CollectReport) -> bool:
+    return report.skipped and not hasattr(report, "wasxfail")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if _is_plain_skip(report) and in_ci() and item.get_closest_marker("gpu") is None:
+        _fail_skip(report, f"test ({report.when})")
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(
+    collector: pytest.Collector,
+) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+    report = yield
+    if _is_plain_skip(report) and in_ci() and collector.get_closest_marker("gpu") is None:
+        _fail_skip(report, f"collection of {collector.nodeid}")
+    return report
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.helpers import stop_process, wait_for
+from server import process
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -124,20 +124,19 @@ def test_core_install_serves_a_repository(
         "--ready-file",
         str(ready_file),
     ]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=tmp_path, env=_clean_env(), stdout=log, stderr=subprocess.STDOUT
-        )
+    proc = process.start(cmd, log_path=log_path, env=_clean_env(), cwd=tmp_path)
     try:
 
         def ready() -> bool:
-            assert proc.poll() is None, log_path.read_text(errors="replace")
             return ready_file.exists() and bool(ready_file.read_text())
 
-        wait_for(ready, 120, "the core install's gateway to write its ready file")
+        process.wait_ready(
+            ready, 120, "the core install's gateway to write its ready file", proc=proc,
+            log=log_path,
+        )  # fmt: skip
         ports = json.loads(ready_file.read_text())
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports['grpc_port']}")
-        wait_for(client.is_server_ready, 60, "the core install's gateway to be ready")
+        process.wait_ready(client.is_server_ready, 60, "the core install's gateway", proc=proc)
 
         x = np.random.default_rng(0).normal(size=(3, 16)).astype(np.float32)
         inp = grpcclient.InferInput("x", list(x.shape), "FP32")
@@ -158,7 +157,7 @@ def test_core_install_serves_a_repository(
         assert index["tiny_fp32"].state == "READY"
         client.close()
     finally:
-        stop_process(proc, grace=15)
+        process.stop(proc, grace=15)
     assert proc.returncode is not None
     log_text = log_path.read_text(errors="replace")
     assert "tiny_fp16 is not servable" in log_text, log_text[-2000:]

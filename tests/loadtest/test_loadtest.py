@@ -3,8 +3,8 @@
 The gateway is started here (not by the tool) so the test scrapes its /metrics itself over the
 whole run and checks the tool's numbers against it: every request the tool sent (warm-ups
 included) is in the gateway's request counter for that precision, each measured window's count
-equals the gateway's count for the same window, and client and gateway medians agree within
-the tolerance stated in ``_check_medians``.
+equals the gateway's count for the same window, and the client's latencies lie between the
+gateway's own and the closed-loop limit (``_check_latencies``).
 """
 
 from __future__ import annotations
@@ -24,23 +24,30 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PRECISIONS = ["fp32", "fp16", "int8"]
 USERS = [1, 4]
-# The client sees the gateway's time plus the gRPC round trip and Locust's own CPU time; with
-# Locust, the gateway and ONNX Runtime sharing 2 cores that is a few ms per request (observed
-# 1-7 ms at 4 users). The gateway's median is a histogram estimate: only its bucket is exact.
-CLIENT_OVERHEAD_MS = 15.0
 
 
-def _check_medians(step: dict) -> None:
-    client = step["latency_ms"]["p50"]
-    server = step["server"]
-    low, high = server["p50_bucket_ms"]
-    # The gateway cannot take longer than the client waited: the client median is at least the
-    # lower edge of the bucket holding the gateway's median...
-    assert client >= low, (step["precision"], step["users"], client, low)
-    # ...and at most that bucket's upper edge plus the client-side overhead.
-    assert client <= high + CLIENT_OVERHEAD_MS, (step["precision"], step["users"], client, high)
-    # The interpolated estimate itself lies within the stated tolerance of the client median.
-    assert abs(client - server["p50_ms"]) <= CLIENT_OVERHEAD_MS + (high - low)
+def _check_latencies(step: dict) -> None:
+    """Client latencies against two facts that hold however slow the machine is.
+
+    1. The gateway's time for a request lies inside the client's wait for it, and the window's
+       requests are the same on both sides (equal counts, asserted by the caller). So the client
+       mean is at least the gateway's exact mean (its histogram sum / count), and the client
+       median at least the lower edge of the gateway bucket that holds the gateway's median.
+    2. Each Locust user waits for one request at a time (wait_time 0, batch 1), and every
+       measured request starts and ends inside the step's duration. So the users' summed waits,
+       requests x mean latency, are at most users x duration.
+    Together they pin the client's latencies between the gateway's and the closed-loop limit, with
+    no tolerance for speed: only float rounding (1e-6 relative).
+    """
+    key = (step["precision"], step["users"])
+    lat, server = step["latency_ms"], step["server"]
+    rel = 1e-6
+    assert lat["mean"] >= server["mean_ms"] * (1 - rel), (key, lat["mean"], server["mean_ms"])
+    low, _high = server["p50_bucket_ms"]
+    assert lat["p50"] >= low * (1 - rel), (key, lat["p50"], low)
+    busy_ms = step["requests"] * lat["mean"]
+    window_ms = step["users"] * step["duration_s"] * 1000.0
+    assert busy_ms <= window_ms * (1 + rel), (key, busy_ms, window_ms)
 
 
 def test_precision_loadtest_on_digits(digits_repository: Path, tmp_path: Path) -> None:
@@ -95,10 +102,10 @@ def test_precision_loadtest_on_digits(digits_repository: Path, tmp_path: Path) -
         assert 0 < lat["p50"] <= lat["p90"] <= lat["p95"] <= lat["p99"] <= lat["max"]
         assert int(row["requests"]) == s["requests"]
         assert float(row["p99_ms"]) == pytest.approx(lat["p99"], abs=1e-3)
-        # the same window seen by the gateway: equal request counts, all ok, agreeing medians
+        # the same window seen by the gateway: equal request counts, all ok, consistent latencies
         assert s["server"]["requests"] == s["requests"], s
         assert s["server"]["by_status"] == {"ok": s["requests"]}
-        _check_medians(s)
+        _check_latencies(s)
         # Locust's own final statistics name the calls model/precision, request type grpc
         slug = f"{s['precision']}_u{s['users']}_b1"
         stats = json.loads((out / "steps" / slug / "locust.json").read_text())

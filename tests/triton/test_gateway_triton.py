@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from server.model_repository import Manifest, load_manifests
+from server.model_repository import Manifest, load_manifests, samples_path
 from server.process import wait_ready
 from server.runner import GatewayProcess
 from tests.helpers import free_port
@@ -30,18 +30,17 @@ def _manifest(repo: Path) -> Manifest:
 
 
 def _inputs(repo: Path, manifest: Manifest, rows: int) -> dict[str, np.ndarray]:
-    """The builder's real sample rows when present, else seeded random rows."""
-    samples = repo / f"{manifest.model}.samples.npz"
-    if samples.exists():
-        with np.load(samples) as data:
-            found = {t.name: data[t.name][:rows] for t in manifest.inputs if t.name in data}
-        if len(found) == len(manifest.inputs):
-            return found
-    rng = np.random.default_rng(0)
-    return {
-        t.name: rng.normal(size=(rows, *[d if d > 0 else 8 for d in t.shape])).astype(t.dtype)
-        for t in manifest.inputs
-    }
+    """The builder's real sample rows (the repository's samples file; missing = a failure)."""
+    samples = samples_path(repo, manifest.model)
+    assert samples.is_file(), f"the builder wrote no samples file at {samples}"
+    with np.load(samples) as data:
+        missing = [t.name for t in manifest.inputs if t.name not in data.files]
+        assert not missing, f"{samples.name} lacks inputs {missing} (has {data.files})"
+        found = {t.name: data[t.name][:rows] for t in manifest.inputs}
+    for t in manifest.inputs:
+        assert found[t.name].shape[0] == rows, (t.name, found[t.name].shape, rows)
+        assert found[t.name].dtype == np.dtype(t.dtype), (t.name, found[t.name].dtype, t.dtype)
+    return found
 
 
 def _infer(
