@@ -210,7 +210,7 @@ class Gateway:
             target = self._lookup(request.model, request.version)
             model = self.repository.models[target.model] if isinstance(target, Variant) else target
             model_label = model.name
-            inflight = metrics.INFLIGHT.labels(model=model.name)
+            inflight = metrics.inflight(model_label)
             inflight.inc()
             deadline = self._deadline(request)
             if isinstance(target, Variant):
@@ -223,9 +223,9 @@ class Gateway:
             self._check_size(request)
             arrays = self._validate(model.variants[decision.precision], request)
             run = self._run(model, candidates, arrays, deadline)
-            if deadline is None:
+            if deadline is None or getattr(self.upstream, "honours_deadline", False):
                 variant, outputs = await run
-            else:
+            else:  # an upstream that may not stop at the deadline: bound it here
                 try:
                     variant, outputs = await asyncio.wait_for(run, deadline - time.monotonic())
                 except TimeoutError:
@@ -233,23 +233,12 @@ class Gateway:
                         f"deadline exceeded while {model.name!r} was running"
                     ) from None
             precision_label = variant.precision
-            if variant.precision != decision.precision:
-                metrics.FALLBACKS.labels(
-                    model=model.name,
-                    from_precision=decision.precision,
-                    to_precision=variant.precision,
-                ).inc()
-            if isinstance(target, Model):
-                metrics.ROUTING_DECISIONS.labels(
-                    model=model.name, precision=decision.precision, policy=decision.policy
-                ).inc()
+            self._count_routing(model, target, decision, variant)
             if decision.shadow_reference and variant.precision == decision.precision:
                 self._mirror(model, variant, decision.shadow_reference, arrays, outputs)
             selected = self._select_outputs(variant, outputs, request.outputs)
             self._record(variant, arrays, start, ok=True)
-            metrics.REQUESTS.labels(
-                model=model_label, precision=precision_label, protocol=request.protocol, status="ok"
-            ).inc()
+            metrics.requests(model_label, precision_label, request.protocol, "ok").inc()
             return InferResponse(
                 model_name=variant.name,
                 model_version=variant.version,
@@ -258,36 +247,35 @@ class Gateway:
                 outputs=selected,
             )
         except GatewayError as e:
-            metrics.REQUESTS.labels(
-                model=model_label,
-                precision=precision_label,
-                protocol=request.protocol,
-                status=e.code,
-            ).inc()
+            metrics.requests(model_label, precision_label, request.protocol, e.code).inc()
             raise
         except Exception:  # a bug or an upstream's unexpected error: the transport says INTERNAL
-            metrics.REQUESTS.labels(
-                model=model_label,
-                precision=precision_label,
-                protocol=request.protocol,
-                status="INTERNAL",
-            ).inc()
+            metrics.requests(model_label, precision_label, request.protocol, "INTERNAL").inc()
             raise
         except asyncio.CancelledError:  # the client went away or its deadline passed
             expired = request.deadline is not None and time.monotonic() >= request.deadline
-            metrics.REQUESTS.labels(
-                model=model_label,
-                precision=precision_label,
-                protocol=request.protocol,
-                status="DEADLINE_EXCEEDED" if expired else "CANCELLED",
-            ).inc()
+            status = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
+            metrics.requests(model_label, precision_label, request.protocol, status).inc()
             raise
         finally:
             if inflight is not None:
                 inflight.dec()
-                metrics.REQUEST_DURATION.labels(
-                    model=model_label, precision=precision_label
-                ).observe(time.monotonic() - start)
+                metrics.request_duration(model_label, precision_label).observe(
+                    time.monotonic() - start
+                )
+
+    @staticmethod
+    def _count_routing(
+        model: Model, target: Model | Variant, decision: Decision, variant: Variant
+    ) -> None:
+        if variant.precision != decision.precision:
+            metrics.FALLBACKS.labels(
+                model=model.name,
+                from_precision=decision.precision,
+                to_precision=variant.precision,
+            ).inc()
+        if isinstance(target, Model):
+            metrics.routing_decisions(model.name, decision.precision, decision.policy).inc()
 
     def authorize(self, headers: Mapping[str, str]) -> None:
         """Inference calls must carry ``authorization: Bearer <token>`` when a token is set."""
@@ -407,9 +395,9 @@ class Gateway:
             try:
                 outputs = await self.upstream.infer(variant, arrays, deadline)
                 if not getattr(self.upstream, "records_timing", False):
-                    metrics.UPSTREAM_DURATION.labels(
-                        model=model.name, precision=variant.precision
-                    ).observe(time.monotonic() - started)
+                    metrics.upstream_duration(model.name, variant.precision).observe(
+                        time.monotonic() - started
+                    )
                 return variant, outputs
             except UpstreamUnavailable as e:
                 reasons.append(f"{variant.name}: {e.message}")

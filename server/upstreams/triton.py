@@ -97,6 +97,7 @@ class Replica:
 
 class TritonUpstream:
     name = "triton"
+    honours_deadline = True  # each call's client_timeout is what is left of it
 
     def __init__(self, address: str, repository: Repository, settings: UpstreamSettings) -> None:
         self._repository = repository
