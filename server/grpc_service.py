@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
@@ -179,24 +180,41 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     @_handled
-    async def ModelInfer(self, request, context):
-        """Returns the serialised reply (registered with ``response_serializer=None``)."""
+    async def ModelInfer(self, data: bytes, context):
+        """Takes and returns serialised messages (registered without (de)serializers): with a
+        pass-through upstream the request's bytes go on as they are, and so do the reply's."""
+        try:
+            request = pb.ModelInferRequest.FromString(data)
+        except DecodeError as e:
+            raise InvalidInput(f"malformed ModelInferRequest: {e}") from None
         remaining = context.time_remaining()
         params = request.parameters
+        forward = self.gateway.forwards
         infer = InferRequest(
             model=request.model_name,
             version=request.model_version,
             id=request.id,
-            inputs=_wire_tensors(request),
+            inputs=[] if forward else _wire_tensors(request),
             outputs=[o.name for o in request.outputs] or None,
             parameters={k: _param_value(v) for k, v in params.items()} if params else {},
             headers=_metadata(context),
             deadline=None if remaining is None else time.monotonic() + remaining,
             protocol="grpc",
         )
+        if forward:
+            infer.payload = data
+            infer.rows = _batch_rows(request)
+            infer.decode_inputs = functools.partial(_wire_tensors, request)
         response = await self.gateway.infer(infer)
         await context.send_initial_metadata(((PRECISION_HEADER, response.precision),))
+        if response.raw is not None:
+            return response.raw + _precision_parameter(response.precision)
         return infer_response_bytes(response)
+
+
+def _batch_rows(request: pb.ModelInferRequest) -> int:
+    shape = request.inputs[0].shape if request.inputs else ()
+    return int(shape[0]) if shape else 1
 
 
 _RAW_OUTPUT_TAG = b"\x32"  # ModelInferResponse.raw_output_contents: field 6, length-delimited
@@ -210,6 +228,12 @@ def _varint(n: int) -> bytes:
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+def _precision_parameter(precision: str) -> bytes:
+    """``parameters["precision"]`` alone, serialised: appended to a reply it adds the entry
+    (map fields merge on concatenation; a repeated key takes the last value)."""
+    return _prefix("", "", precision)
 
 
 def _prefix(model_name: str, version: str, precision: str) -> bytes:
@@ -273,14 +297,12 @@ class _Captured:
 
 
 def add_service(server: grpc.aio.Server, servicer: InferenceServicer) -> None:
-    """The generated handlers, except ModelInfer, which returns bytes it serialised itself."""
+    """The generated handlers, except ModelInfer, which takes and returns bytes."""
     captured = _Captured()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, captured)
     handlers = captured.handlers
     handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
-        servicer.ModelInfer,
-        request_deserializer=pb.ModelInferRequest.FromString,
-        response_serializer=None,
+        servicer.ModelInfer, request_deserializer=None, response_serializer=None
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
