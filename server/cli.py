@@ -10,10 +10,12 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from server.app import DEFAULT_MAX_REQUEST_BYTES, ServeOptions, serve
-from server.errors import GatewayError
+from server.errors import ConfigError, GatewayError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +50,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=0, help="intra-op threads per session (0=auto)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds to drain on SIGTERM")
+    p.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="event loop: uvloop when installed (auto), or the standard asyncio loop",
+    )
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
     return p
+
+
+def run_loop(main: Coroutine[Any, Any, None], loop: str = "auto") -> None:
+    """Run ``main`` on uvloop (``auto``: when it is installed) or on asyncio's own loop."""
+    if loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if loop == "uvloop":
+                main.close()
+                raise ConfigError("--loop uvloop: uvloop is not installed") from None
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads,
             grace_s=args.grace,
         )
-        asyncio.run(serve(options))
+        run_loop(serve(options), args.loop)
     except GatewayError as e:
         print(f"precision-serve: error: {e.message}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from server.batching import BatchPolicy, DynamicBatcher
 from server.core import InferResponse
 from server.errors import DeadlineExceeded
 from server.grpc_service import infer_response_bytes
+from tests.helpers import skip_or_fail
 
 
 class ThreadRecordingSession:
@@ -31,7 +32,8 @@ class ThreadRecordingSession:
 
 
 def sequential(session, policy, n, deadline=None):
-    """``n`` requests one after the other; the loop thread's name and each result."""
+    """``n`` requests one after the other, 20 ms apart (so the worker is idle again: it marks
+    itself idle just after answering); the loop thread's name and each result."""
 
     async def main():
         batcher = DynamicBatcher([session], policy, ("m", "fp32"), name="worker")
@@ -39,6 +41,7 @@ def sequential(session, policy, n, deadline=None):
         results = []
         try:
             for i in range(n):
+                await asyncio.sleep(0.02)
                 x = np.full((1, 3), i, np.float32)
                 try:
                     results.append(await batcher.submit({"x": x}, deadline))
@@ -92,6 +95,7 @@ def test_an_inline_run_past_the_deadline_is_deadline_exceeded():
         batcher.start()
         try:
             await batcher.submit({"x": np.ones((1, 3), np.float32)}, None)  # measured: fast
+            await asyncio.sleep(0.02)
             session.delay = 0.03
             with pytest.raises(DeadlineExceeded):
                 await batcher.submit({"x": np.ones((1, 3), np.float32)}, time.monotonic() + 0.01)
@@ -158,3 +162,25 @@ def test_onnxruntime_threads_do_not_spin_unless_asked(tiny_repository, options, 
     session = get_engine("onnxruntime").load(path, options, threads=2)
     entry = "session.intra_op.allow_spinning"
     assert session._session.get_session_options().get_session_config_entry(entry) == want
+
+
+def _loop_module() -> str:
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+
+def test_the_cli_runs_the_gateway_on_uvloop_unless_told_otherwise():
+    from server.cli import run_loop
+
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        skip_or_fail("uvloop is not installed (a dependency of precision-serve)")
+    seen: list[str] = []
+
+    async def probe() -> None:
+        seen.append(_loop_module())
+
+    run_loop(probe(), "auto")
+    run_loop(probe(), "uvloop")
+    run_loop(probe(), "asyncio")
+    assert seen == ["uvloop", "uvloop", "asyncio"]
