@@ -314,12 +314,14 @@ async def start_grpc_server(
     port: int,
     max_message_bytes: int,
     tls: tuple[bytes, bytes] | None = None,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int]:
-    """Start the service; returns the server and the bound port (``port`` may be 0)."""
+    """Start the service; returns the server and the bound port (``port`` may be 0).
+    ``reuse_port``: share the port with other workers (``--workers``)."""
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max(max_message_bytes, 64 * 1024 * 1024)),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
     server = grpc.aio.server(options=options)
     add_service(server, InferenceServicer(gateway))

@@ -55,6 +55,7 @@ INFLIGHT = Gauge(
     "precision_serve_inflight_requests",
     "Inference requests currently being handled.",
     ["model"],
+    multiprocess_mode="livesum",  # --workers: the sum over live workers
 )
 BATCH_SIZE = Histogram(
     "precision_serve_batch_size",
@@ -87,6 +88,7 @@ UPSTREAM_READY = Gauge(
     "precision_serve_upstream_ready",
     "1 when the upstream can serve the variant, else 0.",
     ["upstream", "model"],
+    multiprocess_mode="livemin",  # --workers: 1 only when every live worker can
 )
 
 
