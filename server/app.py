@@ -51,6 +51,9 @@ class ServeOptions:
     auth_token: str | None = None
     threads: int = 0
     grace_s: float = 10.0
+    # started by ``--workers`` (server/workers.py): bind the shared ports with SO_REUSEPORT and
+    # leave /metrics to the supervisor
+    worker: bool = False
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "http_port", "metrics_port"):
@@ -112,23 +115,17 @@ class GatewayServer:
         await self.gateway.start()
         try:
             self._grpc, self.ports["grpc_port"] = await start_grpc_server(
-                self.gateway, o.host, o.grpc_port, o.max_request_bytes, grpc_tls
+                self.gateway, o.host, o.grpc_port, o.max_request_bytes, grpc_tls, o.worker
             )
         except RuntimeError as e:
             raise ConfigError(f"cannot bind gRPC port {o.host}:{o.grpc_port}: {e}") from e
         try:
             runner, self.ports["http_port"] = await start_http_server(
-                self.gateway, o.host, o.http_port, http_tls, o.grace_s
+                self.gateway, o.host, o.http_port, http_tls, o.grace_s, o.worker
             )
             self._runners.append(runner)
-            metrics_app = web.Application()
-            metrics_app.router.add_get("/metrics", _metrics)
-            runner = web.AppRunner(metrics_app, access_log=None, handle_signals=False)
-            await runner.setup()
-            site = web.TCPSite(runner, o.host, o.metrics_port)
-            await site.start()
-            self._runners.append(runner)
-            self.ports["metrics_port"] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            if not o.worker:
+                await self._start_metrics()
         except OSError as e:
             raise ConfigError(
                 f"cannot bind HTTP/metrics port on {o.host}: {e.strerror or e}"
@@ -142,6 +139,17 @@ class GatewayServer:
                 raise ConfigError(f"cannot write --ready-file: {e}") from e
         log.info("precision-serve ready: %s", self.ports)
         return self.ports
+
+    async def _start_metrics(self) -> None:
+        o = self.options
+        metrics_app = web.Application()
+        metrics_app.router.add_get("/metrics", _metrics)
+        runner = web.AppRunner(metrics_app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, o.host, o.metrics_port)
+        await site.start()
+        self._runners.append(runner)
+        self.ports["metrics_port"] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish within the grace period, close."""

@@ -10,13 +10,17 @@ dimension and are never merged.
 
 The queue lives under a ``threading.Condition`` so the batching delay has sub-millisecond
 precision (asyncio timers round up to whole milliseconds) and the engine runs on the worker
-thread itself, never on the event loop. Results go back with ``call_soon_threadsafe``.
+thread itself. Results go back with ``call_soon_threadsafe``. One exception
+(``BatchPolicy.inline_max_s``): with one instance, no batching delay, nothing queued or waiting
+and short recent runs, a request runs on the event loop's thread at once - for a small model
+the two thread hand-offs cost more than the run. A deadline is one loop timer per request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import threading
 import time
 from collections import deque
@@ -36,6 +40,10 @@ class BatchPolicy:
     dynamic: bool
     preferred_sizes: list[int] = field(default_factory=list)
     max_queue_delay_s: float = 0.0
+    # Run a request on the event loop's own thread when the one instance is idle, nothing is
+    # queued, there is no batching delay and recent engine runs took under this long (0 = never).
+    # Saves the two thread hand-offs (and their GIL contention) that dominate a small model.
+    inline_max_s: float = 0.0
 
     @property
     def target_rows(self) -> int:
@@ -68,6 +76,15 @@ class _Item:
             self.loop.call_soon_threadsafe(settle)
 
 
+def _engine_message(e: Exception) -> str:
+    return str(e) if isinstance(e, EngineError) else f"engine failed: {e}"
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(DeadlineExceeded("deadline exceeded while waiting for the engine"))
+
+
 def _shape_key(inputs: dict[str, np.ndarray], batched: bool) -> tuple:
     return tuple(sorted((k, v.shape[1:] if batched else v.shape) for k, v in inputs.items()))
 
@@ -85,13 +102,23 @@ class DynamicBatcher:
     ) -> None:
         self._sessions = sessions
         self._policy = policy
-        self._labels = {"model": labels[0], "precision": labels[1]}
+        # labelled children bound once per variant, not looked up per request
+        self._queue_hist = metrics.QUEUE_DURATION.labels(*labels)
+        self._batch_hist = metrics.BATCH_SIZE.labels(*labels)
+        self._upstream_hist = metrics.UPSTREAM_DURATION.labels(*labels)
         self._clock = clock
         self._name = name
         self._queue: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._closed = False
+        self._busy = 0  # instances running a batch (under the lock)
+        self._waiting = 0  # callers awaiting a worker's answer (event loop thread only)
+        # moving average of engine-run seconds (decides inline runs; unknown until a run)
+        self._run_s = math.inf
+        self._inline = (
+            policy.inline_max_s > 0 and len(sessions) == 1 and policy.max_queue_delay_s <= 0
+        )
 
     def start(self) -> None:
         for i, session in enumerate(self._sessions):
@@ -125,17 +152,60 @@ class DynamicBatcher:
         with self._cond:
             if self._closed:
                 raise Unavailable("gateway is shutting down")
-            self._queue.append(item)
-            self._cond.notify()
+            inline = (
+                self._inline
+                and not self._waiting
+                and not self._busy
+                and not self._queue
+                and self._run_s < self._policy.inline_max_s
+            )
+            if inline:
+                self._busy += 1
+            else:
+                self._queue.append(item)
+                self._cond.notify()
+        if inline:
+            return self._run_inline(item)
+        # One timer instead of wait_for(shield(...)): only when there is a deadline at all.
+        timer = (
+            None if deadline is None else loop.call_later(deadline - self._clock(), _expire, fut)
+        )
+        self._waiting += 1
         try:
-            if deadline is None:
-                return await asyncio.shield(fut)
-            timeout = max(0.0, deadline - self._clock())
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except TimeoutError:
-            raise DeadlineExceeded("deadline exceeded while waiting for the engine") from None
+            return await fut
         finally:
-            item.dropped = not fut.done() or fut.cancelled()
+            self._waiting -= 1
+            item.dropped = fut.cancelled() or fut.exception() is not None
+            if timer is not None:
+                timer.cancel()
+
+    def _observe_run(self, seconds: float) -> None:
+        last = self._run_s
+        self._run_s = seconds if last == math.inf else last + 0.2 * (seconds - last)
+
+    def _run_inline(self, item: _Item) -> dict[str, np.ndarray]:
+        try:
+            self._batch_hist.observe(item.rows)
+            self._queue_hist.observe(0.0)
+            start = self._clock()
+            if item.deadline is not None and start >= item.deadline:
+                raise DeadlineExceeded("deadline exceeded before the engine ran")
+            try:
+                outputs = self._sessions[0].run(item.inputs)
+            except Exception as e:
+                raise InternalError(_engine_message(e)) from e
+            finally:
+                elapsed = self._clock() - start
+                self._upstream_hist.observe(elapsed)
+                self._observe_run(elapsed)
+            if item.deadline is not None and self._clock() >= item.deadline:
+                raise DeadlineExceeded("deadline exceeded while the engine ran")
+            return outputs
+        finally:
+            with self._cond:
+                self._busy -= 1
+                if self._queue:
+                    self._cond.notify()
 
     # ---- worker threads -----------------------------------------------------------------------
     def _pop_live(self) -> _Item | None:
@@ -187,6 +257,7 @@ class DynamicBatcher:
                     rows = self._take_compatible(first, batch, rows)
             if self._queue:
                 self._cond.notify()  # leftovers for another instance
+            self._busy += 1
             return batch
 
     def _worker(self, session: EngineSession) -> None:
@@ -195,16 +266,19 @@ class DynamicBatcher:
             if batch is None:
                 return
             batch = [b for b in batch if not b.dropped]
-            if batch:
-                self._run(session, batch)
+            try:
+                if batch:
+                    self._run(session, batch)
+            finally:
+                with self._cond:
+                    self._busy -= 1
 
     def _run(self, session: EngineSession, batch: list[_Item]) -> None:
         start = self._clock()
-        queue_hist = metrics.QUEUE_DURATION.labels(**self._labels)
         for b in batch:
-            queue_hist.observe(start - b.enqueued)
+            self._queue_hist.observe(start - b.enqueued)
         rows = sum(b.rows for b in batch)
-        metrics.BATCH_SIZE.labels(**self._labels).observe(rows)
+        self._batch_hist.observe(rows)
         try:
             if len(batch) == 1:
                 feeds = batch[0].inputs
@@ -212,15 +286,15 @@ class DynamicBatcher:
                 feeds = {k: np.concatenate([b.inputs[k] for b in batch]) for k in batch[0].inputs}
             outputs = session.run(feeds)
         except Exception as e:  # an engine failure fails this batch, never the worker
-            message = str(e) if isinstance(e, EngineError) else f"engine failed: {e}"
+            message = _engine_message(e)
             for b in batch:
                 b.resolve(None, InternalError(message))
             return
         finally:
             elapsed = self._clock() - start
-            upstream_hist = metrics.UPSTREAM_DURATION.labels(**self._labels)
+            self._observe_run(elapsed)
             for _ in batch:
-                upstream_hist.observe(elapsed)
+                self._upstream_hist.observe(elapsed)
         if len(batch) == 1:
             batch[0].resolve(outputs, None)
             return

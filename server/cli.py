@@ -10,10 +10,12 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from server.app import DEFAULT_MAX_REQUEST_BYTES, ServeOptions, serve
-from server.errors import GatewayError
+from server.errors import ConfigError, GatewayError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +50,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=0, help="intra-op threads per session (0=auto)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds to drain on SIGTERM")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="gateway processes sharing the gRPC/HTTP ports (SO_REUSEPORT), one /metrics view",
+    )
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --workers
+    p.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="event loop: uvloop when installed (auto), or the standard asyncio loop",
+    )
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
     return p
+
+
+def run_loop(main: Coroutine[Any, Any, None], loop: str = "auto") -> None:
+    """Run ``main`` on uvloop (``auto``: when it is installed) or on asyncio's own loop."""
+    if loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if loop == "uvloop":
+                main.close()
+                raise ConfigError("--loop uvloop: uvloop is not installed") from None
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        if args.workers != 1:
+            return _supervise(args)
         options = ServeOptions(
             repository=args.repository,
             host=args.host,
@@ -79,14 +111,42 @@ def main(argv: list[str] | None = None) -> int:
             auth_token=args.auth_token or None,
             threads=args.threads,
             grace_s=args.grace,
+            worker=args.worker,
         )
-        asyncio.run(serve(options))
+        run_loop(serve(options), args.loop)
     except GatewayError as e:
         print(f"precision-serve: error: {e.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 0
     return 0
+
+
+def _supervise(args: argparse.Namespace) -> int:
+    """``--workers N``: server/workers.py starts N workers with these arguments."""
+    from server.workers import WorkerOptions, supervise
+
+    worker_args = ["--repository", str(args.repository), "--upstream", args.upstream]
+    worker_args += ["--max-request-bytes", str(args.max_request_bytes)]
+    worker_args += ["--threads", str(args.threads), "--log-level", args.log_level]
+    worker_args += ["--loop", args.loop]
+    if args.routing:
+        worker_args += ["--routing", str(args.routing)]
+    if args.tls_cert or args.tls_key:
+        worker_args += ["--tls-cert", str(args.tls_cert), "--tls-key", str(args.tls_key)]
+    if args.auth_token:  # through the environment, not the command line others can read
+        os.environ["PRECISION_SERVE_AUTH_TOKEN"] = args.auth_token
+    options = WorkerOptions(
+        workers=args.workers,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+        worker_args=worker_args,
+        ready_file=args.ready_file,
+        grace_s=args.grace,
+    )
+    return asyncio.run(supervise(options))
 
 
 if __name__ == "__main__":

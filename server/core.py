@@ -10,7 +10,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,11 @@ class InferRequest:
     headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
     deadline: float | None = None  # absolute time.monotonic()
     protocol: str = "grpc"
+    # Pass-through (an upstream with ``forward``): the serialised ModelInferRequest, the rows of
+    # its batch, and how to get ``inputs`` after all (a shadow comparison needs the arrays).
+    payload: bytes | None = None
+    rows: int = 1
+    decode_inputs: Callable[[], list[WireTensor]] | None = None
 
 
 @dataclass
@@ -61,6 +66,7 @@ class InferResponse:
     precision: str
     id: str
     outputs: dict[str, np.ndarray]  # in the variant's output order
+    raw: bytes | None = None  # pass-through: the upstream's serialised reply (outputs empty)
 
 
 @dataclass
@@ -105,6 +111,8 @@ class Gateway:
             v.name: VariantStats() for v in repository.variants()
         }
         self._shadow_tasks: set[asyncio.Task] = set()
+        # pass-through: the upstream takes serialised requests (server/upstreams/triton.py)
+        self.forwards = callable(getattr(upstream, "forward", None))
         self._started = False
         self._draining = False
 
@@ -210,7 +218,7 @@ class Gateway:
             target = self._lookup(request.model, request.version)
             model = self.repository.models[target.model] if isinstance(target, Variant) else target
             model_label = model.name
-            inflight = metrics.INFLIGHT.labels(model=model.name)
+            inflight = metrics.inflight(model_label)
             inflight.inc()
             deadline = self._deadline(request)
             if isinstance(target, Variant):
@@ -220,12 +228,30 @@ class Gateway:
                 decision = self._decide(model, request)
                 candidates = self.router.candidates(model.name, decision.precision)
             precision_label = decision.precision
+            if request.payload is not None and decision.shadow_reference:
+                request.inputs = request.decode_inputs() if request.decode_inputs else []
+                request.payload = None  # a shadow needs the arrays: the decoding path
+            if request.payload is not None:
+                if len(request.payload) > self.max_request_bytes:
+                    raise PayloadTooLarge(
+                        f"request is {len(request.payload)} bytes, over the limit of "
+                        f"{self.max_request_bytes}"
+                    )
+                variant, raw = await self._forward(model, candidates, request, deadline)
+                precision_label = variant.precision
+                self._count_routing(model, target, decision, variant)
+                rows = request.rows if variant.max_batch_size > 0 else 1
+                self._record(variant, rows, start, ok=True)
+                metrics.requests(model_label, precision_label, request.protocol, "ok").inc()
+                return InferResponse(
+                    variant.name, variant.version, variant.precision, request.id, {}, raw
+                )
             self._check_size(request)
             arrays = self._validate(model.variants[decision.precision], request)
             run = self._run(model, candidates, arrays, deadline)
-            if deadline is None:
+            if deadline is None or getattr(self.upstream, "honours_deadline", False):
                 variant, outputs = await run
-            else:
+            else:  # an upstream that may not stop at the deadline: bound it here
                 try:
                     variant, outputs = await asyncio.wait_for(run, deadline - time.monotonic())
                 except TimeoutError:
@@ -233,23 +259,12 @@ class Gateway:
                         f"deadline exceeded while {model.name!r} was running"
                     ) from None
             precision_label = variant.precision
-            if variant.precision != decision.precision:
-                metrics.FALLBACKS.labels(
-                    model=model.name,
-                    from_precision=decision.precision,
-                    to_precision=variant.precision,
-                ).inc()
-            if isinstance(target, Model):
-                metrics.ROUTING_DECISIONS.labels(
-                    model=model.name, precision=decision.precision, policy=decision.policy
-                ).inc()
+            self._count_routing(model, target, decision, variant)
             if decision.shadow_reference and variant.precision == decision.precision:
                 self._mirror(model, variant, decision.shadow_reference, arrays, outputs)
             selected = self._select_outputs(variant, outputs, request.outputs)
-            self._record(variant, arrays, start, ok=True)
-            metrics.REQUESTS.labels(
-                model=model_label, precision=precision_label, protocol=request.protocol, status="ok"
-            ).inc()
+            self._record(variant, _rows(variant, arrays), start, ok=True)
+            metrics.requests(model_label, precision_label, request.protocol, "ok").inc()
             return InferResponse(
                 model_name=variant.name,
                 model_version=variant.version,
@@ -258,36 +273,35 @@ class Gateway:
                 outputs=selected,
             )
         except GatewayError as e:
-            metrics.REQUESTS.labels(
-                model=model_label,
-                precision=precision_label,
-                protocol=request.protocol,
-                status=e.code,
-            ).inc()
+            metrics.requests(model_label, precision_label, request.protocol, e.code).inc()
             raise
         except Exception:  # a bug or an upstream's unexpected error: the transport says INTERNAL
-            metrics.REQUESTS.labels(
-                model=model_label,
-                precision=precision_label,
-                protocol=request.protocol,
-                status="INTERNAL",
-            ).inc()
+            metrics.requests(model_label, precision_label, request.protocol, "INTERNAL").inc()
             raise
         except asyncio.CancelledError:  # the client went away or its deadline passed
             expired = request.deadline is not None and time.monotonic() >= request.deadline
-            metrics.REQUESTS.labels(
-                model=model_label,
-                precision=precision_label,
-                protocol=request.protocol,
-                status="DEADLINE_EXCEEDED" if expired else "CANCELLED",
-            ).inc()
+            status = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
+            metrics.requests(model_label, precision_label, request.protocol, status).inc()
             raise
         finally:
             if inflight is not None:
                 inflight.dec()
-                metrics.REQUEST_DURATION.labels(
-                    model=model_label, precision=precision_label
-                ).observe(time.monotonic() - start)
+                metrics.request_duration(model_label, precision_label).observe(
+                    time.monotonic() - start
+                )
+
+    @staticmethod
+    def _count_routing(
+        model: Model, target: Model | Variant, decision: Decision, variant: Variant
+    ) -> None:
+        if variant.precision != decision.precision:
+            metrics.FALLBACKS.labels(
+                model=model.name,
+                from_precision=decision.precision,
+                to_precision=variant.precision,
+            ).inc()
+        if isinstance(target, Model):
+            metrics.routing_decisions(model.name, decision.precision, decision.policy).inc()
 
     def authorize(self, headers: Mapping[str, str]) -> None:
         """Inference calls must carry ``authorization: Bearer <token>`` when a token is set."""
@@ -407,15 +421,42 @@ class Gateway:
             try:
                 outputs = await self.upstream.infer(variant, arrays, deadline)
                 if not getattr(self.upstream, "records_timing", False):
-                    metrics.UPSTREAM_DURATION.labels(
-                        model=model.name, precision=variant.precision
-                    ).observe(time.monotonic() - started)
+                    metrics.upstream_duration(model.name, variant.precision).observe(
+                        time.monotonic() - started
+                    )
                 return variant, outputs
             except UpstreamUnavailable as e:
                 reasons.append(f"{variant.name}: {e.message}")
                 continue
             except GatewayError:
-                self._record(variant, arrays, None, ok=False)
+                self._record(variant, 0, None, ok=False)
+                raise
+        raise Unavailable(f"no ready variant of {model.name!r} ({'; '.join(reasons)})")
+
+    async def _forward(
+        self, model: Model, candidates: list[str], request: InferRequest, deadline: float | None
+    ) -> tuple[Variant, bytes]:
+        """Pass-through: like :meth:`_run`, with the request's own bytes (Triton validates)."""
+        assert request.payload is not None
+        forward = self.upstream.forward  # type: ignore[attr-defined]
+        reasons = []
+        for precision in candidates:
+            variant = model.variants[precision]
+            if not self.upstream.ready(variant):
+                reasons.append(f"{variant.name}: not ready")
+                continue
+            started = time.monotonic()
+            try:
+                raw = await forward(variant, request.payload, deadline)
+                metrics.upstream_duration(model.name, variant.precision).observe(
+                    time.monotonic() - started
+                )
+                return variant, raw
+            except UpstreamUnavailable as e:
+                reasons.append(f"{variant.name}: {e.message}")
+                continue
+            except GatewayError:
+                self._record(variant, 0, None, ok=False)
                 raise
         raise Unavailable(f"no ready variant of {model.name!r} ({'; '.join(reasons)})")
 
@@ -429,18 +470,14 @@ class Gateway:
             raise Unavailable(f"upstream returned no output(s) {missing} for {variant.name}")
         return {n: outputs[n] for n in names}
 
-    def _record(
-        self, variant: Variant, arrays: dict[str, np.ndarray], start: float | None, ok: bool
-    ) -> None:
+    def _record(self, variant: Variant, rows: int, start: float | None, ok: bool) -> None:
         s = self.stats[variant.name]
         ns = int((time.monotonic() - start) * 1e9) if start is not None else 0
         if ok:
             s.success_count += 1
             s.success_ns += ns
             s.execution_count += 1
-            first = next(iter(arrays.values()), None)
-            rows = first.shape[0] if first is not None and variant.max_batch_size > 0 else 1
-            s.inference_count += int(rows)
+            s.inference_count += rows
         else:
             s.fail_count += 1
             s.fail_ns += ns
@@ -504,6 +541,11 @@ def compare_outputs(
     dots = np.sum(a * b, axis=1)
     cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 1.0)
     return agree, [float(c) for c in cos]
+
+
+def _rows(variant: Variant, arrays: dict[str, np.ndarray]) -> int:
+    first = next(iter(arrays.values()), None)
+    return int(first.shape[0]) if first is not None and variant.max_batch_size > 0 else 1
 
 
 def _dims(spec: TensorInfo, batched: bool) -> list[int]:

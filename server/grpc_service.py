@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
@@ -25,6 +26,7 @@ from server.tensors import WireTensor, datatype_of, encode_raw
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "precision-serve"
+SERVICE = "inference.GRPCInferenceService"
 
 
 def server_version() -> str:
@@ -178,36 +180,93 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     @_handled
-    async def ModelInfer(self, request, context):
+    async def ModelInfer(self, data: bytes, context):
+        """Takes and returns serialised messages (registered without (de)serializers): with a
+        pass-through upstream the request's bytes go on as they are, and so do the reply's."""
+        try:
+            request = pb.ModelInferRequest.FromString(data)
+        except DecodeError as e:
+            raise InvalidInput(f"malformed ModelInferRequest: {e}") from None
         remaining = context.time_remaining()
+        params = request.parameters
+        forward = self.gateway.forwards
         infer = InferRequest(
             model=request.model_name,
             version=request.model_version,
             id=request.id,
-            inputs=_wire_tensors(request),
+            inputs=[] if forward else _wire_tensors(request),
             outputs=[o.name for o in request.outputs] or None,
-            parameters={k: _param_value(v) for k, v in request.parameters.items()},
+            parameters={k: _param_value(v) for k, v in params.items()} if params else {},
             headers=_metadata(context),
             deadline=None if remaining is None else time.monotonic() + remaining,
             protocol="grpc",
         )
+        if forward:
+            infer.payload = data
+            infer.rows = _batch_rows(request)
+            infer.decode_inputs = functools.partial(_wire_tensors, request)
         response = await self.gateway.infer(infer)
         await context.send_initial_metadata(((PRECISION_HEADER, response.precision),))
-        return _infer_response(response)
+        if response.raw is not None:
+            return response.raw + _precision_parameter(response.precision)
+        return infer_response_bytes(response)
 
 
-def _infer_response(r: InferResponse) -> pb.ModelInferResponse:
-    out = pb.ModelInferResponse(model_name=r.model_name, model_version=r.model_version, id=r.id)
-    out.parameters["precision"].string_param = r.precision
+def _batch_rows(request: pb.ModelInferRequest) -> int:
+    shape = request.inputs[0].shape if request.inputs else ()
+    return int(shape[0]) if shape else 1
+
+
+_RAW_OUTPUT_TAG = b"\x32"  # ModelInferResponse.raw_output_contents: field 6, length-delimited
+_prefixes: dict[tuple[str, str, str], bytes] = {}
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _precision_parameter(precision: str) -> bytes:
+    """``parameters["precision"]`` alone, serialised: appended to a reply it adds the entry
+    (map fields merge on concatenation; a repeated key takes the last value)."""
+    return _prefix("", "", precision)
+
+
+def _prefix(model_name: str, version: str, precision: str) -> bytes:
+    """model_name, model_version and the precision parameter, serialised once per variant."""
+    key = (model_name, version, precision)
+    head = _prefixes.get(key)
+    if head is None:
+        msg = pb.ModelInferResponse(model_name=model_name, model_version=version)
+        msg.parameters["precision"].string_param = precision
+        head = _prefixes[key] = msg.SerializeToString()
+    return head
+
+
+def infer_response_bytes(r: InferResponse) -> bytes:
+    """A serialised ``ModelInferResponse``, built from parts (protobuf concatenation = merge):
+    the output tensors' bytes are copied once, into the reply, instead of into a raw array,
+    then into the message, then into its serialisation."""
+    meta = pb.ModelInferResponse(id=r.id)
+    parts: list[Any] = [_prefix(r.model_name, r.model_version, r.precision), b""]
     for name, arr in r.outputs.items():
         arr = np.asarray(arr)
-        out.outputs.append(
-            pb.ModelInferResponse.InferOutputTensor(
-                name=name, datatype=datatype_of(arr), shape=list(arr.shape)
-            )
-        )
-        out.raw_output_contents.append(encode_raw(arr))
-    return out
+        meta.outputs.add(name=name, datatype=datatype_of(arr), shape=arr.shape)
+        data = _raw_view(arr)
+        parts += (_RAW_OUTPUT_TAG, _varint(data.nbytes), data)
+    parts[1] = meta.SerializeToString()
+    return b"".join(parts)
+
+
+def _raw_view(arr: np.ndarray) -> memoryview | bytes:
+    if arr.dtype == np.object_:
+        return encode_raw(arr)
+    le = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+    return memoryview(le).cast("B") if le.size else b""
 
 
 def _stats(name: str, s: Any) -> pb.ModelStatistics:
@@ -225,21 +284,47 @@ def _stats(name: str, s: Any) -> pb.ModelStatistics:
     )
 
 
+class _Captured:
+    """Stands in for a server to collect the generated code's method handlers."""
+
+    handlers: dict[str, grpc.RpcMethodHandler]
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.handlers = dict(handlers)
+
+
+def add_service(server: grpc.aio.Server, servicer: InferenceServicer) -> None:
+    """The generated handlers, except ModelInfer, which takes and returns bytes."""
+    captured = _Captured()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, captured)
+    handlers = captured.handlers
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInfer, request_deserializer=None, response_serializer=None
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
 async def start_grpc_server(
     gateway: Gateway,
     host: str,
     port: int,
     max_message_bytes: int,
     tls: tuple[bytes, bytes] | None = None,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int]:
-    """Start the service; returns the server and the bound port (``port`` may be 0)."""
+    """Start the service; returns the server and the bound port (``port`` may be 0).
+    ``reuse_port``: share the port with other workers (``--workers``)."""
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max(max_message_bytes, 64 * 1024 * 1024)),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
     server = grpc.aio.server(options=options)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(gateway), server)
+    add_service(server, InferenceServicer(gateway))
     address = f"{host}:{port}"
     if tls is not None:
         cert, key = tls

@@ -319,12 +319,13 @@ async def start_http_server(
     port: int,
     ssl_context: ssl.SSLContext | None = None,
     grace_s: float = 10.0,
+    reuse_port: bool = False,
 ) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(
         make_app(gateway), access_log=None, handle_signals=False, shutdown_timeout=grace_s
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port or None)
     await site.start()
     bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     return runner, bound

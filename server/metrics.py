@@ -7,6 +7,8 @@ precisions and status codes are short closed sets.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (
@@ -53,6 +55,7 @@ INFLIGHT = Gauge(
     "precision_serve_inflight_requests",
     "Inference requests currently being handled.",
     ["model"],
+    multiprocess_mode="livesum",  # --workers: the sum over live workers
 )
 BATCH_SIZE = Histogram(
     "precision_serve_batch_size",
@@ -85,4 +88,29 @@ UPSTREAM_READY = Gauge(
     "precision_serve_upstream_ready",
     "1 when the upstream can serve the variant, else 0.",
     ["upstream", "model"],
+    multiprocess_mode="livemin",  # --workers: 1 only when every live worker can
 )
+
+
+class Children:
+    """A metric's labelled children, bound once per label tuple (``.labels()`` costs a lock, a
+    tuple and a dict lookup under it on every call; the hot path asks this cache instead)."""
+
+    def __init__(self, metric: Counter | Gauge | Histogram) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
+requests = Children(REQUESTS)  # (model, precision, protocol, status)
+request_duration = Children(REQUEST_DURATION)  # (model, precision)
+queue_duration = Children(QUEUE_DURATION)  # (model, precision)
+upstream_duration = Children(UPSTREAM_DURATION)  # (model, precision)
+inflight = Children(INFLIGHT)  # (model,)
+batch_size = Children(BATCH_SIZE)  # (model, precision)
+routing_decisions = Children(ROUTING_DECISIONS)  # (model, precision, policy)

@@ -55,7 +55,9 @@ class OnnxRuntimeSession:
 
 
 class OnnxRuntimeEngine:
-    """Options: ``providers`` (list), ``graph_optimization_level`` ("all", "extended", ...)."""
+    """Options: ``providers`` (list), ``graph_optimization_level`` ("all", "extended", ...),
+    ``allow_spinning`` (default false: intra-op threads sleep between requests instead of
+    spinning, which on a few shared cores took CPU the gRPC path needed)."""
 
     name = "onnxruntime"
 
@@ -72,6 +74,8 @@ class OnnxRuntimeEngine:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
+        spin = "1" if options.get("allow_spinning", False) else "0"
+        so.add_session_config_entry("session.intra_op.allow_spinning", spin)
         level = options.get("graph_optimization_level", "all")
         so.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

@@ -21,6 +21,12 @@ Contract for implementations:
   ``precision_serve_queue_duration_seconds`` / ``upstream_duration_seconds`` / ``batch_size``
   itself, as the embedded one does), the core observes the duration of each ``infer`` call as
   ``precision_serve_upstream_duration_seconds``.
+- Deadlines: an upstream that sets ``honours_deadline = True`` promises that ``infer`` ends by
+  ``deadline`` (raising DeadlineExceeded); the core then awaits it directly. Otherwise the core
+  wraps the call in ``asyncio.wait_for`` (one more task and timer per request).
+- Pass-through (optional): an upstream with ``async forward(variant, payload, deadline)`` takes
+  the client's serialised ModelInferRequest and returns the serialised reply (the gRPC path
+  then skips decoding and validation; errors are the upstream's own). Same fallback rules.
 - ``close()`` releases sessions/channels; called once at shutdown.
 """
 

@@ -21,10 +21,14 @@ from server.upstreams.base import UpstreamSettings, UpstreamUnavailable, report_
 
 log = logging.getLogger(__name__)
 
+# Engine runs shorter than this may run on the event loop's thread (see BatchPolicy.inline_max_s).
+INLINE_MAX_S = 0.002
+
 
 class EmbeddedUpstream:
     name = "embedded"
     records_timing = True  # the batcher observes queue/upstream duration and batch size itself
+    honours_deadline = True  # the batcher's timer fails the request at the deadline
 
     def __init__(self, address: str, repository: Repository, settings: UpstreamSettings) -> None:
         self._repository = repository
@@ -76,6 +80,7 @@ class EmbeddedUpstream:
                 dynamic=s.dynamic_batching,
                 preferred_sizes=list(s.preferred_batch_sizes),
                 max_queue_delay_s=s.max_queue_delay_us / 1e6,
+                inline_max_s=INLINE_MAX_S,
             )
             batcher = DynamicBatcher(
                 sessions, policy, (variant.model, variant.precision), name=variant.name

@@ -13,6 +13,11 @@
   ready replica. When no replica can serve the variant, :class:`UpstreamUnavailable` is raised and
   the core falls back along the model's precision chain.
 - A replica with nothing listening never stops the gateway: it is just unready.
+- Pass-through (:meth:`TritonUpstream.forward`): a gRPC ModelInfer is forwarded as the client's
+  own bytes with the variant's name appended as a second ``model_name`` field (protobuf keeps
+  the last value of a scalar field), on a raw grpc.aio channel per replica; Triton's reply bytes
+  come back as they are. Statuses other than the replica/variant failures above are Triton's
+  own, code and message unchanged (:class:`UpstreamStatus`).
 """
 
 from __future__ import annotations
@@ -23,13 +28,15 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
+import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from server.errors import ConfigError, DeadlineExceeded, InternalError, InvalidInput
+from server.errors import ConfigError, DeadlineExceeded, GatewayError, InternalError, InvalidInput
 from server.repository import Repository, Variant
 from server.upstreams.base import UpstreamSettings, UpstreamUnavailable, report_ready
 
@@ -52,6 +59,30 @@ _CHANNEL_ARGS = [
 # Status codes after which another replica may succeed.
 _REPLICA_DOWN = "UNAVAILABLE"
 _NOT_LOADED = "NOT_FOUND"
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+class UpstreamStatus(GatewayError):
+    """Triton's own answer to a forwarded call: its status code name and message, unchanged."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def model_name_field(name: str) -> bytes:
+    """``ModelInferRequest.model_name`` (field 1, length-delimited) serialised on its own."""
+    data = name.encode()
+    return b"\x0a" + _varint(len(data)) + data
 
 
 def parse_replicas(address: str) -> list[str]:
@@ -86,6 +117,8 @@ class Replica:
     models: dict[str, bool] = field(default_factory=dict)  # variant name -> ModelReady
     outstanding: int = 0
     problem: str | None = None  # why it is not reachable, when it is not
+    channel: grpc.aio.Channel | None = None  # raw channel for forwarded ModelInfer calls
+    raw_infer: Any = None  # its ModelInfer callable: bytes in, bytes out
 
     @property
     def label(self) -> str:
@@ -97,6 +130,7 @@ class Replica:
 
 class TritonUpstream:
     name = "triton"
+    honours_deadline = True  # each call's client_timeout is what is left of it
 
     def __init__(self, address: str, repository: Repository, settings: UpstreamSettings) -> None:
         self._repository = repository
@@ -113,6 +147,10 @@ class TritonUpstream:
             replica.client = grpcaio.InferenceServerClient(
                 replica.address, channel_args=list(_CHANNEL_ARGS)
             )
+            replica.channel = grpc.aio.insecure_channel(replica.address, options=_CHANNEL_ARGS)
+            replica.raw_infer = replica.channel.unary_unary(
+                MODEL_INFER, request_serializer=None, response_deserializer=None
+            )
         await self.check_all()
         self._checker = asyncio.create_task(self._check_loop(), name="triton-readiness")
 
@@ -127,6 +165,10 @@ class TritonUpstream:
                 with contextlib.suppress(Exception):
                     await replica.client.close()
                 replica.client = None
+            if replica.channel is not None:
+                with contextlib.suppress(Exception):
+                    await replica.channel.close()
+                replica.channel = replica.raw_infer = None
 
     # ---- readiness --------------------------------------------------------------------------
     async def _check_loop(self) -> None:
@@ -220,6 +262,56 @@ class TritonUpstream:
                     f"{retry.address} ({second}) failed"
                 ) from None
 
+    async def forward(self, variant: Variant, payload: bytes, deadline: float | None) -> bytes:
+        """A serialised ModelInferRequest for ``variant`` -> Triton's serialised reply."""
+        request = payload + model_name_field(variant.name)
+        replica = self._pick(variant)
+        if replica is None:
+            raise UpstreamUnavailable(self._unready_reason(variant))
+        try:
+            return await self._forward(replica, variant, request, deadline)
+        except _ReplicaFailed as first:
+            retry = self._pick(variant, exclude=replica)
+            if retry is None:
+                raise UpstreamUnavailable(
+                    f"variant {variant.name}: replica {replica.address} failed ({first}) "
+                    "and no other replica is ready"
+                ) from None
+            log.info("retrying %s on %s after %s", variant.name, retry.address, first)
+            try:
+                return await self._forward(retry, variant, request, deadline)
+            except _ReplicaFailed as second:
+                raise UpstreamUnavailable(
+                    f"variant {variant.name}: replicas {replica.address} ({first}) and "
+                    f"{retry.address} ({second}) failed"
+                ) from None
+
+    async def _forward(
+        self, replica: Replica, variant: Variant, request: bytes, deadline: float | None
+    ) -> bytes:
+        if deadline is not None:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                raise DeadlineExceeded(f"deadline passed before {variant.name} was called")
+        else:
+            timeout = self._settings.default_timeout_s
+        replica.outstanding += 1
+        try:
+            return await replica.raw_infer(request, timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            code, message = e.code().name, e.details() or ""
+            if code == _REPLICA_DOWN:
+                self._set_unreachable(replica, f"{code}: {message}")
+                self._kick.set()
+                raise _ReplicaFailed(f"{code}: {message}") from None
+            if code == _NOT_LOADED:
+                self._set_model(replica, variant, False)
+                self._kick.set()
+                raise _ReplicaFailed(f"{code}: {message}") from None
+            raise UpstreamStatus(code, message) from None
+        finally:
+            replica.outstanding -= 1
+
     def _unready_reason(self, variant: Variant) -> str:
         parts = [
             f"{r.address}: {r.problem or 'variant not ready'}"
@@ -280,4 +372,4 @@ class _ReplicaFailed(Exception):
     """One replica could not serve the call; another may."""
 
 
-__all__ = ["Replica", "TritonUpstream", "parse_replicas"]
+__all__ = ["Replica", "TritonUpstream", "UpstreamStatus", "model_name_field", "parse_replicas"]

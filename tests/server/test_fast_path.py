@@ -1,0 +1,186 @@
+"""The embedded hot path: inline engine runs, one deadline timer, replies serialised from parts."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+from tritonclient.grpc import service_pb2 as pb
+
+from server import metrics
+from server.batching import BatchPolicy, DynamicBatcher
+from server.core import InferResponse
+from server.errors import DeadlineExceeded
+from server.grpc_service import infer_response_bytes
+from tests.helpers import skip_or_fail
+
+
+class ThreadRecordingSession:
+    """Doubles its input; records the thread of every run."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.threads: list[str] = []
+
+    def run(self, feeds):
+        time.sleep(self.delay)
+        self.threads.append(threading.current_thread().name)
+        return {"y": feeds["x"] * 2}
+
+
+def sequential(session, policy, n, deadline=None):
+    """``n`` requests one after the other, 20 ms apart (so the worker is idle again: it marks
+    itself idle just after answering); the loop thread's name and each result."""
+
+    async def main():
+        batcher = DynamicBatcher([session], policy, ("m", "fp32"), name="worker")
+        batcher.start()
+        results = []
+        try:
+            for i in range(n):
+                await asyncio.sleep(0.02)
+                x = np.full((1, 3), i, np.float32)
+                try:
+                    results.append(await batcher.submit({"x": x}, deadline))
+                except DeadlineExceeded as e:
+                    results.append(e)
+        finally:
+            await batcher.close()
+        return threading.current_thread().name, results
+
+    return asyncio.run(main())
+
+
+FAST = BatchPolicy(max_batch_size=8, dynamic=True, preferred_sizes=[4], inline_max_s=0.05)
+
+
+def test_short_runs_move_onto_the_event_loop_thread():
+    session = ThreadRecordingSession()
+    loop_thread, results = sequential(session, FAST, 4)
+    # the first run's duration is unknown: it goes to the worker; the rest run inline
+    assert session.threads[0] == "worker-0"
+    assert session.threads[1:] == [loop_thread] * 3
+    for i, r in enumerate(results):
+        np.testing.assert_array_equal(r["y"], np.full((1, 3), 2 * i, np.float32))
+
+
+def test_slow_runs_stay_on_the_worker():
+    session = ThreadRecordingSession(delay=0.08)  # over inline_max_s
+    sequential(session, FAST, 3)
+    assert session.threads == ["worker-0"] * 3
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        BatchPolicy(max_batch_size=8, dynamic=True, max_queue_delay_s=0.001, inline_max_s=0.05),
+        BatchPolicy(max_batch_size=8, dynamic=True),  # inline_max_s = 0: never
+    ],
+    ids=["batching-delay", "disabled"],
+)
+def test_no_inline_runs_with_a_batching_delay_or_when_disabled(policy):
+    session = ThreadRecordingSession()
+    sequential(session, policy, 3)
+    assert session.threads == ["worker-0"] * 3
+
+
+def test_an_inline_run_past_the_deadline_is_deadline_exceeded():
+    session = ThreadRecordingSession()
+
+    async def main():
+        batcher = DynamicBatcher([session], FAST, ("m", "fp32"), name="worker")
+        batcher.start()
+        try:
+            await batcher.submit({"x": np.ones((1, 3), np.float32)}, None)  # measured: fast
+            await asyncio.sleep(0.02)
+            session.delay = 0.03
+            with pytest.raises(DeadlineExceeded):
+                await batcher.submit({"x": np.ones((1, 3), np.float32)}, time.monotonic() + 0.01)
+        finally:
+            await batcher.close()
+        return threading.current_thread().name
+
+    loop_thread = asyncio.run(main())
+    assert session.threads == ["worker-0", loop_thread]
+
+
+def test_queued_request_expires_on_its_timer_and_is_never_run():
+    session = ThreadRecordingSession(delay=0.3)
+    policy = BatchPolicy(max_batch_size=1, dynamic=False)
+
+    async def main():
+        batcher = DynamicBatcher([session], policy, ("m", "fp32"))
+        batcher.start()
+        try:
+            slow = asyncio.ensure_future(batcher.submit({"x": np.ones((1, 3), np.float32)}, None))
+            await asyncio.sleep(0.05)
+            t0 = time.monotonic()
+            with pytest.raises(DeadlineExceeded):
+                await batcher.submit({"x": np.ones((1, 3), np.float32)}, t0 + 0.05)
+            waited = time.monotonic() - t0
+            await slow
+        finally:
+            await batcher.close()
+        return waited
+
+    waited = asyncio.run(main())
+    assert waited < 0.25  # the timer fired, not the end of the slow run ahead of it
+    assert len(session.threads) == 1  # only the slow one ran: the expired one was dropped
+
+
+def test_reply_built_from_parts_equals_the_message_built_the_usual_way():
+    logits = np.arange(20, dtype=np.float32).reshape(2, 10)
+    sliced = np.arange(40, dtype=np.int64).reshape(4, 10)[1:3]
+    r = InferResponse("digits_int8", "1", "int8", "req-7", {"logits": logits, "ids": sliced})
+    got = pb.ModelInferResponse.FromString(infer_response_bytes(r))
+    want = pb.ModelInferResponse(model_name="digits_int8", model_version="1", id="req-7")
+    want.parameters["precision"].string_param = "int8"
+    for name, arr in r.outputs.items():
+        want.outputs.add(name=name, datatype="FP32" if arr.dtype == np.float32 else "INT64")
+        want.outputs[-1].shape.extend(arr.shape)
+        want.raw_output_contents.append(arr.tobytes())
+    assert got == want
+
+
+def test_bound_children_are_the_metrics_own_series():
+    child = metrics.requests("fastpath-test", "int8", "grpc", "ok")
+    assert child is metrics.requests("fastpath-test", "int8", "grpc", "ok")
+    before = metrics.REQUESTS.labels("fastpath-test", "int8", "grpc", "ok")._value.get()
+    child.inc()
+    after = metrics.REQUESTS.labels("fastpath-test", "int8", "grpc", "ok")._value.get()
+    assert after == before + 1
+
+
+@pytest.mark.parametrize(("options", "want"), [({}, "0"), ({"allow_spinning": True}, "1")])
+def test_onnxruntime_threads_do_not_spin_unless_asked(tiny_repository, options, want):
+    from server.engines import get_engine
+
+    path = tiny_repository / "tiny_fp32" / "1" / "model.onnx"
+    session = get_engine("onnxruntime").load(path, options, threads=2)
+    entry = "session.intra_op.allow_spinning"
+    assert session._session.get_session_options().get_session_config_entry(entry) == want
+
+
+def _loop_module() -> str:
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+
+def test_the_cli_runs_the_gateway_on_uvloop_unless_told_otherwise():
+    from server.cli import run_loop
+
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        skip_or_fail("uvloop is not installed (a dependency of precision-serve)")
+    seen: list[str] = []
+
+    async def probe() -> None:
+        seen.append(_loop_module())
+
+    run_loop(probe(), "auto")
+    run_loop(probe(), "uvloop")
+    run_loop(probe(), "asyncio")
+    assert seen == ["uvloop", "uvloop", "asyncio"]
