@@ -40,9 +40,10 @@ from locust.env import Environment
 grpc_gevent.init_gevent()
 
 import tritonclient.grpc as grpcclient  # noqa: E402  (after init_gevent, on purpose)
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from loadtest.inputs import SampleInputs, load_inputs, specs_from_metadata, synthetic  # noqa: E402
+from server.model_repository import to_datatype  # noqa: E402
 
 log = logging.getLogger("precision_loadtest")
 
@@ -208,7 +209,7 @@ class TritonGrpcUser(User):
     def _make_inputs(batch: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
         out = []
         for name, array in batch.items():
-            t = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            t = grpcclient.InferInput(name, list(array.shape), to_datatype(array.dtype))
             t.set_data_from_numpy(array)
             out.append(t)
         return out

@@ -34,9 +34,10 @@ import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.grpc import InferInput, InferRequestedOutput
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException
 
 from server.errors import ConfigError, DeadlineExceeded, GatewayError, InternalError, InvalidInput
+from server.model_repository import to_datatype
 from server.repository import Repository, Variant
 from server.upstreams.base import UpstreamSettings, UpstreamUnavailable, report_ready
 
@@ -336,7 +337,7 @@ class TritonUpstream:
             timeout = self._settings.default_timeout_s
         request = []
         for name, array in inputs.items():
-            tensor = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor = InferInput(name, list(array.shape), to_datatype(array.dtype))
             tensor.set_data_from_numpy(array)
             request.append(tensor)
         outputs = [InferRequestedOutput(t.name) for t in variant.outputs]
