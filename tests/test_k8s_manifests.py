@@ -10,6 +10,7 @@
   names exist in server/metrics.py or are Triton's (those the dashboard reads from a live Triton
   in tests/loadtest/test_prometheus.py), and whose queries (run by ``promtool test rules`` on
   synthetic series) compute what docs/scale-out.md says.
+- every flag given to tritonserver is one its ``--help`` lists (the nvidia-pytriton binary).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import yaml
 
 from server import metrics
 from server.cli import build_parser
+from server.triton.distribution import find_distribution
+from server.triton.errors import TritonNotInstalled
 from tests.helpers import skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -390,6 +393,43 @@ def test_triton_pools_probe_health_and_run_unprivileged(
         assert [a for a in c["args"] if a.startswith("--load-model=")]
         gpus = c["resources"]["limits"].get("nvidia.com/gpu")
         assert gpus == (1 if deployment["metadata"]["name"] == "triton-gpu" else None)
+
+
+def triton_args(docs: list[Doc]) -> list[str]:
+    """Every argument the manifests pass to tritonserver (pool Deployments, KServe runtime and
+    InferenceServices, whose args KServe appends to the runtime's)."""
+    args: list[str] = []
+    for d in docs:
+        if d["kind"] == "Deployment" and d["metadata"]["name"].startswith("triton-"):
+            args += [a for c in d["spec"]["template"]["spec"]["containers"] for a in c["args"]]
+        elif d["kind"] == "ClusterServingRuntime":
+            args += [a for c in d["spec"]["containers"] for a in c["args"]]
+        elif d["kind"] == "InferenceService":
+            args += d["spec"]["predictor"]["model"].get("args", [])
+    return args
+
+
+def test_triton_flags_exist_in_tritonserver(rendered: dict[str, list[Doc]]) -> None:
+    """Each flag is one that `tritonserver --help` lists (the binary of the nvidia-pytriton wheel,
+    Triton 2.5x like the NGC 24.10 image the manifests run)."""
+    try:
+        dist = find_distribution()
+    except TritonNotInstalled as e:
+        skip_or_fail(f"no tritonserver binary: {e}")
+    env = {**os.environ, "LD_LIBRARY_PATH": str(dist.libs_dir)}
+    out = subprocess.run(
+        [str(dist.binary), "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    known = set(re.findall(r"^\s+(--[a-z0-9-]+)", out.stdout + out.stderr, re.MULTILINE))
+    assert {"--model-repository", "--load-model", "--grpc-port"} <= known, out.stderr[-2000:]
+    used = {a.split("=", 1)[0] for o in rendered.values() for a in triton_args(o)}
+    assert {"--load-model", "--model-control-mode", "--exit-timeout-secs"} <= used
+    assert used - known == set()
 
 
 # ---- Prometheus and prometheus-adapter ---------------------------------------------------------
