@@ -10,9 +10,9 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
@@ -32,6 +32,7 @@ from server.routing import Decision, Router
 from server.tensors import WireTensor, decode
 from server.upstreams.base import Upstream, UpstreamUnavailable
 
+_T = TypeVar("_T")
 log = logging.getLogger(__name__)
 
 PRECISION_PARAMETER = "precision"
@@ -411,34 +412,33 @@ class Gateway:
         arrays: dict[str, np.ndarray],
         deadline: float | None,
     ) -> tuple[Variant, dict[str, np.ndarray]]:
-        reasons = []
-        for precision in candidates:
-            variant = model.variants[precision]
-            if not self.upstream.ready(variant):
-                reasons.append(f"{variant.name}: not ready")
-                continue
-            started = time.monotonic()
-            try:
-                outputs = await self.upstream.infer(variant, arrays, deadline)
-                if not getattr(self.upstream, "records_timing", False):
-                    metrics.upstream_duration(model.name, variant.precision).observe(
-                        time.monotonic() - started
-                    )
-                return variant, outputs
-            except UpstreamUnavailable as e:
-                reasons.append(f"{variant.name}: {e.message}")
-                continue
-            except GatewayError:
-                self._record(variant, 0, None, ok=False)
-                raise
-        raise Unavailable(f"no ready variant of {model.name!r} ({'; '.join(reasons)})")
+        infer = self.upstream.infer
+        timed = not getattr(self.upstream, "records_timing", False)
+        return await self._first_ready(
+            model, candidates, lambda v: infer(v, arrays, deadline), timed=timed
+        )
 
     async def _forward(
         self, model: Model, candidates: list[str], request: InferRequest, deadline: float | None
     ) -> tuple[Variant, bytes]:
         """Pass-through: like :meth:`_run`, with the request's own bytes (Triton validates)."""
-        assert request.payload is not None
+        payload = request.payload
+        assert payload is not None
         forward = self.upstream.forward  # type: ignore[attr-defined]
+        return await self._first_ready(
+            model, candidates, lambda v: forward(v, payload, deadline), timed=True
+        )
+
+    async def _first_ready(
+        self,
+        model: Model,
+        candidates: list[str],
+        call: Callable[[Variant], Awaitable[_T]],
+        *,
+        timed: bool,
+    ) -> tuple[Variant, _T]:
+        """``call`` on the first candidate variant that is ready and not unavailable upstream
+        (the fallback order); ``timed``: observe the upstream duration here."""
         reasons = []
         for precision in candidates:
             variant = model.variants[precision]
@@ -447,17 +447,18 @@ class Gateway:
                 continue
             started = time.monotonic()
             try:
-                raw = await forward(variant, request.payload, deadline)
-                metrics.upstream_duration(model.name, variant.precision).observe(
-                    time.monotonic() - started
-                )
-                return variant, raw
+                result = await call(variant)
             except UpstreamUnavailable as e:
                 reasons.append(f"{variant.name}: {e.message}")
                 continue
             except GatewayError:
                 self._record(variant, 0, None, ok=False)
                 raise
+            if timed:
+                metrics.upstream_duration(model.name, variant.precision).observe(
+                    time.monotonic() - started
+                )
+            return variant, result
         raise Unavailable(f"no ready variant of {model.name!r} ({'; '.join(reasons)})")
 
     @staticmethod

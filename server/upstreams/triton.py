@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -34,6 +35,7 @@ import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
 from server.errors import ConfigError, DeadlineExceeded, GatewayError, InternalError, InvalidInput
@@ -71,19 +73,11 @@ class UpstreamStatus(GatewayError):
         self.code = code
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
+@functools.cache
 def model_name_field(name: str) -> bytes:
-    """``ModelInferRequest.model_name`` (field 1, length-delimited) serialised on its own."""
-    data = name.encode()
-    return b"\x0a" + _varint(len(data)) + data
+    """``ModelInferRequest.model_name`` serialised on its own (once per variant): appended to a
+    serialised request it replaces the client's model name (the last value of a field wins)."""
+    return pb.ModelInferRequest(model_name=name).SerializeToString()
 
 
 def parse_replicas(address: str) -> list[str]:
