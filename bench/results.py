@@ -61,7 +61,8 @@ def render_index(folder: Path) -> str:
         "classes' files are left as they are.",
         "",
         "Peers, on every class: KServe's Python `ModelServer` (the `bench` extra, kserve 0.21) "
-        "serving the same ONNX files as serving path (f), and NVIDIA's perf_analyzer (the C++ "
+        "serving the same ONNX files (on ONNX Runtime, whatever engine the gateway runs them "
+        "on) as serving path (f), and NVIDIA's perf_analyzer (the C++ "
         "binary from the tritonclient 2.40.0 wheel, in `.cache/bench-tools/`) as a second client "
         "over the same paths; py-spy (also the `bench` extra) profiles the gateway where a "
         "serving target is missed. `make bench-tools` installs all three (and Debian's "
