@@ -13,6 +13,9 @@
   ready replica. When no replica can serve the variant, :class:`UpstreamUnavailable` is raised and
   the core falls back along the model's precision chain.
 - A replica with nothing listening never stops the gateway: it is just unready.
+- Membership can change at run time (:meth:`TritonUpstream.set_replicas`, used by discovery in
+  server/upstreams/dns.py): a joining replica is checked before it is picked; a leaving one is
+  never picked again and its channels close when its last outstanding call ends.
 - Pass-through (:meth:`TritonUpstream.forward`): a gRPC ModelInfer is forwarded as the client's
   own bytes with the variant's name appended as a second ``model_name`` field (protobuf keeps
   the last value of a scalar field), on a raw grpc.aio channel per replica; Triton's reply bytes
