@@ -29,6 +29,7 @@ from server.model_repository import RepositoryError, atomic_write_text
 from server.repository import load_repository
 from server.routing import Router, load_routing
 from server.upstreams.base import Upstream, UpstreamSettings, create_upstream
+from server.upstreams.pools import create_pooled_upstream
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +86,20 @@ class GatewayServer:
     def __init__(self, options: ServeOptions, upstream: Upstream | None = None) -> None:
         self.options = options
         repository = load_repository(options.repository)
-        router = Router(repository, load_routing(options.routing))
+        routing = load_routing(options.routing)
+        router = Router(repository, routing)
         if upstream is None:
-            upstream = create_upstream(
-                options.upstream, repository, UpstreamSettings(threads=options.threads)
-            )
+            settings = UpstreamSettings(threads=options.threads)
+            if routing.pools:  # precision pools (server/upstreams/pools.py)
+                upstream = create_pooled_upstream(
+                    options.upstream,
+                    routing.pools,
+                    routing.pool_assignment(repository),
+                    repository,
+                    settings,
+                )
+            else:
+                upstream = create_upstream(options.upstream, repository, settings)
         self.gateway = Gateway(
             repository, router, upstream, options.max_request_bytes, options.auth_token
         )

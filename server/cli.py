@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--upstream",
         default="embedded",
-        help="embedded (ONNX Runtime in-process) or triton://HOST:PORT[,HOST:PORT...]",
+        help="embedded (ONNX Runtime in-process), triton://HOST:PORT[,HOST:PORT...] or "
+        "triton+dns://NAME:PORT[?interval=S] (replicas re-resolved every S s)",
     )
     p.add_argument("--routing", type=Path, help="routing YAML file (policies per model)")
     p.add_argument("--ready-file", type=Path, help="write bound ports as JSON here once ready")

@@ -46,12 +46,14 @@ class _ModelFile(BaseModel):
     accuracy_budget: float | None = Field(None, ge=0.0)
     shadow: _ShadowFile | None = None
     fallback: list[str] | None = None
+    precision_pools: dict[str, str] | None = None  # precision -> pool name
 
 
 class _RoutingFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: Literal[1] = 1
     seed: int | None = None
+    pools: dict[str, str] = Field(default_factory=dict)  # pool name -> upstream spec
     defaults: _ModelFile = Field(default_factory=_ModelFile)
     models: dict[str, _ModelFile] = Field(default_factory=dict)
 
@@ -67,6 +69,8 @@ class ModelRoute:
     shadow_reference: str = "fp32"
     shadow_fraction: float = DEFAULT_SHADOW_FRACTION
     fallback: list[str] = field(default_factory=lambda: list(DEFAULT_FALLBACK))
+    # precision -> pool name (``pools`` of the routing file); unlisted: the ``--upstream``
+    precision_pools: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -74,6 +78,17 @@ class RoutingConfig:
     models: dict[str, ModelRoute] = field(default_factory=dict)
     default: ModelRoute = field(default_factory=ModelRoute)
     seed: int | None = None
+    pools: dict[str, str] = field(default_factory=dict)  # pool name -> upstream spec
+
+    def pool_assignment(self, repository: Repository) -> dict[str, str]:
+        """Variant name -> pool name, for every variant whose precision is given a pool."""
+        out: dict[str, str] = {}
+        for name, model in repository.models.items():
+            pools = self.for_model(name).precision_pools
+            for precision, variant in model.variants.items():
+                if precision in pools:
+                    out[variant.name] = pools[precision]
+        return out
 
     def for_model(self, name: str) -> ModelRoute:
         return self.models.get(name, self.default)
@@ -93,6 +108,9 @@ def _merge(defaults: _ModelFile, own: _ModelFile) -> ModelRoute:
         shadow_reference=shadow.reference,
         shadow_fraction=shadow.fraction,
         fallback=list(pick("fallback") or DEFAULT_FALLBACK),
+        precision_pools={
+            p.strip().lower(): pool for p, pool in (pick("precision_pools") or {}).items()
+        },
     )
 
 
@@ -103,11 +121,20 @@ def parse_routing(data: Any, source: str = "routing file") -> RoutingConfig:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         raise ConfigError(f"{source}: {where}: {err['msg']}") from e
-    return RoutingConfig(
+    config = RoutingConfig(
         models={name: _merge(parsed.defaults, m) for name, m in parsed.models.items()},
         default=_merge(parsed.defaults, _ModelFile()),
         seed=parsed.seed,
+        pools=dict(parsed.pools),
     )
+    for name, route in [("defaults", config.default), *config.models.items()]:
+        unknown = sorted(set(route.precision_pools.values()) - set(config.pools))
+        if unknown:
+            raise ConfigError(
+                f"{source}: {name}: precision_pools names unknown pool(s) {', '.join(unknown)} "
+                f"(pools: {', '.join(sorted(config.pools)) or 'none'})"
+            )
+    return config
 
 
 def load_routing(path: Path | None) -> RoutingConfig:

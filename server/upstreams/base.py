@@ -1,6 +1,7 @@
 """The upstream protocol: what actually runs a variant (embedded ONNX Runtime, or Triton).
 
-An upstream is chosen with ``--upstream``: ``embedded`` or ``triton://HOST:PORT[,HOST:PORT...]``.
+An upstream is chosen with ``--upstream``: ``embedded``, ``triton://HOST:PORT[,HOST:PORT...]`` or
+``triton+dns://NAME:PORT[?interval=S]`` (replicas = NAME's addresses, re-resolved every S s).
 The scheme picks a registry entry (name -> "module:attribute", imported lazily); the class is
 constructed as ``cls(address, repository, settings)`` where ``address`` is the text after
 ``scheme://`` ("" for ``embedded``).
@@ -32,6 +33,7 @@ Contract for implementations:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -55,6 +57,8 @@ class UpstreamSettings:
     max_workers: int = 0
     # Remote upstreams: default per-call timeout when the client gave no deadline.
     default_timeout_s: float = 30.0
+    # triton+dns: seconds between resolutions of the name (a URL ``?interval=`` overrides it).
+    resolve_interval_s: float = 5.0
 
 
 @runtime_checkable
@@ -79,6 +83,7 @@ _UPSTREAMS = PluginRegistry(
     {
         "embedded": "server.upstreams.embedded:EmbeddedUpstream",
         "triton": "server.upstreams.triton:TritonUpstream",
+        "triton+dns": "server.upstreams.dns:DnsTritonUpstream",
     },
 )
 
@@ -115,3 +120,11 @@ def report_ready(upstream: str, variant: Variant, ready: bool) -> None:
     from server import metrics
 
     metrics.UPSTREAM_READY.labels(upstream=upstream, model=variant.name).set(1 if ready else 0)
+
+
+def forget_ready(upstream: str, variant: Variant) -> None:
+    """Drop a replica's ``precision_serve_upstream_ready`` series (it left discovery)."""
+    from server import metrics
+
+    with contextlib.suppress(KeyError):
+        metrics.UPSTREAM_READY.remove(upstream, variant.name)

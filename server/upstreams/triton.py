@@ -13,6 +13,9 @@
   ready replica. When no replica can serve the variant, :class:`UpstreamUnavailable` is raised and
   the core falls back along the model's precision chain.
 - A replica with nothing listening never stops the gateway: it is just unready.
+- Membership can change at run time (:meth:`TritonUpstream.set_replicas`, used by discovery in
+  server/upstreams/dns.py): a joining replica is checked before it is picked; a leaving one is
+  never picked again and its channels close when its last outstanding call ends.
 - Pass-through (:meth:`TritonUpstream.forward`): a gRPC ModelInfer is forwarded as the client's
   own bytes with the variant's name appended as a second ``model_name`` field (protobuf keeps
   the last value of a scalar field), on a raw grpc.aio channel per replica; Triton's reply bytes
@@ -41,7 +44,12 @@ from tritonclient.utils import InferenceServerException
 from server.errors import ConfigError, DeadlineExceeded, GatewayError, InternalError, InvalidInput
 from server.model_repository import to_datatype
 from server.repository import Repository, Variant
-from server.upstreams.base import UpstreamSettings, UpstreamUnavailable, report_ready
+from server.upstreams.base import (
+    UpstreamSettings,
+    UpstreamUnavailable,
+    forget_ready,
+    report_ready,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +120,7 @@ class Replica:
     models: dict[str, bool] = field(default_factory=dict)  # variant name -> ModelReady
     outstanding: int = 0
     problem: str | None = None  # why it is not reachable, when it is not
+    leaving: bool = False  # dropped from discovery: closed once ``outstanding`` reaches 0
     channel: grpc.aio.Channel | None = None  # raw channel for forwarded ModelInfer calls
     raw_infer: Any = None  # its ModelInfer callable: bytes in, bytes out
 
@@ -130,24 +139,48 @@ class TritonUpstream:
     def __init__(self, address: str, repository: Repository, settings: UpstreamSettings) -> None:
         self._repository = repository
         self._settings = settings
-        self.replicas = [Replica(a) for a in parse_replicas(address)]
+        self.replicas = [Replica(a) for a in self._initial_replicas(address)]
         self._rotation = itertools.count()
         self._checker: asyncio.Task | None = None
         self._kick = asyncio.Event()
+        self._closing: set[asyncio.Task] = set()  # channels of left replicas being closed
         self.check_interval = CHECK_INTERVAL_S
+
+    def _initial_replicas(self, address: str) -> list[str]:
+        return parse_replicas(address)
 
     # ---- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
         for replica in self.replicas:
-            replica.client = grpcaio.InferenceServerClient(
-                replica.address, channel_args=list(_CHANNEL_ARGS)
-            )
-            replica.channel = grpc.aio.insecure_channel(replica.address, options=_CHANNEL_ARGS)
-            replica.raw_infer = replica.channel.unary_unary(
-                MODEL_INFER, request_serializer=None, response_deserializer=None
-            )
+            self._open(replica)
         await self.check_all()
         self._checker = asyncio.create_task(self._check_loop(), name="triton-readiness")
+
+    @staticmethod
+    def _open(replica: Replica) -> None:
+        replica.client = grpcaio.InferenceServerClient(
+            replica.address, channel_args=list(_CHANNEL_ARGS)
+        )
+        replica.channel = grpc.aio.insecure_channel(replica.address, options=_CHANNEL_ARGS)
+        replica.raw_infer = replica.channel.unary_unary(
+            MODEL_INFER, request_serializer=None, response_deserializer=None
+        )
+
+    @staticmethod
+    async def _shut(replica: Replica) -> None:
+        await TritonUpstream._close_handles(replica.client, replica.channel)
+        replica.client, replica.channel, replica.raw_infer = None, None, None
+
+    @staticmethod
+    async def _close_handles(
+        client: grpcaio.InferenceServerClient | None, channel: grpc.aio.Channel | None
+    ) -> None:
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                await channel.close()
 
     async def close(self) -> None:
         if self._checker is not None:
@@ -156,14 +189,51 @@ class TritonUpstream:
                 await self._checker
             self._checker = None
         for replica in self.replicas:
-            if replica.client is not None:
-                with contextlib.suppress(Exception):
-                    await replica.client.close()
-                replica.client = None
-            if replica.channel is not None:
-                with contextlib.suppress(Exception):
-                    await replica.channel.close()
-                replica.channel = replica.raw_infer = None
+            await self._shut(replica)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    # ---- membership (discovery: server/upstreams/dns.py) ------------------------------------
+    async def set_replicas(self, addresses: list[str]) -> tuple[list[str], list[str]]:
+        """Make ``addresses`` the replica set; returns (added, removed) addresses.
+
+        A new replica is opened and checked before it can be picked. A removed one is no
+        longer picked; its channels close when its outstanding calls have finished.
+        """
+        wanted = list(dict.fromkeys(addresses))
+        current = {r.address: r for r in self.replicas}
+        added = [Replica(a) for a in wanted if a not in current]
+        removed = [r for a, r in current.items() if a not in wanted]
+        for replica in added:
+            self._open(replica)
+        # checked before joining, so that a new replica takes traffic only once it is ready
+        await asyncio.gather(*(self._check(r) for r in added))
+        keep = [r for r in self.replicas if r.address in wanted]
+        self.replicas = keep + added
+        for replica in removed:
+            replica.leaving = True
+            for variant in self._repository.variants():
+                forget_ready(replica.label, variant)
+            log.info(
+                "triton replica %s left (%d call(s) in flight)",
+                replica.address,
+                replica.outstanding,
+            )
+            self._release(replica, started=False)
+        for replica in added:
+            log.info("triton replica %s joined", replica.address)
+        return [r.address for r in added], [r.address for r in removed]
+
+    def _release(self, replica: Replica, started: bool = True) -> None:
+        """One call on ``replica`` ended; a leaving replica's channels close at the last one."""
+        if started:
+            replica.outstanding -= 1
+        if replica.leaving and replica.outstanding == 0 and replica.channel is not None:
+            handles = (replica.client, replica.channel)
+            replica.client, replica.channel, replica.raw_infer = None, None, None
+            task = asyncio.ensure_future(self._close_handles(*handles))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     # ---- readiness --------------------------------------------------------------------------
     async def _check_loop(self) -> None:
@@ -177,10 +247,11 @@ class TritonUpstream:
                 log.exception("triton readiness check failed")
 
     async def check_all(self) -> None:
-        await asyncio.gather(*(self._check(r) for r in self.replicas))
+        await asyncio.gather(*(self._check(r) for r in list(self.replicas)))
 
     async def _check(self, replica: Replica) -> None:
-        assert replica.client is not None
+        if replica.client is None or replica.leaving:
+            return
         variants = self._repository.variants()
         try:
             server_ready = await replica.client.is_server_ready(client_timeout=CHECK_TIMEOUT_S)
@@ -212,6 +283,8 @@ class TritonUpstream:
     def _set_model(self, replica: Replica, variant: Variant, ready: bool) -> None:
         before = replica.models.get(variant.name)
         replica.models[variant.name] = ready
+        if replica.leaving:
+            return
         if before is not None and before != ready and replica.reachable:
             log.info(
                 "triton replica %s: variant %s is %s",
@@ -305,7 +378,7 @@ class TritonUpstream:
                 raise _ReplicaFailed(f"{code}: {message}") from None
             raise UpstreamStatus(code, message) from None
         finally:
-            replica.outstanding -= 1
+            self._release(replica)
 
     def _unready_reason(self, variant: Variant) -> str:
         parts = [
@@ -343,7 +416,7 @@ class TritonUpstream:
         except InferenceServerException as e:
             self._raise_for(replica, variant, e)
         finally:
-            replica.outstanding -= 1
+            self._release(replica)
         return {t.name: result.as_numpy(t.name) for t in variant.outputs}
 
     def _raise_for(self, replica: Replica, variant: Variant, e: InferenceServerException) -> None:

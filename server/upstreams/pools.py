@@ -1,0 +1,105 @@
+"""Precision pools: one upstream per pool, each variant dispatched to the pool of its precision.
+
+The routing file names pools (``pools: {cpu: "triton+dns://triton-cpu:8001", gpu: ...}``) and
+gives precisions a pool (``precision_pools: {int8: cpu, fp16: gpu}``, per model or in
+``defaults``); variants whose precision has no pool go to the ``--upstream``. The core and the
+router see one upstream (:class:`PooledUpstream`): a variant's readiness is its pool's, so the
+model's fallback chain crosses pools when one is down.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from server import metrics
+from server.errors import ConfigError
+from server.repository import Repository, Variant
+from server.upstreams.base import Upstream, UpstreamSettings, create_upstream
+
+
+class PooledUpstream:
+    name = "pools"
+    records_timing = True  # observes the duration itself for pools that do not
+    honours_deadline = False  # set per instance: True when every pool does
+
+    def __init__(
+        self, pools: dict[str, Upstream], default: Upstream | None, assignment: dict[str, str]
+    ) -> None:
+        unknown = sorted(set(assignment.values()) - set(pools))
+        if unknown:
+            raise ConfigError(f"variants assigned to unknown pool(s): {', '.join(unknown)}")
+        self.pools = pools
+        self.default = default
+        self.assignment = assignment  # variant name -> pool name
+        members = [*pools.values(), *([default] if default is not None else [])]
+        self._members = members
+        self.honours_deadline = all(getattr(u, "honours_deadline", False) for u in members)
+        if all(callable(getattr(u, "forward", None)) for u in members):
+            self.forward = self._forward
+
+    def upstream_for(self, variant: Variant) -> Upstream | None:
+        pool = self.assignment.get(variant.name)
+        return self.pools[pool] if pool is not None else self.default
+
+    @property
+    def problems(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for u in self._members:
+            out.update(getattr(u, "problems", {}))
+        return out
+
+    async def start(self) -> None:
+        for u in self._members:
+            await u.start()
+
+    async def close(self) -> None:
+        for u in self._members:
+            await u.close()
+
+    def ready(self, variant: Variant) -> bool:
+        u = self.upstream_for(variant)
+        return u is not None and u.ready(variant)
+
+    def _require(self, variant: Variant) -> Upstream:
+        u = self.upstream_for(variant)
+        if u is None:  # ready() said False: the core does not call; a direct call is a bug
+            raise ConfigError(f"variant {variant.name} has no pool and there is no --upstream")
+        return u
+
+    async def infer(
+        self, variant: Variant, inputs: dict[str, np.ndarray], deadline: float | None
+    ) -> dict[str, np.ndarray]:
+        u = self._require(variant)
+        started = time.monotonic()
+        outputs = await u.infer(variant, inputs, deadline)
+        if not getattr(u, "records_timing", False):
+            metrics.upstream_duration(variant.model, variant.precision).observe(
+                time.monotonic() - started
+            )
+        return outputs
+
+    async def _forward(self, variant: Variant, payload: bytes, deadline: float | None) -> bytes:
+        return await self._require(variant).forward(variant, payload, deadline)  # type: ignore[attr-defined]
+
+
+def create_pooled_upstream(
+    default_spec: str | None,
+    pools: dict[str, str],
+    assignment: dict[str, str],
+    repository: Repository,
+    settings: UpstreamSettings,
+) -> PooledUpstream:
+    """Build each pool's upstream from its spec; the default only when a variant needs it."""
+    members = {name: create_upstream(spec, repository, settings) for name, spec in pools.items()}
+    unassigned = [v for v in repository.variants() if v.name not in assignment]
+    default = (
+        create_upstream(default_spec, repository, settings)
+        if unassigned and default_spec is not None
+        else None
+    )
+    return PooledUpstream(members, default, assignment)
+
+
+__all__ = ["PooledUpstream", "create_pooled_upstream"]
