@@ -278,7 +278,7 @@ def port_map(container: Doc) -> dict[str, int]:
 
 def upstream_addresses(upstream: str) -> Iterator[tuple[str, int]]:
     scheme, _, rest = upstream.partition("://")
-    assert scheme == "triton", upstream
+    assert scheme in ("triton", "triton+dns"), upstream
     for entry in rest.split(","):
         host, _, port = entry.rpartition(":")
         yield host, int(port)
