@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from builder.budget import SpeedFn
     from builder.evaluate import Evaluator
     from builder.options import BuildOptions
     from builder.sources.base import LoadedModel
@@ -22,6 +23,9 @@ class BuildContext:
     cache_dir: Path  # per-model cache (calibration ranges, ...)
     evaluator: Evaluator  # quality vs FP32 on the evaluation set
     work_dir: Path  # scratch space, removed after the build
+    # Throughput of a candidate file vs FP32 on this host (the budget search's timer); None
+    # when speed is not measured (--no-speed). Tests inject a fake.
+    speedup: SpeedFn | None = None
 
 
 @dataclass
