@@ -17,15 +17,12 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tqdm.auto import tqdm
-
-if TYPE_CHECKING:
-    from builder.precisions.base import BuildContext
 
 log = logging.getLogger(__name__)
 
@@ -200,92 +197,3 @@ def _finish(outcome: BudgetOutcome, tried: dict[int, Candidate], out_path: Path)
     if outcome.chosen.path != out_path:
         shutil.copyfile(outcome.chosen.path, out_path)
     return outcome
-
-
-def measured_speedup(
-    fp32_path: Path,
-    sample: Any,
-    batch_size: int,
-    threads: int = 0,
-    engine: str = "onnxruntime",
-) -> SpeedFn:
-    """A brief interleaved timing of a candidate file against the FP32 file (throughput at
-    ``batch_size``; ``engine_choice.measure_round_robin`` with few rounds)."""
-    from builder.engine_choice import measure_round_robin
-    from server.engines import get_engine
-
-    loader = get_engine(engine)
-    reference = loader.load(fp32_path, {}, threads)
-
-    def timed(path: Path) -> float:
-        candidate = loader.load(path, {}, threads)
-        speeds = measure_round_robin(
-            {"fp32": reference, "candidate": candidate},
-            sample,
-            batch_size,
-            rounds=3,
-            inner_rounds=2,
-            latency_runs=2,
-        )
-        return speeds["candidate"]["throughput"] / speeds["fp32"]["throughput"]
-
-    return timed
-
-
-# (nodes to keep unquantized, file to write) -> None
-QuantizeFn = Callable[[list[str], Path], None]
-DRIFT_SAMPLES = 8  # evaluation rows the per-node error ranking runs on
-DRIFT_REPORTED = 8
-
-
-def build_within_budget(
-    ctx: BuildContext,
-    out_path: Path,
-    float_path: Path,
-    quantize: QuantizeFn,
-    op_types: Collection[str] | None = None,
-    diagnose: bool = False,
-) -> tuple[BudgetOutcome, dict[str, Any]]:
-    """Quantize ``float_path`` with ``quantize`` into ``out_path`` within ``ctx``'s budget.
-
-    Returns the outcome and the diagnostic details (the per-node error ranking, computed when
-    the search needs it or ``diagnose`` asks; ``op_types`` limits which nodes may be kept)."""
-    from builder.drift import node_errors
-
-    candidates = ctx.work_dir / "budget-candidates"
-    candidates.mkdir(parents=True, exist_ok=True)
-    diagnostics: dict[str, Any] = {}
-    errors: list[Any] = []
-
-    def make(kept: list[str]) -> tuple[Path, float]:
-        path = candidates / f"kept-{len(kept)}.onnx"
-        quantize(kept, path)
-        return path, float(ctx.evaluator.quality(path)["accuracy_loss"] or 0.0)
-
-    def analyse(path: Path) -> None:
-        try:
-            sample = ctx.model.evaluation.take(DRIFT_SAMPLES)
-            errors[:] = node_errors(float_path, path, sample, ctx.work_dir / "drift", op_types)
-        except Exception as e:  # a diagnostic: never fail the build on it
-            log.warning("per-node error analysis failed: %s", e)
-        by_sqnr = sorted(errors, key=lambda e: e.output_sqnr_db)[:DRIFT_REPORTED]
-        diagnostics["lowest_sqnr_layers"] = [
-            {"tensor": e.node, "op_type": e.op_type, "sqnr_db": round(e.output_sqnr_db, 2)}
-            for e in by_sqnr
-        ]
-        diagnostics["worst_nodes"] = [
-            {"node": e.node, "op_type": e.op_type, "added_noise": float(f"{e.added_noise:.3g}")}
-            for e in errors[:DRIFT_REPORTED]
-        ]
-
-    def rank(path: Path) -> list[str]:
-        if not errors:
-            analyse(path)
-        return [e.node for e in errors]
-
-    limits = SearchLimits(progress=ctx.options.progress)
-    speed = ctx.speedup if ctx.options.measure_speed else None
-    outcome = search(rank, make, speed, ctx.options.accuracy_budget, out_path, limits)
-    if diagnose and not diagnostics:
-        analyse(outcome.attempts[0].path)  # the fully quantized file
-    return outcome, diagnostics

@@ -10,7 +10,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from builder import hostinfo
-from builder.budget import SpeedFn, measured_speedup
+from builder.budget import SpeedFn
 from builder.cache import calibration_cache_dir
 from builder.calibration import load_calibration_data
 from builder.engine_choice import choose_engine, measure_round_robin
@@ -27,6 +27,7 @@ from builder.repository import (
     variant_layout,
 )
 from builder.sources import LoadedModel, load_model
+from builder.sources.base import Dataset
 from builder.sources.common import with_data_note
 from builder.triton_backend import standard_backend
 from server.engines import EngineError, get_engine
@@ -266,6 +267,33 @@ def _build_variant(
         details=details,
         build_seconds=round(time.perf_counter() - started, 2),
     )
+
+
+def measured_speedup(
+    fp32_path: Path,
+    sample: Dataset,
+    batch_size: int,
+    threads: int = 0,
+    engine: str = "onnxruntime",
+) -> SpeedFn:
+    """A brief interleaved timing of a candidate file against the FP32 file (throughput at
+    ``batch_size``; ``engine_choice.measure_round_robin`` with few rounds)."""
+    loader = get_engine(engine)
+    reference = loader.load(fp32_path, {}, threads)
+
+    def timed(path: Path) -> float:
+        candidate = loader.load(path, {}, threads)
+        speeds = measure_round_robin(
+            {"fp32": reference, "candidate": candidate},
+            sample,
+            batch_size,
+            rounds=3,
+            inner_rounds=2,
+            latency_runs=2,
+        )
+        return speeds["candidate"]["throughput"] / speeds["fp32"]["throughput"]
+
+    return timed
 
 
 def _lazy_speedup(reference: Path, model: LoadedModel, options: BuildOptions) -> SpeedFn | None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from builder.budget import SpeedFn
     from builder.evaluate import Evaluator
     from builder.options import BuildOptions
     from builder.sources.base import LoadedModel
@@ -25,7 +25,7 @@ class BuildContext:
     work_dir: Path  # scratch space, removed after the build
     # Throughput of a candidate file vs FP32 on this host (the budget search's timer); None
     # when speed is not measured (--no-speed). Tests inject a fake.
-    speedup: SpeedFn | None = None
+    speedup: Callable[[Path], float | None] | None = None
 
 
 @dataclass

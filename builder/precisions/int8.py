@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from builder import hostinfo
-from builder.budget import build_within_budget
 from builder.calibration import DatasetReader, cache_key, ort_method
 from builder.errors import QuantizationError
 from builder.precisions.base import BuildContext, VariantResult
+from builder.precisions.budgeted import build_within_budget
 from builder.sources.base import Dataset, LoadedModel
 
 log = logging.getLogger(__name__)

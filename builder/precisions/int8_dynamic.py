@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from builder.budget import build_within_budget
 from builder.errors import QuantizationError
 from builder.precisions.base import BuildContext, VariantResult
+from builder.precisions.budgeted import build_within_budget
 from builder.precisions.int8 import check_quantizable, preprocess
 from builder.sources.base import LoadedModel
 
