@@ -185,8 +185,12 @@ def _choose(candidates: list[Candidate], budget: float) -> BudgetOutcome:
         return BudgetOutcome(budget, True, best, f"budget {budget:g} met: {_fmt(best)}", candidates)
     fast = [c for c in candidates if _fast_enough(c)]
     best = min(fast or candidates, key=lambda c: (c.loss, len(c.kept)))
-    slower = any(c.loss <= budget for c in candidates)
-    why = "met only slower than fp32" if slower else "not met"
+    slow_hits = [c for c in candidates if c.loss <= budget]
+    if slow_hits:
+        hit = max(slow_hits, key=lambda c: c.speedup or 0.0)
+        why = f"met only slower than fp32 ({_fmt(hit)})"
+    else:
+        why = "not met"
     return BudgetOutcome(
         budget, False, best, f"budget {budget:g} {why} (best: {_fmt(best)})", candidates
     )
