@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 MAX_CANDIDATES = 8  # candidates built after the fully quantized one
 MAX_SECONDS = 900.0  # wall-clock bound of the search (checked between candidates)
-MIN_SPEEDUP = 1.0  # a variant must be at least as fast as FP32 to count as a result
+# A variant must beat FP32 by this much to count as a result: the brief timing is noisy (on a
+# shared 2-core host, a variant with every layer kept FP32 timed 1.03x FP32).
+MIN_SPEEDUP = 1.05
 
 # (kept nodes) -> (file written, accuracy loss in points)
 MakeFn = Callable[[list[str]], tuple[Path, float]]
@@ -162,7 +164,7 @@ def search(
                     lo = mid
     finally:
         bar.close()
-    return _finish(_choose(list(tried.values()), budget), tried, out_path)
+    return _finish(_choose(list(tried.values()), budget, len(ranked)), tried, out_path)
 
 
 def _out_of_time(started: float, limits: SearchLimits, built: int) -> bool:
@@ -174,8 +176,11 @@ def _out_of_time(started: float, limits: SearchLimits, built: int) -> bool:
     return False
 
 
-def _choose(candidates: list[Candidate], budget: float) -> BudgetOutcome:
-    within = [c for c in candidates if c.loss <= budget and _fast_enough(c)]
+def _choose(candidates: list[Candidate], budget: float, rankable: int) -> BudgetOutcome:
+    # Keeping every rankable node leaves nothing quantized: the FP32 model again, no result.
+    everything = [c for c in candidates if rankable and len(c.kept) >= rankable]
+    candidates_left = [c for c in candidates if c not in everything]
+    within = [c for c in candidates_left if c.loss <= budget and _fast_enough(c)]
     if within:
         # Fastest; without timings the fewest kept layers (the cheapest to run).
         best = max(
@@ -183,12 +188,15 @@ def _choose(candidates: list[Candidate], budget: float) -> BudgetOutcome:
             key=lambda c: (c.speedup if c.speedup is not None else 0.0, -len(c.kept)),
         )
         return BudgetOutcome(budget, True, best, f"budget {budget:g} met: {_fmt(best)}", candidates)
-    fast = [c for c in candidates if _fast_enough(c)]
-    best = min(fast or candidates, key=lambda c: (c.loss, len(c.kept)))
-    slow_hits = [c for c in candidates if c.loss <= budget]
+    pool = candidates_left or candidates
+    fast = [c for c in pool if _fast_enough(c)]
+    best = min(fast or pool, key=lambda c: (c.loss, len(c.kept)))
+    slow_hits = [c for c in candidates_left if c.loss <= budget]
     if slow_hits:
         hit = max(slow_hits, key=lambda c: c.speedup or 0.0)
-        why = f"met only slower than fp32 ({_fmt(hit)})"
+        why = f"met only slower than {MIN_SPEEDUP:g}x fp32 ({_fmt(hit)})"
+    elif any(c.loss <= budget for c in everything):
+        why = f"met only with all {rankable} quantized layers kept FP32 (no quantization left)"
     else:
         why = "not met"
     return BudgetOutcome(

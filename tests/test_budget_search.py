@@ -133,13 +133,13 @@ def test_search_finds_the_fewest_kept_layers_that_meet_the_budget(tmp_path: Path
 
 
 def test_met_only_slower_than_fp32_is_not_met(tmp_path: Path) -> None:
-    # 1.15x with nothing kept, 0.1x lost per kept layer: meeting it (a, b) is 0.95x fp32.
-    fake = Fake(tmp_path, sensitive="b", start=1.15, step=0.1)
+    # 1.3x with nothing kept, 0.1x lost per kept layer: meeting it (a, b, c) is 1.0x fp32.
+    fake = Fake(tmp_path, sensitive="c", start=1.3, step=0.1)
     out = search(fake.rank, fake.make, fake.speed, 0.1, tmp_path / "out.onnx")
     assert not out.met
-    assert "met only slower than fp32 (loss 0.050 at 0.95x fp32, 2 kept)" in out.status
-    assert "best: loss 2.000 at 1.15x fp32" in out.status  # the best trade-off >= fp32
-    assert max(len(k) for k in fake.built) == 2
+    assert "met only slower than 1.05x fp32 (loss 0.050 at 1.00x fp32, 3 kept)" in out.status
+    assert "best: loss 2.000 at 1.30x fp32" in out.status  # the best trade-off >= fp32
+    assert max(len(k) for k in fake.built) == 4
 
 
 def test_unreachable_budget_says_not_met_with_the_best_trade_off(tmp_path: Path) -> None:
@@ -148,6 +148,16 @@ def test_unreachable_budget_says_not_met_with_the_best_trade_off(tmp_path: Path)
     assert not out.met
     assert out.status.startswith("budget 0.1 not met (best: loss 2.000 at")
     assert len(fake.built) <= 9  # bounded: the fully quantized one + at most 8 candidates
+
+
+def test_keeping_every_layer_is_no_result(tmp_path: Path) -> None:
+    # Only keeping all 9 rankable nodes meets it, "faster" than fp32 by timing noise.
+    fake = Fake(tmp_path, sensitive="i", start=1.5, step=0.01)
+    out = search(fake.rank, fake.make, fake.speed, 0.1, tmp_path / "out.onnx")
+    assert [len(k) for k in fake.built][-1] == 9
+    assert not out.met
+    assert "met only with all 9 quantized layers kept FP32" in out.status
+    assert len(out.chosen.kept) < 9
 
 
 def test_without_timings_the_fewest_kept_layers_win(tmp_path: Path) -> None:
