@@ -154,6 +154,7 @@ def _build(spec: str, options: BuildOptions, repo: Path, work: Path) -> Manifest
             log.warning("%s", e)
             manifest.notes.append(str(e))
             manifest.variants.pop(precision, None)
+            remove_tree(repo / name)  # an earlier build's copy must not be served either
 
     if options.measure_speed and manifest.variants:
         _measure(manifest, model, repo, options)

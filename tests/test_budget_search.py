@@ -211,3 +211,7 @@ def test_slower_than_fp32_variant_is_not_written_unless_kept(
     assert "kept by --keep-over-budget" in d["budget_status"]
     text = summary(kept)
     assert "NOT MET" in text and "int8-dynamic is over budget" in text
+
+    again = _build(sensitive_onnx, repo, **opts)  # without --keep-over-budget: the copy goes
+    assert "int8-dynamic" not in again.variants
+    assert not (repo / "sensitive_int8-dynamic").exists()
