@@ -32,7 +32,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--accuracy-budget",
         type=float,
-        help="max loss vs FP32 in points; worst INT8 layers stay FP32 until within it",
+        help="max loss vs FP32 in points for every quantized precision: the fastest variant "
+        "within it, keeping the worst layers FP32; a variant that misses it is not written",
+    )
+    p.add_argument(
+        "--keep-over-budget",
+        action="store_true",
+        help="write a variant that misses --accuracy-budget anyway, labelled as such",
     )
     p.add_argument(
         "--int8-format",
@@ -75,6 +81,7 @@ def options_from_args(args: argparse.Namespace):
         calibration_data=args.calibration_data,
         calibration_samples=args.calibration_samples,
         accuracy_budget=args.accuracy_budget,
+        keep_over_budget=args.keep_over_budget,
         force=args.force,
         measure_speed=not args.no_speed,
         threads=args.threads,

@@ -21,6 +21,11 @@ class QuantizationError(BuildError):
     """A precision variant could not be produced from the FP32 model."""
 
 
+class BudgetNotMet(QuantizationError):
+    """A quantized variant missed ``--accuracy-budget`` (or met it only slower than FP32); it
+    is not written unless ``--keep-over-budget`` asks for it."""
+
+
 # The model repository's own errors (unreadable manifest, unwritable folder, bad config.pbtxt)
 # are server.model_repository.RepositoryError: the gateway reads repositories too, and it sits
 # below the builder. builder.cli reports both families the same way.

@@ -23,6 +23,8 @@ class BuildOptions:
     calibration_data: Path | None = None
     calibration_samples: int = 256
     accuracy_budget: float | None = None  # points of accuracy (see builder.evaluate)
+    # Write a variant that misses the budget anyway (labelled in the manifest and summary).
+    keep_over_budget: bool = False
     force: bool = False
     measure_speed: bool = True
     threads: int = 0  # engine threads for evaluation/timing; 0 = engine default

@@ -10,10 +10,11 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from builder import hostinfo
+from builder.budget import SpeedFn
 from builder.cache import calibration_cache_dir
 from builder.calibration import load_calibration_data
 from builder.engine_choice import choose_engine, measure_round_robin
-from builder.errors import BuildError
+from builder.errors import BudgetNotMet, BuildError
 from builder.evaluate import EVAL_BATCH, Evaluator
 from builder.options import BuildOptions
 from builder.precisions import BuildContext, VariantResult, get_precision
@@ -26,6 +27,7 @@ from builder.repository import (
     variant_layout,
 )
 from builder.sources import LoadedModel, load_model
+from builder.sources.base import Dataset
 from builder.sources.common import with_data_note
 from builder.triton_backend import standard_backend
 from server.engines import EngineError, get_engine
@@ -120,6 +122,7 @@ def _build(spec: str, options: BuildOptions, repo: Path, work: Path) -> Manifest
     evaluator = Evaluator(model.task, model.evaluation, reference, options.threads, eval_batch)
     cache_dir = calibration_cache_dir(model.name)
     serving = _serving(model, options)
+    speedup = _lazy_speedup(reference, model, options)
 
     bar = tqdm(precisions, desc=f"{model.name}: variants", disable=not options.progress)
     for precision in bar:
@@ -133,18 +136,25 @@ def _build(spec: str, options: BuildOptions, repo: Path, work: Path) -> Manifest
             manifest.notes.append(f"{precision} skipped: {reason}")
             manifest.variants.pop(precision, None)
             continue
-        manifest.variants[precision] = _build_variant(
-            model,
-            precision,
-            plugins[precision],
-            options,
-            repo,
-            work,
-            reference,
-            evaluator,
-            cache_dir,
-            serving,
-        )
+        try:
+            manifest.variants[precision] = _build_variant(
+                model,
+                precision,
+                plugins[precision],
+                options,
+                repo,
+                work,
+                reference,
+                evaluator,
+                cache_dir,
+                serving,
+                speedup,
+            )
+        except BudgetNotMet as e:
+            log.warning("%s", e)
+            manifest.notes.append(str(e))
+            manifest.variants.pop(precision, None)
+            remove_tree(repo / name)  # an earlier build's copy must not be served either
 
     if options.measure_speed and manifest.variants:
         _measure(manifest, model, repo, options)
@@ -205,6 +215,7 @@ def _build_variant(
     evaluator: Evaluator,
     cache_dir: Path,
     serving: ServingOptions,
+    speedup: SpeedFn | None = None,
 ) -> VariantRecord:
     name = variant_name(model.name, precision)
     started = time.perf_counter()
@@ -217,9 +228,15 @@ def _build_variant(
         cache_dir=cache_dir,
         evaluator=evaluator,
         work_dir=work / f"{precision}-scratch",
+        speedup=speedup,
     )
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     result: VariantResult = plugin.build(ctx, out_file)  # type: ignore[attr-defined]
+    if result.details.get("budget_met") is False:
+        status = result.details.get("budget_status", "budget not met")
+        if not options.keep_over_budget:
+            raise BudgetNotMet(f"{precision} not written: {status} (--keep-over-budget keeps it)")
+        result.details["budget_status"] = f"{status}; kept by --keep-over-budget"
     # The engine that runs the file: measured here, quality-checked; --engine overrides.
     choice = choose_engine(
         result,
@@ -251,6 +268,50 @@ def _build_variant(
         details=details,
         build_seconds=round(time.perf_counter() - started, 2),
     )
+
+
+def measured_speedup(
+    fp32_path: Path,
+    sample: Dataset,
+    batch_size: int,
+    threads: int = 0,
+    engine: str = "onnxruntime",
+) -> SpeedFn:
+    """A brief interleaved timing of a candidate file against the FP32 file (throughput at
+    ``batch_size``; ``engine_choice.measure_round_robin`` with few rounds)."""
+    loader = get_engine(engine)
+    reference = loader.load(fp32_path, {}, threads)
+
+    def timed(path: Path) -> float:
+        candidate = loader.load(path, {}, threads)
+        speeds = measure_round_robin(
+            {"fp32": reference, "candidate": candidate},
+            sample,
+            batch_size,
+            rounds=3,
+            inner_rounds=2,
+            latency_runs=2,
+        )
+        return speeds["candidate"]["throughput"] / speeds["fp32"]["throughput"]
+
+    return timed
+
+
+def _lazy_speedup(reference: Path, model: LoadedModel, options: BuildOptions) -> SpeedFn | None:
+    """The budget search's timer: a candidate vs the FP32 reference on this host, at the
+    model's speed batch (the FP32 session is loaded on first use)."""
+    if not options.measure_speed or options.accuracy_budget is None:
+        return None
+    timer: list[SpeedFn] = []
+
+    def speedup(path: Path) -> float | None:
+        if not timer:
+            timer.append(
+                measured_speedup(reference, model.evaluation, speed_batch(model), options.threads)
+            )
+        return timer[0](path)
+
+    return speedup
 
 
 def triton_platform(result: VariantResult, max_batch_size: int = 1) -> dict[str, Any]:

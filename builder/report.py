@@ -10,6 +10,13 @@ def _fmt(value: float | None, spec: str, empty: str = "-") -> str:
     return empty if value is None else format(value, spec)
 
 
+def budget_cell(details: dict) -> str:
+    """'-' without a budget; 'met' or 'NOT MET' for the --accuracy-budget it was built for."""
+    if details.get("accuracy_budget") is None:
+        return "-"
+    return "met" if details.get("budget_met") is not False else "NOT MET"
+
+
 def summary_rows(manifest: Manifest) -> list[dict[str, str]]:
     fp32 = manifest.variants.get("fp32")
     rows = []
@@ -28,6 +35,7 @@ def summary_rows(manifest: Manifest) -> list[dict[str, str]]:
                 "cosine mean": _fmt(q.get("cosine_mean"), ".4f"),
                 "loss (pts)": _fmt(v.details.get("accuracy_loss"), ".2f"),
                 "kept fp32": str(len(v.details.get("fp32_kept_nodes", []))),
+                "budget": budget_cell(v.details),
                 "b1 ms": _fmt(v.speed.get("latency_ms_p50"), ".2f"),
                 "items/s": _fmt(v.speed.get("throughput"), ".0f"),
                 "x fp32": _fmt(v.speed.get("speedup_vs_fp32"), ".2f"),
@@ -54,6 +62,11 @@ def summary(manifest: Manifest) -> str:
         lines.append("note: accuracy figures are not meaningful for this model (random weights).")
     # What INT8 was calibrated and quality judged on stands on its own line ("data: ...").
     lines.extend(n if n.startswith(DATA_NOTE_PREFIX) else f"note: {n}" for n in manifest.notes)
+    lines.extend(
+        f"note: {p} is over budget: {v.details.get('budget_status')}"
+        for p, v in manifest.variants.items()
+        if v.details.get("budget_met") is False
+    )
     speed_batch = next((v.speed.get("batch_size") for v in manifest.variants.values()), None)
     if speed_batch:
         cpu = manifest.host.get("model", "?")

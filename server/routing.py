@@ -203,7 +203,9 @@ class FixedPolicy:
 class AutoPolicy:
     """Fastest variant (manifest ``speed``) whose ``details.accuracy_loss`` is within budget.
 
-    Variants without a recorded loss only qualify when they are fp32 (the reference). Variants
+    A variant the builder marked over its accuracy budget (``details.budget_met`` false, kept
+    by ``--keep-over-budget``) never qualifies, whatever its recorded loss. Variants without a
+    recorded loss only qualify when they are fp32 (the reference). Variants
     without speed data rank after those with it; ties go to the more accurate precision.
     Decided once at start-up from the manifest.
     """
@@ -218,6 +220,8 @@ class AutoPolicy:
         candidates = []
         for precision, variant in model.variants.items():
             loss = variant.record.details.get("accuracy_loss")
+            if variant.record.details.get("budget_met") is False:
+                continue
             if loss is None and precision != "fp32":
                 continue
             if loss is not None and float(loss) > budget:

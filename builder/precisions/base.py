@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -22,6 +23,9 @@ class BuildContext:
     cache_dir: Path  # per-model cache (calibration ranges, ...)
     evaluator: Evaluator  # quality vs FP32 on the evaluation set
     work_dir: Path  # scratch space, removed after the build
+    # Throughput of a candidate file vs FP32 on this host (the budget search's timer); None
+    # when speed is not measured (--no-speed). Tests inject a fake.
+    speedup: Callable[[Path], float | None] | None = None
 
 
 @dataclass

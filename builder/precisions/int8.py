@@ -4,16 +4,16 @@
   (signed/signed is no faster than FP32 there), signed/signed elsewhere.
 - Calibration ranges are cached under the model's cache dir, keyed by a hash of the
   pre-processed model, the calibration data and the method; a rebuild reuses them.
-- Per-layer drift (``onnxruntime.quantization.qdq_loss_debug``) lists the activations with the
-  lowest SQNR vs FP32. With an accuracy budget, the nodes consuming the worst ones stay FP32
-  until the variant is within budget.
+- Per-node error vs FP32 (``builder.drift``) lists the nodes that add the most error. With an
+  accuracy budget, ``builder.budget`` keeps the worst ones FP32 and picks the fastest variant
+  within the budget (or says it is not met).
 """
 
 from __future__ import annotations
 
 import logging
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,11 @@ from builder import hostinfo
 from builder.calibration import DatasetReader, cache_key, ort_method
 from builder.errors import QuantizationError
 from builder.precisions.base import BuildContext, VariantResult
+from builder.precisions.budgeted import build_within_budget
 from builder.sources.base import Dataset, LoadedModel
 
 log = logging.getLogger(__name__)
 
-DRIFT_SAMPLES = 8
 # ONNX Runtime quantization formats; QDQ is the default (OpenVINO and TensorRT read it too).
 # BuildOptions.extra["int8_format"] = "QOperator" asks for QLinear* operators instead.
 FORMATS = ("QDQ", "QOperator")
@@ -34,7 +34,6 @@ TRANSFORMER_NEEDS_BUDGET = (
     "layers FP32): naive static INT8 collapses MiniLM (mean cosine 0.36 to FP32); "
     "int8-dynamic is the transformers' INT8"
 )
-DRIFT_REPORTED = 8
 STANDARD_DOMAINS = {"", "ai.onnx", "com.microsoft", "ai.onnx.ml"}
 
 
@@ -141,56 +140,6 @@ def quantize_static_qdq(
         raise QuantizationError(f"static INT8 quantization failed: {e}") from e
 
 
-def layer_drift(
-    float_path: Path, qdq_path: Path, data: Dataset, work_dir: Path
-) -> list[tuple[str, float]]:
-    """(activation, SQNR dB of the INT8 model's value vs FP32's), worst first."""
-    from onnxruntime.quantization import qdq_loss_debug as qd
-
-    work_dir.mkdir(parents=True, exist_ok=True)
-    aug_float = work_dir / "drift_float.onnx"
-    aug_qdq = work_dir / "drift_qdq.onnx"
-    qd.modify_model_output_intermediate_tensors(str(float_path), str(aug_float))
-    qd.modify_model_output_intermediate_tensors(str(qdq_path), str(aug_qdq))
-    reader = DatasetReader(data, batch_size=1)
-    float_acts = qd.collect_activations(str(aug_float), reader)
-    reader.rewind()
-    qdq_acts = qd.collect_activations(str(aug_qdq), reader)
-    matched = qd.create_activation_matching(qdq_acts, float_acts)
-    errors = qd.compute_activation_error(matched)
-    drift = [(name, float(e["xmodel_err"])) for name, e in errors.items() if "xmodel_err" in e]
-    return sorted(drift, key=lambda t: t[1])
-
-
-def consumers(model_path: Path, tensors: list[str]) -> list[str]:
-    """Names of the nodes that read each tensor, in the order of ``tensors``."""
-    import onnx
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    out: list[str] = []
-    for t in tensors:
-        for node in model.graph.node:
-            if t in node.input and node.name and node.name not in out:
-                out.append(node.name)
-    return out
-
-
-def _doubling(n: int) -> list[int]:
-    """1, 2, 4, ... below n, then n."""
-    sizes, k = [], 1
-    while k < n:
-        sizes.append(k)
-        k *= 2
-    return [*sizes, n] if n else []
-
-
-@dataclass
-class BudgetSearch:
-    kept: list[str] = field(default_factory=list)
-    attempts: list[dict[str, Any]] = field(default_factory=list)
-    met: bool = True
-
-
 class StaticInt8:
     name = "int8"
 
@@ -213,10 +162,10 @@ class StaticInt8:
         cache_hit = cache_path.is_file()
         batch = 1 if ctx.model.max_batch_size == 0 else 8
 
-        def quantize(exclude: list[str]) -> dict[str, Any]:
+        def quantize(exclude: list[str], path: Path) -> None:
             quantize_static_qdq(
                 pre,
-                out_path,
+                path,
                 calib,
                 method=opts.calibration_method,
                 activation_type=types.activation,
@@ -228,31 +177,8 @@ class StaticInt8:
                 calibration_batch=batch,
                 quant_format=quant_format,
             )
-            return ctx.evaluator.quality(out_path)
 
-        quality = quantize([])
-        drift: list[tuple[str, float]] = []
-        try:
-            drift = layer_drift(
-                pre, out_path, ctx.model.evaluation.take(DRIFT_SAMPLES), ctx.work_dir / "drift"
-            )
-        except Exception as e:  # drift is a diagnostic; never fail the build on it
-            log.warning("per-layer drift analysis failed: %s", e)
-
-        search = BudgetSearch()
-        budget = opts.accuracy_budget
-        if budget is not None and float(quality["accuracy_loss"] or 0.0) > budget:
-            ranked = consumers(pre, [name for name, _ in drift])
-            search.met = False
-            for k in _doubling(len(ranked)):
-                exclude = ranked[:k]
-                q = quantize(exclude)
-                search.attempts.append({"kept": k, "accuracy_loss": q["accuracy_loss"]})
-                search.kept, quality = exclude, q
-                if float(q["accuracy_loss"] or 0.0) <= budget:
-                    search.met = True
-                    break
-
+        outcome, diagnostics = build_within_budget(ctx, out_path, pre, quantize, diagnose=True)
         return VariantResult(
             out_path,
             details={
@@ -267,11 +193,7 @@ class StaticInt8:
                 "calibration_data": calib.description or "model source",
                 "calibration_cache": cache_path.name,
                 "calibration_cache_hit": cache_hit,
-                "lowest_sqnr_layers": [
-                    {"tensor": n, "sqnr_db": round(s, 2)} for n, s in drift[:DRIFT_REPORTED]
-                ],
-                "fp32_kept_nodes": search.kept,
-                "budget_met": search.met,
-                "budget_attempts": search.attempts,
+                **diagnostics,
+                **outcome.details(),
             },
         )

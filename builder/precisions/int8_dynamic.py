@@ -1,5 +1,7 @@
 """Dynamic INT8 (weights quantized, activations quantized at run time): the default INT8 for
-transformers, where naive static INT8 collapses accuracy (MiniLM: cosine 0.36 to FP32)."""
+transformers, where naive static INT8 collapses accuracy (MiniLM: cosine 0.36 to FP32).
+With ``--accuracy-budget`` the MatMuls whose quantization adds the most error stay FP32
+(``builder.budget``)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,12 @@ from pathlib import Path
 
 from builder.errors import QuantizationError
 from builder.precisions.base import BuildContext, VariantResult
+from builder.precisions.budgeted import build_within_budget
 from builder.precisions.int8 import check_quantizable, preprocess
 from builder.sources.base import LoadedModel
+
+# The ops quantize_dynamic quantizes by default: the only ones worth keeping in FP32.
+DYNAMIC_OPS = ("MatMul", "Gemm", "Gather", "Attention", "LSTM", "EmbedLayerNormalization")
 
 
 class DynamicInt8:
@@ -23,20 +29,25 @@ class DynamicInt8:
 
         check_quantizable(ctx.fp32_path)
         pre = preprocess(ctx.fp32_path, ctx.work_dir / "int8_dynamic_pre.onnx")
-        try:
-            quantize_dynamic(
-                str(pre),
-                str(out_path),
-                weight_type=QuantType.QInt8,
-                # Per-channel weights: on MiniLM here, mean cosine to FP32 0.992 vs 0.961
-                # per-tensor (200 held-out sentences; see docs/builder.md).
-                per_channel=True,
-                reduce_range=False,
-                # ORT-fused transformer graphs need this (measurements.md).
-                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-            )
-        except Exception as e:
-            raise QuantizationError(f"dynamic INT8 quantization failed: {e}") from e
+
+        def quantize(exclude: list[str], path: Path) -> None:
+            try:
+                quantize_dynamic(
+                    str(pre),
+                    str(path),
+                    weight_type=QuantType.QInt8,
+                    # Per-channel weights: on MiniLM here, mean cosine to FP32 0.992 vs 0.961
+                    # per-tensor (200 held-out sentences; see docs/builder.md).
+                    per_channel=True,
+                    reduce_range=False,
+                    nodes_to_exclude=exclude,
+                    # ORT-fused transformer graphs need this (measurements.md).
+                    extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+                )
+            except Exception as e:
+                raise QuantizationError(f"dynamic INT8 quantization failed: {e}") from e
+
+        outcome, diagnostics = build_within_budget(ctx, out_path, pre, quantize, DYNAMIC_OPS)
         return VariantResult(
             out_path,
             details={
@@ -44,5 +55,7 @@ class DynamicInt8:
                 "weight_type": "QInt8",
                 "per_channel": True,
                 "activations": "runtime U8",
+                **diagnostics,
+                **outcome.details(),
             },
         )
