@@ -47,6 +47,9 @@ class VariantInfo:
     # 100 x (1 - top-1 agreement) for classifiers and 100 x (1 - mean cosine) for embeddings.
     accuracy_loss: float | None = None
     cosine_mean: float | None = None
+    # False when the builder kept the variant although it missed the budget it was built for
+    # (--keep-over-budget): never recommended as within a budget.
+    budget_met: bool | None = None
 
 
 @dataclass
@@ -82,6 +85,7 @@ def variant_info(repository: Path | None, model: str) -> tuple[dict[str, Variant
             accuracy=None if acc is None else 100.0 * acc,
             accuracy_loss=0.0 if p == "fp32" else v.details.get("accuracy_loss"),
             cosine_mean=v.quality.get("cosine_mean"),
+            budget_met=v.details.get("budget_met"),
         )
     return out, m.accuracy_meaningful
 
@@ -194,6 +198,7 @@ def recommendations(results: Sequence[StepResult], info: RunInfo) -> list[str]:
         p
         for p in precs
         if info.variants.get(p) is not None
+        and info.variants[p].budget_met is not False
         and info.variants[p].accuracy_loss is not None
         and info.variants[p].accuracy_loss <= budget  # type: ignore[operator]
     ]

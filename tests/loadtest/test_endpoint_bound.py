@@ -72,3 +72,16 @@ def test_without_server_view_nothing_is_claimed() -> None:
     results = [StepResult("fp32", 1, 1, 100, 0, 1.0, 300.0, 300.0, lat)]
     assert engine_shares(results) == {}
     assert endpoint_bound(results) is None
+
+
+def test_a_variant_kept_over_its_build_budget_is_never_recommended() -> None:
+    results = [
+        _step("fp32", 1, 200, 4.0),
+        _step("fp32", 4, 240, 4.0),
+        _step("int8", 1, 400, 2.0),
+        _step("int8", 4, 480, 2.0),
+    ]
+    info = _info()
+    info.variants["int8"].budget_met = False  # built with --keep-over-budget
+    best = next(x for x in recommendations(results, info) if x.startswith("best within"))
+    assert "**fp32**" in best
