@@ -31,8 +31,9 @@ import functools
 import itertools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -51,6 +52,7 @@ from server.upstreams.base import (
     report_ready,
 )
 
+_T = TypeVar("_T")
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL_S = 1.0  # readiness poll period per replica
@@ -309,35 +311,26 @@ class TritonUpstream:
     async def infer(
         self, variant: Variant, inputs: dict[str, np.ndarray], deadline: float | None
     ) -> dict[str, np.ndarray]:
-        replica = self._pick(variant)
-        if replica is None:
-            raise UpstreamUnavailable(self._unready_reason(variant))
-        try:
-            return await self._call(replica, variant, inputs, deadline)
-        except _ReplicaFailed as first:
-            retry = self._pick(variant, exclude=replica)
-            if retry is None:
-                raise UpstreamUnavailable(
-                    f"variant {variant.name}: replica {replica.address} failed ({first}) "
-                    "and no other replica is ready"
-                ) from None
-            log.info("retrying %s on %s after %s", variant.name, retry.address, first)
-            try:
-                return await self._call(retry, variant, inputs, deadline)
-            except _ReplicaFailed as second:
-                raise UpstreamUnavailable(
-                    f"variant {variant.name}: replicas {replica.address} ({first}) and "
-                    f"{retry.address} ({second}) failed"
-                ) from None
+        return await self._with_retry(
+            variant, lambda replica: self._call(replica, variant, inputs, deadline)
+        )
 
     async def forward(self, variant: Variant, payload: bytes, deadline: float | None) -> bytes:
         """A serialised ModelInferRequest for ``variant`` -> Triton's serialised reply."""
         request = payload + model_name_field(variant.name)
+        return await self._with_retry(
+            variant, lambda replica: self._forward(replica, variant, request, deadline)
+        )
+
+    async def _with_retry(
+        self, variant: Variant, attempt: Callable[[Replica], Awaitable[_T]]
+    ) -> _T:
+        """``attempt`` on the least-loaded ready replica; once more on another when it fails."""
         replica = self._pick(variant)
         if replica is None:
             raise UpstreamUnavailable(self._unready_reason(variant))
         try:
-            return await self._forward(replica, variant, request, deadline)
+            return await attempt(replica)
         except _ReplicaFailed as first:
             retry = self._pick(variant, exclude=replica)
             if retry is None:
@@ -347,7 +340,7 @@ class TritonUpstream:
                 ) from None
             log.info("retrying %s on %s after %s", variant.name, retry.address, first)
             try:
-                return await self._forward(retry, variant, request, deadline)
+                return await attempt(retry)
             except _ReplicaFailed as second:
                 raise UpstreamUnavailable(
                     f"variant {variant.name}: replicas {replica.address} ({first}) and "
