@@ -7,15 +7,12 @@ addresses. Intervals are counted in resolutions (``Discovery.resolutions``), not
 from __future__ import annotations
 
 import socket
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import yaml
-from tritonclient.utils import InferenceServerException
 
 from server.app import ServeOptions
 from server.model_repository import load_manifests
@@ -25,6 +22,7 @@ from server.runner import GatewayProcess, InProcessGateway
 from server.upstreams.base import UpstreamSettings
 from server.upstreams.dns import DnsTritonUpstream
 from tests.triton.conftest import StartTriton
+from tests.triton.load import Load, successes
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -39,47 +37,6 @@ class ListResolver:
 
     async def resolve(self, host: str, port: int) -> list[str]:
         return list(self.ips)
-
-
-class Load:
-    """Clients calling the gateway back to back; records (start, error) per call."""
-
-    def __init__(self, url: str, model: str, clients: int = 2) -> None:
-        self.url, self.model = url, model
-        self.calls: list[tuple[float, str | None]] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
-
-    def _run(self) -> None:
-        client = grpcclient.InferenceServerClient(self.url)
-        x = grpcclient.InferInput("x", [1, 16], "FP32")
-        x.set_data_from_numpy(np.ones((1, 16), np.float32))
-        while not self._stop.is_set():
-            start, error = time.monotonic(), None
-            try:
-                client.infer(self.model, [x], client_timeout=30)
-            except InferenceServerException as e:
-                error = f"{e.status()}: {e.message()}"
-            except Exception as e:
-                error = repr(e)
-            self.calls.append((start, error))
-        client.close()
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(30)
-
-
-def _served(url: str, model: str) -> int:
-    with grpcclient.InferenceServerClient(url) as c:
-        stats = c.get_inference_statistics(model)
-    return stats.model_stats[0].inference_stats.success.count
 
 
 def _shared_port(hosts: list[str]) -> int:
@@ -112,30 +69,35 @@ def test_replicas_join_leave_and_a_dead_address_is_skipped_under_load(
         resolver=resolver,
     )
     options = ServeOptions(tiny_repository, grpc_port=0, http_port=0, metrics_port=0)
-    with InProcessGateway(options, upstream=upstream) as gw, Load(gw.grpc_url, model) as load:
+    with (
+        InProcessGateway(options, upstream=upstream) as gw,
+        Load(gw.grpc_url, model, {"x": np.ones((1, 16), np.float32)}, clients=2) as load,
+    ):
         dead = next(r for r in upstream.replicas if r.address == f"{dead_ip}:{port}")
         assert not dead.reachable and dead.problem  # resolved, nothing listening: unready
         wait_ready(lambda: len(load.calls) >= 100, 60, "steady load")
         # (each Triton may have served a request of its own at start-up: compare with that)
-        assert _served(a.grpc_url, model) > 1 and _served(b.grpc_url, model) > 1
-        c_before = _served(c.grpc_url, model)
+        assert successes(a.grpc_url, model) > 1 and successes(b.grpc_url, model) > 1
+        c_before = successes(c.grpc_url, model)
 
         # a third replica appears in the answer
         before = upstream.discovery.resolutions
         resolver.ips = [a_ip, b_ip, c_ip, dead_ip]
-        wait_ready(lambda: _served(c.grpc_url, model) > c_before, 30, "traffic on the new replica")
+        wait_ready(
+            lambda: successes(c.grpc_url, model) > c_before, 30, "traffic on the new replica"
+        )
         assert upstream.discovery.resolutions - before <= 2
 
         # a replica leaves the answer: it finishes what it has and takes nothing new
         resolver.ips = [b_ip, c_ip, dead_ip]
         gone = next(r for r in upstream.replicas if r.address == f"{a_ip}:{port}")
         wait_ready(lambda: gone.leaving and gone.channel is None, 30, "replica a closed")
-        served_a = _served(a.grpc_url, model)
+        served_a = successes(a.grpc_url, model)
         n = len(load.calls)
         wait_ready(lambda: len(load.calls) >= n + 100, 60, "traffic after the removal")
-        assert _served(a.grpc_url, model) == served_a
+        assert successes(a.grpc_url, model) == served_a
         assert not any(r.address == dead.address and r.reachable for r in upstream.replicas)
-    failed = [call for call in load.calls if call[1] is not None]
+    failed = [call for call in load.calls if call[2] is not None]
     print(f"discovery: {len(load.calls)} calls, {len(failed)} failed")
     assert not failed, failed[:3]
 
@@ -172,7 +134,7 @@ def test_one_logical_model_spans_two_pools_and_falls_back_across_them(
 
     def counts() -> dict[tuple[str, str], int]:
         return {
-            (pool, p): _served(t.grpc_url, name[p])
+            (pool, p): successes(t.grpc_url, name[p])
             for pool, t in (("cpu", cpu), ("gpu", gpu))
             for p in name
         }
@@ -195,5 +157,5 @@ def test_one_logical_model_spans_two_pools_and_falls_back_across_them(
         cpu.kill()  # the int8 pool is down: int8 falls back to fp16 in the other pool
         wait_ready(lambda: not client.is_model_ready(name["int8"]), 15, "int8 unready")
         assert served(client, "int8") == "fp16"
-        assert _served(gpu.grpc_url, name["fp16"]) == after[("gpu", "fp16")] + 1
+        assert successes(gpu.grpc_url, name["fp16"]) == after[("gpu", "fp16")] + 1
         client.close()

@@ -4,7 +4,6 @@ and a replica address with nothing listening."""
 
 from __future__ import annotations
 
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -13,13 +12,13 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
-from tritonclient.utils import InferenceServerException
 
 from server.model_repository import Manifest, load_manifests, samples_path
 from server.process import wait_ready
 from server.runner import GatewayProcess
 from tests.helpers import free_port
 from tests.triton.conftest import StartTriton
+from tests.triton.load import Load, successes
 
 pytestmark = pytest.mark.integration
 
@@ -107,47 +106,6 @@ def test_parity_every_digits_variant_through_triton_equals_embedded(
 
 
 # ---- failover ---------------------------------------------------------------------------------
-class _Load:
-    """Clients sending requests back to back on threads; records (start, end, error) per call."""
-
-    def __init__(self, url: str, model: str, x: np.ndarray, clients: int = 3) -> None:
-        self.url, self.model, self.x = url, model, x
-        self.calls: list[tuple[float, float, str | None]] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
-
-    def _run(self) -> None:
-        client = grpcclient.InferenceServerClient(self.url)
-        while not self._stop.is_set():
-            start = time.monotonic()
-            error = None
-            try:
-                _infer(client, self.model, {"x": self.x})
-            except InferenceServerException as e:
-                error = f"{e.status()}: {e.message()}"
-            except Exception as e:  # recorded, so that the test reports it instead of hanging
-                error = repr(e)
-            with self._lock:
-                self.calls.append((start, time.monotonic(), error))
-        client.close()
-
-    def __enter__(self) -> _Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(30)
-
-
-def _successes(url: str, model: str) -> int:
-    stats = grpcclient.InferenceServerClient(url).get_inference_statistics(model)
-    return stats.model_stats[0].inference_stats.success.count
-
-
 def test_failover_when_a_replica_is_killed_under_load(
     tiny_repository: Path, start_triton: StartTriton
 ) -> None:
@@ -156,10 +114,10 @@ def test_failover_when_a_replica_is_killed_under_load(
     b = start_triton(tiny_repository)
     x = np.random.default_rng(0).normal(size=(1, 16)).astype(np.float32)
     with GatewayProcess(tiny_repository, extra_args=_upstream(a.grpc_url, b.grpc_url)) as gw:
-        with _Load(gw.grpc_url, variant, x) as load:
+        with Load(gw.grpc_url, variant, {"x": x}) as load:
             wait_ready(lambda: len(load.calls) >= 150, 30, "steady load before the kill")
-            served_a_before = _successes(a.grpc_url, variant)
-            assert _successes(b.grpc_url, variant) > 0 and served_a_before > 0  # both balanced
+            served_a_before = successes(a.grpc_url, variant)
+            assert successes(b.grpc_url, variant) > 0 and served_a_before > 0  # both balanced
             killed_at = time.monotonic()
             b.kill()
             wait_ready(
@@ -176,7 +134,7 @@ def test_failover_when_a_replica_is_killed_under_load(
         after = [c for c in calls if c[0] > killed_at]
         print(f"failover: {len(calls)} calls, {len(failed)} failed, {len(after)} after the kill")
         assert len(after) >= 150 and all(c[2] is None for c in after)
-        assert _successes(a.grpc_url, variant) - served_a_before >= len(after)
+        assert successes(a.grpc_url, variant) - served_a_before >= len(after)
         labels = {"upstream": f"triton://{b.grpc_url}", "model": variant}
         assert _metric(gw.metrics_url, "precision_serve_upstream_ready", labels) == 0.0
         labels["upstream"] = f"triton://{a.grpc_url}"
