@@ -192,3 +192,20 @@ def test_workers_path_reports_not_available_without_the_cli_option(
     servers.errors, servers.started = {}, []
     peer_paths.start_peer_paths(servers, [("tiny", "int8")], tiny_repository, [])
     assert servers.started == ["gateway_workers2", "kserve"] and servers.errors == {}
+
+
+def test_kserve_answer_is_checked_against_onnxruntime_not_the_manifest_engine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """KServe's peer runs the file on ONNX Runtime; an OpenVINO-chosen variant rounds differently,
+    so its answer is compared with ONNX Runtime's output, every other path with the manifest's."""
+    from bench import serving
+
+    ort_answer = np.ones((1, 10), dtype=np.float32)
+    manifest_answer = ort_answer + 0.04  # OpenVINO INT8 vs ORT INT8 on digits: ~0.038
+    monkeypatch.setattr(clients, "grpc_call", lambda address, payload: b"")
+    monkeypatch.setattr(clients, "decode_response", lambda raw: ({"y": ort_answer}, {}))
+    t = serving.Target("m", "int8", "m_int8", None, {}, b"", manifest_answer, ort_answer)
+    assert serving._check(t, "addr", "kserve")["ok"] is True
+    gateway = serving._check(t, "addr", "gateway")
+    assert gateway["ok"] is False and gateway["max_abs_diff"] > 0.03
