@@ -125,7 +125,132 @@ def test_index_and_start_up_log_say_why_auto_serves_fp32(repo: Path, tmp_path: P
     _set_source(repo, SYNTHETIC)
     routing = tmp_path / "routing.yaml"
     routing.write_text("models:\n  tiny:\n    policy: auto\n")
-    server = GatewayServer(ServeOptions(repository=repo, routing=routing))
+    server = GatewayServer(ServeOptions(repository=repo, routing=routing, retime="never"))
     rows = {name: reason for name, _, _, reason in server.gateway.index()}
     assert "synthetic" in rows["tiny"] and "serves fp32" in rows["tiny"]
     assert rows["tiny_int8"] == ""  # variant rows keep their own (readiness) reasons
+
+
+# ---- re-timing on this host ---------------------------------------------------------------
+OTHER_HOST = {
+    "model": "Intel(R) Xeon(R) Platinum 8480+ (recorded elsewhere)",
+    "machine": "x86_64",
+    "cores": 224,
+    "flags": ["amx_bf16", "amx_int8", "amx_tile", "avx2", "avx512_bf16", "avx512f"],
+}
+# What the other host "measured": fp16 fastest. On this host tiny_fp16 is made ~100x slower
+# than the others (a heavy graph with the same interface), so its real rank is last.
+RECORDED = {
+    "fp16": {"latency_ms_p50": 0.01, "throughput": 90000.0, "batch_size": 8.0},
+    "int8": {"latency_ms_p50": 0.03, "throughput": 40000.0, "batch_size": 8.0},
+    "fp32": {"latency_ms_p50": 0.05, "throughput": 20000.0, "batch_size": 8.0},
+}
+
+
+def _heavy_onnx(path: Path, layers: int = 24, width: int = 384) -> None:
+    """x [-1, 16] -> logits [-1, 4] through ``layers`` width x width MatMuls."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    shapes = [(16, width), *[(width, width)] * layers, (width, 4)]
+    inits, nodes, prev = [], [], "x"
+    for i, shape in enumerate(shapes):
+        w = (rng.normal(0, 1, shape) / np.sqrt(shape[0])).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        out = "logits" if i == len(shapes) - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [out]))
+        prev = out
+    graph = helper.make_graph(
+        nodes,
+        "heavy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+@pytest.fixture
+def other_host_repo(repo: Path) -> Path:
+    """``repo`` as if built on another CPU: host fields rewritten, recorded speeds swapped so
+    that fp16 looks fastest, and tiny_fp16 really the slowest variant here."""
+    _heavy_onnx(repo / "tiny_fp16" / "1" / "model.onnx")
+    manifest = load_manifests(repo)["tiny"]
+    manifest.host = dict(OTHER_HOST)
+    for precision, v in manifest.variants.items():
+        v.speed = dict(RECORDED[precision])
+    manifest.save(repo)
+    return repo
+
+
+def _start(repo: Path, tmp_path: Path, retime: str) -> GatewayServer:
+    routing = tmp_path / "routing.yaml"
+    routing.write_text("models:\n  tiny:\n    policy: auto\n    accuracy_budget: 100\n")
+    return GatewayServer(ServeOptions(repository=repo, routing=routing, retime=retime))
+
+
+def _gauge(name: str, precision: str, source: str) -> float | None:
+    from prometheus_client import REGISTRY
+
+    labels = {"model": "tiny", "precision": precision, "source": source}
+    return REGISTRY.get_sample_value(f"precision_serve_variant_{name}", labels)
+
+
+def test_gateway_on_another_cpu_retimes_and_auto_follows_this_host(
+    other_host_repo: Path, tmp_path: Path, caplog
+) -> None:
+    with caplog.at_level(logging.INFO, logger="server.retime"):
+        server = _start(other_host_repo, tmp_path, "auto")
+    retimed = {p: _gauge("batch1_latency_seconds", p, "retimed") for p in ("fp32", "fp16", "int8")}
+    assert all(v is not None and v > 0 for v in retimed.values())
+    chosen = server.gateway.router.policies["tiny"].precision
+    assert chosen == min(retimed, key=lambda p: retimed[p])  # this host's fastest, measured
+    assert chosen != "fp16" and retimed["fp16"] > max(retimed["fp32"], retimed["int8"])
+    # the manifest's figures are exported too, and the file is untouched
+    assert _gauge("speed_rows_per_second", "fp16", "manifest") == RECORDED["fp16"]["throughput"]
+    assert _gauge("speed_rows_per_second", "fp16", "retimed") < RECORDED["fp16"]["throughput"]
+    assert load_manifests(other_host_repo)["tiny"].variants["fp16"].speed == RECORDED["fp16"]
+    # one line says what changed: the host difference and the old vs new ranking
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "server.retime"]
+    assert "re-timed tiny" in line and "ranking changed from fp16 < int8 < fp32" in line
+    assert "amx_int8" in line and "cores 224 -> " in line
+
+
+def test_retime_never_ranks_by_the_manifest(other_host_repo: Path, tmp_path: Path) -> None:
+    server = _start(other_host_repo, tmp_path, "never")
+    assert server.gateway.router.policies["tiny"].precision == "fp16"
+
+
+def test_same_host_is_not_retimed_unless_always(other_host_repo: Path, tmp_path: Path) -> None:
+    from server.hostinfo import cpu_info
+
+    manifest = load_manifests(other_host_repo)["tiny"]
+    manifest.host = dict(cpu_info())
+    manifest.save(other_host_repo)
+    assert _start(other_host_repo, tmp_path, "auto").gateway.router.policies["tiny"].precision == (
+        "fp16"
+    )
+    server = _start(other_host_repo, tmp_path, "always")
+    assert server.gateway.router.policies["tiny"].precision != "fp16"
+
+
+def test_triton_upstream_keeps_the_manifest_speeds(other_host_repo: Path, caplog) -> None:
+    from server.retime import retime_repository
+
+    repository = load_repository(other_host_repo)
+    with caplog.at_level(logging.WARNING, logger="server.retime"):
+        (result,) = retime_repository(repository, "auto", "triton://127.0.0.1:8001")
+    assert not result.retimed and "triton" in result.why
+    assert repository.models["tiny"].variants["fp16"].record.speed == RECORDED["fp16"]
+    assert "runs the variants on its own hosts" in caplog.records[0].getMessage()
+
+
+def test_retime_mode_is_checked() -> None:
+    from server.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--retime must be one of auto, always, never"):
+        ServeOptions(repository=Path("."), retime="sometimes")
