@@ -3,10 +3,11 @@
 The manifest's ``speed`` was measured where the model was built. When this host differs from
 the manifest's ``host`` (CPU model, ISA flags, logical cores; ``--retime auto``, the default) or
 always (``--retime always``), each model's servable variants are loaded with their engines and
-timed here on the repository's samples file (``<model>.samples.npz``): a warm-up, then
+timed here on the repository's samples file (``<model>.samples.npz``): a warm-up run, then
 interleaved rounds (the variant order rotates each round, so machine noise hits them alike) of
-batch-1 runs and one run at the manifest's speed batch, until :data:`BUDGET_S` seconds of timing
-per model have passed (at least :data:`MIN_ROUNDS` rounds, at most :data:`MAX_ROUNDS`). The
+batch-1 runs and one run at the manifest's speed batch (smaller where :data:`MIN_ROUNDS` rounds
+would not fit), while the next round fits in :data:`BUDGET_S` seconds per model (at least one
+round, at most :data:`MAX_ROUNDS`). The
 medians replace the variants' ``record.speed`` in memory (the manifest file is not touched);
 what changed is logged (old vs new ranking) and both sets of figures are exported as metrics
 (``precision_serve_variant_speed_rows_per_second`` and ``..._batch1_latency_seconds``, label
@@ -37,8 +38,8 @@ from server.repository import Model, Repository
 log = logging.getLogger(__name__)
 
 RETIME_MODES = ("auto", "always", "never")
-BUDGET_S = 2.0  # seconds of timing rounds per model (after loading and warm-up)
-MIN_ROUNDS = 2
+BUDGET_S = 3.0  # seconds of timing rounds per model (after loading and a warm-up run each)
+MIN_ROUNDS = 2  # the throughput batch shrinks so that this many rounds fit in the budget
 MAX_ROUNDS = 30
 LATENCY_RUNS = 3  # batch-1 runs per variant per round
 DEFAULT_BATCH = 8  # when the manifest records no speed batch
@@ -171,16 +172,23 @@ def _time(
     sessions: Mapping[str, Any], samples: Mapping[str, np.ndarray], batch: int
 ) -> tuple[dict[str, dict[str, float]], int]:
     one = {k: v[:1] for k, v in samples.items()}
+    cost = 0.0  # seconds of one batch-1 run of every variant, after a first (warm-up) run
+    for s in sessions.values():
+        s.run(one)
+        t0 = time.perf_counter()
+        s.run(one)
+        cost += time.perf_counter() - t0
+    batch = _fitting_batch(batch, cost)
     many = {k: v[:batch] for k, v in samples.items()}
     rows = len(next(iter(many.values())))
     lat: dict[str, list[float]] = {p: [] for p in sessions}
     thr: dict[str, list[float]] = {p: [] for p in sessions}
-    for s in sessions.values():  # warm-up
-        s.run(one)
-        s.run(many)
     order = list(sessions)
     started, rounds = time.perf_counter(), 0
-    while rounds < MAX_ROUNDS and (rounds < MIN_ROUNDS or time.perf_counter() - started < BUDGET_S):
+    round_cost = cost * (LATENCY_RUNS + rows)
+    while rounds == 0 or (
+        rounds < MAX_ROUNDS and time.perf_counter() - started + round_cost <= BUDGET_S
+    ):
         for p in order:
             s = sessions[p]
             for _ in range(LATENCY_RUNS):
@@ -192,6 +200,7 @@ def _time(
             thr[p].append(rows / (time.perf_counter() - t0))
         order = order[1:] + order[:1]
         rounds += 1
+        round_cost = (time.perf_counter() - started) / rounds
     speeds = {
         p: {
             "latency_ms_p50": round(1000 * statistics.median(lat[p]), 4),
@@ -204,6 +213,15 @@ def _time(
         for s in speeds.values():
             s["speedup_vs_fp32"] = round(s["throughput"] / speeds["fp32"]["throughput"], 3)
     return speeds, rounds
+
+
+def _fitting_batch(want: int, cost: float) -> int:
+    """The throughput batch: the manifest's, smaller where a round (LATENCY_RUNS batch-1 runs
+    and one batch run of every variant, ~ ``cost`` per row) would not fit twice in the budget."""
+    if cost <= 0:
+        return want
+    fits = int(BUDGET_S / MIN_ROUNDS / cost) - LATENCY_RUNS
+    return max(1, min(want, fits))
 
 
 def _apply(model: Model, result: Retimed) -> None:

@@ -254,3 +254,25 @@ def test_retime_mode_is_checked() -> None:
 
     with pytest.raises(ConfigError, match="--retime must be one of auto, always, never"):
         ServeOptions(repository=Path("."), retime="sometimes")
+
+
+@pytest.mark.integration
+def test_cli_gateway_retimes_and_exports_both_figures(other_host_repo: Path, tmp_path: Path):
+    """The real CLI path: ``precision-serve --retime auto`` (default) on a manifest from another
+    CPU logs the new ranking, serves by it and exports both sets of figures on /metrics."""
+    import urllib.request
+
+    from server.runner import GatewayProcess
+
+    routing = tmp_path / "routing.yaml"
+    routing.write_text("models:\n  tiny:\n    policy: auto\n    accuracy_budget: 100\n")
+    args = ["--routing", str(routing), "--log-level", "INFO"]
+    with GatewayProcess(other_host_repo, extra_args=args) as gw:
+        body = urllib.request.urlopen(gw.metrics_url, timeout=10).read().decode()
+        log = gw.log()
+    assert "re-timed tiny on this host" in log and "ranking changed from fp16" in log
+    wanted = 'precision_serve_variant_batch1_latency_seconds{model="tiny",precision="fp16"'
+    series = [line for line in body.splitlines() if line.startswith(wanted)]
+    assert len(series) == 2
+    assert any('source="manifest"' in line for line in series)
+    assert any('source="retimed"' in line for line in series)
