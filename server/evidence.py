@@ -6,7 +6,8 @@ seeded noise say little about real inputs, so the policies that pick a precision
 (``auto``, ``slo``) call :func:`quality_is_evidence` once per model at start-up: when it says
 no, they serve the reference precision (fp32) and report the reason (start-up log, the
 repository index). The routing file opts in per model or in ``defaults`` with
-``accept_synthetic_quality: true``.
+``accept_synthetic_quality: true``. A policy's ``reason`` attribute, where it has one, is its
+logical model's ``reason`` in the repository index (server/core.py ``Gateway.index``).
 """
 
 from __future__ import annotations
