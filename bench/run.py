@@ -102,7 +102,9 @@ def auto_pick(repository: Path, model: str) -> str | None:
         from server.routing import AutoPolicy, ModelRoute
 
         repo = load_repository(repository)
-        return AutoPolicy(repo.models[model], ModelRoute(policy="auto")).precision
+        policy = AutoPolicy(repo.models[model], ModelRoute(policy="auto"))
+        # e.g. fp32 because the figures were measured on synthetic data (server/evidence.py)
+        return f"{policy.precision} ({policy.reason})" if policy.reason else policy.precision
     except Exception as e:
         return f"(could not decide: {e})"
 

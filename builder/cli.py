@@ -30,6 +30,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calibration-data", type=Path, help="folder of .npy/.npz files or images")
     p.add_argument("--calibration-samples", type=int, default=256)
     p.add_argument(
+        "--eval-data",
+        type=Path,
+        help="folder (or file) of .npz/.npy rows, optional 'labels': every quality figure, the "
+        "--accuracy-budget search and the engine choice are measured on it",
+    )
+    p.add_argument(
         "--accuracy-budget",
         type=float,
         help="max loss vs FP32 in points for every quantized precision: the fastest variant "
@@ -80,6 +86,7 @@ def options_from_args(args: argparse.Namespace):
         calibration_method=args.calibration_method,
         calibration_data=args.calibration_data,
         calibration_samples=args.calibration_samples,
+        eval_data=args.eval_data,
         accuracy_budget=args.accuracy_budget,
         keep_over_budget=args.keep_over_budget,
         force=args.force,

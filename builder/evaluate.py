@@ -11,7 +11,9 @@ from typing import Any
 import numpy as np
 
 from builder.sources.base import Dataset
+from builder.sources.common import is_synthetic
 from server.engines import EngineSession, get_engine
+from server.model_repository import LABELLED, SYNTHETIC, UNLABELLED
 
 EVAL_BATCH = 32
 
@@ -79,6 +81,17 @@ def accuracy_loss(task: str, fp32: Mapping[str, Any], variant: Mapping[str, Any]
             return max(0.0, 100.0 * (fp32["accuracy"] - variant["accuracy"]))
         return 100.0 * (1.0 - float(variant.get("top1_agreement") or 0.0))
     return 100.0 * (1.0 - float(variant.get("cosine_mean") or 0.0))
+
+
+def quality_source(task: str, evaluation: Dataset) -> str:
+    """What the quality figures measured on ``evaluation`` rest on (manifest
+    ``quality_source``): seeded noise, real rows with labels (classifiers: accuracy is
+    measured), or real rows without (agreement and cosine only)."""
+    if is_synthetic(evaluation):
+        return SYNTHETIC
+    if evaluation.labels is not None and task == "classification":
+        return LABELLED
+    return UNLABELLED
 
 
 class Evaluator:

@@ -1,46 +1,15 @@
-"""What this host's CPU can do: recorded in every manifest and used to pick precisions."""
+"""What this host's CPU can do: recorded in every manifest and used to pick precisions.
+
+``cpu_info`` and the flag list live in server/hostinfo.py (the gateway compares its host with
+the manifest's at start-up); the checks below read ``cpu_info`` through this module, so tests
+can patch ``builder.hostinfo.cpu_info``.
+"""
 
 from __future__ import annotations
 
-import functools
-import os
-import platform
-from pathlib import Path
+from server.hostinfo import INTERESTING_FLAGS, cpu_info
 
-# ISA flags that decide which precision/engine is fastest on x86 CPUs.
-INTERESTING_FLAGS = (
-    "avx2",
-    "avx512f",
-    "avx512_vnni",
-    "avx_vnni",
-    "avx512_bf16",
-    "avx512_fp16",
-    "amx_tile",
-    "amx_int8",
-    "amx_bf16",
-)
-
-
-@functools.cache
-def cpu_info() -> dict[str, object]:
-    """CPU model, logical cores and the ISA flags in INTERESTING_FLAGS that this CPU reports."""
-    model = platform.processor() or platform.machine()
-    flags: set[str] = set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "model name" and value.strip():
-                model = value.strip()
-            elif key == "flags":
-                flags = set(value.split())
-    return {
-        "model": model,
-        "machine": platform.machine(),
-        "cores": os.cpu_count() or 1,
-        "flags": sorted(f for f in INTERESTING_FLAGS if f in flags),
-    }
+__all__ = ["INTERESTING_FLAGS", "cpu_info", "has_flag", "supports_bf16", "supports_vnni"]
 
 
 def has_flag(flag: str) -> bool:

@@ -22,6 +22,9 @@ class BuildOptions:
     calibration_method: str = "minmax"
     calibration_data: Path | None = None
     calibration_samples: int = 256
+    # Rows (+ optional labels) every quality figure is measured on: evaluation, the
+    # accuracy-budget search and the engine-choice gate. None: the source's own set.
+    eval_data: Path | None = None
     accuracy_budget: float | None = None  # points of accuracy (see builder.evaluate)
     # Write a variant that misses the budget anyway (labelled in the manifest and summary).
     keep_over_budget: bool = False
@@ -56,3 +59,5 @@ class BuildOptions:
             raise BuildError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if self.calibration_data is not None:
             self.calibration_data = Path(self.calibration_data)
+        if self.eval_data is not None:
+            self.eval_data = Path(self.eval_data)

@@ -12,10 +12,10 @@ from tqdm.auto import tqdm
 from builder import hostinfo
 from builder.budget import SpeedFn
 from builder.cache import calibration_cache_dir
-from builder.calibration import load_calibration_data
+from builder.calibration import load_calibration_data, load_eval_data
 from builder.engine_choice import choose_engine, measure_round_robin
 from builder.errors import BudgetNotMet, BuildError
-from builder.evaluate import EVAL_BATCH, Evaluator
+from builder.evaluate import EVAL_BATCH, Evaluator, quality_source
 from builder.options import BuildOptions
 from builder.precisions import BuildContext, VariantResult, get_precision
 from builder.prepare import optimize_basic
@@ -93,6 +93,9 @@ def _build(spec: str, options: BuildOptions, repo: Path, work: Path) -> Manifest
     model = load_model(spec, work / "source")
     if options.calibration_data is not None:
         model.calibration = load_calibration_data(options.calibration_data, model.inputs)
+    if options.eval_data is not None:  # calibration keeps the calibration rows
+        model.evaluation = load_eval_data(options.eval_data, model.inputs)
+    if options.calibration_data is not None or options.eval_data is not None:
         model.notes = with_data_note(model.notes, model.calibration, model.evaluation)
     precisions = options.precisions or list(model.default_precisions)
     plugins = {p: get_precision(p) for p in precisions}  # unknown names fail before any work
@@ -130,6 +133,8 @@ def _build(spec: str, options: BuildOptions, repo: Path, work: Path) -> Manifest
         name = variant_name(model.name, precision)
         if not options.force and _existing(old, repo, precision):
             log.info("%s exists; kept (use --force to rebuild)", name)
+            if options.eval_data is not None:
+                log.warning("%s kept: its quality figures are not from --eval-data (--force)", name)
             continue
         reason = plugins[precision].skip_reason(model, options)
         if reason:
@@ -265,6 +270,7 @@ def _build_variant(
         engine_options=result.engine_options,
         size_bytes=(repo / name / "1" / out_file.name).stat().st_size,
         quality=quality,
+        quality_source=quality_source(model.task, model.evaluation),
         details=details,
         build_seconds=round(time.perf_counter() - started, 2),
     )

@@ -55,9 +55,19 @@ def format_table(rows: list[dict[str, str]]) -> str:
     return "\n".join([line, sep, *body])
 
 
+def quality_source_line(manifest: Manifest) -> str:
+    """Where the quality figures came from (manifest ``quality_source``), e.g.
+    ``quality measured on: labelled data (fp32, int8); synthetic (fp16)``."""
+    groups: dict[str, list[str]] = {}
+    for precision in manifest.variants:
+        groups.setdefault(manifest.quality_source(precision), []).append(precision)
+    parts = [f"{source} ({', '.join(ps)})" for source, ps in groups.items()]
+    return f"quality measured on: {'; '.join(parts) or '-'}"
+
+
 def summary(manifest: Manifest) -> str:
     head = f"{manifest.model} ({manifest.task}, source {manifest.source})"
-    lines = [head, format_table(summary_rows(manifest))]
+    lines = [head, format_table(summary_rows(manifest)), quality_source_line(manifest)]
     if not manifest.accuracy_meaningful and not any("not meaningful" in n for n in manifest.notes):
         lines.append("note: accuracy figures are not meaningful for this model (random weights).")
     # What INT8 was calibrated and quality judged on stands on its own line ("data: ...").

@@ -27,6 +27,7 @@ from server.grpc_service import start_grpc_server
 from server.http_app import start_http_server
 from server.model_repository import RepositoryError, atomic_write_text
 from server.repository import load_repository
+from server.retime import check_mode, retime_repository
 from server.routing import Router, load_routing
 from server.upstreams.base import Upstream, UpstreamSettings, create_upstream
 from server.upstreams.pools import create_pooled_upstream
@@ -51,6 +52,7 @@ class ServeOptions:
     tls_key: Path | None = None
     auth_token: str | None = None
     threads: int = 0
+    retime: str = "auto"  # re-time variants on this host before auto ranks them (retime.py)
     grace_s: float = 10.0
     # started by ``--workers`` (server/workers.py): bind the shared ports with SO_REUSEPORT and
     # leave /metrics to the supervisor
@@ -67,6 +69,7 @@ class ServeOptions:
             raise ConfigError(f"--max-request-bytes must be >= 1024, got {self.max_request_bytes}")
         if self.threads < 0:
             raise ConfigError(f"--threads must be >= 0, got {self.threads}")
+        check_mode(self.retime)
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -87,6 +90,9 @@ class GatewayServer:
         self.options = options
         repository = load_repository(options.repository)
         routing = load_routing(options.routing)
+        # this host's speeds before auto ranks (server/retime.py; only embedded is timed)
+        upstream_kind = "pools" if routing.pools else options.upstream
+        retime_repository(repository, options.retime, upstream_kind, options.threads)
         router = Router(repository, routing)
         if upstream is None:
             settings = UpstreamSettings(threads=options.threads)

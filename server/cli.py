@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="bearer token required on inference calls (env PRECISION_SERVE_AUTH_TOKEN)",
     )
     p.add_argument("--threads", type=int, default=0, help="intra-op threads per session (0=auto)")
+    p.add_argument(
+        "--retime",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="re-time the variants on this host before auto ranks them: auto (when this host "
+        "differs from the manifest's build host), always, never",
+    )
     p.add_argument("--grace", type=float, default=10.0, help="seconds to drain on SIGTERM")
     p.add_argument(
         "--workers",
@@ -111,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             tls_key=args.tls_key,
             auth_token=args.auth_token or None,
             threads=args.threads,
+            retime=args.retime,
             grace_s=args.grace,
             worker=args.worker,
         )
@@ -130,7 +138,7 @@ def _supervise(args: argparse.Namespace) -> int:
     worker_args = ["--repository", str(args.repository), "--upstream", args.upstream]
     worker_args += ["--max-request-bytes", str(args.max_request_bytes)]
     worker_args += ["--threads", str(args.threads), "--log-level", args.log_level]
-    worker_args += ["--loop", args.loop]
+    worker_args += ["--loop", args.loop, "--retime", args.retime]
     if args.routing:
         worker_args += ["--routing", str(args.routing)]
     if args.tls_cert or args.tls_key:

@@ -198,7 +198,9 @@ class Gateway:
         rows = []
         for model in self.repository.models.values():
             ok = self._started and self._model_ready(model)
-            rows.append((model.name, "1", "READY" if ok else "UNAVAILABLE", ""))
+            # the policy's note, e.g. why auto serves fp32 (server/evidence.py)
+            note = getattr(self.router.policies[model.name], "reason", "")
+            rows.append((model.name, "1", "READY" if ok else "UNAVAILABLE", note))
             for v in model.variants.values():
                 ok = self._started and self.upstream.ready(v)
                 reason = (

@@ -91,6 +91,21 @@ UPSTREAM_READY = Gauge(
     multiprocess_mode="livemin",  # --workers: 1 only when every live worker can
 )
 
+# The speed figures auto ranks variants by (server/retime.py): the manifest's, and where this
+# host differs from the build host, the ones re-timed here at start-up.
+VARIANT_SPEED = Gauge(
+    "precision_serve_variant_speed_rows_per_second",
+    "Variant throughput at its speed batch: source=manifest (build host) or retimed (this host).",
+    ["model", "precision", "source"],
+    multiprocess_mode="livemax",
+)
+VARIANT_LATENCY = Gauge(
+    "precision_serve_variant_batch1_latency_seconds",
+    "Variant batch-1 p50 latency: source=manifest (build host) or retimed (this host).",
+    ["model", "precision", "source"],
+    multiprocess_mode="livemax",
+)
+
 
 class Children:
     """A metric's labelled children, bound once per label tuple (``.labels()`` costs a lock, a
@@ -114,3 +129,5 @@ upstream_duration = Children(UPSTREAM_DURATION)  # (model, precision)
 inflight = Children(INFLIGHT)  # (model,)
 batch_size = Children(BATCH_SIZE)  # (model, precision)
 routing_decisions = Children(ROUTING_DECISIONS)  # (model, precision, policy)
+variant_speed = Children(VARIANT_SPEED)  # (model, precision, source)
+variant_latency = Children(VARIANT_LATENCY)  # (model, precision, source)

@@ -8,6 +8,7 @@ for a variant name (``digits_int8``) bypasses routing entirely. See docs/gateway
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.errors import ConfigError, ModelNotFound
+from server.evidence import quality_is_evidence
 from server.plugins import PluginRegistry
 from server.repository import PRECISION_ORDER, Model, Repository
+
+log = logging.getLogger(__name__)
 
 # Least to most accurate: a request whose variant is unready moves right along this chain.
 DEFAULT_FALLBACK = ["int8", "int8-dynamic", "fp16", "bf16", "fp32"]
@@ -44,6 +48,7 @@ class _ModelFile(BaseModel):
     precision: str | None = None
     weights: dict[str, float] | None = None
     accuracy_budget: float | None = Field(None, ge=0.0)
+    accept_synthetic_quality: bool | None = None  # auto/slo: route on figures from noise
     shadow: _ShadowFile | None = None
     fallback: list[str] | None = None
     precision_pools: dict[str, str] | None = None  # precision -> pool name
@@ -66,6 +71,9 @@ class ModelRoute:
     precision: str | None = None  # fixed: the precision; shadow: the served one
     weights: dict[str, float] = field(default_factory=dict)
     accuracy_budget: float | None = None
+    # auto/slo route on quality figures measured on synthetic data only when this is set
+    # (server/evidence.py); otherwise they serve the reference precision and say why.
+    accept_synthetic_quality: bool = False
     shadow_reference: str = "fp32"
     shadow_fraction: float = DEFAULT_SHADOW_FRACTION
     fallback: list[str] = field(default_factory=lambda: list(DEFAULT_FALLBACK))
@@ -105,6 +113,7 @@ def _merge(defaults: _ModelFile, own: _ModelFile) -> ModelRoute:
         precision=pick("precision"),
         weights=dict(pick("weights") or {}),
         accuracy_budget=pick("accuracy_budget"),
+        accept_synthetic_quality=bool(pick("accept_synthetic_quality")),
         shadow_reference=shadow.reference,
         shadow_fraction=shadow.fraction,
         fallback=list(pick("fallback") or DEFAULT_FALLBACK),
@@ -207,7 +216,10 @@ class AutoPolicy:
     by ``--keep-over-budget``) never qualifies, whatever its recorded loss. Variants without a
     recorded loss only qualify when they are fp32 (the reference). Variants
     without speed data rank after those with it; ties go to the more accurate precision.
-    Decided once at start-up from the manifest.
+    Decided once at start-up from the manifest (speeds re-timed on this host where it differs
+    from the build host, server/retime.py). Quality figures measured on synthetic data are
+    not routed on unless the route accepts them (server/evidence.py): then the reference
+    precision is served and ``reason`` says why.
     """
 
     name = "auto"
@@ -217,6 +229,11 @@ class AutoPolicy:
         if budget is None:
             budget = DEFAULT_BUDGET_POINTS
         self.budget = budget
+        evidence, self.reason = quality_is_evidence(model, route)
+        if not evidence:
+            log.warning("routing: %s", self.reason)
+            self.precision = self.default_precision = model.precisions()[0]
+            return
         candidates = []
         for precision, variant in model.variants.items():
             loss = variant.record.details.get("accuracy_loss")

@@ -37,13 +37,14 @@ def data_note(calibration: Dataset, evaluation: Dataset) -> str | None:
             f"{DATA_NOTE_PREFIX}synthetic (seeded random noise, not real inputs): INT8 is "
             "calibrated, and every variant's quality (agreement, cosine) is measured, on it, so "
             "INT8 scales and quality figures are only indicative; --calibration-data DIR "
-            "calibrates on real data"
+            "calibrates, and --eval-data DIR judges quality, on real data"
         )
     if evaluation_noise:
         return (
             f"{DATA_NOTE_PREFIX}INT8 is calibrated on {calibration.description or 'given data'}, "
             "but every variant's quality (agreement, cosine) is measured on synthetic data "
-            "(seeded random noise, not real inputs), so quality figures are only indicative"
+            "(seeded random noise, not real inputs), so quality figures are only indicative; "
+            "--eval-data DIR judges quality on real data"
         )
     if calibration_noise:
         return (

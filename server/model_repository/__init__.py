@@ -22,7 +22,11 @@ from server.model_repository.errors import (
     SchemaVersionError,
 )
 from server.model_repository.manifest import (
+    LABELLED,
+    QUALITY_SOURCES,
     SCHEMA_VERSION,
+    SYNTHETIC,
+    UNLABELLED,
     Manifest,
     TensorSpec,
     VariantRecord,
@@ -52,11 +56,15 @@ from server.model_repository.triton_config import (
 
 __all__ = [
     "CONFIG_NAME",
+    "LABELLED",
     "MANIFEST_SUFFIX",
     "MODEL_FILENAME",
+    "QUALITY_SOURCES",
     "SAMPLES_LABELS_KEY",
     "SAMPLES_SUFFIX",
     "SCHEMA_VERSION",
+    "SYNTHETIC",
+    "UNLABELLED",
     "VERSION",
     "ConfigFileError",
     "DtypeError",

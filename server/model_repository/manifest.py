@@ -13,7 +13,7 @@ import dataclasses
 import json
 from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 from pydantic.dataclasses import dataclass
@@ -23,6 +23,13 @@ from server.model_repository.errors import ManifestError, RepositoryError, Schem
 from server.model_repository.naming import MANIFEST_SUFFIX, manifest_path
 
 SCHEMA_VERSION = 1
+
+# Where a variant's quality figures (``quality``, ``details.accuracy_loss``) were measured.
+LABELLED = "labelled data"  # real rows with labels: accuracy vs FP32 is measured
+UNLABELLED = "user data without labels"  # real rows (the user's or a demo's own), no labels
+SYNTHETIC = "synthetic"  # seeded noise: agreement on inputs no user sends
+QualitySource = Literal["labelled data", "user data without labels", "synthetic"]
+QUALITY_SOURCES: tuple[str, ...] = (LABELLED, UNLABELLED, SYNTHETIC)
 
 _STRICT = pydantic.ConfigDict(extra="forbid")
 
@@ -53,6 +60,9 @@ class VariantRecord:
     # Quality vs the FP32 reference on the evaluation set:
     # accuracy (where labels exist), top1_agreement, cosine_mean, cosine_min, max_abs_error.
     quality: dict[str, float | None] = field(default_factory=dict)
+    # What ``quality`` was measured on (QUALITY_SOURCES); None in manifests written before the
+    # field existed: Manifest.quality_source infers it.
+    quality_source: QualitySource | None = None
     # Speed on the build host: latency_ms_p50 (batch 1), throughput (items/s at speed_batch).
     speed: dict[str, float] = field(default_factory=dict)
     # How the variant was made: calibration method/samples, quant types, blocked ops, kept nodes...
@@ -78,6 +88,28 @@ class Manifest:
     host: dict[str, Any] = field(default_factory=dict)
     variants: dict[str, VariantRecord] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+
+    def quality_source(self, precision: str) -> str:
+        """Where ``precision``'s quality figures came from (one of QUALITY_SOURCES).
+
+        Manifests written before ``VariantRecord.quality_source`` existed are read by what they
+        do record: a ``data:`` note saying quality was measured on synthetic data, or an
+        ``onnx:`` source (whose evaluation could only be seeded noise then), reads as synthetic;
+        a recorded accuracy as labelled data; anything else as real data without labels (the
+        builder has noted every synthetic evaluation set since it recorded the data at all).
+        """
+        record = self.variants[precision]
+        if record.quality_source is not None:
+            return record.quality_source
+        noise_note = any(
+            n.startswith("data: synthetic (") or "measured on synthetic data" in n
+            for n in self.notes
+        )
+        if noise_note or self.source.startswith("onnx:"):
+            return SYNTHETIC
+        if record.quality.get("accuracy") is not None:
+            return LABELLED
+        return UNLABELLED
 
     # ---- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 ``tiny_repository`` (tests/conftest.py) is the tiny classifier built by the real pipeline into
 fp32/fp16/int8. ``routing_repo`` is a copy whose manifest gets fixed speed / accuracy-loss
-records, so the ``auto`` policy has a known answer. ``gateway`` is one gateway subprocess shared
+records (and labelled-data provenance, so the figures count as evidence), so the ``auto``
+policy has a known answer. ``gateway`` is one gateway subprocess shared
 by a test module.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.model_repository import load_manifests
+from server.model_repository import LABELLED, load_manifests
 from server.runner import GatewayProcess
 
 # speed (ms) and accuracy loss (points) written into routing_repo's manifest
@@ -34,6 +35,7 @@ def routing_repo(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory
     for precision, v in manifest.variants.items():
         v.speed = {"latency_ms_p50": SPEED[precision]}
         v.details["accuracy_loss"] = LOSS[precision]
+        v.quality_source = LABELLED
     manifest.save(repo)
     return repo
 
