@@ -275,7 +275,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_handled
     async def CudaSharedMemoryUnregister(self, request, context):
-        raise cuda_unsupported("CudaSharedMemoryUnregister")
+        """Nothing to unregister, so done (perf_analyzer's clean-up after any shm run calls it)."""
+        return pb.CudaSharedMemoryUnregisterResponse()
 
     @_handled
     async def CudaSharedMemoryStatus(self, request, context):

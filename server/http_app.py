@@ -356,6 +356,8 @@ async def shm_status(request: web.Request) -> web.Response:
 
 
 async def cuda_shm(request: web.Request) -> web.Response:
+    if request.method == "POST" and request.path.endswith("/unregister"):
+        return web.json_response({})  # none registered: done (perf_analyzer's clean-up)
     raise cuda_unsupported(request.path)
 
 

@@ -130,12 +130,15 @@ def _raw(arr: np.ndarray) -> memoryview | bytes:
 class SystemSharedMemory:
     """The registered system shared memory regions of one gateway."""
 
-    def __init__(self, directory: Path = SHM_DIR) -> None:
+    def __init__(self, directory: Path = SHM_DIR, refuse: str | None = None) -> None:
         self.directory = Path(directory)
+        self.refuse = refuse  # why registering is refused here (``--workers``), or None
         self._regions: dict[str, Region] = {}
 
     # ---- the extension's calls ---------------------------------------------------------------
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        if self.refuse:
+            raise Unsupported(f"cannot register shared memory region {name!r}: {self.refuse}")
         if not name:
             raise InvalidInput("a shared memory region needs a name")
         if name in self._regions:

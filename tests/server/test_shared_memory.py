@@ -8,6 +8,7 @@ regions (unique keys) and unregisters them.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import uuid
 
 import numpy as np
@@ -19,6 +20,7 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
 from server.runner import GatewayProcess
+from tests.helpers import skip_or_fail
 from tests.server.conftest import ort_outputs, rows
 
 pytestmark = pytest.mark.integration
@@ -220,12 +222,23 @@ def test_registration_errors_as_triton(gw, regions):
 
 def test_cuda_shared_memory_is_unimplemented_naming_system_shared_memory(gw):
     client = grpcclient.InferenceServerClient(gw.grpc_url)
-    e = _grpc_error(lambda: client.get_cuda_shared_memory_status())
-    assert _code(e) == "StatusCode.UNIMPLEMENTED" and "system shared memory" in e.message()
     http = httpclient.InferenceServerClient(gw.http_url)
-    with pytest.raises(InferenceServerException, match="system shared memory") as he:
-        http.get_cuda_shared_memory_status()
-    assert he.value.status() == "501"
+    for call in (
+        lambda: client.get_cuda_shared_memory_status(),
+        lambda: client.register_cuda_shared_memory("c", b"aGFuZGxl", 0, 64),
+    ):
+        e = _grpc_error(call)
+        assert _code(e) == "StatusCode.UNIMPLEMENTED" and "system shared memory" in e.message()
+    for call in (
+        lambda: http.get_cuda_shared_memory_status(),
+        lambda: http.register_cuda_shared_memory("c", b"aGFuZGxl", 0, 64),
+    ):
+        with pytest.raises(InferenceServerException, match="system shared memory") as he:
+            call()
+        assert he.value.status() == "501"
+    # nothing can be registered, so unregistering is done (perf_analyzer's clean-up relies on it)
+    client.unregister_cuda_shared_memory()
+    http.unregister_cuda_shared_memory()
 
 
 def test_server_metadata_lists_system_shared_memory(gw):
@@ -233,3 +246,54 @@ def test_server_metadata_lists_system_shared_memory(gw):
     http_ext = httpclient.InferenceServerClient(gw.http_url).get_server_metadata()["extensions"]
     assert "system_shared_memory" in grpc_ext and "system_shared_memory" in http_ext
     assert "cuda_shared_memory" not in grpc_ext and list(grpc_ext) == list(http_ext)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_perf_analyzer_with_system_shared_memory(gw, tmp_path, protocol):
+    from bench.peers import PeerError, perf_analyzer
+
+    try:
+        binary = perf_analyzer.binary()
+    except PeerError as e:
+        skip_or_fail(str(e))
+    client = grpcclient.InferenceServerClient(gw.grpc_url)
+
+    def counts():
+        [s] = client.get_inference_statistics("tiny_int8").model_stats
+        return s.inference_stats.success.count, s.inference_stats.fail.count
+
+    before = counts()
+    report = tmp_path / "report.csv"
+    url = gw.grpc_url if protocol == "grpc" else gw.http_url
+    # -x 1 until perf_analyzer's default (latest) version resolves against the gateway
+    cmd = [
+        str(binary), "-m", "tiny_int8", "-x", "1", "-u", url, "-i", protocol,
+        "--shared-memory", "system", "--concurrency-range", "1", "-p", "500",
+        "-s", "1000", "-r", "6", "-f", str(report),
+    ]  # fmt: skip
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, env=perf_analyzer.environment()
+    )
+    said = done.stdout[-1500:] + done.stderr[-1500:]
+    assert done.returncode == 0, said
+    assert "error" not in said.lower() and "unable" not in said.lower(), said
+    [row] = perf_analyzer.parse_csv(report.read_text())
+    assert row["rps"] > 0
+    success, fail = counts()
+    assert success > before[0] and fail == before[1]
+    # it unregistered its regions when done
+    assert not client.get_system_shared_memory_status(as_json=True).get("regions")
+
+
+def test_workers_refuse_registration_naming_the_option(tiny_repository, regions):
+    from server.app import ServeOptions
+    from server.runner import InProcessGateway
+
+    key, _ = regions("w", 64)
+    options = ServeOptions(
+        repository=tiny_repository, grpc_port=0, http_port=0, metrics_port=0, worker=True
+    )
+    with InProcessGateway(options) as g:
+        client = grpcclient.InferenceServerClient(g.grpc_url)
+        e = _grpc_error(lambda: client.register_system_shared_memory("w", key, 64))
+        assert _code(e) == "StatusCode.UNIMPLEMENTED" and "--workers 1" in e.message()
