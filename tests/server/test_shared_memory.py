@@ -297,3 +297,25 @@ def test_workers_refuse_registration_naming_the_option(tiny_repository, regions)
         client = grpcclient.InferenceServerClient(g.grpc_url)
         e = _grpc_error(lambda: client.register_system_shared_memory("w", key, 64))
         assert _code(e) == "StatusCode.UNIMPLEMENTED" and "--workers 1" in e.message()
+
+
+def test_shared_memory_calls_need_the_bearer_token(tiny_repository, regions):
+    from server.app import ServeOptions
+    from server.runner import InProcessGateway
+
+    key, _ = regions("auth", 64)
+    options = ServeOptions(
+        repository=tiny_repository, grpc_port=0, http_port=0, metrics_port=0, auth_token="s3cret"
+    )
+    with InProcessGateway(options) as g:
+        client = grpcclient.InferenceServerClient(g.grpc_url)
+        http = httpclient.InferenceServerClient(g.http_url)
+        e = _grpc_error(lambda: client.register_system_shared_memory("auth", key, 64))
+        assert _code(e) == "StatusCode.UNAUTHENTICATED"
+        with pytest.raises(InferenceServerException) as he:
+            http.get_system_shared_memory_status()
+        assert he.value.status() == "401"
+        token = {"authorization": "Bearer s3cret"}
+        client.register_system_shared_memory("auth", key, 64, headers=token)
+        [status] = http.get_system_shared_memory_status(headers=token)
+        assert status["name"] == "auth"
