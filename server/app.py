@@ -109,6 +109,8 @@ class GatewayServer:
         self.gateway = Gateway(
             repository, router, upstream, options.max_request_bytes, options.auth_token
         )
+        if options.worker:  # a region registered with one worker would be unknown to the others
+            self.gateway.shared_memory.refuse = "system shared memory needs --workers 1"
         self.ports: dict[str, int] = {}
         self._grpc: grpc.aio.Server | None = None
         self._runners: list[web.AppRunner] = []

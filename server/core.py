@@ -29,6 +29,7 @@ from server.errors import (
 )
 from server.repository import Model, Repository, TensorInfo, Variant
 from server.routing import Decision, Router
+from server.shared_memory import SystemSharedMemory
 from server.tensors import WireTensor, decode
 from server.upstreams.base import Upstream, UpstreamUnavailable
 
@@ -116,6 +117,7 @@ class Gateway:
         self.forwards = callable(getattr(upstream, "forward", None))
         self._started = False
         self._draining = False
+        self.shared_memory = SystemSharedMemory()  # Triton's system shared memory regions
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -131,6 +133,7 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*self._shadow_tasks, return_exceptions=True)
         await self.upstream.close()
+        self.shared_memory.close()
 
     # ---- health and metadata ------------------------------------------------------------------
     def live(self) -> bool:

@@ -10,7 +10,7 @@ import functools
 import importlib.metadata
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 import grpc
@@ -20,7 +20,9 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from server.core import PRECISION_HEADER, Gateway, InferRequest, InferResponse, ModelView
-from server.errors import GatewayError, InvalidInput
+from server.errors import GatewayError, InvalidInput, Unsupported
+from server.extensions import EXTENSIONS
+from server.shared_memory import REGION, SystemSharedMemory, TensorRef, cuda_unsupported, tensor_ref
 from server.tensors import WireTensor, datatype_of, encode_raw
 
 log = logging.getLogger(__name__)
@@ -35,8 +37,6 @@ def server_version() -> str:
     except importlib.metadata.PackageNotFoundError:
         return "0"
 
-
-EXTENSIONS = ["model_configuration", "statistics", "binary_tensor_data", "parameters"]
 
 # KServe datatype -> InferTensorContents field for typed (non-raw) contents.
 _CONTENTS_FIELD = {
@@ -81,17 +81,37 @@ def _param_value(p: pb.InferParameter) -> Any:
     return getattr(p, kind) if kind else None
 
 
-def _wire_tensors(request: pb.ModelInferRequest) -> list[WireTensor]:
-    raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidInput(
-            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs"
-        )
-    out = []
+def _shm_inputs(
+    request: pb.ModelInferRequest, shm: SystemSharedMemory | None
+) -> dict[int, WireTensor]:
+    """Inputs in system shared memory, by position (server/shared_memory.py)."""
+    found = {}
     for i, t in enumerate(request.inputs):
+        if t.parameters and (ref := tensor_ref("input", t.name, _params(t.parameters))):
+            if shm is None:
+                raise Unsupported(f"input {t.name!r}: shared memory is not available here")
+            found[i] = shm.input_tensor(t.name, t.datatype, [int(d) for d in t.shape], ref)
+    return found
+
+
+def _wire_tensors(
+    request: pb.ModelInferRequest, shm: SystemSharedMemory | None = None
+) -> list[WireTensor]:
+    in_shm = _shm_inputs(request, shm)
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) + len(in_shm) != len(request.inputs):
+        raise InvalidInput(
+            f"raw_input_contents has {len(raw)} entries for "
+            f"{len(request.inputs) - len(in_shm)} inputs not in shared memory"
+        )
+    out, raws = [], iter(raw)
+    for i, t in enumerate(request.inputs):
+        if i in in_shm:
+            out.append(in_shm[i])
+            continue
         wt = WireTensor(name=t.name, datatype=t.datatype, shape=[int(d) for d in t.shape])
         if raw:
-            wt.raw = raw[i]
+            wt.raw = next(raws)
         else:
             field = _CONTENTS_FIELD.get(t.datatype)
             if field is None:
@@ -101,6 +121,14 @@ def _wire_tensors(request: pb.ModelInferRequest) -> list[WireTensor]:
             wt.values = list(getattr(t.contents, field))
         out.append(wt)
     return out
+
+
+def _params(params: Any) -> dict[str, Any]:
+    return {k: _param_value(v) for k, v in params.items()}
+
+
+def _uses_shm(request: pb.ModelInferRequest, out_shm: Collection[str]) -> bool:
+    return bool(out_shm) or any(REGION in t.parameters for t in request.inputs)
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
@@ -189,12 +217,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidInput(f"malformed ModelInferRequest: {e}") from None
         remaining = context.time_remaining()
         params = request.parameters
-        forward = self.gateway.forwards
+        shm = self.gateway.shared_memory
+        out_shm = _shm_outputs(request, shm)
+        # shared memory is this host's: such requests are decoded here, never passed through
+        forward = self.gateway.forwards and not _uses_shm(request, out_shm)
         infer = InferRequest(
             model=request.model_name,
             version=request.model_version,
             id=request.id,
-            inputs=[] if forward else _wire_tensors(request),
+            inputs=[] if forward else _wire_tensors(request, shm),
             outputs=[o.name for o in request.outputs] or None,
             parameters={k: _param_value(v) for k, v in params.items()} if params else {},
             headers=_metadata(context),
@@ -204,12 +235,59 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if forward:
             infer.payload = data
             infer.rows = _batch_rows(request)
-            infer.decode_inputs = functools.partial(_wire_tensors, request)
+            infer.decode_inputs = functools.partial(_wire_tensors, request, shm)
         response = await self.gateway.infer(infer)
+        shm.write_outputs(response.outputs, out_shm)
         await context.send_initial_metadata(((PRECISION_HEADER, response.precision),))
         if response.raw is not None:
             return response.raw + _precision_parameter(response.precision)
-        return infer_response_bytes(response)
+        return infer_response_bytes(response, in_shm=out_shm)
+
+    # ---- system shared memory (server/shared_memory.py); CUDA shared memory: UNIMPLEMENTED ----
+    @_handled
+    async def SystemSharedMemoryRegister(self, request, context):
+        self.gateway.authorize(_metadata(context))
+        self.gateway.shared_memory.register(
+            request.name, request.key, request.offset, request.byte_size
+        )
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @_handled
+    async def SystemSharedMemoryUnregister(self, request, context):
+        self.gateway.authorize(_metadata(context))
+        self.gateway.shared_memory.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @_handled
+    async def SystemSharedMemoryStatus(self, request, context):
+        self.gateway.authorize(_metadata(context))
+        status = pb.SystemSharedMemoryStatusResponse.RegionStatus
+        return pb.SystemSharedMemoryStatusResponse(
+            regions={
+                r.name: status(name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size)
+                for r in self.gateway.shared_memory.status(request.name)
+            }
+        )
+
+    @_handled
+    async def CudaSharedMemoryRegister(self, request, context):
+        raise cuda_unsupported("CudaSharedMemoryRegister")
+
+    @_handled
+    async def CudaSharedMemoryUnregister(self, request, context):
+        """Nothing to unregister, so done (perf_analyzer's clean-up after any shm run calls it)."""
+        return pb.CudaSharedMemoryUnregisterResponse()
+
+    @_handled
+    async def CudaSharedMemoryStatus(self, request, context):
+        raise cuda_unsupported("CudaSharedMemoryStatus")
+
+
+def _shm_outputs(request: pb.ModelInferRequest, shm: SystemSharedMemory) -> dict[str, TensorRef]:
+    """Requested outputs to write into shared memory, their regions checked up front."""
+    if not any(o.parameters for o in request.outputs):
+        return {}
+    return shm.output_refs((o.name, _params(o.parameters)) for o in request.outputs)
 
 
 def _batch_rows(request: pb.ModelInferRequest) -> int:
@@ -247,16 +325,17 @@ def _prefix(model_name: str, version: str, precision: str) -> bytes:
     return head
 
 
-def infer_response_bytes(r: InferResponse) -> bytes:
+def infer_response_bytes(r: InferResponse, in_shm: Collection[str] = ()) -> bytes:
     """A serialised ``ModelInferResponse``, built from parts (protobuf concatenation = merge):
     the output tensors' bytes are copied once, into the reply, instead of into a raw array,
-    then into the message, then into its serialisation."""
+    then into the message, then into its serialisation. Outputs ``in_shm`` (written to shared
+    memory) get metadata and an empty raw entry, as Triton sends them."""
     meta = pb.ModelInferResponse(id=r.id)
     parts: list[Any] = [_prefix(r.model_name, r.model_version, r.precision), b""]
     for name, arr in r.outputs.items():
         arr = np.asarray(arr)
         meta.outputs.add(name=name, datatype=datatype_of(arr), shape=arr.shape)
-        data = _raw_view(arr)
+        data = memoryview(b"") if name in in_shm else _raw_view(arr)
         parts += (_RAW_OUTPUT_TAG, _varint(data.nbytes), data)
     parts[1] = meta.SerializeToString()
     return b"".join(parts)

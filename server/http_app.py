@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import ssl
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -16,8 +17,10 @@ from aiohttp import web
 from google.protobuf import json_format
 
 from server.core import PRECISION_HEADER, Gateway, InferRequest, InferResponse, ModelView
-from server.errors import GatewayError, InvalidInput, PayloadTooLarge
-from server.grpc_service import EXTENSIONS, SERVER_NAME, server_version
+from server.errors import GatewayError, InvalidInput, PayloadTooLarge, Unsupported
+from server.extensions import EXTENSIONS
+from server.grpc_service import SERVER_NAME, server_version
+from server.shared_memory import SystemSharedMemory, TensorRef, cuda_unsupported, tensor_ref
 from server.tensors import WireTensor, datatype_of, encode_raw
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,7 @@ HTTP_STATUS = {
     "DEADLINE_EXCEEDED": 504,
     "UNAUTHENTICATED": 401,
     "UNIMPLEMENTED": 501,
+    "ALREADY_EXISTS": 400,  # as Triton (no closer HTTP code)
     "FAILED_PRECONDITION": 400,
     "INTERNAL": 500,
 }
@@ -171,7 +175,9 @@ def _parse_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any],
     return doc, binary
 
 
-def _wire_inputs(doc: dict[str, Any], binary: bytes) -> list[WireTensor]:
+def _wire_inputs(
+    doc: dict[str, Any], binary: bytes, shm: SystemSharedMemory | None = None
+) -> list[WireTensor]:
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("request needs a non-empty 'inputs' list")
@@ -189,6 +195,11 @@ def _wire_inputs(doc: dict[str, Any], binary: bytes) -> list[WireTensor]:
         params = t.get("parameters") or {}
         if not isinstance(params, dict):
             raise InvalidInput(f"input {name!r}: 'parameters' must be an object")
+        if ref := tensor_ref("input", name, params):  # system shared memory
+            if shm is None:
+                raise Unsupported(f"input {name!r}: shared memory is not available here")
+            out.append(shm.input_tensor(name, datatype, shape, ref))
+            continue
         wt = WireTensor(name=name, datatype=datatype, shape=shape)
         if "binary_data_size" in params:
             size = params["binary_data_size"]
@@ -224,13 +235,23 @@ def _requested_outputs(doc: dict[str, Any]) -> tuple[list[str] | None, dict[str,
     return names, binary
 
 
+def _shm_outputs(doc: dict[str, Any], shm: SystemSharedMemory) -> dict[str, TensorRef]:
+    """Requested outputs to write into shared memory, their regions checked up front."""
+    outputs = doc.get("outputs") or []
+    return shm.output_refs(
+        (o["name"], o["parameters"]) for o in outputs if isinstance(o.get("parameters"), dict)
+    )
+
+
 def _json_data(arr: np.ndarray) -> list[Any]:
     if arr.dtype == np.object_:
         return [x.decode() if isinstance(x, bytes) else str(x) for x in arr.flatten()]
     return arr.flatten().tolist()
 
 
-def _render(r: InferResponse, binary_all: bool, binary: dict[str, bool]) -> web.Response:
+def _render(
+    r: InferResponse, binary_all: bool, binary: dict[str, bool], in_shm: Collection[str] = ()
+) -> web.Response:
     doc: dict[str, Any] = {
         "model_name": r.model_name,
         "model_version": r.model_version,
@@ -247,7 +268,9 @@ def _render(r: InferResponse, binary_all: bool, binary: dict[str, bool]) -> web.
             "datatype": datatype_of(arr),
             "shape": list(arr.shape),
         }
-        if binary_all or binary.get(name):
+        if name in in_shm:  # written to shared memory: metadata only, as Triton
+            pass
+        elif binary_all or binary.get(name):
             raw = encode_raw(arr)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
@@ -276,20 +299,66 @@ async def infer(request: web.Request) -> web.Response:
     if not isinstance(params, dict):
         raise InvalidInput("'parameters' must be an object")
     names, binary_outputs = _requested_outputs(doc)
+    out_shm = _shm_outputs(doc, gw.shared_memory)
     request_id = doc.get("id", "")
     response = await gw.infer(
         InferRequest(
             model=request.match_info["model"],
             version=_version(request),
             id=request_id if isinstance(request_id, str) else str(request_id),
-            inputs=_wire_inputs(doc, binary),
+            inputs=_wire_inputs(doc, binary, gw.shared_memory),
             outputs=names,
             parameters=params,
             headers=headers,
             protocol="http",
         )
     )
-    return _render(response, bool(params.get("binary_data_output")), binary_outputs)
+    gw.shared_memory.write_outputs(response.outputs, out_shm)
+    return _render(response, bool(params.get("binary_data_output")), binary_outputs, out_shm)
+
+
+# ---- system shared memory (server/shared_memory.py); CUDA shared memory: 501 -------------------
+def _region(request: web.Request) -> str:
+    return request.match_info.get("region", "")
+
+
+async def shm_register(request: web.Request) -> web.Response:
+    gw = _gw(request)
+    gw.authorize({k.lower(): v for k, v in request.headers.items()})
+    try:
+        body = await request.json()
+    except ValueError:
+        raise InvalidInput("shared memory register body must be JSON") from None
+    if not isinstance(body, dict) or not isinstance(body.get("key"), str):
+        raise InvalidInput("shared memory register body needs 'key', 'offset' and 'byte_size'")
+    gw.shared_memory.register(
+        _region(request), body["key"], body.get("offset", 0), body.get("byte_size")
+    )
+    return web.json_response({})
+
+
+async def shm_unregister(request: web.Request) -> web.Response:
+    gw = _gw(request)
+    gw.authorize({k.lower(): v for k, v in request.headers.items()})
+    gw.shared_memory.unregister(_region(request))
+    return web.json_response({})
+
+
+async def shm_status(request: web.Request) -> web.Response:
+    gw = _gw(request)
+    gw.authorize({k.lower(): v for k, v in request.headers.items()})
+    return web.json_response(
+        [
+            {"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size}
+            for r in gw.shared_memory.status(_region(request))
+        ]
+    )
+
+
+async def cuda_shm(request: web.Request) -> web.Response:
+    if request.method == "POST" and request.path.endswith("/unregister"):
+        return web.json_response({})  # none registered: done (perf_analyzer's clean-up)
+    raise cuda_unsupported(request.path)
 
 
 def make_app(gateway: Gateway) -> web.Application:
@@ -310,6 +379,13 @@ def make_app(gateway: Gateway) -> web.Application:
         r.add_get(prefix + "/config", model_config)
         r.add_get(prefix + "/stats", model_stats)
         r.add_post(prefix + "/infer", infer)
+    shm = "/v2/systemsharedmemory"
+    r.add_get(shm + "/status", shm_status)
+    r.add_get(shm + "/region/{region}/status", shm_status)
+    r.add_post(shm + "/region/{region}/register", shm_register)
+    r.add_post(shm + "/unregister", shm_unregister)
+    r.add_post(shm + "/region/{region}/unregister", shm_unregister)
+    r.add_route("*", "/v2/cudasharedmemory/{tail:.*}", cuda_shm)
     return app
 
 
