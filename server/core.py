@@ -10,7 +10,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -81,6 +81,20 @@ class VariantStats:
     inference_count: int = 0  # rows
     execution_count: int = 0
     last_inference_ms: int = 0
+
+
+def combined(parts: Iterable[VariantStats]) -> VariantStats:
+    """The sum of several variants' counters (a logical model's statistics entry)."""
+    out = VariantStats()
+    for s in parts:
+        out.success_count += s.success_count
+        out.success_ns += s.success_ns
+        out.fail_count += s.fail_count
+        out.fail_ns += s.fail_ns
+        out.inference_count += s.inference_count
+        out.execution_count += s.execution_count
+        out.last_inference_ms = max(out.last_inference_ms, s.last_inference_ms)
+    return out
 
 
 @dataclass(frozen=True)
@@ -186,12 +200,20 @@ class Gateway:
         return cfg
 
     def statistics(self, name: str = "", version: str = "") -> dict[str, VariantStats]:
-        """Per-variant statistics: all, one variant's, or a logical model's variants'."""
+        """Triton's entries (server/statistics.py): every variant and logical model, one
+        variant's, or a logical model's single entry (counts summed over its variants)."""
+
+        def logical(model: Model) -> VariantStats:
+            return combined(self.stats[v.name] for v in model.variants.values())
+
         if not name:
-            return dict(self.stats)
+            out = {v.name: self.stats[v.name] for v in self.repository.variants()}
+            out.update({m.name: logical(m) for m in self.repository.models.values()})
+            return out
         target = self._lookup(name, version)
-        variants = target.variants.values() if isinstance(target, Model) else [target]
-        return {v.name: self.stats[v.name] for v in variants}
+        if isinstance(target, Model):
+            return {target.name: logical(target)}
+        return {target.name: self.stats[target.name]}
 
     def index(self) -> list[tuple[str, str, str, str]]:
         """(name, version, state, reason) for logical models and variants."""

@@ -19,8 +19,10 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from server import statistics
 from server.core import PRECISION_HEADER, Gateway, InferRequest, InferResponse, ModelView
 from server.errors import GatewayError, InvalidInput
+from server.extensions import EXTENSIONS
 from server.tensors import WireTensor, datatype_of, encode_raw
 
 log = logging.getLogger(__name__)
@@ -35,8 +37,6 @@ def server_version() -> str:
     except importlib.metadata.PackageNotFoundError:
         return "0"
 
-
-EXTENSIONS = ["model_configuration", "statistics", "binary_tensor_data", "parameters"]
 
 # KServe datatype -> InferTensorContents field for typed (non-raw) contents.
 _CONTENTS_FIELD = {
@@ -139,7 +139,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @_handled
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS
+            name=SERVER_NAME, version=server_version(), extensions=list(EXTENSIONS)
         )
 
     @_handled
@@ -162,7 +162,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(self, request, context):
         return pb.ModelStatisticsResponse(
             model_stats=[
-                _stats(name, s)
+                statistics.to_proto(name, s)
                 for name, s in self.gateway.statistics(request.name, request.version).items()
             ]
         )
@@ -267,21 +267,6 @@ def _raw_view(arr: np.ndarray) -> memoryview | bytes:
         return encode_raw(arr)
     le = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
     return memoryview(le).cast("B") if le.size else b""
-
-
-def _stats(name: str, s: Any) -> pb.ModelStatistics:
-    duration = pb.StatisticDuration
-    return pb.ModelStatistics(
-        name=name,
-        version="1",
-        last_inference=s.last_inference_ms,
-        inference_count=s.inference_count,
-        execution_count=s.execution_count,
-        inference_stats=pb.InferStatistics(
-            success=duration(count=s.success_count, ns=s.success_ns),
-            fail=duration(count=s.fail_count, ns=s.fail_ns),
-        ),
-    )
 
 
 class _Captured:

@@ -15,9 +15,11 @@ import numpy as np
 from aiohttp import web
 from google.protobuf import json_format
 
+from server import statistics
 from server.core import PRECISION_HEADER, Gateway, InferRequest, InferResponse, ModelView
 from server.errors import GatewayError, InvalidInput, PayloadTooLarge
-from server.grpc_service import EXTENSIONS, SERVER_NAME, server_version
+from server.extensions import EXTENSIONS
+from server.grpc_service import SERVER_NAME, server_version
 from server.tensors import WireTensor, datatype_of, encode_raw
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,7 @@ async def ready(request: web.Request) -> web.Response:
 
 async def server_metadata(request: web.Request) -> web.Response:
     return web.json_response(
-        {"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS}
+        {"name": SERVER_NAME, "version": server_version(), "extensions": list(EXTENSIONS)}
     )
 
 
@@ -115,20 +117,7 @@ async def model_config(request: web.Request) -> web.Response:
 
 async def model_stats(request: web.Request) -> web.Response:
     gw, name = _gw(request), request.match_info.get("model", "")
-    stats = [
-        {
-            "name": n,
-            "version": "1",
-            "last_inference": s.last_inference_ms,
-            "inference_count": s.inference_count,
-            "execution_count": s.execution_count,
-            "inference_stats": {
-                "success": {"count": s.success_count, "ns": s.success_ns},
-                "fail": {"count": s.fail_count, "ns": s.fail_ns},
-            },
-        }
-        for n, s in gw.statistics(name, _version(request)).items()
-    ]
+    stats = [statistics.to_json(n, s) for n, s in gw.statistics(name, _version(request)).items()]
     return web.json_response({"model_stats": stats})
 
 
