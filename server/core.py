@@ -130,6 +130,7 @@ class Gateway:
         self.forwards = callable(getattr(upstream, "forward", None))
         self._started = False
         self._draining = False
+        self.control: Any = None  # server/model_control.py's ModelControl (server/app.py)
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -153,7 +154,12 @@ class Gateway:
     def ready(self) -> bool:
         if not self._started or self._draining:
             return False
-        return all(self._model_ready(m) for m in self.repository.models.values())
+        unloaded = getattr(self.control, "unloaded", set())  # model control: not expected up
+        return all(
+            self._model_ready(m)
+            for m in self.repository.models.values()
+            if not all(v.name in unloaded for v in m.variants.values())
+        )
 
     def _model_ready(self, model: Model) -> bool:
         return any(self.upstream.ready(v) for v in model.variants.values())

@@ -23,6 +23,8 @@ from server import statistics
 from server.core import PRECISION_HEADER, Gateway, InferRequest, InferResponse, ModelView
 from server.errors import GatewayError, InvalidInput
 from server.extensions import EXTENSIONS
+from server.model_control import control_of
+from server.streaming import stream_handler
 from server.tensors import WireTensor, datatype_of, encode_raw
 
 log = logging.getLogger(__name__)
@@ -169,15 +171,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_handled
     async def RepositoryIndex(self, request, context):
+        rows = control_of(self.gateway).index(request.ready)
         return pb.RepositoryIndexResponse(
             models=[
-                pb.RepositoryIndexResponse.ModelIndex(
-                    name=name, version=version, state=state, reason=reason
-                )
-                for name, version, state, reason in self.gateway.index()
-                if not request.ready or state == "READY"
+                pb.RepositoryIndexResponse.ModelIndex(name=n, version=v, state=s, reason=r)
+                for n, v, s, r in rows
             ]
         )
+
+    @_handled
+    async def RepositoryModelLoad(self, request, context):
+        params = {k: _param_value(v) for k, v in request.parameters.items()}
+        await control_of(self.gateway).load(request.model_name, params, _metadata(context))
+        return pb.RepositoryModelLoadResponse()
+
+    @_handled
+    async def RepositoryModelUnload(self, request, context):
+        params = {k: _param_value(v) for k, v in request.parameters.items()}
+        await control_of(self.gateway).unload(request.model_name, params, _metadata(context))
+        return pb.RepositoryModelUnloadResponse()
 
     @_handled
     async def ModelInfer(self, data: bytes, context):
@@ -282,12 +294,16 @@ class _Captured:
 
 
 def add_service(server: grpc.aio.Server, servicer: InferenceServicer) -> None:
-    """The generated handlers, except ModelInfer, which takes and returns bytes."""
+    """The generated handlers, except ModelInfer and ModelStreamInfer (server/streaming.py),
+    which take and return bytes."""
     captured = _Captured()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, captured)
     handlers = captured.handlers
     handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
         servicer.ModelInfer, request_deserializer=None, response_serializer=None
+    )
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        stream_handler(servicer.ModelInfer), request_deserializer=None, response_serializer=None
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)

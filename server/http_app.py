@@ -20,6 +20,7 @@ from server.core import PRECISION_HEADER, Gateway, InferRequest, InferResponse, 
 from server.errors import GatewayError, InvalidInput, PayloadTooLarge
 from server.extensions import EXTENSIONS
 from server.grpc_service import SERVER_NAME, server_version
+from server.model_control import control_of
 from server.tensors import WireTensor, datatype_of, encode_raw
 
 log = logging.getLogger(__name__)
@@ -121,20 +122,39 @@ async def model_stats(request: web.Request) -> web.Response:
     return web.json_response({"model_stats": stats})
 
 
+async def _json_body(request: web.Request, what: str) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError:
+        raise InvalidInput(f"{what} body must be JSON") from None
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise InvalidInput(f"{what} body must be a JSON object")
+    return body
+
+
 async def repository_index(request: web.Request) -> web.Response:
-    only_ready = False
-    if request.can_read_body:
-        try:
-            body = await request.json()
-            only_ready = bool(isinstance(body, dict) and body.get("ready"))
-        except ValueError:
-            raise InvalidInput("repository index body must be JSON") from None
-    rows = [
-        {"name": n, "version": v, "state": s, "reason": r}
-        for n, v, s, r in _gw(request).index()
-        if not only_ready or s == "READY"
-    ]
-    return web.json_response(rows)
+    body = await _json_body(request, "repository index")
+    rows = control_of(_gw(request)).index(bool(body.get("ready")))
+    return web.json_response(
+        [{"name": n, "version": v, "state": s, "reason": r} for n, v, s, r in rows]
+    )
+
+
+async def repository_control(request: web.Request) -> web.Response:
+    """``POST /v2/repository/models/{model}/load`` and ``.../unload`` (server/model_control.py)."""
+    body = await _json_body(request, "model load/unload")
+    params = body.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInput("'parameters' must be an object")
+    control = control_of(_gw(request))
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    action = control.load if request.match_info["action"] == "load" else control.unload
+    await action(request.match_info["model"], params, headers)
+    return web.json_response({})
 
 
 # ---- inference ---------------------------------------------------------------------------------
@@ -293,6 +313,7 @@ def make_app(gateway: Gateway) -> web.Application:
     r.add_get("/v2", server_metadata)
     r.add_get("/v2/models/stats", model_stats)
     r.add_post("/v2/repository/index", repository_index)
+    r.add_post("/v2/repository/models/{model}/{action:load|unload}", repository_control)
     for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         r.add_get(prefix, model_metadata)
         r.add_get(prefix + "/ready", model_ready)
