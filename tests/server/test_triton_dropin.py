@@ -275,12 +275,16 @@ def test_logical_name_unloads_and_loads_all_its_variants_through_grpc_aio(explic
         try:
             await client.unload_model("tiny")
             down = _index(explicit_gateway)
+            # as Triton: a model unloaded on purpose does not make the server unready
+            server_ready = await client.is_server_ready()
+            model_ready = await client.is_model_ready("tiny")
             await client.load_model("tiny")
-            return down, await client.is_model_ready("tiny")
+            return down, (server_ready, model_ready), await client.is_model_ready("tiny")
         finally:
             await client.close()
 
-    down, ready_again = asyncio.run(run())
+    down, (server_ready, model_ready), ready_again = asyncio.run(run())
+    assert server_ready and not model_ready
     assert down == {
         n: ("UNAVAILABLE", "unloaded") for n in ("tiny", "tiny_fp32", "tiny_fp16", "tiny_int8")
     }
