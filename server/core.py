@@ -203,6 +203,8 @@ class Gateway:
         cfg = mc.ModelConfig()
         cfg.CopyFrom(variant.config)
         cfg.name = name
+        if not cfg.HasField("version_policy"):  # what Triton fills in: the one version, "1"
+            cfg.version_policy.latest.num_versions = 1
         return cfg
 
     def statistics(self, name: str = "", version: str = "") -> dict[str, VariantStats]:

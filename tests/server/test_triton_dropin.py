@@ -92,6 +92,21 @@ def test_statistics_through_grpc_aio(gateway):
     assert stats.model_stats[0].inference_stats.success.count >= 1
 
 
+def test_version_answers_are_triton_s_for_clients_that_omit_the_version(gateway):
+    """What perf_analyzer asks without ``-x``: metadata versions, the config's version policy,
+    readiness with an empty version."""
+    g = grpcclient.InferenceServerClient(gateway.grpc_url)
+    h = httpclient.InferenceServerClient(gateway.http_url)
+    for name in ("tiny", "tiny_int8"):
+        assert list(g.get_model_metadata(name).versions) == ["1"]
+        assert h.get_model_metadata(name)["versions"] == ["1"]
+        assert g.get_model_config(name).config.version_policy.latest.num_versions == 1
+        policy = h.get_model_config(name)["version_policy"]
+        assert policy == {"latest": {"num_versions": 1}}
+        assert g.is_model_ready(name, "") and g.is_model_ready(name, "1")
+        assert h.is_model_ready(name, "") and h.is_model_ready(name, "1")
+
+
 def test_server_metadata_lists_exactly_the_implemented_extensions(gateway):
     g = grpcclient.InferenceServerClient(gateway.grpc_url)
     h = httpclient.InferenceServerClient(gateway.http_url)
@@ -341,3 +356,14 @@ def test_a_variant_added_after_start_up_is_served_once_loaded(repo_copy, tiny_re
         assert _precision_of(g, "tiny", "bf16") == "bf16"
         (stats,) = g.get_inference_statistics(name).model_stats
         assert stats.inference_stats.success.count == 2
+
+
+def test_explicit_model_control_with_several_workers_is_refused_in_one_line(
+    tiny_repository, capsys
+):
+    from server.cli import main
+
+    args = ["--repository", str(tiny_repository), "--workers", "2", "--model-control", "explicit"]
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["precision-serve: error: --model-control explicit needs --workers 1"]
