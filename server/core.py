@@ -36,6 +36,7 @@ _T = TypeVar("_T")
 log = logging.getLogger(__name__)
 
 PRECISION_PARAMETER = "precision"
+FALLBACK_PARAMETER = "fallback_from"  # response parameter: the precision that was unready
 PRECISION_HEADER = "x-precision"
 REQUEST_KEY = "x-request-key"
 TIMEOUT_PARAMETER = "timeout"  # microseconds, as tritonclient's ``timeout=`` sends it
@@ -68,6 +69,7 @@ class InferResponse:
     id: str
     outputs: dict[str, np.ndarray]  # in the variant's output order
     raw: bytes | None = None  # pass-through: the upstream's serialised reply (outputs empty)
+    fallback_from: str = ""  # the precision routing chose, when another one served (fallback)
 
 
 @dataclass
@@ -275,7 +277,13 @@ class Gateway:
                 self._record(variant, rows, start, ok=True)
                 metrics.requests(model_label, precision_label, request.protocol, "ok").inc()
                 return InferResponse(
-                    variant.name, variant.version, variant.precision, request.id, {}, raw
+                    variant.name,
+                    variant.version,
+                    variant.precision,
+                    request.id,
+                    {},
+                    raw,
+                    _fell_back(decision, variant),
                 )
             self._check_size(request)
             arrays = self._validate(model.variants[decision.precision], request)
@@ -302,6 +310,7 @@ class Gateway:
                 precision=variant.precision,
                 id=request.id,
                 outputs=selected,
+                fallback_from=_fell_back(decision, variant),
             )
         except GatewayError as e:
             metrics.requests(model_label, precision_label, request.protocol, e.code).inc()
@@ -572,6 +581,10 @@ def compare_outputs(
     dots = np.sum(a * b, axis=1)
     cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 1.0)
     return agree, [float(c) for c in cos]
+
+
+def _fell_back(decision: Decision, variant: Variant) -> str:
+    return decision.precision if variant.precision != decision.precision else ""
 
 
 def _rows(variant: Variant, arrays: dict[str, np.ndarray]) -> int:

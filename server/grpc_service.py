@@ -20,7 +20,14 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from server import statistics
-from server.core import PRECISION_HEADER, Gateway, InferRequest, InferResponse, ModelView
+from server.core import (
+    FALLBACK_PARAMETER,
+    PRECISION_HEADER,
+    Gateway,
+    InferRequest,
+    InferResponse,
+    ModelView,
+)
 from server.errors import GatewayError, InvalidInput
 from server.extensions import EXTENSIONS
 from server.model_control import control_of
@@ -220,7 +227,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         response = await self.gateway.infer(infer)
         await context.send_initial_metadata(((PRECISION_HEADER, response.precision),))
         if response.raw is not None:
-            return response.raw + _precision_parameter(response.precision)
+            return response.raw + _precision_parameter(response.precision, response.fallback_from)
         return infer_response_bytes(response)
 
 
@@ -230,7 +237,7 @@ def _batch_rows(request: pb.ModelInferRequest) -> int:
 
 
 _RAW_OUTPUT_TAG = b"\x32"  # ModelInferResponse.raw_output_contents: field 6, length-delimited
-_prefixes: dict[tuple[str, str, str], bytes] = {}
+_prefixes: dict[tuple[str, str, str, str], bytes] = {}
 
 
 def _varint(n: int) -> bytes:
@@ -242,19 +249,23 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-def _precision_parameter(precision: str) -> bytes:
-    """``parameters["precision"]`` alone, serialised: appended to a reply it adds the entry
-    (map fields merge on concatenation; a repeated key takes the last value)."""
-    return _prefix("", "", precision)
+def _precision_parameter(precision: str, fallback_from: str = "") -> bytes:
+    """``parameters["precision"]`` (and ``fallback_from``) alone, serialised: appended to a
+    reply it adds the entries (map fields merge on concatenation; a repeated key takes the last
+    value)."""
+    return _prefix("", "", precision, fallback_from)
 
 
-def _prefix(model_name: str, version: str, precision: str) -> bytes:
-    """model_name, model_version and the precision parameter, serialised once per variant."""
-    key = (model_name, version, precision)
+def _prefix(model_name: str, version: str, precision: str, fallback_from: str = "") -> bytes:
+    """model_name, model_version and the precision parameter (plus ``fallback_from`` when the
+    routed precision was not the one that served), serialised once per combination."""
+    key = (model_name, version, precision, fallback_from)
     head = _prefixes.get(key)
     if head is None:
         msg = pb.ModelInferResponse(model_name=model_name, model_version=version)
         msg.parameters["precision"].string_param = precision
+        if fallback_from:
+            msg.parameters[FALLBACK_PARAMETER].string_param = fallback_from
         head = _prefixes[key] = msg.SerializeToString()
     return head
 
@@ -264,7 +275,7 @@ def infer_response_bytes(r: InferResponse) -> bytes:
     the output tensors' bytes are copied once, into the reply, instead of into a raw array,
     then into the message, then into its serialisation."""
     meta = pb.ModelInferResponse(id=r.id)
-    parts: list[Any] = [_prefix(r.model_name, r.model_version, r.precision), b""]
+    parts: list[Any] = [_prefix(r.model_name, r.model_version, r.precision, r.fallback_from), b""]
     for name, arr in r.outputs.items():
         arr = np.asarray(arr)
         meta.outputs.add(name=name, datatype=datatype_of(arr), shape=arr.shape)

@@ -16,7 +16,14 @@ from aiohttp import web
 from google.protobuf import json_format
 
 from server import statistics
-from server.core import PRECISION_HEADER, Gateway, InferRequest, InferResponse, ModelView
+from server.core import (
+    FALLBACK_PARAMETER,
+    PRECISION_HEADER,
+    Gateway,
+    InferRequest,
+    InferResponse,
+    ModelView,
+)
 from server.errors import GatewayError, InvalidInput, PayloadTooLarge
 from server.extensions import EXTENSIONS
 from server.grpc_service import SERVER_NAME, server_version
@@ -246,6 +253,8 @@ def _render(r: InferResponse, binary_all: bool, binary: dict[str, bool]) -> web.
         "parameters": {"precision": r.precision},
         "outputs": [],
     }
+    if r.fallback_from:
+        doc["parameters"][FALLBACK_PARAMETER] = r.fallback_from
     if r.id:
         doc["id"] = r.id
     chunks = []

@@ -8,7 +8,8 @@
   logical model by its name (``digits``). The upstream does the work: the embedded one opens or
   closes the variant's engine sessions, a Triton upstream forwards the call to every replica.
   An unloaded variant is unready, so requests routed to it fall back along the model's
-  precision chain (the response's ``precision`` parameter names the variant that served it);
+  precision chain (the response's ``precision`` parameter names the variant that served it,
+  ``fallback_from`` the unloaded one);
   a request for the variant's own name is UNAVAILABLE. Loading a name the gateway does not
   know re-reads the manifests: a variant the builder added to a model after start-up (its
   folder and manifest entry) is read, loaded and served without a restart. New logical models

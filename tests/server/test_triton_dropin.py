@@ -270,7 +270,14 @@ def test_unload_makes_routing_fall_back_and_load_brings_the_variant_back(explici
         assert not g.is_model_ready("tiny_int8") and not h.is_model_ready("tiny_int8")
         assert g.is_server_ready()  # an unloaded model is not expected up
         # asked for int8, served by the next precision of the fallback chain, which says so
-        assert _precision_of(g, "tiny", "int8") == "fp16"
+        response = g.infer("tiny", [_grpc_input(rows(1))], parameters={"precision": "int8"})
+        params = response.get_response().parameters
+        assert params["precision"].string_param == "fp16"
+        assert params["fallback_from"].string_param == "int8"
+        inp = httpclient.InferInput("x", [1, 16], "FP32")
+        inp.set_data_from_numpy(rows(1))
+        doc = h.infer("tiny", [inp], parameters={"precision": "int8"}).get_response()
+        assert doc["parameters"] == {"precision": "fp16", "fallback_from": "int8"}
         with pytest.raises(InferenceServerException, match="tiny_int8"):
             g.infer("tiny_int8", [_grpc_input(rows(1))])
         assert _index(gw)["tiny_int8"] == ("UNAVAILABLE", "unloaded")
@@ -281,7 +288,9 @@ def test_unload_makes_routing_fall_back_and_load_brings_the_variant_back(explici
     finally:
         h.load_model("tiny_int8")
     assert g.is_model_ready("tiny_int8") and _index(gw)["tiny_int8"] == ("READY", "")
-    assert _precision_of(g, "tiny", "int8") == "int8"
+    response = g.infer("tiny", [_grpc_input(rows(1))], parameters={"precision": "int8"})
+    params = response.get_response().parameters
+    assert params["precision"].string_param == "int8" and "fallback_from" not in params
 
 
 def test_logical_name_unloads_and_loads_all_its_variants_through_grpc_aio(explicit_gateway):

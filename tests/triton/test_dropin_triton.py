@@ -60,7 +60,9 @@ def test_streaming_and_model_control_through_a_triton_upstream(
             assert _index(replica)["tiny_int8"] in ("UNLOADING", "UNAVAILABLE")  # asynchronous
             assert not client.is_model_ready("tiny_int8")
             served = client.infer("tiny", [_input()], parameters={"precision": "int8"})
-            assert served.get_response().parameters["precision"].string_param == "fp16"
+            params = served.get_response().parameters
+            assert params["precision"].string_param == "fp16"
+            assert params["fallback_from"].string_param == "int8"  # pass-through says so too
         finally:
             httpclient.InferenceServerClient(gw.http_url).load_model("tiny_int8")
         assert _index(replica)["tiny_int8"] == "READY" and client.is_model_ready("tiny_int8")
