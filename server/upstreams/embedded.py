@@ -4,6 +4,8 @@ Per variant: ``instance_group`` count sessions loaded through ``server.engines``
 manifest's ``engine`` / ``engine_options``) and a :class:`server.batching.DynamicBatcher` applying
 the config's ``dynamic_batching`` with one worker thread per instance, so the event loop never
 blocks. A variant that fails to load stays unready (the core falls back) and its reason is logged.
+Model control (``load`` / ``unload``) opens a variant's sessions or closes them after the
+requests they are running.
 """
 
 from __future__ import annotations
