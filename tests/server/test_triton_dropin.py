@@ -376,3 +376,21 @@ def test_explicit_model_control_with_several_workers_is_refused_in_one_line(
     assert main(args) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == ["precision-serve: error: --model-control explicit needs --workers 1"]
+
+
+def test_load_and_unload_need_the_bearer_token_when_one_is_set(tiny_repository):
+    args = ["--model-control", "explicit", "--auth-token", "s3cret"]
+    with GatewayProcess(tiny_repository, extra_args=args) as gw:
+        g = grpcclient.InferenceServerClient(gw.grpc_url)
+        h = httpclient.InferenceServerClient(gw.http_url)
+        with pytest.raises(InferenceServerException, match="bearer token") as info:
+            g.unload_model("tiny_int8")
+        assert info.value.status() == "StatusCode.UNAUTHENTICATED"
+        with pytest.raises(InferenceServerException, match="bearer token"):
+            h.unload_model("tiny_int8")
+        assert g.is_model_ready("tiny_int8")  # untouched
+        token = {"authorization": "Bearer s3cret"}
+        h.unload_model("tiny_int8", headers=token)
+        assert not g.is_model_ready("tiny_int8")
+        g.load_model("tiny_int8", headers=token)
+        assert g.is_model_ready("tiny_int8")
