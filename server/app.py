@@ -25,6 +25,8 @@ from server.core import Gateway
 from server.errors import ConfigError
 from server.grpc_service import start_grpc_server
 from server.http_app import start_http_server
+from server.model_control import MODES as MODEL_CONTROL_MODES
+from server.model_control import ModelControl
 from server.model_repository import RepositoryError, atomic_write_text
 from server.repository import load_repository
 from server.retime import check_mode, retime_repository
@@ -57,8 +59,14 @@ class ServeOptions:
     # started by ``--workers`` (server/workers.py): bind the shared ports with SO_REUSEPORT and
     # leave /metrics to the supervisor
     worker: bool = False
+    model_control: str = "none"  # "explicit": load/unload through the API (model_control.py)
 
     def __post_init__(self) -> None:
+        if self.model_control not in MODEL_CONTROL_MODES:
+            raise ConfigError(
+                f"--model-control must be one of {', '.join(MODEL_CONTROL_MODES)}, "
+                f"got {self.model_control!r}"
+            )
         for name in ("grpc_port", "http_port", "metrics_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
@@ -111,6 +119,7 @@ class GatewayServer:
         )
         if options.worker:  # a region registered with one worker would be unknown to the others
             self.gateway.shared_memory.refuse = "system shared memory needs --workers 1"
+        self.gateway.control = ModelControl(self.gateway, options.model_control)
         self.ports: dict[str, int] = {}
         self._grpc: grpc.aio.Server | None = None
         self._runners: list[web.AppRunner] = []

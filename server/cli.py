@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="gateway processes sharing the gRPC/HTTP ports (SO_REUSEPORT), one /metrics view",
     )
+    p.add_argument(
+        "--model-control",
+        choices=("none", "explicit"),
+        default="none",
+        help="explicit: load/unload variants through Triton's repository API; none (default): "
+        "refused, as Triton's NONE mode",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --workers
     p.add_argument(
         "--loop",
@@ -121,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             retime=args.retime,
             grace_s=args.grace,
             worker=args.worker,
+            model_control=args.model_control,
         )
         run_loop(serve(options), args.loop)
     except GatewayError as e:
@@ -135,6 +143,8 @@ def _supervise(args: argparse.Namespace) -> int:
     """``--workers N``: server/workers.py starts N workers with these arguments."""
     from server.workers import WorkerOptions, supervise
 
+    if args.model_control != "none":  # each worker would load/unload on its own
+        raise ConfigError("--model-control explicit needs --workers 1")
     worker_args = ["--repository", str(args.repository), "--upstream", args.upstream]
     worker_args += ["--max-request-bytes", str(args.max_request_bytes)]
     worker_args += ["--threads", str(args.threads), "--log-level", args.log_level]

@@ -10,7 +10,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -37,6 +37,7 @@ _T = TypeVar("_T")
 log = logging.getLogger(__name__)
 
 PRECISION_PARAMETER = "precision"
+FALLBACK_PARAMETER = "fallback_from"  # response parameter: the precision that was unready
 PRECISION_HEADER = "x-precision"
 REQUEST_KEY = "x-request-key"
 TIMEOUT_PARAMETER = "timeout"  # microseconds, as tritonclient's ``timeout=`` sends it
@@ -69,6 +70,7 @@ class InferResponse:
     id: str
     outputs: dict[str, np.ndarray]  # in the variant's output order
     raw: bytes | None = None  # pass-through: the upstream's serialised reply (outputs empty)
+    fallback_from: str = ""  # the precision routing chose, when another one served (fallback)
 
 
 @dataclass
@@ -82,6 +84,20 @@ class VariantStats:
     inference_count: int = 0  # rows
     execution_count: int = 0
     last_inference_ms: int = 0
+
+
+def combined(parts: Iterable[VariantStats]) -> VariantStats:
+    """The sum of several variants' counters (a logical model's statistics entry)."""
+    out = VariantStats()
+    for s in parts:
+        out.success_count += s.success_count
+        out.success_ns += s.success_ns
+        out.fail_count += s.fail_count
+        out.fail_ns += s.fail_ns
+        out.inference_count += s.inference_count
+        out.execution_count += s.execution_count
+        out.last_inference_ms = max(out.last_inference_ms, s.last_inference_ms)
+    return out
 
 
 @dataclass(frozen=True)
@@ -118,6 +134,7 @@ class Gateway:
         self._started = False
         self._draining = False
         self.shared_memory = SystemSharedMemory()  # Triton's system shared memory regions
+        self.control: Any = None  # server/model_control.py's ModelControl (server/app.py)
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -142,7 +159,12 @@ class Gateway:
     def ready(self) -> bool:
         if not self._started or self._draining:
             return False
-        return all(self._model_ready(m) for m in self.repository.models.values())
+        unloaded = getattr(self.control, "unloaded", set())  # model control: not expected up
+        return all(
+            self._model_ready(m)
+            for m in self.repository.models.values()
+            if not all(v.name in unloaded for v in m.variants.values())
+        )
 
     def _model_ready(self, model: Model) -> bool:
         return any(self.upstream.ready(v) for v in model.variants.values())
@@ -186,15 +208,25 @@ class Gateway:
         cfg = mc.ModelConfig()
         cfg.CopyFrom(variant.config)
         cfg.name = name
+        if not cfg.HasField("version_policy"):  # what Triton fills in: the one version, "1"
+            cfg.version_policy.latest.num_versions = 1
         return cfg
 
     def statistics(self, name: str = "", version: str = "") -> dict[str, VariantStats]:
-        """Per-variant statistics: all, one variant's, or a logical model's variants'."""
+        """Triton's entries (server/statistics.py): every variant and logical model, one
+        variant's, or a logical model's single entry (counts summed over its variants)."""
+
+        def logical(model: Model) -> VariantStats:
+            return combined(self.stats[v.name] for v in model.variants.values())
+
         if not name:
-            return dict(self.stats)
+            out = {v.name: self.stats[v.name] for v in self.repository.variants()}
+            out.update({m.name: logical(m) for m in self.repository.models.values()})
+            return out
         target = self._lookup(name, version)
-        variants = target.variants.values() if isinstance(target, Model) else [target]
-        return {v.name: self.stats[v.name] for v in variants}
+        if isinstance(target, Model):
+            return {target.name: logical(target)}
+        return {target.name: self.stats[target.name]}
 
     def index(self) -> list[tuple[str, str, str, str]]:
         """(name, version, state, reason) for logical models and variants."""
@@ -250,7 +282,13 @@ class Gateway:
                 self._record(variant, rows, start, ok=True)
                 metrics.requests(model_label, precision_label, request.protocol, "ok").inc()
                 return InferResponse(
-                    variant.name, variant.version, variant.precision, request.id, {}, raw
+                    variant.name,
+                    variant.version,
+                    variant.precision,
+                    request.id,
+                    {},
+                    raw,
+                    _fell_back(decision, variant),
                 )
             self._check_size(request)
             arrays = self._validate(model.variants[decision.precision], request)
@@ -277,6 +315,7 @@ class Gateway:
                 precision=variant.precision,
                 id=request.id,
                 outputs=selected,
+                fallback_from=_fell_back(decision, variant),
             )
         except GatewayError as e:
             metrics.requests(model_label, precision_label, request.protocol, e.code).inc()
@@ -547,6 +586,10 @@ def compare_outputs(
     dots = np.sum(a * b, axis=1)
     cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 1.0)
     return agree, [float(c) for c in cos]
+
+
+def _fell_back(decision: Decision, variant: Variant) -> str:
+    return decision.precision if variant.precision != decision.precision else ""
 
 
 def _rows(variant: Variant, arrays: dict[str, np.ndarray]) -> int:

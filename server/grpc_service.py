@@ -19,10 +19,20 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from server.core import PRECISION_HEADER, Gateway, InferRequest, InferResponse, ModelView
+from server import statistics
+from server.core import (
+    FALLBACK_PARAMETER,
+    PRECISION_HEADER,
+    Gateway,
+    InferRequest,
+    InferResponse,
+    ModelView,
+)
 from server.errors import GatewayError, InvalidInput, Unsupported
 from server.extensions import EXTENSIONS
+from server.model_control import control_of
 from server.shared_memory import REGION, SystemSharedMemory, TensorRef, cuda_unsupported, tensor_ref
+from server.streaming import stream_handler
 from server.tensors import WireTensor, datatype_of, encode_raw
 
 log = logging.getLogger(__name__)
@@ -167,7 +177,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @_handled
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS
+            name=SERVER_NAME, version=server_version(), extensions=list(EXTENSIONS)
         )
 
     @_handled
@@ -190,22 +200,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(self, request, context):
         return pb.ModelStatisticsResponse(
             model_stats=[
-                _stats(name, s)
+                statistics.to_proto(name, s)
                 for name, s in self.gateway.statistics(request.name, request.version).items()
             ]
         )
 
     @_handled
     async def RepositoryIndex(self, request, context):
+        rows = control_of(self.gateway).index(request.ready)
         return pb.RepositoryIndexResponse(
             models=[
-                pb.RepositoryIndexResponse.ModelIndex(
-                    name=name, version=version, state=state, reason=reason
-                )
-                for name, version, state, reason in self.gateway.index()
-                if not request.ready or state == "READY"
+                pb.RepositoryIndexResponse.ModelIndex(name=n, version=v, state=s, reason=r)
+                for n, v, s, r in rows
             ]
         )
+
+    @_handled
+    async def RepositoryModelLoad(self, request, context):
+        params = {k: _param_value(v) for k, v in request.parameters.items()}
+        await control_of(self.gateway).load(request.model_name, params, _metadata(context))
+        return pb.RepositoryModelLoadResponse()
+
+    @_handled
+    async def RepositoryModelUnload(self, request, context):
+        params = {k: _param_value(v) for k, v in request.parameters.items()}
+        await control_of(self.gateway).unload(request.model_name, params, _metadata(context))
+        return pb.RepositoryModelUnloadResponse()
 
     @_handled
     async def ModelInfer(self, data: bytes, context):
@@ -240,7 +260,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         shm.write_outputs(response.outputs, out_shm)
         await context.send_initial_metadata(((PRECISION_HEADER, response.precision),))
         if response.raw is not None:
-            return response.raw + _precision_parameter(response.precision)
+            return response.raw + _precision_parameter(response.precision, response.fallback_from)
         return infer_response_bytes(response, in_shm=out_shm)
 
     # ---- system shared memory (server/shared_memory.py); CUDA shared memory: UNIMPLEMENTED ----
@@ -296,7 +316,7 @@ def _batch_rows(request: pb.ModelInferRequest) -> int:
 
 
 _RAW_OUTPUT_TAG = b"\x32"  # ModelInferResponse.raw_output_contents: field 6, length-delimited
-_prefixes: dict[tuple[str, str, str], bytes] = {}
+_prefixes: dict[tuple[str, str, str, str], bytes] = {}
 
 
 def _varint(n: int) -> bytes:
@@ -308,19 +328,23 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-def _precision_parameter(precision: str) -> bytes:
-    """``parameters["precision"]`` alone, serialised: appended to a reply it adds the entry
-    (map fields merge on concatenation; a repeated key takes the last value)."""
-    return _prefix("", "", precision)
+def _precision_parameter(precision: str, fallback_from: str = "") -> bytes:
+    """``parameters["precision"]`` (and ``fallback_from``) alone, serialised: appended to a
+    reply it adds the entries (map fields merge on concatenation; a repeated key takes the last
+    value)."""
+    return _prefix("", "", precision, fallback_from)
 
 
-def _prefix(model_name: str, version: str, precision: str) -> bytes:
-    """model_name, model_version and the precision parameter, serialised once per variant."""
-    key = (model_name, version, precision)
+def _prefix(model_name: str, version: str, precision: str, fallback_from: str = "") -> bytes:
+    """model_name, model_version and the precision parameter (plus ``fallback_from`` when the
+    routed precision was not the one that served), serialised once per combination."""
+    key = (model_name, version, precision, fallback_from)
     head = _prefixes.get(key)
     if head is None:
         msg = pb.ModelInferResponse(model_name=model_name, model_version=version)
         msg.parameters["precision"].string_param = precision
+        if fallback_from:
+            msg.parameters[FALLBACK_PARAMETER].string_param = fallback_from
         head = _prefixes[key] = msg.SerializeToString()
     return head
 
@@ -331,7 +355,7 @@ def infer_response_bytes(r: InferResponse, in_shm: Collection[str] = ()) -> byte
     then into the message, then into its serialisation. Outputs ``in_shm`` (written to shared
     memory) get metadata and an empty raw entry, as Triton sends them."""
     meta = pb.ModelInferResponse(id=r.id)
-    parts: list[Any] = [_prefix(r.model_name, r.model_version, r.precision), b""]
+    parts: list[Any] = [_prefix(r.model_name, r.model_version, r.precision, r.fallback_from), b""]
     for name, arr in r.outputs.items():
         arr = np.asarray(arr)
         meta.outputs.add(name=name, datatype=datatype_of(arr), shape=arr.shape)
@@ -348,21 +372,6 @@ def _raw_view(arr: np.ndarray) -> memoryview | bytes:
     return memoryview(le).cast("B") if le.size else b""
 
 
-def _stats(name: str, s: Any) -> pb.ModelStatistics:
-    duration = pb.StatisticDuration
-    return pb.ModelStatistics(
-        name=name,
-        version="1",
-        last_inference=s.last_inference_ms,
-        inference_count=s.inference_count,
-        execution_count=s.execution_count,
-        inference_stats=pb.InferStatistics(
-            success=duration(count=s.success_count, ns=s.success_ns),
-            fail=duration(count=s.fail_count, ns=s.fail_ns),
-        ),
-    )
-
-
 class _Captured:
     """Stands in for a server to collect the generated code's method handlers."""
 
@@ -376,12 +385,16 @@ class _Captured:
 
 
 def add_service(server: grpc.aio.Server, servicer: InferenceServicer) -> None:
-    """The generated handlers, except ModelInfer, which takes and returns bytes."""
+    """The generated handlers, except ModelInfer and ModelStreamInfer (server/streaming.py),
+    which take and return bytes."""
     captured = _Captured()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, captured)
     handlers = captured.handlers
     handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
         servicer.ModelInfer, request_deserializer=None, response_serializer=None
+    )
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        stream_handler(servicer.ModelInfer), request_deserializer=None, response_serializer=None
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)

@@ -16,10 +16,19 @@ import numpy as np
 from aiohttp import web
 from google.protobuf import json_format
 
-from server.core import PRECISION_HEADER, Gateway, InferRequest, InferResponse, ModelView
+from server import statistics
+from server.core import (
+    FALLBACK_PARAMETER,
+    PRECISION_HEADER,
+    Gateway,
+    InferRequest,
+    InferResponse,
+    ModelView,
+)
 from server.errors import GatewayError, InvalidInput, PayloadTooLarge, Unsupported
 from server.extensions import EXTENSIONS
 from server.grpc_service import SERVER_NAME, server_version
+from server.model_control import control_of
 from server.shared_memory import SystemSharedMemory, TensorRef, cuda_unsupported, tensor_ref
 from server.tensors import WireTensor, datatype_of, encode_raw
 
@@ -81,7 +90,7 @@ async def ready(request: web.Request) -> web.Response:
 
 async def server_metadata(request: web.Request) -> web.Response:
     return web.json_response(
-        {"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS}
+        {"name": SERVER_NAME, "version": server_version(), "extensions": list(EXTENSIONS)}
     )
 
 
@@ -119,37 +128,43 @@ async def model_config(request: web.Request) -> web.Response:
 
 async def model_stats(request: web.Request) -> web.Response:
     gw, name = _gw(request), request.match_info.get("model", "")
-    stats = [
-        {
-            "name": n,
-            "version": "1",
-            "last_inference": s.last_inference_ms,
-            "inference_count": s.inference_count,
-            "execution_count": s.execution_count,
-            "inference_stats": {
-                "success": {"count": s.success_count, "ns": s.success_ns},
-                "fail": {"count": s.fail_count, "ns": s.fail_ns},
-            },
-        }
-        for n, s in gw.statistics(name, _version(request)).items()
-    ]
+    stats = [statistics.to_json(n, s) for n, s in gw.statistics(name, _version(request)).items()]
     return web.json_response({"model_stats": stats})
 
 
+async def _json_body(request: web.Request, what: str) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError:
+        raise InvalidInput(f"{what} body must be JSON") from None
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise InvalidInput(f"{what} body must be a JSON object")
+    return body
+
+
 async def repository_index(request: web.Request) -> web.Response:
-    only_ready = False
-    if request.can_read_body:
-        try:
-            body = await request.json()
-            only_ready = bool(isinstance(body, dict) and body.get("ready"))
-        except ValueError:
-            raise InvalidInput("repository index body must be JSON") from None
-    rows = [
-        {"name": n, "version": v, "state": s, "reason": r}
-        for n, v, s, r in _gw(request).index()
-        if not only_ready or s == "READY"
-    ]
-    return web.json_response(rows)
+    body = await _json_body(request, "repository index")
+    rows = control_of(_gw(request)).index(bool(body.get("ready")))
+    return web.json_response(
+        [{"name": n, "version": v, "state": s, "reason": r} for n, v, s, r in rows]
+    )
+
+
+async def repository_control(request: web.Request) -> web.Response:
+    """``POST /v2/repository/models/{model}/load`` and ``.../unload`` (server/model_control.py)."""
+    body = await _json_body(request, "model load/unload")
+    params = body.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInput("'parameters' must be an object")
+    control = control_of(_gw(request))
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    action = control.load if request.match_info["action"] == "load" else control.unload
+    await action(request.match_info["model"], params, headers)
+    return web.json_response({})
 
 
 # ---- inference ---------------------------------------------------------------------------------
@@ -258,6 +273,8 @@ def _render(
         "parameters": {"precision": r.precision},
         "outputs": [],
     }
+    if r.fallback_from:
+        doc["parameters"][FALLBACK_PARAMETER] = r.fallback_from
     if r.id:
         doc["id"] = r.id
     chunks = []
@@ -373,6 +390,7 @@ def make_app(gateway: Gateway) -> web.Application:
     r.add_get("/v2", server_metadata)
     r.add_get("/v2/models/stats", model_stats)
     r.add_post("/v2/repository/index", repository_index)
+    r.add_post("/v2/repository/models/{model}/{action:load|unload}", repository_control)
     for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         r.add_get(prefix, model_metadata)
         r.add_get(prefix + "/ready", model_ready)

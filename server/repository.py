@@ -160,3 +160,41 @@ def load_repository(root: Path) -> Repository:
     if clash:
         raise ConfigError(f"variant name(s) {clash} clash with logical model names")
     return Repository(root=root, models=models)
+
+
+def add_new_variants(repository: Repository, model: str) -> list[Variant]:
+    """Re-read ``model``'s manifest and add the variants it lists that are not known yet (the
+    builder added a precision after start-up); returns them. Known variants are kept as they
+    are (their sessions may be serving). ConfigError when the manifest cannot be read."""
+    try:
+        manifest = load_manifests(repository.root).get(model)
+    except RepositoryError as e:
+        raise ConfigError(str(e)) from e
+    current = repository.models[model]
+    if manifest is None:
+        return []
+    taken = set(repository.models) | {v.name for v in repository.variants()}
+    added = []
+    for record in manifest.variants.values():
+        if record.precision in current.variants or record.triton_name in taken:
+            continue
+        variant = _load_variant(repository.root, manifest, record)
+        current.variants[record.precision] = variant
+        added.append(variant)
+    if added:
+        current.manifest = manifest
+    return added
+
+
+def find_in_manifests(repository: Repository, name: str) -> str | None:
+    """The known logical model whose manifest (as on disk now) lists a variant called ``name``."""
+    try:
+        manifests = load_manifests(repository.root)
+    except RepositoryError as e:
+        raise ConfigError(str(e)) from e
+    for model, manifest in manifests.items():
+        if model in repository.models and any(
+            r.triton_name == name for r in manifest.variants.values()
+        ):
+            return model
+    return None

@@ -28,6 +28,9 @@ Contract for implementations:
 - Pass-through (optional): an upstream with ``async forward(variant, payload, deadline)`` takes
   the client's serialised ModelInferRequest and returns the serialised reply (the gRPC path
   then skips decoding and validation; errors are the upstream's own). Same fallback rules.
+- Model control (optional, ``--model-control explicit``, server/model_control.py): an upstream
+  with ``async load(variant)`` / ``async unload(variant)`` makes the variant ready / unready
+  (loading one that is loaded is a no-op); without them load/unload answer UNIMPLEMENTED.
 - ``close()`` releases sessions/channels; called once at shutdown.
 """
 

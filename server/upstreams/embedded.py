@@ -4,6 +4,8 @@ Per variant: ``instance_group`` count sessions loaded through ``server.engines``
 manifest's ``engine`` / ``engine_options``) and a :class:`server.batching.DynamicBatcher` applying
 the config's ``dynamic_batching`` with one worker thread per instance, so the event loop never
 blocks. A variant that fails to load stays unready (the core falls back) and its reason is logged.
+Model control (``load`` / ``unload``) opens a variant's sessions or closes them after the
+requests they are running.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 from server.batching import BatchPolicy, DynamicBatcher
 from server.engines import EngineError, EngineSession, get_engine
+from server.errors import InvalidInput
 from server.repository import Repository, Variant
 from server.upstreams.base import UpstreamSettings, UpstreamUnavailable, report_ready
 
@@ -64,30 +67,53 @@ class EmbeddedUpstream:
                 log.debug("warm-up of %s skipped: %s", variant.name, e)
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         for variant in self._repository.variants():
-            if variant.problem:
-                self._fail(variant, variant.problem)
-                continue
-            try:
-                sessions = await loop.run_in_executor(self._executor, self._load_sessions, variant)
-            except EngineError as e:
-                self._fail(variant, str(e))
-                continue
-            s = variant.serving
-            policy = BatchPolicy(
-                max_batch_size=s.max_batch_size,
-                dynamic=s.dynamic_batching,
-                preferred_sizes=list(s.preferred_batch_sizes),
-                max_queue_delay_s=s.max_queue_delay_us / 1e6,
-                inline_max_s=INLINE_MAX_S,
+            await self._open(variant)
+
+    async def _open(self, variant: Variant) -> bool:
+        """Load ``variant``'s sessions and start its batcher; False (and logged) when it fails."""
+        if variant.problem:
+            self._fail(variant, variant.problem)
+            return False
+        loop = asyncio.get_running_loop()
+        try:
+            sessions = await loop.run_in_executor(self._executor, self._load_sessions, variant)
+        except EngineError as e:
+            self._fail(variant, str(e))
+            return False
+        s = variant.serving
+        policy = BatchPolicy(
+            max_batch_size=s.max_batch_size,
+            dynamic=s.dynamic_batching,
+            preferred_sizes=list(s.preferred_batch_sizes),
+            max_queue_delay_s=s.max_queue_delay_us / 1e6,
+            inline_max_s=INLINE_MAX_S,
+        )
+        batcher = DynamicBatcher(
+            sessions, policy, (variant.model, variant.precision), name=variant.name
+        )
+        batcher.start()
+        self._batchers[variant.name] = batcher
+        self.problems.pop(variant.name, None)
+        report_ready(self.name, variant, True)
+        return True
+
+    # ---- model control (server/model_control.py) ----------------------------------------------
+    async def load(self, variant: Variant) -> None:
+        """Open the variant's sessions (nothing to do when it is loaded)."""
+        if variant.name in self._batchers:
+            return
+        if not await self._open(variant):
+            raise InvalidInput(
+                f"load failed for model {variant.name!r}: {self.problems[variant.name]}"
             )
-            batcher = DynamicBatcher(
-                sessions, policy, (variant.model, variant.precision), name=variant.name
-            )
-            batcher.start()
-            self._batchers[variant.name] = batcher
-            report_ready(self.name, variant, True)
+
+    async def unload(self, variant: Variant) -> None:
+        """Stop routing to the variant; requests it is running finish, then its sessions close."""
+        batcher = self._batchers.pop(variant.name, None)
+        self._fail(variant, "unloaded")
+        if batcher is not None:
+            await batcher.close()
 
     def _fail(self, variant: Variant, reason: str) -> None:
         self.problems[variant.name] = reason

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from server import metrics
-from server.errors import ConfigError
+from server.errors import ConfigError, Unsupported
 from server.repository import Repository, Variant
 from server.upstreams.base import Upstream, UpstreamSettings, create_upstream
 
@@ -79,6 +79,20 @@ class PooledUpstream:
                 time.monotonic() - started
             )
         return outputs
+
+    async def load(self, variant: Variant) -> None:
+        await self._control("load", variant)
+
+    async def unload(self, variant: Variant) -> None:
+        await self._control("unload", variant)
+
+    async def _control(self, action: str, variant: Variant) -> None:
+        """Model control goes to the variant's pool (server/model_control.py)."""
+        u = self._require(variant)
+        method = getattr(u, action, None)
+        if not callable(method):
+            raise Unsupported(f"upstream {u.name!r} of {variant.name} cannot {action} models")
+        await method(variant)
 
     async def _forward(self, variant: Variant, payload: bytes, deadline: float | None) -> bytes:
         return await self._require(variant).forward(variant, payload, deadline)  # type: ignore[attr-defined]

@@ -21,6 +21,9 @@
   the last value of a scalar field), on a raw grpc.aio channel per replica; Triton's reply bytes
   come back as they are. Statuses other than the replica/variant failures above are Triton's
   own, code and message unchanged (:class:`UpstreamStatus`).
+- Model control (``--model-control explicit``): :meth:`TritonUpstream.load` / ``unload`` call
+  Triton's own load/unload on every replica (started with ``--model-control-mode=explicit``,
+  serving the same repository) and re-check their readiness at once.
 """
 
 from __future__ import annotations
@@ -427,6 +430,41 @@ class TritonUpstream:
         if code == "INVALID_ARGUMENT":
             raise InvalidInput(f"{variant.name}: {message}")
         raise InternalError(f"{variant.name} on Triton {replica.address}: {code}: {message}")
+
+    # ---- model control (server/model_control.py) ----------------------------------------------
+    async def load(self, variant: Variant) -> None:
+        await self._on_every_replica("load_model", variant)
+
+    async def unload(self, variant: Variant) -> None:
+        await self._on_every_replica("unload_model", variant)
+
+    async def _on_every_replica(self, method: str, variant: Variant) -> None:
+        """Triton's load/unload on every replica, then a readiness check of each; an error
+        names the replicas that refused (the others have done it)."""
+        replicas = [r for r in self.replicas if r.client is not None and not r.leaving]
+        results = await asyncio.gather(
+            *(
+                getattr(r.client, method)(
+                    variant.name, client_timeout=self._settings.default_timeout_s
+                )
+                for r in replicas
+            ),
+            return_exceptions=True,
+        )
+        await asyncio.gather(*(self._check(r) for r in replicas))
+        failed = [
+            f"{r.address}: {_code(e)}: {e.message()}"
+            if isinstance(e, InferenceServerException)
+            else f"{r.address}: {e}"
+            for r, e in zip(replicas, results, strict=True)
+            if isinstance(e, BaseException)
+        ]
+        if failed or not replicas:
+            raise UpstreamStatus(
+                "UNAVAILABLE" if not replicas else "INTERNAL",
+                f"{method} {variant.name} failed on Triton replica(s): "
+                + ("; ".join(failed) or "none is connected"),
+            )
 
 
 class _ReplicaFailed(Exception):
