@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from server.core import Gateway
 from server.errors import ConfigError
-from server.grpc_service import start_grpc_server
+from server.grpc_service import DEFAULT_MAX_CONCURRENT_RPCS, start_grpc_server
 from server.http_app import start_http_server
 from server.model_repository import RepositoryError, atomic_write_text
 from server.repository import load_repository
@@ -52,6 +52,7 @@ class ServeOptions:
     auth_token: str | None = None
     threads: int = 0
     grace_s: float = 10.0
+    grpc_max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS  # 0 = no limit
     # started by ``--workers`` (server/workers.py): bind the shared ports with SO_REUSEPORT and
     # leave /metrics to the supervisor
     worker: bool = False
@@ -67,6 +68,10 @@ class ServeOptions:
             raise ConfigError(f"--max-request-bytes must be >= 1024, got {self.max_request_bytes}")
         if self.threads < 0:
             raise ConfigError(f"--threads must be >= 0, got {self.threads}")
+        if self.grpc_max_concurrent_rpcs < 0:
+            raise ConfigError(
+                f"--grpc-max-concurrent-rpcs must be >= 0, got {self.grpc_max_concurrent_rpcs}"
+            )
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -125,7 +130,13 @@ class GatewayServer:
         await self.gateway.start()
         try:
             self._grpc, self.ports["grpc_port"] = await start_grpc_server(
-                self.gateway, o.host, o.grpc_port, o.max_request_bytes, grpc_tls, o.worker
+                self.gateway,
+                o.host,
+                o.grpc_port,
+                o.max_request_bytes,
+                grpc_tls,
+                o.worker,
+                o.grpc_max_concurrent_rpcs,
             )
         except RuntimeError as e:
             raise ConfigError(f"cannot bind gRPC port {o.host}:{o.grpc_port}: {e}") from e
