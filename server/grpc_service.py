@@ -23,7 +23,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from server import metrics
 from server.core import PRECISION_HEADER, Gateway, InferRequest, InferResponse, ModelView
 from server.errors import GatewayError, InvalidInput
-from server.grpc_contents import wire_tensors
+from server.grpc_contents import check_sizes, wire_tensors
 from server.tensors import datatype_of, encode_raw
 
 log = logging.getLogger(__name__)
@@ -184,13 +184,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.gateway.authorize(headers)
         if bad_metadata:
             raise InvalidInput(f"metadata {bad_metadata[0]!r}: binary value is not UTF-8")
+        forward = self.gateway.forwards
+        if not forward:  # pass-through: Triton checks (and words) it
+            check_sizes(data)
         try:
             request = pb.ModelInferRequest.FromString(data)
         except DecodeError as e:
             raise InvalidInput(f"malformed ModelInferRequest: {e}") from None
         remaining = context.time_remaining()
         params = request.parameters
-        forward = self.gateway.forwards
         infer = InferRequest(
             model=request.model_name,
             version=request.model_version,

@@ -8,6 +8,7 @@ answer before the big request does), memory by the gateway's VmRSS.
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2 as pb
 
 from server.errors import InvalidInput
-from server.grpc_contents import TypedContents, wire_tensors
+from server.grpc_contents import PREFLIGHT_BYTES, TypedContents, check_sizes, wire_tensors
 from server.runner import GatewayProcess
 
 pytestmark = pytest.mark.integration
@@ -136,6 +137,23 @@ def test_mismatched_typed_contents_are_refused_before_any_conversion(monkeypatch
     t.contents.fp32_contents.extend([0.0] * 100_000)
     with pytest.raises(InvalidInput, match=r"input 'x': got 100000 values, expected 16"):
         wire_tensors(req)
+
+
+def test_large_requests_are_size_checked_from_their_bytes_before_parsing(big_typed, big_raw):
+    for data, needle in (
+        (big_typed, f"got {BIG_VALUES} values, expected 16 for shape [1, 16] of FP32"),
+        (big_raw, f"got {4 * BIG_VALUES} bytes, expected 64 for shape [1, 16] of FP32"),
+    ):
+        with pytest.raises(InvalidInput, match=re.escape(f"input 'x': {needle}")):
+            check_sizes(data)
+    ok = pb.ModelInferRequest(model_name="tiny")
+    ints = ok.inputs.add(name="ids", datatype="INT64", shape=[1000, 300])
+    ints.contents.int64_contents.extend([-1, 2**40, 7] * 100_000)  # varints of 1 to 10 bytes
+    check_sizes(ok.SerializeToString())
+    ints.shape[0] = 999
+    with pytest.raises(InvalidInput, match="got 300000 values, expected 299700"):
+        check_sizes(ok.SerializeToString())
+    check_sizes(b"\xff" * (2 * PREFLIGHT_BYTES))  # not a message: left to the parser
 
 
 def test_typed_contents_convert_without_python_lists():
