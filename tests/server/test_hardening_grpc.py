@@ -242,3 +242,19 @@ def test_a_zero_size_dim_beside_a_huge_one_is_invalid_argument(gw, shape):
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "input 'x'" in err.details() and str(shape) in err.details()
     assert "a dimension is too large" in err.details()
+
+
+def test_grpc_max_concurrent_rpcs_option(tmp_path):
+    from server.app import ServeOptions
+    from server.cli import build_parser
+    from server.errors import ConfigError
+
+    args = build_parser().parse_args(["--repository", str(tmp_path)])
+    assert args.grpc_max_concurrent_rpcs == 128
+    args = build_parser().parse_args(["--repository", "r", "--grpc-max-concurrent-rpcs", "0"])
+    assert args.grpc_max_concurrent_rpcs == 0
+    assert (
+        ServeOptions(repository=tmp_path, grpc_max_concurrent_rpcs=0).grpc_max_concurrent_rpcs == 0
+    )
+    with pytest.raises(ConfigError, match="--grpc-max-concurrent-rpcs must be >= 0, got -1"):
+        ServeOptions(repository=tmp_path, grpc_max_concurrent_rpcs=-1)
