@@ -77,7 +77,10 @@ _CHANNEL_ARGS = [
 _REPLICA_DOWN = "UNAVAILABLE"
 _NOT_LOADED = "NOT_FOUND"
 # UNAVAILABLE messages that are Triton's answer about one model, not a failed connection.
+# (libtritonserver's texts: "Exceeds maximum queue size", "... has no available versions",
+# "Model version not ready"; "Server not ready" is about the whole replica.)
 _QUEUE_FULL = ("exceeds maximum queue size",)
+_REPLICA_NOT_READY = ("server not ready",)
 _MODEL_UNAVAILABLE = ("no available versions", "not ready", "not loaded")
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -122,6 +125,8 @@ def unavailable_scope(message: str) -> str:
     text = message.lower()
     if any(p in text for p in _QUEUE_FULL):
         return "queue"
+    if any(p in text for p in _REPLICA_NOT_READY):
+        return "replica"
     if any(p in text for p in _MODEL_UNAVAILABLE):
         return "variant"
     return "replica"

@@ -159,6 +159,8 @@ def test_triton_model_not_ready_marks_only_that_variant_on_that_replica(
         ("Exceeds maximum queue size", "queue"),
         ("Request for unknown model: 'm' has no available versions", "variant"),
         ("failed to connect to all addresses; last error: Connection refused", "replica"),
+        ("Model version not ready", "variant"),
+        ("Server not ready", "replica"),
         ("Socket closed", "replica"),
         ("", "replica"),
     ],
