@@ -23,7 +23,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from server import metrics
 from server.core import PRECISION_HEADER, Gateway, InferRequest, InferResponse, ModelView
 from server.errors import GatewayError, InvalidInput
-from server.grpc_contents import check_sizes, wire_tensors
+from server.grpc_contents import CONTENTS_FIELD, check_sizes, wire_tensors
 from server.tensors import datatype_of, encode_raw
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,17 @@ def _param_value(p: pb.InferParameter) -> Any:
     return getattr(p, kind) if kind else None
 
 
-def _metadata(context: grpc.aio.ServicerContext) -> tuple[dict[str, str], list[str]]:
+# Kept under their old names for other handlers (streaming) that decode like ModelInfer.
+_wire_tensors = wire_tensors
+_CONTENTS_FIELD = CONTENTS_FIELD
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """Invocation metadata by lower-case key (``-bin`` values that are not UTF-8 left out)."""
+    return _read_metadata(context)[0]
+
+
+def _read_metadata(context: grpc.aio.ServicerContext) -> tuple[dict[str, str], list[str]]:
     """Invocation metadata by lower-case key, and the keys of ``-bin`` values that are not
     UTF-8 (the caller authenticates before it reports them)."""
     headers: dict[str, str] = {}
@@ -180,7 +190,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _infer_request(self, data: bytes, context: grpc.aio.ServicerContext) -> InferRequest:
         """Authenticate (metadata only), then parse and check the request's own tensors."""
-        headers, bad_metadata = _metadata(context)
+        headers, bad_metadata = _read_metadata(context)
         self.gateway.authorize(headers)
         if bad_metadata:
             raise InvalidInput(f"metadata {bad_metadata[0]!r}: binary value is not UTF-8")
