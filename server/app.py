@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from server.core import Gateway
 from server.errors import ConfigError
-from server.grpc_service import start_grpc_server
+from server.grpc_service import DEFAULT_MAX_CONCURRENT_RPCS, start_grpc_server
 from server.http_app import start_http_server
 from server.model_control import MODES as MODEL_CONTROL_MODES
 from server.model_control import ModelControl
@@ -56,6 +56,7 @@ class ServeOptions:
     threads: int = 0
     retime: str = "auto"  # re-time variants on this host before auto ranks them (retime.py)
     grace_s: float = 10.0
+    grpc_max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS  # 0 = no limit
     # started by ``--workers`` (server/workers.py): bind the shared ports with SO_REUSEPORT and
     # leave /metrics to the supervisor
     worker: bool = False
@@ -78,6 +79,10 @@ class ServeOptions:
         if self.threads < 0:
             raise ConfigError(f"--threads must be >= 0, got {self.threads}")
         check_mode(self.retime)
+        if self.grpc_max_concurrent_rpcs < 0:
+            raise ConfigError(
+                f"--grpc-max-concurrent-rpcs must be >= 0, got {self.grpc_max_concurrent_rpcs}"
+            )
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -142,7 +147,13 @@ class GatewayServer:
         await self.gateway.start()
         try:
             self._grpc, self.ports["grpc_port"] = await start_grpc_server(
-                self.gateway, o.host, o.grpc_port, o.max_request_bytes, grpc_tls, o.worker
+                self.gateway,
+                o.host,
+                o.grpc_port,
+                o.max_request_bytes,
+                grpc_tls,
+                o.worker,
+                o.grpc_max_concurrent_rpcs,
             )
         except RuntimeError as e:
             raise ConfigError(f"cannot bind gRPC port {o.host}:{o.grpc_port}: {e}") from e

@@ -14,12 +14,25 @@ thread itself. Results go back with ``call_soon_threadsafe``. One exception
 (``BatchPolicy.inline_max_s``): with one instance, no batching delay, nothing queued or waiting
 and short recent runs, a request runs on the event loop's thread at once - for a small model
 the two thread hand-offs cost more than the run. A deadline is one loop timer per request.
+
+Supervision: a batch only ever fails its own members. Requests batch together only with the same
+non-batch shapes and dtypes; a merged run that fails (one client's input may be the cause) is run
+again member by member, so only the request that fails alone gets the error. Everything a batch
+does (concatenation, the run, checking and slicing the outputs) is inside that one ``try``; an
+output without the batch dimension fails the batch with a clear InternalError. A worker thread
+that dies anyway fails its batch and is restarted (at most ``MAX_RESTARTS`` in
+``RESTART_WINDOW_S``); :meth:`DynamicBatcher.alive` (the variant's readiness) is false when a
+worker is dead for good. ``max_queue_size`` (the config's
+``dynamic_batching.default_queue_policy.max_queue_size``; 0 = unbounded) bounds the queue: a
+request beyond it is refused at once with UNAVAILABLE "queue full for <variant>" and counted in
+``precision_serve_queue_rejections_total``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import threading
 import time
@@ -33,6 +46,11 @@ from server import metrics
 from server.engines import EngineError, EngineSession
 from server.errors import DeadlineExceeded, GatewayError, InternalError, Unavailable
 
+log = logging.getLogger(__name__)
+
+MAX_RESTARTS = 5  # worker restarts allowed per RESTART_WINDOW_S before a worker stays dead
+RESTART_WINDOW_S = 60.0
+
 
 @dataclass
 class BatchPolicy:
@@ -44,6 +62,7 @@ class BatchPolicy:
     # queued, there is no batching delay and recent engine runs took under this long (0 = never).
     # Saves the two thread hand-offs (and their GIL contention) that dominate a small model.
     inline_max_s: float = 0.0
+    max_queue_size: int = 0  # requests waiting for a worker (0 = unbounded)
 
     @property
     def target_rows(self) -> int:
@@ -86,7 +105,38 @@ def _expire(fut: asyncio.Future) -> None:
 
 
 def _shape_key(inputs: dict[str, np.ndarray], batched: bool) -> tuple:
-    return tuple(sorted((k, v.shape[1:] if batched else v.shape) for k, v in inputs.items()))
+    return tuple(
+        sorted((k, v.dtype.str, v.shape[1:] if batched else v.shape) for k, v in inputs.items())
+    )
+
+
+class _BadOutput(Exception):
+    """The engine's outputs cannot be handed back (not batch-first, not a mapping)."""
+
+
+def _split(outputs: object, batch: list[_Item], batched: bool) -> list[dict[str, np.ndarray]]:
+    """Each member's outputs: its rows of every output (checked first, so nothing half-fails)."""
+    if not isinstance(outputs, dict):
+        raise _BadOutput(f"engine returned {type(outputs).__name__}, not outputs by name")
+    if not batched:
+        return [outputs]
+    rows = sum(b.rows for b in batch)
+    arrays = {}
+    for name, value in outputs.items():
+        arr = np.asarray(value)
+        if arr.ndim == 0 or arr.shape[0] != rows:
+            raise _BadOutput(
+                f"engine output {name!r} has shape {list(arr.shape)}, expected a leading batch "
+                f"dimension of {rows}"
+            )
+        arrays[name] = arr
+    if len(batch) == 1:
+        return [arrays]
+    out, offset = [], 0
+    for b in batch:
+        out.append({k: v[offset : offset + b.rows] for k, v in arrays.items()})
+        offset += b.rows
+    return out
 
 
 class DynamicBatcher:
@@ -111,7 +161,10 @@ class DynamicBatcher:
         self._queue: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._threads: list[threading.Thread] = []
+        self._restarts: deque[float] = deque()  # clock() of recent worker restarts
+        self._dead = False  # a worker died past its restart budget: the variant is unready
         self._closed = False
+        self._rejections = metrics.QUEUE_REJECTIONS.labels(*labels)
         self._busy = 0  # instances running a batch (under the lock)
         self._waiting = 0  # callers awaiting a worker's answer (event loop thread only)
         # moving average of engine-run seconds (decides inline runs; unknown until a run)
@@ -121,12 +174,48 @@ class DynamicBatcher:
         )
 
     def start(self) -> None:
-        for i, session in enumerate(self._sessions):
-            t = threading.Thread(
-                target=self._worker, args=(session,), name=f"{self._name}-{i}", daemon=True
+        self._threads = [self._spawn(i) for i in range(len(self._sessions))]
+
+    def _spawn(self, index: int) -> threading.Thread:
+        t = threading.Thread(
+            target=self._worker_main, args=(index,), name=f"{self._name}-{index}", daemon=True
+        )
+        t.start()
+        return t
+
+    def alive(self) -> bool:
+        """Every worker runs (or is being replaced): what the variant's readiness reports."""
+        return not self._closed and not self._dead and all(t.is_alive() for t in self._threads)
+
+    def _worker_main(self, index: int) -> None:
+        try:
+            self._worker(self._sessions[index])
+        finally:
+            self._supervise(index)
+
+    def _supervise(self, index: int) -> None:
+        """A worker thread is ending: replace it unless closing or past the restart budget."""
+        with self._cond:
+            if self._closed:
+                return
+            now = self._clock()
+            while self._restarts and now - self._restarts[0] > RESTART_WINDOW_S:
+                self._restarts.popleft()
+            if len(self._restarts) >= MAX_RESTARTS:
+                self._dead = True
+                leftovers, self._queue = list(self._queue), deque()
+            else:
+                self._restarts.append(now)
+                leftovers = None
+        if leftovers is not None:
+            log.error(
+                "batcher worker %s-%d died too often; the variant is unready", self._name, index
             )
-            t.start()
-            self._threads.append(t)
+            for item in leftovers:
+                item.resolve(None, Unavailable(f"no live engine worker for {self._name}"))
+            return
+        log.error("batcher worker %s-%d died; restarting it", self._name, index)
+        self._threads[index] = self._spawn(index)
 
     async def close(self) -> None:
         with self._cond:
@@ -152,6 +241,12 @@ class DynamicBatcher:
         with self._cond:
             if self._closed:
                 raise Unavailable("gateway is shutting down")
+            if self._dead:
+                raise Unavailable(f"no live engine worker for {self._name}")
+            limit = self._policy.max_queue_size
+            if limit and len(self._queue) >= limit:
+                self._rejections.inc()
+                raise Unavailable(f"queue full for {self._name} (max_queue_size {limit})")
             inline = (
                 self._inline
                 and not self._waiting
@@ -192,15 +287,16 @@ class DynamicBatcher:
                 raise DeadlineExceeded("deadline exceeded before the engine ran")
             try:
                 outputs = self._sessions[0].run(item.inputs)
+                (result,) = _split(outputs, [item], self._policy.max_batch_size > 0)
             except Exception as e:
-                raise InternalError(_engine_message(e)) from e
+                raise InternalError(self._failure(e)) from None
             finally:
                 elapsed = self._clock() - start
                 self._upstream_hist.observe(elapsed)
                 self._observe_run(elapsed)
             if item.deadline is not None and self._clock() >= item.deadline:
                 raise DeadlineExceeded("deadline exceeded while the engine ran")
-            return outputs
+            return result
         finally:
             with self._cond:
                 self._busy -= 1
@@ -269,36 +365,56 @@ class DynamicBatcher:
             try:
                 if batch:
                     self._run(session, batch)
+            except BaseException as e:  # never lose a request: fail it; the supervisor restarts
+                for b in batch:
+                    b.resolve(None, InternalError(f"engine worker of {self._name} failed: {e!r}"))
+                raise
             finally:
                 with self._cond:
                     self._busy -= 1
+
+    def _failure(self, e: Exception) -> str:
+        if isinstance(e, _BadOutput):
+            return f"{self._name}: {e}"
+        return _engine_message(e)
 
     def _run(self, session: EngineSession, batch: list[_Item]) -> None:
         start = self._clock()
         for b in batch:
             self._queue_hist.observe(start - b.enqueued)
-        rows = sum(b.rows for b in batch)
-        self._batch_hist.observe(rows)
+        self._batch_hist.observe(sum(b.rows for b in batch))
+        try:
+            results = self._execute(session, batch)
+        except Exception as e:  # an engine failure fails this batch, never the worker
+            if len(batch) > 1:  # one member's input may be the cause: each runs alone
+                for b in batch:
+                    self._run_alone(session, b)
+                return
+            batch[0].resolve(None, InternalError(self._failure(e)))
+            return
+        for b, result in zip(batch, results, strict=True):
+            b.resolve(result, None)
+
+    def _run_alone(self, session: EngineSession, item: _Item) -> None:
+        try:
+            (result,) = self._execute(session, [item])
+        except Exception as e:
+            item.resolve(None, InternalError(self._failure(e)))
+        else:
+            item.resolve(result, None)
+
+    def _execute(self, session: EngineSession, batch: list[_Item]) -> list[dict[str, np.ndarray]]:
+        """Concatenate, run and split one batch; raises whatever goes wrong."""
+        start = self._clock()
         try:
             if len(batch) == 1:
                 feeds = batch[0].inputs
             else:
                 feeds = {k: np.concatenate([b.inputs[k] for b in batch]) for k in batch[0].inputs}
             outputs = session.run(feeds)
-        except Exception as e:  # an engine failure fails this batch, never the worker
-            message = _engine_message(e)
-            for b in batch:
-                b.resolve(None, InternalError(message))
-            return
         finally:
             elapsed = self._clock() - start
             self._observe_run(elapsed)
             for _ in batch:
                 self._upstream_hist.observe(elapsed)
-        if len(batch) == 1:
-            batch[0].resolve(outputs, None)
-            return
-        offset = 0
-        for b in batch:
-            b.resolve({k: v[offset : offset + b.rows] for k, v in outputs.items()}, None)
-            offset += b.rows
+        return _split(outputs, batch, self._policy.max_batch_size > 0)

@@ -16,6 +16,7 @@ from typing import Any
 
 from server.app import DEFAULT_MAX_REQUEST_BYTES, ServeOptions, serve
 from server.errors import ConfigError, GatewayError
+from server.grpc_service import DEFAULT_MAX_CONCURRENT_RPCS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_MAX_REQUEST_BYTES,
         help="largest accepted request (RESOURCE_EXHAUSTED / 413 above)",
+    )
+    p.add_argument(
+        "--grpc-max-concurrent-rpcs",
+        type=int,
+        default=DEFAULT_MAX_CONCURRENT_RPCS,
+        help="gRPC calls handled at once; more get RESOURCE_EXHAUSTED (0 = no limit)",
     )
     p.add_argument("--tls-cert", type=Path, help="PEM certificate: serve gRPC and HTTP over TLS")
     p.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
@@ -127,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads,
             retime=args.retime,
             grace_s=args.grace,
+            grpc_max_concurrent_rpcs=args.grpc_max_concurrent_rpcs,
             worker=args.worker,
             model_control=args.model_control,
         )
@@ -149,6 +157,7 @@ def _supervise(args: argparse.Namespace) -> int:
     worker_args += ["--max-request-bytes", str(args.max_request_bytes)]
     worker_args += ["--threads", str(args.threads), "--log-level", args.log_level]
     worker_args += ["--loop", args.loop, "--retime", args.retime]
+    worker_args += ["--grpc-max-concurrent-rpcs", str(args.grpc_max_concurrent_rpcs)]
     if args.routing:
         worker_args += ["--routing", str(args.routing)]
     if args.tls_cert or args.tls_key:

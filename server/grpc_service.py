@@ -10,6 +10,7 @@ import functools
 import importlib.metadata
 import logging
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
@@ -19,7 +20,7 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from server import statistics
+from server import metrics, statistics
 from server.core import (
     FALLBACK_PARAMETER,
     PRECISION_HEADER,
@@ -30,6 +31,7 @@ from server.core import (
 )
 from server.errors import GatewayError, InvalidInput, Unsupported
 from server.extensions import EXTENSIONS
+from server.grpc_contents import CONTENTS_FIELD, check_sizes, wire_tensors
 from server.model_control import control_of
 from server.shared_memory import REGION, SystemSharedMemory, TensorRef, cuda_unsupported, tensor_ref
 from server.streaming import stream_handler
@@ -48,21 +50,10 @@ def server_version() -> str:
         return "0"
 
 
-# KServe datatype -> InferTensorContents field for typed (non-raw) contents.
-_CONTENTS_FIELD = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
+# gRPC calls handled at once (``--grpc-max-concurrent-rpcs``); with 64 MiB payloads this bounds
+# what requests in flight can hold to a few GiB.
+DEFAULT_MAX_CONCURRENT_RPCS = 128
+ENVELOPE_BYTES = 1024 * 1024  # room for a request's metadata beside its tensor payload
 
 
 def _status_of(error: GatewayError) -> grpc.StatusCode:
@@ -91,6 +82,9 @@ def _param_value(p: pb.InferParameter) -> Any:
     return getattr(p, kind) if kind else None
 
 
+_CONTENTS_FIELD = CONTENTS_FIELD  # kept under its old name
+
+
 def _shm_inputs(
     request: pb.ModelInferRequest, shm: SystemSharedMemory | None
 ) -> dict[int, WireTensor]:
@@ -107,30 +101,8 @@ def _shm_inputs(
 def _wire_tensors(
     request: pb.ModelInferRequest, shm: SystemSharedMemory | None = None
 ) -> list[WireTensor]:
-    in_shm = _shm_inputs(request, shm)
-    raw = list(request.raw_input_contents)
-    if raw and len(raw) + len(in_shm) != len(request.inputs):
-        raise InvalidInput(
-            f"raw_input_contents has {len(raw)} entries for "
-            f"{len(request.inputs) - len(in_shm)} inputs not in shared memory"
-        )
-    out, raws = [], iter(raw)
-    for i, t in enumerate(request.inputs):
-        if i in in_shm:
-            out.append(in_shm[i])
-            continue
-        wt = WireTensor(name=t.name, datatype=t.datatype, shape=[int(d) for d in t.shape])
-        if raw:
-            wt.raw = next(raws)
-        else:
-            field = _CONTENTS_FIELD.get(t.datatype)
-            if field is None:
-                raise InvalidInput(
-                    f"input {t.name!r}: {t.datatype} needs raw_input_contents (no typed contents)"
-                )
-            wt.values = list(getattr(t.contents, field))
-        out.append(wt)
-    return out
+    """The request's inputs (server/grpc_contents.py), those in shared memory read from it."""
+    return wire_tensors(request, _shm_inputs(request, shm))
 
 
 def _params(params: Any) -> dict[str, Any]:
@@ -142,8 +114,25 @@ def _uses_shm(request: pb.ModelInferRequest, out_shm: Collection[str]) -> bool:
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
-    md = context.invocation_metadata() or ()
-    return {k.lower(): v if isinstance(v, str) else v.decode() for k, v in md}
+    """Invocation metadata by lower-case key (``-bin`` values that are not UTF-8 left out)."""
+    return _read_metadata(context)[0]
+
+
+def _read_metadata(context: grpc.aio.ServicerContext) -> tuple[dict[str, str], list[str]]:
+    """Invocation metadata by lower-case key, and the keys of ``-bin`` values that are not
+    UTF-8 (the caller authenticates before it reports them)."""
+    headers: dict[str, str] = {}
+    bad: list[str] = []
+    for k, v in context.invocation_metadata() or ():
+        key = k.lower()
+        if isinstance(v, str):
+            headers[key] = v
+            continue
+        try:
+            headers[key] = v.decode()
+        except UnicodeDecodeError:
+            bad.append(key)
+    return headers, bad
 
 
 def _tensor_meta(
@@ -230,17 +219,41 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @_handled
     async def ModelInfer(self, data: bytes, context):
         """Takes and returns serialised messages (registered without (de)serializers): with a
-        pass-through upstream the request's bytes go on as they are, and so do the reply's."""
+        pass-through upstream the request's bytes go on as they are, and so do the reply's.
+        The token is checked before the payload is parsed (registered through
+        :func:`_releasing`)."""
+        shm = self.gateway.shared_memory
+        try:
+            infer, out_shm = self._infer_request(data, context, shm)
+        except GatewayError as e:  # refused before the core saw it: counted here
+            metrics.requests("unknown", "none", "grpc", e.code).inc()
+            raise
+        response = await self.gateway.infer(infer)
+        shm.write_outputs(response.outputs, out_shm)
+        await context.send_initial_metadata(((PRECISION_HEADER, response.precision),))
+        if response.raw is not None:
+            return response.raw + _precision_parameter(response.precision, response.fallback_from)
+        return infer_response_bytes(response, in_shm=out_shm)
+
+    def _infer_request(
+        self, data: bytes, context: grpc.aio.ServicerContext, shm: SystemSharedMemory
+    ) -> tuple[InferRequest, dict[str, TensorRef]]:
+        """Authenticate (metadata only), then parse and check the request's own tensors."""
+        headers, bad_metadata = _read_metadata(context)
+        self.gateway.authorize(headers)
+        if bad_metadata:
+            raise InvalidInput(f"metadata {bad_metadata[0]!r}: binary value is not UTF-8")
+        if not self.gateway.forwards:  # pass-through: Triton checks (and words) it
+            check_sizes(data)
         try:
             request = pb.ModelInferRequest.FromString(data)
         except DecodeError as e:
             raise InvalidInput(f"malformed ModelInferRequest: {e}") from None
-        remaining = context.time_remaining()
-        params = request.parameters
-        shm = self.gateway.shared_memory
         out_shm = _shm_outputs(request, shm)
         # shared memory is this host's: such requests are decoded here, never passed through
         forward = self.gateway.forwards and not _uses_shm(request, out_shm)
+        remaining = context.time_remaining()
+        params = request.parameters
         infer = InferRequest(
             model=request.model_name,
             version=request.model_version,
@@ -248,7 +261,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             inputs=[] if forward else _wire_tensors(request, shm),
             outputs=[o.name for o in request.outputs] or None,
             parameters={k: _param_value(v) for k, v in params.items()} if params else {},
-            headers=_metadata(context),
+            headers=headers,
             deadline=None if remaining is None else time.monotonic() + remaining,
             protocol="grpc",
         )
@@ -256,12 +269,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             infer.payload = data
             infer.rows = _batch_rows(request)
             infer.decode_inputs = functools.partial(_wire_tensors, request, shm)
-        response = await self.gateway.infer(infer)
-        shm.write_outputs(response.outputs, out_shm)
-        await context.send_initial_metadata(((PRECISION_HEADER, response.precision),))
-        if response.raw is not None:
-            return response.raw + _precision_parameter(response.precision, response.fallback_from)
-        return infer_response_bytes(response, in_shm=out_shm)
+        return infer, out_shm
 
     # ---- system shared memory (server/shared_memory.py); CUDA shared memory: UNIMPLEMENTED ----
     @_handled
@@ -372,6 +380,39 @@ def _raw_view(arr: np.ndarray) -> memoryview | bytes:
     return memoryview(le).cast("B") if le.size else b""
 
 
+def _clear_frames(error: BaseException) -> None:
+    """Clear the locals of every finished frame in ``error``'s tracebacks (and its causes')."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        todo += (e.__context__, e.__cause__)
+
+
+def _releasing(
+    method: Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]],
+) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]:
+    """A handler taking a large payload: when an error (an abort included) leaves it, the frames
+    its traceback holds - ``_handled``'s, whose argument is the payload, among them - are
+    cleared. Otherwise a reference cycle through the exception keeps a rejected 60 MB request
+    alive until the cyclic garbage collector happens to run (measured: +80 MB per request)."""
+
+    @functools.wraps(method)
+    async def handler(data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            return await method(data, context)
+        except BaseException as e:
+            _clear_frames(e)
+            del data
+            raise
+
+    return handler
+
+
 class _Captured:
     """Stands in for a server to collect the generated code's method handlers."""
 
@@ -391,7 +432,7 @@ def add_service(server: grpc.aio.Server, servicer: InferenceServicer) -> None:
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, captured)
     handlers = captured.handlers
     handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
-        servicer.ModelInfer, request_deserializer=None, response_serializer=None
+        _releasing(servicer.ModelInfer), request_deserializer=None, response_serializer=None
     )
     handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
         stream_handler(servicer.ModelInfer), request_deserializer=None, response_serializer=None
@@ -407,15 +448,20 @@ async def start_grpc_server(
     max_message_bytes: int,
     tls: tuple[bytes, bytes] | None = None,
     reuse_port: bool = False,
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS,
 ) -> tuple[grpc.aio.Server, int]:
     """Start the service; returns the server and the bound port (``port`` may be 0).
-    ``reuse_port``: share the port with other workers (``--workers``)."""
+    ``reuse_port``: share the port with other workers (``--workers``). ``max_message_bytes``
+    is the request payload limit: gRPC takes messages up to it plus the envelope (names, shapes,
+    parameters), so a payload at the limit is refused by the gateway's own size check, by name.
+    ``max_concurrent_rpcs``: calls beyond it are answered RESOURCE_EXHAUSTED by gRPC before
+    their messages are read (0 = no limit)."""
     options = [
-        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes + ENVELOPE_BYTES),
         ("grpc.max_send_message_length", max(max_message_bytes, 64 * 1024 * 1024)),
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs or None)
     add_service(server, InferenceServicer(gateway))
     address = f"{host}:{port}"
     if tls is not None:

@@ -26,7 +26,8 @@ class WireTensor:
     datatype: str
     shape: list[int]
     raw: bytes | None = None  # raw_input_contents / binary extension
-    values: Sequence[Any] | np.ndarray | None = None  # typed contents / JSON "data"
+    # typed contents (server/grpc_contents.py: lazy, ``__array__``) / JSON "data"
+    values: Sequence[Any] | np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
@@ -88,7 +89,7 @@ def decode(t: WireTensor) -> np.ndarray:
             )
         return np.frombuffer(t.raw, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(t.shape)
     values = t.values if t.values is not None else []
-    if not isinstance(values, np.ndarray):
+    if not isinstance(values, np.ndarray) and not hasattr(values, "__array__"):
         values = _flatten(list(values) if isinstance(values, list | tuple) else [values])
     try:
         with np.errstate(over="ignore", invalid="ignore"):  # out-of-range -> inf, as numpy casts

@@ -2,8 +2,10 @@
 
 Per variant: ``instance_group`` count sessions loaded through ``server.engines`` (honouring the
 manifest's ``engine`` / ``engine_options``) and a :class:`server.batching.DynamicBatcher` applying
-the config's ``dynamic_batching`` with one worker thread per instance, so the event loop never
-blocks. A variant that fails to load stays unready (the core falls back) and its reason is logged.
+the config's ``dynamic_batching`` (and its ``default_queue_policy.max_queue_size``) with one
+worker thread per instance, so the event loop never blocks; a variant whose worker died for good
+reports unready. A variant that fails to load stays unready (the core falls back) and its reason
+is logged.
 Model control (``load`` / ``unload``) opens a variant's sessions or closes them after the
 requests they are running.
 """
@@ -26,6 +28,14 @@ log = logging.getLogger(__name__)
 
 # Engine runs shorter than this may run on the event loop's thread (see BatchPolicy.inline_max_s).
 INLINE_MAX_S = 0.002
+
+
+def max_queue_size(variant: Variant) -> int:
+    """The config's ``dynamic_batching.default_queue_policy.max_queue_size`` (0 = unbounded)."""
+    cfg = variant.config
+    if not cfg.HasField("dynamic_batching"):
+        return 0
+    return max(0, int(cfg.dynamic_batching.default_queue_policy.max_queue_size))
 
 
 class EmbeddedUpstream:
@@ -88,6 +98,7 @@ class EmbeddedUpstream:
             preferred_sizes=list(s.preferred_batch_sizes),
             max_queue_delay_s=s.max_queue_delay_us / 1e6,
             inline_max_s=INLINE_MAX_S,
+            max_queue_size=max_queue_size(variant),
         )
         batcher = DynamicBatcher(
             sessions, policy, (variant.model, variant.precision), name=variant.name
@@ -121,7 +132,8 @@ class EmbeddedUpstream:
         report_ready(self.name, variant, False)
 
     def ready(self, variant: Variant) -> bool:
-        return variant.name in self._batchers
+        batcher = self._batchers.get(variant.name)
+        return batcher is not None and batcher.alive()
 
     async def infer(
         self, variant: Variant, inputs: dict[str, np.ndarray], deadline: float | None

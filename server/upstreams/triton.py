@@ -10,8 +10,12 @@
 - Balancing: the ready replica with the fewest outstanding requests (ties rotate).
 - A call answered UNAVAILABLE (replica gone: refused, reset) or NOT_FOUND (variant not loaded
   there) marks that replica/variant unready until the next check, and is retried once on another
-  ready replica. When no replica can serve the variant, :class:`UpstreamUnavailable` is raised and
-  the core falls back along the model's precision chain.
+  ready replica. An UNAVAILABLE that is Triton's own model-level answer is told apart by its
+  message (:func:`unavailable_scope`): "exceeds maximum queue size" (that variant's queue is full:
+  retried elsewhere, nothing is marked) or the variant not ready there (only that replica/variant
+  is marked); the replica stays up for its other variants. When no replica can serve the
+  variant, :class:`UpstreamUnavailable` is raised and the core falls back along the model's
+  precision chain.
 - A replica with nothing listening never stops the gateway: it is just unready.
 - Membership can change at run time (:meth:`TritonUpstream.set_replicas`, used by discovery in
   server/upstreams/dns.py): a joining replica is checked before it is picked; a leaving one is
@@ -75,6 +79,12 @@ _CHANNEL_ARGS = [
 # Status codes after which another replica may succeed.
 _REPLICA_DOWN = "UNAVAILABLE"
 _NOT_LOADED = "NOT_FOUND"
+# UNAVAILABLE messages that are Triton's answer about one model, not a failed connection.
+# (libtritonserver's texts: "Exceeds maximum queue size", "... has no available versions",
+# "Model version not ready"; "Server not ready" is about the whole replica.)
+_QUEUE_FULL = ("exceeds maximum queue size",)
+_REPLICA_NOT_READY = ("server not ready",)
+_MODEL_UNAVAILABLE = ("no available versions", "not ready", "not loaded")
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
@@ -109,6 +119,20 @@ def parse_replicas(address: str) -> list[str]:
     if not replicas:
         raise ConfigError("triton upstream needs at least one HOST:PORT")
     return replicas
+
+
+def unavailable_scope(message: str) -> str:
+    """What an UNAVAILABLE from a replica is about: ``"queue"`` (Triton's "Exceeds maximum queue
+    size" for the variant), ``"variant"`` (the variant is not ready there) or ``"replica"``
+    (anything else: refused, reset, no answer - the replica is down)."""
+    text = message.lower()
+    if any(p in text for p in _QUEUE_FULL):
+        return "queue"
+    if any(p in text for p in _REPLICA_NOT_READY):
+        return "replica"
+    if any(p in text for p in _MODEL_UNAVAILABLE):
+        return "variant"
+    return "replica"
 
 
 def _code(e: InferenceServerException) -> str:
@@ -364,14 +388,7 @@ class TritonUpstream:
             return await replica.raw_infer(request, timeout=timeout)
         except grpc.aio.AioRpcError as e:
             code, message = e.code().name, e.details() or ""
-            if code == _REPLICA_DOWN:
-                self._set_unreachable(replica, f"{code}: {message}")
-                self._kick.set()
-                raise _ReplicaFailed(f"{code}: {message}") from None
-            if code == _NOT_LOADED:
-                self._set_model(replica, variant, False)
-                self._kick.set()
-                raise _ReplicaFailed(f"{code}: {message}") from None
+            self._mark_failed(replica, variant, code, message)
             raise UpstreamStatus(code, message) from None
         finally:
             self._release(replica)
@@ -415,16 +432,26 @@ class TritonUpstream:
             self._release(replica)
         return {t.name: result.as_numpy(t.name) for t in variant.outputs}
 
-    def _raise_for(self, replica: Replica, variant: Variant, e: InferenceServerException) -> None:
-        code, message = _code(e), e.message() or ""
+    def _mark_failed(self, replica: Replica, variant: Variant, code: str, message: str) -> None:
+        """Raise _ReplicaFailed (another replica may serve) after marking what failed: the whole
+        replica, only this variant there, or nothing (its queue was full); else return."""
         if code == _REPLICA_DOWN:
-            self._set_unreachable(replica, f"{code}: {message}")
-            self._kick.set()
+            scope = unavailable_scope(message)
+            if scope == "replica":
+                self._set_unreachable(replica, f"{code}: {message}")
+                self._kick.set()
+            elif scope == "variant":
+                self._set_model(replica, variant, False)
+                self._kick.set()
             raise _ReplicaFailed(f"{code}: {message}")
         if code == _NOT_LOADED:
             self._set_model(replica, variant, False)
             self._kick.set()
             raise _ReplicaFailed(f"{code}: {message}")
+
+    def _raise_for(self, replica: Replica, variant: Variant, e: InferenceServerException) -> None:
+        code, message = _code(e), e.message() or ""
+        self._mark_failed(replica, variant, code, message)
         if code == "DEADLINE_EXCEEDED":
             raise DeadlineExceeded(f"{variant.name} on {replica.address}: deadline exceeded")
         if code == "INVALID_ARGUMENT":
@@ -471,4 +498,11 @@ class _ReplicaFailed(Exception):
     """One replica could not serve the call; another may."""
 
 
-__all__ = ["Replica", "TritonUpstream", "UpstreamStatus", "model_name_field", "parse_replicas"]
+__all__ = [
+    "Replica",
+    "TritonUpstream",
+    "UpstreamStatus",
+    "model_name_field",
+    "parse_replicas",
+    "unavailable_scope",
+]

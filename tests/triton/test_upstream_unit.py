@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 from server.errors import ConfigError, InvalidInput
 from server.repository import Repository, load_repository
 from server.upstreams.base import UpstreamSettings, UpstreamUnavailable, create_upstream
-from server.upstreams.triton import TritonUpstream, parse_replicas
+from server.upstreams.triton import TritonUpstream, parse_replicas, unavailable_scope
 
 
 class _Result:
@@ -29,8 +29,11 @@ class _Result:
 class _Client:
     """Answers health checks as told; ``infer`` raises ``fail`` (a status name) or echoes."""
 
-    def __init__(self, tag: float, reachable: bool = True, fail: str | None = None) -> None:
+    def __init__(
+        self, tag: float, reachable: bool = True, fail: str | None = None, message: str = ""
+    ) -> None:
         self.tag, self.reachable, self.fail = tag, reachable, fail
+        self.message = message or f"scripted {fail}"
         self.unready: set[str] = set()
         self.calls: list[str] = []
         self.gate: asyncio.Event | None = None
@@ -52,9 +55,7 @@ class _Client:
         if self.gate is not None:
             await self.gate.wait()
         if self.fail:
-            raise InferenceServerException(
-                f"scripted {self.fail}", status=f"StatusCode.{self.fail}"
-            )
+            raise InferenceServerException(self.message, status=f"StatusCode.{self.fail}")
         return _Result({o.name(): np.full((1, 4), self.tag, np.float32) for o in outputs})
 
     async def close(self) -> None:
@@ -112,6 +113,60 @@ def test_unavailable_is_retried_once_on_another_replica(repository: Repository) 
         assert REGISTRY.get_sample_value("precision_serve_upstream_ready", labels) == 0
 
     asyncio.run(scenario())
+
+
+def test_triton_queue_full_retries_elsewhere_and_keeps_the_replica_up(
+    repository: Repository,
+) -> None:
+    async def scenario() -> None:
+        busy = _Client(1.0, fail="UNAVAILABLE", message="Exceeds maximum queue size")
+        up = await _upstream(repository, busy, _Client(2.0))
+        v = repository.variants()[0]
+        up._rotation = iter([0] * 10)  # type: ignore[assignment]  # start with "busy"
+        out = await up.infer(v, X, None)
+        assert out["logits"][0, 0] == 2.0 and busy.calls == [v.name]
+        # a full queue is not a dead replica: it keeps serving every variant
+        assert up.replicas[0].reachable
+        assert all(up.replicas[0].ready_for(w.name) for w in repository.variants())
+
+    asyncio.run(scenario())
+
+
+def test_triton_model_not_ready_marks_only_that_variant_on_that_replica(
+    repository: Repository,
+) -> None:
+    async def scenario() -> None:
+        v, other = repository.variants()[:2]
+        unloaded = _Client(
+            1.0,
+            fail="UNAVAILABLE",
+            message=f"Request for unknown model: '{v.name}' has no available versions",
+        )
+        up = await _upstream(repository, unloaded, _Client(2.0))
+        up._rotation = iter([0] * 10)  # type: ignore[assignment]  # start with "unloaded"
+        assert (await up.infer(v, X, None))["logits"][0, 0] == 2.0
+        assert up.replicas[0].reachable and not up.replicas[0].ready_for(v.name)
+        assert up.replicas[0].ready_for(other.name)
+        labels = {"upstream": "triton://10.0.0.0:8001", "model": other.name}
+        assert REGISTRY.get_sample_value("precision_serve_upstream_ready", labels) == 1
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "message, scope",
+    [
+        ("Exceeds maximum queue size", "queue"),
+        ("Request for unknown model: 'm' has no available versions", "variant"),
+        ("failed to connect to all addresses; last error: Connection refused", "replica"),
+        ("Model version not ready", "variant"),
+        ("Server not ready", "replica"),
+        ("Socket closed", "replica"),
+        ("", "replica"),
+    ],
+)
+def test_unavailable_scope(message: str, scope: str) -> None:
+    assert unavailable_scope(message) == scope
 
 
 def test_no_replica_left_raises_upstream_unavailable(repository: Repository) -> None:
