@@ -160,9 +160,12 @@ def _check_count(name: str, datatype: str, shape: list[int], field: str, got: in
         )
 
 
-def _check_raw_entries(raw: int, inputs: int) -> None:
-    if raw and raw != inputs:
-        raise InvalidInput(f"raw_input_contents has {raw} entries for {inputs} inputs")
+def _check_raw_entries(raw: int, inputs: int, in_shm: int = 0) -> None:
+    if raw and raw != inputs - in_shm:
+        where = " not in shared memory" if in_shm else ""
+        raise InvalidInput(
+            f"raw_input_contents has {raw} entries for {inputs - in_shm} inputs{where}"
+        )
 
 
 def wire_tensors(
@@ -173,7 +176,7 @@ def wire_tensors(
     then holds entries for the others only, as Triton has it."""
     preset = preset or {}
     raw = request.raw_input_contents
-    _check_raw_entries(len(raw), len(request.inputs) - len(preset))
+    _check_raw_entries(len(raw), len(request.inputs), len(preset))
     out = []
     raws = iter(raw)
     for i, t in enumerate(request.inputs):
@@ -277,6 +280,8 @@ def _scan_input(view: memoryview) -> tuple[str, str, list[int], dict[str, int]]:
             datatype = bytes(payload).decode(errors="replace")
         elif number == _IN["shape"]:
             shape += _varints(payload) if wire == 2 else [payload]
+        elif number == _IN["parameters"]:
+            raise _GiveUp  # shared memory parameters change what raw entries hold: after parsing
         elif number == _IN["contents"] and wire == 2:
             for field, n in _typed_counts(payload).items():
                 counts[field] = counts.get(field, 0) + n

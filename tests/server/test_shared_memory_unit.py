@@ -54,3 +54,18 @@ def test_unregister_while_a_request_holds_the_bytes(tmp_path, registry):
     # the name is free again
     registry.register("r", "k", 0, data.nbytes)
     assert [r.name for r in registry.status()] == ["r"]
+
+
+def test_large_request_with_an_input_in_shared_memory_passes_the_preflight_scan() -> None:
+    """The pre-parse size scan (grpc_contents.check_sizes) leaves requests whose inputs carry
+    parameters (shared memory: fewer raw entries than inputs) to the checks after parsing."""
+    from server.grpc_contents import PREFLIGHT_BYTES, check_sizes
+
+    big = np.zeros((1, PREFLIGHT_BYTES // 4 + 1), dtype=np.float32)
+    req = pb.ModelInferRequest(model_name="m")
+    t = req.inputs.add(name="a", datatype="FP32", shape=[1, 4])
+    t.parameters["shared_memory_region"].string_param = "r"
+    t.parameters["shared_memory_byte_size"].int64_param = 16
+    req.inputs.add(name="b", datatype="FP32", shape=list(big.shape))
+    req.raw_input_contents.append(big.tobytes())
+    check_sizes(req.SerializeToString())  # no error: one raw entry for the one input not in shm
