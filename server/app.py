@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -24,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from server.core import Gateway
 from server.errors import ConfigError
 from server.grpc_service import start_grpc_server
-from server.http_app import start_http_server
+from server.http_app import HttpLimits, start_http_server
 from server.model_repository import RepositoryError, atomic_write_text
 from server.repository import load_repository
 from server.routing import Router, load_routing
@@ -34,6 +35,7 @@ from server.upstreams.pools import create_pooled_upstream
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+DEFAULT_DRAIN_S = 5.0
 
 
 @dataclass
@@ -52,6 +54,10 @@ class ServeOptions:
     auth_token: str | None = None
     threads: int = 0
     grace_s: float = 10.0
+    # SIGTERM: seconds between "not ready" and closing the listeners (load balancers move away)
+    drain_s: float = DEFAULT_DRAIN_S
+    http: HttpLimits = field(default_factory=HttpLimits)
+    restricted_api: frozenset[str] = frozenset()  # groups that need the token (restricted.py)
     # started by ``--workers`` (server/workers.py): bind the shared ports with SO_REUSEPORT and
     # leave /metrics to the supervisor
     worker: bool = False
@@ -67,6 +73,10 @@ class ServeOptions:
             raise ConfigError(f"--max-request-bytes must be >= 1024, got {self.max_request_bytes}")
         if self.threads < 0:
             raise ConfigError(f"--threads must be >= 0, got {self.threads}")
+        if not (math.isfinite(self.drain_s) and self.drain_s >= 0):
+            raise ConfigError(f"--drain-seconds must be >= 0, got {self.drain_s}")
+        if self.restricted_api and not self.auth_token:
+            raise ConfigError("--restricted-api needs a token (--auth-token or --auth-token-file)")
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -101,7 +111,12 @@ class GatewayServer:
             else:
                 upstream = create_upstream(options.upstream, repository, settings)
         self.gateway = Gateway(
-            repository, router, upstream, options.max_request_bytes, options.auth_token
+            repository,
+            router,
+            upstream,
+            options.max_request_bytes,
+            options.auth_token,
+            options.restricted_api,
         )
         self.ports: dict[str, int] = {}
         self._grpc: grpc.aio.Server | None = None
@@ -131,7 +146,7 @@ class GatewayServer:
             raise ConfigError(f"cannot bind gRPC port {o.host}:{o.grpc_port}: {e}") from e
         try:
             runner, self.ports["http_port"] = await start_http_server(
-                self.gateway, o.host, o.http_port, http_tls, o.grace_s, o.worker
+                self.gateway, o.host, o.http_port, http_tls, o.grace_s, o.worker, o.http
             )
             self._runners.append(runner)
             if not o.worker:
@@ -162,8 +177,13 @@ class GatewayServer:
         self.ports["metrics_port"] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish within the grace period, close."""
+        """Not ready at once; keep serving for the drain delay (a load balancer sees the 503 and
+        moves away); then stop accepting, let in-flight requests finish within the grace
+        period, close."""
         self.gateway.drain()
+        if self.options.drain_s > 0 and self._runners:
+            log.info("precision-serve: not ready; closing in %.1fs", self.options.drain_s)
+            await asyncio.sleep(self.options.drain_s)
         tasks = [runner.cleanup() for runner in self._runners]
         if self._grpc is not None:
             tasks.append(self._grpc.stop(self.options.grace_s))
@@ -180,6 +200,10 @@ async def serve(options: ServeOptions) -> None:
     try:
         await server.start()
         await stop.wait()
-        log.info("precision-serve: signal received, draining (grace %.0fs)", options.grace_s)
+        log.info(
+            "precision-serve: signal received, draining (drain %.1fs, grace %.0fs)",
+            options.drain_s,
+            options.grace_s,
+        )
     finally:
         await server.stop()

@@ -14,8 +14,13 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from server.app import DEFAULT_MAX_REQUEST_BYTES, ServeOptions, serve
+from server.app import DEFAULT_DRAIN_S, DEFAULT_MAX_REQUEST_BYTES, ServeOptions, serve
 from server.errors import ConfigError, GatewayError
+from server.http_app import DEFAULT_BODY_TIMEOUT_S, HttpLimits
+from server.http_limits import DEFAULT_MAX_CONNECTIONS
+from server.restricted import GROUPS, parse_groups
+
+TOKEN_ENV = "PRECISION_SERVE_AUTH_TOKEN"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,11 +51,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
     p.add_argument(
         "--auth-token",
-        default=os.environ.get("PRECISION_SERVE_AUTH_TOKEN"),
-        help="bearer token required on inference calls (env PRECISION_SERVE_AUTH_TOKEN)",
+        default=os.environ.get(TOKEN_ENV),
+        help=f"bearer token required on inference calls (env {TOKEN_ENV}); visible in ps: "
+        "prefer --auth-token-file",
+    )
+    p.add_argument("--auth-token-file", type=Path, help="read the bearer token from this file")
+    p.add_argument(
+        "--restricted-api",
+        default="",
+        help=f"comma-separated API groups that need the token too ({', '.join(GROUPS)})",
     )
     p.add_argument("--threads", type=int, default=0, help="intra-op threads per session (0=auto)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds to drain on SIGTERM")
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=DEFAULT_DRAIN_S,
+        help="on SIGTERM, seconds of 'not ready' with the listeners still open before closing",
+    )
+    p.add_argument(
+        "--http-body-timeout",
+        type=float,
+        default=DEFAULT_BODY_TIMEOUT_S,
+        help="seconds a client has to send an HTTP request body (408 after)",
+    )
+    p.add_argument(
+        "--http-max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="open HTTP connections per process; more are answered 503 and closed (0 = no cap)",
+    )
     p.add_argument(
         "--workers",
         type=int,
@@ -95,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        args.auth_token = auth_token(args)
         if args.workers != 1:
             return _supervise(args)
         options = ServeOptions(
@@ -112,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             auth_token=args.auth_token or None,
             threads=args.threads,
             grace_s=args.grace,
+            drain_s=args.drain_seconds,
+            http=HttpLimits(args.http_body_timeout, args.http_max_connections),
+            restricted_api=parse_groups(args.restricted_api, args.auth_token),
             worker=args.worker,
         )
         run_loop(serve(options), args.loop)
@@ -123,6 +157,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def auth_token(args: argparse.Namespace) -> str | None:
+    """``--auth-token-file`` (read once, stripped), else ``--auth-token`` / the environment."""
+    if args.auth_token_file is None:
+        return args.auth_token or None
+    try:
+        token = Path(args.auth_token_file).read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read --auth-token-file {args.auth_token_file}: {e}") from e
+    if not token:
+        raise ConfigError(f"--auth-token-file {args.auth_token_file} is empty")
+    return token
+
+
 def _supervise(args: argparse.Namespace) -> int:
     """``--workers N``: server/workers.py starts N workers with these arguments."""
     from server.workers import WorkerOptions, supervise
@@ -130,13 +177,18 @@ def _supervise(args: argparse.Namespace) -> int:
     worker_args = ["--repository", str(args.repository), "--upstream", args.upstream]
     worker_args += ["--max-request-bytes", str(args.max_request_bytes)]
     worker_args += ["--threads", str(args.threads), "--log-level", args.log_level]
-    worker_args += ["--loop", args.loop]
+    worker_args += ["--loop", args.loop, "--drain-seconds", str(args.drain_seconds)]
+    worker_args += ["--http-body-timeout", str(args.http_body_timeout)]
+    worker_args += ["--http-max-connections", str(args.http_max_connections)]
+    if args.restricted_api:
+        parse_groups(args.restricted_api, args.auth_token)  # fail here, not in every worker
+        worker_args += ["--restricted-api", args.restricted_api]
     if args.routing:
         worker_args += ["--routing", str(args.routing)]
     if args.tls_cert or args.tls_key:
         worker_args += ["--tls-cert", str(args.tls_cert), "--tls-key", str(args.tls_key)]
     if args.auth_token:  # through the environment, not the command line others can read
-        os.environ["PRECISION_SERVE_AUTH_TOKEN"] = args.auth_token
+        os.environ[TOKEN_ENV] = args.auth_token
     options = WorkerOptions(
         workers=args.workers,
         host=args.host,
@@ -146,6 +198,7 @@ def _supervise(args: argparse.Namespace) -> int:
         worker_args=worker_args,
         ready_file=args.ready_file,
         grace_s=args.grace,
+        drain_s=args.drain_seconds,
     )
     return asyncio.run(supervise(options))
 

@@ -20,7 +20,8 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from server.core import PRECISION_HEADER, Gateway, InferRequest, InferResponse, ModelView
-from server.errors import GatewayError, InvalidInput
+from server.errors import GatewayError, InvalidInput, client_message
+from server.restricted import grpc_group
 from server.tensors import WireTensor, datatype_of, encode_raw
 
 log = logging.getLogger(__name__)
@@ -61,17 +62,24 @@ def _status_of(error: GatewayError) -> grpc.StatusCode:
 
 
 def _handled(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Gateway errors -> their status; internal ones -> INTERNAL with an error id only (the log
+    has the text); a rejected ModelInfer is counted in the request metric."""
+    infer = method.__name__ == "ModelInfer"
+    group = None if infer else grpc_group(method.__name__)  # inference: the core authorizes
+
     @functools.wraps(method)
     async def wrapper(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext):
         try:
+            if group in self.gateway.restricted:
+                self.gateway.authorize_api(group, _metadata(context))
             return await method(self, request, context)
-        except GatewayError as e:
-            await context.abort(_status_of(e), e.message)
         except (grpc.aio.AbortError, grpc.RpcError):
             raise
         except Exception as e:  # the server never dies on a request
-            log.exception("unexpected error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {e}")
+            if infer:
+                self.gateway.count_rejected("unknown", "grpc", e)
+            status = _status_of(e) if isinstance(e, GatewayError) else grpc.StatusCode.INTERNAL
+            await context.abort(status, client_message(e, method.__name__))
 
     return wrapper
 

@@ -91,6 +91,11 @@ UPSTREAM_READY = Gauge(
     multiprocess_mode="livemin",  # --workers: 1 only when every live worker can
 )
 
+HTTP_CONNECTIONS_REJECTED = Counter(
+    "precision_serve_http_connections_rejected",
+    "HTTP connections answered 503 and closed because --http-max-connections were open.",
+)
+
 
 class Children:
     """A metric's labelled children, bound once per label tuple (``.labels()`` costs a lock, a
