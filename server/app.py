@@ -26,6 +26,7 @@ from server.core import Gateway
 from server.errors import ConfigError
 from server.grpc_service import start_grpc_server
 from server.http_app import HttpLimits, start_http_server
+from server.http_limits import shutdown_parsers
 from server.model_repository import RepositoryError, atomic_write_text
 from server.repository import load_repository
 from server.routing import Router, load_routing
@@ -188,6 +189,7 @@ class GatewayServer:
         if self._grpc is not None:
             tasks.append(self._grpc.stop(self.options.grace_s))
         await asyncio.gather(*tasks, return_exceptions=True)
+        shutdown_parsers()
         await self.gateway.close()
 
 

@@ -336,13 +336,9 @@ async def infer(request: web.Request) -> web.Response:
     gw.authorize(headers)  # before reading a body from an unauthenticated client
     limits: HttpLimits = request.app[LIMITS_KEY]
     body = await read_body(request, gw.repository, gw.max_request_bytes, limits.body_timeout_s)
-    header_length = request.headers.get(HEADER_LENGTH)
-
-    def parse() -> tuple[dict[str, Any], list[WireTensor]]:
-        doc, binary = _parse_body(body, header_length)
-        return doc, _as_arrays(_wire_inputs(doc, binary))
-
-    doc, inputs = await off_loop(len(body), parse)
+    doc, inputs = await off_loop(
+        len(body), parse_infer_body, body, request.headers.get(HEADER_LENGTH)
+    )
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
         raise InvalidInput("'parameters' must be an object")
@@ -361,6 +357,17 @@ async def infer(request: web.Request) -> web.Response:
         )
     )
     return _render(response, bool(params.get("binary_data_output")), binary_outputs)
+
+
+def parse_infer_body(
+    body: bytes, header_length: str | None
+) -> tuple[dict[str, Any], list[WireTensor]]:
+    """The request document (without its inputs) and the input tensors, with JSON ``data`` as
+    numpy arrays: what the parser process returns for a large body (server/http_limits.py)."""
+    doc, binary = _parse_body(body, header_length)
+    inputs = _as_arrays(_wire_inputs(doc, binary))
+    doc.pop("inputs", None)
+    return doc, inputs
 
 
 def _as_arrays(inputs: list[WireTensor]) -> list[WireTensor]:

@@ -6,8 +6,8 @@
 * :func:`json_bound`: the most bytes a JSON request for a model can sensibly need, from its
   inputs' fixed shapes and ``max_batch_size`` (None when a dimension is dynamic or an input is
   BYTES: then only the request limit applies).
-* :func:`off_loop`: large bodies are parsed on a worker thread, so health probes and small
-  requests are not stuck behind them.
+* :func:`off_loop`: large bodies are parsed (JSON, then numpy arrays) in a parser process,
+  so health probes and small requests are not stuck behind them.
 * :class:`CappedSite`: a TCP site that answers 503 and closes beyond ``--http-max-connections``.
 """
 
@@ -16,13 +16,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import multiprocessing as mp
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from aiohttp import web
 
 from server import metrics
-from server.errors import BodyTimeout, InvalidInput, ModelNotFound, PayloadTooLarge
+from server.errors import (
+    BodyTimeout,
+    InternalError,
+    InvalidInput,
+    ModelNotFound,
+    PayloadTooLarge,
+)
 from server.repository import Repository, Variant
 
 log = logging.getLogger(__name__)
@@ -31,7 +40,8 @@ _T = TypeVar("_T")
 # A JSON number with its separator ("-1.2345678901234567e-05, ") plus pretty-printing room.
 JSON_BYTES_PER_ELEMENT = 48
 JSON_OVERHEAD_BYTES = 64 * 1024  # names, shapes, parameters, outputs
-OFF_LOOP_BYTES = 256 * 1024  # bodies above this are parsed on a worker thread
+OFF_LOOP_BYTES = 256 * 1024  # bodies above this are parsed in a parser process
+PARSER_PROCESSES = 1  # one core at most goes to parsing large bodies
 DEFAULT_MAX_CONNECTIONS = 1000  # per process; under the usual 1024 open-file limit
 
 
@@ -95,11 +105,36 @@ async def read_body(
     return body
 
 
-async def off_loop(size: int, parse: Callable[[], _T]) -> _T:
-    """``parse()`` here for a small body, on a worker thread for a large one."""
+_pool: ProcessPoolExecutor | None = None
+
+
+def _parser_pool() -> ProcessPoolExecutor:
+    global _pool
+    if _pool is None:  # started on the first large body: most gateways never need it
+        _pool = ProcessPoolExecutor(PARSER_PROCESSES, mp_context=mp.get_context("spawn"))
+    return _pool
+
+
+async def off_loop(size: int, parse: Callable[..., _T], *args: Any) -> _T:
+    """``parse(*args)`` here for a small body; for a large one in the parser process (a thread
+    would not do: CPython's JSON parser holds the GIL, and the event loop with it). ``parse``
+    must be a module-level function whose arguments and result pickle."""
+    global _pool
     if size <= OFF_LOOP_BYTES:
-        return parse()
-    return await asyncio.to_thread(parse)
+        return parse(*args)
+    try:
+        return await asyncio.get_running_loop().run_in_executor(_parser_pool(), parse, *args)
+    except BrokenProcessPool:
+        _pool = None
+        raise InternalError("the request parser process exited; it is restarted") from None
+
+
+def shutdown_parsers() -> None:
+    """Stop the parser process (the gateway's close)."""
+    global _pool
+    if _pool is not None:
+        _pool.shutdown(wait=False, cancel_futures=True)
+        _pool = None
 
 
 class _Refused(asyncio.Protocol):

@@ -10,6 +10,7 @@ other client was answered), never timed.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import urllib.error
 import urllib.request
@@ -135,6 +136,29 @@ def test_60mb_json_gets_400_while_another_client_is_served(gw, tiny_repository, 
     assert "'x'" in doc["error"] and f"{len(body)} bytes" in doc["error"], doc
     assert "need at most" in doc["error"], doc
     _valid_http(gw, tiny_repository)
+
+
+def test_large_bodies_are_parsed_in_the_parser_process(tiny_repository, monkeypatch):
+    """A large body is parsed in another process (a thread would hold the GIL, and so the event
+    loop): answers and errors come back from it intact."""
+    import server.http_limits as limits
+
+    monkeypatch.setattr(limits, "OFF_LOOP_BYTES", 0)  # every body counts as large here
+    limits.shutdown_parsers()
+    options = ServeOptions(repository=tiny_repository, grpc_port=0, http_port=0, metrics_port=0)
+    with InProcessGateway(options) as g:
+        x = rows(3, seed=11)
+        status, doc = _post(g, "/v2/models/tiny/infer", _json_infer(x))
+        assert status == 200, doc
+        got = np.asarray(doc["outputs"][0]["data"], dtype=np.float32).reshape(3, 4)
+        np.testing.assert_allclose(got, ort_outputs(tiny_repository, "fp32", x), rtol=1e-5)
+        status, doc = _post(g, "/v2/models/tiny/infer", b'{"inputs": [{"name": "x"}]}')
+        assert status == 400 and "needs string 'name' and 'datatype'" in doc["error"], doc
+        pool = limits._pool
+        assert pool is not None, "no parser process was used"
+        pids = {p.pid for p in pool._processes.values()}
+        assert pids and os.getpid() not in pids
+    assert limits._pool is None  # the gateway's stop ended it
 
 
 def test_content_length_over_the_limit_is_413_before_the_body(gw):
