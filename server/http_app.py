@@ -182,7 +182,7 @@ async def repository_index(request: web.Request) -> web.Response:
         try:
             body = await request.json()
             only_ready = bool(isinstance(body, dict) and body.get("ready"))
-        except ValueError:
+        except (ValueError, RecursionError):
             raise InvalidInput("repository index body must be JSON") from None
     rows = [
         {"name": n, "version": v, "state": s, "reason": r}

@@ -260,6 +260,8 @@ def test_deeply_nested_json_is_400(gw):
     body += b"[" * depth + b"]" * depth + b"}]}"
     status, doc = _post(gw, "/v2/models/tiny/infer", body)
     assert status == 400 and "nested too deeply" in doc["error"], doc
+    status, doc = _post(gw, "/v2/repository/index", b"[" * depth + b"]" * depth)
+    assert status == 400 and "must be JSON" in doc["error"], doc
 
 
 @pytest.mark.parametrize("shape", [[0, 2**70], [0, 2**62, 2**62], [2, -1]])
