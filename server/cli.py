@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--http-body-timeout",
         type=float,
         default=DEFAULT_BODY_TIMEOUT_S,
-        help="seconds a client has to send an HTTP request body (408 after)",
+        help="seconds a client has to send an HTTP request body (408 after), and the headers "
+        "of its first request (closed after)",
     )
     p.add_argument(
         "--http-max-connections",

@@ -428,6 +428,7 @@ async def start_http_server(
         ssl_context=ssl_context,
         reuse_port=reuse_port or None,
         max_connections=limits.max_connections,
+        header_timeout_s=limits.body_timeout_s,
     )
     await site.start()
     bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]

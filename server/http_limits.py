@@ -8,7 +8,8 @@
   BYTES: then only the request limit applies).
 * :func:`off_loop`: large bodies are parsed (JSON, then numpy arrays) in a parser process,
   so health probes and small requests are not stuck behind them.
-* :class:`CappedSite`: a TCP site that answers 503 and closes beyond ``--http-max-connections``.
+* :class:`CappedSite`: a TCP site that answers 503 and closes beyond ``--http-max-connections``
+  and closes connections whose request headers do not arrive within ``--http-body-timeout``.
 """
 
 from __future__ import annotations
@@ -153,30 +154,48 @@ class _Refused(asyncio.Protocol):
         transport.close()
 
 
+def _drop_if_silent(handler: Any, timeout_s: float) -> None:
+    # ``_request_count`` counts the requests whose headers aiohttp parsed on this connection
+    if handler._request_count == 0 and handler.transport is not None:
+        log.info("closing a connection that sent no complete request in %g s", timeout_s)
+        handler.transport.close()
+
+
 class CappedSite(web.TCPSite):
     """``web.TCPSite`` whose listener refuses connections beyond ``max_connections`` (0: no
-    cap) with a 503, counted in ``precision_serve_http_connections_rejected_total``."""
+    cap) with a 503, counted in ``precision_serve_http_connections_rejected_total``, and closes
+    a connection whose first request's headers are not complete within ``header_timeout_s``
+    (slow-header clients; the body has its own timeout in :func:`read_body`)."""
 
-    def __init__(self, runner: web.BaseRunner, *args: Any, max_connections: int = 0, **kw: Any):
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        *args: Any,
+        max_connections: int = 0,
+        header_timeout_s: float | None = None,
+        **kw: Any,
+    ) -> None:
         super().__init__(runner, *args, **kw)
         self._max_connections = max_connections
+        self._header_timeout_s = header_timeout_s
 
     async def start(self) -> None:
-        if not self._max_connections:
-            await super().start()
-            return
         await web.BaseSite.start(self)
         server = self._runner.server
         assert server is not None
-        limit = self._max_connections
+        limit, timeout_s = self._max_connections, self._header_timeout_s
+        loop = asyncio.get_running_loop()
 
         def factory() -> asyncio.Protocol:
-            if len(server.connections) >= limit:
+            if limit and len(server.connections) >= limit:
                 metrics.HTTP_CONNECTIONS_REJECTED.inc()
                 return _Refused(limit)
-            return server()
+            handler = server()
+            if timeout_s:
+                loop.call_later(timeout_s, _drop_if_silent, handler, timeout_s)
+            return handler
 
-        self._server = await asyncio.get_running_loop().create_server(
+        self._server = await loop.create_server(
             factory,
             self._host,
             self._port,

@@ -196,6 +196,13 @@ def test_partial_body_times_out_with_408(gw, tiny_repository):
     _valid_http(gw, tiny_repository)
 
 
+def test_slow_headers_are_closed(gw, tiny_repository):
+    with socket.create_connection(_addr(gw), timeout=60) as sock:
+        sock.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: t\r\n")  # never finished
+        assert sock.recv(1024) == b""  # closed by the gateway (a timeout here fails the test)
+    _valid_http(gw, tiny_repository)
+
+
 def test_connections_over_the_cap_get_503(tiny_repository):
     with GatewayProcess(tiny_repository, ["--http-max-connections", "3"]) as g:
         held = [socket.create_connection(_addr(g), timeout=30) for _ in range(3)]
