@@ -477,7 +477,7 @@ class Gateway:
                 )
             return variant, result
         # the reasons name replicas and engine errors: the log has them, the client does not
-        log.warning("no ready variant of %r: %s", model.name, "; ".join(reasons))
+        log.info("no ready variant of %r: %s", model.name, "; ".join(reasons))
         raise Unavailable(f"upstream unavailable for model {model.name!r}")
 
     @staticmethod
