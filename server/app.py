@@ -55,8 +55,9 @@ class ServeOptions:
     auth_token: str | None = None
     threads: int = 0
     grace_s: float = 10.0
-    # SIGTERM: seconds between "not ready" and closing the listeners (load balancers move away)
-    drain_s: float = DEFAULT_DRAIN_S
+    # SIGTERM: seconds between "not ready" and closing the listeners (load balancers move away);
+    # the CLI's default is DEFAULT_DRAIN_S, an in-process gateway (tests) stops at once
+    drain_s: float = 0.0
     http: HttpLimits = field(default_factory=HttpLimits)
     restricted_api: frozenset[str] = frozenset()  # groups that need the token (restricted.py)
     # started by ``--workers`` (server/workers.py): bind the shared ports with SO_REUSEPORT and
