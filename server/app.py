@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -24,7 +25,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from server.core import Gateway
 from server.errors import ConfigError
 from server.grpc_service import DEFAULT_MAX_CONCURRENT_RPCS, start_grpc_server
-from server.http_app import start_http_server
+from server.http_app import HttpLimits, start_http_server
+from server.http_limits import shutdown_parsers
 from server.model_control import MODES as MODEL_CONTROL_MODES
 from server.model_control import ModelControl
 from server.model_repository import RepositoryError, atomic_write_text
@@ -37,6 +39,7 @@ from server.upstreams.pools import create_pooled_upstream
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+DEFAULT_DRAIN_S = 5.0
 
 
 @dataclass
@@ -57,6 +60,11 @@ class ServeOptions:
     retime: str = "auto"  # re-time variants on this host before auto ranks them (retime.py)
     grace_s: float = 10.0
     grpc_max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS  # 0 = no limit
+    # SIGTERM: seconds between "not ready" and closing the listeners (load balancers move away);
+    # the CLI's default is DEFAULT_DRAIN_S, an in-process gateway (tests) stops at once
+    drain_s: float = 0.0
+    http: HttpLimits = field(default_factory=HttpLimits)
+    restricted_api: frozenset[str] = frozenset()  # groups that need the token (restricted.py)
     # started by ``--workers`` (server/workers.py): bind the shared ports with SO_REUSEPORT and
     # leave /metrics to the supervisor
     worker: bool = False
@@ -83,6 +91,10 @@ class ServeOptions:
             raise ConfigError(
                 f"--grpc-max-concurrent-rpcs must be >= 0, got {self.grpc_max_concurrent_rpcs}"
             )
+        if not (math.isfinite(self.drain_s) and self.drain_s >= 0):
+            raise ConfigError(f"--drain-seconds must be >= 0, got {self.drain_s}")
+        if self.restricted_api and not self.auth_token:
+            raise ConfigError("--restricted-api needs a token (--auth-token or --auth-token-file)")
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -120,7 +132,12 @@ class GatewayServer:
             else:
                 upstream = create_upstream(options.upstream, repository, settings)
         self.gateway = Gateway(
-            repository, router, upstream, options.max_request_bytes, options.auth_token
+            repository,
+            router,
+            upstream,
+            options.max_request_bytes,
+            options.auth_token,
+            options.restricted_api,
         )
         if options.worker:  # a region registered with one worker would be unknown to the others
             self.gateway.shared_memory.refuse = "system shared memory needs --workers 1"
@@ -159,7 +176,7 @@ class GatewayServer:
             raise ConfigError(f"cannot bind gRPC port {o.host}:{o.grpc_port}: {e}") from e
         try:
             runner, self.ports["http_port"] = await start_http_server(
-                self.gateway, o.host, o.http_port, http_tls, o.grace_s, o.worker
+                self.gateway, o.host, o.http_port, http_tls, o.grace_s, o.worker, o.http
             )
             self._runners.append(runner)
             if not o.worker:
@@ -190,12 +207,18 @@ class GatewayServer:
         self.ports["metrics_port"] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish within the grace period, close."""
+        """Not ready at once; keep serving for the drain delay (a load balancer sees the 503 and
+        moves away); then stop accepting, let in-flight requests finish within the grace
+        period, close."""
         self.gateway.drain()
+        if self.options.drain_s > 0 and self._runners:
+            log.info("precision-serve: not ready; closing in %.1fs", self.options.drain_s)
+            await asyncio.sleep(self.options.drain_s)
         tasks = [runner.cleanup() for runner in self._runners]
         if self._grpc is not None:
             tasks.append(self._grpc.stop(self.options.grace_s))
         await asyncio.gather(*tasks, return_exceptions=True)
+        shutdown_parsers()
         await self.gateway.close()
 
 
@@ -208,6 +231,10 @@ async def serve(options: ServeOptions) -> None:
     try:
         await server.start()
         await stop.wait()
-        log.info("precision-serve: signal received, draining (grace %.0fs)", options.grace_s)
+        log.info(
+            "precision-serve: signal received, draining (drain %.1fs, grace %.0fs)",
+            options.drain_s,
+            options.grace_s,
+        )
     finally:
         await server.stop()

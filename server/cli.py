@@ -14,9 +14,14 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from server.app import DEFAULT_MAX_REQUEST_BYTES, ServeOptions, serve
+from server.app import DEFAULT_DRAIN_S, DEFAULT_MAX_REQUEST_BYTES, ServeOptions, serve
 from server.errors import ConfigError, GatewayError
 from server.grpc_service import DEFAULT_MAX_CONCURRENT_RPCS
+from server.http_app import DEFAULT_BODY_TIMEOUT_S, HttpLimits
+from server.http_limits import DEFAULT_MAX_CONNECTIONS
+from server.restricted import GROUPS, parse_groups
+
+TOKEN_ENV = "PRECISION_SERVE_AUTH_TOKEN"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,8 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
     p.add_argument(
         "--auth-token",
-        default=os.environ.get("PRECISION_SERVE_AUTH_TOKEN"),
-        help="bearer token required on inference calls (env PRECISION_SERVE_AUTH_TOKEN)",
+        default=os.environ.get(TOKEN_ENV),
+        help=f"bearer token required on inference calls (env {TOKEN_ENV}); visible in ps: "
+        "prefer --auth-token-file",
+    )
+    p.add_argument("--auth-token-file", type=Path, help="read the bearer token from this file")
+    p.add_argument(
+        "--restricted-api",
+        default="",
+        help=f"comma-separated API groups that need the token too ({', '.join(GROUPS)})",
     )
     p.add_argument("--threads", type=int, default=0, help="intra-op threads per session (0=auto)")
     p.add_argument(
@@ -65,6 +77,25 @@ def build_parser() -> argparse.ArgumentParser:
         "differs from the manifest's build host), always, never",
     )
     p.add_argument("--grace", type=float, default=10.0, help="seconds to drain on SIGTERM")
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=DEFAULT_DRAIN_S,
+        help="on SIGTERM, seconds of 'not ready' with the listeners still open before closing",
+    )
+    p.add_argument(
+        "--http-body-timeout",
+        type=float,
+        default=DEFAULT_BODY_TIMEOUT_S,
+        help="seconds a client has to send an HTTP request body (408 after), and the headers "
+        "of its first request (closed after)",
+    )
+    p.add_argument(
+        "--http-max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="open HTTP connections per process; more are answered 503 and closed (0 = no cap)",
+    )
     p.add_argument(
         "--workers",
         type=int,
@@ -116,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        args.auth_token = auth_token(args)
         if args.workers != 1:
             return _supervise(args)
         options = ServeOptions(
@@ -135,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
             retime=args.retime,
             grace_s=args.grace,
             grpc_max_concurrent_rpcs=args.grpc_max_concurrent_rpcs,
+            drain_s=args.drain_seconds,
+            http=HttpLimits(args.http_body_timeout, args.http_max_connections),
+            restricted_api=parse_groups(args.restricted_api, args.auth_token),
             worker=args.worker,
             model_control=args.model_control,
         )
@@ -145,6 +180,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     return 0
+
+
+def auth_token(args: argparse.Namespace) -> str | None:
+    """``--auth-token-file`` (read once, stripped), else ``--auth-token`` / the environment."""
+    if args.auth_token_file is None:
+        return args.auth_token or None
+    try:
+        token = Path(args.auth_token_file).read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read --auth-token-file {args.auth_token_file}: {e}") from e
+    if not token:
+        raise ConfigError(f"--auth-token-file {args.auth_token_file} is empty")
+    return token
 
 
 def _supervise(args: argparse.Namespace) -> int:
@@ -158,12 +206,18 @@ def _supervise(args: argparse.Namespace) -> int:
     worker_args += ["--threads", str(args.threads), "--log-level", args.log_level]
     worker_args += ["--loop", args.loop, "--retime", args.retime]
     worker_args += ["--grpc-max-concurrent-rpcs", str(args.grpc_max_concurrent_rpcs)]
+    worker_args += ["--drain-seconds", str(args.drain_seconds)]
+    worker_args += ["--http-body-timeout", str(args.http_body_timeout)]
+    worker_args += ["--http-max-connections", str(args.http_max_connections)]
+    if args.restricted_api:
+        parse_groups(args.restricted_api, args.auth_token)  # fail here, not in every worker
+        worker_args += ["--restricted-api", args.restricted_api]
     if args.routing:
         worker_args += ["--routing", str(args.routing)]
     if args.tls_cert or args.tls_key:
         worker_args += ["--tls-cert", str(args.tls_cert), "--tls-key", str(args.tls_key)]
     if args.auth_token:  # through the environment, not the command line others can read
-        os.environ["PRECISION_SERVE_AUTH_TOKEN"] = args.auth_token
+        os.environ[TOKEN_ENV] = args.auth_token
     options = WorkerOptions(
         workers=args.workers,
         host=args.host,
@@ -173,6 +227,7 @@ def _supervise(args: argparse.Namespace) -> int:
         worker_args=worker_args,
         ready_file=args.ready_file,
         grace_s=args.grace,
+        drain_s=args.drain_seconds,
     )
     return asyncio.run(supervise(options))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from server import metrics
 from server.errors import (
     DeadlineExceeded,
     GatewayError,
+    InternalError,
     InvalidInput,
     ModelNotFound,
     PayloadTooLarge,
@@ -119,8 +121,10 @@ class Gateway:
         upstream: Upstream,
         max_request_bytes: int = 64 * 1024 * 1024,
         auth_token: str | None = None,
+        restricted: frozenset[str] = frozenset(),
     ) -> None:
         self.auth_token = auth_token
+        self.restricted = restricted  # API groups that need the token too (server/restricted.py)
         self.repository = repository
         self.router = router
         self.upstream = upstream
@@ -171,6 +175,8 @@ class Gateway:
 
     def model_ready(self, name: str, version: str = "") -> bool:
         target = self._lookup(name, version)
+        if self._draining:
+            return False
         if isinstance(target, Model):
             return self._started and self._model_ready(target)
         return self._started and self.upstream.ready(target)
@@ -181,11 +187,8 @@ class Gateway:
         if name in self.repository.models:
             return self.repository.models[name]
         variant = self.repository.variant(name)
-        if variant is None:
-            known = sorted(
-                list(self.repository.models) + [v.name for v in self.repository.variants()]
-            )
-            raise ModelNotFound(f"unknown model {name!r} (known: {', '.join(known)})")
+        if variant is None:  # no listing: the repository index says what is served
+            raise ModelNotFound(f"unknown model {name!r} (see the repository index)")
         return variant
 
     def metadata(self, name: str, version: str = "") -> ModelView:
@@ -319,10 +322,13 @@ class Gateway:
             )
         except GatewayError as e:
             metrics.requests(model_label, precision_label, request.protocol, e.code).inc()
+            e.counted = True
             raise
-        except Exception:  # a bug or an upstream's unexpected error: the transport says INTERNAL
+        except Exception as e:  # a bug or an upstream's unexpected error: INTERNAL, with an id
             metrics.requests(model_label, precision_label, request.protocol, "INTERNAL").inc()
-            raise
+            error = InternalError(f"{type(e).__name__}: {e}")
+            error.counted = True
+            raise error from e
         except asyncio.CancelledError:  # the client went away or its deadline passed
             expired = request.deadline is not None and time.monotonic() >= request.deadline
             status = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
@@ -334,6 +340,17 @@ class Gateway:
                 metrics.request_duration(model_label, precision_label).observe(
                     time.monotonic() - start
                 )
+
+    def count_rejected(self, model: str, protocol: str, error: BaseException) -> None:
+        """Count an inference call that a transport rejected before the core saw it (a parse,
+        auth or size error): ``precision_serve_requests_total`` then counts every call."""
+        if getattr(error, "counted", False):
+            return
+        code = error.code if isinstance(error, GatewayError) else "INTERNAL"
+        if model not in self.repository.models:
+            variant = self.repository.variant(model)
+            model = variant.model if variant is not None else "unknown"
+        metrics.requests(model, "none", protocol, code).inc()
 
     @staticmethod
     def _count_routing(
@@ -359,16 +376,16 @@ class Gateway:
         ):
             raise Unauthenticated("missing or wrong bearer token (header 'authorization')")
 
+    def authorize_api(self, group: str | None, headers: Mapping[str, str]) -> None:
+        """A call in a ``--restricted-api`` group needs the token like inference does."""
+        if group in self.restricted:
+            self.authorize(headers)
+
     def _deadline(self, request: InferRequest) -> float | None:
         deadline = request.deadline
-        timeout_us = request.parameters.get(TIMEOUT_PARAMETER)
-        if timeout_us not in (None, "", 0):
-            try:
-                own = time.monotonic() + float(timeout_us) / 1e6
-            except (TypeError, ValueError):
-                raise InvalidInput(
-                    f"parameter 'timeout' must be microseconds, got {timeout_us!r}"
-                ) from None
+        timeout_s = timeout_seconds(request.parameters.get(TIMEOUT_PARAMETER))
+        if timeout_s is not None:
+            own = time.monotonic() + timeout_s
             deadline = own if deadline is None else min(deadline, own)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("deadline exceeded before the request was routed")
@@ -503,7 +520,9 @@ class Gateway:
                     time.monotonic() - started
                 )
             return variant, result
-        raise Unavailable(f"no ready variant of {model.name!r} ({'; '.join(reasons)})")
+        # the reasons name replicas and engine errors: the log has them, the client does not
+        log.info("no ready variant of %r: %s", model.name, "; ".join(reasons))
+        raise Unavailable(f"upstream unavailable for model {model.name!r}")
 
     @staticmethod
     def _select_outputs(
@@ -569,6 +588,23 @@ class Gateway:
             metrics.SHADOW_COMPARISONS.labels(**labels, top1_agree=str(a).lower()).inc()
         for c in cosines:
             metrics.SHADOW_COSINE.labels(**labels).observe(c)
+
+
+def timeout_seconds(timeout_us: Any) -> float | None:
+    """The ``timeout`` parameter (microseconds) in seconds; None when absent or 0 (Triton's "no
+    timeout"). Only finite positive numbers are deadlines: NaN or inf would corrupt the event
+    loop's timer heap, a negative one is a mistake."""
+    if timeout_us is None or (timeout_us == 0 and not isinstance(timeout_us, bool)):
+        return None
+    if isinstance(timeout_us, bool) or not isinstance(timeout_us, int | float):
+        raise InvalidInput(
+            f"parameter 'timeout' must be a number of microseconds, got {timeout_us!r}"
+        )
+    if not math.isfinite(timeout_us) or timeout_us < 0:
+        raise InvalidInput(
+            f"parameter 'timeout' must be finite and positive microseconds, got {timeout_us!r}"
+        )
+    return float(timeout_us) / 1e6
 
 
 def compare_outputs(

@@ -3,15 +3,27 @@
 Every error carries ``code``: the canonical gRPC status code name (``"NOT_FOUND"``, ...). The
 gRPC servicer (server/grpc_service.py) and the HTTP app (server/http_app.py) each translate it
 to a transport status in exactly one place; metrics use the same name as the ``status`` label.
+Internal errors (``INTERNAL``, or any other exception) reach clients only as
+``internal error, id=...`` (:func:`client_message`); the log has the id and the full text, so
+engine messages and replica addresses stay inside.
 """
 
 from __future__ import annotations
+
+import logging
+import secrets
+
+log = logging.getLogger(__name__)
 
 
 class GatewayError(Exception):
     """Base class. ``code`` is a gRPC status code name; ``message`` is shown to the client."""
 
     code: str = "INTERNAL"
+    # set by the core once it counted the error in precision_serve_requests_total; the
+    # transports count the rest (parse, auth and size errors raised before the core)
+    counted: bool = False
+    http_status: int | None = None  # an HTTP status other than the code's usual one
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -48,6 +60,19 @@ class DeadlineExceeded(GatewayError):
     code = "DEADLINE_EXCEEDED"
 
 
+class BodyTimeout(DeadlineExceeded):
+    """The client did not send its whole HTTP body within ``--http-body-timeout`` (408)."""
+
+    http_status = 408
+
+
+class ClientDisconnected(GatewayError):
+    """The client closed the connection before its request was read (nginx's 499)."""
+
+    code = "CANCELLED"
+    http_status = 499
+
+
 class Unauthenticated(GatewayError):
     """An inference call without the configured bearer token."""
 
@@ -72,7 +97,23 @@ class ConfigError(GatewayError):
     code = "FAILED_PRECONDITION"
 
 
+def client_message(error: BaseException, where: str = "") -> str:
+    """What a client is told about ``error``: a gateway error's own message, except for internal
+    errors, which get a fresh id that is logged with the full text (and the traceback of an
+    unexpected exception)."""
+    if isinstance(error, GatewayError) and error.code != "INTERNAL":
+        return error.message
+    error_id = secrets.token_hex(4)
+    text = error.message if isinstance(error, GatewayError) else f"{type(error).__name__}: {error}"
+    cause = error.__cause__ if isinstance(error, GatewayError) else error
+    trace = cause if isinstance(cause, BaseException) else None
+    log.error("internal error id=%s %s: %s", error_id, where, text, exc_info=trace)
+    return f"internal error, id={error_id}"
+
+
 __all__ = [
+    "BodyTimeout",
+    "ClientDisconnected",
     "ConfigError",
     "DeadlineExceeded",
     "GatewayError",
@@ -83,4 +124,5 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unsupported",
+    "client_message",
 ]

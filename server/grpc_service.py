@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from server import metrics, statistics
+from server import statistics
 from server.core import (
     FALLBACK_PARAMETER,
     PRECISION_HEADER,
@@ -29,10 +29,11 @@ from server.core import (
     InferResponse,
     ModelView,
 )
-from server.errors import GatewayError, InvalidInput, Unsupported
+from server.errors import GatewayError, InvalidInput, Unsupported, client_message
 from server.extensions import EXTENSIONS
 from server.grpc_contents import CONTENTS_FIELD, check_sizes, wire_tensors
 from server.model_control import control_of
+from server.restricted import grpc_group
 from server.shared_memory import REGION, SystemSharedMemory, TensorRef, cuda_unsupported, tensor_ref
 from server.streaming import stream_handler
 from server.tensors import WireTensor, datatype_of, encode_raw
@@ -62,17 +63,24 @@ def _status_of(error: GatewayError) -> grpc.StatusCode:
 
 
 def _handled(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Gateway errors -> their status; internal ones -> INTERNAL with an error id only (the log
+    has the text); a rejected ModelInfer is counted in the request metric."""
+    infer = method.__name__ == "ModelInfer"
+    group = None if infer else grpc_group(method.__name__)  # inference: the core authorizes
+
     @functools.wraps(method)
     async def wrapper(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext):
         try:
+            if group in self.gateway.restricted:
+                self.gateway.authorize_api(group, _metadata(context))
             return await method(self, request, context)
-        except GatewayError as e:
-            await context.abort(_status_of(e), e.message)
         except (grpc.aio.AbortError, grpc.RpcError):
             raise
         except Exception as e:  # the server never dies on a request
-            log.exception("unexpected error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {e}")
+            if infer:
+                self.gateway.count_rejected("unknown", "grpc", e)
+            status = _status_of(e) if isinstance(e, GatewayError) else grpc.StatusCode.INTERNAL
+            await context.abort(status, client_message(e, method.__name__))
 
     return wrapper
 
@@ -223,11 +231,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         The token is checked before the payload is parsed (registered through
         :func:`_releasing`)."""
         shm = self.gateway.shared_memory
-        try:
-            infer, out_shm = self._infer_request(data, context, shm)
-        except GatewayError as e:  # refused before the core saw it: counted here
-            metrics.requests("unknown", "none", "grpc", e.code).inc()
-            raise
+        # refused before the core saw it: counted by _handled (Gateway.count_rejected)
+        infer, out_shm = self._infer_request(data, context, shm)
         response = await self.gateway.infer(infer)
         shm.write_outputs(response.outputs, out_shm)
         await context.send_initial_metadata(((PRECISION_HEADER, response.precision),))

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import ssl
 from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from aiohttp import web
+from aiohttp import ClientConnectionResetError, web
 from google.protobuf import json_format
 
 from server import statistics
@@ -25,16 +27,29 @@ from server.core import (
     InferResponse,
     ModelView,
 )
-from server.errors import GatewayError, InvalidInput, PayloadTooLarge, Unsupported
+from server.errors import (
+    ClientDisconnected,
+    ConfigError,
+    GatewayError,
+    InvalidInput,
+    PayloadTooLarge,
+    client_message,
+)
 from server.extensions import EXTENSIONS
 from server.grpc_service import SERVER_NAME, server_version
+from server.http_limits import CappedSite, off_loop, read_body
 from server.model_control import control_of
+from server.model_repository.dtypes import from_datatype
+from server.model_repository.errors import DtypeError
+from server.restricted import http_group
 from server.shared_memory import SystemSharedMemory, TensorRef, cuda_unsupported, tensor_ref
 from server.tensors import WireTensor, datatype_of, encode_raw
 
 log = logging.getLogger(__name__)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+_INT64_MAX = 2**63 - 1
+DEFAULT_BODY_TIMEOUT_S = 30.0
 
 HTTP_STATUS = {
     "NOT_FOUND": 404,
@@ -51,23 +66,52 @@ HTTP_STATUS = {
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
 
 
+@dataclass(frozen=True)
+class HttpLimits:
+    """Per-connection limits of the HTTP listener (``--http-body-timeout``,
+    ``--http-max-connections``; 0 connections: no cap)."""
+
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    max_connections: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.body_timeout_s) and self.body_timeout_s > 0):
+            raise ConfigError(f"--http-body-timeout must be > 0 s, got {self.body_timeout_s}")
+        if self.max_connections < 0:
+            raise ConfigError(f"--http-max-connections must be >= 0, got {self.max_connections}")
+
+
+LIMITS_KEY = web.AppKey("limits", HttpLimits)
+
+
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
 @web.middleware
 async def _error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """The one error -> HTTP status mapping; internal errors get an id only (the log has the
+    text); a rejected inference call is counted in the request metric."""
     try:
+        group = http_group(request.path)
+        if group != "inference" and group in _gw(request).restricted:
+            _gw(request).authorize_api(group, {k.lower(): v for k, v in request.headers.items()})
         return await handler(request)
-    except GatewayError as e:
-        return _error(HTTP_STATUS.get(e.code, 500), e.message)
     except web.HTTPRequestEntityTooLarge as e:
-        return _error(413, PayloadTooLarge(f"request body too large: {e.text}").message)
+        error: Exception = PayloadTooLarge(f"request body too large: {e.text}")
     except web.HTTPException as e:
         return _error(e.status, e.reason or "error")
+    except (ConnectionError, ClientConnectionResetError) as e:  # the client went away
+        log.info("client %s disconnected during %s: %s", request.remote, request.path, e)
+        error = ClientDisconnected(f"client disconnected: {e}")
     except Exception as e:  # the server never dies on a request
-        log.exception("unexpected error for %s", request.path)
-        return _error(500, f"internal error: {e}")
+        error = e
+    if request.path.endswith("/infer"):
+        _gw(request).count_rejected(request.match_info.get("model", ""), "http", error)
+    message = client_message(error, request.path)
+    if isinstance(error, GatewayError):
+        return _error(error.http_status or HTTP_STATUS.get(error.code, 500), message)
+    return _error(500, message)
 
 
 def _gw(request: web.Request) -> Gateway:
@@ -137,7 +181,7 @@ async def _json_body(request: web.Request, what: str) -> dict[str, Any]:
         return {}
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         raise InvalidInput(f"{what} body must be JSON") from None
     if body is None:
         return {}
@@ -185,14 +229,34 @@ def _parse_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any],
         doc = json.loads(head)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidInput(f"request is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidInput("request JSON is nested too deeply") from None
     if not isinstance(doc, dict):
         raise InvalidInput("request must be a JSON object")
     return doc, binary
 
 
+@dataclass
+class InShm:
+    """An input in system shared memory, as parsed: read from its region in the serving
+    process (:func:`_read_shm_inputs`; a parser process has no regions)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    ref: TensorRef
+
+
+def _read_shm_inputs(inputs: list[WireTensor | InShm], shm: SystemSharedMemory) -> list[WireTensor]:
+    return [
+        shm.input_tensor(t.name, t.datatype, t.shape, t.ref) if isinstance(t, InShm) else t
+        for t in inputs
+    ]
+
+
 def _wire_inputs(
     doc: dict[str, Any], binary: bytes, shm: SystemSharedMemory | None = None
-) -> list[WireTensor]:
+) -> list[WireTensor | InShm]:
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("request needs a non-empty 'inputs' list")
@@ -207,13 +271,16 @@ def _wire_inputs(
             isinstance(d, int) and not isinstance(d, bool) for d in shape
         ):
             raise InvalidInput(f"input {name!r}: 'shape' must be a list of integers")
+        _check_dims(name, shape)
         params = t.get("parameters") or {}
         if not isinstance(params, dict):
             raise InvalidInput(f"input {name!r}: 'parameters' must be an object")
         if ref := tensor_ref("input", name, params):  # system shared memory
-            if shm is None:
-                raise Unsupported(f"input {name!r}: shared memory is not available here")
-            out.append(shm.input_tensor(name, datatype, shape, ref))
+            out.append(
+                InShm(name, datatype, shape, ref)
+                if shm is None
+                else shm.input_tensor(name, datatype, shape, ref)
+            )
             continue
         wt = WireTensor(name=name, datatype=datatype, shape=shape)
         if "binary_data_size" in params:
@@ -231,7 +298,26 @@ def _wire_inputs(
                 raise InvalidInput(f"input {name!r}: no 'data' and no binary_data_size")
             wt.values = data if isinstance(data, list) else [data]
         out.append(wt)
+    if offset != len(binary):
+        raise InvalidInput(
+            f"{len(binary) - offset} binary bytes after the last input's binary_data_size "
+            f"(the inputs declare {offset} of {len(binary)})"
+        )
     return out
+
+
+def _check_dims(name: str, shape: list[int]) -> None:
+    """Each dimension in 0..2**63-1 and the product of the non-zero ones too (a zero beside a
+    huge dimension would pass an element count of 0)."""
+    product = 1
+    for d in shape:
+        if not 0 <= d <= _INT64_MAX:
+            raise InvalidInput(
+                f"input {name!r}: shape {shape} has dimension {d} outside 0..2**63-1"
+            )
+        product *= max(d, 1)
+        if product > _INT64_MAX:
+            raise InvalidInput(f"input {name!r}: shape {shape} has more than 2**63-1 elements")
 
 
 def _requested_outputs(doc: dict[str, Any]) -> tuple[list[str] | None, dict[str, bool]]:
@@ -308,10 +394,11 @@ async def infer(request: web.Request) -> web.Response:
     gw = _gw(request)
     headers = {k.lower(): v for k, v in request.headers.items()}
     gw.authorize(headers)  # before reading a body from an unauthenticated client
-    body = await request.read()
-    if len(body) > gw.max_request_bytes:
-        raise PayloadTooLarge(f"request body is {len(body)} bytes, over {gw.max_request_bytes}")
-    doc, binary = _parse_body(body, request.headers.get(HEADER_LENGTH))
+    limits: HttpLimits = request.app[LIMITS_KEY]
+    body = await read_body(request, gw.repository, gw.max_request_bytes, limits.body_timeout_s)
+    doc, inputs = await off_loop(
+        len(body), parse_infer_body, body, request.headers.get(HEADER_LENGTH)
+    )
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
         raise InvalidInput("'parameters' must be an object")
@@ -323,7 +410,7 @@ async def infer(request: web.Request) -> web.Response:
             model=request.match_info["model"],
             version=_version(request),
             id=request_id if isinstance(request_id, str) else str(request_id),
-            inputs=_wire_inputs(doc, binary, gw.shared_memory),
+            inputs=_read_shm_inputs(inputs, gw.shared_memory),
             outputs=names,
             parameters=params,
             headers=headers,
@@ -378,12 +465,39 @@ async def cuda_shm(request: web.Request) -> web.Response:
     raise cuda_unsupported(request.path)
 
 
-def make_app(gateway: Gateway) -> web.Application:
+def parse_infer_body(
+    body: bytes, header_length: str | None
+) -> tuple[dict[str, Any], list[WireTensor | InShm]]:
+    """The request document (without its inputs) and the input tensors, with JSON ``data`` as
+    numpy arrays: what the parser process returns for a large body (server/http_limits.py)."""
+    doc, binary = _parse_body(body, header_length)
+    inputs = _as_arrays(_wire_inputs(doc, binary))
+    doc.pop("inputs", None)
+    return doc, inputs
+
+
+def _as_arrays(inputs: list[WireTensor | InShm]) -> list[WireTensor | InShm]:
+    """JSON ``data`` lists as numpy arrays of their datatype (on the parsing thread); a list
+    numpy cannot take is left for the core, whose error names the input."""
+    for t in inputs:
+        if isinstance(t, InShm) or t.values is None or t.datatype == "BYTES":
+            continue
+        try:
+            dtype = from_datatype(t.datatype)
+            with np.errstate(over="ignore", invalid="ignore"):
+                t.values = np.asarray(t.values, dtype=dtype)
+        except (DtypeError, ValueError, TypeError, OverflowError, RecursionError):
+            pass
+    return inputs
+
+
+def make_app(gateway: Gateway, limits: HttpLimits | None = None) -> web.Application:
     # The body limit is enforced in ``infer`` (a clean 413); aiohttp's own cap sits just above.
     app = web.Application(
         middlewares=[_error_middleware], client_max_size=gateway.max_request_bytes + 1024 * 1024
     )
     app[GATEWAY_KEY] = gateway
+    app[LIMITS_KEY] = limits or HttpLimits()
     r = app.router
     r.add_get("/v2/health/live", live)
     r.add_get("/v2/health/ready", ready)
@@ -414,12 +528,22 @@ async def start_http_server(
     ssl_context: ssl.SSLContext | None = None,
     grace_s: float = 10.0,
     reuse_port: bool = False,
+    limits: HttpLimits | None = None,
 ) -> tuple[web.AppRunner, int]:
+    limits = limits or HttpLimits()
     runner = web.AppRunner(
-        make_app(gateway), access_log=None, handle_signals=False, shutdown_timeout=grace_s
+        make_app(gateway, limits), access_log=None, handle_signals=False, shutdown_timeout=grace_s
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port or None)
+    site = CappedSite(
+        runner,
+        host,
+        port,
+        ssl_context=ssl_context,
+        reuse_port=reuse_port or None,
+        max_connections=limits.max_connections,
+        header_timeout_s=limits.body_timeout_s,
+    )
     await site.start()
     bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     return runner, bound

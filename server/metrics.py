@@ -111,6 +111,11 @@ VARIANT_LATENCY = Gauge(
     multiprocess_mode="livemax",
 )
 
+HTTP_CONNECTIONS_REJECTED = Counter(
+    "precision_serve_http_connections_rejected",
+    "HTTP connections answered 503 and closed because --http-max-connections were open.",
+)
+
 
 class Children:
     """A metric's labelled children, bound once per label tuple (``.labels()`` costs a lock, a

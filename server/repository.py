@@ -9,6 +9,7 @@ the whole gateway.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,9 +109,27 @@ def _tensors_from_specs(specs: list[TensorSpec]) -> list[TensorInfo]:
     return [TensorInfo(s.name, np.dtype(s.dtype), tuple(s.shape)) for s in specs]
 
 
+def _confined(root: Path, manifest: Manifest, record: VariantRecord) -> Path:
+    """The variant's model file; ConfigError when the manifest points outside the variant's
+    folder (``../../etc/passwd``, an absolute path): a manifest cannot make the gateway read
+    or serve other files. Lexical (symlinks placed in the repository are the operator's)."""
+    folder = Path(os.path.normpath(root / record.triton_name))
+    path = Path(os.path.normpath(root / record.file))
+    inside_root = folder.is_relative_to(Path(os.path.normpath(root))) and folder != Path(
+        os.path.normpath(root)
+    )
+    if not inside_root or not path.is_relative_to(folder) or path == folder:
+        raise ConfigError(
+            f"manifest of model {manifest.model!r}, variant {record.precision!r}: file "
+            f"{record.file!r} is outside the variant folder {record.triton_name}/ of the "
+            "repository"
+        )
+    return path
+
+
 def _load_variant(root: Path, manifest: Manifest, record: VariantRecord) -> Variant:
     problem = None
-    path = root / record.file
+    path = _confined(root, manifest, record)
     try:
         config = read_config(root / record.triton_name)
         serving = serving_options_from_config(config)

@@ -103,6 +103,8 @@ class GatewayProcess(_Urls):
             "0",
             "--ready-file",
             str(self.ready_file),
+            "--drain-seconds",  # stop at once unless ``extra_args`` ask for a drain delay
+            "0",
             *self.extra_args,
         ]
         env = {**os.environ, **(self.env or {})}

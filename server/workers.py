@@ -6,7 +6,8 @@ up), starts N fresh ``python -m server.cli`` worker processes that bind the same
 ``SO_REUSEPORT`` (the kernel spreads connections over them), and serves ``/metrics`` itself from
 prometheus-client's multiprocess directory, so one scrape sees the sum over the workers. Workers
 are started as new interpreters rather than forked, so no gRPC or ONNX Runtime state is ever
-shared. SIGTERM/SIGINT is passed on to every worker; each drains as a single gateway does and
+shared. SIGTERM/SIGINT is passed on to every worker; each drains as a single gateway does (not ready
+for ``--drain-seconds`` with its listeners open, then finishing what is in flight) and
 the supervisor exits 0 when all of them did. A worker that dies on its own stops the rest
 (exit 1); one that fails to start fails the start-up (exit 2).
 """
@@ -50,6 +51,7 @@ class WorkerOptions:
     worker_args: list[str] = field(default_factory=list)
     ready_file: Path | None = None
     grace_s: float = 10.0
+    drain_s: float = 0.0  # the workers' --drain-seconds (they wait it out before closing)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -178,7 +180,7 @@ class Supervisor:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.options.grace_s + 30.0
+        deadline = loop.time() + self.options.drain_s + self.options.grace_s + 30.0
         while any(p.poll() is None for p in self.procs) and loop.time() < deadline:
             await asyncio.sleep(0.05)
         for proc in self.procs:

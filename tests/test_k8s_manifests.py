@@ -322,7 +322,7 @@ def test_gateway_args_and_ports_agree_with_the_cli(
     # The repository is the mounted volume; draining fits in the pod's grace period.
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert str(args.repository) == mounts["model-repository"]
-    assert args.grace < pod["spec"]["terminationGracePeriodSeconds"]
+    assert args.drain_seconds + args.grace < pod["spec"]["terminationGracePeriodSeconds"]
 
     # Prometheus scrapes the metrics port the gateway really binds.
     annotations = pod["metadata"]["annotations"]

@@ -9,6 +9,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -118,6 +119,70 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(repo_copy):
         with pytest.raises(InferenceServerException):
             grpcclient.InferenceServerClient(gw.grpc_url).is_server_live(client_timeout=2)
         client.close()
+    finally:
+        gw.stop()
+        gw._tmp.cleanup()
+
+
+def _ready_status(http_url: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _http_infer(http_url: str, x: np.ndarray) -> tuple[int, np.ndarray]:
+    """One HTTP JSON inference on its own connection: (status, logits)."""
+    body = json.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape),
+                     "data": x.ravel().tolist()}]}
+    )  # fmt: skip
+    conn = http.client.HTTPConnection(http_url, timeout=60)
+    try:
+        conn.request("POST", "/v2/models/tiny/infer", body)
+        resp = conn.getresponse()
+        doc = json.loads(resp.read())
+    finally:
+        conn.close()
+    logits = np.asarray(doc["outputs"][0]["data"], dtype=np.float32).reshape(x.shape[0], 4)
+    return resp.status, logits
+
+
+def test_sigterm_drain_window_not_ready_but_serving_then_exit_zero(repo_copy):
+    """SIGTERM: ready turns 503 (HTTP) / false (gRPC) at once, the listeners stay open for
+    --drain-seconds and serve new requests, the in-flight HTTP request is answered, exit 0."""
+    make_slow_onnx(repo_copy / "tiny_fp32" / "1" / "model.onnx")
+    gw = GatewayProcess(repo_copy, ["--drain-seconds", "6", "--grace", "20"]).start()
+    try:
+        x = rows(32, seed=5)
+        want = ort_outputs(repo_copy, "fp32", x)
+        in_flight: list = []
+        sender = threading.Thread(target=lambda: in_flight.append(_http_infer(gw.http_url, x)))
+        sender.start()
+        wait_ready(lambda: inflight(gw.metrics_url, "tiny") == 1, 20, "a request in flight",
+                   interval=0.02)  # fmt: skip
+        gw.proc.send_signal(signal.SIGTERM)
+        wait_ready(lambda: _ready_status(gw.http_url) == 503, 5, "ready to turn 503")
+        client = grpcclient.InferenceServerClient(gw.grpc_url)
+        assert not client.is_server_ready() and not client.is_model_ready("tiny")
+        assert client.is_server_live()
+        # new requests during the drain window are still served, on both protocols
+        small = rows(1, seed=6)
+        np.testing.assert_allclose(
+            infer(gw.grpc_url, small), ort_outputs(repo_copy, "fp32", small), rtol=1e-4, atol=1e-4
+        )
+        status, got = _http_infer(gw.http_url, small)
+        assert status == 200
+        assert gw.proc.poll() is None, "exited before the drain delay was over"
+        assert _ready_status(gw.http_url) == 503
+        client.close()
+        assert gw.proc.wait(timeout=60) == 0, gw.log()
+        sender.join(30)
+        assert len(in_flight) == 1, "the in-flight request got no answer (reset?)"
+        status, got = in_flight[0]
+        assert status == 200
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     finally:
         gw.stop()
         gw._tmp.cleanup()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -73,7 +74,8 @@ def test_two_workers_serve_one_port_one_metrics_view_and_drain(repo_copy: Path):
     make_slow_onnx(repo_copy / "tiny_fp32" / "1" / "model.onnx")  # for the drain below
     x = rows(2, seed=4)
     want = ort_outputs(repo_copy, "int8", x)
-    gw = GatewayProcess(repo_copy, ["--workers", "2", "--threads", "1"], timeout=120).start()
+    args = ["--workers", "2", "--threads", "1", "--drain-seconds", "5"]
+    gw = GatewayProcess(repo_copy, args, timeout=120).start()
     try:
         workers = gw.ports["workers"]
         assert len(workers) == 2 and gw.pid not in workers
@@ -108,6 +110,10 @@ def test_two_workers_serve_one_port_one_metrics_view_and_drain(repo_copy: Path):
 
         wait_ready(busy, 30, "slow requests in flight", interval=0.02)
         gw.proc.send_signal(signal.SIGTERM)
+        # the drain window: the workers say not ready but still serve new requests
+        wait_ready(lambda: not _ready(gw.http_url), 10, "ready to turn 503")
+        np.testing.assert_allclose(_infer(gw.grpc_url, "tiny_int8", x), want, rtol=1e-5, atol=1e-6)
+        assert gw.proc.poll() is None and not _ready(gw.http_url)
         assert gw.proc.wait(timeout=60) == 0, gw.log()
         for t in threads:
             t.join(60)
@@ -118,6 +124,15 @@ def test_two_workers_serve_one_port_one_metrics_view_and_drain(repo_copy: Path):
             assert not Path(f"/proc/{pid}").exists() or "zombie" in _state(pid)
     finally:
         gw.stop()
+
+
+def _ready(http_url: str) -> bool:
+    """Whether /v2/health/ready answers 200 (both workers answer it: either says 503)."""
+    try:
+        with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=10) as r:
+            return r.status == 200
+    except urllib.error.HTTPError:
+        return False
 
 
 def _state(pid: int) -> str:
