@@ -522,7 +522,8 @@ class Gateway:
             return variant, result
         # the reasons name replicas and engine errors: the log has them, the client does not
         log.info("no ready variant of %r: %s", model.name, "; ".join(reasons))
-        raise Unavailable(f"upstream unavailable for model {model.name!r}")
+        tried = ", ".join(model.variants[p].name for p in candidates)
+        raise Unavailable(f"upstream unavailable for model {model.name!r} (tried {tried})")
 
     @staticmethod
     def _select_outputs(
