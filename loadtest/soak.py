@@ -142,12 +142,14 @@ def valid_requests(repo: Path, manifest: Manifest, rows: int = 8) -> list[ValidR
 # ---- upstream ---------------------------------------------------------------------------------
 @contextlib.contextmanager
 def triton_replicas(repo: Path, work: Path, out: Path, count: int = 2) -> Iterator[list[Any]]:
+    """``count`` local Triton servers on ``repo`` (OS-picked ports), started in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from server.triton.launcher import TritonOptions, TritonServer
 
-    servers: list[Any] = []
-    try:
-        for k in range(count):
-            opts = TritonOptions(
+    servers = [
+        TritonServer(
+            TritonOptions(
                 repository=repo,
                 grpc_port=0,
                 http_port=0,
@@ -156,7 +158,13 @@ def triton_replicas(repo: Path, work: Path, out: Path, count: int = 2) -> Iterat
                 work_dir=work / f"triton-{k}",
                 startup_timeout=180.0,
             )
-            servers.append(TritonServer(opts).start())
+        )
+        for k in range(count)
+    ]
+    try:
+        with ThreadPoolExecutor(max_workers=count) as pool:
+            for started in [pool.submit(s.start) for s in servers]:
+                started.result()
         yield servers
     finally:
         for s in servers:

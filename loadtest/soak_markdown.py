@@ -15,6 +15,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def _big_rate(interval_s: float) -> str:
+    return f"one 60 MB request every {interval_s:.0f} s" if interval_s > 0 else "no 60 MB request"
+
+
 def _header(r: dict[str, Any]) -> list[str]:
     m, o = r["machine"], r["options"]
     verdict = "PASSED" if r["passed"] else "FAILED"
@@ -29,8 +33,8 @@ def _header(r: dict[str, Any]) -> list[str]:
         f"{r['capacity']['seconds']:.0f} s): {r['capacity']['requests_per_s']} requests/s; "
         f"paced at {o['load'] * 100:.0f} %: {r['rate']} requests/s for {o['minutes']} min, "
         f"{o['attack_fraction'] * 100:.0f} % of slots malformed, "
-        f"{o['cancel_fraction'] * 100:.0f} % cancelled, one 60 MB request every "
-        f"{o['big_interval_s']:.0f} s, {o['slow_clients']} slow clients.",
+        f"{o['cancel_fraction'] * 100:.0f} % cancelled, {_big_rate(o['big_interval_s'])}, "
+        f"{o['slow_clients']} slow clients.",
         "",
     ]
 
