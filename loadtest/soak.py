@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -75,6 +76,7 @@ class SoakOptions:
     in_flight_timeout_s: float = 120.0
     slow_clients: int = 4
     warmup_fraction: float = 0.2
+    note: str = ""  # a line for the report's header (e.g. what else ran on the host)
     gateway_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -252,7 +254,6 @@ def gateway_args(opts: SoakOptions, replicas: Sequence[Any] | None) -> list[str]
 
 
 def machine() -> dict[str, Any]:
-    import os
     import platform
 
     from builder import hostinfo
@@ -332,6 +333,7 @@ def _phases(
     report["samples"] = sampler.samples
     _figures(report, paced, opts, sampler.samples)
     report["gateway_exit_code"] = gw.stop()
+    report["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     return report
 
 
@@ -388,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--in-flight-timeout", type=float, default=120.0, help="deadline of the probed 60 MB one"
     )
     p.add_argument("--slow-clients", type=int, default=4, help="concurrent partial-body clients")
+    p.add_argument("--note", default="", help="a line for the report's header")
     p.add_argument("--gateway-arg", action="append", default=[], help="extra gateway option")
     return p
 
@@ -410,6 +413,7 @@ def options_from(args: argparse.Namespace) -> SoakOptions:
         in_flight_timeout_s=args.in_flight_timeout,
         slow_clients=args.slow_clients,
         gateway_args=list(args.gateway_arg),
+        note=args.note,
     )
 
 

@@ -27,8 +27,10 @@ def _header(r: dict[str, Any]) -> list[str]:
         "",
         f"Machine: {m.get('hostname')} ({m.get('model')}, {m.get('cores')} cores, "
         f"flags {', '.join(m.get('flags', []))}); load average at the start "
-        f"{m.get('load_average')}. The soak client runs on the same host as the gateway.",
+        f"{m.get('load_average')}, at the end {m.get('load_average_end')}. The soak client "
+        "runs on the same host as the gateway.",
         "",
+        *([o["note"], ""] if o.get("note") else []),
         f"Capacity (closed loop, {r['capacity']['concurrency']} clients, "
         f"{r['capacity']['seconds']:.0f} s): {r['capacity']['requests_per_s']} requests/s; "
         f"paced at {o['load'] * 100:.0f} %: {r['rate']} requests/s for {o['minutes']} min, "
