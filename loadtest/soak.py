@@ -300,8 +300,10 @@ def _phases(
         soak_payloads.big_json(opts.model, first.name, row_shape),
     ]
     with procstat.Sampler(gw.pid) as sampler:
-        phases = report["phases"]
-        mark = lambda name: phases.setdefault(name, round(time.monotonic() - sampler.t0, 2))  # noqa: E731
+
+        def mark(name: str) -> None:
+            report["phases"][name] = round(time.monotonic() - sampler.t0, 2)
+
         mark("capacity")
         capacity = measure_capacity(gw.grpc_url, requests, opts.capacity_seconds, opts.concurrency)
         if capacity.ok == 0:
@@ -333,6 +335,7 @@ def _phases(
     report["samples"] = sampler.samples
     _figures(report, paced, opts, sampler.samples)
     report["gateway_exit_code"] = gw.stop()
+    (opts.out / "gateway.log").write_text(gw.log())
     report["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     return report
 
