@@ -42,7 +42,11 @@ def check_report(done: subprocess.CompletedProcess[str], out: Path, repo: Path) 
     report = json.loads((out / "soak.json").read_text())
     valid = report["valid"]
     assert valid["sent"] > 100
-    assert valid["errors"] == 0, valid["error_examples"]
+    windows = [(w["t"], w["requests"], w["errors"]) for w in report["windows"]]
+    assert valid["errors"] == 0, "\n".join(
+        [f"triton {report['triton']}, windows (t, requests, errors) {windows}"]
+        + valid["error_examples"]
+    )
     assert valid["skipped"] == 0
     (manifest,) = load_manifests(repo).values()
     assert set(valid["per_precision"]) == set(manifest.variants)
