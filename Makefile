@@ -7,7 +7,7 @@ EXTRAS := build,openvino,loadtest,triton,bench,dev
 REPO ?= model_repository
 
 .PHONY: install demo test lint format bench bench-quick bench-tools bench-binaries \
-	bench-system-deps clean system-deps
+	bench-system-deps clean system-deps soak
 
 install: $(STAMP)
 
@@ -38,6 +38,17 @@ bench: install bench-tools
 
 bench-quick: install bench-tools
 	$(BIN)/python -m bench.run --quick
+
+# The soak (docs/loadtest.md, "Soak"): SOAK_MINUTES of paced mixed traffic against one gateway;
+# SOAK_UPSTREAM=triton puts two Triton replicas behind it and kills one midway. Exit 1 when a
+# "Must show" check fails.
+SOAK_MINUTES ?= 30
+SOAK_UPSTREAM ?= embedded
+SOAK_OUT ?= reports/soak
+
+soak: install
+	$(BIN)/python -m loadtest.soak --repository $(REPO) --minutes $(SOAK_MINUTES) \
+	  --upstream $(SOAK_UPSTREAM) --out $(SOAK_OUT)
 
 # The peers the benchmark compares against (docs/benchmarks/README.md): the `bench` extra
 # (KServe's ModelServer, py-spy; in EXTRAS, so `make install` has it), and NVIDIA's perf_analyzer, the C++ binary out of
