@@ -26,11 +26,14 @@ def build_within_budget(
     quantize: QuantizeFn,
     op_types: Collection[str] | None = None,
     diagnose: bool = False,
+    timed: bool = True,
 ) -> tuple[BudgetOutcome, dict[str, Any]]:
     """Quantize ``float_path`` with ``quantize`` into ``out_path`` within ``ctx``'s budget.
 
     Returns the outcome and the diagnostic details (the per-node error ranking, computed when
-    the search needs it or ``diagnose`` asks; ``op_types`` limits which nodes may be kept)."""
+    the search needs it or ``diagnose`` asks; ``op_types`` limits which nodes may be kept).
+    ``timed=False``: candidates are not timed against FP32, so the fewest kept layers within
+    the budget win (int4, whose point is size: it runs slower than FP32 on CPUs here)."""
     from builder.drift import node_errors
 
     candidates = ctx.work_dir / "budget-candidates"
@@ -65,7 +68,7 @@ def build_within_budget(
         return [e.node for e in errors]
 
     limits = SearchLimits(progress=ctx.options.progress)
-    speed = ctx.speedup if ctx.options.measure_speed else None
+    speed = ctx.speedup if ctx.options.measure_speed and timed else None
     outcome = search(rank, make, speed, ctx.options.accuracy_budget, out_path, limits)
     if diagnose and not diagnostics:
         analyse(outcome.attempts[0].path)  # the fully quantized file
