@@ -84,7 +84,13 @@ class Int4:
         # Not timed: int4 is about size, and MatMulNBits with FP32 activations is slower than
         # FP32 here (docs/builder.md), which would stop a speed-guided search at its start.
         outcome, diagnostics = build_within_budget(
-            ctx, out_path, float_path, quantize, INT4_OPS, timed=False
+            ctx,
+            out_path,
+            float_path,
+            quantize,
+            INT4_OPS,
+            timed=False,
+            nodes=set(weights.matmuls) | (set(weights.gathers) if embeddings else set()),
         )
         details: dict[str, object] = {
             "format": "MatMulNBits",
