@@ -265,3 +265,20 @@ def test_bench_builds_minilm_int4_when_missing(tmp_path: Path, monkeypatch) -> N
     done = run.ensure_built(tmp_path, ["minilm", "digits"], rebuild=False)
     assert calls == [None, ["int4"], None], calls
     assert "int4 built" in done["minilm"] and "int4" not in done["digits"], done
+
+
+def test_quantizer_import_leaves_root_logging_alone() -> None:
+    """ORT's matmul_nbits_quantizer calls logging.basicConfig(level=INFO) on import; the
+    builder's import of it must not configure the host program's root logger."""
+    code = (
+        "import logging\n"
+        "from builder.precisions.int4_quant import nbits_module\n"
+        "nbits_module()\n"
+        "root = logging.getLogger()\n"
+        "assert not root.handlers and root.level == logging.WARNING, (root.handlers, root.level)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    got = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert got.returncode == 0, got.stderr

@@ -29,12 +29,6 @@ INT4_OPS = ("MatMul", "Gather")  # the nodes the budget may keep out of 4-bit
 CALIBRATION_ROWS = 32  # gptq's calibration rows (its Hessians grow with them)
 
 
-def _quiet_ort_quantizer() -> None:
-    # matmul_nbits_quantizer logs every node at INFO (and sets up root logging on import).
-    for name in ("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime.quantization"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 class Int4:
     name = "int4"
 
@@ -58,7 +52,6 @@ class Int4:
     def build(self, ctx: BuildContext, out_path: Path) -> VariantResult:
         from builder.precisions.int4_quant import census, quantize_int4, to_int4_opset
 
-        _quiet_ort_quantizer()
         opts = Int4Options.from_extra(ctx.options.extra)
         check_quantizable(ctx.fp32_path)
         weights = census(ctx.fp32_path)

@@ -100,6 +100,19 @@ def to_int4_opset(src: Path, dst: Path) -> Path:
     return dst
 
 
+def nbits_module() -> Any:
+    """``onnxruntime.quantization.matmul_nbits_quantizer``, imported without its side effect:
+    it calls ``logging.basicConfig(level=INFO)`` on import (every node logged at INFO)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization import matmul_nbits_quantizer
+
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.getLogger(matmul_nbits_quantizer.__name__).setLevel(logging.WARNING)
+    return matmul_nbits_quantizer
+
+
 def _model_proto(quantizer: Any) -> Any:
     model = quantizer.model
     return model.model if hasattr(model, "model") else model
@@ -112,10 +125,8 @@ def _others(names: Iterable[str], keep: Iterable[str], graph: Any) -> list[str]:
 
 
 def _nbits(model: Any, nodes: list[str], kept: list[str], config: Any, opts: Int4Options) -> Any:
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
     bits = getattr(config, "bits", 4)
-    q = MatMulNBitsQuantizer(
+    q = nbits_module().MatMulNBitsQuantizer(
         model,
         bits=bits,
         block_size=opts.block_size,
@@ -150,16 +161,12 @@ def _gptq(model: Any, nodes: list[str], kept: list[str], opts: Int4Options, data
 
 
 def _matmul_config(opts: Int4Options) -> Any:
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        HQQWeightOnlyQuantConfig,
-    )
-
+    nbits = nbits_module()
     if opts.algorithm == "hqq":
-        return HQQWeightOnlyQuantConfig(
+        return nbits.HQQWeightOnlyQuantConfig(
             block_size=opts.block_size, op_types_to_quantize=("MatMul",)
         )
-    return DefaultWeightOnlyQuantConfig(
+    return nbits.DefaultWeightOnlyQuantConfig(
         block_size=opts.block_size, is_symmetric=opts.symmetric, op_types_to_quantize=("MatMul",)
     )
 
@@ -176,8 +183,8 @@ def quantize_int4(
     """Write the int4 variant of ``float_path`` (see the module docstring); ``kept`` nodes
     stay out of 4-bit."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig
 
+    default_config = nbits_module().DefaultWeightOnlyQuantConfig
     model = onnx.load(str(float_path))
     try:
         if opts.algorithm == "gptq":
@@ -188,7 +195,7 @@ def quantize_int4(
             model = _nbits(model, weights.matmuls, kept, _matmul_config(opts), opts)
         fallback = [n for n in kept if n in set(weights.matmuls)]
         if fallback and opts.fallback == "int8":
-            eight = DefaultWeightOnlyQuantConfig(
+            eight = default_config(
                 block_size=opts.block_size,
                 is_symmetric=opts.symmetric,
                 op_types_to_quantize=("MatMul",),
@@ -196,7 +203,7 @@ def quantize_int4(
             )
             model = _nbits(model, fallback, [], eight, opts)
         if embeddings and weights.gathers:
-            gather = DefaultWeightOnlyQuantConfig(
+            gather = default_config(
                 block_size=opts.block_size,
                 is_symmetric=opts.symmetric,
                 op_types_to_quantize=("Gather",),
