@@ -11,12 +11,14 @@ from pathlib import Path
 
 from builder.calibration import METHODS
 from builder.errors import USER_ERRORS
+from builder.precisions import int4_options
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="precision-build",
-        description="Build FP32/FP16/BF16/INT8 variants of a model as a Triton model repository.",
+        description="Build FP32/FP16/BF16/INT8/INT4 variants of a model as a Triton model "
+        "repository.",
     )
     p.add_argument(
         "model",
@@ -52,6 +54,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="QDQ",
         help="static INT8 graph format (QDQ is faster on CPU here and what TensorRT takes)",
     )
+    int4_options.add_arguments(p)
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--force", action="store_true", help="rebuild variants that already exist")
     p.add_argument("--engine", help="run every variant on this engine (default: measured)")
@@ -98,7 +101,7 @@ def options_from_args(args: argparse.Namespace):
         target=args.target,
         configs_only=args.configs_only,
         progress=not args.quiet,
-        extra={"int8_format": args.int8_format},
+        extra={"int8_format": args.int8_format, **int4_options.extra_from_args(args)},
     )
 
 

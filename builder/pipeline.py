@@ -17,7 +17,7 @@ from builder.engine_choice import choose_engine, measure_round_robin
 from builder.errors import BudgetNotMet, BuildError
 from builder.evaluate import EVAL_BATCH, Evaluator, quality_source
 from builder.options import BuildOptions
-from builder.precisions import BuildContext, VariantResult, get_precision
+from builder.precisions import BuildContext, RefusesModels, VariantResult, get_precision
 from builder.prepare import optimize_basic
 from builder.repository import (
     ensure_writable,
@@ -89,6 +89,15 @@ def build_model(spec: str, options: BuildOptions) -> Manifest:
         remove_tree(work)
 
 
+def _check_refusals(plugins: dict[str, object], model: LoadedModel, options: BuildOptions) -> None:
+    """A requested precision that refuses this model fails the build now, naming why."""
+    for plugin in plugins.values():
+        if isinstance(plugin, RefusesModels):
+            reason = plugin.refusal(model, options)
+            if reason:
+                raise BuildError(reason)
+
+
 def _build(spec: str, options: BuildOptions, repo: Path, work: Path) -> Manifest:
     model = load_model(spec, work / "source")
     if options.calibration_data is not None:
@@ -99,6 +108,7 @@ def _build(spec: str, options: BuildOptions, repo: Path, work: Path) -> Manifest
         model.notes = with_data_note(model.notes, model.calibration, model.evaluation)
     precisions = options.precisions or list(model.default_precisions)
     plugins = {p: get_precision(p) for p in precisions}  # unknown names fail before any work
+    _check_refusals(plugins, model, options)
 
     old = None
     if manifest_path(repo, model.name).exists():

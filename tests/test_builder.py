@@ -192,10 +192,10 @@ def test_unknown_source_and_precision(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="unknown model source 'nope'"):
         build_model("nope", BuildOptions(repository=tmp_path, progress=False))
     make_tiny_onnx(tmp_path / "m.onnx")
-    with pytest.raises(BuildError, match="unknown precision 'int4'"):
+    with pytest.raises(BuildError, match="unknown precision 'int3'"):
         build_model(
             f"onnx:{tmp_path / 'm.onnx'}",
-            BuildOptions(repository=tmp_path / "r", precisions=["int4"], progress=False),
+            BuildOptions(repository=tmp_path / "r", precisions=["int3"], progress=False),
         )
 
 

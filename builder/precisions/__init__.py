@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from builder.errors import BuildError
-from builder.precisions.base import BuildContext, Precision, VariantResult
+from builder.precisions.base import BuildContext, Precision, RefusesModels, VariantResult
 from server.plugins import PluginRegistry
 
 _PRECISIONS = PluginRegistry(
@@ -15,6 +15,7 @@ _PRECISIONS = PluginRegistry(
         "bf16": "builder.precisions.bf16:BF16",
         "int8": "builder.precisions.int8:StaticInt8",
         "int8-dynamic": "builder.precisions.int8_dynamic:DynamicInt8",
+        "int4": "builder.precisions.int4:Int4",
     },
 )
 
@@ -34,6 +35,7 @@ def get_precision(name: str) -> Precision:
 __all__ = [
     "BuildContext",
     "Precision",
+    "RefusesModels",
     "VariantResult",
     "get_precision",
     "precision_names",

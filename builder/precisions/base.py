@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from builder.evaluate import Evaluator
@@ -49,3 +49,11 @@ class Precision(Protocol):
     def build(self, ctx: BuildContext, out_path: Path) -> VariantResult:
         """Write the variant's model file to ``out_path``."""
         ...
+
+
+@runtime_checkable
+class RefusesModels(Protocol):
+    """A precision that refuses some models outright when asked for them (int4 on a CNN): the
+    build fails with the reason, before any work, instead of skipping with a note."""
+
+    def refusal(self, model: LoadedModel, options: BuildOptions) -> str | None: ...

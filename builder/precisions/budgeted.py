@@ -26,11 +26,17 @@ def build_within_budget(
     quantize: QuantizeFn,
     op_types: Collection[str] | None = None,
     diagnose: bool = False,
+    timed: bool = True,
+    nodes: Collection[str] | None = None,
 ) -> tuple[BudgetOutcome, dict[str, Any]]:
     """Quantize ``float_path`` with ``quantize`` into ``out_path`` within ``ctx``'s budget.
 
     Returns the outcome and the diagnostic details (the per-node error ranking, computed when
-    the search needs it or ``diagnose`` asks; ``op_types`` limits which nodes may be kept)."""
+    the search needs it or ``diagnose`` asks; ``op_types`` limits which nodes may be kept).
+    ``timed=False``: candidates are not timed against FP32, so the fewest kept layers within
+    the budget win (int4, whose point is size: it runs slower than FP32 on CPUs here).
+    ``nodes``: only these may be kept (the ones the precision quantizes; a MatMul of two
+    activations shows error too, but keeping it changes nothing)."""
     from builder.drift import node_errors
 
     candidates = ctx.work_dir / "budget-candidates"
@@ -62,10 +68,10 @@ def build_within_budget(
     def rank(path: Path) -> list[str]:
         if not errors:
             analyse(path)
-        return [e.node for e in errors]
+        return [e.node for e in errors if nodes is None or e.node in nodes]
 
     limits = SearchLimits(progress=ctx.options.progress)
-    speed = ctx.speedup if ctx.options.measure_speed else None
+    speed = ctx.speedup if ctx.options.measure_speed and timed else None
     outcome = search(rank, make, speed, ctx.options.accuracy_budget, out_path, limits)
     if diagnose and not diagnostics:
         analyse(outcome.attempts[0].path)  # the fully quantized file
