@@ -25,6 +25,7 @@ def test_steps_hold_and_end():
     assert [s.users_at(t) for t in (0, 59.9, 60, 150, 180, 239)] == [4, 4, 8, 12, 4, 4]
     assert s.duration_s == 240  # the last step lasts as long as the one before it
     assert s.users_at(240) is None
+    assert parse_schedule("0:2,10:3").duration_s == 20
     ended = parse_schedule("0:2,10:5,30:0")
     assert ended.duration_s == 30 and ended.users_at(29) == 5 and ended.peak_users == 5
 
@@ -83,6 +84,18 @@ def test_bins_give_p99_throughput_mix_and_expected_loss(tmp_path):
     text = paths["report"].read_text()
     assert "| 1 | 2 | 4.0 | 300.0 (over) | 25 | 75 | 0.600 |" in text
     assert paths["plot"].stat().st_size > 0
+
+
+def test_a_request_counts_in_the_bin_where_it_completed():
+    rec = {
+        "start": np.array([0.0, 0.5]),
+        "latency": np.array([0.1, 1.0]),
+        "ok": np.array([True, True]),
+        "precision": np.array(["fp32", "fp32"]),
+    }
+    tl = bin_record(rec, "x", 1.0)
+    assert [b.requests for b in tl.bins] == [1, 1]
+    assert tl.bins[1].p99_ms == pytest.approx(1000.0)
 
 
 def test_cli_builds_a_scheduled_config_and_command(tmp_path):
