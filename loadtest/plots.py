@@ -135,7 +135,7 @@ def write_timeline_plot(
             )
         loss_ax.plot(xs, [b.expected_loss for b in tl.bins], style, label=tl.label)
     if objective_ms:
-        p99_ax.axhline(objective_ms, color="red", lw=1, label=f"objective {objective_ms:g} ms")
+        p99_ax.axhline(objective_ms, color="red", lw=1, label=f"objective {objective_ms:.0f} ms")
     if budget is not None:
         loss_ax.axhline(budget, color="red", lw=1, label=f"budget {budget:g}")
     p99_ax.set(ylabel="p99 latency (ms)", title="p99 per bin (client side)")

@@ -139,7 +139,8 @@ def write_schedule_report(
 
 def timeline_table(tl: Timeline, objective_ms: float | None) -> str:
     precisions = sorted({p for b in tl.bins for p in b.shares})
-    head = ["t (s)", "users", "req/s ok", "p99 ms", *(f"{p} %" for p in precisions), "exp. loss"]
+    head = ["t (s)", "users", "req/s ok", "failed", "p99 ms"]
+    head += [*(f"{p} %" for p in precisions), "exp. loss"]
     rows = []
     for b in tl.bins:
         p99 = "-" if b.p99_ms is None else f"{b.p99_ms:.1f}"
@@ -150,6 +151,7 @@ def timeline_table(tl: Timeline, objective_ms: float | None) -> str:
                 f"{b.t_s:g}",
                 "-" if b.users is None else str(b.users),
                 f"{b.throughput:.1f}",
+                str(b.failures),
                 p99,
                 *(f"{100 * b.shares.get(p, 0.0):.0f}" for p in precisions),
                 "-" if b.expected_loss is None else f"{b.expected_loss:.3f}",

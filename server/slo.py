@@ -15,11 +15,12 @@ opened - no timer runs); each window estimates p99 as the larger of the window's
 and in-flight / throughput (Little's law: what a request arriving now waits, which rises before
 the observed latencies do). ``up_windows`` consecutive windows above ``shift_up_above`` x
 objective move one ``step`` of traffic to faster rungs (two steps above 1.5 x); ``down_windows``
-consecutive windows below ``shift_down_below`` x objective move one step back; anything between
-holds. A shift back that has to be undone soon after (within 2 x (up_windows + down_windows)
-windows) doubles the cool windows the next shift back needs (up to 16 x down_windows); a shift
-back that holds halves them again. A load that sits between two levels therefore spends ever
-fewer windows on the hot one instead of flapping, while a real fall in load is followed quickly.
+consecutive windows below ``shift_down_below`` x objective move one step back (two below half
+of that); anything between holds. A shift back that has to be undone soon after (within
+2 x (up_windows + down_windows) windows) doubles the cool windows the next shift back needs
+(up to 16 x down_windows); a shift back that holds halves them again. A load that sits between
+two levels therefore spends ever fewer windows on the hot one instead of flapping, while a real
+fall in load is followed quickly.
 """
 
 from __future__ import annotations
@@ -224,7 +225,8 @@ class SloController:
         if self._cool >= self.down_needed and self.level > 0:
             if self._last_down is not None:  # the previous shift back held: relax the back-off
                 self.down_needed = max(s.down_windows, self.down_needed // 2)
-            self.level = max(0.0, round(self.level - s.step, 9))
+            steps = 2 if ratio < s.shift_down_below / 2 else 1
+            self.level = max(0.0, round(self.level - steps * s.step, 9))
             self._cool = 0
             self._last_down = self.windows
             return "down"

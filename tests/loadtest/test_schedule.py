@@ -82,7 +82,7 @@ def test_bins_give_p99_throughput_mix_and_expected_loss(tmp_path):
     assert within_objective(tl.bins, 100.0, after_s=2.0) == 1.0
     paths = write_schedule_report(tmp_path / "out", [tl], ["# t"], 100.0, budget=1.0)
     text = paths["report"].read_text()
-    assert "| 1 | 2 | 4.0 | 300.0 (over) | 25 | 75 | 0.600 |" in text
+    assert "| 1 | 2 | 4.0 | 0 | 300.0 (over) | 25 | 75 | 0.600 |" in text
     assert paths["plot"].stat().st_size > 0
 
 

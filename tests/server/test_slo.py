@@ -4,6 +4,7 @@ the routing file block, the exported metrics, and one end-to-end check through a
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from collections import Counter
 from pathlib import Path
@@ -91,11 +92,21 @@ def test_moves_back_as_load_falls():
         window(c, clock, 0.06)
     high = c.level
     assert high >= 0.5
-    actions = [window(c, clock, 0.010) for _ in range(60)]
+    actions = [window(c, clock, 0.020) for _ in range(60)]  # cool: one step per 3 windows
     assert c.level == 0.0
     assert actions.count("down") == round(high / 0.1)
     assert "up" not in actions
     assert c.shares()["fp32"] == 1.0
+
+
+def test_a_deep_fall_in_load_moves_back_two_steps_at_a_time():
+    c, clock = controller()
+    for _ in range(10):
+        window(c, clock, 0.06)
+    high = c.level
+    actions = [window(c, clock, 0.010) for _ in range(60)]  # under 0.3 x objective
+    assert c.level == 0.0
+    assert actions.count("down") == math.ceil(round(high / 0.2, 6))  # 0.5: 0.2 + 0.2 + 0.1
 
 
 def test_windows_are_driven_by_completions_not_a_timer():
