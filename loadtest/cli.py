@@ -2,6 +2,8 @@
 
     precision-loadtest --model digits --precisions fp32,fp16,int8 --users 1,4,16 --duration 30s \
         [--batch-size 1,8] [--target HOST:PORT | --serve] [--warmup 5s] --out reports/NAME
+    precision-loadtest --model minilm --precisions policy --schedule ramp:4-16:180 \
+        [--user-rate 5] [--objective-ms 100] --out reports/NAME   (users over time, one run each)
 
 Locust is never imported in this process (it gevent-patches the whole interpreter): every step
 runs it as a subprocess (see loadtest/runner.py). See docs/loadtest.md.
@@ -22,6 +24,7 @@ from pathlib import Path
 from loadtest.errors import ConfigError, LoadTestError
 from loadtest.report import RunInfo
 from loadtest.runner import Step, StepResult, StepSettings, run_step
+from loadtest.schedule import Schedule, parse_schedule
 
 DEFAULT_PRECISIONS = "fp32,fp16,int8"
 _TIMESPAN = re.compile(r"^\s*(\d+)\s*(s|m|h)?\s*$")
@@ -47,6 +50,10 @@ class LoadTestConfig:
     gateway_args: list[str] = field(default_factory=list)
     request_timeout_s: float = 10.0
     command: str = ""
+    schedule: Schedule | None = None  # users over time instead of --users steps
+    user_rate: float = 0.0  # requests/s per user (0: closed loop)
+    objective_ms: float | None = None  # drawn on the schedule plots
+    bin_s: float = 5.0  # schedule report: seconds per bin
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -61,6 +68,10 @@ class LoadTestConfig:
                 raise ConfigError(f"{name} must be positive integers, got {values}")
         if self.duration_s < 1:
             raise ConfigError(f"--duration must be at least 1s, got {self.duration_s}s")
+        if self.user_rate < 0 or self.bin_s <= 0:
+            raise ConfigError(
+                f"--user-rate must be >= 0 and --bin > 0, got {self.user_rate}, {self.bin_s}"
+            )
         if self.warmup_s < 0:
             raise ConfigError(f"--warmup must be >= 0s, got {self.warmup_s}s")
         if self.accuracy_budget < 0:
@@ -108,7 +119,7 @@ def check_precisions(config: LoadTestConfig) -> None:
             raise ConfigError(f"no manifest for model {config.model!r} at {path}")
         return
     built = load_manifest(path).variants
-    missing = [p for p in config.precisions if p not in built]
+    missing = [p for p in config.precisions if p not in built and p != "policy"]
     if missing:
         raise ConfigError(
             f"model {config.model!r} has no {', '.join(missing)} variant "
@@ -137,6 +148,11 @@ class LoadTestOutcome:
 
 def run_loadtest(config: LoadTestConfig, log: Callable[[str], None] = print) -> LoadTestOutcome:
     """Run every step (starting a gateway when no target is given) and write the report."""
+    if config.schedule is not None:
+        from loadtest.scheduled import run_scheduled
+
+        check_precisions(config)
+        return run_scheduled(config, log)  # type: ignore[return-value]
     from builder.hostinfo import cpu_info
     from loadtest.inputs import load_inputs
     from loadtest.report import variant_info, write_report
@@ -231,6 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra argument for the started gateway (repeat), e.g. --gateway-arg=--threads=2",
     )
     p.add_argument("--request-timeout", type=float, default=10.0, help="seconds per request")
+    p.add_argument(
+        "--schedule",
+        help="users over time instead of --users steps: 0:4,60:8,120:4 or ramp:4-16:180 "
+        "(chain ramps with commas); precision 'policy' lets the gateway's policy choose",
+    )
+    p.add_argument("--user-rate", type=float, default=0.0, help="requests/s per user (0: closed)")
+    p.add_argument("--objective-ms", type=float, help="p99 objective drawn on schedule plots")
+    p.add_argument("--bin", type=float, default=5.0, help="seconds per schedule report bin")
     p.add_argument("--out", type=Path, help="output folder (default reports/<model>-<time>)")
     return p
 
@@ -254,6 +278,10 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> LoadTestConfi
         gateway_args=list(args.gateway_arg),
         request_timeout_s=args.request_timeout,
         command=shlex.join(["precision-loadtest", *argv]),
+        schedule=parse_schedule(args.schedule) if args.schedule else None,
+        user_rate=args.user_rate,
+        objective_ms=args.objective_ms,
+        bin_s=args.bin,
     )
 
 

@@ -11,20 +11,26 @@ counts as a failure, so numbers are never attributed to the wrong variant.
 
 Options (command line, or the environment variable in brackets):
   --model [LOCUST_MODEL]          logical model (default digits)
-  --precision [LOCUST_PRECISION]  fp32, fp16, bf16, int8, int8-dynamic (default fp32)
+  --precision [LOCUST_PRECISION]  fp32, fp16, bf16, int8, int8-dynamic (default fp32), or
+                                  "policy": ask for none, the gateway's routing policy picks
+                                  (every served precision is recorded, none is a mismatch)
   --precision-via [LOCUST_PRECISION_VIA]  "parameter" (request parameter ``precision`` on the
                                   logical model, the default) or "variant" (<model>_<precision>)
   --batch-size [LOCUST_BATCH_SIZE]  rows per request (default 1)
   --repository [LOCUST_REPOSITORY]  where <model>.samples.npz / the manifest are (inputs)
   --request-timeout [LOCUST_REQUEST_TIMEOUT]  client deadline in seconds (default 10)
   --stop-after [LOCUST_STOP_AFTER]  seconds to run once every user is spawned (headless: quit)
-  --record [LOCUST_RECORD]        write every request's (start, latency, ok) to this .npz at exit
-                                  (used by precision-loadtest for exact percentiles)
+  --record [LOCUST_RECORD]        write every request's (start, latency, ok, served precision)
+                                  to this .npz at exit (precision-loadtest's exact percentiles)
+  --user-rate [LOCUST_USER_RATE]  requests/s per user, paced (0: closed loop, the default)
+  --schedule [LOCUST_SCHEDULE]    users over time (loadtest/schedule.py); needs
+                                  loadtest/schedule_shape.py loaded too (-f a.py,b.py)
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from pathlib import Path
 
@@ -32,7 +38,7 @@ import gevent
 import grpc
 import grpc.experimental.gevent as grpc_gevent
 import numpy as np
-from locust import User, constant, events, task
+from locust import User, events, task
 from locust.env import Environment
 
 # Locust has monkey-patched the standard library with gevent before loading this file; gRPC's
@@ -49,12 +55,14 @@ log = logging.getLogger("precision_loadtest")
 
 DEFAULT_HOST = "127.0.0.1:8001"
 PRECISION_PARAMETER = "precision"
+POLICY = "policy"  # --precision policy: no precision asked for, the routing policy decides
 
 # Every request of this process: wall-clock start (s), latency (s), success. Greenlets share one
 # thread, so plain lists are safe.
 _starts: list[float] = []
 _latencies: list[float] = []
 _oks: list[bool] = []
+_served: list[str] = []  # the response's precision parameter ("" on failure)
 _inputs: dict[tuple[str, int], SampleInputs] = {}
 _environment: list[Environment] = []
 
@@ -107,6 +115,19 @@ def _add_arguments(parser) -> None:  # type: ignore[no-untyped-def]
         default="",
         help="write every request's timing to this .npz when the test stops",
     )
+    group.add_argument(
+        "--user-rate",
+        env_var="LOCUST_USER_RATE",
+        type=float,
+        default=0.0,
+        help="requests per second per user (0: send the next as soon as one answers)",
+    )
+    group.add_argument(
+        "--schedule",
+        env_var="LOCUST_SCHEDULE",
+        default="",
+        help="users over time, e.g. 0:4,60:8 or ramp:4-16:180 (with loadtest/schedule_shape.py)",
+    )
 
 
 def _write_record(environment: Environment, **_kwargs: object) -> None:
@@ -121,6 +142,7 @@ def _write_record(environment: Environment, **_kwargs: object) -> None:
         start=np.asarray(_starts, np.float64),
         latency=np.asarray(_latencies, np.float64),
         ok=np.asarray(_oks, bool),
+        precision=np.asarray(_served, dtype=str),
     )
     tmp.replace(target)
 
@@ -154,10 +176,22 @@ def _strip_scheme(host: str) -> str:
 
 
 class TritonGrpcUser(User):
-    """Closed loop: each user sends its next request as soon as the previous one answered."""
+    """Closed loop: each user sends its next request as soon as the previous one answered;
+    with ``--user-rate R`` at most R per second (paced from a random phase, like an open load
+    until the answers take longer than 1/R)."""
 
     host = DEFAULT_HOST
-    wait_time = constant(0)
+
+    def wait_time(self) -> float:
+        rate = float(getattr(self.environment.parsed_options, "user_rate", 0) or 0)
+        if rate <= 0:
+            return 0.0
+        now = time.monotonic()
+        if self._due is None:
+            self._due = now + random.uniform(0, 1 / rate)
+        else:
+            self._due = max(self._due + 1 / rate, now)
+        return self._due - now
 
     def on_start(self) -> None:
         opts = self.environment.parsed_options
@@ -166,7 +200,10 @@ class TritonGrpcUser(User):
         self.batch_size: int = int(opts.batch_size)
         self.timeout: float = float(opts.request_timeout)
         self.stat_name = f"{self.model}/{self.precision}"
-        if opts.precision_via == "variant":
+        self._due: float | None = None
+        if self.precision == POLICY:
+            self.target_model, self.parameters = self.model, None
+        elif opts.precision_via == "variant":
             self.target_model, self.parameters = f"{self.model}_{self.precision}", None
         else:
             self.target_model, self.parameters = self.model, {PRECISION_PARAMETER: self.precision}
@@ -195,8 +232,9 @@ class TritonGrpcUser(User):
                     self.model,
                     repository,
                 )
-                meta = self.client.get_model_metadata(f"{self.model}_{self.precision}")
-                config = self.client.get_model_config(f"{self.model}_{self.precision}")
+                name = self.target_model
+                meta = self.client.get_model_metadata(name)
+                config = self.client.get_model_config(name)
                 batched = config.config.max_batch_size > 0
                 specs = specs_from_metadata(
                     [(t.name, t.datatype, list(t.shape)) for t in meta.inputs], batched
@@ -220,6 +258,7 @@ class TritonGrpcUser(User):
         self.turn += 1
         exception: Exception | None = None
         length = 0
+        served = ""
         wall = time.time()
         started = time.perf_counter()
         try:
@@ -232,7 +271,7 @@ class TritonGrpcUser(User):
             response = result.get_response()
             length = sum(len(c) for c in response.raw_output_contents)
             served = response.parameters[PRECISION_PARAMETER].string_param
-            if served and served != self.precision:
+            if served and self.precision != POLICY and served != self.precision:
                 raise PrecisionMismatch(f"served by {served}, asked for {self.precision}")
         except (InferenceServerException, grpc.RpcError, PrecisionMismatch) as e:
             exception = e
@@ -240,6 +279,7 @@ class TritonGrpcUser(User):
         _starts.append(wall)
         _latencies.append(elapsed)
         _oks.append(exception is None)
+        _served.append(served if exception is None else "")
         self.environment.events.request.fire(
             request_type="grpc",
             name=self.stat_name,

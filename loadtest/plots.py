@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from loadtest.runner import StepResult
+from loadtest.timeline import Timeline
 
 
 def _series(results: Sequence[StepResult]) -> dict[tuple[str, int], list[StepResult]]:
@@ -99,3 +100,51 @@ def _save(fig, path: Path) -> Path:  # type: ignore[no-untyped-def]
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def write_timeline_plot(
+    path: Path,
+    timelines: Sequence[Timeline],
+    objective_ms: float | None = None,
+    budget: float | None = None,
+) -> Path:
+    """Over time, one line per run: p99 (vs the objective), throughput (and the users asked
+    for), the precision mix (share per served precision) and the mix's expected accuracy loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(4, 1, figsize=(9, 11), sharex=True)
+    p99_ax, tput_ax, mix_ax, loss_ax = axes
+    users_ax = tput_ax.twinx()
+    styles = ["-", "--", ":", "-."]
+    for i, tl in enumerate(timelines):
+        style = styles[i % len(styles)]
+        xs = [b.t_s + tl.bin_s / 2 for b in tl.bins]
+        p99_ax.plot(xs, [b.p99_ms for b in tl.bins], style, marker=".", label=tl.label)
+        tput_ax.plot(xs, [b.throughput for b in tl.bins], style, marker=".", label=tl.label)
+        if i == 0 and any(b.users is not None for b in tl.bins):
+            users_ax.plot(xs, [b.users for b in tl.bins], color="grey", alpha=0.5, lw=3)
+        for p in sorted({p for b in tl.bins for p in b.shares}):
+            mix_ax.plot(
+                xs,
+                [100 * b.shares.get(p, 0.0) if b.shares else None for b in tl.bins],
+                style,
+                label=f"{tl.label}: {p}",
+            )
+        loss_ax.plot(xs, [b.expected_loss for b in tl.bins], style, label=tl.label)
+    if objective_ms:
+        p99_ax.axhline(objective_ms, color="red", lw=1, label=f"objective {objective_ms:.0f} ms")
+    if budget is not None:
+        loss_ax.axhline(budget, color="red", lw=1, label=f"budget {budget:g}")
+    p99_ax.set(ylabel="p99 latency (ms)", title="p99 per bin (client side)")
+    p99_ax.set_yscale("log")
+    tput_ax.set(ylabel="successful req / s")
+    users_ax.set_ylabel("users (grey)")
+    mix_ax.set(ylabel="served share (%)", ylim=(-5, 105))
+    loss_ax.set(ylabel="expected accuracy loss", xlabel="seconds since the first request")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small", loc="upper left")
+    return _save(fig, path)

@@ -254,6 +254,8 @@ class Gateway:
         start = time.monotonic()
         model_label, precision_label = "unknown", "none"
         inflight = None
+        feedback = None  # the policy's observe() when it routed this request (slo)
+        counts = False  # this request's time is a serving time the policy should learn from
         try:
             self.authorize(request.headers)
             target = self._lookup(request.model, request.version)
@@ -267,6 +269,8 @@ class Gateway:
                 candidates = [target.precision]
             else:
                 decision = self._decide(model, request)
+                if decision.policy == self.router.policies[model.name].name:
+                    feedback = self.router.feedback(model.name)
                 candidates = self.router.candidates(model.name, decision.precision)
             precision_label = decision.precision
             if request.payload is not None and decision.shadow_reference:
@@ -284,6 +288,7 @@ class Gateway:
                 rows = request.rows if variant.max_batch_size > 0 else 1
                 self._record(variant, rows, start, ok=True)
                 metrics.requests(model_label, precision_label, request.protocol, "ok").inc()
+                counts = True
                 return InferResponse(
                     variant.name,
                     variant.version,
@@ -312,6 +317,7 @@ class Gateway:
             selected = self._select_outputs(variant, outputs, request.outputs)
             self._record(variant, _rows(variant, arrays), start, ok=True)
             metrics.requests(model_label, precision_label, request.protocol, "ok").inc()
+            counts = True
             return InferResponse(
                 model_name=variant.name,
                 model_version=variant.version,
@@ -323,6 +329,7 @@ class Gateway:
         except GatewayError as e:
             metrics.requests(model_label, precision_label, request.protocol, e.code).inc()
             e.counted = True
+            counts = isinstance(e, DeadlineExceeded)
             raise
         except Exception as e:  # a bug or an upstream's unexpected error: INTERNAL, with an id
             metrics.requests(model_label, precision_label, request.protocol, "INTERNAL").inc()
@@ -333,13 +340,15 @@ class Gateway:
             expired = request.deadline is not None and time.monotonic() >= request.deadline
             status = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
             metrics.requests(model_label, precision_label, request.protocol, status).inc()
+            counts = True
             raise
         finally:
             if inflight is not None:
                 inflight.dec()
-                metrics.request_duration(model_label, precision_label).observe(
-                    time.monotonic() - start
-                )
+                elapsed = time.monotonic() - start
+                metrics.request_duration(model_label, precision_label).observe(elapsed)
+                if feedback is not None:
+                    feedback(precision_label, elapsed, counts)
 
     def count_rejected(self, model: str, protocol: str, error: BaseException) -> None:
         """Count an inference call that a transport rejected before the core saw it (a parse,

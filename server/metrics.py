@@ -141,3 +141,40 @@ batch_size = Children(BATCH_SIZE)  # (model, precision)
 routing_decisions = Children(ROUTING_DECISIONS)  # (model, precision, policy)
 variant_speed = Children(VARIANT_SPEED)  # (model, precision, source)
 variant_latency = Children(VARIANT_LATENCY)  # (model, precision, source)
+
+# ---- the slo routing policy (server/slo.py); one series per worker under --workers --------------
+SLO_SHARE = Gauge(
+    "precision_serve_slo_share",
+    "Share of the slo policy's traffic sent to each precision (0..1).",
+    ["model", "precision"],
+    multiprocess_mode="liveall",
+)
+SLO_OBJECTIVE = Gauge(
+    "precision_serve_slo_objective_seconds",
+    "The slo policy's p99 latency objective (seconds).",
+    ["model"],
+    multiprocess_mode="livemax",
+)
+SLO_BUDGET = Gauge(
+    "precision_serve_slo_accuracy_budget",
+    "The slo policy's accuracy budget (manifest accuracy_loss points).",
+    ["model"],
+    multiprocess_mode="livemax",
+)
+SLO_EXPECTED_LOSS = Gauge(
+    "precision_serve_slo_expected_accuracy_loss",
+    "Traffic-weighted manifest accuracy_loss of the slo policy's current mix (points).",
+    ["model"],
+    multiprocess_mode="liveall",
+)
+SLO_ESTIMATED_P99 = Gauge(
+    "precision_serve_slo_estimated_p99_seconds",
+    "The slo controller's p99 estimate of its last observation window (seconds).",
+    ["model"],
+    multiprocess_mode="liveall",
+)
+SLO_SHIFTS = Counter(
+    "precision_serve_slo_shifts",
+    "Shifts of the slo mix: up (towards faster variants) or down (towards more accurate).",
+    ["model", "direction"],
+)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -21,6 +22,7 @@ from server.errors import ConfigError, ModelNotFound
 from server.evidence import quality_is_evidence
 from server.plugins import PluginRegistry
 from server.repository import PRECISION_ORDER, Model, Repository
+from server.slo_config import SloFile, SloSettings
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class _ModelFile(BaseModel):
     shadow: _ShadowFile | None = None
     fallback: list[str] | None = None
     precision_pools: dict[str, str] | None = None  # precision -> pool name
+    slo: SloFile | None = None  # the ``slo`` policy's objective (server/slo.py)
 
 
 class _RoutingFile(BaseModel):
@@ -79,6 +82,7 @@ class ModelRoute:
     fallback: list[str] = field(default_factory=lambda: list(DEFAULT_FALLBACK))
     # precision -> pool name (``pools`` of the routing file); unlisted: the ``--upstream``
     precision_pools: dict[str, str] = field(default_factory=dict)
+    slo: SloSettings | None = None
 
 
 @dataclass
@@ -120,6 +124,7 @@ def _merge(defaults: _ModelFile, own: _ModelFile) -> ModelRoute:
         precision_pools={
             p.strip().lower(): pool for p, pool in (pick("precision_pools") or {}).items()
         },
+        slo=SloSettings.from_file(pick("slo")) if pick("slo") else None,
     )
 
 
@@ -173,7 +178,12 @@ class RouteContext:
 
 
 class Policy(Protocol):
-    """Built once per model as ``cls(model, route)``; raises ConfigError when misconfigured."""
+    """Built once per model as ``cls(model, route)``; raises ConfigError when misconfigured.
+
+    A policy that adapts to load also has ``observe(precision, seconds, counts)``: the gateway
+    calls it when each request the policy routed ends (``counts``: the time is a real serving
+    time - ok or deadline exceeded - not a fast rejection). See server/slo.py.
+    """
 
     name: str
     default_precision: str  # what the logical model's ModelConfig describes
@@ -326,6 +336,7 @@ _POLICIES = PluginRegistry(
         "auto": "server.routing:AutoPolicy",
         "split": "server.routing:SplitPolicy",
         "shadow": "server.routing:ShadowPolicy",
+        "slo": "server.slo:SloPolicy",
     },
 )
 
@@ -380,6 +391,11 @@ class Router:
                 )
             return Decision(precision, source)
         return self.policies[model].choose(RouteContext(key=key, rng=self._rng))
+
+    def feedback(self, model: str) -> Callable[[str, float, bool], None] | None:
+        """The policy's ``observe(precision, seconds, counts)`` when it learns from completed
+        requests (``slo``); the gateway calls it once per request the policy routed."""
+        return getattr(self.policies[model], "observe", None)
 
     def candidates(self, model: str, precision: str) -> list[str]:
         """``precision`` then the built precisions after it in the model's fallback chain."""

@@ -1,0 +1,311 @@
+"""The ``slo`` policy: its controller fed synthetic observations (no wall clock, no servers),
+the routing file block, the exported metrics, and one end-to-end check through a gateway."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from prometheus_client import REGISTRY
+
+from server.app import ServeOptions
+from server.errors import ConfigError
+from server.repository import load_repository
+from server.routing import Router, parse_routing
+from server.runner import InProcessGateway
+from server.slo import Rung, SloController, ceiling, ladder
+from server.slo_config import SloSettings
+from tests.server.conftest import rows
+
+OBJECTIVE = 0.050
+RUNGS = [Rung("fp32", 0.0, 30.0), Rung("fp16", 0.0, 25.0), Rung("int8-dynamic", 0.8, 20.0)]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def controller(budget: float = 1.0, **kw) -> tuple[SloController, Clock]:
+    clock = Clock()
+    settings = SloSettings(p99_s=OBJECTIVE, window_requests=10, window_s=1.0, **kw)
+    return SloController(RUNGS, settings, budget, clock), clock
+
+
+def window(c: SloController, clock: Clock, latency_s: float, n: int = 10) -> str:
+    """One window of ``n`` completions, each ``latency_s``; the controller's action."""
+    result = None
+    for _ in range(n):
+        c.started()
+        clock.now += 0.01
+        result = c.observe(latency_s) or result
+    assert result is not None
+    return result.action
+
+
+def test_hysteresis_needs_consecutive_hot_windows_and_holds_in_the_band():
+    c, clock = controller()
+    assert window(c, clock, 0.047) == "hold"  # hot (> 0.9 x objective) once: not yet
+    assert window(c, clock, 0.040) == "hold"  # in the band: the count starts again
+    assert window(c, clock, 0.047) == "hold"
+    assert c.level == 0.0
+    assert window(c, clock, 0.047) == "up"  # second consecutive hot window
+    assert c.level == pytest.approx(0.1)
+    for _ in range(20):  # between 0.6 and 0.9 x objective: never moves
+        assert window(c, clock, 0.040) == "hold"
+    assert c.level == pytest.approx(0.1)
+    assert c.shares() == pytest.approx({"fp32": 0.9, "fp16": 0.1, "int8-dynamic": 0.0})
+
+
+def test_far_over_the_objective_moves_two_steps():
+    c, clock = controller()
+    window(c, clock, 0.2)
+    assert window(c, clock, 0.2) == "up"
+    assert c.level == pytest.approx(0.2)
+
+
+def test_budget_caps_the_mix_even_under_overload():
+    c, clock = controller(budget=0.5)
+    assert c.max_level == pytest.approx(1 + 0.5 / 0.8)
+    for _ in range(100):
+        window(c, clock, 1.0)
+        assert c.expected_loss() <= 0.5 + 1e-9
+    assert c.level == pytest.approx(c.max_level)
+    shares = c.shares()
+    assert shares["fp32"] == 0.0
+    assert shares["int8-dynamic"] == pytest.approx(0.625)
+    assert c.expected_loss() == pytest.approx(0.5)
+
+
+def test_moves_back_as_load_falls():
+    c, clock = controller()
+    for _ in range(10):
+        window(c, clock, 0.06)
+    high = c.level
+    assert high >= 0.5
+    actions = [window(c, clock, 0.020) for _ in range(60)]  # cool: one step per 3 windows
+    assert c.level == 0.0
+    assert actions.count("down") == round(high / 0.1)
+    assert "up" not in actions
+    assert c.shares()["fp32"] == 1.0
+
+
+def test_a_deep_fall_in_load_moves_back_two_steps_at_a_time():
+    c, clock = controller()
+    for _ in range(10):
+        window(c, clock, 0.06)
+    high = c.level
+    actions = [window(c, clock, 0.010) for _ in range(60)]  # under 0.3 x objective
+    assert c.level == 0.0
+    assert actions.count("down") == math.ceil(round(high / 0.2, 6))  # 0.5: 0.2 + 0.2 + 0.1
+
+
+def test_windows_are_driven_by_completions_not_a_timer():
+    c, clock = controller()
+    clock.now += 3600  # an hour passes with no completion: no decision, no change
+    assert c.windows == 0
+    c.started()
+    w = c.observe(0.2)  # the first completion after window_s closes the window, alone
+    assert w is not None and w.requests == 1 and w.p99_s == 0.2
+    c.started()
+    assert c.observe(0.2) is None  # a fresh window: neither 10 completions nor 1 s yet
+    for _ in range(9):
+        c.started()
+        w = c.observe(0.2) or w
+    assert c.windows == 2  # ten completions closed it with no time passing
+
+
+def test_in_flight_backlog_raises_the_estimate_before_latencies_do():
+    c, clock = controller()
+    for _ in range(200):  # a burst arrives: 200 in flight
+        c.started()
+    result = None
+    for _ in range(10):  # the first ten finish fast, but 190 are still queued behind them
+        clock.now += 0.001
+        result = c.observe(0.005) or result
+    assert result is not None
+    assert result.p99_s == 0.005
+    assert result.inflight == 190
+    assert result.estimate_s == pytest.approx(190 * 0.010 / 10)  # in flight / throughput
+    assert result.estimate_s > OBJECTIVE
+
+
+def test_failed_fast_requests_do_not_count_as_latency():
+    c, clock = controller()
+    c.started()
+    clock.now += 10  # the window is due: only a counted completion closes it
+    assert c.observe(0.0001, counts=False) is None
+    assert c.inflight == 0 and c.windows == 0
+
+
+def plant_latency(level: float, load: float, rng: random.Random) -> float:
+    """A synthetic server: capacity grows with the level; latency explodes near saturation."""
+    capacity = 100.0 * (1 + 0.2 * level)  # requests/s
+    rho = min(load / capacity, 0.99)
+    service = 1 / capacity
+    return service / (1 - rho) * 3 * rng.uniform(0.8, 1.2)
+
+
+def reversals(actions: list[str]) -> int:
+    moves = [a for a in actions if a != "hold"]
+    return sum(1 for a, b in itertools.pairwise(moves) if a != b)
+
+
+@pytest.mark.parametrize("load", [60.0, 100.0, 115.0, 130.0])
+def test_no_flapping_at_steady_load(load):
+    c, clock = controller()
+    rng = random.Random(1)
+    actions = []
+    for _ in range(400):
+        actions.append(window(c, clock, plant_latency(c.level, load, rng)))
+    settled = actions[100:]
+    assert reversals(settled) <= 2, (load, c.level, settled)
+    assert c.expected_loss() <= 1.0
+
+
+def test_a_load_between_two_levels_backs_off_instead_of_flapping():
+    # level 0 is hot, level 0.1 is cool: without back-off it would spend 2 of every 5 windows
+    # on the hot level (3 cool windows, shift back, 2 hot windows, shift up, ...)
+    c, clock = controller()
+    hot = []
+    for _ in range(600):
+        hot.append(c.level < 0.05)
+        window(c, clock, 0.047 if hot[-1] else 0.025)
+    assert c.down_needed == 3 * 16  # backed off to the cap
+    assert sum(hot[-300:]) / 300 < 0.06  # hot at most every ~50 windows, for 2 windows
+    assert sum(hot[:30]) / 30 > 0.2  # while it was still learning
+
+
+def test_back_off_relaxes_once_shifts_back_hold():
+    c, clock = controller()
+    for _ in range(40):  # flap a while: back-off grows
+        window(c, clock, 0.047 if c.level < 0.05 else 0.025)
+    for _ in range(5):
+        window(c, clock, 0.2)  # then real load: well up the ladder
+    backed_off = c.down_needed
+    assert backed_off > 3
+    for _ in range(400):  # and a real fall: each shift back holds, back-off halves each time
+        window(c, clock, 0.005)
+        if c.level == 0.0:
+            break
+    assert c.level == 0.0
+    assert c.down_needed < backed_off
+
+
+def test_ceiling_and_ladder_respect_budget_and_speed(routing_repo):
+    assert ceiling(RUNGS, 2.0) == 2.0
+    assert ceiling(RUNGS, 0.0) == 1.0  # fp16 is lossless; int8-dynamic gets no share
+    # routing_repo: fp32 0.05 ms loss 0, fp16 0.08 ms (slower: skipped), int8 0.03 ms loss 0.5
+    rungs = ladder(load_repository(routing_repo).models["tiny"])
+    assert [r.precision for r in rungs] == ["fp32", "int8"]
+    with pytest.raises(ValueError, match="over the accuracy budget"):
+        SloController([Rung("int8", 0.5, 1.0)], SloSettings(p99_s=0.05), 0.1)
+
+
+def router(repo: Path, slo: dict | None, **model) -> Router:
+    doc = {"seed": 5, "models": {"tiny": {"policy": "slo", **model}}}
+    if slo is not None:
+        doc["models"]["tiny"]["slo"] = slo
+    return Router(load_repository(repo), parse_routing(doc))
+
+
+def gauge(name: str, **labels: str) -> float | None:
+    return REGISTRY.get_sample_value(name, labels)
+
+
+def test_routing_file_errors_name_the_field(routing_repo):
+    with pytest.raises(ConfigError, match="needs slo"):
+        router(routing_repo, None)
+    with pytest.raises(ConfigError, match=r"slo\.p99_ms: Field required"):
+        router(routing_repo, {"window_requests": 5})
+    with pytest.raises(ConfigError, match=r"slo\.p99_msec: Extra inputs"):
+        router(routing_repo, {"p99_ms": 5, "p99_msec": 5})
+    with pytest.raises(ConfigError, match="hysteresis"):
+        router(routing_repo, {"p99_ms": 5, "shift_up_above": 0.5, "shift_down_below": 0.7})
+    with pytest.raises(ConfigError, match="over the accuracy budget"):
+        repo = load_repository(routing_repo)
+        for variant in repo.models["tiny"].variants.values():
+            variant.record.details["accuracy_loss"] = 2.0
+        Router(repo, parse_routing({"models": {"tiny": {"policy": "slo", "slo": {"p99_ms": 5}}}}))
+
+
+def test_policy_routes_by_the_mix_and_exports_it(routing_repo):
+    r = router(routing_repo, {"p99_ms": 20, "accuracy_budget": 0.25, "window_requests": 5})
+    policy = r.policies["tiny"]
+    assert policy.default_precision == "fp32"
+    assert gauge("precision_serve_slo_objective_seconds", model="tiny") == pytest.approx(0.02)
+    assert gauge("precision_serve_slo_share", model="tiny", precision="fp32") == 1.0
+    observe = r.feedback("tiny")
+    assert observe is not None
+    for _ in range(100):  # every window far over the objective: up to the budget's ceiling
+        d = r.decide("tiny")
+        observe(d.precision, 1.0, True)
+    assert policy.controller.level == pytest.approx(0.5)  # int8 loss 0.5, budget 0.25
+    assert gauge("precision_serve_slo_share", model="tiny", precision="int8") == pytest.approx(0.5)
+    assert gauge("precision_serve_slo_expected_accuracy_loss", model="tiny") == pytest.approx(0.25)
+    assert gauge("precision_serve_slo_shifts_total", model="tiny", direction="up") >= 1
+    counts = Counter(r.decide("tiny").precision for _ in range(2000))
+    assert 0.4 < counts["int8"] / 2000 < 0.6
+    assert r.routes["tiny"].accuracy_budget is None  # slo's own budget was used
+    fixed = Router(load_repository(routing_repo), parse_routing({}))
+    assert fixed.feedback("tiny") is None  # fixed policies get no feedback
+
+
+@pytest.mark.integration
+def test_gateway_feeds_the_controller_and_responses_name_the_precision(routing_repo, tmp_path):
+    routing = tmp_path / "routing.yaml"
+    routing.write_text(
+        "models:\n  tiny:\n    policy: slo\n"
+        "    slo: {p99_ms: 0.001, window_requests: 5, up_windows: 1, step: 0.5}\n"
+    )
+    options = ServeOptions(
+        repository=routing_repo, grpc_port=0, http_port=0, metrics_port=0, routing=routing
+    )
+    with InProcessGateway(options) as gw:
+        client = grpcclient.InferenceServerClient(gw.grpc_url)
+        x = rows(1)
+        inp = grpcclient.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        served = []
+        for _ in range(40):  # every request is over a 1 us objective: the mix moves to int8
+            result = client.infer("tiny", [inp])
+            served.append(result.get_response().parameters["precision"].string_param)
+        asked = client.infer("tiny", [inp], parameters={"precision": "fp32"})
+        client.close()
+    assert served[0] == "fp32"
+    assert served[-10:] == ["int8"] * 10
+    assert asked.get_response().parameters["precision"].string_param == "fp32"
+    assert np.isfinite(asked.as_numpy("logits")).all()
+
+
+def test_slo_never_shifts_on_synthetic_quality_unless_the_route_accepts_it(routing_repo, tmp_path):
+    """Quality figures measured on noise are not evidence (server/evidence.py): slo then serves
+    the reference only and says why; ``accept_synthetic_quality: true`` lets it shift."""
+    from server.model_repository import SYNTHETIC, load_manifests
+    from tests.server.conftest import copy_repository
+
+    repo = copy_repository(routing_repo, tmp_path / "repo")
+    manifest = load_manifests(repo)["tiny"]
+    for v in manifest.variants.values():
+        v.quality_source = SYNTHETIC
+    manifest.save(repo)
+    slo = {"p99_ms": 20, "accuracy_budget": 0.25, "window_requests": 5}
+    for accept, shifts in ((False, False), (True, True)):
+        r = router(repo, slo, accept_synthetic_quality=accept)
+        policy = r.policies["tiny"]
+        assert ("synthetic" in policy.reason) and (("not evidence" in policy.reason) != accept)
+        observe = r.feedback("tiny")
+        for _ in range(100):  # every window far over the objective
+            d = r.decide("tiny")
+            observe(d.precision, 1.0, True)
+        served = {r.decide("tiny").precision for _ in range(200)}
+        assert (served != {"fp32"}) == shifts, (accept, served)
