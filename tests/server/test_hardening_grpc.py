@@ -258,3 +258,38 @@ def test_grpc_max_concurrent_rpcs_option(tmp_path):
     )
     with pytest.raises(ConfigError, match="--grpc-max-concurrent-rpcs must be >= 0, got -1"):
         ServeOptions(repository=tmp_path, grpc_max_concurrent_rpcs=-1)
+
+
+def test_pass_through_refuses_a_large_mismatched_request_before_parsing(tiny_repository):
+    """With a forwarding (Triton) upstream a 60 MB typed-contents request declaring [1, 16] is
+    refused by the pre-parse scan, naming the input, and never forwarded."""
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    from server.app import ServeOptions
+    from server.repository import load_repository
+    from server.runner import InProcessGateway
+    from server.upstreams.base import UpstreamSettings
+    from server.upstreams.embedded import EmbeddedUpstream
+
+    forwarded: list[int] = []
+
+    class Forwarding(EmbeddedUpstream):
+        async def forward(self, variant, payload, deadline):
+            forwarded.append(len(payload))
+            raise AssertionError("a mismatched request must not be forwarded")
+
+    repo = load_repository(tiny_repository)
+    options = ServeOptions(repository=tiny_repository, grpc_port=0, http_port=0, metrics_port=0)
+    with InProcessGateway(options, upstream=Forwarding("", repo, UpstreamSettings())) as g:
+        req = pb.ModelInferRequest(model_name="tiny_fp32")
+        t = req.inputs.add(name="x", datatype="FP32", shape=[1, 16])
+        t.contents.fp32_contents.extend(np.zeros(15_000_000, dtype=np.float32))
+        with grpc.insecure_channel(
+            g.grpc_url, options=[("grpc.max_send_message_length", 1 << 30)]
+        ) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(req, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'x'" in info.value.details() and "15000000" in info.value.details()
+    assert forwarded == []
