@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ramp", type=int, default=60, help="seconds of each ramp")
     p.add_argument("--peak-hold", type=int, default=60, help="seconds at the peak")
     p.add_argument("--bin", type=float, default=5.0)
+    p.add_argument("--note", help="a sentence on the host for the report header")
     args = p.parse_args(argv)
     try:
         return _run(args, argv)
@@ -282,11 +283,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     header = [
         f"# slo vs fixed on a load ramp: {args.model}",
         "",
-        f"Run {started} on {_host_line(dict(cpu_info()))}. **This host is shared**: about 7 "
-        f"other developers were running tests on the same 2 cores (load average "
-        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after; the load generator, Locust, "
-        "runs on the same cores too). Capacities and latencies move with that load from minute "
-        "to minute, so read the figures as one noisy run; the lead reruns this on a quiet host.",
+        f"Run {started} on {_host_line(dict(cpu_info()))}; load average "
+        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after (the load generator, Locust, "
+        "runs on the same cores). " + (args.note or "Other jobs on the host move capacities "
+        "and latencies from minute to minute: read the figures as one noisy run."),
         "",
         f"Command: `{shlex.join(['python', '-m', 'loadtest.slo_ramp', *argv])}`",
         "",
