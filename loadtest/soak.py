@@ -242,7 +242,10 @@ def paced_phase(
     if killer is not None:
         killer.join(300)
         if "restarted_at" in triton:
-            triton["restarted_replica_successes"] = triton_successes(replicas[-1].grpc_url)
+            try:
+                triton["restarted_replica_successes"] = triton_successes(replicas[-1].grpc_url)
+            except Exception as e:  # the restarted replica died since: reported, not a crash
+                triton["restarted_replica_error"] = str(e).splitlines()[0]
     return result, triton, slow.summary
 
 

@@ -160,7 +160,13 @@ def _resources(r: dict[str, Any]) -> list[str]:
         lines += [
             f"Triton: replica {t.get('killed')} killed at {t.get('killed_at')} s, "
             f"restarted at {t.get('restarted_at', t.get('restart_error'))}; it served "
-            f"{t.get('restarted_replica_successes', 'n/a')} requests after the restart.",
+            f"{t.get('restarted_replica_successes', 'n/a')} requests after the restart"
+            + (
+                f" (its statistics could not be read at the end: {t['restarted_replica_error']})"
+                if "restarted_replica_error" in t
+                else ""
+            )
+            + ".",
             "",
         ]
     lines += [
