@@ -73,10 +73,41 @@ class StepResult:
         return asdict(self)
 
 
+def locust_args(s: StepSettings, precision: str, csv_prefix: Path, record: Path) -> list[str]:
+    """The arguments every Locust run here takes (target, model, precision, CSV and record
+    files); :func:`locust_command` and ``loadtest.scheduled`` add how users are driven."""
+    args = [
+        "--stop-timeout",
+        str(STOP_TIMEOUT_S),
+        "--host",
+        s.target,
+        "--only-summary",
+        "--loglevel",
+        "WARNING",
+        "--exit-code-on-error",
+        "0",
+        "--csv",
+        str(csv_prefix),
+        "--model",
+        s.model,
+        "--precision",
+        precision,
+        "--precision-via",
+        s.precision_via,
+        "--request-timeout",
+        str(s.request_timeout_s),
+        "--record",
+        str(record),
+    ]
+    if s.repository is not None:
+        args += ["--repository", str(s.repository)]
+    return args
+
+
 def locust_command(
     step: Step, s: StepSettings, run_s: int, csv_prefix: Path, record: Path
 ) -> list[str]:
-    cmd = [
+    return [
         sys.executable,
         "-m",
         "locust",
@@ -91,35 +122,12 @@ def locust_command(
         f"{run_s + RUN_TIME_SLACK_S}s",
         "--stop-after",
         str(run_s),
-        "--stop-timeout",
-        str(STOP_TIMEOUT_S),
-        "--host",
-        s.target,
-        "--only-summary",
-        "--loglevel",
-        "WARNING",
-        "--exit-code-on-error",
-        "0",
-        "--csv",
-        str(csv_prefix),
         "--json-file",  # <prefix>.json: final statistics once every user stopped (CSV: periodic)
         str(csv_prefix),
-        "--model",
-        s.model,
-        "--precision",
-        step.precision,
-        "--precision-via",
-        s.precision_via,
         "--batch-size",
         str(step.batch_size),
-        "--request-timeout",
-        str(s.request_timeout_s),
-        "--record",
-        str(record),
+        *locust_args(s, step.precision, csv_prefix, record),
     ]
-    if s.repository is not None:
-        cmd += ["--repository", str(s.repository)]
-    return cmd
 
 
 def _run_locust(cmd: list[str], log_path: Path, limit_s: float) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadtest.runner import LOCUSTFILE, STOP_TIMEOUT_S, StepSettings, _run_locust
+from loadtest.runner import LOCUSTFILE, STOP_TIMEOUT_S, StepSettings, _run_locust, locust_args
 from loadtest.schedule import Schedule
 from loadtest.timeline import Timeline, bin_record, load_record, within_objective
 
@@ -29,7 +29,7 @@ def schedule_command(
     csv_prefix: Path,
     record: Path,
 ) -> list[str]:
-    cmd = [
+    return [
         sys.executable,
         "-m",
         "locust",
@@ -40,31 +40,8 @@ def schedule_command(
         schedule.text,
         "--user-rate",
         str(user_rate),
-        "--stop-timeout",
-        str(STOP_TIMEOUT_S),
-        "--host",
-        s.target,
-        "--only-summary",
-        "--loglevel",
-        "WARNING",
-        "--exit-code-on-error",
-        "0",
-        "--csv",
-        str(csv_prefix),
-        "--model",
-        s.model,
-        "--precision",
-        precision,
-        "--precision-via",
-        s.precision_via,
-        "--request-timeout",
-        str(s.request_timeout_s),
-        "--record",
-        str(record),
+        *locust_args(s, precision, csv_prefix, record),
     ]
-    if s.repository is not None:
-        cmd += ["--repository", str(s.repository)]
-    return cmd
 
 
 def run_schedule(

@@ -56,6 +56,16 @@ _VARINT = {
 _NUMBER = {f.name: f.number for f in pb.InferTensorContents.DESCRIPTOR.fields}
 
 
+def varint(n: int) -> bytes:
+    """``n`` as a protobuf base-128 varint (for replies built from serialised parts)."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 def _read_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
     value, shift = 0, 0
     while True:

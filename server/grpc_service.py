@@ -31,7 +31,7 @@ from server.core import (
 )
 from server.errors import GatewayError, InvalidInput, Unsupported, client_message
 from server.extensions import EXTENSIONS
-from server.grpc_contents import CONTENTS_FIELD, check_sizes, wire_tensors
+from server.grpc_contents import CONTENTS_FIELD, check_sizes, varint, wire_tensors
 from server.model_control import control_of
 from server.restricted import grpc_group
 from server.shared_memory import REGION, SystemSharedMemory, TensorRef, cuda_unsupported, tensor_ref
@@ -334,15 +334,6 @@ _RAW_OUTPUT_TAG = b"\x32"  # ModelInferResponse.raw_output_contents: field 6, le
 _prefixes: dict[tuple[str, str, str, str], bytes] = {}
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _precision_parameter(precision: str, fallback_from: str = "") -> bytes:
     """``parameters["precision"]`` (and ``fallback_from``) alone, serialised: appended to a
     reply it adds the entries (map fields merge on concatenation; a repeated key takes the last
@@ -375,7 +366,7 @@ def infer_response_bytes(r: InferResponse, in_shm: Collection[str] = ()) -> byte
         arr = np.asarray(arr)
         meta.outputs.add(name=name, datatype=datatype_of(arr), shape=arr.shape)
         data = memoryview(b"") if name in in_shm else _raw_view(arr)
-        parts += (_RAW_OUTPUT_TAG, _varint(data.nbytes), data)
+        parts += (_RAW_OUTPUT_TAG, varint(data.nbytes), data)
     parts[1] = meta.SerializeToString()
     return b"".join(parts)
 

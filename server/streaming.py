@@ -28,6 +28,8 @@ import grpc
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
+from server.grpc_contents import varint
+
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 64  # requests of one stream running at once
@@ -66,19 +68,10 @@ class _RequestContext:
         raise _Failed(code, details)
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def wrap_response(infer_response: bytes) -> bytes:
     """A serialised ModelInferResponse as a serialised ModelStreamInferResponse (no copy into
     a message and back)."""
-    return _INFER_RESPONSE_TAG + _varint(len(infer_response)) + infer_response
+    return _INFER_RESPONSE_TAG + varint(len(infer_response)) + infer_response
 
 
 def error_response(request: bytes, message: str) -> bytes:
