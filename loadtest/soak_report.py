@@ -72,13 +72,13 @@ def percentiles_ms(latencies_s: Sequence[float]) -> tuple[float | None, float | 
 
 def windows(calls: Sequence[Call], duration_s: float, width_s: float = WINDOW_S) -> list[Window]:
     """Requests grouped by start time into ``width_s`` windows over ``[0, duration_s)``;
-    percentiles over the successful ones."""
+    percentiles over the successful ones. A request the pacer started at or after the end (a
+    late slot) counts in the last window, so the windows hold every request sent."""
     count = max(1, int(np.ceil(duration_s / width_s)))
     buckets: list[list[Call]] = [[] for _ in range(count)]
     for c in calls:
-        i = int(c.start // width_s)
-        if 0 <= i < count:
-            buckets[i].append(c)
+        if c.start >= 0:
+            buckets[min(int(c.start // width_s), count - 1)].append(c)
     out = []
     for i, bucket in enumerate(buckets):
         ok = [c.end - c.start for c in bucket if c.error is None]

@@ -41,6 +41,15 @@ def test_windows_group_by_start_time_and_take_percentiles_of_successes() -> None
     assert got[2].p50_ms is None and got[2].p99_ms is None
 
 
+def test_a_request_started_at_the_end_counts_in_the_last_window() -> None:
+    """The pacer can start its last slot at (or just after) the scheduled end: the windows
+    still hold every request sent."""
+    calls = [Call(1.0, 1.1, "fp32"), Call(30.0, 30.1, "fp32"), Call(30.4, 30.5, "fp16")]
+    got = windows(calls, duration_s=30.0)
+    assert [w.requests for w in got] == [1, 0, 2]
+    assert sum(w.requests for w in got) == len(calls)
+
+
 def test_errors_in_flight_at_a_kill_are_counted_apart() -> None:
     calls = [
         Call(1.0, 1.2, "fp32"),
