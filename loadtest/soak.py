@@ -200,11 +200,12 @@ def kill_and_restart(replicas: list[Any], k: int, at: float, t0: float, record: 
         record["restart_error"] = str(e).splitlines()[0]
 
 
-def triton_successes(url: str) -> int:
+def triton_successes(url: str, model: str = "") -> int:
+    """Triton's own count of successful inferences of ``model`` (every model when empty)."""
     import tritonclient.grpc as grpcclient
 
     with grpcclient.InferenceServerClient(url) as client:
-        stats = client.get_inference_statistics()
+        stats = client.get_inference_statistics(model)
     return sum(s.inference_stats.success.count for s in stats.model_stats)
 
 

@@ -9,6 +9,10 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from loadtest.soak import triton_successes as successes
+
+__all__ = ["Load", "successes"]
+
 
 class Load:
     """Clients sending requests back to back on threads; records (start, end, error) per call."""
@@ -53,10 +57,3 @@ class Load:
         self._stop.set()
         for t in self._threads:
             t.join(30)
-
-
-def successes(url: str, model: str) -> int:
-    """Triton's own count of successful inferences of ``model``."""
-    with grpcclient.InferenceServerClient(url) as client:
-        stats = client.get_inference_statistics(model)
-    return stats.model_stats[0].inference_stats.success.count
