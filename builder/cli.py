@@ -38,6 +38,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--accuracy-budget search and the engine choice are measured on it",
     )
     p.add_argument(
+        "--max-shape",
+        action="append",
+        default=[],
+        metavar="NAME=D1xD2",
+        help="largest shape of an input's dims (batch excluded), e.g. input_ids=512: the "
+        "gateway refuses larger inputs and sizes its gRPC message limit from it (repeatable)",
+    )
+    p.add_argument(
         "--accuracy-budget",
         type=float,
         help="max loss vs FP32 in points for every quantized precision: the fastest variant "
@@ -78,6 +86,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def options_from_args(args: argparse.Namespace):
+    from builder.max_shapes import parse_max_shapes
     from builder.options import BuildOptions
 
     precisions = (
@@ -101,6 +110,7 @@ def options_from_args(args: argparse.Namespace):
         target=args.target,
         configs_only=args.configs_only,
         progress=not args.quiet,
+        max_shapes=parse_max_shapes(args.max_shape),
         extra={"int8_format": args.int8_format, **int4_options.extra_from_args(args)},
     )
 

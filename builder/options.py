@@ -40,6 +40,8 @@ class BuildOptions:
     target: str = "cpu"
     configs_only: bool = False
     progress: bool = True
+    # input name -> largest shape (batch excluded), over the source's own (builder/max_shapes.py)
+    max_shapes: dict[str, list[int]] = field(default_factory=dict)
     extra: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -16,6 +16,7 @@ from builder.calibration import load_calibration_data, load_eval_data
 from builder.engine_choice import choose_engine, measure_round_robin
 from builder.errors import BudgetNotMet, BuildError
 from builder.evaluate import EVAL_BATCH, Evaluator, quality_source
+from builder.max_shapes import apply_max_shapes
 from builder.options import BuildOptions
 from builder.precisions import BuildContext, RefusesModels, VariantResult, get_precision
 from builder.prepare import optimize_basic
@@ -100,6 +101,8 @@ def _check_refusals(plugins: dict[str, object], model: LoadedModel, options: Bui
 
 def _build(spec: str, options: BuildOptions, repo: Path, work: Path) -> Manifest:
     model = load_model(spec, work / "source")
+    if options.max_shapes:
+        model.inputs = apply_max_shapes(model.inputs, options.max_shapes)
     if options.calibration_data is not None:
         model.calibration = load_calibration_data(options.calibration_data, model.inputs)
     if options.eval_data is not None:  # calibration keeps the calibration rows

@@ -31,6 +31,7 @@ from server.model_control import MODES as MODEL_CONTROL_MODES
 from server.model_control import ModelControl
 from server.model_repository import RepositoryError, atomic_write_text
 from server.repository import load_repository
+from server.request_bounds import LIMIT_MODES, payload_limit, request_bound
 from server.retime import check_mode, retime_repository
 from server.routing import Router, load_routing
 from server.upstreams.base import Upstream, UpstreamSettings, create_upstream
@@ -53,6 +54,8 @@ class ServeOptions:
     routing: Path | None = None
     ready_file: Path | None = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    # "models": gRPC's message limit is the models' largest valid request (request_bounds.py)
+    message_limit: str = "models"
     tls_cert: Path | None = None
     tls_key: Path | None = None
     auth_token: str | None = None
@@ -87,6 +90,11 @@ class ServeOptions:
         if self.threads < 0:
             raise ConfigError(f"--threads must be >= 0, got {self.threads}")
         check_mode(self.retime)
+        if self.message_limit not in LIMIT_MODES:
+            raise ConfigError(
+                f"--message-limit must be one of {', '.join(LIMIT_MODES)}, "
+                f"got {self.message_limit!r}"
+            )
         if self.grpc_max_concurrent_rpcs < 0:
             raise ConfigError(
                 f"--grpc-max-concurrent-rpcs must be >= 0, got {self.grpc_max_concurrent_rpcs}"
@@ -158,6 +166,26 @@ class GatewayServer:
             raise ConfigError(f"cannot load TLS certificate/key: {e}") from e
         return (cert, key), ctx
 
+    def grpc_payload_limit(self) -> int:
+        """``--max-request-bytes``, or less: the models' largest valid request."""
+        o = self.options
+        bound = request_bound(self.gateway.repository)
+        limit = payload_limit(bound, o.max_request_bytes, o.message_limit)
+        if limit < o.max_request_bytes:
+            log.info(
+                "gRPC messages limited to %d bytes + envelope: the largest valid request (%s)",
+                limit,
+                bound.describe(),
+            )
+        elif o.message_limit == "models" and bound.unbounded:
+            log.info(
+                "gRPC messages limited by --max-request-bytes %d only: %s have dynamic dims "
+                "without a manifest max_shape",
+                o.max_request_bytes,
+                ", ".join(bound.unbounded),
+            )
+        return limit
+
     async def start(self) -> dict[str, int]:
         o = self.options
         grpc_tls, http_tls = self._tls()
@@ -167,7 +195,7 @@ class GatewayServer:
                 self.gateway,
                 o.host,
                 o.grpc_port,
-                o.max_request_bytes,
+                self.grpc_payload_limit(),
                 grpc_tls,
                 o.worker,
                 o.grpc_max_concurrent_rpcs,

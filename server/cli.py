@@ -19,6 +19,7 @@ from server.errors import ConfigError, GatewayError
 from server.grpc_service import DEFAULT_MAX_CONCURRENT_RPCS
 from server.http_app import DEFAULT_BODY_TIMEOUT_S, HttpLimits
 from server.http_limits import DEFAULT_MAX_CONNECTIONS
+from server.request_bounds import LIMIT_MODES
 from server.restricted import GROUPS, parse_groups
 
 TOKEN_ENV = "PRECISION_SERVE_AUTH_TOKEN"
@@ -47,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_MAX_REQUEST_BYTES,
         help="largest accepted request (RESOURCE_EXHAUSTED / 413 above)",
+    )
+    p.add_argument(
+        "--message-limit",
+        choices=LIMIT_MODES,
+        default="models",
+        help="models: gRPC refuses messages larger than the models' largest valid request "
+        "(when every input is bounded; at most --max-request-bytes) before they reach Python; "
+        "max-request-bytes: always --max-request-bytes",
     )
     p.add_argument(
         "--grpc-max-concurrent-rpcs",
@@ -160,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             routing=args.routing,
             ready_file=args.ready_file,
             max_request_bytes=args.max_request_bytes,
+            message_limit=args.message_limit,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             auth_token=args.auth_token or None,
@@ -203,6 +213,7 @@ def _supervise(args: argparse.Namespace) -> int:
         raise ConfigError("--model-control explicit needs --workers 1")
     worker_args = ["--repository", str(args.repository), "--upstream", args.upstream]
     worker_args += ["--max-request-bytes", str(args.max_request_bytes)]
+    worker_args += ["--message-limit", args.message_limit]
     worker_args += ["--threads", str(args.threads), "--log-level", args.log_level]
     worker_args += ["--loop", args.loop, "--retime", args.retime]
     worker_args += ["--grpc-max-concurrent-rpcs", str(args.grpc_max_concurrent_rpcs)]

@@ -469,6 +469,15 @@ class Gateway:
         dims_ok = rank_ok and all(w == -1 or w == g for w, g in zip(want, shape, strict=True))
         if not dims_ok or any(d < 0 for d in shape):
             raise InvalidInput(f"input {spec.name!r}: expected shape {want}, got {shape}")
+        if spec.max_shape is not None:  # before any element is decoded
+            given = shape[1:] if batched else shape
+            for i, (g, most) in enumerate(zip(given, spec.max_shape, strict=True)):
+                if g > most:
+                    at = i + 1 if batched else i
+                    raise InvalidInput(
+                        f"input {spec.name!r}: dim {at} is {g}, over the model's maximum {most} "
+                        f"(largest shape {_dims_max(spec, batched)}, got {shape})"
+                    )
         if batched and not 1 <= shape[0] <= variant.max_batch_size:
             raise InvalidInput(
                 f"input {spec.name!r}: batch size {shape[0]} is outside "
@@ -645,3 +654,8 @@ def _rows(variant: Variant, arrays: dict[str, np.ndarray]) -> int:
 
 def _dims(spec: TensorInfo, batched: bool) -> list[int]:
     return ([-1] if batched else []) + list(spec.shape)
+
+
+def _dims_max(spec: TensorInfo, batched: bool) -> list[int]:
+    assert spec.max_shape is not None
+    return ([-1] if batched else []) + list(spec.max_shape)

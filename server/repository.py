@@ -42,6 +42,8 @@ class TensorInfo:
     name: str
     dtype: np.dtype
     shape: tuple[int, ...]
+    # inputs: the largest value of each dim (manifest ``max_shape``); None: unbounded
+    max_shape: tuple[int, ...] | None = None
 
     @property
     def datatype(self) -> str:
@@ -101,12 +103,32 @@ class Repository:
         return next((v for v in self.variants() if v.name == name), None)
 
 
-def _tensors_from_config(items: list) -> list[TensorInfo]:
-    return [TensorInfo(t.name, from_config_type(t.data_type), tuple(t.dims)) for t in items]
+def _tensors_from_config(items: list, specs: list[TensorSpec]) -> list[TensorInfo]:
+    """The config's tensors, with the manifest's ``max_shape`` where it has one of that name
+    and rank (the config format has no place for it)."""
+    bounds = {s.name: s.max_shape for s in specs if s.max_shape is not None}
+    out = []
+    for t in items:
+        most = bounds.get(t.name)
+        fits = most is not None and len(most) == len(t.dims)
+        out.append(
+            TensorInfo(
+                t.name, from_config_type(t.data_type), tuple(t.dims), tuple(most) if fits else None
+            )
+        )
+    return out
 
 
 def _tensors_from_specs(specs: list[TensorSpec]) -> list[TensorInfo]:
-    return [TensorInfo(s.name, np.dtype(s.dtype), tuple(s.shape)) for s in specs]
+    return [
+        TensorInfo(
+            s.name,
+            np.dtype(s.dtype),
+            tuple(s.shape),
+            None if s.max_shape is None else tuple(s.max_shape),
+        )
+        for s in specs
+    ]
 
 
 def _confined(root: Path, manifest: Manifest, record: VariantRecord) -> Path:
@@ -133,8 +155,8 @@ def _load_variant(root: Path, manifest: Manifest, record: VariantRecord) -> Vari
     try:
         config = read_config(root / record.triton_name)
         serving = serving_options_from_config(config)
-        inputs = _tensors_from_config(list(config.input))
-        outputs = _tensors_from_config(list(config.output))
+        inputs = _tensors_from_config(list(config.input), manifest.inputs)
+        outputs = _tensors_from_config(list(config.output), [])
     except (RepositoryError, KeyError, ValueError) as e:
         problem = f"config of {record.triton_name} unusable: {e}"
         serving = ServingOptions(max_batch_size=manifest.max_batch_size)

@@ -69,3 +69,27 @@ def make_tiny_onnx(path: Path, in_features: int = 16, classes: int = 4, seed: in
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, path)
     return path
+
+
+def make_sequence_onnx(path: Path) -> Path:
+    """Input "ids" INT64 [batch, sequence] (both dynamic) -> "score" [batch, 1], the mean."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Cast", ["ids"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["f"], ["score"], keepdims=1, axes=[1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "seq",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch", 1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path

@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,7 @@ class HfFolderSource:
             out_dims[1].dim_value = hidden
             onnx.save(proto, str(target))
         inputs, outputs, _ = onnx_io_specs(proto)
+        inputs = _bounded(inputs, model.config)
         expected = [TensorSpec("embeddings", "float32", [hidden])]
         if outputs != expected:
             raise SourceError(f"export of {folder} produced outputs {outputs}, expected {expected}")
@@ -192,3 +194,14 @@ class HfFolderSource:
             else:  # a model that takes token_type_ids from a tokenizer that does not make them
                 inputs[n] = np.zeros_like(np.asarray(enc["input_ids"]), dtype=np.int64)
         return Dataset(inputs, None, f"{len(texts)} {what}")
+
+
+def _bounded(inputs: list[TensorSpec], config: Any) -> list[TensorSpec]:
+    """[sequence] inputs bounded by the model's position embeddings (longer ones cannot run)."""
+    longest = getattr(config, "max_position_embeddings", None)
+    if not isinstance(longest, int) or longest < 1:
+        return inputs
+    return [
+        replace(s, max_shape=[longest]) if s.shape == [-1] and s.max_shape is None else s
+        for s in inputs
+    ]

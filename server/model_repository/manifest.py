@@ -36,15 +36,37 @@ _STRICT = pydantic.ConfigDict(extra="forbid")
 
 @dataclass(config=_STRICT)
 class TensorSpec:
-    """One model input or output. ``shape`` excludes the batch dimension; -1 is dynamic."""
+    """One model input or output. ``shape`` excludes the batch dimension; -1 is dynamic.
+
+    ``max_shape`` (inputs): the largest value each dimension may take, the fixed ones as in
+    ``shape`` (e.g. ``[512]`` for a sequence the model's position embeddings end at). The
+    gateway refuses larger inputs before decoding them and, when every input of every model is
+    bounded, sizes its gRPC message limit to the largest valid request (server/request_bounds.py).
+    None: unbounded (only ``--max-request-bytes`` limits it)."""
 
     name: str
     dtype: str  # numpy dtype name: "float32", "int64", ...
     shape: list[int]
+    max_shape: list[int] | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("TensorSpec.name must not be empty")
+        if self.max_shape is not None:
+            check_max_shape(self.name, self.shape, self.max_shape)
+
+
+def check_max_shape(name: str, shape: list[int], max_shape: list[int]) -> None:
+    """``max_shape`` fits ``shape``: same rank, fixed dims equal, dynamic ones >= 1."""
+    if len(max_shape) != len(shape):
+        raise ValueError(
+            f"tensor {name!r}: max_shape {max_shape} has {len(max_shape)} dims, shape {shape} "
+            f"has {len(shape)}"
+        )
+    for i, (dim, most) in enumerate(zip(shape, max_shape, strict=True)):
+        if (dim != -1 and most != dim) or most < 1:
+            want = "at least 1" if dim == -1 else f"{dim}, as in shape"
+            raise ValueError(f"tensor {name!r}: max_shape dim {i} is {most}, expected {want}")
 
 
 @dataclass(config=_STRICT)

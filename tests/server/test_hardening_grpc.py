@@ -1,9 +1,10 @@
 """Hardening of the gRPC ModelInfer path against hostile requests (issue 13, gRPC items).
 
-One gateway subprocess (tiny model, default 64 MiB payload limit, a bearer token) serves the
-module; big requests are serialised once and sent as bytes on a raw channel. Nothing here
-asserts a duration: answers are checked by status and message, responsiveness by order (probes
-answer before the big request does), memory by the gateway's VmRSS.
+One gateway subprocess (tiny model, a bearer token, a 64 MiB payload limit through
+``--message-limit max-request-bytes``, as for models with unbounded inputs) serves the module;
+big requests are serialised once and sent as bytes on a raw channel. Nothing here asserts a
+duration: answers are checked by status and message, responsiveness by order (probes answer
+before the big request does), memory by the gateway's VmRSS.
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ RPC_TIMEOUT_S = 120.0  # a liveness bound, never a speed assertion
 
 @pytest.fixture(scope="module")
 def gw(tiny_repository: Path):
-    with GatewayProcess(tiny_repository, ["--auth-token", TOKEN]) as g:
+    # The tiny model's inputs are bounded, so by default gRPC itself would refuse a 60 MB
+    # message (tests/server/test_request_bounds.py); these tests are about the checks a gateway
+    # makes when its limit admits it (models with unbounded dynamic dims).
+    args = ["--auth-token", TOKEN, "--message-limit", "max-request-bytes"]
+    with GatewayProcess(tiny_repository, args) as g:
         yield g
 
 
@@ -279,7 +284,13 @@ def test_pass_through_refuses_a_large_mismatched_request_before_parsing(tiny_rep
             raise AssertionError("a mismatched request must not be forwarded")
 
     repo = load_repository(tiny_repository)
-    options = ServeOptions(repository=tiny_repository, grpc_port=0, http_port=0, metrics_port=0)
+    options = ServeOptions(
+        repository=tiny_repository,
+        grpc_port=0,
+        http_port=0,
+        metrics_port=0,
+        message_limit="max-request-bytes",
+    )
     with InProcessGateway(options, upstream=Forwarding("", repo, UpstreamSettings())) as g:
         req = pb.ModelInferRequest(model_name="tiny_fp32")
         t = req.inputs.add(name="x", datatype="FP32", shape=[1, 16])
