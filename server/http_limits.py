@@ -4,8 +4,9 @@
   against what the model's inputs could need as JSON (400, naming the inputs) *before* a byte is
   read; the body must arrive within ``--http-body-timeout`` (408).
 * :func:`json_bound`: the most bytes a JSON request for a model can sensibly need, from its
-  inputs' fixed shapes and ``max_batch_size`` (None when a dimension is dynamic or an input is
-  BYTES: then only the request limit applies).
+  inputs' largest shapes (fixed dims; the manifest's ``max_shape`` for dynamic ones) and
+  ``max_batch_size`` (None when a dynamic dim has no ``max_shape`` or an input is BYTES: then
+  only the request limit applies).
 * :func:`off_loop`: large bodies are parsed (JSON, then numpy arrays) in a parser process,
   so health probes and small requests are not stuck behind them.
 * :class:`CappedSite`: a TCP site that answers 503 and closes beyond ``--http-max-connections``
@@ -34,6 +35,7 @@ from server.errors import (
     PayloadTooLarge,
 )
 from server.repository import Repository, Variant
+from server.request_bounds import largest_dims
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -61,10 +63,11 @@ def json_bound(repository: Repository, name: str) -> tuple[int, str] | None:
         rows = max(1, variant.max_batch_size)
         total, parts = JSON_OVERHEAD_BYTES, []
         for t in variant.inputs:
-            if t.datatype == "BYTES" or any(d < 0 for d in t.shape):
+            largest = largest_dims(t)  # a dynamic dim counts at its manifest max_shape
+            if t.datatype == "BYTES" or largest is None:
                 return None
-            total += rows * math.prod(t.shape) * JSON_BYTES_PER_ELEMENT
-            dims = ([-1] if variant.max_batch_size > 0 else []) + list(t.shape)
+            total += rows * math.prod(largest) * JSON_BYTES_PER_ELEMENT
+            dims = ([-1] if variant.max_batch_size > 0 else []) + list(largest)
             parts.append(f"{t.name!r} {t.datatype} {dims}")
         batch = f" up to batch {variant.max_batch_size}" if variant.max_batch_size > 0 else ""
         if best is None or total > best[0]:

@@ -110,6 +110,10 @@ def test_a_sequence_over_its_max_shape_is_refused_by_name(sequence_repository: P
     rows = variant.max_batch_size
     assert request_bound(repo).largest == rows * 512 * 10
     with GatewayProcess(sequence_repository) as gw:
+        # HTTP: a body far over what 32 x 512 INT64 numbers need as JSON is refused unread
+        body = b'{"inputs": [{"name": "ids", "shape": [1, 1], "datatype": "INT64", "data": [1]}]}'
+        status, text = _http_post(gw.http_url, "/v2/models/seq/infer", body + b" " * (4 << 20))
+        assert status == 400 and "need at most" in text and "[-1, 512]" in text, text
         client = grpcclient.InferenceServerClient(gw.grpc_url)
         for length, ok in ((512, True), (513, False)):
             inp = grpcclient.InferInput("ids", [1, length], "INT64")
@@ -121,6 +125,19 @@ def test_a_sequence_over_its_max_shape_is_refused_by_name(sequence_repository: P
                 client.infer("seq", [inp])
             assert "StatusCode.INVALID_ARGUMENT" in str(info.value.status())
             assert "input 'ids': dim 1 is 513, over the model's maximum 512" in str(info.value)
+
+
+def _http_post(host_port: str, path: str, body: bytes) -> tuple[int, str]:
+    import http.client
+
+    host, port = host_port.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.request("POST", path, body, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        return r.status, r.read().decode()
+    finally:
+        conn.close()
 
 
 def _big_typed(model: str, name: str, shape: list[int]) -> bytes:
