@@ -532,7 +532,13 @@ async def start_http_server(
 ) -> tuple[web.AppRunner, int]:
     limits = limits or HttpLimits()
     runner = web.AppRunner(
-        make_app(gateway, limits), access_log=None, handle_signals=False, shutdown_timeout=grace_s
+        make_app(gateway, limits),
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=grace_s,
+        # a kept-alive connection is closed after this long without a complete request, also
+        # while a later request's headers trickle in (CappedSite times the first request's)
+        keepalive_timeout=limits.body_timeout_s,
     )
     await runner.setup()
     site = CappedSite(

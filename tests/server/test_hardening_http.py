@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -200,6 +201,27 @@ def test_slow_headers_are_closed(gw, tiny_repository):
     with socket.create_connection(_addr(gw), timeout=60) as sock:
         sock.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: t\r\n")  # never finished
         assert sock.recv(1024) == b""  # closed by the gateway (a timeout here fails the test)
+    _valid_http(gw, tiny_repository)
+
+
+def test_slow_headers_of_a_later_request_are_closed(gw, tiny_repository):
+    with socket.create_connection(_addr(gw), timeout=60) as sock:
+        sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert _response(sock)[0] == 200  # the connection is kept alive ...
+        sock.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: t\r\n")  # never finished
+        sock.settimeout(1.0)
+        # ... and a header line a second: closed after --http-body-timeout (2 s), long before
+        # aiohttp's default keep-alive timeout (75 s); 20 s is a liveness bound
+        closed, until = False, time.monotonic() + 20
+        while not closed and time.monotonic() < until:
+            try:
+                sock.sendall(b"X-Slow: 1\r\n")
+                closed = sock.recv(1024) == b""
+            except TimeoutError:
+                pass
+            except OSError:  # reset or broken pipe: closed by the gateway
+                closed = True
+        assert closed, "a trickled header was never timed out"
     _valid_http(gw, tiny_repository)
 
 
