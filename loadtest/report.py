@@ -333,7 +333,7 @@ def server_table(results: Sequence[StepResult]) -> str:
     return markdown_table(headers, rows)
 
 
-def _host_line(host: dict[str, Any]) -> str:
+def host_line(host: dict[str, Any]) -> str:
     flags = ", ".join(host.get("flags", [])) or "none of interest"
     return f"{host.get('model', '?')}, {host.get('cores', '?')} logical cores (ISA: {flags})"
 
@@ -342,7 +342,7 @@ def render_markdown(results: Sequence[StepResult], info: RunInfo, plots: Sequenc
     parts = [
         f"# Load test: {info.model}",
         "",
-        f"Started {info.started} against `{info.target}`; hardware: {_host_line(info.host)}.",
+        f"Started {info.started} against `{info.target}`; hardware: {host_line(info.host)}.",
         f"Each step: {info.warmup_s} s warm-up (not counted), then {info.duration_s} s measured; "
         f"closed-loop Locust users over Triton gRPC; inputs: {info.inputs or 'see locust logs'}.",
         "",

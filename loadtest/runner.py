@@ -130,7 +130,7 @@ def locust_command(
     ]
 
 
-def _run_locust(cmd: list[str], log_path: Path, limit_s: float) -> None:
+def run_locust(cmd: list[str], log_path: Path, limit_s: float) -> None:
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -205,7 +205,7 @@ def run_step(step: Step, s: StepSettings) -> StepResult:
     slack = 60 + STOP_TIMEOUT_S
     if s.warmup_s > 0:
         cmd = locust_command(step, s, s.warmup_s, work / "warmup", work / "warmup.npz")
-        _run_locust(cmd, work / "warmup.log", s.warmup_s + slack)
+        run_locust(cmd, work / "warmup.log", s.warmup_s + slack)
     before = after = None
     note = ""
     if s.metrics_url:
@@ -215,7 +215,7 @@ def run_step(step: Step, s: StepSettings) -> StepResult:
             note = str(e)
     record = work / "record.npz"
     cmd = locust_command(step, s, s.duration_s, work / "locust", record)
-    _run_locust(cmd, work / "locust.log", s.duration_s + slack)
+    run_locust(cmd, work / "locust.log", s.duration_s + slack)
     if before is not None:
         try:
             after = promtext.scrape(s.metrics_url)  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadtest.runner import LOCUSTFILE, STOP_TIMEOUT_S, StepSettings, _run_locust, locust_args
+from loadtest.runner import LOCUSTFILE, STOP_TIMEOUT_S, StepSettings, locust_args, run_locust
 from loadtest.schedule import Schedule
 from loadtest.timeline import Timeline, bin_record, load_record, within_objective
 
@@ -59,7 +59,7 @@ def run_schedule(
     record = work / "record.npz"
     record.unlink(missing_ok=True)
     cmd = schedule_command(s, precision, schedule, user_rate, work / "locust", record)
-    _run_locust(cmd, work / "locust.log", schedule.duration_s + 60 + STOP_TIMEOUT_S)
+    run_locust(cmd, work / "locust.log", schedule.duration_s + 60 + STOP_TIMEOUT_S)
     return bin_record(load_record(record), label, bin_s, schedule, losses)
 
 
@@ -144,7 +144,7 @@ def run_scheduled(config, log: Callable[[str], None] = print) -> ScheduledOutcom
     from contextlib import ExitStack
 
     from builder.hostinfo import cpu_info
-    from loadtest.report import _host_line, variant_info
+    from loadtest.report import host_line, variant_info
 
     variants, _ = variant_info(config.repository, config.model)
     losses = {p: v.accuracy_loss for p, v in variants.items()}
@@ -183,7 +183,7 @@ def run_scheduled(config, log: Callable[[str], None] = print) -> ScheduledOutcom
         f"# Scheduled load test: {config.model}",
         "",
         f"Schedule `{config.schedule.text}` ({config.user_rate:g} requests/s per user; 0 = "
-        f"closed loop) against `{target}`; hardware: {_host_line(dict(cpu_info()))}.",
+        f"closed loop) against `{target}`; hardware: {host_line(dict(cpu_info()))}.",
         "",
         f"Command: `{config.command}`",
     ]

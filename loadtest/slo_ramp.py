@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from builder.hostinfo import cpu_info
-    from loadtest.report import _host_line, variant_info
+    from loadtest.report import host_line, variant_info
     from server.repository import load_repository
     from server.slo import ceiling, ladder
 
@@ -283,7 +283,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     header = [
         f"# slo vs fixed on a load ramp: {args.model}",
         "",
-        f"Run {started} on {_host_line(dict(cpu_info()))}; load average "
+        f"Run {started} on {host_line(dict(cpu_info()))}; load average "
         f"{load_before[0]:.1f} before, {load_after[0]:.1f} after (the load generator, Locust, "
         "runs on the same cores). " + (args.note or "Other jobs on the host move capacities "
         "and latencies from minute to minute: read the figures as one noisy run."),
