@@ -56,6 +56,8 @@ class ServeOptions:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     # "models": gRPC's message limit is the models' largest valid request (request_bounds.py)
     message_limit: str = "models"
+    # Triton upstream: cancel calls whose client cancelled (--triton-cancellation propagate)
+    cancel_upstream: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None
     auth_token: str | None = None
@@ -128,7 +130,9 @@ class GatewayServer:
         retime_repository(repository, options.retime, upstream_kind, options.threads)
         router = Router(repository, routing)
         if upstream is None:
-            settings = UpstreamSettings(threads=options.threads)
+            settings = UpstreamSettings(
+                threads=options.threads, cancel_upstream=options.cancel_upstream
+            )
             if routing.pools:  # precision pools (server/upstreams/pools.py)
                 upstream = create_pooled_upstream(
                     options.upstream,

@@ -21,6 +21,7 @@ from server.http_app import DEFAULT_BODY_TIMEOUT_S, HttpLimits
 from server.http_limits import DEFAULT_MAX_CONNECTIONS
 from server.request_bounds import LIMIT_MODES
 from server.restricted import GROUPS, parse_groups
+from server.upstreams.detach import MODES as DETACH_MODES
 
 TOKEN_ENV = "PRECISION_SERVE_AUTH_TOKEN"
 
@@ -78,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated API groups that need the token too ({', '.join(GROUPS)})",
     )
     p.add_argument("--threads", type=int, default=0, help="intra-op threads per session (0=auto)")
+    p.add_argument(
+        "--triton-cancellation",
+        choices=DETACH_MODES,
+        default="detach",
+        help="detach: a Triton call runs to its end when its client cancels or its deadline "
+        "passes (tritonserver < 2.53 can crash on cancelled calls); propagate: cancel it",
+    )
     p.add_argument(
         "--retime",
         choices=("auto", "always", "never"),
@@ -170,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             ready_file=args.ready_file,
             max_request_bytes=args.max_request_bytes,
             message_limit=args.message_limit,
+            cancel_upstream=args.triton_cancellation == "propagate",
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             auth_token=args.auth_token or None,
@@ -214,6 +223,7 @@ def _supervise(args: argparse.Namespace) -> int:
     worker_args = ["--repository", str(args.repository), "--upstream", args.upstream]
     worker_args += ["--max-request-bytes", str(args.max_request_bytes)]
     worker_args += ["--message-limit", args.message_limit]
+    worker_args += ["--triton-cancellation", args.triton_cancellation]
     worker_args += ["--threads", str(args.threads), "--log-level", args.log_level]
     worker_args += ["--loop", args.loop, "--retime", args.retime]
     worker_args += ["--grpc-max-concurrent-rpcs", str(args.grpc_max_concurrent_rpcs)]

@@ -62,6 +62,9 @@ class UpstreamSettings:
     default_timeout_s: float = 30.0
     # triton+dns: seconds between resolutions of the name (a URL ``?interval=`` overrides it).
     resolve_interval_s: float = 5.0
+    # Triton: cancel a call when its client cancels or its deadline passes (False: let it run
+    # to its end, server/upstreams/detach.py - tritonserver < 2.53 can crash on cancellations).
+    cancel_upstream: bool = False
 
 
 @runtime_checkable

@@ -58,6 +58,7 @@ from server.upstreams.base import (
     forget_ready,
     report_ready,
 )
+from server.upstreams.detach import detached
 
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)
@@ -385,7 +386,14 @@ class TritonUpstream:
             timeout = self._settings.default_timeout_s
         replica.outstanding += 1
         try:
-            return await replica.raw_infer(request, timeout=timeout)
+            if self._settings.cancel_upstream:
+                return await replica.raw_infer(request, timeout=timeout)
+            return await detached(
+                lambda t: replica.raw_infer(request, timeout=t),
+                timeout,
+                self._settings.default_timeout_s,
+                variant.name,
+            )
         except grpc.aio.AioRpcError as e:
             code, message = e.code().name, e.details() or ""
             self._mark_failed(replica, variant, code, message)
@@ -422,10 +430,21 @@ class TritonUpstream:
             request.append(tensor)
         outputs = [InferRequestedOutput(t.name) for t in variant.outputs]
         replica.outstanding += 1
+        client = replica.client
         try:
-            result = await replica.client.infer(
-                variant.name, request, outputs=outputs, client_timeout=timeout
-            )
+            if self._settings.cancel_upstream:
+                result = await client.infer(
+                    variant.name, request, outputs=outputs, client_timeout=timeout
+                )
+            else:
+                result = await detached(
+                    lambda t: client.infer(
+                        variant.name, request, outputs=outputs, client_timeout=t
+                    ),
+                    timeout,
+                    self._settings.default_timeout_s,
+                    variant.name,
+                )
         except InferenceServerException as e:
             self._raise_for(replica, variant, e)
         finally:

@@ -4,6 +4,7 @@ retry on UNAVAILABLE, marking replicas/variants unready, error mapping, address 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 from tritonclient.utils import InferenceServerException
 
-from server.errors import ConfigError, InvalidInput
+from server.errors import ConfigError, DeadlineExceeded, InvalidInput
 from server.repository import Repository, load_repository
 from server.upstreams.base import UpstreamSettings, UpstreamUnavailable, create_upstream
 from server.upstreams.triton import TritonUpstream, parse_replicas, unavailable_scope
@@ -95,6 +96,73 @@ def test_least_outstanding_replica_is_chosen(repository: Repository) -> None:
         await pending
         assert len(a.calls) == 1 and len(b.calls) == 4
         assert up.replicas[0].outstanding == up.replicas[1].outstanding == 0
+
+    asyncio.run(scenario())
+
+
+class _Recording(_Client):
+    """Records whether its (gated) call was cancelled or finished, and the timeout it got."""
+
+    def __init__(self) -> None:
+        super().__init__(1.0)
+        self.gate = asyncio.Event()
+        self.ended: list[str] = []
+        self.timeouts: list[float] = []
+
+    async def infer(self, model: str, inputs: list, outputs: list, client_timeout: float) -> Any:
+        self.timeouts.append(client_timeout)
+        try:
+            return await super().infer(model, inputs, outputs, client_timeout)
+        except asyncio.CancelledError:
+            self.ended.append("cancelled")
+            raise
+        finally:
+            if not self.ended:
+                self.ended.append("finished")
+
+
+@pytest.mark.parametrize("cancel_upstream", [False, True])
+def test_a_cancelled_client_cancels_the_triton_call_only_when_told(
+    repository: Repository, cancel_upstream: bool
+) -> None:
+    """Default (detach): the gateway stops waiting, Triton's call runs to its end (tritonserver
+    < 2.53 can crash on cancelled calls); propagate: the call is cancelled."""
+
+    async def scenario() -> None:
+        client = _Recording()
+        up = await _upstream(repository, client)
+        up._settings = UpstreamSettings(cancel_upstream=cancel_upstream)
+        v = repository.variants()[0]
+        waiter = asyncio.create_task(up.infer(v, X, time.monotonic() + 60))
+        while not client.calls:
+            await asyncio.sleep(0)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        client.gate.set()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert client.ended == (["cancelled"] if cancel_upstream else ["finished"])
+        # detached, the call's own timeout is the deadline's remainder plus the slack
+        assert client.timeouts[0] > (50 if cancel_upstream else 80)
+
+    asyncio.run(scenario())
+
+
+def test_a_detached_call_past_its_deadline_is_deadline_exceeded_and_keeps_running(
+    repository: Repository,
+) -> None:
+    async def scenario() -> None:
+        client = _Recording()
+        up = await _upstream(repository, client)
+        v = repository.variants()[0]
+        with pytest.raises(DeadlineExceeded, match=f"deadline exceeded while {v.name} ran"):
+            await up.infer(v, X, time.monotonic() + 0.05)
+        assert client.ended == []  # still running at Triton
+        client.gate.set()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert client.ended == ["finished"]
 
     asyncio.run(scenario())
 
