@@ -372,6 +372,18 @@ class SloPolicy:
         if window.action != "hold":
             metrics.SLO_SHIFTS.labels(model=self.model, direction=window.action).inc()
             self._export()
+            log.info(
+                "slo %s: shift %s to level %.2f (%s): estimated p99 %.0f ms over %d requests, "
+                "%.1f req/s arriving, limit %s",
+                self.model,
+                window.action,
+                window.level,
+                ", ".join(f"{p} {v:.0%}" for p, v in self.controller.shares().items() if v),
+                1000 * window.estimate_s,
+                window.requests,
+                window.rate,
+                "unknown" if window.limit is None else f"{window.limit:.1f} req/s",
+            )
 
     def _export(self) -> None:
         for precision, share in self.controller.shares().items():

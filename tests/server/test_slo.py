@@ -311,7 +311,8 @@ def test_routing_file_errors_name_the_field(routing_repo):
         Router(repo, parse_routing({"models": {"tiny": {"policy": "slo", "slo": {"p99_ms": 5}}}}))
 
 
-def test_policy_routes_by_the_mix_and_exports_it(routing_repo):
+def test_policy_routes_by_the_mix_and_exports_it(routing_repo, caplog):
+    caplog.set_level("INFO", logger="server.slo")
     r = router(routing_repo, {"p99_ms": 20, "accuracy_budget": 0.25, "window_requests": 5})
     policy = r.policies["tiny"]
     assert policy.default_precision == "fp32"
@@ -326,6 +327,7 @@ def test_policy_routes_by_the_mix_and_exports_it(routing_repo):
     assert gauge("precision_serve_slo_share", model="tiny", precision="int8") == pytest.approx(0.5)
     assert gauge("precision_serve_slo_expected_accuracy_loss", model="tiny") == pytest.approx(0.25)
     assert gauge("precision_serve_slo_shifts_total", model="tiny", direction="up") >= 1
+    assert "slo tiny: shift up to level 0.50 (fp32 50%, int8 50%)" in caplog.text  # each shift
     counts = Counter(r.decide("tiny").precision for _ in range(2000))
     assert 0.4 < counts["int8"] / 2000 < 0.6
     assert r.routes["tiny"].accuracy_budget is None  # slo's own budget was used
