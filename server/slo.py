@@ -271,16 +271,11 @@ class SloController:
         self._cool_rate = max(self._cool_rate, rate) if self._cool > 1 else rate
         due = hot and (self._hot >= s.up_windows or ratio >= s.fast_shift_above)
         self._learn(rate, due, hot)
-        if not cool and self.level < self.max_level:
-            target = self.level
-            if due:  # in proportion to the overload
-                move = s.step * (ratio / s.shift_up_above) ** 2
-                target += min(MAX_UP_MOVE, max(s.step, move))
-            # feed-forward: what the arrival rate needs (on any window that is not cool)
-            if due:  # feed-forward: what the arrival rate needs
-                target = max(target, self.needed_level(rate))
-            if target > self.level + 1e-9:
-                return self._shift_up(min(self.max_level, round(target, 9)))
+        if due and self.level < self.max_level:
+            # in proportion to the overload, and at least what the arrival rate needs
+            move = min(MAX_UP_MOVE, max(s.step, s.step * (ratio / s.shift_up_above) ** 2))
+            target = max(self.level + move, self.needed_level(rate))
+            return self._shift_up(min(self.max_level, round(target, 9)))
         if self._cool >= self.down_needed and self.level > 0:
             return self._shift_back(ratio, self._cool_rate)
         return "hold"
