@@ -2,25 +2,38 @@
 variants as load rises, within an accuracy budget, and back as load falls.
 
 The **ladder** is the model's variants from most to least accurate (manifest
-``details.accuracy_loss``), keeping only those faster (manifest speed) than the rung before.
+``details.accuracy_loss``), keeping only those at least ``min_speedup`` x faster (manifest or
+re-timed speed) than the rung before.
 The **level** says where traffic sits on it: level 1.3 sends 70 % to rung 1 and 30 % to rung 2.
 Its ceiling is where the traffic-weighted loss of the mix reaches the budget, so a rung over the
 budget may still take a partial share and the mix's expected loss never exceeds it.
 
 The controller learns only from what the gateway measures: each request the policy routed
 reports its gateway time (queue wait + engine run, ``Router.feedback``) when it ends, and the
-policy counts its own in-flight requests. Completions close **windows** (after
+policy counts its own in-flight requests and arrivals. Completions close **windows** (after
 ``window_requests`` completions, or at the first completion ``window_s`` after the window
 opened - no timer runs); each window estimates p99 as the larger of the window's observed p99
 and in-flight / throughput (Little's law: what a request arriving now waits, which rises before
-the observed latencies do). ``up_windows`` consecutive windows above ``shift_up_above`` x
-objective move one ``step`` of traffic to faster rungs (two steps above 1.5 x); ``down_windows``
-consecutive windows below ``shift_down_below`` x objective move one step back (two below half
-of that); anything between holds. A shift back that has to be undone soon after (within
-2 x (up_windows + down_windows) windows) doubles the cool windows the next shift back needs
-(up to 16 x down_windows); a shift back that holds halves them again. A load that sits between
-two levels therefore spends ever fewer windows on the hot one instead of flapping, while a real
-fall in load is followed quickly.
+the observed latencies do), and measures the arrival rate.
+
+Shifting to faster rungs reacts in proportion to the overload: ``up_windows`` consecutive
+windows above ``shift_up_above`` x objective, or a single one above ``fast_shift_above``, move
+``step`` x (estimate / (``shift_up_above`` x objective))^2 (at most a whole rung per window).
+The **feed-forward** term (``feed_forward``) learns the rate at which the objective fails: a
+window that shifts up records the arrival rate (smoothed over about two windows) divided by the
+mix's speed-up over the first rung (rung speeds, as the ladder has them) as the ``limit``; a
+window under the hot threshold raises it to what the current mix carried. The shift then goes
+at least to the level whose estimated capacity (limit x speed-up) covers the arrival rate x
+``headroom``, so on a rising load one shift lands where the rate needs, not a step at a time.
+
+Shifting back stays cautious: ``down_windows`` consecutive windows below ``shift_down_below`` x
+objective move one step back (two below half of that), but never below the level that the
+streak's highest arrival rate needs by the limit (a shift back that this blocks raises the limit
+by 5 % instead, so the evidence of one transient overload fades); anything between holds. A
+shift back that has to be undone soon after (within 2 x (up_windows + down_windows) windows)
+doubles the cool windows the next shift back needs (up to 16 x down_windows); a shift back that
+holds halves them again. A load that sits between two levels therefore spends ever fewer windows
+on the hot one instead of flapping, while a real fall in load is followed.
 """
 
 from __future__ import annotations
@@ -41,7 +54,10 @@ from server.slo_config import SloSettings
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 16  # the cool windows a shift back needs grow to at most this x down_windows
-FAST_SHIFT_ABOVE = 1.5  # x objective: two steps at once
+MAX_UP_MOVE = 1.0  # levels: the proportional term moves at most a whole rung per window
+DEFAULT_MIN_SPEEDUP = 1.15
+LIMIT_AGING = 1.05  # a shift back the limit blocked raises it this much
+RATE_SMOOTHING = 0.5  # weight of the newest window in the arrival rate
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,8 @@ class Window:
     inflight: int
     action: str  # "up" (towards faster), "down" (towards more accurate) or "hold"
     level: float
+    rate: float = 0.0  # arrivals/s the decision used (smoothed over about two windows)
+    limit: float | None = None  # learned: first-rung-equivalent rate at which the objective fails
 
 
 def _speed_ms(variant: Variant) -> float | None:
@@ -75,8 +93,10 @@ def _speed_ms(variant: Variant) -> float | None:
     return None
 
 
-def ladder(model: Model) -> list[Rung]:
-    """Most accurate first; a less accurate rung is kept only when it is faster."""
+def ladder(model: Model, min_speedup: float = DEFAULT_MIN_SPEEDUP) -> list[Rung]:
+    """Most accurate first; a less accurate rung is kept only when it is at least
+    ``min_speedup`` x faster than the rung before (a marginal rung, e.g. fp16 on CPU, is within
+    the noise of the speed figures and only costs windows on the way up)."""
     candidates = []
     for precision, variant in model.variants.items():
         details = variant.record.details
@@ -95,7 +115,9 @@ def ladder(model: Model) -> list[Rung]:
             rungs.append(rung)
             continue
         last = rungs[-1].latency_ms
-        if rung.latency_ms is not None and (last is None or rung.latency_ms < last):
+        if rung.latency_ms is not None and (
+            last is None or last >= min_speedup * rung.latency_ms * (1 - 1e-9)
+        ):
             rungs.append(rung)
     return rungs
 
@@ -136,16 +158,27 @@ class SloController:
         self.down_needed = settings.down_windows
         self.windows = 0  # closed so far
         self.last: Window | None = None
+        self.limit: float | None = None  # see the module doc: the feed-forward's evidence
         self._hot = self._cool = 0
         self._last_down: int | None = None  # window number of the last shift back
         self._latencies: list[float] = []
+        self._arrivals = 0
+        self._cool_rate = 0.0
+        self._rate: float | None = None
         self._opened = clock()
+        speeds = [r.latency_ms for r in self.rungs]
+        self._speeds: list[float] | None = (
+            [float(v) for v in speeds if v is not None]
+            if settings.feed_forward and all(v is not None and v > 0 for v in speeds)
+            else None
+        )
 
     # ---- the mix ----------------------------------------------------------------------------
-    def _split(self) -> tuple[int, float]:
-        """(rung, share of the next rung) for the current level."""
-        i = min(math.floor(self.level), len(self.rungs) - 1)
-        return i, self.level - i
+    def _split(self, level: float | None = None) -> tuple[int, float]:
+        """(rung, share of the next rung) for ``level`` (default: the current one)."""
+        level = self.level if level is None else level
+        i = min(math.floor(level), len(self.rungs) - 1)
+        return i, level - i
 
     def shares(self) -> dict[str, float]:
         out = {r.precision: 0.0 for r in self.rungs}
@@ -164,9 +197,32 @@ class SloController:
         i, f = self._split()
         return self.rungs[i + 1].precision if x < f else self.rungs[i].precision
 
+    def speedup(self, level: float | None = None) -> float | None:
+        """The mix's estimated capacity over the first rung's (rung speeds); None: unknown."""
+        if self._speeds is None:
+            return None
+        i, f = self._split(level)
+        mix = (1 - f) * self._speeds[i] + (f * self._speeds[i + 1] if f > 0 else 0.0)
+        return self._speeds[0] / mix
+
+    def needed_level(self, rate: float) -> float:
+        """The lowest level whose estimated capacity (limit x speed-up) covers ``rate`` x
+        headroom (0 with no limit learned yet; at most the budget's ceiling)."""
+        if self._speeds is None or self.limit is None or rate <= 0:
+            return 0.0
+        mix = self._speeds[0] * self.limit / (rate * self.settings.headroom)
+        if mix >= self._speeds[0]:
+            return 0.0
+        for i in range(len(self._speeds) - 1):
+            here, there = self._speeds[i], self._speeds[i + 1]
+            if there <= mix:
+                return min(self.max_level, i + (here - mix) / (here - there))
+        return self.max_level
+
     # ---- feedback ---------------------------------------------------------------------------
     def started(self) -> None:
         self.inflight += 1
+        self._arrivals += 1
 
     def observe(self, seconds: float, counts: bool = True) -> Window | None:
         """A routed request ended after ``seconds``; the closed window when this closed one."""
@@ -183,41 +239,87 @@ class SloController:
         self._latencies.sort()
         p99 = self._latencies[max(0, math.ceil(0.99 * n) - 1)]
         estimate = max(p99, self.inflight * elapsed / n)  # Little: in flight / throughput
+        rate = self._arrivals / elapsed
         self._latencies = []
+        self._arrivals = 0
         self._opened = now
         self.windows += 1
-        action = self._decide(estimate / self.settings.p99_s)
-        self.last = Window(n, p99, estimate, self.inflight, action, self.level)
+        action = self._decide(estimate / self.settings.p99_s, rate)
+        smoothed = self._rate or 0.0
+        self.last = Window(
+            n, p99, estimate, self.inflight, action, self.level, smoothed, self.limit
+        )
         return self.last
 
-    def _decide(self, ratio: float) -> str:
+    def _decide(self, ratio: float, rate: float) -> str:
         s = self.settings
-        if ratio > s.shift_up_above:
+        hot, cool = ratio > s.shift_up_above, ratio < s.shift_down_below
+        if hot:
             self._hot, self._cool = self._hot + 1, 0
-        elif ratio < s.shift_down_below:
+        elif cool:
             self._hot, self._cool = 0, self._cool + 1
         else:
             self._hot = self._cool = 0
-        if self._hot >= s.up_windows and self.level < self.max_level:
-            steps = 2 if ratio > FAST_SHIFT_ABOVE else 1
-            self.level = min(self.max_level, round(self.level + steps * s.step, 9))
-            self._hot = 0
-            recent = self._last_down is not None and (
-                self.windows - self._last_down <= 2 * (s.up_windows + s.down_windows)
-            )
-            if recent:  # the last shift back was too much: be slower to shift back next time
-                self.down_needed = min(self.down_needed * 2, s.down_windows * MAX_BACKOFF)
-            self._last_down = None
-            return "up"
+        # the arrival rate, smoothed over about two windows (one window's count is noisy)
+        self._rate = (
+            rate
+            if self._rate is None
+            else RATE_SMOOTHING * rate + (1 - RATE_SMOOTHING) * self._rate
+        )
+        rate = self._rate
+        # the highest arrival rate of the current cool streak: what a shift back must carry
+        self._cool_rate = max(self._cool_rate, rate) if self._cool > 1 else rate
+        due = hot and (self._hot >= s.up_windows or ratio >= s.fast_shift_above)
+        self._learn(rate, due, hot)
+        if due and self.level < self.max_level:
+            # in proportion to the overload, and at least what the arrival rate needs
+            move = min(MAX_UP_MOVE, max(s.step, s.step * (ratio / s.shift_up_above) ** 2))
+            target = max(self.level + move, self.needed_level(rate))
+            return self._shift_up(min(self.max_level, round(target, 9)))
         if self._cool >= self.down_needed and self.level > 0:
-            if self._last_down is not None:  # the previous shift back held: relax the back-off
-                self.down_needed = max(s.down_windows, self.down_needed // 2)
-            steps = 2 if ratio < s.shift_down_below / 2 else 1
-            self.level = max(0.0, round(self.level - steps * s.step, 9))
-            self._cool = 0
-            self._last_down = self.windows
-            return "down"
+            return self._shift_back(ratio, self._cool_rate)
         return "hold"
+
+    def _learn(self, rate: float, due: bool, hot: bool) -> None:
+        """The feed-forward's limit: set by a window that shifts up, raised by one within the
+        objective's hot threshold (what the current mix carried)."""
+        speedup = self.speedup()
+        if speedup is None or rate <= 0:
+            return
+        carried = rate / speedup
+        if due:
+            self.limit = carried if self.limit is None else min(self.limit, carried)
+        elif not hot and self.limit is not None:
+            self.limit = max(self.limit, carried)
+
+    def _shift_up(self, target: float) -> str:
+        s = self.settings
+        self.level = target
+        self._hot = 0
+        recent = self._last_down is not None and (
+            self.windows - self._last_down <= 2 * (s.up_windows + s.down_windows)
+        )
+        if recent:  # the last shift back was too much: be slower to shift back next time
+            self.down_needed = min(self.down_needed * 2, s.down_windows * MAX_BACKOFF)
+        self._last_down = None
+        return "up"
+
+    def _shift_back(self, ratio: float, rate: float) -> str:
+        """One or two steps back, but not below what ``rate`` (the cool streak's highest
+        arrival rate) needs."""
+        s = self.settings
+        self._cool = 0
+        steps = 2 if ratio < s.shift_down_below / 2 else 1
+        target = max(0.0, round(self.level - steps * s.step, 9), self.needed_level(rate))
+        if target >= self.level - 1e-9:  # the rate still needs this level: let evidence fade
+            if self.limit is not None:
+                self.limit *= LIMIT_AGING
+            return "hold"
+        if self._last_down is not None:  # the previous shift back held: relax the back-off
+            self.down_needed = max(s.down_windows, self.down_needed // 2)
+        self.level = target
+        self._last_down = self.windows
+        return "down"
 
 
 class SloPolicy:
@@ -238,7 +340,7 @@ class SloPolicy:
                 if route.accuracy_budget is not None
                 else DEFAULT_BUDGET_POINTS
             )
-        rungs = ladder(model)
+        rungs = ladder(model, route.slo.min_speedup)
         if not evidence:  # synthetic quality figures: only the reference, never shifted
             log.warning("routing: %s", self.reason)
             rungs = rungs[:1]
@@ -265,6 +367,18 @@ class SloPolicy:
         if window.action != "hold":
             metrics.SLO_SHIFTS.labels(model=self.model, direction=window.action).inc()
             self._export()
+            log.info(
+                "slo %s: shift %s to level %.2f (%s): estimated p99 %.0f ms over %d requests, "
+                "%.1f req/s arriving, limit %s",
+                self.model,
+                window.action,
+                window.level,
+                ", ".join(f"{p} {v:.0%}" for p, v in self.controller.shares().items() if v),
+                1000 * window.estimate_s,
+                window.requests,
+                window.rate,
+                "unknown" if window.limit is None else f"{window.limit:.1f} req/s",
+            )
 
     def _export(self) -> None:
         for precision, share in self.controller.shares().items():

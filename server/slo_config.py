@@ -23,9 +23,13 @@ class SloFile(BaseModel):
     window_ms: float = Field(2000.0, gt=0)  # ... or at the first completion after this long
     shift_up_above: float = Field(0.9, gt=0)  # x objective: estimated p99 counts as hot
     shift_down_below: float = Field(0.6, gt=0)  # x objective: estimated p99 counts as cool
-    up_windows: int = Field(2, ge=1)  # consecutive hot windows before a shift to faster
+    up_windows: int = Field(2, ge=1)  # consecutive hot windows before a shift to faster ...
+    fast_shift_above: float = Field(1.5, gt=0)  # ... or one window above this x objective
     down_windows: int = Field(3, ge=1)  # consecutive cool windows before a shift back
-    step: float = Field(0.1, gt=0, le=1)  # share of traffic moved per shift
+    step: float = Field(0.1, gt=0, le=1)  # share of traffic moved per shift (the least)
+    feed_forward: bool = True  # jump to a level whose estimated capacity covers the arrivals
+    headroom: float = Field(1.1, ge=1.0)  # ... times this
+    min_speedup: float = Field(1.15, ge=1.0)  # a rung must be this much faster than the last
 
     @model_validator(mode="after")
     def _band(self) -> SloFile:
@@ -33,6 +37,11 @@ class SloFile(BaseModel):
             raise ValueError(
                 f"shift_down_below ({self.shift_down_below}) must be below shift_up_above "
                 f"({self.shift_up_above}): the gap between them is the hysteresis"
+            )
+        if self.fast_shift_above < self.shift_up_above:
+            raise ValueError(
+                f"fast_shift_above ({self.fast_shift_above}) must be at least shift_up_above "
+                f"({self.shift_up_above})"
             )
         return self
 
@@ -48,8 +57,12 @@ class SloSettings:
     shift_up_above: float = 0.9
     shift_down_below: float = 0.6
     up_windows: int = 2
+    fast_shift_above: float = 1.5
     down_windows: int = 3
     step: float = 0.1
+    feed_forward: bool = True
+    headroom: float = 1.1
+    min_speedup: float = 1.15
 
     def __post_init__(self) -> None:
         if self.p99_s <= 0:
@@ -61,6 +74,15 @@ class SloSettings:
             )
         if not 0 < self.step <= 1:
             raise ValueError(f"slo step must be in (0, 1], got {self.step}")
+        if self.fast_shift_above < self.shift_up_above:
+            raise ValueError(
+                f"slo fast_shift_above {self.fast_shift_above} must be at least shift_up_above "
+                f"{self.shift_up_above}"
+            )
+        if self.headroom < 1 or self.min_speedup < 1:
+            raise ValueError(
+                f"slo headroom ({self.headroom}) and min_speedup ({self.min_speedup}) must be >= 1"
+            )
 
     @classmethod
     def from_file(cls, f: SloFile) -> SloSettings:
@@ -72,6 +94,10 @@ class SloSettings:
             shift_up_above=f.shift_up_above,
             shift_down_below=f.shift_down_below,
             up_windows=f.up_windows,
+            fast_shift_above=f.fast_shift_above,
             down_windows=f.down_windows,
             step=f.step,
+            feed_forward=f.feed_forward,
+            headroom=f.headroom,
+            min_speedup=f.min_speedup,
         )

@@ -36,6 +36,7 @@ class Clock:
 
 
 def controller(budget: float = 1.0, **kw) -> tuple[SloController, Clock]:
+    kw.setdefault("feed_forward", False)  # the feedback path alone; feed-forward: below
     clock = Clock()
     settings = SloSettings(p99_s=OBJECTIVE, window_requests=10, window_s=1.0, **kw)
     return SloController(RUNGS, settings, budget, clock), clock
@@ -59,22 +60,35 @@ def test_hysteresis_needs_consecutive_hot_windows_and_holds_in_the_band():
     assert window(c, clock, 0.047) == "hold"
     assert c.level == 0.0
     assert window(c, clock, 0.047) == "up"  # second consecutive hot window
-    assert c.level == pytest.approx(0.1)
+    moved = 0.1 * (0.94 / 0.9) ** 2  # step x (estimate / hot threshold)^2: just over a step
+    assert c.level == pytest.approx(moved)
     for _ in range(20):  # between 0.6 and 0.9 x objective: never moves
         assert window(c, clock, 0.040) == "hold"
-    assert c.level == pytest.approx(0.1)
-    assert c.shares() == pytest.approx({"fp32": 0.9, "fp16": 0.1, "int8-dynamic": 0.0})
+    assert c.level == pytest.approx(moved)
+    assert c.shares() == pytest.approx({"fp32": 1 - moved, "fp16": moved, "int8-dynamic": 0.0})
 
 
-def test_far_over_the_objective_moves_two_steps():
+def test_the_move_grows_with_the_overload():
     c, clock = controller()
-    window(c, clock, 0.2)
+    window(c, clock, 0.06)  # 1.2 x objective: under fast_shift_above, so two windows
+    assert window(c, clock, 0.06) == "up"
+    assert c.level == pytest.approx(0.1 * (1.2 / 0.9) ** 2)
+
+
+def test_far_over_the_objective_shifts_a_whole_rung_after_one_window():
+    c, clock = controller()
+    assert window(c, clock, 0.08) == "up"  # 1.6 x objective: over fast_shift_above, at once
+    assert c.level == pytest.approx(0.1 * (1.6 / 0.9) ** 2)
+    c, clock = controller()
+    assert window(c, clock, 0.2) == "up"  # 4 x: the move is capped at one rung per window
+    assert c.level == pytest.approx(1.0)
     assert window(c, clock, 0.2) == "up"
-    assert c.level == pytest.approx(0.2)
+    assert c.level == pytest.approx(2.0)
 
 
-def test_budget_caps_the_mix_even_under_overload():
-    c, clock = controller(budget=0.5)
+@pytest.mark.parametrize("feed_forward", [False, True])
+def test_budget_caps_the_mix_even_under_overload(feed_forward):
+    c, clock = controller(budget=0.5, feed_forward=feed_forward)
     assert c.max_level == pytest.approx(1 + 0.5 / 0.8)
     for _ in range(100):
         window(c, clock, 1.0)
@@ -201,6 +215,61 @@ def test_back_off_relaxes_once_shifts_back_hold():
     assert c.down_needed < backed_off
 
 
+def paced(c: SloController, clock: Clock, latency_s: float, rate: float, n: int = 10) -> str:
+    """One window of ``n`` requests arriving (and ending) ``rate`` per second; the action."""
+    result = None
+    for _ in range(n):
+        c.started()
+        clock.now += 1.0 / rate
+        result = c.observe(latency_s) or result
+    assert result is not None
+    return result.action
+
+
+def test_feed_forward_jumps_to_a_level_whose_capacity_covers_the_rate():
+    c, clock = controller(feed_forward=True)
+    assert paced(c, clock, 0.047, rate=100) == "hold"  # hot once: the hysteresis still holds
+    assert c.limit is None and c.level == 0.0
+    assert paced(c, clock, 0.047, rate=100) == "up"
+    # fp32 failed at 100 req/s: the level must carry 100 x headroom 1.1; the proportional term
+    # alone would have moved 0.1 x (0.94 / 0.9)^2 = 0.11
+    assert c.limit == pytest.approx(100)
+    assert c.speedup() * c.limit == pytest.approx(100 * 1.1)
+    assert c.level == pytest.approx((30 - 30 / 1.1) / (30 - 25))
+    paced(c, clock, 0.047, rate=120)
+    assert paced(c, clock, 0.047, rate=120) == "up"  # the rate rose: further, past fp16
+    assert c.level > 1.0
+    assert c.speedup() * c.limit == pytest.approx(c.last.rate * 1.1)
+
+
+def test_feed_forward_blocks_shifting_back_while_the_rate_still_needs_the_level():
+    c, clock = controller(feed_forward=True)
+    for _ in range(2):
+        paced(c, clock, 0.047, rate=100)
+    high, limit = c.level, c.limit
+    actions = [paced(c, clock, 0.010, rate=100) for _ in range(3)]  # cool, same rate
+    assert actions == ["hold"] * 3 and c.level == high  # a shift back was due, but blocked
+    assert c.limit == pytest.approx(limit * 1.05)  # ... and the evidence fades a little
+    actions = [paced(c, clock, 0.010, rate=40) for _ in range(30)]  # the load falls
+    assert "down" in actions and c.level == 0.0
+
+
+def test_feed_forward_needs_speeds_for_every_rung():
+    c = SloController(
+        [Rung("fp32", 0.0, None), Rung("int8", 0.5, 20.0)], SloSettings(p99_s=0.05), 1.0
+    )
+    assert c.speedup() is None and c.needed_level(1000.0) == 0.0
+
+
+def test_ladder_skips_a_marginally_faster_rung(routing_repo):
+    model = load_repository(routing_repo).models["tiny"]
+    # fp32 0.05 ms; fp16 made 1.11x faster, lossless; int8 0.03 ms (1.67x), loss 0.5
+    model.variants["fp16"].record.speed["latency_ms_p50"] = 0.045
+    assert [r.precision for r in ladder(model)] == ["fp32", "int8"]  # min_speedup 1.15
+    assert [r.precision for r in ladder(model, min_speedup=1.0)] == ["fp32", "fp16", "int8"]
+    assert [r.precision for r in ladder(model, min_speedup=2.0)] == ["fp32"]
+
+
 def test_ceiling_and_ladder_respect_budget_and_speed(routing_repo):
     assert ceiling(RUNGS, 2.0) == 2.0
     assert ceiling(RUNGS, 0.0) == 1.0  # fp16 is lossless; int8-dynamic gets no share
@@ -231,6 +300,10 @@ def test_routing_file_errors_name_the_field(routing_repo):
         router(routing_repo, {"p99_ms": 5, "p99_msec": 5})
     with pytest.raises(ConfigError, match="hysteresis"):
         router(routing_repo, {"p99_ms": 5, "shift_up_above": 0.5, "shift_down_below": 0.7})
+    with pytest.raises(ConfigError, match=r"fast_shift_above \(0.8\) must be at least"):
+        router(routing_repo, {"p99_ms": 5, "fast_shift_above": 0.8})
+    with pytest.raises(ConfigError, match=r"slo\.min_speedup: Input should be greater"):
+        router(routing_repo, {"p99_ms": 5, "min_speedup": 0.9})
     with pytest.raises(ConfigError, match="over the accuracy budget"):
         repo = load_repository(routing_repo)
         for variant in repo.models["tiny"].variants.values():
@@ -238,7 +311,8 @@ def test_routing_file_errors_name_the_field(routing_repo):
         Router(repo, parse_routing({"models": {"tiny": {"policy": "slo", "slo": {"p99_ms": 5}}}}))
 
 
-def test_policy_routes_by_the_mix_and_exports_it(routing_repo):
+def test_policy_routes_by_the_mix_and_exports_it(routing_repo, caplog):
+    caplog.set_level("INFO", logger="server.slo")
     r = router(routing_repo, {"p99_ms": 20, "accuracy_budget": 0.25, "window_requests": 5})
     policy = r.policies["tiny"]
     assert policy.default_precision == "fp32"
@@ -253,6 +327,7 @@ def test_policy_routes_by_the_mix_and_exports_it(routing_repo):
     assert gauge("precision_serve_slo_share", model="tiny", precision="int8") == pytest.approx(0.5)
     assert gauge("precision_serve_slo_expected_accuracy_loss", model="tiny") == pytest.approx(0.25)
     assert gauge("precision_serve_slo_shifts_total", model="tiny", direction="up") >= 1
+    assert "slo tiny: shift up to level 0.50 (fp32 50%, int8 50%)" in caplog.text  # each shift
     counts = Counter(r.decide("tiny").precision for _ in range(2000))
     assert 0.4 < counts["int8"] / 2000 < 0.6
     assert r.routes["tiny"].accuracy_budget is None  # slo's own budget was used
