@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from server.app import DEFAULT_DRAIN_S, DEFAULT_MAX_REQUEST_BYTES, ServeOptions, serve
-from server.engines.base import default_threads
 from server.errors import ConfigError, GatewayError
 from server.grpc_service import DEFAULT_MAX_CONCURRENT_RPCS
 from server.http_app import DEFAULT_BODY_TIMEOUT_S, HttpLimits
@@ -79,13 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help=f"comma-separated API groups that need the token too ({', '.join(GROUPS)})",
     )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=default_threads(),
-        help="intra-op threads per session (0: the engine decides; default 1 on a host of 2 "
-        "cores or fewer, else 0)",
-    )
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads per session (0=auto)")
     p.add_argument(
         "--triton-cancellation",
         choices=DETACH_MODES,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,19 +14,6 @@ import numpy as np
 def importable(module: str) -> bool:
     """Whether ``module`` can be imported here (without importing it)."""
     return importlib.util.find_spec(module) is not None
-
-
-# Hosts with at most this many cores get one intra-op thread per session by default: the gateway's
-# event loop (gRPC, parsing) needs the other core, and a second engine thread cost 0.45-0.83x more
-# CPU per request at c1-c16 on a 2-core host (docs/gateway.md, "Fast path").
-SMALL_HOST_CORES = 2
-
-
-def default_threads(cores: int | None = None) -> int:
-    """``--threads`` when not given: 1 on a host of ``SMALL_HOST_CORES`` or fewer, else 0 (the
-    engine decides)."""
-    cores = os.cpu_count() if cores is None else cores
-    return 1 if cores is not None and cores <= SMALL_HOST_CORES else 0
 
 
 class EngineError(Exception):

@@ -184,14 +184,3 @@ def test_the_cli_runs_the_gateway_on_uvloop_unless_told_otherwise():
     run_loop(probe(), "uvloop")
     run_loop(probe(), "asyncio")
     assert seen == ["uvloop", "uvloop", "asyncio"]
-
-
-@pytest.mark.parametrize(("cores", "expected"), [(1, 1), (2, 1), (4, 0), (16, 0)])
-def test_threads_default_to_one_on_a_small_host(monkeypatch, cores, expected):
-    from server import cli
-    from server.engines import base
-
-    monkeypatch.setattr(base.os, "cpu_count", lambda: cores)
-    args = cli.build_parser().parse_args(["--repository", "r"])
-    assert args.threads == expected
-    assert cli.build_parser().parse_args(["--repository", "r", "--threads", "3"]).threads == 3
