@@ -221,6 +221,10 @@ class SloController:
 
     # ---- feedback ---------------------------------------------------------------------------
     def started(self) -> None:
+        if self.windows == 0 and self._arrivals == 0 and not self._latencies:
+            # the first window opens with the first request: time before it (start-up, idle)
+            # would deflate the window's arrival rate and inflate its Little estimate
+            self._opened = self.clock()
         self.inflight += 1
         self._arrivals += 1
 

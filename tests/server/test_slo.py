@@ -125,11 +125,15 @@ def test_a_deep_fall_in_load_moves_back_two_steps_at_a_time():
 
 def test_windows_are_driven_by_completions_not_a_timer():
     c, clock = controller()
-    clock.now += 3600  # an hour passes with no completion: no decision, no change
+    clock.now += 3600  # an hour passes with no request: no decision, no change
     assert c.windows == 0
+    c.started()  # the first window opens with the first request, not at start-up
+    assert c.observe(0.2) is None
     c.started()
-    w = c.observe(0.2)  # the first completion after window_s closes the window, alone
-    assert w is not None and w.requests == 1 and w.p99_s == 0.2
+    clock.now += 1.0
+    w = c.observe(0.2)  # the first completion after window_s closes the window
+    assert w is not None and w.requests == 2 and w.p99_s == 0.2
+    assert w.rate == 2.0  # arrivals over the window, not over the hour before it
     c.started()
     assert c.observe(0.2) is None  # a fresh window: neither 10 completions nor 1 s yet
     for _ in range(9):
