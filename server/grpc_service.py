@@ -6,6 +6,7 @@ Uses the generated stubs shipped in tritonclient. Gateway errors become gRPC sta
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib.metadata
 import logging
@@ -17,6 +18,7 @@ from typing import Any
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
+from grpc._cython import cygrpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
@@ -62,6 +64,10 @@ def _status_of(error: GatewayError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
 
 
+# What grpc.aio raises when a call's status can no longer be sent (the call ended in the core)
+_CALL_ENDED: type[BaseException] = getattr(cygrpc, "ExecuteBatchError", RuntimeError)
+
+
 def _handled(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """Gateway errors -> their status; internal ones -> INTERNAL with an error id only (the log
     has the text); a rejected ModelInfer is counted in the request metric."""
@@ -80,7 +86,10 @@ def _handled(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[A
             if infer:
                 self.gateway.count_rejected("unknown", "grpc", e)
             status = _status_of(e) if isinstance(e, GatewayError) else grpc.StatusCode.INTERNAL
-            await context.abort(status, client_message(e, method.__name__))
+            try:
+                await context.abort(status, client_message(e, method.__name__))
+            except _CALL_ENDED:  # the client is gone (deadline passed, cancelled): no one to
+                raise asyncio.CancelledError from None  # tell; grpc logs a traceback otherwise
 
     return wrapper
 

@@ -304,3 +304,36 @@ def test_pass_through_refuses_a_large_mismatched_request_before_parsing(tiny_rep
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "'x'" in info.value.details() and "15000000" in info.value.details()
     assert forwarded == []
+
+
+def test_an_error_for_a_call_that_already_ended_is_not_a_traceback():
+    """When the client's deadline passed while the engine ran inline (the soak met it), the
+    status can no longer be sent: grpc.aio's abort raises ExecuteBatchError, which grpc logs as
+    an ERROR with a traceback; the wrapper ends the handler as cancelled instead."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from server.errors import DeadlineExceeded
+    from server.grpc_service import _CALL_ENDED, _handled
+
+    rejected: list[str] = []
+    gateway = SimpleNamespace(restricted=frozenset(), count_rejected=lambda *a: rejected.append(a))
+    servicer = SimpleNamespace(gateway=gateway)
+
+    async def ModelInfer(self, request, context):  # noqa: N802 - the gRPC method's name
+        raise DeadlineExceeded("deadline exceeded while the engine ran")
+
+    class Ended:
+        async def abort(self, code, details):
+            raise _CALL_ENDED("Failed execute_batch")
+
+    class Open:
+        async def abort(self, code, details):
+            raise grpc.aio.AbortError(code, details)
+
+    wrapped = _handled(ModelInfer)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(wrapped(servicer, None, Ended()))
+    with pytest.raises(grpc.aio.AbortError):  # a live call still gets its status
+        asyncio.run(wrapped(servicer, None, Open()))
+    assert len(rejected) == 2
