@@ -320,7 +320,7 @@ def test_an_error_for_a_call_that_already_ended_is_not_a_traceback():
     gateway = SimpleNamespace(restricted=frozenset(), count_rejected=lambda *a: rejected.append(a))
     servicer = SimpleNamespace(gateway=gateway)
 
-    async def ModelInfer(self, request, context):  # noqa: N802 - the gRPC method's name
+    async def ModelInfer(self, request, context):
         raise DeadlineExceeded("deadline exceeded while the engine ran")
 
     class Ended:
