@@ -24,14 +24,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from server.core import Gateway
 from server.errors import ConfigError
-from server.grpc_service import DEFAULT_MAX_CONCURRENT_RPCS, start_grpc_server
+from server.grpc_service import ENVELOPE_BYTES, start_grpc_server
 from server.http_app import HttpLimits, start_http_server
 from server.http_limits import shutdown_parsers
 from server.model_control import MODES as MODEL_CONTROL_MODES
 from server.model_control import ModelControl
 from server.model_repository import RepositoryError, atomic_write_text
 from server.repository import load_repository
-from server.request_bounds import LIMIT_MODES, payload_limit, request_bound
+from server.request_bounds import LIMIT_MODES, concurrent_rpcs, payload_limit, request_bound
 from server.retime import check_mode, retime_repository
 from server.routing import Router, load_routing
 from server.upstreams.base import Upstream, UpstreamSettings, create_upstream
@@ -64,7 +64,8 @@ class ServeOptions:
     threads: int = 0
     retime: str = "auto"  # re-time variants on this host before auto ranks them (retime.py)
     grace_s: float = 10.0
-    grpc_max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS  # 0 = no limit
+    # 0 = no limit; None (auto): request_bounds.concurrent_rpcs of the gRPC message limit
+    grpc_max_concurrent_rpcs: int | None = None
     # SIGTERM: seconds between "not ready" and closing the listeners (load balancers move away);
     # the CLI's default is DEFAULT_DRAIN_S, an in-process gateway (tests) stops at once
     drain_s: float = 0.0
@@ -97,7 +98,7 @@ class ServeOptions:
                 f"--message-limit must be one of {', '.join(LIMIT_MODES)}, "
                 f"got {self.message_limit!r}"
             )
-        if self.grpc_max_concurrent_rpcs < 0:
+        if self.grpc_max_concurrent_rpcs is not None and self.grpc_max_concurrent_rpcs < 0:
             raise ConfigError(
                 f"--grpc-max-concurrent-rpcs must be >= 0, got {self.grpc_max_concurrent_rpcs}"
             )
@@ -195,14 +196,13 @@ class GatewayServer:
         grpc_tls, http_tls = self._tls()
         await self.gateway.start()
         try:
+            limit = self.grpc_payload_limit()
+            calls = o.grpc_max_concurrent_rpcs
+            if calls is None:
+                calls = concurrent_rpcs(limit + ENVELOPE_BYTES)
+                log.info("gRPC calls in flight limited to %d (--grpc-max-concurrent-rpcs)", calls)
             self._grpc, self.ports["grpc_port"] = await start_grpc_server(
-                self.gateway,
-                o.host,
-                o.grpc_port,
-                self.grpc_payload_limit(),
-                grpc_tls,
-                o.worker,
-                o.grpc_max_concurrent_rpcs,
+                self.gateway, o.host, o.grpc_port, limit, grpc_tls, o.worker, calls
             )
         except RuntimeError as e:
             raise ConfigError(f"cannot bind gRPC port {o.host}:{o.grpc_port}: {e}") from e

@@ -16,7 +16,6 @@ from typing import Any
 
 from server.app import DEFAULT_DRAIN_S, DEFAULT_MAX_REQUEST_BYTES, ServeOptions, serve
 from server.errors import ConfigError, GatewayError
-from server.grpc_service import DEFAULT_MAX_CONCURRENT_RPCS
 from server.http_app import DEFAULT_BODY_TIMEOUT_S, HttpLimits
 from server.http_limits import DEFAULT_MAX_CONNECTIONS
 from server.request_bounds import LIMIT_MODES
@@ -24,6 +23,16 @@ from server.restricted import GROUPS, parse_groups
 from server.upstreams.detach import MODES as DETACH_MODES
 
 TOKEN_ENV = "PRECISION_SERVE_AUTH_TOKEN"
+
+
+def _calls(text: str) -> int | None:
+    """``--grpc-max-concurrent-rpcs``: a number of calls, or ``auto`` (None)."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--grpc-max-concurrent-rpcs",
-        type=int,
-        default=DEFAULT_MAX_CONCURRENT_RPCS,
-        help="gRPC calls handled at once; more get RESOURCE_EXHAUSTED (0 = no limit)",
+        type=_calls,
+        default=None,
+        help="gRPC calls handled at once; more get RESOURCE_EXHAUSTED (0 = no limit; default "
+        "auto: as many as 8 GiB of messages at the gRPC message limit, 128..4096)",
     )
     p.add_argument("--tls-cert", type=Path, help="PEM certificate: serve gRPC and HTTP over TLS")
     p.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
@@ -226,7 +236,8 @@ def _supervise(args: argparse.Namespace) -> int:
     worker_args += ["--triton-cancellation", args.triton_cancellation]
     worker_args += ["--threads", str(args.threads), "--log-level", args.log_level]
     worker_args += ["--loop", args.loop, "--retime", args.retime]
-    worker_args += ["--grpc-max-concurrent-rpcs", str(args.grpc_max_concurrent_rpcs)]
+    if args.grpc_max_concurrent_rpcs is not None:
+        worker_args += ["--grpc-max-concurrent-rpcs", str(args.grpc_max_concurrent_rpcs)]
     worker_args += ["--drain-seconds", str(args.drain_seconds)]
     worker_args += ["--http-body-timeout", str(args.http_body_timeout)]
     worker_args += ["--http-max-connections", str(args.http_max_connections)]

@@ -104,3 +104,15 @@ def payload_limit(bound: RequestBound, max_request_bytes: int, mode: str) -> int
     if mode == "models" and bound.largest is not None:
         return min(max_request_bytes, bound.largest)
     return max_request_bytes
+
+
+# ``--grpc-max-concurrent-rpcs auto``: as many calls as fit this many bytes of messages at the
+# gRPC message limit, within [MIN, MAX] calls (bounded payloads allow more calls in flight).
+INFLIGHT_BUDGET_BYTES = 8 * 1024**3
+MIN_CONCURRENT_RPCS, MAX_CONCURRENT_RPCS = 128, 4096
+
+
+def concurrent_rpcs(message_bytes: int) -> int:
+    """The default cap on gRPC calls in flight for messages of at most ``message_bytes``."""
+    fits = INFLIGHT_BUDGET_BYTES // max(message_bytes, 1)
+    return int(min(MAX_CONCURRENT_RPCS, max(MIN_CONCURRENT_RPCS, fits)))

@@ -255,7 +255,9 @@ def test_grpc_max_concurrent_rpcs_option(tmp_path):
     from server.errors import ConfigError
 
     args = build_parser().parse_args(["--repository", str(tmp_path)])
-    assert args.grpc_max_concurrent_rpcs == 128
+    assert args.grpc_max_concurrent_rpcs is None  # auto: from the gRPC message limit
+    auto = build_parser().parse_args(["--repository", "r", "--grpc-max-concurrent-rpcs", "auto"])
+    assert auto.grpc_max_concurrent_rpcs is None
     args = build_parser().parse_args(["--repository", "r", "--grpc-max-concurrent-rpcs", "0"])
     assert args.grpc_max_concurrent_rpcs == 0
     assert (

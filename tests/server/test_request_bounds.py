@@ -22,7 +22,13 @@ from server.core import Gateway
 from server.errors import InvalidInput
 from server.model_repository import TensorSpec
 from server.repository import TensorInfo, load_repository
-from server.request_bounds import element_bytes, payload_limit, request_bound, variant_bound
+from server.request_bounds import (
+    concurrent_rpcs,
+    element_bytes,
+    payload_limit,
+    request_bound,
+    variant_bound,
+)
 from server.runner import GatewayProcess
 from tests.helpers import make_sequence_onnx
 
@@ -202,3 +208,9 @@ def test_by_default_grpc_refuses_a_60mb_message_before_python_sees_it(tiny_repos
     # gRPC's C core buffers a message before refusing it and keeps some of that memory pooled:
     # bounded like issue 13's "within 200 MB of the baseline", not growing per request
     assert grown_mib < 200, f"RSS grew {grown_mib:.0f} MiB"
+
+
+def test_calls_in_flight_default_to_what_8_gib_of_messages_at_the_limit_allow():
+    assert concurrent_rpcs(65 << 20) == 128  # unbounded inputs, 64 MiB + envelope: the floor
+    assert concurrent_rpcs(20_316_160) == 422  # the demo repository: resnet50 19.3 MB + 1 MiB
+    assert concurrent_rpcs(1_300_000) == 4096  # digits alone: the ceiling
