@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -34,7 +35,6 @@ def free_port() -> int:
 
 def make_tiny_onnx(path: Path, in_features: int = 16, classes: int = 4, seed: int = 0) -> Path:
     """A tiny two-layer FP32 classifier: input "x" [-1, 16] -> output "logits" [-1, 4]."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -62,18 +62,11 @@ def make_tiny_onnx(path: Path, in_features: int = 16, classes: int = 4, seed: in
             numpy_helper.from_array(b2, "b2"),
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, path)
-    return path
+    return _save_graph(graph, path)
 
 
 def make_sequence_onnx(path: Path) -> Path:
     """Input "ids" INT64 [batch, sequence] (both dynamic) -> "score" [batch, 1], the mean."""
-    import onnx
     from onnx import TensorProto, helper
 
     nodes = [
@@ -86,6 +79,14 @@ def make_sequence_onnx(path: Path) -> Path:
         [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "sequence"])],
         [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch", 1])],
     )
+    return _save_graph(graph, path)
+
+
+def _save_graph(graph: Any, path: Path) -> Path:
+    """An opset-17 model of ``graph``, checked and written to ``path``."""
+    import onnx
+    from onnx import helper
+
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
