@@ -11,6 +11,7 @@ Nothing here imports ``pytriton`` itself (it pulls in heavy modules); only its l
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -34,9 +35,18 @@ class TritonDistribution:
         backend = Path(target) / "python"
         backend.mkdir(parents=True, exist_ok=True)
         for name in BACKEND_FILES:
-            shutil.copy2(self.python_backend_dir / name, backend / name)
-        shutil.copy2(self.stub, backend / STUB_NAME)
+            _install(self.python_backend_dir / name, backend / name)
+        _install(self.stub, backend / STUB_NAME)
         return Path(target)
+
+
+def _install(source: Path, target: Path) -> None:
+    """Copy beside ``target``, then rename over it: a stub still running from a killed Triton
+    keeps its old inode (copying onto a running executable fails with ETXTBSY, which stopped
+    the soak's replica restart)."""
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.copy2(source, partial)
+    os.replace(partial, target)
 
 
 def find_distribution(python_version: str | None = None) -> TritonDistribution:
