@@ -104,16 +104,16 @@ def locust_args(s: StepSettings, precision: str, csv_prefix: Path, record: Path)
     return args
 
 
+def locust_prefix(files: str) -> list[str]:
+    """``python -m locust -f FILES --headless``: how every load-test run starts."""
+    return [sys.executable, "-m", "locust", "-f", files, "--headless"]
+
+
 def locust_command(
     step: Step, s: StepSettings, run_s: int, csv_prefix: Path, record: Path
 ) -> list[str]:
     return [
-        sys.executable,
-        "-m",
-        "locust",
-        "-f",
-        str(LOCUSTFILE),
-        "--headless",
+        *locust_prefix(str(LOCUSTFILE)),
         "--users",
         str(step.users),
         "--spawn-rate",

@@ -9,12 +9,18 @@ against the objective, throughput and the precision mix over time.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadtest.runner import LOCUSTFILE, STOP_TIMEOUT_S, StepSettings, locust_args, run_locust
+from loadtest.runner import (
+    LOCUSTFILE,
+    STOP_TIMEOUT_S,
+    StepSettings,
+    locust_args,
+    locust_prefix,
+    run_locust,
+)
 from loadtest.schedule import Schedule
 from loadtest.timeline import Timeline, bin_record, load_record, within_objective
 
@@ -30,12 +36,7 @@ def schedule_command(
     record: Path,
 ) -> list[str]:
     return [
-        sys.executable,
-        "-m",
-        "locust",
-        "-f",
-        f"{LOCUSTFILE},{SHAPEFILE}",
-        "--headless",
+        *locust_prefix(f"{LOCUSTFILE},{SHAPEFILE}"),
         "--schedule",
         schedule.text,
         "--user-rate",
