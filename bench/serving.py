@@ -169,7 +169,8 @@ class Target:
     expected_onnxruntime: np.ndarray
 
 
-def _targets(repository: Path, wanted: list[tuple[str, str]], threads: int) -> list[Target]:
+def load_targets(repository: Path, wanted: list[tuple[str, str]], threads: int) -> list[Target]:
+    """Each wanted variant loaded in-process, with one request row and the reference answer."""
     out = []
     for model, precision in wanted:
         manifest = load_manifest(manifest_path(repository, model))
@@ -278,7 +279,7 @@ def measure_serving(
     """Sections 2 and 3 of the benchmark (see the module docstring and bench.run)."""
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         subset = subset_repository(Path(repository), Path(tmp) / "repo", wanted)
-        targets = _targets(Path(repository), wanted, threads)
+        targets = load_targets(Path(repository), wanted, threads)
         with Servers(subset, threads, with_triton, log, wanted, Path(repository)) as servers:
             result = _measure(targets, servers, windows, log)
             if ceiling_model and servers.gateway is not None:
@@ -419,7 +420,7 @@ def threads_ablation(
     with contextlib.ExitStack() as stack:
         paths = {}
         for t in threads:
-            target = _targets(repository, [wanted], t)[0]
+            target = load_targets(repository, [wanted], t)[0]
             args = ["--threads", str(t), "--log-level", "ERROR"]
             try:
                 gw = stack.enter_context(GatewayProcess(subset, args, timeout=300))

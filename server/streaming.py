@@ -61,7 +61,7 @@ class _RequestContext:
     def invocation_metadata(self) -> Any:
         return self._stream.invocation_metadata()
 
-    async def send_initial_metadata(self, metadata: Any) -> None:
+    def set_trailing_metadata(self, metadata: Any) -> None:
         """Per-request metadata has no place in a stream: the precision is in the response."""
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> None:

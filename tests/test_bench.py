@@ -209,3 +209,28 @@ def test_kserve_answer_is_checked_against_onnxruntime_not_the_manifest_engine(
     assert serving._check(t, "addr", "kserve")["ok"] is True
     gateway = serving._check(t, "addr", "gateway")
     assert gateway["ok"] is False and gateway["max_abs_diff"] > 0.03
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--gateway", "new"], "expected LABEL=TREE[:ARGS]"),
+        (["--gateway", "new=/nonexistent"], "has no server/cli.py"),
+        (["--gateway", "new=.", "--env", "old:X=1"], "for a --gateway label"),
+    ],
+)
+def test_ab_cli_refuses_bad_specs_in_one_line(argv, message, capsys):
+    from bench import ab
+
+    assert ab.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_ab_gateway_spec_carries_its_cli_arguments():
+    from bench.ab import parse_gateway
+
+    root = Path(__file__).resolve().parent.parent
+    g = parse_gateway(f"t1={root}:--threads 1 --loop asyncio")
+    assert (g.label, g.tree) == ("t1", root)
+    assert g.args == ["--threads", "1", "--loop", "asyncio"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as pb
 
-from server import metrics
+from server import batching, metrics
 from server.batching import BatchPolicy, DynamicBatcher
 from server.core import InferResponse
 from server.errors import DeadlineExceeded
@@ -184,3 +184,80 @@ def test_the_cli_runs_the_gateway_on_uvloop_unless_told_otherwise():
     run_loop(probe(), "uvloop")
     run_loop(probe(), "asyncio")
     assert seen == ["uvloop", "uvloop", "asyncio"]
+
+
+def concurrent(session, policy, callers, rounds):
+    """``callers`` tasks each submitting ``rounds`` requests back to back (closed loop)."""
+
+    async def main():
+        batcher = DynamicBatcher([session], policy, ("m", "fp32"), name="worker")
+        batcher.start()
+
+        async def caller(i):
+            for _ in range(rounds):
+                await batcher.submit({"x": np.full((1, 3), i, np.float32)}, None)
+
+        try:
+            for _ in range(2):  # measured: fast; the inline run sets the first probe (due now)
+                await batcher.submit({"x": np.ones((1, 3), np.float32)}, None)
+                await asyncio.sleep(0.005)
+            batching.PROBE_EVERY_S = 60.0  # that probe decides the rest
+            await asyncio.gather(*(caller(i) for i in range(callers)))
+            await asyncio.sleep(0.005)
+            # judged worth batching: a lone request still goes to the worker (until the mode
+            # is judged again, PROBE_REQUESTS later)
+            await batcher.submit({"x": np.ones((1, 3), np.float32)}, None)
+        finally:
+            await batcher.close()
+        return threading.current_thread().name
+
+    return asyncio.run(main())
+
+
+class SizeRecordingSession(ThreadRecordingSession):
+    def __init__(self, delay: float = 0.0) -> None:
+        super().__init__(delay)
+        self.sizes: list[int] = []
+
+    def run(self, feeds):
+        self.sizes.append(int(feeds["x"].shape[0]))
+        return super().run(feeds)
+
+
+def test_concurrent_callers_of_a_short_model_are_batched(monkeypatch):
+    """Inline runs never batch (the loop accepts nothing while one runs); a probe of the
+    batching mode finds several requests per run under concurrency and keeps batching."""
+    monkeypatch.setattr(batching, "PROBE_EVERY_S", 0.0)
+    session = SizeRecordingSession(delay=0.001)
+    loop_thread = concurrent(session, FAST, callers=16, rounds=20)
+    assert session.threads[-1] == "worker-0"
+    pairs = zip(session.sizes[2:-1], session.threads[2:-1], strict=True)
+    on_worker = [s for s, t in pairs if t != loop_thread]
+    assert sum(on_worker) > 0.9 * 16 * 20  # nearly every request went through the worker
+    assert sum(on_worker) / len(on_worker) >= batching.BATCH_MIN_REQUESTS  # in batches
+
+
+def test_a_probe_without_batches_goes_back_to_inline_runs(monkeypatch):
+    """One caller at a time: the probe's runs are one request each, so runs go inline again."""
+    monkeypatch.setattr(batching, "PROBE_EVERY_S", 0.0)
+    monkeypatch.setattr(batching, "PROBE_REQUESTS", 4)
+
+    async def main():
+        batcher = DynamicBatcher([session], FAST, ("m", "fp32"), name="worker")
+        batcher.start()
+        try:
+            for i in range(10):
+                await batcher.submit({"x": np.ones((1, 3), np.float32)}, None)
+                await asyncio.sleep(0.005)  # the worker marks itself idle after answering
+                if i == 2:
+                    batching.PROBE_EVERY_S = 60.0  # one probe only
+        finally:
+            await batcher.close()
+        return threading.current_thread().name
+
+    session = ThreadRecordingSession()
+    loop_thread = asyncio.run(main())
+    # 1: duration unknown (worker); 2: inline; 3-6: the probe (worker), one request per run;
+    # then inline again
+    worker = "worker-0"
+    assert session.threads == [worker, loop_thread] + [worker] * 4 + [loop_thread] * 4

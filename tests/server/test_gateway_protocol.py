@@ -116,7 +116,7 @@ def test_response_carries_precision_header(gateway):
         req.raw_input_contents.append(x.tobytes())
         req.parameters["precision"].string_param = "fp16"
         _, call = stub.ModelInfer.with_call(req)
-        assert dict(call.initial_metadata())["x-precision"] == "fp16"
+        assert dict(call.trailing_metadata())["x-precision"] == "fp16"
     body = json.dumps(
         {
             "inputs": [

@@ -36,7 +36,7 @@ def _call(url: str, req: pb.ModelInferRequest) -> tuple[pb.ModelInferResponse, d
             response_deserializer=pb.ModelInferResponse.FromString,
         )
         reply, info = call.with_call(req, timeout=30)
-        return reply, dict(info.initial_metadata())
+        return reply, dict(info.trailing_metadata())
 
 
 def _error(url: str, req: pb.ModelInferRequest) -> grpc.RpcError:
