@@ -7,13 +7,17 @@ All gateways run at once; every round measures each of them at every concurrency
 rotating, with the benchmark's closed-loop grpc.aio client (one pre-serialised request). Printed
 per gateway and concurrency: medians over rounds of req/s, p50, the gateway process's CPU per
 request, engine runs' requests (from ``precision_serve_batch_size``) and the client's CPU per
-request. This is how the fast-path rows of docs/gateway.md were measured; it is a development
-tool, not part of ``make bench``.
+request. ``--triton`` also starts Triton (``precision-serve triton start``'s launcher) on that
+repository, measures it directly as the contender ``triton``, and replaces ``{triton}`` in the
+gateways' ARGS with its gRPC address (``--upstream triton://{triton}``). This is how the
+fast-path rows of docs/gateway.md were measured; it is a development tool, not part of
+``make bench``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -25,6 +29,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench import clients, profiling
 from bench.serving import load_targets, subset_repository
@@ -78,14 +83,19 @@ def _batch_totals(g: Gateway) -> tuple[float, float]:
     return total["_sum"], total["_count"]
 
 
-def _window(g: Gateway, payload: bytes, c: int, seconds: float) -> dict[str, float]:
-    assert g.proc is not None
-    rows0, runs0 = _batch_totals(g)
-    cpu0, wall0 = profiling.process_cpu_seconds(g.proc.pid), time.perf_counter()
-    out = clients.grpc_window(f"127.0.0.1:{g.ports['grpc_port']}", payload, c, seconds, 0.5)
+def _window(server: Any, payload: bytes, c: int, seconds: float) -> dict[str, float]:
+    """One window against a Gateway (CPU of its process, its batch metric) or Triton (its
+    models run in stub processes: no CPU figure; no batch metric of ours)."""
+    ours = isinstance(server, Gateway)
+    address = f"127.0.0.1:{server.ports['grpc_port']}" if ours else server.grpc_url
+    pid = server.proc.pid if ours and server.proc is not None else None
+    rows0, runs0 = _batch_totals(server) if ours else (0.0, 0.0)
+    cpu0 = profiling.process_cpu_seconds(pid) if pid else None
+    wall0 = time.perf_counter()
+    out = clients.grpc_window(address, payload, c, seconds, 0.5)
     wall = time.perf_counter() - wall0
-    cpu1 = profiling.process_cpu_seconds(g.proc.pid)
-    rows1, runs1 = _batch_totals(g)
+    cpu1 = profiling.process_cpu_seconds(pid) if pid else None
+    rows1, runs1 = _batch_totals(server) if ours else (0.0, 0.0)
     n = max(1, out["requests"])
     cpu = (cpu1 - cpu0) * out["seconds"] / wall if cpu0 is not None and cpu1 is not None else 0
     return {
@@ -107,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=2.5)
+    p.add_argument("--triton", action="store_true", help="start Triton too ({triton} in ARGS)")
+    p.add_argument("--threads", type=int, default=1, help="Triton's engine threads")
     args = p.parse_args(argv)
     try:
         gateways = [parse_gateway(s) for s in args.gateway]
@@ -128,31 +140,70 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[int, list[dict[str, float]]]] = {
         g.label: {c: [] for c in concurrencies} for g in gateways
     }
+    contenders: list[tuple[str, Any]] = []  # label, pid and gRPC address (a Gateway, or Triton)
+    with contextlib.ExitStack() as stack:
+        if args.triton:
+            from server.triton.launcher import TritonOptions, TritonServer
+
+            opts = TritonOptions(
+                repository=repo, grpc_port=0, http_port=0, metrics_port=0,
+                threads=args.threads, startup_timeout=300,
+            )  # fmt: skip
+            triton = stack.enter_context(TritonServer(opts))
+            contenders.append(("triton", triton))
+            results["triton"] = {c: [] for c in concurrencies}
+            for g in gateways:
+                g.args = [a.replace("{triton}", triton.grpc_url) for a in g.args]
+        _measure(args, gateways, contenders, repo, work, target, concurrencies, results)
+    labels = [label for label, _ in contenders]
+    _print(args, labels, concurrencies, results)
+    return 0
+
+
+def _measure(
+    args: argparse.Namespace,
+    gateways: list[Gateway],
+    contenders: list[tuple[str, Any]],
+    repo: Path,
+    work: Path,
+    target: Any,
+    concurrencies: list[int],
+    results: dict[str, dict[int, list[dict[str, float]]]],
+) -> None:
     try:
         for g in gateways:
             _start(g, repo, work)
+            contenders.append((g.label, g))
         time.sleep(1.0)
         for r in range(args.rounds):
-            order = gateways[r % len(gateways) :] + gateways[: r % len(gateways)]
+            order = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
             for c in concurrencies:
-                for g in order:
-                    results[g.label][c].append(_window(g, target.payload, c, args.seconds))
+                for label, server in order:
+                    window = _window(server, target.payload, c, args.seconds)
+                    results[label][c].append(window)
     finally:
         for g in gateways:
             if g.proc is not None:
                 process.stop(g.proc)
+
+
+def _print(
+    args: argparse.Namespace,
+    labels: list[str],
+    concurrencies: list[int],
+    results: dict[str, dict[int, list[dict[str, float]]]],
+) -> None:
     keys = ("rps", "p50_ms", "cpu_ms", "per_run", "client_cpu_ms")
     print(f"{args.variant}, {args.rounds} rounds of {args.seconds} s, medians; per concurrency: "
           + " ".join(keys))  # fmt: skip
-    for g in gateways:
+    for label in labels:
         cells = []
         for c in concurrencies:
-            runs = results[g.label][c]
+            runs = results[label][c]
             med = [statistics.median(w[k] for w in runs) for k in keys]
             cells.append(f"c{c} " + " ".join(f"{v:.3g}" for v in med))
-        errors = sum(w["errors"] for c in concurrencies for w in results[g.label][c])
-        print(f"{g.label:16} " + " | ".join(cells) + f" | errors {errors}")
-    return 0
+        errors = sum(w["errors"] for c in concurrencies for w in results[label][c])
+        print(f"{label:16} " + " | ".join(cells) + f" | errors {errors}")
 
 
 if __name__ == "__main__":
