@@ -200,7 +200,7 @@ def _check_precision(model: Model, precision: str, what: str) -> str:
     return precision
 
 
-def _key_fraction(key: str) -> float:
+def key_fraction(key: str) -> float:
     """A stable number in [0, 1) for a request key (same key -> same split bucket)."""
     digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
@@ -300,7 +300,7 @@ class SplitPolicy:
             self.cumulative.append((acc, p))
 
     def choose(self, ctx: RouteContext) -> Decision:
-        x = _key_fraction(ctx.key) if ctx.key else ctx.rng.random()
+        x = key_fraction(ctx.key) if ctx.key else ctx.rng.random()
         for bound, precision in self.cumulative:
             if x < bound:
                 return Decision(precision, self.name)

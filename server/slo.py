@@ -48,7 +48,7 @@ from server import metrics
 from server.errors import ConfigError
 from server.evidence import quality_is_evidence
 from server.repository import PRECISION_ORDER, Model, Variant
-from server.routing import DEFAULT_BUDGET_POINTS, Decision, ModelRoute, RouteContext, _key_fraction
+from server.routing import DEFAULT_BUDGET_POINTS, Decision, ModelRoute, RouteContext, key_fraction
 from server.slo_config import SloSettings
 
 log = logging.getLogger(__name__)
@@ -359,7 +359,7 @@ class SloPolicy:
         self._export()
 
     def choose(self, ctx: RouteContext) -> Decision:
-        x = _key_fraction(ctx.key) if ctx.key else ctx.rng.random()
+        x = key_fraction(ctx.key) if ctx.key else ctx.rng.random()
         self.controller.started()
         return Decision(self.controller.pick(x), self.name)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -206,12 +207,13 @@ def test_unwritable_repository(tmp_path: Path, tiny_onnx: Path) -> None:
         _build(tiny_onnx, blocker / "repo")
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "builder.cli", *args, "--quiet", "--no-speed"],
         capture_output=True,
         text=True,
         timeout=300,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -304,15 +306,21 @@ def test_public_model_zoo_model_converts(tmp_path: Path) -> None:
 
 
 def test_cli_gpu_target_without_cuda_is_one_line(tmp_path: Path, tiny_onnx: Path) -> None:
-    from builder.gpu.device import check_gpu_available
-
-    if check_gpu_available() is None:
-        pytest.skip("this host has CUDA and TensorRT")
-    res = _cli(f"onnx:{tiny_onnx}", "--repository", str(tmp_path), "--target", "gpu")
+    # On a GPU host too: the builder's process does not see the tensorrt package (a
+    # sitecustomize on PYTHONPATH puts None in sys.modules, so find_spec finds nothing)
+    hide = tmp_path / "hide-tensorrt"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text('import sys\nsys.modules["tensorrt"] = None\n')
+    path = os.pathsep.join(p for p in (str(hide), os.environ.get("PYTHONPATH", "")) if p)
+    repo = tmp_path / "repo"
+    res = _cli(
+        f"onnx:{tiny_onnx}", "--repository", str(repo), "--target", "gpu", env={"PYTHONPATH": path}
+    )
     assert res.returncode == 2
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "precision-serve[gpu]" in lines[0], res.stderr
-    assert not list(tmp_path.glob("tiny_*")), "nothing may be built before the GPU check"
+    assert "tensorrt" in lines[0]
+    assert not list(repo.glob("tiny_*")), "nothing may be built before the GPU check"
 
 
 def test_cli_gpu_configs_only(tmp_path: Path, tiny_onnx: Path) -> None:
