@@ -97,12 +97,13 @@ def _window(server: Any, payload: bytes, c: int, seconds: float) -> dict[str, fl
     cpu1 = profiling.process_cpu_seconds(pid) if pid else None
     rows1, runs1 = _batch_totals(server) if ours else (0.0, 0.0)
     n = max(1, out["requests"])
-    cpu = (cpu1 - cpu0) * out["seconds"] / wall if cpu0 is not None and cpu1 is not None else 0
+    nan = float("nan")  # not measured (Triton): printed as nan, not as a zero
+    cpu = (cpu1 - cpu0) * out["seconds"] / wall if cpu0 is not None and cpu1 is not None else nan
     return {
         "rps": out["rps"],
         "p50_ms": out["p50_ms"] or 0.0,
         "cpu_ms": 1000 * cpu / n,
-        "per_run": (rows1 - rows0) / max(1.0, runs1 - runs0),
+        "per_run": (rows1 - rows0) / max(1.0, runs1 - runs0) if ours else nan,
         "client_cpu_ms": out["client_cpu_ms_per_request"] or 0.0,
         "errors": out["errors"],
     }

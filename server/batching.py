@@ -11,7 +11,7 @@ dimension and are never merged.
 The queue lives under a ``threading.Condition`` so the batching delay has sub-millisecond
 precision (asyncio timers round up to whole milliseconds) and the engine runs on the worker
 thread itself. Results go back with ``call_soon_threadsafe``. One exception
-(``BatchPolicy.inline_max_s``): with one instance, no batching delay, nothing queued or waiting
+(``BatchPolicy.inline_max_s``): with one instance, no batching delay, nothing queued or running
 and short recent runs, a request runs on the event loop's thread at once - for a small model
 the two thread hand-offs cost more than the run. But inline runs never batch: while one runs
 the loop accepts nothing, so under concurrent load every run is one request. So every
@@ -178,7 +178,6 @@ class DynamicBatcher:
         self._closed = False
         self._rejections = metrics.QUEUE_REJECTIONS.labels(*labels)
         self._busy = 0  # instances running a batch (under the lock)
-        self._waiting = 0  # callers awaiting a worker's answer (event loop thread only)
         # moving average of engine-run seconds (decides inline runs; unknown until a run): of
         # inline runs, and of worker runs only while it says "too slow for inline" - a worker
         # run's time includes waiting for the GIL the loop holds, and in batching mode its
@@ -271,7 +270,6 @@ class DynamicBatcher:
             fast = self._inline and self._run_s < self._policy.inline_max_s
             if fast:
                 self._choose_mode()
-            # callers still waiting for the worker do not stop an inline run: the mode decides
             inline = fast and not self._batching and not self._busy and not self._queue
             if inline:
                 self._busy += 1
@@ -284,11 +282,9 @@ class DynamicBatcher:
         timer = (
             None if deadline is None else loop.call_later(deadline - self._clock(), _expire, fut)
         )
-        self._waiting += 1
         try:
             return await fut
         finally:
-            self._waiting -= 1
             item.dropped = fut.cancelled() or fut.exception() is not None
             if timer is not None:
                 timer.cancel()
