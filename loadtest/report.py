@@ -113,6 +113,9 @@ def precisions_of(results: Sequence[StepResult]) -> list[str]:
 # Below this share of wall-clock time spent in the engine at peak load, the serving path (gateway,
 # client, transport) and not the precision decides throughput.
 ENDPOINT_BOUND_BELOW = 0.5
+# Peak throughputs closer than this fraction are a tie: steps of one run on these shared hosts
+# move by more than that (docs/loadtest.md), so the report does not rank them by it.
+TIE_WITHIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -189,7 +192,8 @@ def recommendations(results: Sequence[StepResult], info: RunInfo) -> list[str]:
     lines += [
         f"lowest latency: **{fastest}** (p50 {p50[fastest]:.2f} ms at the lightest load)",
         f"highest throughput: **{busiest}** ({tput[busiest]:.0f} inferences/s peak)"
-        + (" — endpoint-bound, not evidence for this precision" if bound else ""),
+        + (" — endpoint-bound, not evidence for this precision" if bound else "")
+        + _tie_note(busiest, precs, tput),
     ]
     budget = info.accuracy_budget
     labelled = any(v.accuracy is not None for v in info.variants.values())
@@ -216,14 +220,32 @@ def recommendations(results: Sequence[StepResult], info: RunInfo) -> list[str]:
             "throughput is endpoint-bound)"
         )
     else:
-        best = max(ok, key=lambda p: (tput[p], -p50[p]))  # type: ignore[operator]
+        top = max(tput[p] for p in ok)
+        tied = [p for p in ok if tput[p] >= (1 - TIE_WITHIN) * top]
+        best = min(tied, key=lambda p: p50[p])  # type: ignore[arg-type,return-value]
+        why = ""
+        if len(tied) > 1:
+            others = ", ".join(f"{p} {tput[p]:.0f}/s" for p in tied if p != best)
+            why = (
+                f"; tied on throughput with {others} (within {TIE_WITHIN:.0%}): the lower p50 "
+                f"at the lightest load decides ({p50[best]:.2f} ms)"
+            )
         lines.append(
             f"best within the accuracy budget ({budget:g} {unit}): **{best}** "
-            f"({tput[best]:.0f} inferences/s, {_loss(info.variants[best])})"
+            f"({tput[best]:.0f} inferences/s, {_loss(info.variants[best])}{why})"
         )
     if not info.accuracy_meaningful:
         lines.append("note: the manifest marks accuracy as not meaningful for this model")
     return lines
+
+
+def _tie_note(top: str, precs: Sequence[str], tput: dict[str, float]) -> str:
+    """'' unless other precisions' peaks are within TIE_WITHIN of ``top``'s."""
+    tied = [p for p in precs if p != top and tput[p] >= (1 - TIE_WITHIN) * tput[top]]
+    if not tied:
+        return ""
+    others = ", ".join(f"{p} {tput[p]:.0f}/s" for p in tied)
+    return f" — a tie with {others}: within {TIE_WITHIN:.0%}, closer than steps move"
 
 
 # ---- formatting ----------------------------------------------------------------------------

@@ -85,3 +85,32 @@ def test_a_variant_kept_over_its_build_budget_is_never_recommended() -> None:
     info.variants["int8"].budget_met = False  # built with --keep-over-budget
     best = next(x for x in recommendations(results, info) if x.startswith("best within"))
     assert "**fp32**" in best
+
+
+def test_throughputs_within_the_tie_margin_are_not_ranked_by_throughput() -> None:
+    # The digits demo of 2026-12-02: fp32 555/s, int8 545/s at peak (engine ~50% busy, so not
+    # endpoint-bound by the rule); the 2 % between them is no evidence for fp32.
+    results = [
+        _step("fp32", 1, 344, 0.93),
+        _step("fp32", 4, 555, 0.92),
+        _step("int8", 1, 362, 0.82),
+        _step("int8", 4, 545, 0.92),
+    ]
+    results[2].latency_ms["p50"] = 1.5  # int8 answers faster at the lightest load
+    assert endpoint_bound(results) is None
+    lines = recommendations(results, _info())
+    top = next(x for x in lines if x.startswith("highest throughput"))
+    assert "**fp32**" in top and "a tie with int8 545/s" in top
+    best = next(x for x in lines if x.startswith("best within the accuracy budget"))
+    assert "**int8**" in best and "tied on throughput with fp32 555/s" in best
+
+
+def test_a_clear_throughput_lead_is_no_tie() -> None:
+    results = [
+        _step("fp32", 1, 200, 4.0),
+        _step("fp32", 4, 240, 4.0),
+        _step("int8", 1, 400, 2.0),
+        _step("int8", 4, 480, 2.0),
+    ]
+    lines = recommendations(results, _info())
+    assert not any("tie" in x for x in lines)
