@@ -24,6 +24,16 @@ def _info() -> RunInfo:
     return RunInfo("digits", "t", {}, "cmd", 5, 1, 1.0, variants)
 
 
+def _engine_bound() -> list[StepResult]:
+    """4 ms per row at ~240 rows/s (fp32, busy ~96 %); int8 twice as fast: a clear lead."""
+    return [
+        _step("fp32", 1, 200, 4.0),
+        _step("fp32", 4, 240, 4.0),
+        _step("int8", 1, 400, 2.0),
+        _step("int8", 4, 480, 2.0),
+    ]
+
+
 def test_engine_share_is_busy_time_per_second_at_peak() -> None:
     results = [_step("fp32", 1, 300, 0.3), _step("fp32", 4, 400, 0.5)]
     share = engine_shares(results)["fp32"]
@@ -53,13 +63,7 @@ def test_endpoint_bound_run_names_it_and_ranks_by_engine_time() -> None:
 
 
 def test_engine_bound_run_ranks_by_throughput() -> None:
-    # 4 ms per row at ~240 rows/s: the engine is busy ~96% of the time.
-    results = [
-        _step("fp32", 1, 200, 4.0),
-        _step("fp32", 4, 240, 4.0),
-        _step("int8", 1, 400, 2.0),
-        _step("int8", 4, 480, 2.0),
-    ]
+    results = _engine_bound()
     assert endpoint_bound(results) is None
     lines = recommendations(results, _info())
     assert not any("endpoint" in x for x in lines)
@@ -75,12 +79,7 @@ def test_without_server_view_nothing_is_claimed() -> None:
 
 
 def test_a_variant_kept_over_its_build_budget_is_never_recommended() -> None:
-    results = [
-        _step("fp32", 1, 200, 4.0),
-        _step("fp32", 4, 240, 4.0),
-        _step("int8", 1, 400, 2.0),
-        _step("int8", 4, 480, 2.0),
-    ]
+    results = _engine_bound()
     info = _info()
     info.variants["int8"].budget_met = False  # built with --keep-over-budget
     best = next(x for x in recommendations(results, info) if x.startswith("best within"))
@@ -106,11 +105,6 @@ def test_throughputs_within_the_tie_margin_are_not_ranked_by_throughput() -> Non
 
 
 def test_a_clear_throughput_lead_is_no_tie() -> None:
-    results = [
-        _step("fp32", 1, 200, 4.0),
-        _step("fp32", 4, 240, 4.0),
-        _step("int8", 1, 400, 2.0),
-        _step("int8", 4, 480, 2.0),
-    ]
+    results = _engine_bound()
     lines = recommendations(results, _info())
     assert not any("tie" in x for x in lines)
