@@ -220,12 +220,11 @@ def recommendations(results: Sequence[StepResult], info: RunInfo) -> list[str]:
             "throughput is endpoint-bound)"
         )
     else:
-        top = max(tput[p] for p in ok)
-        tied = [p for p in ok if tput[p] >= (1 - TIE_WITHIN) * top]
+        tied = _tied(ok, tput, max(tput[p] for p in ok))
         best = min(tied, key=lambda p: p50[p])  # type: ignore[arg-type,return-value]
         why = ""
         if len(tied) > 1:
-            others = ", ".join(f"{p} {tput[p]:.0f}/s" for p in tied if p != best)
+            others = _rates([p for p in tied if p != best], tput)
             why = (
                 f"; tied on throughput with {others} (within {TIE_WITHIN:.0%}): the lower p50 "
                 f"at the lightest load decides ({p50[best]:.2f} ms)"
@@ -239,13 +238,21 @@ def recommendations(results: Sequence[StepResult], info: RunInfo) -> list[str]:
     return lines
 
 
+def _tied(precs: Sequence[str], tput: dict[str, float], top: float) -> list[str]:
+    """The precisions whose peak is within TIE_WITHIN of ``top``."""
+    return [p for p in precs if tput[p] >= (1 - TIE_WITHIN) * top]
+
+
+def _rates(precs: Sequence[str], tput: dict[str, float]) -> str:
+    return ", ".join(f"{p} {tput[p]:.0f}/s" for p in precs)
+
+
 def _tie_note(top: str, precs: Sequence[str], tput: dict[str, float]) -> str:
     """'' unless other precisions' peaks are within TIE_WITHIN of ``top``'s."""
-    tied = [p for p in precs if p != top and tput[p] >= (1 - TIE_WITHIN) * tput[top]]
+    tied = [p for p in _tied(precs, tput, tput[top]) if p != top]
     if not tied:
         return ""
-    others = ", ".join(f"{p} {tput[p]:.0f}/s" for p in tied)
-    return f" — a tie with {others}: within {TIE_WITHIN:.0%}, closer than steps move"
+    return f" — a tie with {_rates(tied, tput)}: within {TIE_WITHIN:.0%}, closer than steps move"
 
 
 # ---- formatting ----------------------------------------------------------------------------
