@@ -6,7 +6,8 @@ holding only the one variant measured; ``--env LABEL:NAME=VALUE`` adds an enviro
 All gateways run at once; every round measures each of them at every concurrency, the order
 rotating, with the benchmark's closed-loop grpc.aio client (one pre-serialised request). Printed
 per gateway and concurrency: medians over rounds of req/s, p50, the gateway process's CPU per
-request, engine runs' requests (from ``precision_serve_batch_size``) and the client's CPU per
+request, engine runs' rows (``precision_serve_batch_size``) or requests per forwarded call
+(``precision_serve_upstream_call_requests``) and the client's CPU per
 request. ``--triton`` also starts Triton (``precision-serve triton start``'s launcher) on that
 repository, measures it directly as the contender ``triton``, and replaces ``{triton}`` in the
 gateways' ARGS with its gRPC address (``--upstream triton://{triton}``). This is how the
@@ -35,7 +36,8 @@ from bench import clients, profiling
 from bench.serving import load_targets, subset_repository
 from server import process
 
-BATCH_METRIC = "precision_serve_batch_size"
+# rows per engine run (embedded) and requests per forwarded call (Triton pass-through)
+BATCH_METRICS = ("precision_serve_batch_size", "precision_serve_upstream_call_requests")
 
 
 @dataclass
@@ -78,7 +80,7 @@ def _batch_totals(g: Gateway) -> tuple[float, float]:
     total = {"_sum": 0.0, "_count": 0.0}
     for line in text.splitlines():
         for suffix in total:
-            if line.startswith(BATCH_METRIC + suffix):
+            if line.startswith(tuple(m + suffix for m in BATCH_METRICS)):
                 total[suffix] += float(line.rsplit(" ", 1)[-1])
     return total["_sum"], total["_count"]
 

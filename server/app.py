@@ -58,6 +58,9 @@ class ServeOptions:
     message_limit: str = "models"
     # Triton upstream: cancel calls whose client cancelled (--triton-cancellation propagate)
     cancel_upstream: bool = False
+    # Triton pass-through: calls in flight per variant and replica before requests merge
+    # (--triton-merge; server/upstreams/merging.py); 0: never merge
+    triton_merge: int = 2
     tls_cert: Path | None = None
     tls_key: Path | None = None
     auth_token: str | None = None
@@ -92,6 +95,8 @@ class ServeOptions:
             raise ConfigError(f"--max-request-bytes must be >= 1024, got {self.max_request_bytes}")
         if self.threads < 0:
             raise ConfigError(f"--threads must be >= 0, got {self.threads}")
+        if self.triton_merge < 0:
+            raise ConfigError(f"--triton-merge must be >= 0, got {self.triton_merge}")
         check_mode(self.retime)
         if self.message_limit not in LIMIT_MODES:
             raise ConfigError(
@@ -132,7 +137,9 @@ class GatewayServer:
         router = Router(repository, routing)
         if upstream is None:
             settings = UpstreamSettings(
-                threads=options.threads, cancel_upstream=options.cancel_upstream
+                threads=options.threads,
+                cancel_upstream=options.cancel_upstream,
+                merge_limit=options.triton_merge,
             )
             if routing.pools:  # precision pools (server/upstreams/pools.py)
                 upstream = create_pooled_upstream(

@@ -97,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         "passes (tritonserver < 2.53 can crash on cancelled calls); propagate: cancel it",
     )
     p.add_argument(
+        "--triton-merge",
+        type=int,
+        default=2,
+        metavar="N",
+        help="Triton pass-through: with N forwarded calls per variant and replica in flight, "
+        "later requests wait and go merged into one call (0: never merge)",
+    )
+    p.add_argument(
         "--retime",
         choices=("auto", "always", "never"),
         default="auto",
@@ -189,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             max_request_bytes=args.max_request_bytes,
             message_limit=args.message_limit,
             cancel_upstream=args.triton_cancellation == "propagate",
+            triton_merge=args.triton_merge,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             auth_token=args.auth_token or None,
@@ -234,6 +243,7 @@ def _supervise(args: argparse.Namespace) -> int:
     worker_args += ["--max-request-bytes", str(args.max_request_bytes)]
     worker_args += ["--message-limit", args.message_limit]
     worker_args += ["--triton-cancellation", args.triton_cancellation]
+    worker_args += ["--triton-merge", str(args.triton_merge)]
     worker_args += ["--threads", str(args.threads), "--log-level", args.log_level]
     worker_args += ["--loop", args.loop, "--retime", args.retime]
     if args.grpc_max_concurrent_rpcs is not None:

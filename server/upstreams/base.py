@@ -65,6 +65,9 @@ class UpstreamSettings:
     # Triton: cancel a call when its client cancels or its deadline passes (False: let it run
     # to its end, server/upstreams/detach.py - tritonserver < 2.53 can crash on cancellations).
     cancel_upstream: bool = False
+    # Triton pass-through: forwarded calls in flight per variant and ready replica before later
+    # requests merge into one call (server/upstreams/merging.py); 0: never merge.
+    merge_limit: int = 2
 
 
 @runtime_checkable

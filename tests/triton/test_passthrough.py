@@ -94,3 +94,81 @@ def test_pass_through_returns_tritons_reply_and_tritons_errors(
         assert _error(gw.grpc_url, _request("nope", x)).code() == grpc.StatusCode.NOT_FOUND
         unknown = _error(gw.grpc_url, _request("tiny", x, precision="fp8"))
         assert unknown.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _call_requests(metrics_text: str, variant: str) -> tuple[float, float]:
+    """(forwarded calls, requests they carried) from precision_serve_upstream_call_requests."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    calls = carried = 0.0
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name != "precision_serve_upstream_call_requests":
+            continue
+        for s in family.samples:
+            labels = f"{s.labels.get('model')}_{s.labels.get('precision')}"
+            if labels == variant and s.name.endswith("_count"):
+                calls += s.value
+            elif labels == variant and s.name.endswith("_sum"):
+                carried += s.value
+    return calls, carried
+
+
+@pytest.mark.integration
+def test_concurrent_forwarded_requests_merge_and_each_gets_its_own_answer(
+    tiny_repository: Path, start_triton: StartTriton
+) -> None:
+    """With one call in flight allowed (--triton-merge 1), 64 concurrent requests of 1-3 rows
+    reach Triton in fewer calls; each client still gets exactly Triton's answer to its own
+    request (outputs, id) and a bad request among them gets Triton's own error, alone."""
+    import asyncio
+    import urllib.request
+
+    manifest = load_manifests(tiny_repository)["tiny"]
+    fp32 = manifest.variants["fp32"].triton_name
+    triton = start_triton(tiny_repository)
+    args = ["--upstream", f"triton://{triton.grpc_url}", "--triton-merge", "1"]
+    rng = np.random.default_rng(11)
+    inputs = [rng.normal(size=(1 + i % 3, 16)).astype(np.float32) for i in range(64)]
+    bad_at = 37
+    requests = [_request("tiny", x, precision="fp32") for x in inputs]
+    for i, r in enumerate(requests):
+        r.id = f"req-{i}"
+    requests[bad_at] = _request("tiny", np.zeros((1, 15), np.float32), precision="fp32")
+    requests[bad_at].id = "bad"
+
+    async def fire(url: str, reqs: list[pb.ModelInferRequest]) -> list:
+        async with grpc.aio.insecure_channel(url) as channel:
+            call = channel.unary_unary(
+                METHOD,
+                request_serializer=pb.ModelInferRequest.SerializeToString,
+                response_deserializer=pb.ModelInferResponse.FromString,
+            )
+            return await asyncio.gather(
+                *(call(r, timeout=30) for r in reqs), return_exceptions=True
+            )
+
+    with GatewayProcess(tiny_repository, extra_args=args) as gw:
+        got = asyncio.run(fire(gw.grpc_url, requests))
+        metrics = urllib.request.urlopen(gw.metrics_url, timeout=10).read().decode()
+    direct_requests = [pb.ModelInferRequest() for _ in requests]
+    for d, r in zip(direct_requests, requests, strict=True):
+        d.CopyFrom(r)
+        d.model_name = fp32
+    want = [asyncio.run(fire(triton.grpc_url, [d]))[0] for d in direct_requests]
+
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        if i == bad_at:
+            assert isinstance(g, grpc.aio.AioRpcError) and isinstance(w, grpc.aio.AioRpcError)
+            assert g.code() == w.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert g.details() == w.details()  # Triton's words about that request only
+            continue
+        assert not isinstance(g, BaseException), f"request {i}: {g}"
+        assert g.id == f"req-{i}" and g.model_name == fp32
+        assert list(g.outputs) == list(w.outputs)
+        y_got = np.frombuffer(g.raw_output_contents[0], np.float32)
+        y_want = np.frombuffer(w.raw_output_contents[0], np.float32)
+        np.testing.assert_allclose(y_got, y_want, rtol=1e-5, atol=1e-6)  # batch-size invariant
+        assert g.parameters["precision"].string_param == "fp32"
+    calls, carried = _call_requests(metrics, fp32)
+    assert carried >= len(requests) - 1  # every good request went through a forwarded call
+    assert calls < carried / 2, f"{calls} calls carried {carried} requests: little merging"
