@@ -45,9 +45,9 @@ class ScriptedTriton:
     row i = [sum(x_i), max(x_i), rows in the call, 7]; a request with a NaN is refused with
     INVALID_ARGUMENT naming its id; ``gate`` holds every call until it is set."""
 
-    def __init__(self) -> None:
+    def __init__(self, gated: bool = False) -> None:
         self.calls: list[pb.ModelInferRequest] = []
-        self.gate: asyncio.Event | None = None
+        self.gate: asyncio.Event | None = asyncio.Event() if gated else None
         self.unavailable = False
 
     async def send(self, variant: Variant, payload: bytes, deadline: float | None) -> bytes:
@@ -75,6 +75,22 @@ class ScriptedTriton:
 def _logits(reply: bytes) -> tuple[pb.ModelInferResponse, np.ndarray]:
     r = pb.ModelInferResponse.FromString(reply)
     return r, np.frombuffer(r.raw_output_contents[0], np.float32).reshape(list(r.outputs[0].shape))
+
+
+def _submit(
+    merger: ForwardMerger,
+    variant: Variant,
+    inputs: list[np.ndarray],
+    deadlines: list[float | None] | None = None,
+) -> list[asyncio.Future[bytes]]:
+    """Each input as request ``id-<i>``, all forwarded at once (nothing has run yet)."""
+    deadlines = deadlines or [None] * len(inputs)
+    return [
+        asyncio.ensure_future(
+            merger.forward(variant, _request(x, f"id-{i}").SerializeToString(), d)
+        )
+        for i, (x, d) in enumerate(zip(inputs, deadlines, strict=True))
+    ]
 
 
 def _inputs(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -164,16 +180,10 @@ def test_merged_reply_cut_back_equals_each_alone(variant: Variant) -> None:
 
 def test_requests_wait_while_the_limit_is_in_flight_then_go_as_one(variant: Variant) -> None:
     async def scenario() -> None:
-        triton = ScriptedTriton()
-        triton.gate = asyncio.Event()
+        triton = ScriptedTriton(gated=True)
         merger = ForwardMerger(triton.send, lambda v: 1, limit=1)
         inputs = _inputs(6, seed=1)
-        tasks = [
-            asyncio.ensure_future(
-                merger.forward(variant, _request(x, f"id-{i}").SerializeToString(), None)
-            )
-            for i, x in enumerate(inputs)
-        ]
+        tasks = _submit(merger, variant, inputs)
         for _ in range(3):
             await asyncio.sleep(0)
         assert len(triton.calls) == 1  # the first goes alone, at once; the others wait
@@ -195,17 +205,11 @@ def test_requests_wait_while_the_limit_is_in_flight_then_go_as_one(variant: Vari
 
 def test_one_bad_request_fails_alone_the_others_are_answered(variant: Variant) -> None:
     async def scenario() -> None:
-        triton = ScriptedTriton()
-        triton.gate = asyncio.Event()
+        triton = ScriptedTriton(gated=True)
         merger = ForwardMerger(triton.send, lambda v: 1, limit=1)
         inputs = _inputs(4, seed=2)
         inputs[2][0, 3] = np.nan
-        tasks = [
-            asyncio.ensure_future(
-                merger.forward(variant, _request(x, f"id-{i}").SerializeToString(), None)
-            )
-            for i, x in enumerate(inputs)
-        ]
+        tasks = _submit(merger, variant, inputs)
         await asyncio.sleep(0)
         triton.gate.set()
         results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -224,11 +228,9 @@ def test_one_bad_request_fails_alone_the_others_are_answered(variant: Variant) -
 
 def test_unavailable_merged_call_fails_every_member_for_fallback(variant: Variant) -> None:
     async def scenario() -> None:
-        triton = ScriptedTriton()
-        triton.gate = asyncio.Event()
+        triton = ScriptedTriton(gated=True)
         merger = ForwardMerger(triton.send, lambda v: 1, limit=1)
-        payloads = [_request(x, f"id-{i}").SerializeToString() for i, x in enumerate(_inputs(3))]
-        tasks = [asyncio.ensure_future(merger.forward(variant, p, None)) for p in payloads]
+        tasks = _submit(merger, variant, _inputs(3))
         await asyncio.sleep(0)
         triton.unavailable = True
         triton.gate.set()
@@ -241,21 +243,16 @@ def test_unavailable_merged_call_fails_every_member_for_fallback(variant: Varian
 
 def test_limit_zero_parameters_and_cancelled_waiters(variant: Variant) -> None:
     async def scenario() -> None:
-        triton = ScriptedTriton()
-        triton.gate = asyncio.Event()
+        triton = ScriptedTriton(gated=True)
         off = ForwardMerger(triton.send, lambda v: 1, limit=0)
         inputs = _inputs(3, seed=4)
-        tasks = [
-            asyncio.ensure_future(off.forward(variant, _request(x, "p").SerializeToString(), None))
-            for x in inputs
-        ]
+        tasks = _submit(off, variant, inputs)
         await asyncio.sleep(0)
         assert len(triton.calls) == 3  # never merged, never waiting
         triton.gate.set()
         await asyncio.gather(*tasks)
 
-        triton = ScriptedTriton()
-        triton.gate = asyncio.Event()
+        triton = ScriptedTriton(gated=True)
         merger = ForwardMerger(triton.send, lambda v: 1, limit=1)
         first = asyncio.ensure_future(
             merger.forward(variant, _request(inputs[0], "a").SerializeToString(), None)
@@ -283,11 +280,10 @@ def test_limit_zero_parameters_and_cancelled_waiters(variant: Variant) -> None:
     asyncio.run(scenario())
 
 
-def test_merged_call_has_the_earliest_deadline_and_late_members_expire(variant: Variant) -> None:
+def test_merged_call_has_the_earliest_deadline_then_each_alone_its_own(variant: Variant) -> None:
     async def scenario() -> None:
         seen: list[float | None] = []
-        triton = ScriptedTriton()
-        triton.gate = asyncio.Event()
+        triton = ScriptedTriton(gated=True)
 
         async def send(v: Variant, payload: bytes, deadline: float | None) -> bytes:
             seen.append(deadline)
@@ -299,12 +295,7 @@ def test_merged_call_has_the_earliest_deadline_and_late_members_expire(variant: 
         inputs = _inputs(3, seed=5)
         now = asyncio.get_running_loop().time()
         deadlines = [None, now + 50.0, now + 5.0]
-        tasks = [
-            asyncio.ensure_future(
-                merger.forward(variant, _request(x, f"id-{i}").SerializeToString(), d)
-            )
-            for i, (x, d) in enumerate(zip(inputs, deadlines, strict=True))
-        ]
+        tasks = _submit(merger, variant, inputs, deadlines)
         await asyncio.sleep(0)
         triton.gate.set()
         results = await asyncio.gather(*tasks)
