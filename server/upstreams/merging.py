@@ -33,7 +33,6 @@ requests it carried (1 for a request sent alone), so the merging shows in the ga
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -49,7 +48,8 @@ from server.upstreams.base import UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 
-# KServe-v2 datatypes of fixed element size (BYTES is length-prefixed: never merged)
+# KServe-v2 datatypes' bytes per element on the wire (BYTES is length-prefixed: never merged).
+# Not from_datatype(...).itemsize: tritonclient maps BF16 to float32, 4 bytes, where raw BF16 is 2.
 _ITEM_SIZE = {
     "BOOL": 1,
     "INT8": 1,
@@ -310,8 +310,7 @@ class ForwardMerger:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 __all__ = [
