@@ -52,6 +52,11 @@ def is_triton(expr: str) -> bool:
     return "nv_inference_" in expr
 
 
+def needs_triton_upstream(expr: str) -> bool:
+    """A gateway series only a Triton upstream produces (requests per forwarded call)."""
+    return "precision_serve_upstream_call_requests" in expr
+
+
 def _infer(client: grpcclient.InferenceServerClient, model: str, x: np.ndarray, **kw) -> None:  # type: ignore[no-untyped-def]
     t = grpcclient.InferInput("x", list(x.shape), "FP32")
     t.set_data_from_numpy(x)
@@ -103,7 +108,7 @@ def test_dashboard_gateway_queries_return_data(
             }
         )
     )
-    exprs = [e for e in dashboard_exprs() if not is_triton(e)]
+    exprs = [e for e in dashboard_exprs() if not is_triton(e) and not needs_triton_upstream(e)]
     x = np.random.default_rng(0).normal(size=(1, 16)).astype(np.float32)
     bad = np.zeros((1, 7), np.float32)  # wrong shape -> INVALID_ARGUMENT, counted as an error
 
@@ -148,29 +153,40 @@ def test_dashboard_gateway_queries_return_data(
 def test_dashboard_triton_queries_return_data(
     tiny_repository: Path, tmp_path: Path, prometheus_binary: str, start_triton
 ) -> None:  # type: ignore[no-untyped-def]
-    exprs = [e for e in dashboard_exprs() if is_triton(e)]
-    assert exprs, "the dashboard has no Triton (nv_inference_*) panel"
+    """Triton's own panels (Triton scraped), and the gateway's Triton-upstream series (a gateway
+    forwarding to that Triton, scraped too)."""
+    exprs = [e for e in dashboard_exprs() if is_triton(e) or needs_triton_upstream(e)]
+    assert any(map(is_triton, exprs)), "the dashboard has no Triton (nv_inference_*) panel"
     triton = start_triton(tiny_repository)
-    metrics = triton.metrics_url.removeprefix("http://").removesuffix("/metrics")
-    config = config_from_deploy({"triton": metrics})
     x = np.random.default_rng(1).normal(size=(2, 16)).astype(np.float32)
-    with PrometheusServer(prometheus_binary, config, tmp_path / "prometheus") as prom:
-        client = grpcclient.InferenceServerClient(triton.grpc_url)
-        stop = threading.Event()
+    args = ["--upstream", f"triton://{triton.grpc_url}"]
+    with GatewayProcess(tiny_repository, args) as gw:
+        targets = {
+            "triton": triton.metrics_url.removeprefix("http://").removesuffix("/metrics"),
+            "precision-serve": gw.metrics_url.removeprefix("http://").removesuffix("/metrics"),
+        }
+        with PrometheusServer(
+            prometheus_binary, config_from_deploy(targets), tmp_path / "p"
+        ) as prom:
+            client = grpcclient.InferenceServerClient(triton.grpc_url)
+            via_gateway = grpcclient.InferenceServerClient(gw.grpc_url)
+            stop = threading.Event()
 
-        def direct() -> None:
-            for precision in ("fp32", "int8"):
-                _infer(client, f"tiny_{precision}", x)
+            def traffic() -> None:
+                for precision in ("fp32", "int8"):
+                    _infer(client, f"tiny_{precision}", x)
+                    _infer(via_gateway, "tiny", x, parameters={"precision": precision})
 
-        thread = _background(stop, direct)
-        try:
-            missing = _wait_for_data(prom, exprs)
-            up = prom.targets_up()
-        finally:
-            stop.set()
-            thread.join(15)
-            client.close()
-    assert up == {"triton": "up"}
+            thread = _background(stop, traffic)
+            try:
+                missing = _wait_for_data(prom, exprs)
+                up = prom.targets_up()
+            finally:
+                stop.set()
+                thread.join(15)
+                client.close()
+                via_gateway.close()
+    assert up == {"triton": "up", "precision-serve": "up"}
     assert not missing, f"Triton dashboard expressions without data: {sorted(missing)}"
 
 
