@@ -74,6 +74,21 @@ def _background(stop: threading.Event, work: Callable[[], None]) -> threading.Th
     return thread
 
 
+def _data_under_load(
+    prom: PrometheusServer, exprs: list[str], work: Callable[[], None], close: Callable[[], None]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Run ``work`` in a loop while waiting for every expression's data; then stop, ``close()``.
+    Returns (expressions still without data, Prometheus's target health by job)."""
+    stop = threading.Event()
+    thread = _background(stop, work)
+    try:
+        return _wait_for_data(prom, exprs), prom.targets_up()
+    finally:
+        stop.set()
+        thread.join(15)
+        close()
+
+
 def _wait_for_data(prom: PrometheusServer, exprs: list[str]) -> dict[str, str]:
     """Query until every expression has a result; returns the ones still empty (with why)."""
     pending = {e: "no data" for e in exprs}
@@ -124,7 +139,6 @@ def test_dashboard_gateway_queries_return_data(
             )
             locust = process.start(cmd, log_path=tmp_path / "locust.log")
             client = grpcclient.InferenceServerClient(gw.grpc_url)
-            stop = threading.Event()
             rejected: list[str] = []
 
             def mixed() -> None:
@@ -136,15 +150,11 @@ def test_dashboard_gateway_queries_return_data(
                 except InferenceServerException as e:
                     rejected.append(str(e.status()))
 
-            thread = _background(stop, mixed)
-            try:
-                missing = _wait_for_data(prom, exprs)
-                up = prom.targets_up()
-            finally:
-                stop.set()
-                thread.join(15)
+            def close() -> None:
                 client.close()
                 process.stop(locust)
+
+            missing, up = _data_under_load(prom, exprs, mixed, close)
     assert up == {"precision-serve": "up"}
     assert rejected and set(rejected) == {"StatusCode.INVALID_ARGUMENT"}, set(rejected)
     assert not missing, f"dashboard expressions without data: {sorted(missing)}"
@@ -170,22 +180,17 @@ def test_dashboard_triton_queries_return_data(
         ) as prom:
             client = grpcclient.InferenceServerClient(triton.grpc_url)
             via_gateway = grpcclient.InferenceServerClient(gw.grpc_url)
-            stop = threading.Event()
 
             def traffic() -> None:
                 for precision in ("fp32", "int8"):
                     _infer(client, f"tiny_{precision}", x)
                     _infer(via_gateway, "tiny", x, parameters={"precision": precision})
 
-            thread = _background(stop, traffic)
-            try:
-                missing = _wait_for_data(prom, exprs)
-                up = prom.targets_up()
-            finally:
-                stop.set()
-                thread.join(15)
+            def close() -> None:
                 client.close()
                 via_gateway.close()
+
+            missing, up = _data_under_load(prom, exprs, traffic, close)
     assert up == {"triton": "up", "precision-serve": "up"}
     assert not missing, f"Triton dashboard expressions without data: {sorted(missing)}"
 
