@@ -181,6 +181,11 @@ def split_reply(data: bytes, members: list[Member]) -> list[bytes]:
     return replies
 
 
+def _observe(variant: Variant, requests: int) -> None:
+    """One upstream call carried ``requests`` requests."""
+    metrics.upstream_call_requests(variant.model, variant.precision).observe(requests)
+
+
 class ForwardMerger:
     """Per variant: at most ``limit * replicas(variant)`` forwarded calls in flight; requests
     beyond that wait and go merged when one ends (``limit`` 0: never merge)."""
@@ -197,7 +202,7 @@ class ForwardMerger:
         if lane is None:
             if self.limit <= 0 or not mergeable(variant):
                 reply = await self._send(variant, payload, deadline)
-                metrics.upstream_call_requests(variant.model, variant.precision).observe(1)
+                _observe(variant, 1)
                 return reply
             lane = self._lanes[variant.name] = _Lane()
         if lane.in_flight < self._cap(variant) and not lane.waiting:
@@ -229,7 +234,7 @@ class ForwardMerger:
         finally:
             lane.in_flight -= 1
             self._drain(variant, lane)
-        metrics.upstream_call_requests(variant.model, variant.precision).observe(1)
+        _observe(variant, 1)
         return reply
 
     def _drain(self, variant: Variant, lane: _Lane) -> None:
@@ -273,7 +278,7 @@ class ForwardMerger:
                 log.debug("merged call of %d for %s: %s; sent alone", len(batch), variant.name, e)
                 await self._resend(variant, batch)
                 return
-            metrics.upstream_call_requests(variant.model, variant.precision).observe(len(batch))
+            _observe(variant, len(batch))
             for member, one in zip(batch, replies, strict=True):
                 if not member.future.done():
                     member.future.set_result(one)
@@ -301,7 +306,7 @@ class ForwardMerger:
                 if not member.future.done():
                     member.future.set_exception(e)
                 return
-            metrics.upstream_call_requests(variant.model, variant.precision).observe(1)
+            _observe(variant, 1)
             if not member.future.done():
                 member.future.set_result(reply)
 
