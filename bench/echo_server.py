@@ -13,14 +13,12 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from tritonclient.grpc import service_pb2
 
-from server import process
+from bench.ready_server import ReadyFileServer
 
 SERVICE = "inference.GRPCInferenceService"
 
@@ -64,44 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class EchoServer:
+class EchoServer(ReadyFileServer):
     """``with EchoServer() as e: e.grpc_url``: the echo server in a subprocess."""
 
     def __init__(self, timeout: float = 30.0) -> None:
-        self.timeout = timeout
-        self._tmp = tempfile.TemporaryDirectory(prefix="bench-echo-")
-        self.proc: subprocess.Popen | None = None
-        self.grpc_url = ""
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def __enter__(self) -> EchoServer:
-        ready = Path(self._tmp.name) / "ready.json"
-        log = Path(self._tmp.name) / "echo.log"
-        cmd = [sys.executable, "-m", "bench.echo_server", "--ready-file", str(ready)]
-        self.proc = process.start(cmd, log_path=log)
-        try:
-            process.wait_ready(
-                ready.exists,
-                self.timeout,
-                "the echo server",
-                proc=self.proc,
-                log=log,
-                interval=0.05,
-            )
-        except process.ProcessError:
-            self.__exit__()
-            raise
-        self.grpc_url = f"127.0.0.1:{json.loads(ready.read_text())['grpc_port']}"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None:
-            process.stop(self.proc, grace=10)
-        self._tmp.cleanup()
+        super().__init__("bench.echo_server", [], "the echo server", timeout)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ PATH_LABELS = {
     "echo": "(e) bare gRPC echo, no model (floor)",
     "kserve": "(f) KServe 0.21 ModelServer (same file, ONNX Runtime)",
     "gateway_workers2": "(g) gateway --workers 2, embedded upstream",
+    "bare_aio": "(h) bare grpc.aio server, same engine (parse, run, reply)",
+    "bare_sync": "(i) bare grpc sync server, same engine (parse, run, reply)",
+    "bare_forward": "(j) bare grpc.aio forwarder -> Triton (bytes in, bytes out)",
 }
 
 
@@ -205,11 +208,15 @@ def _serving(s: dict[str, Any]) -> list[str]:
         "## 2. Serving overhead",
         "",
         "Same variant, same input row (batch 1 per request), the four serving paths, a bare "
-        "gRPC echo (the floor of one Python gRPC hop), KServe's ModelServer (the peer) and the "
-        "gateway with `--workers 2` (when its CLI has the option) measured round-robin; "
+        "gRPC echo (the floor of one Python gRPC hop), KServe's ModelServer (the peer), the "
+        "gateway with `--workers 2` (when its CLI has the option) and the bare servers (h)-(j) "
+        "(`bench/bare_server.py`: the same engine behind nothing but parse, run, reply - no "
+        "checks, routing, metrics or batching - on grpc.aio and on grpc's sync server, and a "
+        "forwarder passing the bytes to the same Triton: the floors with the model) measured "
+        "round-robin; "
         "closed-loop clients (concurrency = callers in flight): p50/p99 latency and requests/s, "
         "medians over rounds. Clients: threads calling the session for (a), a grpc.aio client "
-        "sending one pre-serialised `ModelInferRequest` for (b)-(e), in the bench process on the "
+        "sending one pre-serialised `ModelInferRequest` for (b)-(j), in the bench process on the "
         "same 2 cores as the servers. *Server CPU*: user+system time of the serving process "
         "(`/proc/<pid>/stat`) per request - the gateway's process includes its engine run; for "
         "(a) the bench process; not shown for Triton, whose model runs in separate stub "

@@ -22,6 +22,12 @@ PEER_RATIOS = (
     ("(b)/(c) gateway / Triton direct", "gateway", "triton"),
     ("(d)/(c) gateway -> Triton / Triton direct", "gateway_triton", "triton"),
     ("(g)/(b) gateway --workers 2 / gateway", "gateway_workers2", "gateway"),
+    ("(h)/(f) bare grpc.aio server / KServe", "bare_aio", "kserve"),
+    ("(h)/(c) bare grpc.aio server / Triton direct", "bare_aio", "triton"),
+    ("(i)/(c) bare grpc sync server / Triton direct", "bare_sync", "triton"),
+    ("(b)/(h) gateway / bare grpc.aio server", "gateway", "bare_aio"),
+    ("(j)/(c) bare forwarder -> Triton / Triton direct", "bare_forward", "triton"),
+    ("(d)/(j) gateway -> Triton / bare forwarder", "gateway_triton", "bare_forward"),
 )
 
 

@@ -10,7 +10,11 @@ The same variant and the same input rows through four paths:
 - (e) ``echo``: a bare grpc.aio server answering at once (:mod:`bench.echo_server`), no model:
   the floor of one Python gRPC hop on this host at this moment;
 - (f) ``kserve``: KServe's Python ``ModelServer`` running the same file, and (g)
-  ``gateway_workers2``: the gateway with ``--workers 2`` (:mod:`bench.peer_paths`).
+  ``gateway_workers2``: the gateway with ``--workers 2`` (:mod:`bench.peer_paths`);
+- (h) ``bare_aio`` and (i) ``bare_sync``: the same engine behind nothing but parse-run-reply, on
+  grpc.aio and on grpc's sync server, and (j) ``bare_forward``: a grpc.aio server passing the
+  bytes to that Triton (:mod:`bench.bare_server`): the floors with the model, what no handler
+  on those frameworks beats without batching.
 
 The servers get a repository holding only the measured variants (links to the built ones), so
 neither loads anything else. All four run at once and are measured round-robin - per round, per
@@ -39,7 +43,10 @@ from server.model_repository import load_manifest, manifest_path
 ORT_ENGINE = "onnxruntime"
 # Paths that run the ONNX file on ONNX Runtime whatever the manifest's engine.
 ORT_PATHS = frozenset({"kserve"})
-PATHS = ("inprocess", "gateway", "triton", "gateway_triton", "echo", "kserve", "gateway_workers2")
+PATHS = (
+    "inprocess", "gateway", "triton", "gateway_triton", "echo", "kserve", "gateway_workers2",
+    "bare_aio", "bare_sync", "bare_forward",
+)  # fmt: skip
 # Paths whose server runs in several processes: no CPU-time figure from one pid.
 MULTIPROCESS = ("triton", "gateway_workers2")
 SETTLE_SECONDS = 0.1
@@ -117,10 +124,18 @@ class Servers:
         return server
 
     def __enter__(self) -> Servers:
+        from bench.bare_server import BareServer
         from bench.echo_server import EchoServer
         from server.runner import GatewayProcess
 
         self._start("echo", EchoServer)
+        for mode in ("aio", "sync"):
+            self._start(
+                f"bare_{mode}",
+                lambda mode=mode: BareServer(
+                    mode, repository=self.repository, threads=self.threads
+                ),
+            )
         args = ["--threads", str(self.threads), "--log-level", "ERROR"]
         self.gateway = self._start(
             "gateway", lambda: GatewayProcess(self.repository, args, timeout=300)
@@ -130,7 +145,8 @@ class Servers:
 
             start_peer_paths(self, self.wanted, self.source, args)
         if not self.with_triton:
-            self.errors["triton"] = self.errors["gateway_triton"] = "skipped (--no-triton)"
+            for path in ("triton", "gateway_triton", "bare_forward"):
+                self.errors[path] = "skipped (--no-triton)"
             return self
         from server.triton.launcher import TritonOptions, TritonServer
 
@@ -144,10 +160,11 @@ class Servers:
         )
         triton = self._start("triton", lambda: TritonServer(opts))
         if triton is None:
-            self.errors["gateway_triton"] = "Triton did not start"
+            self.errors["gateway_triton"] = self.errors["bare_forward"] = "Triton did not start"
             return self
         up = [*args, "--upstream", f"triton://{triton.grpc_url}"]
         self._start("gateway_triton", lambda: GatewayProcess(self.repository, up, timeout=300))
+        self._start("bare_forward", lambda: BareServer("forward", forward=triton.grpc_url))
         return self
 
     def __exit__(self, *exc: object) -> None:

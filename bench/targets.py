@@ -133,9 +133,39 @@ def _get(serving: dict[str, Any], variant: str, path: str, c: int, key: str) -> 
     return paths.get(path, {}).get(str(c), {}).get(key)
 
 
-def _over(serving: dict[str, Any], num: str, den: str, c: int, key: str = "rps") -> float | None:
-    a, b = _get(serving, "digits_int8", num, c, key), _get(serving, "digits_int8", den, c, key)
-    return round(a / b, 3) if a and b else None
+# (serving results, path) -> the figure judged for that path
+Measure = Callable[[dict[str, Any], str], "float | None"]
+
+
+def _over(variant: str, den: str, c: int, key: str = "rps") -> Measure:
+    """``path`` over ``den`` (a ratio of ``key``) for ``variant`` at concurrency ``c``."""
+
+    def measure(s: dict[str, Any], path: str) -> float | None:
+        a, b = _get(s, variant, path, c, key), _get(s, variant, den, c, key)
+        return round(a / b, 3) if a and b else None
+
+    return measure
+
+
+def _added(variant: str, den: str) -> Measure:
+    """p50 at concurrency 1 of ``path`` minus ``den``'s, in ms."""
+
+    def measure(s: dict[str, Any], path: str) -> float | None:
+        a, b = _get(s, variant, path, 1, "p50_ms"), _get(s, variant, den, 1, "p50_ms")
+        return round(a - b, 3) if a is not None and b is not None else None
+
+    return measure
+
+
+# The bare servers (bench.bare_server): the same engine behind nothing but parse-run-reply
+# (no batching), on grpc.aio and on grpc's sync server; the bare forwarder for the Triton path.
+EMBEDDED_FLOORS = ("bare_aio", "bare_sync")
+FORWARD_FLOORS = ("bare_forward",)
+FLOOR_LABELS = {
+    "bare_aio": "(h) bare grpc.aio server",
+    "bare_sync": "(i) bare grpc sync server",
+    "bare_forward": "(j) bare grpc.aio forwarder",
+}
 
 
 @dataclass(frozen=True)
@@ -143,16 +173,11 @@ class ServingTarget:
     name: str
     wanted: str
     how: str
-    measure: Callable[[dict[str, Any]], float | None]
+    subject: str  # the path judged
+    measure: Measure
     ok: Callable[[float], bool]
     why: Callable[[dict[str, Any]], str]
-
-
-def _ratio_key(variant: str, key: str, field: str) -> Callable[[dict[str, Any]], float | None]:
-    def get(s: dict[str, Any]) -> float | None:
-        return s.get("variants", {}).get(variant, {}).get("ratios", {}).get(key, {}).get(field)
-
-    return get
+    floors: tuple[str, ...] = ()  # bare paths measured the same way (bench.bare_server)
 
 
 def _profile_why(path: str) -> Callable[[dict[str, Any]], str]:
@@ -167,48 +192,67 @@ def _profile_why(path: str) -> Callable[[dict[str, Any]], str]:
     return why
 
 
+def floor_note(t: ServingTarget, serving: dict[str, Any]) -> str:
+    """What the bare servers reach on the same measure: whether any handler on that framework
+    could meet the target on this host, or the gateway's own work is what misses it."""
+    got = {p: t.measure(serving, p) for p in t.floors}
+    got = {p: v for p, v in got.items() if v is not None}
+    if not got:
+        return ""
+    figures = ", ".join(f"{FLOOR_LABELS[p]} {v:g}" for p, v in got.items())
+    if any(t.ok(v) for v in got.values()):
+        return (
+            f"the bare servers measured the same way: {figures}: the gateway's own work misses it"
+        )
+    return (
+        f"the bare servers measured the same way: {figures}: none meets it either, so no "
+        "handler on these gRPC servers does on this host"
+        + (" without batching" if t.floors == EMBEDDED_FLOORS else "")
+    )
+
+
 SERVING_TARGETS = (
     ServingTarget(
         "gateway (embedded) / KServe ModelServer throughput, digits INT8, concurrency 4",
-        ">= 1.5x", "(b)/(f)", lambda s: _over(s, "gateway", "kserve", 4),
-        lambda v: v >= 1.5, _profile_why("gateway"),
+        ">= 1.5x", "(b)/(f)", "gateway", _over("digits_int8", "kserve", 4),
+        lambda v: v >= 1.5, _profile_why("gateway"), EMBEDDED_FLOORS,
     ),
     ServingTarget(
         "gateway (embedded) / KServe ModelServer throughput, digits INT8, concurrency 16",
-        ">= 1.5x", "(b)/(f)", lambda s: _over(s, "gateway", "kserve", 16),
-        lambda v: v >= 1.5, _profile_why("gateway"),
+        ">= 1.5x", "(b)/(f)", "gateway", _over("digits_int8", "kserve", 16),
+        lambda v: v >= 1.5, _profile_why("gateway"), EMBEDDED_FLOORS,
     ),
     ServingTarget(
         "gateway (embedded) / Triton direct throughput, digits INT8, concurrency 16",
-        ">= 1.0x", "(b)/(c)", lambda s: _over(s, "gateway", "triton", 16),
-        lambda v: v >= 1.0, _profile_why("gateway"),
+        ">= 1.0x", "(b)/(c)", "gateway", _over("digits_int8", "triton", 16),
+        lambda v: v >= 1.0, _profile_why("gateway"), EMBEDDED_FLOORS,
     ),
     ServingTarget(
         "gateway -> Triton / Triton direct throughput, digits INT8, concurrency 16",
-        ">= 0.7x", "(d)/(c)", lambda s: _over(s, "gateway_triton", "triton", 16),
-        lambda v: v >= 0.7, _profile_why("gateway_triton"),
+        ">= 0.7x", "(d)/(c)", "gateway_triton", _over("digits_int8", "triton", 16),
+        lambda v: v >= 0.7, _profile_why("gateway_triton"), FORWARD_FLOORS,
     ),
     ServingTarget(
         "gateway -> Triton CPU per forwarded request / echo server CPU per request, "
         "digits INT8, concurrency 16",
-        "<= 1.2x", "server CPU ms/req (d)/(e)",
-        lambda s: _over(s, "gateway_triton", "echo", 16, "server_cpu_ms_per_request"),
-        lambda v: v <= 1.2, _profile_why("gateway_triton"),
+        "<= 1.2x", "server CPU ms/req (d)/(e)", "gateway_triton",
+        _over("digits_int8", "echo", 16, "server_cpu_ms_per_request"),
+        lambda v: v <= 1.2, _profile_why("gateway_triton"), FORWARD_FLOORS,
     ),
     ServingTarget(
         "gateway (embedded) / in-process throughput, resnet50 INT8, concurrency 4",
-        ">= 0.95x", "(b)/(a)", _ratio_key("resnet50_int8", "b_over_a", "throughput_c4"),
-        lambda v: v >= 0.95, lambda s: _why_batching(s, "resnet50_int8"),
+        ">= 0.95x", "(b)/(a)", "gateway", _over("resnet50_int8", "inprocess", 4),
+        lambda v: v >= 0.95, lambda s: _why_batching(s, "resnet50_int8"), EMBEDDED_FLOORS,
     ),
     ServingTarget(
         "gateway adds at p50 over in-process, digits INT8, concurrency 1",
-        "<= 1.0 ms", "(b) - (a)", _ratio_key("digits_int8", "b_over_a", "p50_added_ms_c1"),
-        lambda v: v <= 1.0, lambda s: _why_gateway(s, "digits_int8"),
+        "<= 1.0 ms", "(b) - (a)", "gateway", _added("digits_int8", "inprocess"),
+        lambda v: v <= 1.0, lambda s: _why_gateway(s, "digits_int8"), EMBEDDED_FLOORS,
     ),
     ServingTarget(
         "gateway -> Triton adds at p50 over Triton direct, digits INT8, concurrency 1",
-        "<= 1.0 ms", "(d) - (c)", _ratio_key("digits_int8", "d_over_c", "p50_added_ms_c1"),
-        lambda v: v <= 1.0, lambda s: _why_hop(s, "digits_int8"),
+        "<= 1.0 ms", "(d) - (c)", "gateway_triton", _added("digits_int8", "triton"),
+        lambda v: v <= 1.0, lambda s: _why_hop(s, "digits_int8"), FORWARD_FLOORS,
     ),
 )  # fmt: skip
 
@@ -217,9 +261,14 @@ def serving_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     serving = results.get("serving", {})
     out = []
     for t in SERVING_TARGETS:
-        v = t.measure(serving)
+        v = t.measure(serving, t.subject)
         ok = None if v is None else t.ok(v)
-        out.append(_row(t.name, t.wanted, v, ok, t.how, t.why(serving) if ok is False else ""))
+        why = (
+            "; ".join(x for x in (t.why(serving), floor_note(t, serving)) if x)
+            if ok is False
+            else ""
+        )
+        out.append(_row(t.name, t.wanted, v, ok, t.how, why))
     return out
 
 

@@ -1,0 +1,178 @@
+"""The floors with the model: the least a Python gRPC server can do to serve the same variants.
+
+``python -m bench.bare_server --repository DIR --mode MODE --ready-file PATH [--threads N]
+[--forward HOST:PORT]`` binds 127.0.0.1 on an OS-picked port, writes ``{"grpc_port": N,
+"pid": P}`` to the ready file and serves ``ModelInfer`` until SIGTERM:
+
+- ``aio`` (grpc.aio, the gateway's framework) and ``sync`` (grpc's thread-pool server): every
+  variant of the repository on its manifest's engine, options and thread count - as the
+  gateway loads it - and per request only what serving needs: parse the request, run the
+  engine on its raw inputs, reply with the raw outputs. No checks, routing, metrics, batching,
+  deadlines or error handling (a bad request fails however it fails).
+- ``forward``: a grpc.aio server passing each request's bytes to ``--forward`` (Triton) with
+  one grpc.aio call and returning the reply's bytes: the least the gateway -> Triton path does.
+
+The benchmark (:mod:`bench.serving`, paths (h)-(j)) measures them beside the gateway: what one
+of them cannot reach, no handler written on that framework reaches either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from concurrent import futures
+from pathlib import Path
+
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+
+from bench.ready_server import ReadyFileServer
+
+SERVICE = "inference.GRPCInferenceService"
+METHOD = f"/{SERVICE}/ModelInfer"
+MODES = ("aio", "sync", "forward")
+POOL_THREADS = 4  # the sync server's handler threads (4 measured best for an echo at c1-c16)
+
+
+def load_handler(repository: Path, threads: int) -> Callable[[bytes], bytes]:
+    """``ModelInferRequest`` bytes -> ``ModelInferResponse`` bytes for every variant in
+    ``repository`` (raw contents only)."""
+    from server.engines import get_engine
+    from server.model_repository.dtypes import from_datatype, to_datatype
+    from server.model_repository.manifest import load_manifests
+
+    sessions = {}
+    for manifest in load_manifests(repository).values():
+        for v in manifest.variants.values():
+            engine = get_engine(v.engine)
+            sessions[v.triton_name] = engine.load(repository / v.file, v.engine_options, threads)
+
+    def handle(data: bytes) -> bytes:
+        request = pb.ModelInferRequest.FromString(data)
+        session = sessions[request.model_name]
+        feeds = {
+            t.name: np.frombuffer(raw, from_datatype(t.datatype)).reshape(tuple(t.shape))
+            for t, raw in zip(request.inputs, request.raw_input_contents, strict=True)
+        }
+        outputs = session.run(feeds)
+        reply = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+        for name, value in outputs.items():
+            out = reply.outputs.add(name=name, datatype=to_datatype(value.dtype))
+            out.shape.extend(value.shape)
+            reply.raw_output_contents.append(np.ascontiguousarray(value).tobytes())
+        return reply.SerializeToString()
+
+    return handle
+
+
+def _generic(infer: Callable) -> object:
+    import grpc
+
+    method = grpc.unary_unary_rpc_method_handler(
+        infer, request_deserializer=None, response_serializer=None
+    )
+    return grpc.method_handlers_generic_handler(SERVICE, {"ModelInfer": method})
+
+
+def _announce(ready_file: Path, port: int) -> None:
+    tmp = ready_file.with_name(ready_file.name + ".tmp")
+    tmp.write_text(json.dumps({"grpc_port": port, "pid": os.getpid()}))
+    tmp.replace(ready_file)
+
+
+def serve_sync(handle: Callable[[bytes], bytes], ready_file: Path) -> None:
+    import grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=POOL_THREADS))
+    server.add_generic_rpc_handlers((_generic(lambda data, context: handle(data)),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    _announce(ready_file, port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(1)
+
+
+async def serve_aio(
+    handle: Callable[[bytes], bytes] | None, forward: str | None, ready_file: Path
+) -> None:
+    import grpc
+
+    if forward:
+        channel = grpc.aio.insecure_channel(forward)
+        call = channel.unary_unary(METHOD, request_serializer=None, response_deserializer=None)
+
+        async def infer(data: bytes, context: object) -> bytes:
+            return await call(data)
+    else:
+        assert handle is not None
+
+        async def infer(data: bytes, context: object) -> bytes:
+            return handle(data)
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((_generic(infer),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    _announce(ready_file, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.bare_server")
+    p.add_argument("--repository", type=Path)
+    p.add_argument("--mode", choices=MODES, required=True)
+    p.add_argument("--forward", help="HOST:PORT of the Triton server (--mode forward)")
+    p.add_argument("--threads", type=int, default=0, help="engine threads (0 = the engine's)")
+    p.add_argument("--ready-file", type=Path, required=True)
+    args = p.parse_args(argv)
+    if (args.mode == "forward") != bool(args.forward):
+        p.error("--forward HOST:PORT goes with --mode forward, and only with it")
+    if args.mode != "forward" and args.repository is None:
+        p.error(f"--mode {args.mode} needs --repository")
+    if args.mode == "forward":
+        asyncio.run(serve_aio(None, args.forward, args.ready_file))
+        return 0
+    handle = load_handler(args.repository, args.threads)
+    if args.mode == "sync":
+        serve_sync(handle, args.ready_file)
+    else:
+        asyncio.run(serve_aio(handle, None, args.ready_file))
+    return 0
+
+
+class BareServer(ReadyFileServer):
+    """``with BareServer("aio", repository=R, threads=2) as s: s.grpc_url`` (or ``"sync"``, or
+    ``BareServer("forward", forward=TRITON_URL)``): the bare server in a subprocess."""
+
+    def __init__(
+        self,
+        mode: str,
+        repository: Path | None = None,
+        threads: int = 0,
+        forward: str | None = None,
+        timeout: float = 300.0,
+    ) -> None:
+        args = ["--mode", mode, "--threads", str(threads)]
+        if repository is not None:
+            args += ["--repository", str(repository)]
+        if forward:
+            args += ["--forward", forward]
+        super().__init__("bench.bare_server", args, f"the bare {mode} server", timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
