@@ -69,6 +69,13 @@ def render_index(folder: Path) -> str:
         "`libb64-0d`, and `libcudart.so.12` from the `nvidia-cuda-runtime-cu12` wheel, which "
         "perf_analyzer loads on CPU hosts too); `make bench` runs it first.",
         "",
+        "Beside them, the floors: a bare grpc.aio echo (e), and the bare servers of "
+        "`bench/bare_server.py`: the same engine behind nothing but parse, run, reply on "
+        "grpc.aio (h) and on grpc's sync server (i), and a grpc.aio forwarder passing the bytes "
+        "to the same Triton (j). Each missed serving target says what those reach on the same "
+        "measure: when none meets it either, no handler on these gRPC servers does on this host "
+        "(without batching); when one does, the gateway's own work is what misses it.",
+        "",
         "| CPU class | report | raw results | machine | ISA flags | measured | targets |",
         "|---|---|---|---|---|---|---|",
     ]
