@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import signal
 import sys
 import threading
@@ -32,9 +30,14 @@ from pathlib import Path
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
-from bench.ready_server import ReadyFileServer
+from bench.ready_server import (
+    SERVICE,
+    ReadyFileServer,
+    announce,
+    model_infer_handler,
+    serve_aio_until_signal,
+)
 
-SERVICE = "inference.GRPCInferenceService"
 METHOD = f"/{SERVICE}/ModelInfer"
 MODES = ("aio", "sync", "forward")
 POOL_THREADS = 4  # the sync server's handler threads (4 measured best for an echo at c1-c16)
@@ -71,29 +74,14 @@ def load_handler(repository: Path, threads: int) -> Callable[[bytes], bytes]:
     return handle
 
 
-def _generic(infer: Callable) -> object:
-    import grpc
-
-    method = grpc.unary_unary_rpc_method_handler(
-        infer, request_deserializer=None, response_serializer=None
-    )
-    return grpc.method_handlers_generic_handler(SERVICE, {"ModelInfer": method})
-
-
-def _announce(ready_file: Path, port: int) -> None:
-    tmp = ready_file.with_name(ready_file.name + ".tmp")
-    tmp.write_text(json.dumps({"grpc_port": port, "pid": os.getpid()}))
-    tmp.replace(ready_file)
-
-
 def serve_sync(handle: Callable[[bytes], bytes], ready_file: Path) -> None:
     import grpc
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=POOL_THREADS))
-    server.add_generic_rpc_handlers((_generic(lambda data, context: handle(data)),))
+    server.add_generic_rpc_handlers((model_infer_handler(lambda data, context: handle(data)),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    _announce(ready_file, port)
+    announce(ready_file, port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -118,17 +106,7 @@ async def serve_aio(
         async def infer(data: bytes, context: object) -> bytes:
             return handle(data)
 
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((_generic(infer),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    _announce(ready_file, port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(1)
+    await serve_aio_until_signal(infer, ready_file)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,48 +10,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import signal
 import sys
 from pathlib import Path
 
 from tritonclient.grpc import service_pb2
 
-from bench.ready_server import ReadyFileServer
-
-SERVICE = "inference.GRPCInferenceService"
+from bench.ready_server import ReadyFileServer, serve_aio_until_signal
 
 
 async def _serve(ready_file: Path) -> None:
-    import grpc
-
     response = service_pb2.ModelInferResponse(model_name="echo").SerializeToString()
 
     async def infer(request: bytes, context: object) -> bytes:
         return response
 
-    handler = grpc.method_handlers_generic_handler(
-        SERVICE,
-        {
-            "ModelInfer": grpc.unary_unary_rpc_method_handler(
-                infer, request_deserializer=None, response_serializer=None
-            )
-        },
-    )
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    tmp = ready_file.with_name(ready_file.name + ".tmp")
-    tmp.write_text(json.dumps({"grpc_port": port, "pid": os.getpid()}))
-    tmp.replace(ready_file)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(1)
+    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    await serve_aio_until_signal(infer, ready_file, options)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,14 +21,12 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from bench.peers import PeerError
+from bench.ready_server import ReadyFileServer
 
 log = logging.getLogger(__name__)
 
@@ -182,9 +180,12 @@ def variant_file(repository: Path, model: str, precision: str) -> tuple[Path, st
     return path, v.triton_name
 
 
-class KServePeer:
+class KServePeer(ReadyFileServer):
     """``with KServePeer(repo, [("digits", "int8")]) as k: k.grpc_url``: the peer in a
     subprocess, serving each variant's ONNX file under its Triton name."""
+
+    error = PeerError
+    grace = 35.0  # KServe's grace period is 30 s at most
 
     def __init__(
         self,
@@ -193,57 +194,20 @@ class KServePeer:
         threads: int = 1,
         timeout: float = 120,
     ) -> None:
-        self.args = ["--threads", str(threads)]
+        args = ["--threads", str(threads)]
         for model, precision in wanted:
             path, name = variant_file(repository, model, precision)
-            self.args += ["--variant", f"{name}={path}"]
-        self.timeout = timeout
-        self._tmp = tempfile.TemporaryDirectory(prefix="bench-kserve-")
-        self.log_path = Path(self._tmp.name) / "kserve.log"
-        self.proc: subprocess.Popen | None = None
-        self.grpc_url = ""
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+            args += ["--variant", f"{name}={path}"]
+        root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (root, os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
+        super().__init__("bench.peers.kserve_peer", args, "the KServe peer", timeout, env)
 
     def __enter__(self) -> KServePeer:
         if not available():
             raise PeerError("kserve is not installed (make bench-tools installs the bench extra)")
-        ready = Path(self._tmp.name) / "ready.json"
-        cmd = [sys.executable, "-m", "bench.peers.kserve_peer", *self.args, "--ready-file",
-               str(ready)]  # fmt: skip
-        root = str(Path(__file__).resolve().parents[2])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            p for p in (root, os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                tail = self.log_path.read_text(errors="replace")[-600:]
-                self._cleanup()
-                raise PeerError(f"KServe peer exited with {self.proc.returncode}: {tail}")
-            if ready.exists():
-                self.grpc_url = f"127.0.0.1:{json.loads(ready.read_text())['grpc_port']}"
-                return self
-            time.sleep(0.1)
-        self.__exit__()
-        raise PeerError(f"KServe peer not ready after {self.timeout:.0f}s")
-
-    def _cleanup(self) -> None:
-        self._tmp.cleanup()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=35)  # KServe's grace period is 30 s at most
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._cleanup()
+        super().__enter__()
+        return self
 
 
 if __name__ == "__main__":
