@@ -89,22 +89,21 @@ def serve_sync(handle: Callable[[bytes], bytes], ready_file: Path) -> None:
     server.stop(1)
 
 
-async def serve_aio(
-    handle: Callable[[bytes], bytes] | None, forward: str | None, ready_file: Path
-) -> None:
+async def serve_aio(handle: Callable[[bytes], bytes], ready_file: Path) -> None:
+    async def infer(data: bytes, context: object) -> bytes:
+        return handle(data)
+
+    await serve_aio_until_signal(infer, ready_file)
+
+
+async def serve_forward(upstream: str, ready_file: Path) -> None:
     import grpc
 
-    if forward:
-        channel = grpc.aio.insecure_channel(forward)
-        call = channel.unary_unary(METHOD, request_serializer=None, response_deserializer=None)
+    channel = grpc.aio.insecure_channel(upstream)
+    call = channel.unary_unary(METHOD, request_serializer=None, response_deserializer=None)
 
-        async def infer(data: bytes, context: object) -> bytes:
-            return await call(data)
-    else:
-        assert handle is not None
-
-        async def infer(data: bytes, context: object) -> bytes:
-            return handle(data)
+    async def infer(data: bytes, context: object) -> bytes:
+        return await call(data)
 
     await serve_aio_until_signal(infer, ready_file)
 
@@ -122,13 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode != "forward" and args.repository is None:
         p.error(f"--mode {args.mode} needs --repository")
     if args.mode == "forward":
-        asyncio.run(serve_aio(None, args.forward, args.ready_file))
-        return 0
-    handle = load_handler(args.repository, args.threads)
-    if args.mode == "sync":
-        serve_sync(handle, args.ready_file)
+        asyncio.run(serve_forward(args.forward, args.ready_file))
+    elif args.mode == "sync":
+        serve_sync(load_handler(args.repository, args.threads), args.ready_file)
     else:
-        asyncio.run(serve_aio(handle, None, args.ready_file))
+        asyncio.run(serve_aio(load_handler(args.repository, args.threads), args.ready_file))
     return 0
 
 
