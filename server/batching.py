@@ -126,13 +126,14 @@ class _BadOutput(Exception):
     """The engine's outputs cannot be handed back (not batch-first, not a mapping)."""
 
 
-def _split(outputs: object, batch: list[_Item], batched: bool) -> list[dict[str, np.ndarray]]:
-    """Each member's outputs: its rows of every output (checked first, so nothing half-fails)."""
+def _split(outputs: object, members: list[int], batched: bool) -> list[dict[str, np.ndarray]]:
+    """Each member's outputs (``members``: their row counts): its rows of every output (checked
+    first, so nothing half-fails)."""
     if not isinstance(outputs, dict):
         raise _BadOutput(f"engine returned {type(outputs).__name__}, not outputs by name")
     if not batched:
         return [outputs]
-    rows = sum(b.rows for b in batch)
+    rows = sum(members)
     arrays = {}
     for name, value in outputs.items():
         arr = np.asarray(value)
@@ -142,12 +143,12 @@ def _split(outputs: object, batch: list[_Item], batched: bool) -> list[dict[str,
                 f"dimension of {rows}"
             )
         arrays[name] = arr
-    if len(batch) == 1:
+    if len(members) == 1:
         return [arrays]
     out, offset = [], 0
-    for b in batch:
-        out.append({k: v[offset : offset + b.rows] for k, v in arrays.items()})
-        offset += b.rows
+    for n in members:
+        out.append({k: v[offset : offset + n] for k, v in arrays.items()})
+        offset += n
     return out
 
 
@@ -255,9 +256,7 @@ class DynamicBatcher:
     ) -> dict[str, np.ndarray]:
         batched = self._policy.max_batch_size > 0
         rows = next(iter(inputs.values())).shape[0] if batched and inputs else 1
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        item = _Item(inputs, rows, _shape_key(inputs, batched), fut, loop, self._clock(), deadline)
+        item = None  # built only for the queue: an inline run needs no future or shape key
         with self._cond:
             if self._closed:
                 raise Unavailable("gateway is shutting down")
@@ -274,10 +273,14 @@ class DynamicBatcher:
             if inline:
                 self._busy += 1
             else:
+                loop = asyncio.get_running_loop()
+                fut = loop.create_future()
+                key = _shape_key(inputs, batched)
+                item = _Item(inputs, rows, key, fut, loop, self._clock(), deadline)
                 self._queue.append(item)
                 self._cond.notify()
-        if inline:
-            return self._run_inline(item)
+        if item is None:
+            return self._run_inline(inputs, rows, deadline)
         # One timer instead of wait_for(shield(...)): only when there is a deadline at all.
         timer = (
             None if deadline is None else loop.call_later(deadline - self._clock(), _expire, fut)
@@ -314,25 +317,27 @@ class DynamicBatcher:
             return
         self._run_s = seconds if last == math.inf else last + 0.2 * (seconds - last)
 
-    def _run_inline(self, item: _Item) -> dict[str, np.ndarray]:
+    def _run_inline(
+        self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None
+    ) -> dict[str, np.ndarray]:
         if self._next_probe == math.inf:
             self._next_probe = self._clock() + PROBE_EVERY_S
         try:
-            self._batch_hist.observe(item.rows)
+            self._batch_hist.observe(rows)
             self._queue_hist.observe(0.0)
             start = self._clock()
-            if item.deadline is not None and start >= item.deadline:
+            if deadline is not None and start >= deadline:
                 raise DeadlineExceeded("deadline exceeded before the engine ran")
             try:
-                outputs = self._sessions[0].run(item.inputs)
-                (result,) = _split(outputs, [item], self._policy.max_batch_size > 0)
+                outputs = self._sessions[0].run(inputs)
+                (result,) = _split(outputs, [rows], self._policy.max_batch_size > 0)
             except Exception as e:
                 raise InternalError(self._failure(e)) from None
             finally:
                 elapsed = self._clock() - start
                 self._upstream_hist.observe(elapsed)
                 self._observe_run(elapsed, inline=True)
-            if item.deadline is not None and self._clock() >= item.deadline:
+            if deadline is not None and self._clock() >= deadline:
                 raise DeadlineExceeded("deadline exceeded while the engine ran")
             return result
         finally:
@@ -457,4 +462,4 @@ class DynamicBatcher:
             self._observe_run(elapsed)
             for _ in batch:
                 self._upstream_hist.observe(elapsed)
-        return _split(outputs, batch, self._policy.max_batch_size > 0)
+        return _split(outputs, [b.rows for b in batch], self._policy.max_batch_size > 0)

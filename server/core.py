@@ -326,22 +326,14 @@ class Gateway:
                 outputs=selected,
                 fallback_from=_fell_back(decision, variant),
             )
-        except GatewayError as e:
-            metrics.requests(model_label, precision_label, request.protocol, e.code).inc()
-            e.counted = True
-            counts = isinstance(e, DeadlineExceeded)
-            raise
-        except Exception as e:  # a bug or an upstream's unexpected error: INTERNAL, with an id
-            metrics.requests(model_label, precision_label, request.protocol, "INTERNAL").inc()
-            error = InternalError(f"{type(e).__name__}: {e}")
-            error.counted = True
+        except (Exception, asyncio.CancelledError) as e:
+            error = _counted_failure(
+                e, model_label, precision_label, request.protocol, request.deadline
+            )
+            counts = isinstance(e, DeadlineExceeded | asyncio.CancelledError)
+            if error is e:
+                raise
             raise error from e
-        except asyncio.CancelledError:  # the client went away or its deadline passed
-            expired = request.deadline is not None and time.monotonic() >= request.deadline
-            status = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
-            metrics.requests(model_label, precision_label, request.protocol, status).inc()
-            counts = True
-            raise
         finally:
             if inflight is not None:
                 inflight.dec()
@@ -349,6 +341,33 @@ class Gateway:
                 metrics.request_duration(model_label, precision_label).observe(elapsed)
                 if feedback is not None:
                     feedback(precision_label, elapsed, counts)
+
+    async def infer_checked(
+        self, variant: Variant, arrays: dict[str, np.ndarray], request_id: str, protocol: str
+    ) -> InferResponse:
+        """The short way for a request naming ``variant`` whose inputs the transport has
+        checked against it (server/fast_lane.py: every check of :meth:`_validate` passed, all
+        outputs, no parameters, no deadline, authorized): what :meth:`infer` does for such a
+        request - run, record, count - without parsing, routing or validating it again."""
+        start = time.monotonic()
+        model = self.repository.models[variant.model]
+        precision = variant.precision
+        inflight = metrics.inflight(model.name)
+        inflight.inc()
+        try:
+            _, outputs = await self._run(model, [precision], arrays, None)
+            selected = self._select_outputs(variant, outputs, None)
+            self._record(variant, _rows(variant, arrays), start, ok=True)
+            metrics.requests(model.name, precision, protocol, "ok").inc()
+            return InferResponse(variant.name, variant.version, precision, request_id, selected)
+        except (Exception, asyncio.CancelledError) as e:
+            error = _counted_failure(e, model.name, precision, protocol, None)
+            if error is e:
+                raise
+            raise error from e
+        finally:
+            inflight.dec()
+            metrics.request_duration(model.name, precision).observe(time.monotonic() - start)
 
     def count_rejected(self, model: str, protocol: str, error: BaseException) -> None:
         """Count an inference call that a transport rejected before the core saw it (a parse,
@@ -641,6 +660,27 @@ def compare_outputs(
     dots = np.sum(a * b, axis=1)
     cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 1.0)
     return agree, [float(c) for c in cos]
+
+
+def _counted_failure(
+    e: BaseException, model: str, precision: str, protocol: str, deadline: float | None
+) -> BaseException:
+    """Count a failed inference in ``precision_serve_requests_total``; returns what to raise:
+    ``e`` itself (a gateway error, a cancellation) or, for anything else (a bug, an upstream's
+    unexpected error), an InternalError with an id."""
+    if isinstance(e, GatewayError):
+        metrics.requests(model, precision, protocol, e.code).inc()
+        e.counted = True
+        return e
+    if isinstance(e, asyncio.CancelledError):  # the client went away or its deadline passed
+        expired = deadline is not None and time.monotonic() >= deadline
+        status = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
+        metrics.requests(model, precision, protocol, status).inc()
+        return e
+    metrics.requests(model, precision, protocol, "INTERNAL").inc()
+    error = InternalError(f"{type(e).__name__}: {e}")
+    error.counted = True
+    return error
 
 
 def _fell_back(decision: Decision, variant: Variant) -> str:

@@ -33,6 +33,7 @@ from server.core import (
 )
 from server.errors import GatewayError, InvalidInput, Unsupported, client_message
 from server.extensions import EXTENSIONS
+from server.fast_lane import FastLane
 from server.grpc_contents import CONTENTS_FIELD, check_sizes, varint, wire_tensors
 from server.model_control import control_of
 from server.restricted import grpc_group
@@ -167,6 +168,9 @@ def _tensor_meta(
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        # the plain request's short way (embedded and other decoding upstreams; a pass-through
+        # upstream forwards the bytes instead)
+        self._lane = None if gateway.forwards else FastLane(gateway)
 
     @_handled
     async def ServerLive(self, request, context):
@@ -241,7 +245,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         :func:`_releasing`)."""
         shm = self.gateway.shared_memory
         # refused before the core saw it: counted by _handled (Gateway.count_rejected)
-        infer, out_shm = self._infer_request(data, context, shm)
+        headers, request = self._parse(data, context)
+        plain = (
+            None
+            if self._lane is None or context.time_remaining() is not None
+            else (self._lane.arrays(request))
+        )
+        if plain is not None:  # server/fast_lane.py: checked against the variant already
+            variant, arrays = plain
+            response = await self.gateway.infer_checked(variant, arrays, request.id, "grpc")
+            context.set_trailing_metadata(((PRECISION_HEADER, response.precision),))
+            return infer_response_bytes(response)
+        infer, out_shm = self._infer_request(data, request, headers, context, shm)
         response = await self.gateway.infer(infer)
         shm.write_outputs(response.outputs, out_shm)
         # trailing, not initial, metadata: sent in the reply's one batch (a separate
@@ -251,10 +266,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return response.raw + _precision_parameter(response.precision, response.fallback_from)
         return infer_response_bytes(response, in_shm=out_shm)
 
-    def _infer_request(
-        self, data: bytes, context: grpc.aio.ServicerContext, shm: SystemSharedMemory
-    ) -> tuple[InferRequest, dict[str, TensorRef]]:
-        """Authenticate (metadata only), then parse and check the request's own tensors."""
+    def _parse(
+        self, data: bytes, context: grpc.aio.ServicerContext
+    ) -> tuple[dict[str, str], pb.ModelInferRequest]:
+        """Authenticate (metadata only), then parse: the headers and the request."""
         headers, bad_metadata = _read_metadata(context)
         self.gateway.authorize(headers)
         if bad_metadata:
@@ -264,9 +279,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # requests under the scan's threshold): parsing 60 MB stalls the event loop
         check_sizes(data)
         try:
-            request = pb.ModelInferRequest.FromString(data)
+            return headers, pb.ModelInferRequest.FromString(data)
         except DecodeError as e:
             raise InvalidInput(f"malformed ModelInferRequest: {e}") from None
+
+    def _infer_request(
+        self,
+        data: bytes,
+        request: pb.ModelInferRequest,
+        headers: dict[str, str],
+        context: grpc.aio.ServicerContext,
+        shm: SystemSharedMemory,
+    ) -> tuple[InferRequest, dict[str, TensorRef]]:
+        """The parsed request for the core, its own tensors checked."""
         out_shm = _shm_outputs(request, shm)
         # shared memory is this host's: such requests are decoded here, never passed through
         forward = self.gateway.forwards and not _uses_shm(request, out_shm)
