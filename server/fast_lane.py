@@ -24,17 +24,15 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
 from server.core import Gateway
-from server.repository import Variant
+from server.errors import InvalidInput
+from server.repository import TensorInfo, Variant
 
 
 @dataclass(frozen=True)
 class InputPlan:
-    name: str
+    info: TensorInfo
     datatype: str
-    dtype: np.dtype  # the variant's (native byte order)
-    wire: np.dtype  # the same, little-endian (the wire's order)
-    dims: tuple[int, ...]  # with the batch dimension as -1 when batched
-    most: tuple[int, ...] | None  # the largest dims after the batch dimension (max_shape)
+    wire: np.dtype  # the variant's dtype, little-endian (the wire's order)
 
 
 @dataclass(frozen=True)
@@ -50,22 +48,10 @@ def plan_of(variant: Variant) -> Plan | None:
     inputs, a variant that cannot be served)."""
     if variant.problem or not variant.inputs:
         return None
-    batched = variant.max_batch_size > 0
-    inputs = []
-    for t in variant.inputs:
-        if t.dtype == np.object_:
-            return None
-        inputs.append(
-            InputPlan(
-                name=t.name,
-                datatype=t.datatype,
-                dtype=t.dtype,
-                wire=t.dtype.newbyteorder("<"),
-                dims=((-1,) if batched else ()) + tuple(t.shape),
-                most=t.max_shape,
-            )
-        )
-    by_name = {p.name: i for i, p in enumerate(inputs)}
+    if any(t.dtype == np.object_ for t in variant.inputs):
+        return None
+    inputs = [InputPlan(t, t.datatype, t.dtype.newbyteorder("<")) for t in variant.inputs]
+    by_name = {p.info.name: i for i, p in enumerate(inputs)}
     return Plan(variant, tuple(inputs), by_name, variant.max_batch_size)
 
 
@@ -82,9 +68,12 @@ class FastLane:
         except KeyError:
             pass
         repository = self._gateway.repository
-        # a logical model's name routes (general path); an unknown name is its error
+        # a logical model's name routes (general path); an unknown name is its error there, and
+        # is not kept here (clients' made-up names would grow this without bound)
         variant = None if name in repository.models else repository.variant(name)
-        plan = self._plans[name] = plan_of(variant) if variant is not None else None
+        if variant is None:
+            return None
+        plan = self._plans[name] = plan_of(variant)
         return plan
 
     def arrays(self, request: pb.ModelInferRequest) -> tuple[Variant, dict[str, np.ndarray]] | None:
@@ -108,31 +97,21 @@ class FastLane:
             if i is None or found[i] is not None or t.parameters:
                 return None
             spec = plan.inputs[i]
-            shape = tuple(t.shape)
-            if t.datatype != spec.datatype or not _fits(shape, spec):
+            if t.datatype != spec.datatype:
+                return None
+            shape = list(t.shape)
+            try:  # the core's own check: rank, dims, max_shape, batch range
+                Gateway._check_shape(plan.variant, spec.info, shape, plan.max_batch > 0)
+            except InvalidInput:
                 return None
             if plan.max_batch:
-                rows = shape[0]
-                if not 1 <= rows <= plan.max_batch or (batch != -1 and rows != batch):
+                if batch != -1 and shape[0] != batch:
                     return None
-                batch = rows
-            if len(raw) != math.prod(shape) * spec.dtype.itemsize:
+                batch = shape[0]
+            if len(raw) != math.prod(shape) * spec.info.dtype.itemsize:
                 return None
             total += len(raw)
-            found[i] = np.frombuffer(raw, spec.wire).astype(spec.dtype).reshape(shape)
+            found[i] = np.frombuffer(raw, spec.wire).astype(spec.info.dtype).reshape(shape)
         if total > self._gateway.max_request_bytes:
             return None
-        return plan.variant, {s.name: a for s, a in zip(plan.inputs, found, strict=True)}
-
-
-def _fits(shape: tuple[int, ...], spec: InputPlan) -> bool:
-    if len(shape) != len(spec.dims):
-        return False
-    for want, got in zip(spec.dims, shape, strict=True):
-        if got < 0 or (want != -1 and want != got):
-            return False
-    if spec.most is not None:
-        tail = shape[len(shape) - len(spec.most) :]
-        if any(g > m for g, m in zip(tail, spec.most, strict=True)):
-            return False
-    return True
+        return plan.variant, {s.info.name: a for s, a in zip(plan.inputs, found, strict=True)}

@@ -246,19 +246,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         shm = self.gateway.shared_memory
         # refused before the core saw it: counted by _handled (Gateway.count_rejected)
         headers, request = self._parse(data, context)
-        plain = (
-            None
-            if self._lane is None or context.time_remaining() is not None
-            else (self._lane.arrays(request))
-        )
+        plain = None
+        if self._lane is not None and context.time_remaining() is None:
+            plain = self._lane.arrays(request)
         if plain is not None:  # server/fast_lane.py: checked against the variant already
-            variant, arrays = plain
-            response = await self.gateway.infer_checked(variant, arrays, request.id, "grpc")
-            context.set_trailing_metadata(((PRECISION_HEADER, response.precision),))
-            return infer_response_bytes(response)
-        infer, out_shm = self._infer_request(data, request, headers, context, shm)
-        response = await self.gateway.infer(infer)
-        shm.write_outputs(response.outputs, out_shm)
+            response = await self.gateway.infer_checked(*plain, request.id, "grpc")
+            out_shm: dict[str, TensorRef] = {}
+        else:
+            infer, out_shm = self._infer_request(data, request, headers, context, shm)
+            response = await self.gateway.infer(infer)
+            shm.write_outputs(response.outputs, out_shm)
         # trailing, not initial, metadata: sent in the reply's one batch (a separate
         # send_initial_metadata costs a second batch: -15 % req/s for a bare echo, docs/gateway.md)
         context.set_trailing_metadata(((PRECISION_HEADER, response.precision),))
