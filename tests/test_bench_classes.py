@@ -9,6 +9,7 @@ import pytest
 
 from bench.machine import cpu_class, describe
 from bench.results import render_index
+from bench.run import isa_sentence
 from bench.run import main as bench_main
 from bench.targets import evaluate
 
@@ -22,6 +23,26 @@ SPR = [
     "amx_int8",
     "amx_bf16",
 ]
+
+
+def _isa_results(flags: list[str], precisions: list[str]) -> dict:
+    contenders = [{"precision": p} for p in precisions]
+    return {"machine": {"isa_flags": flags}, "engine_level": {"m": {"contenders": contenders}}}
+
+
+def test_isa_sentence_follows_the_flags() -> None:
+    """The precision paragraph says what this CPU has, not the AVX2 story on every host."""
+    assert isa_sentence(_isa_results(SPR, ["fp32", "bf16"])) is None
+    avx512 = isa_sentence(_isa_results(["avx2", "avx512f", "avx512_vnni", "avx512_bf16"], ["bf16"]))
+    assert avx512 is not None
+    assert "avx512_vnni but no AMX" in avx512 and "AVX512_BF16" in avx512
+    assert "vpmaddubsw" not in avx512 and "not built" not in avx512
+    avx2 = isa_sentence(_isa_results(["avx2"], ["fp32", "int8"]))
+    assert avx2 is not None
+    assert "vpmaddubsw" in avx2 and "bf16 variant is not built" in avx2
+    assert "runs emulated" in (isa_sentence(_isa_results(["avx2"], ["bf16"])) or "")
+    no_bf16_run = isa_sentence(_isa_results(["avx2", "avx512_vnni", "avx512_bf16"], ["int8"]))
+    assert "no bf16 variant was measured" in (no_bf16_run or "")
 
 
 @pytest.mark.parametrize(
