@@ -178,7 +178,7 @@ def isa_sentence(results: dict[str, Any]) -> str | None:
     """What this CPU's instructions allow INT8 and BF16, from its flags and the variants measured
     (None on AMX hosts: the targets there assume what the CPU has)."""
     flags = set(results["machine"]["isa_flags"])
-    if flags & {"amx_int8", "amx_bf16", "amx_tile"}:
+    if machine.cpu_class(flags) == "intel-amx":
         return None
     engines = results.get("engine_level", {})
     bf16 = any(
@@ -187,8 +187,8 @@ def isa_sentence(results: dict[str, Any]) -> str | None:
         if isinstance(m, dict)
         for c in m.get("contenders", [])
     )
-    if flags & {"avx512_vnni", "avx_vnni"}:
-        vnni = sorted(flags & {"avx512_vnni", "avx_vnni"})
+    vnni = sorted(flags & {"avx512_vnni", "avx_vnni"})
+    if vnni:
         int8 = (
             f"This CPU has {', '.join(vnni)} but no AMX: INT8 convolutions and MatMuls run on "
             "VNNI dot products (u8 x s8 into int32 in one instruction, no saturation), a large "
