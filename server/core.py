@@ -300,16 +300,7 @@ class Gateway:
                 )
             self._check_size(request)
             arrays = self._validate(model.variants[decision.precision], request)
-            run = self._run(model, candidates, arrays, deadline)
-            if deadline is None or getattr(self.upstream, "honours_deadline", False):
-                variant, outputs = await run
-            else:  # an upstream that may not stop at the deadline: bound it here
-                try:
-                    variant, outputs = await asyncio.wait_for(run, deadline - time.monotonic())
-                except TimeoutError:
-                    raise DeadlineExceeded(
-                        f"deadline exceeded while {model.name!r} was running"
-                    ) from None
+            variant, outputs = await self._run_bounded(model, candidates, arrays, deadline)
             precision_label = variant.precision
             self._count_routing(model, target, decision, variant)
             if decision.shadow_reference and variant.precision == decision.precision:
@@ -343,25 +334,33 @@ class Gateway:
                     feedback(precision_label, elapsed, counts)
 
     async def infer_checked(
-        self, variant: Variant, arrays: dict[str, np.ndarray], request_id: str, protocol: str
+        self,
+        variant: Variant,
+        arrays: dict[str, np.ndarray],
+        request_id: str,
+        protocol: str,
+        deadline: float | None = None,
     ) -> InferResponse:
         """The short way for a request naming ``variant`` whose inputs the transport has
         checked against it (server/fast_lane.py: every check of :meth:`_validate` passed, all
-        outputs, no parameters, no deadline, authorized): what :meth:`infer` does for such a
-        request - run, record, count - without parsing, routing or validating it again."""
+        outputs, no parameters, authorized): what :meth:`infer` does for such a request - run
+        within ``deadline`` (a ``time.monotonic()`` instant, the transport's), record, count -
+        without parsing, routing or validating it again."""
         start = time.monotonic()
         model = self.repository.models[variant.model]
         precision = variant.precision
         inflight = metrics.inflight(model.name)
         inflight.inc()
         try:
-            _, outputs = await self._run(model, [precision], arrays, None)
+            if deadline is not None and start >= deadline:
+                raise DeadlineExceeded("deadline exceeded before the request was routed")
+            _, outputs = await self._run_bounded(model, [precision], arrays, deadline)
             selected = self._select_outputs(variant, outputs, None)
             self._record(variant, _rows(variant, arrays), start, ok=True)
             metrics.requests(model.name, precision, protocol, "ok").inc()
             return InferResponse(variant.name, variant.version, precision, request_id, selected)
         except (Exception, asyncio.CancelledError) as e:
-            error = _counted_failure(e, model.name, precision, protocol, None)
+            error = _counted_failure(e, model.name, precision, protocol, deadline)
             if error is e:
                 raise
             raise error from e
@@ -502,6 +501,22 @@ class Gateway:
                 f"input {spec.name!r}: batch size {shape[0]} is outside "
                 f"1..{variant.max_batch_size} (max_batch_size of {variant.name})"
             )
+
+    async def _run_bounded(
+        self,
+        model: Model,
+        candidates: list[str],
+        arrays: dict[str, np.ndarray],
+        deadline: float | None,
+    ) -> tuple[Variant, dict[str, np.ndarray]]:
+        """:meth:`_run`, ended at ``deadline`` here when the upstream does not promise to."""
+        run = self._run(model, candidates, arrays, deadline)
+        if deadline is None or getattr(self.upstream, "honours_deadline", False):
+            return await run
+        try:  # an upstream that may not stop at the deadline: bound it here
+            return await asyncio.wait_for(run, deadline - time.monotonic())
+        except TimeoutError:
+            raise DeadlineExceeded(f"deadline exceeded while {model.name!r} was running") from None
 
     async def _run(
         self,

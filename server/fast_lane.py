@@ -2,7 +2,8 @@
 
 Most traffic is one shape of request: it names a variant (``digits_int8``, as perf_analyzer's
 ``-m`` and an explicit precision do), carries its inputs as ``raw_input_contents``, asks for all
-outputs, has no parameters, no shared memory and no deadline. For such a request the general
+outputs, has no parameters and no shared memory (a deadline is fine: the core bounds the run
+by it as the general path does). For such a request the general
 path builds an :class:`~server.core.InferRequest` of wire tensors, checks them on their own, looks
 the name up, routes, checks them against the variant and decodes them - about a tenth of a
 millisecond of Python on these hosts, as much as a small model's run (docs/gateway.md).

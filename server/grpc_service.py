@@ -246,11 +246,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         shm = self.gateway.shared_memory
         # refused before the core saw it: counted by _handled (Gateway.count_rejected)
         headers, request = self._parse(data, context)
-        plain = None
-        if self._lane is not None and context.time_remaining() is None:
-            plain = self._lane.arrays(request)
+        plain = None if self._lane is None else self._lane.arrays(request)
         if plain is not None:  # server/fast_lane.py: checked against the variant already
-            response = await self.gateway.infer_checked(*plain, request.id, "grpc")
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            response = await self.gateway.infer_checked(*plain, request.id, "grpc", deadline)
             out_shm: dict[str, TensorRef] = {}
         else:
             infer, out_shm = self._infer_request(data, request, headers, context, shm)

@@ -103,12 +103,18 @@ def _count(g: InProcessGateway, status: str) -> float:
     return REGISTRY.get_sample_value("precision_serve_requests_total", labels) or 0.0
 
 
-def test_the_short_way_answers_and_records_like_the_general_path(tiny_repository, monkeypatch):
-    seen = []
+def _watch_the_lane(monkeypatch) -> list:
+    """What FastLane.arrays returned, call by call (None: the general path)."""
+    seen: list = []
     original = fast_lane.FastLane.arrays
     monkeypatch.setattr(
         fast_lane.FastLane, "arrays", lambda self, r: seen.append(x := original(self, r)) or x
     )
+    return seen
+
+
+def test_the_short_way_answers_and_records_like_the_general_path(tiny_repository, monkeypatch):
+    seen = _watch_the_lane(monkeypatch)
     options = ServeOptions(repository=tiny_repository, grpc_port=0, http_port=0, metrics_port=0)
     with InProcessGateway(options) as g:
         client = grpcclient.InferenceServerClient(g.grpc_url)
@@ -118,6 +124,10 @@ def test_the_short_way_answers_and_records_like_the_general_path(tiny_repository
         ok_before = _count(g, "ok")
         plain = client.infer("tiny_fp32", [inp])
         assert seen[-1] is not None  # it took the short way
+        seen.clear()
+        timed = client.infer("tiny_fp32", [inp], client_timeout=30)
+        assert seen and seen[-1] is not None  # with a deadline too (most clients send one)
+        np.testing.assert_array_equal(timed.as_numpy("logits"), plain.as_numpy("logits"))
         out = grpcclient.InferRequestedOutput("logits")
         general = client.infer("tiny_fp32", [inp], outputs=[out])
         assert seen[-1] is None  # requested outputs: the general path
@@ -130,10 +140,10 @@ def test_the_short_way_answers_and_records_like_the_general_path(tiny_repository
             (a.model_name, a.model_version) == (b.model_name, b.model_version) == ("tiny_fp32", "1")
         )
         assert a.parameters["precision"].string_param == "fp32"
-        assert _count(g, "ok") == ok_before + 2
+        assert _count(g, "ok") == ok_before + 3
         stats = client.get_inference_statistics("tiny_fp32").model_stats[0]
-        assert stats.inference_stats.success.count == 2
-        assert stats.inference_count == 6  # rows, both ways
+        assert stats.inference_stats.success.count == 3
+        assert stats.inference_count == 9  # rows, both ways
 
         # a bad request is never the lane's: the general path's error, counted
         bad = grpcclient.InferInput("x", [3, 15], "FP32")
@@ -143,4 +153,37 @@ def test_the_short_way_answers_and_records_like_the_general_path(tiny_repository
         assert e.value.status() == str(grpc.StatusCode.INVALID_ARGUMENT)
         assert "input 'x': expected shape [-1, 16], got [3, 15]" in e.value.message()
         assert _count(g, "INVALID_ARGUMENT") >= 1
+        client.close()
+
+
+def test_the_short_way_ends_a_request_at_its_deadline(repo_copy, monkeypatch):
+    """A request waiting in the batcher's queue (preferred batch 8, an hour's queue delay: one
+    request waits forever) past its client's deadline ends there: the gateway counts it
+    DEADLINE_EXCEEDED, as the general path would, instead of holding it until the client gives
+    up (CANCELLED), and the next request is served."""
+    import time
+
+    from server.model_repository import read_config, write_config
+
+    seen = _watch_the_lane(monkeypatch)
+    cfg = read_config(repo_copy / "tiny_fp32")
+    cfg.dynamic_batching.max_queue_delay_microseconds = 3_600_000_000
+    del cfg.dynamic_batching.preferred_batch_size[:]
+    cfg.dynamic_batching.preferred_batch_size.append(8)
+    write_config(repo_copy / "tiny_fp32", cfg)
+    options = ServeOptions(repository=repo_copy, grpc_port=0, http_port=0, metrics_port=0)
+    with InProcessGateway(options) as g:
+        client = grpcclient.InferenceServerClient(g.grpc_url)
+        inp = grpcclient.InferInput("x", [1, 16], "FP32")
+        inp.set_data_from_numpy(rows(1, seed=3))
+        before = _count(g, "DEADLINE_EXCEEDED")
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("tiny_fp32", [inp], client_timeout=0.3)
+        assert e.value.status() == str(grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert seen and seen[-1] is not None  # it was the short way's
+        end = time.monotonic() + 5
+        while _count(g, "DEADLINE_EXCEEDED") == before and time.monotonic() < end:
+            time.sleep(0.02)
+        assert _count(g, "DEADLINE_EXCEEDED") == before + 1
+        assert _count(g, "CANCELLED") == 0
         client.close()
