@@ -261,3 +261,38 @@ def test_a_probe_without_batches_goes_back_to_inline_runs(monkeypatch):
     # then inline again
     worker = "worker-0"
     assert session.threads == [worker, loop_thread] + [worker] * 4 + [loop_thread] * 4
+
+
+def test_in_batching_mode_the_worker_waits_briefly_for_companions(monkeypatch):
+    """Judged worth batching, a worker that has taken the queued request waits up to
+    BATCH_COLLECT_S for more (0.5 s here, so the test does not race the loop): a request
+    submitted 10 ms later shares its run. Outside batching mode it never waits."""
+    monkeypatch.setattr(batching, "PROBE_EVERY_S", 0.0)
+    monkeypatch.setattr(batching, "BATCH_COLLECT_S", 0.5)
+
+    async def pair(batcher):
+        first = asyncio.ensure_future(batcher.submit({"x": np.ones((1, 3), np.float32)}, None))
+        await asyncio.sleep(0.01)
+        await batcher.submit({"x": np.ones((1, 3), np.float32)}, None)
+        await first
+
+    async def main(session, policy, probe: bool):
+        batcher = DynamicBatcher([session], policy, ("m", "fp32"), name="worker")
+        batcher.start()
+        try:
+            if probe:  # unknown duration (worker), then inline: the probe is due at once
+                for _ in range(2):
+                    await batcher.submit({"x": np.ones((1, 3), np.float32)}, None)
+                    await asyncio.sleep(0.005)
+                batching.PROBE_EVERY_S = 60.0
+            await pair(batcher)
+        finally:
+            await batcher.close()
+
+    short = SizeRecordingSession()
+    asyncio.run(main(short, FAST, probe=True))
+    assert short.sizes[-1] == 2 and len(short.sizes) == 3  # the pair ran as one
+
+    slow = SizeRecordingSession(delay=0.03)  # over inline_max_s: the worker, never batching mode
+    asyncio.run(main(slow, BatchPolicy(max_batch_size=8, dynamic=True, inline_max_s=0.01), False))
+    assert slow.sizes == [1, 1]  # no wait: the first ran at once, the second after it
