@@ -18,9 +18,12 @@ the loop accepts nothing, so under concurrent load every run is one request. So 
 ``PROBE_EVERY_S`` the batcher sends ``PROBE_REQUESTS`` requests through the worker (a probe);
 when they ran at least ``BATCH_MIN_REQUESTS`` requests per engine run, it stays in that batching
 mode (re-judged every ``PROBE_REQUESTS`` requests) until the mean drops under it, then runs
-inline again. In that mode a worker waits ``BATCH_COLLECT_S`` (50 us) for companions before
-each run: a worker quicker than the loop otherwise runs the requests one by one (the probe then
-saw 1.1-2.2 requests per run at concurrency 16 and ran inline, at 0.7x the throughput).
+inline again and probes again after 1/8 of ``PROBE_EVERY_S``, then 1/4, 1/2 and all of it while
+judgements keep failing (a low judgement under load, such as a burst's first requests, then
+costs a quarter of a second of inline runs, not two seconds). In that mode a worker waits
+``BATCH_COLLECT_S`` (50 us) for companions before each run: a worker quicker than the loop
+otherwise runs the requests one by one (the probe then saw 1.1-2.2 requests per run at
+concurrency 16 and ran inline, at 0.7x the throughput).
 Measured (``digits_int8``, 2 cores, docs/gateway.md): inline is faster at 1.0 and 1.7 requests
 per run (concurrency 1 and 4), the worker at 5-6 (concurrency 16).
 A deadline is one loop timer per request.
@@ -197,6 +200,7 @@ class DynamicBatcher:
         # inline vs batching mode (event loop thread); runs and requests counted by the worker
         self._batching = False
         self._next_probe = math.inf  # set by the first inline run
+        self._failed_judgements = 0  # judgements in a row that sent runs back inline
         self._judged = 0  # requests submitted in batching mode since the last judgement
         self._runs = 0  # worker runs and their requests since then (under the lock)
         self._run_requests = 0
@@ -313,10 +317,16 @@ class DynamicBatcher:
             return
         per_run = self._run_requests / self._runs if self._runs else 0.0
         self._judged = self._runs = self._run_requests = 0
-        if per_run < BATCH_MIN_REQUESTS:
-            self._batching = False
-            self._next_probe = now + PROBE_EVERY_S
-            log.debug("%s: %.2f requests per run: inline runs", self._name, per_run)
+        if per_run >= BATCH_MIN_REQUESTS:
+            self._failed_judgements = 0
+            return
+        # back to inline runs; the next probe after 1/8, 1/4, 1/2, then all of PROBE_EVERY_S:
+        # one low judgement under load (a burst's first requests) costs a fraction of a second
+        self._batching = False
+        backoff = 2.0 ** min(0, self._failed_judgements - 3)
+        self._failed_judgements += 1
+        self._next_probe = now + PROBE_EVERY_S * backoff
+        log.debug("%s: %.2f requests per run: inline runs", self._name, per_run)
 
     def _observe_run(self, seconds: float, inline: bool = False) -> None:
         last = self._run_s

@@ -296,3 +296,42 @@ def test_in_batching_mode_the_worker_waits_briefly_for_companions(monkeypatch):
     slow = SizeRecordingSession(delay=0.03)  # over inline_max_s: the worker, never batching mode
     asyncio.run(main(slow, BatchPolicy(max_batch_size=8, dynamic=True, inline_max_s=0.01), False))
     assert slow.sizes == [1, 1]  # no wait: the first ran at once, the second after it
+
+
+def test_after_a_failed_judgement_the_next_probe_comes_soon_then_less_often(monkeypatch):
+    """A judgement that sends runs back inline schedules the next probe after 1/8 of
+    PROBE_EVERY_S, then 1/4, 1/2 and all of it while judgements keep failing (one caller: every
+    probe runs one request per run and fails). Clock: fake, half a second per request."""
+    monkeypatch.setattr(batching, "PROBE_EVERY_S", 8.0)
+    monkeypatch.setattr(batching, "PROBE_REQUESTS", 2)
+    monkeypatch.setattr(batching, "BATCH_COLLECT_S", 0.0)  # no wait on a frozen clock
+    now = [0.0]
+    runs: list[tuple[float, str]] = []
+
+    class Session:
+        def run(self, feeds):
+            runs.append((now[0], threading.current_thread().name))
+            return {"y": feeds["x"] * 2}
+
+    async def main():
+        batcher = DynamicBatcher([Session()], FAST, ("m", "fp32"), clock=lambda: now[0])
+        batcher.start()
+        try:
+            while now[0] <= 40.0:
+                await batcher.submit({"x": np.ones((1, 3), np.float32)}, None)
+                await asyncio.sleep(0.005)  # the worker marks itself idle after answering
+                now[0] += 0.5
+        finally:
+            await batcher.close()
+        return threading.current_thread().name
+
+    loop_thread = asyncio.run(main())
+    threads = [t for _, t in runs]
+    starts = [
+        at
+        for i, (at, t) in enumerate(runs)
+        if i > 1 and t != loop_thread and threads[i - 1] == loop_thread
+    ]
+    # the first inline run (0.5) sets the first probe at 8.5; each probe of 3 requests is
+    # judged (and fails) at its third, 1.0 s after it started: then 1, 2, 4, 8, 8 s to the next
+    assert starts == [8.5, 10.5, 13.5, 18.5, 27.5, 36.5]
