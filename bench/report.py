@@ -5,20 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from bench.report_peers import peer_ratios, perf_analyzer_section, pyspy_section
-from bench.serving import PATHS
+from bench.serving import PATH_NAMES, PATHS
 
-PATH_LABELS = {
-    "inprocess": "(a) in-process engine",
-    "gateway": "(b) gateway, embedded upstream",
-    "triton": "(c) Triton direct (python backend)",
-    "gateway_triton": "(d) gateway -> Triton",
-    "echo": "(e) bare gRPC echo, no model (floor)",
-    "kserve": "(f) KServe 0.21 ModelServer (same file, ONNX Runtime)",
-    "gateway_workers2": "(g) gateway --workers 2, embedded upstream",
-    "bare_aio": "(h) bare grpc.aio server, same engine (parse, run, reply)",
-    "bare_sync": "(i) bare grpc sync server, same engine (parse, run, reply)",
-    "bare_forward": "(j) bare grpc.aio forwarder -> Triton (bytes in, bytes out)",
-}
+PATH_LABELS = {key: short + rest for key, (short, rest) in PATH_NAMES.items()}
 
 
 def _f(x: Any, digits: int = 2) -> str:

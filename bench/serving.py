@@ -43,10 +43,21 @@ from server.model_repository import load_manifest, manifest_path
 ORT_ENGINE = "onnxruntime"
 # Paths that run the ONNX file on ONNX Runtime whatever the manifest's engine.
 ORT_PATHS = frozenset({"kserve"})
-PATHS = (
-    "inprocess", "gateway", "triton", "gateway_triton", "echo", "kserve", "gateway_workers2",
-    "bare_aio", "bare_sync", "bare_forward",
-)  # fmt: skip
+# Each serving path: its short name (the targets' words) and the rest of its label (the
+# report's rows, bench/report.py PATH_LABELS).
+PATH_NAMES: dict[str, tuple[str, str]] = {
+    "inprocess": ("(a) in-process engine", ""),
+    "gateway": ("(b) gateway", ", embedded upstream"),
+    "triton": ("(c) Triton direct", " (python backend)"),
+    "gateway_triton": ("(d) gateway -> Triton", ""),
+    "echo": ("(e) bare gRPC echo", ", no model (floor)"),
+    "kserve": ("(f) KServe 0.21 ModelServer", " (same file, ONNX Runtime)"),
+    "gateway_workers2": ("(g) gateway --workers 2", ", embedded upstream"),
+    "bare_aio": ("(h) bare grpc.aio server", ", same engine (parse, run, reply)"),
+    "bare_sync": ("(i) bare grpc sync server", ", same engine (parse, run, reply)"),
+    "bare_forward": ("(j) bare grpc.aio forwarder", " -> Triton (bytes in, bytes out)"),
+}
+PATHS = tuple(PATH_NAMES)
 # Paths whose server runs in several processes: no CPU-time figure from one pid.
 MULTIPROCESS = ("triton", "gateway_workers2")
 SETTLE_SECONDS = 0.1

@@ -10,6 +10,7 @@ from typing import Any
 
 from bench.engine_level import best_served
 from bench.machine import cpu_class
+from bench.serving import PATH_NAMES
 
 MINILM_MIN_COSINE = 0.999
 
@@ -161,11 +162,6 @@ def _added(variant: str, den: str) -> Measure:
 # (no batching), on grpc.aio and on grpc's sync server; the bare forwarder for the Triton path.
 EMBEDDED_FLOORS = ("bare_aio", "bare_sync")
 FORWARD_FLOORS = ("bare_forward",)
-FLOOR_LABELS = {
-    "bare_aio": "(h) bare grpc.aio server",
-    "bare_sync": "(i) bare grpc sync server",
-    "bare_forward": "(j) bare grpc.aio forwarder",
-}
 
 
 @dataclass(frozen=True)
@@ -199,7 +195,7 @@ def floor_note(t: ServingTarget, serving: dict[str, Any]) -> str:
     got = {p: v for p, v in got.items() if v is not None}
     if not got:
         return ""
-    figures = ", ".join(f"{FLOOR_LABELS[p]} {v:g}" for p, v in got.items())
+    figures = ", ".join(f"{PATH_NAMES[p][0]} {v:g}" for p, v in got.items())
     if any(t.ok(v) for v in got.values()):
         return (
             f"the bare servers measured the same way: {figures}: the gateway's own work misses it"
