@@ -300,7 +300,7 @@ class Gateway:
                 )
             self._check_size(request)
             arrays = self._validate(model.variants[decision.precision], request)
-            variant, outputs = await self._run_bounded(model, candidates, arrays, deadline)
+            variant, outputs = await self._run(model, candidates, arrays, deadline)
             precision_label = variant.precision
             self._count_routing(model, target, decision, variant)
             if decision.shadow_reference and variant.precision == decision.precision:
@@ -354,7 +354,7 @@ class Gateway:
         try:
             if deadline is not None and start >= deadline:
                 raise DeadlineExceeded("deadline exceeded before the request was routed")
-            _, outputs = await self._run_bounded(model, [precision], arrays, deadline)
+            _, outputs = await self._run(model, [precision], arrays, deadline)
             selected = self._select_outputs(variant, outputs, None)
             self._record(variant, _rows(variant, arrays), start, ok=True)
             metrics.requests(model.name, precision, protocol, "ok").inc()
@@ -502,22 +502,6 @@ class Gateway:
                 f"1..{variant.max_batch_size} (max_batch_size of {variant.name})"
             )
 
-    async def _run_bounded(
-        self,
-        model: Model,
-        candidates: list[str],
-        arrays: dict[str, np.ndarray],
-        deadline: float | None,
-    ) -> tuple[Variant, dict[str, np.ndarray]]:
-        """:meth:`_run`, ended at ``deadline`` here when the upstream does not promise to."""
-        run = self._run(model, candidates, arrays, deadline)
-        if deadline is None or getattr(self.upstream, "honours_deadline", False):
-            return await run
-        try:  # an upstream that may not stop at the deadline: bound it here
-            return await asyncio.wait_for(run, deadline - time.monotonic())
-        except TimeoutError:
-            raise DeadlineExceeded(f"deadline exceeded while {model.name!r} was running") from None
-
     async def _run(
         self,
         model: Model,
@@ -525,11 +509,19 @@ class Gateway:
         arrays: dict[str, np.ndarray],
         deadline: float | None,
     ) -> tuple[Variant, dict[str, np.ndarray]]:
+        """The first ready candidate's run, ended at ``deadline`` here when the upstream does
+        not promise to end it there itself."""
         infer = self.upstream.infer
         timed = not getattr(self.upstream, "records_timing", False)
-        return await self._first_ready(
+        run = self._first_ready(
             model, candidates, lambda v: infer(v, arrays, deadline), timed=timed
         )
+        if deadline is None or getattr(self.upstream, "honours_deadline", False):
+            return await run
+        try:  # an upstream that may not stop at the deadline: bound it here
+            return await asyncio.wait_for(run, deadline - time.monotonic())
+        except TimeoutError:
+            raise DeadlineExceeded(f"deadline exceeded while {model.name!r} was running") from None
 
     async def _forward(
         self, model: Model, candidates: list[str], request: InferRequest, deadline: float | None
