@@ -160,7 +160,7 @@ def test_the_short_way_ends_a_request_at_its_deadline(repo_copy, monkeypatch):
     """A request waiting in the batcher's queue (preferred batch 8, an hour's queue delay: one
     request waits forever) past its client's deadline ends there: the gateway counts it
     DEADLINE_EXCEEDED, as the general path would, instead of holding it until the client gives
-    up (CANCELLED), and the next request is served."""
+    up (CANCELLED)."""
     import time
 
     from server.model_repository import read_config, write_config
