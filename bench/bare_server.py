@@ -11,15 +11,18 @@
   deadlines or error handling (a bad request fails however it fails).
 - ``forward``: a grpc.aio server passing each request's bytes to ``--forward`` (Triton) with
   one grpc.aio call and returning the reply's bytes: the least the gateway -> Triton path does.
+- ``forward-http``: the same over Triton's HTTP port (``--forward`` HOST:HTTP_PORT), the second
+  hop on raw keep-alive sockets (:mod:`bench.http_forward`): the cheapest client leg measured.
 
-The benchmark (:mod:`bench.serving`, paths (h)-(j)) measures them beside the gateway: what one
+Every mode runs on the gateway's event loop (``server.event_loop``: uvloop when installed).
+
+The benchmark (:mod:`bench.serving`, paths (h)-(k)) measures them beside the gateway: what one
 of them cannot reach, no handler written on that framework reaches either.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import signal
 import sys
 import threading
@@ -30,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
+from bench.http_forward import serve_forward_http
 from bench.ready_server import (
     SERVICE,
     ReadyFileServer,
@@ -37,9 +41,11 @@ from bench.ready_server import (
     model_infer_handler,
     serve_aio_until_signal,
 )
+from server.event_loop import run_loop
 
 METHOD = f"/{SERVICE}/ModelInfer"
-MODES = ("aio", "sync", "forward")
+MODES = ("aio", "sync", "forward", "forward-http")
+FORWARDERS = ("forward", "forward-http")
 POOL_THREADS = 4  # the sync server's handler threads (4 measured best for an echo at c1-c16)
 
 
@@ -112,26 +118,31 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.bare_server")
     p.add_argument("--repository", type=Path)
     p.add_argument("--mode", choices=MODES, required=True)
-    p.add_argument("--forward", help="HOST:PORT of the Triton server (--mode forward)")
+    p.add_argument(
+        "--forward", help="HOST:PORT of Triton's gRPC (--mode forward) or HTTP (forward-http) port"
+    )
     p.add_argument("--threads", type=int, default=0, help="engine threads (0 = the engine's)")
     p.add_argument("--ready-file", type=Path, required=True)
     args = p.parse_args(argv)
-    if (args.mode == "forward") != bool(args.forward):
-        p.error("--forward HOST:PORT goes with --mode forward, and only with it")
-    if args.mode != "forward" and args.repository is None:
+    if (args.mode in FORWARDERS) != bool(args.forward):
+        p.error("--forward HOST:PORT goes with --mode forward or forward-http, and only with them")
+    if args.mode not in FORWARDERS and args.repository is None:
         p.error(f"--mode {args.mode} needs --repository")
     if args.mode == "forward":
-        asyncio.run(serve_forward(args.forward, args.ready_file))
+        run_loop(serve_forward(args.forward, args.ready_file))
+    elif args.mode == "forward-http":
+        run_loop(serve_forward_http(args.forward, args.ready_file))
     elif args.mode == "sync":
         serve_sync(load_handler(args.repository, args.threads), args.ready_file)
     else:
-        asyncio.run(serve_aio(load_handler(args.repository, args.threads), args.ready_file))
+        run_loop(serve_aio(load_handler(args.repository, args.threads), args.ready_file))
     return 0
 
 
 class BareServer(ReadyFileServer):
     """``with BareServer("aio", repository=R, threads=2) as s: s.grpc_url`` (or ``"sync"``, or
-    ``BareServer("forward", forward=TRITON_URL)``): the bare server in a subprocess."""
+    ``BareServer("forward", forward=TRITON_URL)``, ``BareServer("forward-http",
+    forward=TRITON_HTTP_URL)``): the bare server in a subprocess."""
 
     def __init__(
         self,

@@ -3,19 +3,20 @@
 ``python -m bench.echo_server --ready-file PATH`` binds 127.0.0.1 on an OS-picked port, writes
 ``{"grpc_port": N, "pid": P}`` to the ready file, and answers every ``ModelInfer`` with the same
 small ``ModelInferResponse`` (no decoding, no model) until SIGTERM. :class:`EchoServer` runs it
-for the benchmark: the gap between it and the gateway is what the gateway itself adds.
+for the benchmark: the gap between it and the gateway is what the gateway itself adds. It runs
+on the gateway's event loop (uvloop when installed, ``server.event_loop``).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 
 from tritonclient.grpc import service_pb2
 
 from bench.ready_server import ReadyFileServer, serve_aio_until_signal
+from server.event_loop import run_loop
 
 
 async def _serve(ready_file: Path) -> None:
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.echo_server")
     p.add_argument("--ready-file", type=Path, required=True)
     args = p.parse_args(argv)
-    asyncio.run(_serve(args.ready_file))
+    run_loop(_serve(args.ready_file))  # the gateway's loop
     return 0
 
 

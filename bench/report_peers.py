@@ -28,6 +28,7 @@ PEER_RATIOS = (
     ("(b)/(h) gateway / bare grpc.aio server", "gateway", "bare_aio"),
     ("(j)/(c) bare forwarder -> Triton / Triton direct", "bare_forward", "triton"),
     ("(d)/(j) gateway -> Triton / bare forwarder", "gateway_triton", "bare_forward"),
+    ("(k)/(c) bare HTTP forwarder -> Triton / Triton direct", "bare_forward_http", "triton"),
 )
 
 

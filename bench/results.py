@@ -71,10 +71,12 @@ def render_index(folder: Path) -> str:
         "",
         "Beside them, the floors: a bare grpc.aio echo (e), and the bare servers of "
         "`bench/bare_server.py`: the same engine behind nothing but parse, run, reply on "
-        "grpc.aio (h) and on grpc's sync server (i), and a grpc.aio forwarder passing the bytes "
-        "to the same Triton (j). Each missed serving target says what those reach on the same "
-        "measure: when none meets it either, no handler on these gRPC servers does on this host "
-        "(without batching); when one does, the gateway's own work is what misses it.",
+        "grpc.aio (h) and on grpc's sync server (i), a grpc.aio forwarder passing the bytes "
+        "to the same Triton (j) and one over Triton's HTTP port on raw sockets (k), the "
+        "grpc.aio ones on the gateway's event loop (uvloop). Each missed serving target says "
+        "what those reach on the same measure: when none meets it either, no handler on these "
+        "gRPC servers does on this host (without batching); when one does, the gateway's own "
+        "work is what misses it.",
         "",
         "| CPU class | report | raw results | machine | ISA flags | measured | targets |",
         "|---|---|---|---|---|---|---|",

@@ -12,9 +12,10 @@ The same variant and the same input rows through four paths:
 - (f) ``kserve``: KServe's Python ``ModelServer`` running the same file, and (g)
   ``gateway_workers2``: the gateway with ``--workers 2`` (:mod:`bench.peer_paths`);
 - (h) ``bare_aio`` and (i) ``bare_sync``: the same engine behind nothing but parse-run-reply, on
-  grpc.aio and on grpc's sync server, and (j) ``bare_forward``: a grpc.aio server passing the
-  bytes to that Triton (:mod:`bench.bare_server`): the floors with the model, what no handler
-  on those frameworks beats without batching.
+  grpc.aio and on grpc's sync server, (j) ``bare_forward``: a grpc.aio server passing the
+  bytes to that Triton, and (k) ``bare_forward_http``: the same over Triton's HTTP port on raw
+  sockets (:mod:`bench.bare_server`, :mod:`bench.http_forward`): the floors with the model,
+  what no handler on those frameworks beats without batching (each on the gateway's loop).
 
 The servers get a repository holding only the measured variants (links to the built ones), so
 neither loads anything else. All four run at once and are measured round-robin - per round, per
@@ -56,10 +57,13 @@ PATH_NAMES: dict[str, tuple[str, str]] = {
     "bare_aio": ("(h) bare grpc.aio server", ", same engine (parse, run, reply)"),
     "bare_sync": ("(i) bare grpc sync server", ", same engine (parse, run, reply)"),
     "bare_forward": ("(j) bare grpc.aio forwarder", " -> Triton (bytes in, bytes out)"),
+    "bare_forward_http": ("(k) bare forwarder over HTTP", " -> Triton's HTTP port (raw sockets)"),
 }
 PATHS = tuple(PATH_NAMES)
 # Paths whose server runs in several processes: no CPU-time figure from one pid.
 MULTIPROCESS = ("triton", "gateway_workers2")
+# Paths that need the local Triton (skipped with --no-triton).
+TRITON_PATHS = ("triton", "gateway_triton", "bare_forward", "bare_forward_http")
 SETTLE_SECONDS = 0.1
 
 
@@ -156,7 +160,7 @@ class Servers:
 
             start_peer_paths(self, self.wanted, self.source, args)
         if not self.with_triton:
-            for path in ("triton", "gateway_triton", "bare_forward"):
+            for path in TRITON_PATHS:
                 self.errors[path] = "skipped (--no-triton)"
             return self
         from server.triton.launcher import TritonOptions, TritonServer
@@ -171,11 +175,15 @@ class Servers:
         )
         triton = self._start("triton", lambda: TritonServer(opts))
         if triton is None:
-            self.errors["gateway_triton"] = self.errors["bare_forward"] = "Triton did not start"
+            for path in TRITON_PATHS[1:]:
+                self.errors[path] = "Triton did not start"
             return self
         up = [*args, "--upstream", f"triton://{triton.grpc_url}"]
         self._start("gateway_triton", lambda: GatewayProcess(self.repository, up, timeout=300))
         self._start("bare_forward", lambda: BareServer("forward", forward=triton.grpc_url))
+        self._start(
+            "bare_forward_http", lambda: BareServer("forward-http", forward=triton.http_url)
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -161,7 +161,7 @@ def _added(variant: str, den: str) -> Measure:
 # The bare servers (bench.bare_server): the same engine behind nothing but parse-run-reply
 # (no batching), on grpc.aio and on grpc's sync server; the bare forwarder for the Triton path.
 EMBEDDED_FLOORS = ("bare_aio", "bare_sync")
-FORWARD_FLOORS = ("bare_forward",)
+FORWARD_FLOORS = ("bare_forward", "bare_forward_http")
 
 
 @dataclass(frozen=True)

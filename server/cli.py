@@ -10,12 +10,11 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
 
 from server.app import DEFAULT_DRAIN_S, DEFAULT_MAX_REQUEST_BYTES, ServeOptions, serve
 from server.errors import ConfigError, GatewayError
+from server.event_loop import LOOPS, run_loop
 from server.http_app import DEFAULT_BODY_TIMEOUT_S, HttpLimits
 from server.http_limits import DEFAULT_MAX_CONNECTIONS
 from server.request_bounds import LIMIT_MODES
@@ -147,27 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --workers
     p.add_argument(
         "--loop",
-        choices=("auto", "uvloop", "asyncio"),
+        choices=LOOPS,
         default="auto",
         help="event loop: uvloop when installed (auto), or the standard asyncio loop",
     )
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
     return p
-
-
-def run_loop(main: Coroutine[Any, Any, None], loop: str = "auto") -> None:
-    """Run ``main`` on uvloop (``auto``: when it is installed) or on asyncio's own loop."""
-    if loop != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if loop == "uvloop":
-                main.close()
-                raise ConfigError("--loop uvloop: uvloop is not installed") from None
-        else:
-            uvloop.run(main)
-            return
-    asyncio.run(main)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -169,7 +169,7 @@ def _loop_module() -> str:
 
 
 def test_the_cli_runs_the_gateway_on_uvloop_unless_told_otherwise():
-    from server.cli import run_loop
+    from server.event_loop import run_loop
 
     try:
         import uvloop  # noqa: F401
