@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +34,6 @@ from typing import Any
 from bench import clients, profiling
 from bench.serving import load_targets, subset_repository
 from server import process
-
-# rows per engine run (embedded) and requests per forwarded call (Triton pass-through)
-BATCH_METRICS = ("precision_serve_batch_size", "precision_serve_upstream_call_requests")
 
 
 @dataclass
@@ -74,15 +70,7 @@ def _start(g: Gateway, repository: Path, workdir: Path) -> None:
 
 
 def _batch_totals(g: Gateway) -> tuple[float, float]:
-    url = f"http://127.0.0.1:{g.ports['metrics_port']}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as r:
-        text = r.read().decode()
-    total = {"_sum": 0.0, "_count": 0.0}
-    for line in text.splitlines():
-        for suffix in total:
-            if line.startswith(tuple(m + suffix for m in BATCH_METRICS)):
-                total[suffix] += float(line.rsplit(" ", 1)[-1])
-    return total["_sum"], total["_count"]
+    return profiling.batch_totals(f"http://127.0.0.1:{g.ports['metrics_port']}/metrics")
 
 
 def _window(server: Any, payload: bytes, c: int, seconds: float) -> dict[str, float]:

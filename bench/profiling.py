@@ -5,6 +5,9 @@ profiler.
 - :func:`scrape_histograms`: sum and count of the gateway's request / queue / upstream duration
   histograms (docs/metrics.md); the difference of two scrapes around a window gives the mean time
   a request spent in the gateway, waiting for a batch, and in the engine.
+- :func:`batch_totals`: rows and runs of the gateway's engine batches and merged upstream calls;
+  the difference of two scrapes around a window gives the requests per run (1: inline, or no
+  merging).
 - :func:`ort_op_profile`: ONNX Runtime's own profiler (``enable_profiling``) over a few runs,
   summed by operator type: where the engine's time goes.
 """
@@ -38,6 +41,23 @@ def process_cpu_seconds(pid: int) -> float | None:
     fields = text.rsplit(")", 1)[1].split()
     ticks = int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+# rows per engine run (embedded) and requests per merged upstream call (Triton pass-through)
+BATCH_METRICS = ("precision_serve_batch_size", "precision_serve_upstream_call_requests")
+
+
+def batch_totals(metrics_url: str) -> tuple[float, float]:
+    """(rows, runs) summed over every variant's :data:`BATCH_METRICS` histograms."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as r:
+        text = r.read().decode()
+    total = {"_sum": 0.0, "_count": 0.0}
+    names = {suffix: tuple(m + suffix for m in BATCH_METRICS) for suffix in total}
+    for line in text.splitlines():
+        for suffix, prefixes in names.items():
+            if line.startswith(prefixes):
+                total[suffix] += float(line.rsplit(" ", 1)[-1])
+    return total["_sum"], total["_count"]
 
 
 def scrape_histograms(metrics_url: str, model: str, precision: str) -> dict[str, list[float]]:

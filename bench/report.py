@@ -268,6 +268,7 @@ def _serving(s: dict[str, Any]) -> list[str]:
                 ["ratio", "p50 added at c1, ms", *[f"throughput c{c}" for c in cs]], ratio_rows
             ),
             "",
+            *_per_run(v["paths"], cs),
         ]
         lines += peer_ratios(v, cs)
     if s.get("startup_seconds"):
@@ -278,6 +279,31 @@ def _serving(s: dict[str, Any]) -> list[str]:
     if ceiling:
         lines += _ceiling(ceiling)
     return lines
+
+
+def _per_run(paths: dict[str, Any], cs: list[str]) -> list[str]:
+    """How the gateway ran each window: requests per engine run (embedded: 1 is inline, more
+    is the batcher's batching mode) or per upstream call (Triton: merged calls), per round."""
+    parts = []
+    for p in ("gateway", "gateway_triton"):
+        cells = []
+        for c in cs:
+            rounds = [
+                r.get("requests_per_run") for r in paths.get(p, {}).get(c, {}).get("rounds", [])
+            ]
+            if any(x is not None for x in rounds):
+                cells.append(f"c{c} " + " / ".join(_f(x, 2) for x in rounds))
+        if cells:
+            what = "engine run" if p == "gateway" else "call to Triton"
+            parts.append(f"{PATH_LABELS[p].split(',')[0]} per {what}: " + "; ".join(cells))
+    if not parts:
+        return []
+    return [
+        "Requests per run, by round (the gateway's batch metrics around each window): "
+        + ". ".join(parts)
+        + ".",
+        "",
+    ]
 
 
 def _ceiling(c: dict[str, Any]) -> list[str]:

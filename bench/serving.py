@@ -254,10 +254,16 @@ def _window(path: str, target: Target, servers: Servers, c: int, w: ServingWindo
         out["process_cpu_ms_per_request"] = out.pop("client_cpu_ms_per_request")
         return out
     proc = servers.procs.get(path) if path not in MULTIPROCESS else None
+    metrics = getattr(proc, "metrics_url", None)  # the gateway's: requests per run
+    batches0 = profiling.batch_totals(metrics) if metrics else None
     cpu0, wall0 = (profiling.process_cpu_seconds(proc.pid) if proc else None), time.perf_counter()
     out = clients.grpc_window(servers.targets[path], target.payload, c, w.seconds, w.warmup)
     wall = time.perf_counter() - wall0
     cpu1 = profiling.process_cpu_seconds(proc.pid) if proc else None
+    if batches0 is not None:
+        rows, runs = (b - a for a, b in zip(batches0, profiling.batch_totals(metrics), strict=True))
+        if runs:  # rows per engine run (embedded) or requests per upstream call (Triton)
+            out["requests_per_run"] = round(rows / runs, 2)
     if cpu0 is not None and cpu1 is not None and out["requests"]:
         # the warm-up ran too: count the measured window's share of the wall time
         cpu = (cpu1 - cpu0) * out["seconds"] / wall
@@ -269,11 +275,13 @@ def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [r for r in runs if r["requests"]]
     cpu = [r.get("server_cpu_ms_per_request", r.get("process_cpu_ms_per_request")) for r in ok]
     cpu = [c for c in cpu if c is not None]
+    per = [r["requests_per_run"] for r in ok if "requests_per_run" in r]
     return {
         "rps": round(median(r["rps"] for r in ok), 2) if ok else None,
         "p50_ms": round(median(r["p50_ms"] for r in ok), 4) if ok else None,
         "p99_ms": round(median(r["p99_ms"] for r in ok), 4) if ok else None,
         "server_cpu_ms_per_request": round(median(cpu), 4) if cpu else None,
+        "requests_per_run": round(median(per), 2) if per else None,
         "errors": sum(r["errors"] for r in runs),
         "rounds": runs,
     }

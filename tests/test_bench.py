@@ -299,3 +299,25 @@ def test_ab_gateway_spec_carries_its_cli_arguments():
     g = parse_gateway(f"t1={root}:--threads 1 --loop asyncio")
     assert (g.label, g.tree) == ("t1", root)
     assert g.args == ["--threads", "1", "--loop", "asyncio"]
+
+
+def test_requests_per_run_come_from_the_gateways_batch_metrics(
+    tiny_repository: Path, tmp_path: Path
+) -> None:
+    from bench import profiling
+    from bench.report import _per_run
+    from server.runner import GatewayProcess
+
+    subset = subset_repository(tiny_repository, tmp_path / "repo", [("tiny", "int8")])
+    payload = clients.infer_request_bytes("tiny_int8", {"x": np.ones((3, 16), np.float32)})
+    with GatewayProcess(subset, ["--threads", "1"]) as gw:
+        rows0, runs0 = profiling.batch_totals(gw.metrics_url)
+        for _ in range(5):  # one at a time: each its own run of 3 rows
+            clients.grpc_call(gw.grpc_url, payload)
+        rows1, runs1 = profiling.batch_totals(gw.metrics_url)
+    assert (rows1 - rows0, runs1 - runs0) == (15.0, 5.0)
+
+    rounds = [{"requests_per_run": 1.0}, {"requests_per_run": 6.5}]
+    text = "".join(_per_run({"gateway": {"16": {"rounds": rounds}}}, ["1", "16"]))
+    assert "(b) gateway per engine run: c16 1.00 / 6.50." in text
+    assert _per_run({"triton": {"16": {"rounds": [{}]}}}, ["16"]) == []
