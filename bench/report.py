@@ -295,7 +295,7 @@ def _per_run(paths: dict[str, Any], cs: list[str]) -> list[str]:
                 cells.append(f"c{c} " + " / ".join(_f(x, 2) for x in rounds))
         if cells:
             what = "engine run" if p == "gateway" else "call to Triton"
-            parts.append(f"{PATH_LABELS[p].split(',')[0]} per {what}: " + "; ".join(cells))
+            parts.append(f"{PATH_NAMES[p][0]} per {what}: " + "; ".join(cells))
     if not parts:
         return []
     return [
