@@ -113,6 +113,13 @@ class ModelView:
     outputs: list[TensorInfo]
 
 
+def _refuse_past(deadline: float | None, now: float | None = None) -> None:
+    """DEADLINE_EXCEEDED for a request whose deadline (a ``time.monotonic()`` instant) has
+    passed before it was routed."""
+    if deadline is not None and (time.monotonic() if now is None else now) >= deadline:
+        raise DeadlineExceeded("deadline exceeded before the request was routed")
+
+
 class Gateway:
     def __init__(
         self,
@@ -352,8 +359,7 @@ class Gateway:
         inflight = metrics.inflight(model.name)
         inflight.inc()
         try:
-            if deadline is not None and start >= deadline:
-                raise DeadlineExceeded("deadline exceeded before the request was routed")
+            _refuse_past(deadline, start)
             _, outputs = await self._run(model, [precision], arrays, deadline)
             selected = self._select_outputs(variant, outputs, None)
             self._record(variant, _rows(variant, arrays), start, ok=True)
@@ -414,8 +420,7 @@ class Gateway:
         if timeout_s is not None:
             own = time.monotonic() + timeout_s
             deadline = own if deadline is None else min(deadline, own)
-        if deadline is not None and time.monotonic() >= deadline:
-            raise DeadlineExceeded("deadline exceeded before the request was routed")
+        _refuse_past(deadline)
         return deadline
 
     def _decide(self, model: Model, request: InferRequest) -> Decision:

@@ -136,6 +136,12 @@ def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
     return _read_metadata(context)[0]
 
 
+def _deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline as a ``time.monotonic()`` instant (None: the client set none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
 def _read_metadata(context: grpc.aio.ServicerContext) -> tuple[dict[str, str], list[str]]:
     """Invocation metadata by lower-case key, and the keys of ``-bin`` values that are not
     UTF-8 (the caller authenticates before it reports them)."""
@@ -248,8 +254,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         headers, request = self._parse(data, context)
         plain = None if self._lane is None else self._lane.arrays(request)
         if plain is not None:  # server/fast_lane.py: checked against the variant already
-            remaining = context.time_remaining()
-            deadline = None if remaining is None else time.monotonic() + remaining
+            deadline = _deadline_of(context)
             response = await self.gateway.infer_checked(*plain, request.id, "grpc", deadline)
             out_shm: dict[str, TensorRef] = {}
         else:
@@ -292,7 +297,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         out_shm = _shm_outputs(request, shm)
         # shared memory is this host's: such requests are decoded here, never passed through
         forward = self.gateway.forwards and not _uses_shm(request, out_shm)
-        remaining = context.time_remaining()
         params = request.parameters
         infer = InferRequest(
             model=request.model_name,
@@ -302,7 +306,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[o.name for o in request.outputs] or None,
             parameters={k: _param_value(v) for k, v in params.items()} if params else {},
             headers=headers,
-            deadline=None if remaining is None else time.monotonic() + remaining,
+            deadline=_deadline_of(context),
             protocol="grpc",
         )
         if forward:
