@@ -44,8 +44,8 @@ from bench.ready_server import (
 from server.event_loop import run_loop
 
 METHOD = f"/{SERVICE}/ModelInfer"
-MODES = ("aio", "sync", "forward", "forward-http")
-FORWARDERS = ("forward", "forward-http")
+FORWARDERS = ("forward", "forward-http")  # modes that take --forward, not --repository
+MODES = ("aio", "sync", *FORWARDERS)
 POOL_THREADS = 4  # the sync server's handler threads (4 measured best for an echo at c1-c16)
 
 
