@@ -34,7 +34,12 @@ from server.repository import load_repository
 from server.request_bounds import LIMIT_MODES, concurrent_rpcs, payload_limit, request_bound
 from server.retime import check_mode, retime_repository
 from server.routing import Router, load_routing
-from server.upstreams.base import Upstream, UpstreamSettings, create_upstream
+from server.upstreams.base import (
+    DEFAULT_MERGE_LIMIT,
+    Upstream,
+    UpstreamSettings,
+    create_upstream,
+)
 from server.upstreams.pools import create_pooled_upstream
 
 log = logging.getLogger(__name__)
@@ -60,7 +65,7 @@ class ServeOptions:
     cancel_upstream: bool = False
     # Triton pass-through: calls in flight per variant and replica before requests merge
     # (--triton-merge; server/upstreams/merging.py); 0: never merge
-    triton_merge: int = 2
+    triton_merge: int = DEFAULT_MERGE_LIMIT
     tls_cert: Path | None = None
     tls_key: Path | None = None
     auth_token: str | None = None

@@ -19,6 +19,7 @@ from server.http_app import DEFAULT_BODY_TIMEOUT_S, HttpLimits
 from server.http_limits import DEFAULT_MAX_CONNECTIONS
 from server.request_bounds import LIMIT_MODES
 from server.restricted import GROUPS, parse_groups
+from server.upstreams.base import DEFAULT_MERGE_LIMIT
 from server.upstreams.detach import MODES as DETACH_MODES
 
 TOKEN_ENV = "PRECISION_SERVE_AUTH_TOKEN"
@@ -98,10 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--triton-merge",
         type=int,
-        default=2,
+        default=DEFAULT_MERGE_LIMIT,
         metavar="N",
         help="Triton pass-through: with N forwarded calls per variant and replica in flight, "
-        "later requests wait and go merged into one call (0: never merge)",
+        "later requests wait and go merged into one call (default %(default)s; 0: never merge)",
     )
     p.add_argument(
         "--retime",

@@ -46,6 +46,12 @@ from server.errors import ConfigError, Unavailable
 from server.plugins import PluginRegistry
 from server.repository import Repository, Variant
 
+# Triton pass-through: forwarded calls in flight per variant and ready replica before later
+# requests merge (server/upstreams/merging.py). 1: with a Triton model instance per variant (the
+# builder's configs), a second call in flight only waits in Triton's queue and goes out smaller;
+# against 2, c16 951 vs 728 and c32 1310 vs 958 req/s in one `bench.ab` run (docs/triton.md).
+DEFAULT_MERGE_LIMIT = 1
+
 
 class UpstreamUnavailable(Unavailable):
     """The variant cannot serve right now; the core tries the next one in the fallback chain."""
@@ -67,7 +73,7 @@ class UpstreamSettings:
     cancel_upstream: bool = False
     # Triton pass-through: forwarded calls in flight per variant and ready replica before later
     # requests merge into one call (server/upstreams/merging.py); 0: never merge.
-    merge_limit: int = 2
+    merge_limit: int = DEFAULT_MERGE_LIMIT
 
 
 @runtime_checkable
