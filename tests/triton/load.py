@@ -1,4 +1,4 @@
-"""Steady closed-loop load for the Triton-upstream tests, and Triton's own success counts."""
+"""Steady closed-loop load for the Triton-upstream tests, and what Triton says it served."""
 
 from __future__ import annotations
 
@@ -11,7 +11,15 @@ from tritonclient.utils import InferenceServerException
 
 from loadtest.soak import triton_successes as successes
 
-__all__ = ["Load", "successes"]
+__all__ = ["Load", "rows_served", "successes"]
+
+
+def rows_served(url: str, model: str) -> int:
+    """Rows Triton inferred for ``model`` (``inference_count``): what a replica served when the
+    gateway merges concurrent requests into one Triton request (server/upstreams/merging.py)."""
+    with grpcclient.InferenceServerClient(url) as client:
+        stats = client.get_inference_statistics(model)
+    return sum(s.inference_count for s in stats.model_stats)
 
 
 class Load:
