@@ -66,6 +66,8 @@ class ServeOptions:
     # Triton pass-through: calls in flight per variant and replica before requests merge
     # (--triton-merge; server/upstreams/merging.py); 0: never merge
     triton_merge: int = DEFAULT_MERGE_LIMIT
+    # ... and the milliseconds waiting requests wait for more once a call ends (0: go at once)
+    triton_merge_wait_ms: float = 0.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
     auth_token: str | None = None
@@ -102,6 +104,10 @@ class ServeOptions:
             raise ConfigError(f"--threads must be >= 0, got {self.threads}")
         if self.triton_merge < 0:
             raise ConfigError(f"--triton-merge must be >= 0, got {self.triton_merge}")
+        if not self.triton_merge_wait_ms >= 0:  # NaN too
+            raise ConfigError(
+                f"--triton-merge-wait must be >= 0 ms, got {self.triton_merge_wait_ms}"
+            )
         check_mode(self.retime)
         if self.message_limit not in LIMIT_MODES:
             raise ConfigError(
@@ -145,6 +151,7 @@ class GatewayServer:
                 threads=options.threads,
                 cancel_upstream=options.cancel_upstream,
                 merge_limit=options.triton_merge,
+                merge_wait_s=options.triton_merge_wait_ms / 1e3,
             )
             if routing.pools:  # precision pools (server/upstreams/pools.py)
                 upstream = create_pooled_upstream(

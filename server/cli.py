@@ -105,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
         "later requests wait and go merged into one call (default %(default)s; 0: never merge)",
     )
     p.add_argument(
+        "--triton-merge-wait",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="Triton pass-through: once a call ends, the requests waiting to merge wait MS "
+        "milliseconds more for others to join them (default 0: they go at once; uvloop's "
+        "timers count whole milliseconds)",
+    )
+    p.add_argument(
         "--retime",
         choices=("auto", "always", "never"),
         default="auto",
@@ -183,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             message_limit=args.message_limit,
             cancel_upstream=args.triton_cancellation == "propagate",
             triton_merge=args.triton_merge,
+            triton_merge_wait_ms=args.triton_merge_wait,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             auth_token=args.auth_token or None,
@@ -229,6 +239,7 @@ def _supervise(args: argparse.Namespace) -> int:
     worker_args += ["--message-limit", args.message_limit]
     worker_args += ["--triton-cancellation", args.triton_cancellation]
     worker_args += ["--triton-merge", str(args.triton_merge)]
+    worker_args += ["--triton-merge-wait", str(args.triton_merge_wait)]
     worker_args += ["--threads", str(args.threads), "--log-level", args.log_level]
     worker_args += ["--loop", args.loop, "--retime", args.retime]
     if args.grpc_max_concurrent_rpcs is not None:

@@ -74,6 +74,9 @@ class UpstreamSettings:
     # Triton pass-through: forwarded calls in flight per variant and ready replica before later
     # requests merge into one call (server/upstreams/merging.py); 0: never merge.
     merge_limit: int = DEFAULT_MERGE_LIMIT
+    # ... and how long, once a call ends, the waiting requests wait for more to join them before
+    # they go (0: at once; --triton-merge-wait, server/upstreams/merging.py)
+    merge_wait_s: float = 0.0
 
 
 @runtime_checkable

@@ -6,9 +6,14 @@ bench host, more than the server leg the gateway exists for (docs/gateway.md). W
 requests for one variant are in flight, they are merged into one call: the requests wait while
 ``limit`` calls for that variant are already in flight, and each time one ends the waiting ones
 go as one request - their inputs concatenated along the batch dimension - whose reply is cut
-back into one reply per request. Nothing ever waits for a timer: a request that finds fewer
-than ``limit`` calls in flight goes at once, alone, as its own bytes (so one client, or light
-load, sees exactly the plain pass-through).
+back into one reply per request. A request that finds fewer than ``limit`` calls in flight
+goes at once, alone, as its own bytes (so one client, or light load, sees exactly the plain
+pass-through). With ``wait_s`` > 0 (``--triton-merge-wait``), once a call ends the requests
+waiting for it wait that much longer for others to join them - the replies just sent bring
+their clients' next requests - unless they already fill the variant's ``max_batch_size``: a
+latency for rows-per-call trade like Triton's own ``max_queue_delay_microseconds``, off by
+default (docs/triton.md, "Merging"; uvloop, the default loop, rounds timers to whole
+milliseconds, so 0.5 ms there is no wait at all).
 
 Only what Triton would batch itself is merged: the variant's ``config.pbtxt`` has
 ``max_batch_size > 0`` and ``dynamic_batching``, and no ``sequence_batching`` or decoupled
@@ -92,6 +97,7 @@ class _Lane:
 
     in_flight: int = 0
     waiting: dict[tuple, list[Member]] = field(default_factory=dict)
+    timer: asyncio.TimerHandle | None = None  # the wait for more, after a call ended
 
 
 def mergeable(variant: Variant) -> bool:
@@ -188,12 +194,16 @@ def _observe(variant: Variant, requests: int) -> None:
 
 class ForwardMerger:
     """Per variant: at most ``limit * replicas(variant)`` forwarded calls in flight; requests
-    beyond that wait and go merged when one ends (``limit`` 0: never merge)."""
+    beyond that wait and go merged when one ends, or ``wait_s`` after (``limit`` 0: never
+    merge)."""
 
-    def __init__(self, send: Send, replicas: Callable[[Variant], int], limit: int) -> None:
+    def __init__(
+        self, send: Send, replicas: Callable[[Variant], int], limit: int, wait_s: float = 0.0
+    ) -> None:
         self._send = send
         self._replicas = replicas
         self.limit = limit
+        self.wait_s = wait_s
         self._lanes: dict[str, _Lane] = {}
         self._tasks: set[asyncio.Task] = set()
 
@@ -218,8 +228,13 @@ class ForwardMerger:
         member = Member(
             request, payload, rows, deadline, asyncio.get_running_loop().create_future()
         )
-        lane.waiting.setdefault(key, []).append(member)
-        self._drain(variant, lane)
+        queue = lane.waiting.setdefault(key, [])
+        queue.append(member)
+        if lane.timer is not None and sum(m.rows for m in queue) >= variant.max_batch_size:
+            lane.timer.cancel()  # a full call: no point in waiting for more
+            lane.timer = None
+        if lane.timer is None:
+            self._drain(variant, lane)
         return await member.future
 
     def _cap(self, variant: Variant) -> int:
@@ -233,7 +248,7 @@ class ForwardMerger:
             reply = await self._send(variant, payload, deadline)
         finally:
             lane.in_flight -= 1
-            self._drain(variant, lane)
+            self._ended(variant, lane)
         _observe(variant, 1)
         return reply
 
@@ -294,7 +309,20 @@ class ForwardMerger:
                 raise
         finally:
             lane.in_flight -= 1
+            self._ended(variant, lane)
+
+    def _ended(self, variant: Variant, lane: _Lane) -> None:
+        """A call ended: the waiting requests go now, or after ``wait_s`` for more to join."""
+        if self.wait_s <= 0 or not lane.waiting:
             self._drain(variant, lane)
+        elif lane.timer is None:
+            lane.timer = asyncio.get_running_loop().call_later(
+                self.wait_s, self._waited, variant, lane
+            )
+
+    def _waited(self, variant: Variant, lane: _Lane) -> None:
+        lane.timer = None
+        self._drain(variant, lane)
 
     async def _resend(self, variant: Variant, batch: list[Member]) -> None:
         """Each member as its own call, its own bytes; each future gets its own answer."""
@@ -313,6 +341,14 @@ class ForwardMerger:
         await asyncio.gather(*(one(m) for m in batch if not m.future.done()))
 
     async def close(self) -> None:
+        for lane in self._lanes.values():
+            if lane.timer is not None:
+                lane.timer.cancel()
+                lane.timer = None
+            for queue in lane.waiting.values():  # nobody will send them now
+                for member in queue:
+                    member.future.cancel()
+            lane.waiting.clear()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

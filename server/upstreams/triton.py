@@ -179,7 +179,9 @@ class TritonUpstream:
         self._closing: set[asyncio.Task] = set()  # channels of left replicas being closed
         self.check_interval = CHECK_INTERVAL_S
         # concurrent forwarded calls for a variant merge into one (server/upstreams/merging.py)
-        self._merger = ForwardMerger(self._forward_alone, self._ready_count, settings.merge_limit)
+        self._merger = ForwardMerger(
+            self._forward_alone, self._ready_count, settings.merge_limit, settings.merge_wait_s
+        )
 
     def _initial_replicas(self, address: str) -> list[str]:
         return parse_replicas(address)

@@ -203,6 +203,71 @@ def test_requests_wait_while_the_limit_is_in_flight_then_go_as_one(variant: Vari
     asyncio.run(scenario())
 
 
+def test_a_wait_after_a_call_lets_later_requests_join_the_waiting_ones(variant: Variant) -> None:
+    """--triton-merge-wait: once a call ends, the waiting requests wait for more; without it
+    they go at once and the later ones make a call of their own."""
+
+    async def scenario(wait_s: float) -> list[int]:
+        triton = ScriptedTriton(gated=True)
+        merger = ForwardMerger(triton.send, lambda v: 1, limit=1, wait_s=wait_s)
+        inputs = _inputs(5, seed=7)
+        first = _submit(merger, variant, inputs[:3])  # one alone, two waiting for it
+        await asyncio.sleep(0)
+        triton.gate.set()
+        await first[0]
+        await asyncio.sleep(0.02)  # the first reply's client sends its next two requests
+        later = [
+            asyncio.ensure_future(
+                merger.forward(variant, _request(x, f"late-{i}").SerializeToString(), None)
+            )
+            for i, x in enumerate(inputs[3:])
+        ]
+        replies = await asyncio.gather(*first, *later)
+        for i, (x, reply) in enumerate(zip(inputs, replies, strict=True)):
+            r, y = _logits(reply)
+            assert r.id == (f"id-{i}" if i < 3 else f"late-{i - 3}")
+            np.testing.assert_allclose(y[:, 0], x.sum(axis=1), rtol=1e-5)
+        await merger.close()
+        return [c.inputs[0].shape[0] for c in triton.calls]
+
+    rows = [x.shape[0] for x in _inputs(5, seed=7)]
+    # waited 0.2 s after the first call: the two late ones joined the two waiting
+    assert asyncio.run(scenario(0.2)) == [rows[0], sum(rows[1:])]
+    # no wait: the two waiting went when the first call ended; the late two, finding nothing
+    # in flight by then, each alone
+    assert asyncio.run(scenario(0.0)) == [rows[0], rows[1] + rows[2], rows[3], rows[4]]
+
+
+def test_a_full_call_does_not_wait(variant: Variant) -> None:
+    """Waiting requests that fill max_batch_size go at once, wait or not."""
+
+    async def scenario() -> list[int]:
+        triton = ScriptedTriton(gated=True)
+        merger = ForwardMerger(triton.send, lambda v: 1, limit=1, wait_s=30.0)
+        most = variant.max_batch_size
+        x = np.ones((1, 16), np.float32)
+        first = asyncio.ensure_future(
+            merger.forward(variant, _request(x, "first").SerializeToString(), None)
+        )
+        waiting = [
+            asyncio.ensure_future(
+                merger.forward(variant, _request(x, f"w{i}").SerializeToString(), None)
+            )
+            for i in range(most - 1)
+        ]
+        await asyncio.sleep(0)
+        triton.gate.set()
+        await first  # the waiting ones now wait 30 s for more, unless full
+        full = asyncio.ensure_future(
+            merger.forward(variant, _request(x, "last").SerializeToString(), None)
+        )
+        await asyncio.wait_for(asyncio.gather(*waiting, full), 5)
+        await merger.close()
+        return [c.inputs[0].shape[0] for c in triton.calls]
+
+    assert asyncio.run(scenario()) == [1, variant.max_batch_size]
+
+
 def test_one_bad_request_fails_alone_the_others_are_answered(variant: Variant) -> None:
     async def scenario() -> None:
         triton = ScriptedTriton(gated=True)
@@ -304,3 +369,22 @@ def test_merged_call_has_the_earliest_deadline_then_each_alone_its_own(variant: 
         assert [_logits(r)[0].id for r in results] == ["id-0", "id-1", "id-2"]
 
     asyncio.run(scenario())
+
+
+def test_merge_options_parse_and_refuse_negatives(tmp_path: Path) -> None:
+    from server.app import ServeOptions
+    from server.cli import build_parser
+    from server.errors import ConfigError
+    from server.upstreams.base import DEFAULT_MERGE_LIMIT, UpstreamSettings
+
+    args = build_parser().parse_args(["--repository", "r"])
+    assert (args.triton_merge, args.triton_merge_wait) == (DEFAULT_MERGE_LIMIT, 0)
+    args = build_parser().parse_args(["--repository", "r", "--triton-merge-wait", "1.5"])
+    assert args.triton_merge_wait == 1.5
+    assert UpstreamSettings().merge_limit == ServeOptions(repository=tmp_path).triton_merge
+    with pytest.raises(ConfigError, match="--triton-merge-wait must be >= 0 ms, got -5"):
+        ServeOptions(repository=tmp_path, triton_merge_wait_ms=-5)
+    with pytest.raises(ConfigError, match="--triton-merge-wait must be >= 0 ms, got nan"):
+        ServeOptions(repository=tmp_path, triton_merge_wait_ms=float("nan"))
+    with pytest.raises(ConfigError, match="--triton-merge must be >= 0, got -1"):
+        ServeOptions(repository=tmp_path, triton_merge=-1)
