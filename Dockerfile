@@ -18,6 +18,7 @@ RUN groupadd --system --gid 10001 serve \
     && chown serve:serve /models
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY common ./common
 COPY builder ./builder
 COPY server ./server
 COPY loadtest ./loadtest

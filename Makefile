@@ -47,7 +47,7 @@ SOAK_UPSTREAM ?= embedded
 SOAK_OUT ?= reports/soak
 
 soak: install
-	$(BIN)/python -m loadtest.soak --repository $(REPO) --minutes $(SOAK_MINUTES) \
+	$(BIN)/python -m lab.soak.driver --repository $(REPO) --minutes $(SOAK_MINUTES) \
 	  --upstream $(SOAK_UPSTREAM) --out $(SOAK_OUT)
 
 # The peers the benchmark compares against (docs/benchmarks/README.md): the `bench` extra

@@ -33,7 +33,7 @@ from typing import Any
 
 from bench import clients, profiling
 from bench.serving import load_targets, subset_repository
-from server import process
+from common import process
 
 
 @dataclass
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     contenders: list[tuple[str, Any]] = []  # label, pid and gRPC address (a Gateway, or Triton)
     with contextlib.ExitStack() as stack:
         if args.triton:
-            from server.triton.launcher import TritonOptions, TritonServer
+            from server.launcher.tritonserver import TritonOptions, TritonServer
 
             opts = TritonOptions(
                 repository=repo, grpc_port=0, http_port=0, metrics_port=0,

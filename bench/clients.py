@@ -23,7 +23,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2
 
 from bench.stats import ms, percentile
-from server.model_repository import from_datatype, to_datatype
+from common.model_repository import from_datatype, to_datatype
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 MAX_MESSAGE = 64 * 1024 * 1024

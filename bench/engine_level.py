@@ -25,8 +25,8 @@ import numpy as np
 from bench.stats import median, ms, percentile
 from builder.engine_choice import DEFAULT_OPTIONS
 from builder.evaluate import cosine_rows
-from server.engines import EngineError, available_engines, get_engine
-from server.model_repository import Manifest, load_manifest, manifest_path
+from common.engines import EngineError, available_engines, get_engine
+from common.model_repository import Manifest, load_manifest, manifest_path
 
 REFERENCE = ("fp32", "onnxruntime")  # what every ratio is relative to
 SETTLE_SECONDS = 0.05

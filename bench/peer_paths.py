@@ -41,7 +41,7 @@ def start_peer_paths(
     """Start ``gateway_workers2`` and ``kserve`` through ``servers._start`` (errors recorded
     per path in ``servers.errors``). ``args``: the gateway's common arguments."""
     from bench.peers import kserve_peer
-    from server.runner import GatewayProcess
+    from server.runtime.runner import GatewayProcess
 
     if gateway_accepts_workers():
         argv = [*args, "--workers", str(WORKERS)]

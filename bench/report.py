@@ -199,7 +199,7 @@ def _serving(s: dict[str, Any]) -> list[str]:
         "Same variant, same input row (batch 1 per request), the four serving paths, a bare "
         "gRPC echo (the floor of one Python gRPC hop), KServe's ModelServer (the peer), the "
         "gateway with `--workers 2` (when its CLI has the option) and the bare servers (h)-(k) "
-        "(`bench/bare_server.py`: the same engine behind nothing but parse, run, reply - no "
+        "(`lab/floors/bare_server.py`: the same engine behind nothing but parse, run, reply - no "
         "checks, routing, metrics or batching - on grpc.aio and on grpc's sync server, a "
         "forwarder passing the bytes to the same Triton over gRPC, and one over Triton's HTTP "
         "port on raw sockets: the floors with the model; the echo and the grpc.aio ones on the "
@@ -436,7 +436,7 @@ def _bounds(r: dict[str, Any]) -> list[str]:
             for e in cp["gateway_code_by_cumulative"][:6]
         ]
         lines += [
-            f"**cProfile of the gateway's event-loop thread** (`bench/profiled_gateway.py`) "
+            f"**cProfile of the gateway's event-loop thread** (`lab/floors/profiled_gateway.py`) "
             f"over {cp['requests']} concurrency-1 requests of "
             f"`{cp['variant']}`, start-up excluded. cProfile's clock is wall time, so "
             "`epoll.poll` is the loop waiting (for the client, the engine thread, or a CPU) and "

@@ -70,7 +70,7 @@ def render_index(folder: Path) -> str:
         "perf_analyzer loads on CPU hosts too); `make bench` runs it first.",
         "",
         "Beside them, the floors: a bare grpc.aio echo (e), and the bare servers of "
-        "`bench/bare_server.py`: the same engine behind nothing but parse, run, reply on "
+        "`lab/floors/bare_server.py`: the same engine behind nothing but parse, run, reply on "
         "grpc.aio (h) and on grpc's sync server (i), a grpc.aio forwarder passing the bytes "
         "to the same Triton (j) and one over Triton's HTTP port on raw sockets (k), the "
         "grpc.aio ones on the gateway's event loop (uvloop). Each missed serving target says "

@@ -79,7 +79,7 @@ EXTRA_PRECISIONS: dict[str, tuple[str, ...]] = {"minilm": ("int4",)}
 
 
 def _missing_extras(repository: Path, name: str) -> list[str]:
-    from server.model_repository import load_manifest, manifest_path
+    from common.model_repository import load_manifest, manifest_path
 
     extras = EXTRA_PRECISIONS.get(name, ())
     mpath = manifest_path(repository, name)
@@ -89,7 +89,7 @@ def _missing_extras(repository: Path, name: str) -> list[str]:
 
 def ensure_built(repository: Path, models: list[str], rebuild: bool) -> dict[str, str]:
     """Build what is missing (the builder keeps existing variants); returns what was done."""
-    from server.model_repository import load_manifest, manifest_path
+    from common.model_repository import load_manifest, manifest_path
 
     done = {}
     for name in models:
@@ -121,12 +121,12 @@ def ensure_built(repository: Path, models: list[str], rebuild: bool) -> dict[str
 def auto_pick(repository: Path, model: str) -> str | None:
     """The precision the gateway's ``auto`` routing policy picks from the manifest."""
     try:
-        from server.repository import load_repository
-        from server.routing import AutoPolicy, ModelRoute
+        from server.catalog import load_repository
+        from server.routing.policies import AutoPolicy, ModelRoute
 
         repo = load_repository(repository)
         policy = AutoPolicy(repo.models[model], ModelRoute(policy="auto"))
-        # e.g. fp32 because the figures were measured on synthetic data (server/evidence.py)
+        # e.g. fp32 because the figures were measured on synthetic data (server/routing/evidence.py)
         return f"{policy.precision} ({policy.reason})" if policy.reason else policy.precision
     except Exception as e:
         return f"(could not decide: {e})"
@@ -153,7 +153,7 @@ def run_profiles(repository: Path, engine: dict[str, Any], threads: int) -> dict
     """ONNX Runtime's profiler on the variants the precision targets compare."""
     from bench.engine_level import load_samples, rows
     from bench.profiling import ort_op_profile
-    from server.model_repository import load_manifest, manifest_path
+    from common.model_repository import load_manifest, manifest_path
 
     out: dict[str, Any] = {}
     plan = {"resnet50": ("fp32", "int8"), "minilm": ("fp32", "int8-dynamic")}

@@ -3,19 +3,20 @@
 The same variant and the same input rows through four paths:
 
 - (a) ``inprocess``: the variant's engine session in this process (threads calling ``run``);
-- (b) ``gateway``: the gateway with its embedded upstream (``server.runner.GatewayProcess``);
-- (c) ``triton``: a local Triton server (``server.triton.launcher.TritonServer``, its python
+- (b) ``gateway``: the gateway with its embedded upstream
+(``server.runtime.runner.GatewayProcess``); - (c) ``triton``: a local Triton server
+(``server.launcher.tritonserver.TritonServer``, its python
   backend running the same engine);
 - (d) ``gateway_triton``: the gateway with ``--upstream triton://`` that Triton;
-- (e) ``echo``: a bare grpc.aio server answering at once (:mod:`bench.echo_server`), no model:
+- (e) ``echo``: a bare grpc.aio server answering at once (:mod:`lab.floors.echo_server`), no model:
   the floor of one Python gRPC hop on this host at this moment;
 - (f) ``kserve``: KServe's Python ``ModelServer`` running the same file, and (g)
   ``gateway_workers2``: the gateway with ``--workers 2`` (:mod:`bench.peer_paths`);
 - (h) ``bare_aio`` and (i) ``bare_sync``: the same engine behind nothing but parse-run-reply, on
-  grpc.aio and on grpc's sync server, (j) ``bare_forward``: a grpc.aio server passing the
-  bytes to that Triton, and (k) ``bare_forward_http``: the same over Triton's HTTP port on raw
-  sockets (:mod:`bench.bare_server`, :mod:`bench.http_forward`): the floors with the model,
-  what no handler on those frameworks beats without batching (each on the gateway's loop).
+  grpc.aio and on grpc's sync server, (j) ``bare_forward``: a grpc.aio server passing the bytes to
+  that Triton, and (k) ``bare_forward_http``: the same over Triton's HTTP port on raw sockets
+  (:mod:`lab.floors.bare_server`, :mod:`lab.floors.http_forward`): the floors with the model, what
+  no handler on those frameworks beats without batching (each on the gateway's loop).
 
 The servers get a repository holding only the measured variants (links to the built ones), so
 neither loads anything else. All four run at once and are measured round-robin - per round, per
@@ -38,8 +39,8 @@ import numpy as np
 from bench import clients, profiling
 from bench.engine_level import load_samples, rows
 from bench.stats import median
-from server.engines import get_engine
-from server.model_repository import load_manifest, manifest_path
+from common.engines import get_engine
+from common.model_repository import load_manifest, manifest_path
 
 ORT_ENGINE = "onnxruntime"
 # Paths that run the ONNX file on ONNX Runtime whatever the manifest's engine.
@@ -139,9 +140,9 @@ class Servers:
         return server
 
     def __enter__(self) -> Servers:
-        from bench.bare_server import BareServer
-        from bench.echo_server import EchoServer
-        from server.runner import GatewayProcess
+        from lab.floors.bare_server import BareServer
+        from lab.floors.echo_server import EchoServer
+        from server.runtime.runner import GatewayProcess
 
         self._start("echo", EchoServer)
         for mode in ("aio", "sync"):
@@ -163,7 +164,7 @@ class Servers:
             for path in TRITON_PATHS:
                 self.errors[path] = "skipped (--no-triton)"
             return self
-        from server.triton.launcher import TritonOptions, TritonServer
+        from server.launcher.tritonserver import TritonOptions, TritonServer
 
         opts = TritonOptions(
             repository=self.repository,
@@ -458,7 +459,7 @@ def threads_ablation(
     """In-process vs gateway at concurrency 1 with 1 and 2 engine threads (interleaved): ONNX
     Runtime's intra-op threads spin after each run, which costs a server idling between requests
     CPU that the client and the gateway's own threads need on a 2-core host."""
-    from server.runner import GatewayProcess
+    from server.runtime.runner import GatewayProcess
 
     raw: dict[str, list[dict[str, Any]]] = {}
     with contextlib.ExitStack() as stack:
@@ -512,7 +513,7 @@ def threads_ablation(
 def gateway_cprofile(
     subset: Path, target: Target, threads: int, windows: ServingWindows, log: Callable
 ) -> dict[str, Any]:
-    """The gateway's event-loop thread under cProfile (:mod:`bench.profiled_gateway`) during a
+    """The gateway's event-loop thread under cProfile (:mod:`lab.floors.profiled_gateway`) during a
     concurrency-1 window, start-up excluded: where its Python time goes per request. cProfile's
     own overhead inflates the figures; compare them with each other."""
     import json
@@ -520,13 +521,13 @@ def gateway_cprofile(
     import signal
     import sys
 
-    from server import process
+    from common import process
 
     root = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory(prefix="bench-cprofile-") as tmp:
         prof, ready = Path(tmp) / "gateway.prof", Path(tmp) / "ready.json"
         cmd = [
-            sys.executable, "-m", "bench.profiled_gateway", str(prof),
+            sys.executable, "-m", "lab.floors.profiled_gateway", str(prof),
             "--repository", str(subset), "--grpc-port", "0", "--http-port", "0",
             "--metrics-port", "0", "--ready-file", str(ready), "--threads", str(threads),
             "--log-level", "ERROR",

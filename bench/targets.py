@@ -158,7 +158,7 @@ def _added(variant: str, den: str) -> Measure:
     return measure
 
 
-# The bare servers (bench.bare_server): the same engine behind nothing but parse-run-reply
+# The bare servers (lab.floors.bare_server): the same engine behind nothing but parse-run-reply
 # (no batching), on grpc.aio and on grpc's sync server; the bare forwarder for the Triton path.
 EMBEDDED_FLOORS = ("bare_aio", "bare_sync")
 FORWARD_FLOORS = ("bare_forward", "bare_forward_http")
@@ -173,7 +173,7 @@ class ServingTarget:
     measure: Measure
     ok: Callable[[float], bool]
     why: Callable[[dict[str, Any]], str]
-    floors: tuple[str, ...] = ()  # bare paths measured the same way (bench.bare_server)
+    floors: tuple[str, ...] = ()  # bare paths measured the same way (lab.floors.bare_server)
 
 
 def _profile_why(path: str) -> Callable[[dict[str, Any]], str]:

@@ -11,7 +11,7 @@ import numpy as np
 
 from builder.errors import CalibrationDataError
 from builder.sources.base import Dataset
-from server.model_repository import TensorSpec
+from common.model_repository import TensorSpec
 
 METHODS = ("minmax", "entropy", "percentile")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm")

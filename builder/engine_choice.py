@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from builder.errors import BuildError
 from builder.evaluate import Evaluator, measure_speed
 from builder.sources.base import Dataset
-from server.engines import EngineError, available_engines, get_engine
+from common.engines import EngineError, available_engines, get_engine
 
 if TYPE_CHECKING:
     from builder.precisions.base import VariantResult

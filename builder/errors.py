@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.model_repository.errors import RepositoryError
+from common.model_repository.errors import RepositoryError
 
 
 class BuildError(Exception):
@@ -27,6 +27,6 @@ class BudgetNotMet(QuantizationError):
 
 
 # The model repository's own errors (unreadable manifest, unwritable folder, bad config.pbtxt)
-# are server.model_repository.RepositoryError: the gateway reads repositories too, and it sits
+# are common.model_repository.RepositoryError: the gateway reads repositories too, and it sits
 # below the builder. builder.cli reports both families the same way.
 USER_ERRORS: tuple[type[Exception], ...] = (BuildError, RepositoryError)

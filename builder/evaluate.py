@@ -12,8 +12,8 @@ import numpy as np
 
 from builder.sources.base import Dataset
 from builder.sources.common import is_synthetic
-from server.engines import EngineSession, get_engine
-from server.model_repository import LABELLED, SYNTHETIC, UNLABELLED
+from common.engines import EngineSession, get_engine
+from common.model_repository import LABELLED, SYNTHETIC, UNLABELLED
 
 EVAL_BATCH = 32
 

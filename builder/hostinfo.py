@@ -1,13 +1,13 @@
 """What this host's CPU can do: recorded in every manifest and used to pick precisions.
 
-``cpu_info`` and the flag list live in server/hostinfo.py (the gateway compares its host with
+``cpu_info`` and the flag list live in common/hostinfo.py (the gateway compares its host with
 the manifest's at start-up); the checks below read ``cpu_info`` through this module, so tests
 can patch ``builder.hostinfo.cpu_info``.
 """
 
 from __future__ import annotations
 
-from server.hostinfo import INTERESTING_FLAGS, cpu_info
+from common.hostinfo import INTERESTING_FLAGS, cpu_info
 
 __all__ = ["INTERESTING_FLAGS", "cpu_info", "has_flag", "supports_bf16", "supports_vnni"]
 

@@ -2,7 +2,7 @@
 
 The manifest records it per input (``TensorSpec.max_shape``); the gateway then refuses larger
 inputs before decoding them and sizes its gRPC message limit to the largest valid request
-(server/request_bounds.py). Hugging Face sources fill it from the model's own limit
+(server/transports/request_bounds.py). Hugging Face sources fill it from the model's own limit
 (``max_position_embeddings``); for other sources with dynamic dims only the user knows it.
 """
 
@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from builder.errors import BuildError
-from server.model_repository import TensorSpec
-from server.model_repository.manifest import check_max_shape
+from common.model_repository import TensorSpec
+from common.model_repository.manifest import check_max_shape
 
 
 def parse_max_shapes(items: Sequence[str]) -> dict[str, list[int]]:

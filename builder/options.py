@@ -8,7 +8,7 @@ from pathlib import Path
 
 from builder.calibration import METHODS
 from builder.errors import BuildError
-from server.engines import engine_names
+from common.engines import engine_names
 
 TARGETS = ("cpu", "gpu")
 

@@ -20,19 +20,19 @@ from builder.max_shapes import apply_max_shapes
 from builder.options import BuildOptions
 from builder.precisions import BuildContext, RefusesModels, VariantResult, get_precision
 from builder.prepare import optimize_basic
-from builder.repository import (
+from builder.sources import LoadedModel, load_model
+from builder.sources.base import Dataset
+from builder.sources.common import with_data_note
+from builder.staging import (
     ensure_writable,
     install,
     remove_tree,
     staging_dir,
     variant_layout,
 )
-from builder.sources import LoadedModel, load_model
-from builder.sources.base import Dataset
-from builder.sources.common import with_data_note
 from builder.triton_backend import standard_backend
-from server.engines import EngineError, get_engine
-from server.model_repository import (
+from common.engines import EngineError, get_engine
+from common.model_repository import (
     SAMPLES_LABELS_KEY,
     Manifest,
     ServingOptions,

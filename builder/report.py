@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from builder.sources.common import DATA_NOTE_PREFIX
-from server.model_repository import Manifest
+from common.model_repository import Manifest
 
 
 def _fmt(value: float | None, spec: str, empty: str = "-") -> str:

@@ -47,7 +47,7 @@ def openvino_parameters(options: Mapping[str, Any], batching: bool) -> dict[str,
 def standard_backend(
     engine: str, options: Mapping[str, Any], model_filename: str, max_batch_size: int
 ) -> dict[str, Any]:
-    """Keyword arguments for :func:`server.model_repository.build_model_config`."""
+    """Keyword arguments for :func:`common.model_repository.build_model_config`."""
     if engine == OPENVINO_BACKEND:
         return {
             "platform": "",

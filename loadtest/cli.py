@@ -111,7 +111,7 @@ def check_precisions(config: LoadTestConfig) -> None:
     """Fail early, naming the precision, when the manifest has no such variant."""
     if config.repository is None:
         return
-    from server.model_repository import load_manifest, manifest_path
+    from common.model_repository import load_manifest, manifest_path
 
     path = manifest_path(config.repository, config.model)
     if not path.is_file():
@@ -177,7 +177,7 @@ def run_loadtest(config: LoadTestConfig, log: Callable[[str], None] = print) -> 
     with ExitStack() as stack:
         target, metrics_url = config.target, config.metrics_url
         if target is None:
-            from server.runner import GatewayProcess
+            from server.runtime.runner import GatewayProcess
 
             log(f"starting a gateway on {config.repository} ...")
             gw = stack.enter_context(GatewayProcess(config.repository, config.gateway_args))  # type: ignore[arg-type]

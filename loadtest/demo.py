@@ -26,7 +26,7 @@ DEMO_WARMUP_S = 1
 
 
 def _precisions(repository: Path, model: str) -> list[str]:
-    from server.model_repository import load_manifest, manifest_path
+    from common.model_repository import load_manifest, manifest_path
 
     return list(load_manifest(manifest_path(repository, model)).variants)
 
@@ -43,7 +43,7 @@ def run_demo(
 ) -> dict[str, LoadTestOutcome]:
     """Start a gateway, load-test every built precision of each model, print each comparison
     table and where the report and plots are; stop the gateway. Returns the outcomes by model."""
-    from server.runner import GatewayProcess
+    from server.runtime.runner import GatewayProcess
 
     repository, out = Path(repository), Path(out)
     outcomes: dict[str, LoadTestOutcome] = {}

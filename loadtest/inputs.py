@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.model_repository import SAMPLES_LABELS_KEY, DtypeError, from_datatype, samples_path
 from loadtest.errors import ConfigError
-from server.model_repository import SAMPLES_LABELS_KEY, DtypeError, from_datatype, samples_path
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def synthetic(specs: list[InputSpec], rows: int = 64, seed: int = 0) -> dict[str
 
 def manifest_specs(repository: Path, model: str) -> list[InputSpec] | None:
     """Input specs from ``<repository>/<model>.manifest.json``, or None when there is none."""
-    from server.model_repository import load_manifest, manifest_path  # light: json + dataclasses
+    from common.model_repository import load_manifest, manifest_path  # light: json + dataclasses
 
     path = manifest_path(Path(repository), model)
     if not path.is_file():

@@ -48,8 +48,8 @@ grpc_gevent.init_gevent()
 import tritonclient.grpc as grpcclient  # noqa: E402  (after init_gevent, on purpose)
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
+from common.model_repository import to_datatype  # noqa: E402
 from loadtest.inputs import SampleInputs, load_inputs, specs_from_metadata, synthetic  # noqa: E402
-from server.model_repository import to_datatype  # noqa: E402
 
 log = logging.getLogger("precision_loadtest")
 

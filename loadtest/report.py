@@ -71,7 +71,7 @@ def variant_info(repository: Path | None, model: str) -> tuple[dict[str, Variant
     """Per-precision size and quality from the manifest; empty when there is no manifest."""
     if repository is None:
         return {}, True
-    from server.model_repository import load_manifest, manifest_path
+    from common.model_repository import load_manifest, manifest_path
 
     path = manifest_path(Path(repository), model)
     if not path.is_file():

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common import process
 from loadtest import promtext
 from loadtest.errors import StepError
-from server import process
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 PERCENTILES = (50, 90, 95, 99)

@@ -153,7 +153,7 @@ def run_scheduled(config, log: Callable[[str], None] = print) -> ScheduledOutcom
     with ExitStack() as stack:
         target = config.target
         if target is None:
-            from server.runner import GatewayProcess
+            from server.runtime.runner import GatewayProcess
 
             gw = stack.enter_context(GatewayProcess(config.repository, config.gateway_args))
             target = gw.grpc_url

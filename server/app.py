@@ -2,7 +2,7 @@
 
 :class:`GatewayServer` starts everything in the running event loop (tests can inject an
 upstream); :func:`serve` runs until SIGTERM/SIGINT, then stops accepting, lets in-flight
-requests finish within the grace period and returns. ``GatewayProcess`` (server/runner.py)
+requests finish within the grace period and returns. ``GatewayProcess`` (server/runtime/runner.py)
 runs ``python -m server.cli`` as a subprocess for tests, the load test and benchmarks.
 """
 
@@ -22,18 +22,23 @@ import grpc
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from server.core import Gateway
+from common.model_repository import RepositoryError, atomic_write_text
+from server.catalog import load_repository
+from server.dataplane.gateway import Gateway
+from server.dataplane.model_control import MODES as MODEL_CONTROL_MODES
+from server.dataplane.model_control import ModelControl
 from server.errors import ConfigError
-from server.grpc_service import ENVELOPE_BYTES, start_grpc_server
-from server.http_app import HttpLimits, start_http_server
-from server.http_limits import shutdown_parsers
-from server.model_control import MODES as MODEL_CONTROL_MODES
-from server.model_control import ModelControl
-from server.model_repository import RepositoryError, atomic_write_text
-from server.repository import load_repository
-from server.request_bounds import LIMIT_MODES, concurrent_rpcs, payload_limit, request_bound
-from server.retime import check_mode, retime_repository
-from server.routing import Router, load_routing
+from server.routing.policies import Router, load_routing
+from server.routing.retime import check_mode, retime_repository
+from server.transports.grpc.service import ENVELOPE_BYTES, start_grpc_server
+from server.transports.http.app import HttpLimits, start_http_server
+from server.transports.http.limits import shutdown_parsers
+from server.transports.request_bounds import (
+    LIMIT_MODES,
+    concurrent_rpcs,
+    payload_limit,
+    request_bound,
+)
 from server.upstreams.base import (
     DEFAULT_MERGE_LIMIT,
     Upstream,
@@ -64,7 +69,7 @@ class ServeOptions:
     # Triton upstream: cancel calls whose client cancelled (--triton-cancellation propagate)
     cancel_upstream: bool = False
     # Triton pass-through: calls in flight per variant and replica before requests merge
-    # (--triton-merge; server/upstreams/merging.py); 0: never merge
+    # (--triton-merge; server/upstreams/triton/merging.py); 0: never merge
     triton_merge: int = DEFAULT_MERGE_LIMIT
     # ... and the milliseconds waiting requests wait for more once a call ends (0: go at once)
     triton_merge_wait_ms: float = 0.0
@@ -81,8 +86,8 @@ class ServeOptions:
     drain_s: float = 0.0
     http: HttpLimits = field(default_factory=HttpLimits)
     restricted_api: frozenset[str] = frozenset()  # groups that need the token (restricted.py)
-    # started by ``--workers`` (server/workers.py): bind the shared ports with SO_REUSEPORT and
-    # leave /metrics to the supervisor
+    # started by ``--workers`` (server/runtime/workers.py): bind the shared ports with SO_REUSEPORT
+    # and leave /metrics to the supervisor
     worker: bool = False
     model_control: str = "none"  # "explicit": load/unload through the API (model_control.py)
 
@@ -142,7 +147,7 @@ class GatewayServer:
         self.options = options
         repository = load_repository(options.repository)
         routing = load_routing(options.routing)
-        # this host's speeds before auto ranks (server/retime.py; only embedded is timed)
+        # this host's speeds before auto ranks (server/routing/retime.py; only embedded is timed)
         upstream_kind = "pools" if routing.pools else options.upstream
         retime_repository(repository, options.retime, upstream_kind, options.threads)
         router = Router(repository, routing)

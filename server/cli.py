@@ -1,6 +1,6 @@
 """``precision-serve``: run the gateway (see docs/gateway.md).
 
-``precision-serve triton ...`` is handed to server/triton/cli.py (a local Triton server).
+``precision-serve triton ...`` is handed to server/launcher/cli.py (a local Triton server).
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import sys
 from pathlib import Path
 
 from server.app import DEFAULT_DRAIN_S, DEFAULT_MAX_REQUEST_BYTES, ServeOptions, serve
+from server.dataplane.restricted import GROUPS, parse_groups
 from server.errors import ConfigError, GatewayError
-from server.event_loop import LOOPS, run_loop
-from server.http_app import DEFAULT_BODY_TIMEOUT_S, HttpLimits
-from server.http_limits import DEFAULT_MAX_CONNECTIONS
-from server.request_bounds import LIMIT_MODES
-from server.restricted import GROUPS, parse_groups
+from server.runtime.event_loop import LOOPS, run_loop
+from server.transports.http.app import DEFAULT_BODY_TIMEOUT_S, HttpLimits
+from server.transports.http.limits import DEFAULT_MAX_CONNECTIONS
+from server.transports.request_bounds import LIMIT_MODES
 from server.upstreams.base import DEFAULT_MERGE_LIMIT
-from server.upstreams.detach import MODES as DETACH_MODES
+from server.upstreams.triton.detach import MODES as DETACH_MODES
 
 TOKEN_ENV = "PRECISION_SERVE_AUTH_TOKEN"
 
@@ -166,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["triton"]:  # ``precision-serve triton start|derive``: server/triton/cli.py
-        from server.triton.cli import main as triton_main
+    if argv[:1] == ["triton"]:  # ``precision-serve triton start|derive``: server/launcher/cli.py
+        from server.launcher.cli import main as triton_main
 
         return triton_main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -229,8 +229,8 @@ def auth_token(args: argparse.Namespace) -> str | None:
 
 
 def _supervise(args: argparse.Namespace) -> int:
-    """``--workers N``: server/workers.py starts N workers with these arguments."""
-    from server.workers import WorkerOptions, supervise
+    """``--workers N``: server/runtime/workers.py starts N workers with these arguments."""
+    from server.runtime.workers import WorkerOptions, supervise
 
     if args.model_control != "none":  # each worker would load/unload on its own
         raise ConfigError("--model-control explicit needs --workers 1")

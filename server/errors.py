@@ -1,8 +1,9 @@
 """The gateway's exception family.
 
 Every error carries ``code``: the canonical gRPC status code name (``"NOT_FOUND"``, ...). The
-gRPC servicer (server/grpc_service.py) and the HTTP app (server/http_app.py) each translate it
-to a transport status in exactly one place; metrics use the same name as the ``status`` label.
+gRPC servicer (server/transports/grpc/service.py) and the HTTP app (server/transports/http/app.py)
+each translate it to a transport status in exactly one place; metrics use the same name as the
+``status`` label.
 Internal errors (``INTERNAL``, or any other exception) reach clients only as
 ``internal error, id=...`` (:func:`client_message`); the log has the id and the full text, so
 engine messages and replica addresses stay inside.

@@ -102,8 +102,8 @@ UPSTREAM_READY = Gauge(
     multiprocess_mode="livemin",  # --workers: 1 only when every live worker can
 )
 
-# The speed figures auto ranks variants by (server/retime.py): the manifest's, and where this
-# host differs from the build host, the ones re-timed here at start-up.
+# The speed figures auto ranks variants by (server/routing/retime.py): the manifest's, and where
+# this host differs from the build host, the ones re-timed here at start-up.
 VARIANT_SPEED = Gauge(
     "precision_serve_variant_speed_rows_per_second",
     "Variant throughput at its speed batch: source=manifest (build host) or retimed (this host).",
@@ -149,7 +149,7 @@ routing_decisions = Children(ROUTING_DECISIONS)  # (model, precision, policy)
 variant_speed = Children(VARIANT_SPEED)  # (model, precision, source)
 variant_latency = Children(VARIANT_LATENCY)  # (model, precision, source)
 
-# ---- the slo routing policy (server/slo.py); one series per worker under --workers --------------
+# ---- the slo routing policy (server/routing/slo.py); one series per worker under --workers ----
 SLO_SHARE = Gauge(
     "precision_serve_slo_share",
     "Share of the slo policy's traffic sent to each precision (0..1).",

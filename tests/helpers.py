@@ -1,5 +1,5 @@
 """Shared test utilities: skipping honestly, ports, a tiny ONNX model (waiting for and stopping
-processes: :mod:`server.process`)."""
+processes: :mod:`common.process`)."""
 
 from __future__ import annotations
 

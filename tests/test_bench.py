@@ -17,7 +17,7 @@ from bench.engine_level import EngineWindows, measure_model
 from bench.run import main as bench_main
 from bench.serving import _ratios, subset_repository
 from bench.targets import evaluate
-from server.engines import available_engines
+from common.engines import available_engines
 
 SHORT = EngineWindows(
     rounds=1, latency_runs=3, latency_seconds=0.0, throughput_runs=1, throughput_seconds=0.0
@@ -81,8 +81,8 @@ def test_quick_run_writes_json_and_markdown(tiny_repository: Path, tmp_path: Pat
 
 
 def test_clients_against_echo_and_in_process(tiny_repository: Path, tmp_path: Path) -> None:
-    from bench.echo_server import EchoServer
-    from server.engines import get_engine
+    from common.engines import get_engine
+    from lab.floors.echo_server import EchoServer
 
     subset = subset_repository(tiny_repository, tmp_path / "repo", [("tiny", "int8")])
     manifest = json.loads((subset / "tiny.manifest.json").read_text())
@@ -173,9 +173,9 @@ def test_missed_targets_say_what_the_bare_servers_reach() -> None:
 def test_bare_servers_answer_as_the_engine_and_forward_bytes(
     tiny_repository: Path, tmp_path: Path
 ) -> None:
-    from bench.bare_server import BareServer
-    from bench.echo_server import EchoServer
-    from server.engines import get_engine
+    from common.engines import get_engine
+    from lab.floors.bare_server import BareServer
+    from lab.floors.echo_server import EchoServer
 
     subset = subset_repository(tiny_repository, tmp_path / "repo", [("tiny", "int8")])
     feeds = {"x": np.linspace(-1, 1, 32, dtype=np.float32).reshape(2, 16)}
@@ -306,7 +306,7 @@ def test_requests_per_run_come_from_the_gateways_batch_metrics(
 ) -> None:
     from bench import profiling
     from bench.report import _per_run
-    from server.runner import GatewayProcess
+    from server.runtime.runner import GatewayProcess
 
     subset = subset_repository(tiny_repository, tmp_path / "repo", [("tiny", "int8")])
     payload = clients.infer_request_bytes("tiny_int8", {"x": np.ones((3, 16), np.float32)})

@@ -28,7 +28,7 @@ def perf_analyzer_present() -> bool:
 
 def test_kserve_peer_answers_a_v2_inference(tiny_repository: Path) -> None:
     from bench.peers import kserve_peer
-    from server.engines import get_engine
+    from common.engines import get_engine
 
     if not kserve_peer.available():
         skip_or_fail("kserve is not installed (make bench-tools)")
@@ -62,7 +62,7 @@ def test_perf_analyzer_csv_from_a_real_run_against_the_gateway(
     tiny_repository: Path, tmp_path: Path
 ) -> None:
     from bench.peers import PeerError, perf_analyzer
-    from server.runner import GatewayProcess
+    from server.runtime.runner import GatewayProcess
 
     try:
         perf_analyzer.binary()

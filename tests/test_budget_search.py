@@ -17,7 +17,7 @@ from builder.budget import search
 from builder.options import BuildOptions
 from builder.pipeline import build_model
 from builder.report import summary
-from server.model_repository import load_manifest
+from common.model_repository import load_manifest
 
 SENSITIVE = "ffn_out"
 HIDDEN = 32

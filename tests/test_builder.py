@@ -15,7 +15,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from builder.errors import BuildError, CalibrationDataError, SourceError
 from builder.pipeline import BuildOptions, build_model
-from server.model_repository import (
+from common.model_repository import (
     RepositoryError,
     load_manifest,
     load_manifests,

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from server import process
+from common import process
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from builder.pipeline import BuildOptions, build_model
-from server.model_repository import load_manifests
+from common.model_repository import load_manifests
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

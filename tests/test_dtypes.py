@@ -1,4 +1,4 @@
-"""The one dtype map (server.model_repository.dtypes) and ONNX Runtime's type names."""
+"""The one dtype map (common.model_repository.dtypes) and ONNX Runtime's type names."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2 as mc
 
-from server.engines import EngineError, get_engine
-from server.engines.onnxruntime_engine import ort_dtype
-from server.model_repository import DtypeError
-from server.model_repository.dtypes import (
+from common.engines import EngineError, get_engine
+from common.engines.onnxruntime_engine import ort_dtype
+from common.model_repository import DtypeError
+from common.model_repository.dtypes import (
     config_type_to_datatype,
     from_config_type,
     from_datatype,

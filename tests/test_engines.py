@@ -19,8 +19,8 @@ from builder.precisions import get_precision
 from builder.precisions.base import VariantResult
 from builder.precisions.int8 import host_quant_types
 from builder.sources.base import Dataset, LoadedModel
-from server.engines import EngineError, get_engine
-from server.model_repository import ServingOptions, build_model_config, load_manifests, read_config
+from common.engines import EngineError, get_engine
+from common.model_repository import ServingOptions, build_model_config, load_manifests, read_config
 from tests.helpers import make_tiny_onnx, skip_or_fail
 
 ENGINES = [("onnxruntime", {}), ("openvino", {}), ("openvino", {"inference_precision": "bf16"})]
@@ -308,7 +308,7 @@ def test_openvino_config_round_trips_through_the_protobuf() -> None:
     from google.protobuf import text_format
 
     from builder.triton_backend import standard_backend
-    from server.model_repository import TensorSpec
+    from common.model_repository import TensorSpec
 
     kwargs = standard_backend(
         "openvino", {"inference_precision": "bf16", "num_streams": 2}, "model.onnx", 8

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from builder.cli import main
-from server.model_repository import (
+from common.model_repository import (
     LABELLED,
     SAMPLES_LABELS_KEY,
     SYNTHETIC,
@@ -22,8 +22,8 @@ from server.model_repository import (
     load_manifests,
     samples_path,
 )
-from server.repository import load_repository
-from server.routing import Router, parse_routing
+from server.catalog import load_repository
+from server.routing.policies import Router, parse_routing
 from tests.helpers import make_tiny_onnx
 
 pytestmark = pytest.mark.integration

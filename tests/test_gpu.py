@@ -30,7 +30,7 @@ from builder.gpu.quant import quantize_for_tensorrt, tensorrt_qdq_problems, weig
 from builder.gpu.target import GpuTargetOptions, build_gpu_target
 from builder.gpu.tensorrt_build import EngineBuildOptions, build_engine, profile_shapes
 from builder.sources.base import Dataset
-from server.model_repository import (
+from common.model_repository import (
     CONFIG_NAME,
     Manifest,
     ServingOptions,

@@ -115,7 +115,7 @@ def test_opt_in_builds_a_non_transformer(tmp_path: Path) -> None:
         "--no-speed",
     )
     assert got.returncode == 0, got.stderr
-    from server.model_repository import load_manifests
+    from common.model_repository import load_manifests
 
     v = load_manifests(repo)["tiny"].variants["int4"]
     assert v.details["block_size"] == 64 and v.details["quantized_matmuls"] == 2
@@ -160,7 +160,7 @@ def minilm_int4_repository() -> Path:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_minilm_int4_size_and_quality(minilm_int4_repository: Path) -> None:
-    from server.model_repository import load_manifests
+    from common.model_repository import load_manifests
 
     m = load_manifests(minilm_int4_repository)["minilm"]
     fp32, int4 = m.variants["fp32"], m.variants["int4"]
@@ -179,9 +179,9 @@ def test_minilm_int4_size_and_quality(minilm_int4_repository: Path) -> None:
 def test_minilm_int4_served_by_the_embedded_gateway(minilm_int4_repository: Path) -> None:
     import tritonclient.grpc as grpcclient
 
-    from server.engines import get_engine
-    from server.model_repository import load_manifests
-    from server.runner import GatewayProcess
+    from common.engines import get_engine
+    from common.model_repository import load_manifests
+    from server.runtime.runner import GatewayProcess
 
     repo = minilm_int4_repository
     m = load_manifests(repo)["minilm"]

@@ -30,8 +30,8 @@ import yaml
 
 from server import metrics
 from server.cli import build_parser
-from server.triton.distribution import find_distribution
-from server.triton.errors import TritonNotInstalled
+from server.launcher.distribution import find_distribution
+from server.launcher.errors import TritonNotInstalled
 from tests.helpers import skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]

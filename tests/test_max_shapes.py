@@ -12,7 +12,7 @@ import pytest
 from builder.errors import BuildError
 from builder.max_shapes import apply_max_shapes, parse_max_shapes
 from builder.sources.hf_folder import _bounded
-from server.model_repository import TensorSpec
+from common.model_repository import TensorSpec
 from tests.helpers import make_sequence_onnx
 
 ROOT = Path(__file__).resolve().parents[1]

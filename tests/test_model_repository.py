@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from server.model_repository import (
+from common.model_repository import (
     SCHEMA_VERSION,
     Manifest,
     ManifestError,

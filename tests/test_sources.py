@@ -13,7 +13,7 @@ import pytest
 from builder.errors import SourceError
 from builder.sources import DEMO_SOURCES, PREFIX_SOURCES, load_model, resolve
 from builder.sources.common import sanitize_name, synthetic_dataset
-from server.model_repository import TensorSpec
+from common.model_repository import TensorSpec
 from tests.helpers import make_tiny_onnx
 
 
@@ -174,7 +174,7 @@ def test_onnx_source_rejects_an_invalid_graph(tmp_path: Path) -> None:
 FACTORY_FILE = textwrap.dedent(
     """
     import torch
-    from server.model_repository import TensorSpec
+    from common.model_repository import TensorSpec
     from builder.sources.torch_module import TorchModelSpec
 
     def classifier():

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.peers import PeerError
-from bench.ready_server import ReadyFileServer
+from lab.floors.ready_server import ReadyFileServer
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _datatype(arr: Any) -> str:
 
 
 class _OrtSession:
-    """ONNX Runtime with the options server.engines' onnxruntime engine uses."""
+    """ONNX Runtime with the options common.engines' onnxruntime engine uses."""
 
     def __init__(self, path: Path, threads: int) -> None:
         import onnxruntime as ort
@@ -168,7 +168,7 @@ def variant_file(repository: Path, model: str, precision: str) -> tuple[Path, st
     """The ONNX file and Triton name of a built variant (in the calling process). KServe runs
     it on ONNX Runtime whatever engine the gateway chose for it (the builder may have measured
     OpenVINO faster here): the peer is KServe's generic server as a user would set it up."""
-    from server.model_repository import load_manifest, manifest_path
+    from common.model_repository import load_manifest, manifest_path
 
     v = load_manifest(manifest_path(repository, model)).variants[precision]
     path = Path(repository) / v.file

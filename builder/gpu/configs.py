@@ -1,4 +1,4 @@
-"""Triton configs for GPU hosts, built through ``server.model_repository.build_model_config``.
+"""Triton configs for GPU hosts, built through ``common.model_repository.build_model_config``.
 
 Two ways to serve a variant on a GPU Triton:
 
@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from tritonclient.grpc import model_config_pb2 as mc
 
 from builder.gpu.tensorrt_build import ShapeRange
-from server.model_repository import ServingOptions, TensorSpec, build_model_config
+from common.model_repository import ServingOptions, TensorSpec, build_model_config
 
 TENSORRT_PLATFORM = "tensorrt_plan"
 ONNXRUNTIME_PLATFORM = "onnxruntime_onnx"

@@ -46,7 +46,7 @@ from builder.gpu.tensorrt_build import (
     timing_cache_path,
 )
 from builder.sources.base import Dataset
-from server.model_repository import (
+from common.model_repository import (
     Manifest,
     RepositoryError,
     ServingOptions,

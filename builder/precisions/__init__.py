@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from builder.errors import BuildError
 from builder.precisions.base import BuildContext, Precision, RefusesModels, VariantResult
-from server.plugins import PluginRegistry
+from common.plugins import PluginRegistry
 
 _PRECISIONS = PluginRegistry(
     "precision",

@@ -47,7 +47,7 @@ class BF16:
         return openvino_missing()
 
     def build(self, ctx: BuildContext, out_path: Path) -> VariantResult:
-        from server.engines import get_engine
+        from common.engines import get_engine
 
         shutil.copyfile(ctx.fp32_path, out_path)
         session = get_engine(ENGINE).load(out_path, ENGINE_OPTIONS, ctx.options.threads)

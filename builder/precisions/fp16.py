@@ -79,7 +79,7 @@ class FP16:
 
     def _loads(self, path: Path) -> str | None:
         """None if ONNX Runtime loads ``path``, else its complaint."""
-        from server.engines import EngineError, get_engine
+        from common.engines import EngineError, get_engine
 
         try:
             get_engine("onnxruntime").load(path)

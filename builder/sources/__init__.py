@@ -10,7 +10,7 @@ from pathlib import Path
 
 from builder.errors import SourceError
 from builder.sources.base import Dataset, LoadedModel, ModelSource
-from server.plugins import PluginRegistry
+from common.plugins import PluginRegistry
 
 _HINT = "install the extra: pip install 'precision-serve[build]'"
 # "prefix:reference" sources.

@@ -9,7 +9,7 @@ from typing import Protocol
 
 import numpy as np
 
-from server.model_repository import TensorSpec
+from common.model_repository import TensorSpec
 
 
 @dataclass

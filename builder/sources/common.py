@@ -15,7 +15,7 @@ import numpy as np
 
 from builder.errors import SourceError
 from builder.sources.base import Dataset
-from server.model_repository import TensorSpec
+from common.model_repository import TensorSpec
 
 EXPORT_OPSET = 17
 # Value used for a dynamic non-batch dimension (sequence length...) in synthetic data.

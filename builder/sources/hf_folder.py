@@ -25,7 +25,7 @@ import numpy as np
 from builder.errors import SourceError
 from builder.sources.base import Dataset, LoadedModel
 from builder.sources.common import export_torch_to_onnx, onnx_io_specs, sanitize_name
-from server.model_repository import TensorSpec
+from common.model_repository import TensorSpec
 
 SEQUENCE_LENGTH = 128
 CALIBRATION_SENTENCES = 256

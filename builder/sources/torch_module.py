@@ -32,7 +32,7 @@ from builder.sources.common import (
     task_for_outputs,
     with_data_note,
 )
-from server.model_repository import TensorSpec
+from common.model_repository import TensorSpec
 
 CALIBRATION_SAMPLES = 64
 EVALUATION_SAMPLES = 64

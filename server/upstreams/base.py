@@ -28,9 +28,9 @@ Contract for implementations:
 - Pass-through (optional): an upstream with ``async forward(variant, payload, deadline)`` takes
   the client's serialised ModelInferRequest and returns the serialised reply (the gRPC path
   then skips decoding and validation; errors are the upstream's own). Same fallback rules.
-- Model control (optional, ``--model-control explicit``, server/model_control.py): an upstream
-  with ``async load(variant)`` / ``async unload(variant)`` makes the variant ready / unready
-  (loading one that is loaded is a no-op); without them load/unload answer UNIMPLEMENTED.
+- Model control (optional, ``--model-control explicit``, server/dataplane/model_control.py): an
+  upstream with ``async load(variant)`` / ``async unload(variant)`` makes the variant ready /
+  unready (loading one that is loaded is a no-op); without them load/unload answer UNIMPLEMENTED.
 - ``close()`` releases sessions/channels; called once at shutdown.
 """
 
@@ -42,12 +42,12 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from common.plugins import PluginRegistry
+from server.catalog import Repository, Variant
 from server.errors import ConfigError, Unavailable
-from server.plugins import PluginRegistry
-from server.repository import Repository, Variant
 
-# Triton pass-through: forwarded calls in flight per variant and ready replica before later
-# requests merge (server/upstreams/merging.py). 1: with a Triton model instance per variant (the
+# Triton pass-through: forwarded calls in flight per variant and ready replica before later requests
+# merge (server/upstreams/triton/merging.py). 1: with a Triton model instance per variant (the
 # builder's configs), a second call in flight only waits in Triton's queue and goes out smaller;
 # against 2, c16 951 vs 728 and c32 1310 vs 958 req/s in one `bench.ab` run (docs/triton.md).
 DEFAULT_MERGE_LIMIT = 1
@@ -68,14 +68,14 @@ class UpstreamSettings:
     default_timeout_s: float = 30.0
     # triton+dns: seconds between resolutions of the name (a URL ``?interval=`` overrides it).
     resolve_interval_s: float = 5.0
-    # Triton: cancel a call when its client cancels or its deadline passes (False: let it run
-    # to its end, server/upstreams/detach.py - tritonserver < 2.53 can crash on cancellations).
+    # Triton: cancel a call when its client cancels or its deadline passes (False: let it run to its
+    # end, server/upstreams/triton/detach.py - tritonserver < 2.53 can crash on cancellations).
     cancel_upstream: bool = False
     # Triton pass-through: forwarded calls in flight per variant and ready replica before later
-    # requests merge into one call (server/upstreams/merging.py); 0: never merge.
+    # requests merge into one call (server/upstreams/triton/merging.py); 0: never merge.
     merge_limit: int = DEFAULT_MERGE_LIMIT
     # ... and how long, once a call ends, the waiting requests wait for more to join them before
-    # they go (0: at once; --triton-merge-wait, server/upstreams/merging.py)
+    # they go (0: at once; --triton-merge-wait, server/upstreams/triton/merging.py)
     merge_wait_s: float = 0.0
 
 
@@ -99,9 +99,9 @@ _UPSTREAMS = PluginRegistry(
     "upstream",
     ConfigError,
     {
-        "embedded": "server.upstreams.embedded:EmbeddedUpstream",
-        "triton": "server.upstreams.triton:TritonUpstream",
-        "triton+dns": "server.upstreams.dns:DnsTritonUpstream",
+        "embedded": "server.upstreams.embedded.upstream:EmbeddedUpstream",
+        "triton": "server.upstreams.triton.upstream:TritonUpstream",
+        "triton+dns": "server.upstreams.triton.dns:DnsTritonUpstream",
     },
 )
 

@@ -14,8 +14,8 @@ import time
 import numpy as np
 
 from server import metrics
+from server.catalog import Repository, Variant
 from server.errors import ConfigError, Unsupported
-from server.repository import Repository, Variant
 from server.upstreams.base import Upstream, UpstreamSettings, create_upstream
 
 
@@ -87,7 +87,7 @@ class PooledUpstream:
         await self._control("unload", variant)
 
     async def _control(self, action: str, variant: Variant) -> None:
-        """Model control goes to the variant's pool (server/model_control.py)."""
+        """Model control goes to the variant's pool (server/dataplane/model_control.py)."""
         u = self._require(variant)
         method = getattr(u, action, None)
         if not callable(method):

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from server import process
+from common import process
 from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
+from common.engines import engine_names
 from server.cli import build_parser
-from server.engines import engine_names
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

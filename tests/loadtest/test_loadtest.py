@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from loadtest import promtext
-from server.runner import GatewayProcess
+from server.runtime.runner import GatewayProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -135,8 +135,8 @@ def test_locustfile_works_in_the_web_ui(tiny_repository: Path, tmp_path: Path) -
     import urllib.parse
     import urllib.request
 
-    from server import process
-    from server.process import wait_ready
+    from common import process
+    from common.process import wait_ready
     from tests.helpers import free_port
 
     def get(url: str, data: dict[str, str] | None = None) -> dict:

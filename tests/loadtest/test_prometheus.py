@@ -26,10 +26,10 @@ import tritonclient.grpc as grpcclient
 import yaml
 from tritonclient.utils import InferenceServerException
 
+from common import process
+from common.model_repository import load_manifests
 from loadtest.runner import Step, StepSettings, locust_command
-from server import process
-from server.model_repository import load_manifests
-from server.runner import GatewayProcess
+from server.runtime.runner import GatewayProcess
 from tests.loadtest.promserver import ROOT, PrometheusServer, config_from_deploy
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

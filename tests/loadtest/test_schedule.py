@@ -16,7 +16,7 @@ from loadtest.runner import LOCUSTFILE, StepSettings
 from loadtest.schedule import parse_schedule
 from loadtest.scheduled import SHAPEFILE, schedule_command, write_schedule_report
 from loadtest.timeline import bin_record, first_shift, load_record, within_objective
-from server.runner import GatewayProcess
+from server.runtime.runner import GatewayProcess
 from tests.server.conftest import routing_repo  # noqa: F401  (fixture)
 
 

@@ -1,10 +1,10 @@
-"""loadtest/slo_ramp.py's plan and checks on synthetic timelines (the run itself: docs/slo/)."""
+"""lab/slo_ramp.py's plan and checks on synthetic timelines (the run itself: docs/slo/)."""
 
 from __future__ import annotations
 
 import argparse
 
-from loadtest.slo_ramp import plan_ramp, verdicts
+from lab.slo_ramp import plan_ramp, verdicts
 from loadtest.timeline import Bin, Timeline
 
 

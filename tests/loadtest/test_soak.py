@@ -1,4 +1,4 @@
-"""A short soak through the real CLI (``python -m loadtest.soak``): a gateway on the digits
+"""A short soak through the real CLI (``python -m lab.soak.driver``): a gateway on the digits
 repository in front of two Triton replicas, one killed and restarted midway. The report has every
 section and figure, and no valid request is lost to the malformed, slow and cancelled traffic
 mixed into the paced load, nor to the kill, except those in flight on the killed replica (the
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from server.model_repository import load_manifests
+from common.model_repository import load_manifests
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -26,7 +26,7 @@ MUST_SHOW = ("in flight", "in flight", "in flight", "in flight", "rejected 60 MB
 
 def run_soak(repo: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     cmd = [
-        sys.executable, "-m", "loadtest.soak", "--repository", str(repo), "--out", str(out),
+        sys.executable, "-m", "lab.soak.driver", "--repository", str(repo), "--out", str(out),
         "--minutes", "0.5", "--capacity-seconds", "3", "--big-interval", "0", "--big-count", "1",
         "--big-budget", "5", "--in-flight-timeout", "5", "--slow-clients", "2", *extra,
     ]  # fmt: skip

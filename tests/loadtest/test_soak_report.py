@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from loadtest import soak
-from loadtest.procstat import ProcSample
-from loadtest.soak_report import (
+from lab.soak import driver as soak
+from lab.soak.procstat import ProcSample
+from lab.soak.report import (
     MB,
     Call,
     checks,
@@ -143,4 +143,4 @@ def test_the_report_is_plain_json() -> None:
 def test_cli_rejects_a_bad_option_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert soak.main(["--minutes", "0", "--out", "unused"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "python -m loadtest.soak: error: --minutes must be > 0, got 0.0"
+    assert err == "python -m lab.soak.driver: error: --minutes must be > 0, got 0.0"

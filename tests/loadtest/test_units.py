@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.model_repository import samples_path
 from loadtest import promtext
 from loadtest.cli import LoadTestConfig, main, parse_timespan
 from loadtest.errors import ConfigError
 from loadtest.inputs import InputSpec, SampleInputs, load_inputs, synthetic
 from loadtest.report import RunInfo, VariantInfo, comparison_table, recommendations
 from loadtest.runner import StepResult
-from server.model_repository import samples_path
 
 METRICS_BEFORE = """\
 # TYPE precision_serve_requests counter

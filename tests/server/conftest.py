@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.model_repository import LABELLED, load_manifests
-from server.runner import GatewayProcess
+from common.model_repository import LABELLED, load_manifests
+from server.runtime.runner import GatewayProcess
 
 # speed (ms) and accuracy loss (points) written into routing_repo's manifest
 SPEED = {"fp32": 0.05, "fp16": 0.08, "int8": 0.03}

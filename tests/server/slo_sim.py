@@ -1,5 +1,5 @@
 """A discrete-event model of one serving queue on a virtual clock, driving the real
-:class:`server.slo.SloController` (tests/server/test_slo_simulation.py).
+:class:`server.routing.slo.SloController` (tests/server/test_slo_simulation.py).
 
 One server takes requests in arrival order; a request's service time depends on the precision
 the controller picked for it (with some jitter); arrivals are Poisson at a rate that follows a
@@ -16,8 +16,8 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from server.slo import Rung, SloController
-from server.slo_config import SloSettings
+from server.routing.slo import Rung, SloController
+from server.routing.slo_config import SloSettings
 
 
 class VirtualClock:

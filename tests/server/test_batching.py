@@ -1,4 +1,5 @@
-"""Dynamic batching (server/batching.py) with recording engine sessions: no servers.
+"""Dynamic batching (server/upstreams/embedded/batching.py) with recording engine sessions: no
+servers.
 
 Nothing here depends on speed. Requests are queued while the engine is held inside a run (a
 blocker request, released by an Event), so what the worker finds in its queue is known; with a
@@ -16,8 +17,8 @@ import time
 import numpy as np
 import pytest
 
-from server.batching import BatchPolicy, DynamicBatcher
 from server.errors import DeadlineExceeded, InternalError
+from server.upstreams.embedded.batching import BatchPolicy, DynamicBatcher
 
 HANG_S = 30.0  # a liveness bound, never a speed assertion
 HOUR = 3600.0
@@ -294,8 +295,8 @@ def test_gateway_merges_concurrent_requests_and_splits_answers(repo_copy):
     ends the wait), and every client still gets its own row back."""
     import tritonclient.grpc.aio as aioclient
 
-    from server.model_repository import read_config, write_config
-    from server.runner import GatewayProcess
+    from common.model_repository import read_config, write_config
+    from server.runtime.runner import GatewayProcess
     from tests.server.conftest import ort_outputs, rows
     from tests.server.test_policies import sample_value, scrape
 

@@ -1,5 +1,5 @@
-"""The supervised batcher (server/batching.py): a batch only ever fails its own members, a worker
-that dies is replaced, a full queue refuses at once. Engine doubles, no servers.
+"""The supervised batcher (server/upstreams/embedded/batching.py): a batch only ever fails its own
+members, a worker that dies is replaced, a full queue refuses at once. Engine doubles, no servers.
 
 As in test_batching.py, requests are queued behind a blocker held inside the engine, so what a
 worker finds in its queue is known; the timeouts only keep a broken batcher from hanging the run.
@@ -15,9 +15,9 @@ import pytest
 from prometheus_client import REGISTRY
 from tritonclient.grpc import model_config_pb2 as mc
 
-from server import batching
-from server.batching import BatchPolicy, DynamicBatcher
 from server.errors import InternalError, Unavailable
+from server.upstreams.embedded import batching
+from server.upstreams.embedded.batching import BatchPolicy, DynamicBatcher
 
 HANG_S = 30.0  # a liveness bound, never a speed assertion
 MERGE = BatchPolicy(max_batch_size=16, dynamic=True, preferred_sizes=[16], max_queue_delay_s=0)
@@ -196,8 +196,8 @@ def test_a_full_queue_refuses_at_once_and_counts_the_rejection():
 
 
 def test_max_queue_size_comes_from_the_config(tiny_repository):
-    from server.repository import load_repository
-    from server.upstreams.embedded import max_queue_size
+    from server.catalog import load_repository
+    from server.upstreams.embedded.upstream import max_queue_size
 
     variant = load_repository(tiny_repository).variants()[0]
     assert max_queue_size(variant) == 0  # not set: unbounded

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from common.model_repository import load_manifests
+from server.catalog import load_repository
 from server.errors import ConfigError
-from server.model_repository import load_manifests
-from server.repository import load_repository
-from server.routing import Router, parse_routing
+from server.routing.policies import Router, parse_routing
 from tests.server.conftest import copy_repository
 
 

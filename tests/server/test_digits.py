@@ -10,9 +10,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from server.engines import get_engine
-from server.model_repository import load_manifests
-from server.runner import GatewayProcess
+from common.engines import get_engine
+from common.model_repository import load_manifests
+from server.runtime.runner import GatewayProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -1,4 +1,4 @@
-"""Replica discovery (server/upstreams/dns.py) with a fake resolver: no Triton, no sleeps."""
+"""Replica discovery (server/upstreams/triton/dns.py) with a fake resolver: no Triton, no sleeps."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from server.catalog import load_repository
 from server.errors import ConfigError
-from server.repository import load_repository
 from server.upstreams import create_upstream
 from server.upstreams.base import UpstreamSettings
-from server.upstreams.dns import Discovery, DnsTritonUpstream, parse_dns_address
+from server.upstreams.triton.dns import Discovery, DnsTritonUpstream, parse_dns_address
 
 
 class FakeResolver:

@@ -1,5 +1,5 @@
 """Routing on evidence: ``auto`` refuses quality figures measured on synthetic data unless the
-routing file opts in (server/evidence.py), and says why at start-up and in the index."""
+routing file opts in (server/routing/evidence.py), and says why at start-up and in the index."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from common.model_repository import LABELLED, SYNTHETIC, UNLABELLED, Manifest, load_manifests
 from server.app import GatewayServer, ServeOptions
-from server.evidence import quality_is_evidence
-from server.model_repository import LABELLED, SYNTHETIC, UNLABELLED, Manifest, load_manifests
-from server.repository import load_repository
-from server.routing import ModelRoute, Router, parse_routing
+from server.catalog import load_repository
+from server.routing.evidence import quality_is_evidence
+from server.routing.policies import ModelRoute, Router, parse_routing
 from tests.server.conftest import copy_repository
 
 
@@ -42,7 +42,7 @@ def test_auto_routes_on_labelled_figures(repo: Path) -> None:
 
 def test_auto_refuses_synthetic_figures_and_serves_fp32(repo: Path, caplog) -> None:
     _set_source(repo, SYNTHETIC)
-    with caplog.at_level(logging.WARNING, logger="server.routing"):
+    with caplog.at_level(logging.WARNING, logger="server.routing.policies"):
         router = _auto(repo)
     decision = router.decide("tiny")
     assert (decision.precision, decision.policy) == ("fp32", "auto")
@@ -76,7 +76,7 @@ def test_synthetic_reference_figures_are_not_a_reason_to_refuse(repo: Path) -> N
 
 
 def test_a_wrong_provenance_value_is_a_manifest_error(repo: Path) -> None:
-    from server.model_repository import ManifestError
+    from common.model_repository import ManifestError
 
     data = load_manifests(repo)["tiny"].to_dict()
     data["variants"]["int8"]["quality_source"] = "guesswork"
@@ -203,7 +203,7 @@ def _gauge(name: str, precision: str, source: str) -> float | None:
 def test_gateway_on_another_cpu_retimes_and_auto_follows_this_host(
     other_host_repo: Path, tmp_path: Path, caplog
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="server.retime"):
+    with caplog.at_level(logging.INFO, logger="server.routing.retime"):
         server = _start(other_host_repo, tmp_path, "auto")
     retimed = {p: _gauge("batch1_latency_seconds", p, "retimed") for p in ("fp32", "fp16", "int8")}
     assert all(v is not None and v > 0 for v in retimed.values())
@@ -215,7 +215,7 @@ def test_gateway_on_another_cpu_retimes_and_auto_follows_this_host(
     assert _gauge("speed_rows_per_second", "fp16", "retimed") < RECORDED["fp16"]["throughput"]
     assert load_manifests(other_host_repo)["tiny"].variants["fp16"].speed == RECORDED["fp16"]
     # one line says what changed: the host difference and the old vs new ranking
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "server.retime"]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "server.routing.retime"]
     assert "re-timed tiny" in line and "ranking changed from fp16 < int8 < fp32" in line
     assert "amx_int8" in line and "cores 224 -> " in line
 
@@ -226,7 +226,7 @@ def test_retime_never_ranks_by_the_manifest(other_host_repo: Path, tmp_path: Pat
 
 
 def test_same_host_is_not_retimed_unless_always(other_host_repo: Path, tmp_path: Path) -> None:
-    from server.hostinfo import cpu_info
+    from common.hostinfo import cpu_info
 
     manifest = load_manifests(other_host_repo)["tiny"]
     manifest.host = dict(cpu_info())
@@ -239,10 +239,10 @@ def test_same_host_is_not_retimed_unless_always(other_host_repo: Path, tmp_path:
 
 
 def test_triton_upstream_keeps_the_manifest_speeds(other_host_repo: Path, caplog) -> None:
-    from server.retime import retime_repository
+    from server.routing.retime import retime_repository
 
     repository = load_repository(other_host_repo)
-    with caplog.at_level(logging.WARNING, logger="server.retime"):
+    with caplog.at_level(logging.WARNING, logger="server.routing.retime"):
         (result,) = retime_repository(repository, "auto", "triton://127.0.0.1:8001")
     assert not result.retimed and "triton" in result.why
     assert repository.models["tiny"].variants["fp16"].record.speed == RECORDED["fp16"]
@@ -262,7 +262,7 @@ def test_cli_gateway_retimes_and_exports_both_figures(other_host_repo: Path, tmp
     CPU logs the new ranking, serves by it and exports both sets of figures on /metrics."""
     import urllib.request
 
-    from server.runner import GatewayProcess
+    from server.runtime.runner import GatewayProcess
 
     routing = tmp_path / "routing.yaml"
     routing.write_text("models:\n  tiny:\n    policy: auto\n    accuracy_budget: 100\n")

@@ -1,5 +1,6 @@
-"""The plain request's short way (server/fast_lane.py): it accepts only what it proves valid,
-answers and records as the general path does, and leaves every error to the general path."""
+"""The plain request's short way (server/transports/grpc/fast_lane.py): it accepts only what it
+proves valid, answers and records as the general path does, and leaves every error to the general
+path."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
-from server import fast_lane
 from server.app import ServeOptions
-from server.repository import load_repository
-from server.runner import InProcessGateway
+from server.catalog import load_repository
+from server.runtime.runner import InProcessGateway
+from server.transports.grpc import fast_lane
 from tests.server.conftest import ort_outputs, rows
 
 
@@ -163,7 +164,7 @@ def test_the_short_way_ends_a_request_at_its_deadline(repo_copy, monkeypatch):
     up (CANCELLED)."""
     import time
 
-    from server.model_repository import read_config, write_config
+    from common.model_repository import read_config, write_config
 
     seen = _watch_the_lane(monkeypatch)
     cfg = read_config(repo_copy / "tiny_fp32")

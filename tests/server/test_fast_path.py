@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as pb
 
-from server import batching, metrics
-from server.batching import BatchPolicy, DynamicBatcher
-from server.core import InferResponse
+from server import metrics
+from server.dataplane.gateway import InferResponse
 from server.errors import DeadlineExceeded
-from server.grpc_service import infer_response_bytes
+from server.transports.grpc.service import infer_response_bytes
+from server.upstreams.embedded import batching
+from server.upstreams.embedded.batching import BatchPolicy, DynamicBatcher
 from tests.helpers import skip_or_fail
 
 
@@ -156,7 +157,7 @@ def test_bound_children_are_the_metrics_own_series():
 
 @pytest.mark.parametrize(("options", "want"), [({}, "0"), ({"allow_spinning": True}, "1")])
 def test_onnxruntime_threads_do_not_spin_unless_asked(tiny_repository, options, want):
-    from server.engines import get_engine
+    from common.engines import get_engine
 
     path = tiny_repository / "tiny_fp32" / "1" / "model.onnx"
     session = get_engine("onnxruntime").load(path, options, threads=2)
@@ -169,7 +170,7 @@ def _loop_module() -> str:
 
 
 def test_the_cli_runs_the_gateway_on_uvloop_unless_told_otherwise():
-    from server.event_loop import run_loop
+    from server.runtime.event_loop import run_loop
 
     try:
         import uvloop  # noqa: F401

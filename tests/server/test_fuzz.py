@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from server.dataplane.tensors import WireTensor, decode
 from server.errors import InvalidInput
-from server.tensors import WireTensor, decode
 from tests.server.conftest import ort_outputs, rows
 
 pytestmark = pytest.mark.integration

@@ -20,8 +20,13 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2 as pb
 
 from server.errors import InvalidInput
-from server.grpc_contents import PREFLIGHT_BYTES, TypedContents, check_sizes, wire_tensors
-from server.runner import GatewayProcess
+from server.runtime.runner import GatewayProcess
+from server.transports.grpc.contents import (
+    PREFLIGHT_BYTES,
+    TypedContents,
+    check_sizes,
+    wire_tensors,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -273,10 +278,10 @@ def test_pass_through_refuses_a_large_mismatched_request_before_parsing(tiny_rep
     from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
     from server.app import ServeOptions
-    from server.repository import load_repository
-    from server.runner import InProcessGateway
+    from server.catalog import load_repository
+    from server.runtime.runner import InProcessGateway
     from server.upstreams.base import UpstreamSettings
-    from server.upstreams.embedded import EmbeddedUpstream
+    from server.upstreams.embedded.upstream import EmbeddedUpstream
 
     forwarded: list[int] = []
 
@@ -316,7 +321,7 @@ def test_an_error_for_a_call_that_already_ended_is_not_a_traceback():
     from types import SimpleNamespace
 
     from server.errors import DeadlineExceeded
-    from server.grpc_service import _CALL_ENDED, _handled
+    from server.transports.grpc.service import _CALL_ENDED, _handled
 
     rejected: list[str] = []
     gateway = SimpleNamespace(restricted=frozenset(), count_rejected=lambda *a: rejected.append(a))

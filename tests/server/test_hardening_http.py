@@ -28,11 +28,11 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
 from server.app import ServeOptions
+from server.catalog import load_repository
 from server.errors import ConfigError, InternalError
-from server.repository import load_repository
-from server.runner import GatewayProcess, InProcessGateway
+from server.runtime.runner import GatewayProcess, InProcessGateway
 from server.upstreams.base import UpstreamSettings, UpstreamUnavailable
-from server.upstreams.embedded import EmbeddedUpstream
+from server.upstreams.embedded.upstream import EmbeddedUpstream
 from tests.server.conftest import ort_outputs, rows
 
 pytestmark = pytest.mark.integration
@@ -142,7 +142,7 @@ def test_60mb_json_gets_400_while_another_client_is_served(gw, tiny_repository, 
 def test_large_bodies_are_parsed_in_the_parser_process(tiny_repository, monkeypatch):
     """A large body is parsed in another process (a thread would hold the GIL, and so the event
     loop): answers and errors come back from it intact."""
-    import server.http_limits as limits
+    import server.transports.http.limits as limits
 
     monkeypatch.setattr(limits, "OFF_LOOP_BYTES", 0)  # every body counts as large here
     limits.shutdown_parsers()
@@ -237,7 +237,7 @@ def test_connections_over_the_cap_get_503(tiny_repository):
         finally:
             for s in held:
                 s.close()
-        from server.process import wait_ready
+        from common.process import wait_ready
 
         def live() -> bool:
             with socket.create_connection(_addr(g), timeout=30) as s:
@@ -299,7 +299,7 @@ def test_zero_dim_beside_a_huge_one_is_rejected_while_parsing(shape):
     # dimension and the product of the non-zero ones against int64 (models with dynamic dims
     # would otherwise reach numpy's reshape and fail with a 500)
     from server.errors import InvalidInput
-    from server.http_app import _wire_inputs
+    from server.transports.http.app import _wire_inputs
 
     doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": shape, "data": []}]}
     with pytest.raises(InvalidInput, match=r"input 'x': shape \[") as info:
@@ -317,7 +317,7 @@ def test_zero_dim_beside_a_huge_one_is_400(gw):
 
 
 def test_client_disconnect_is_one_log_line(gw, tiny_repository):
-    from server.process import wait_ready
+    from common.process import wait_ready
 
     with socket.create_connection(_addr(gw), timeout=30) as sock:
         sock.sendall(_head("/v2/models/tiny/infer", 1000) + b'{"inputs": [')

@@ -19,8 +19,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from server.process import wait_ready
-from server.runner import GatewayProcess
+from common.process import wait_ready
+from server.runtime.runner import GatewayProcess
 from tests.helpers import skip_or_fail
 from tests.server.conftest import ort_outputs, rows
 
@@ -282,8 +282,9 @@ def test_tls_on_grpc_and_http(tiny_repository, tmp_path):
 
 def test_server_never_imports_torch(tiny_repository):
     code = (
-        "import sys, server.cli, server.app, server.core, server.grpc_service, server.http_app, "
-        "server.upstreams.embedded, server.routing, server.runner\n"
+        "import sys, server.cli, server.app, server.dataplane.gateway, "
+        "server.transports.grpc.service, server.transports.http.app, "
+        "server.upstreams.embedded.upstream, server.routing.policies, server.runtime.runner\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)

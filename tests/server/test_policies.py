@@ -16,12 +16,12 @@ import yaml
 from prometheus_client import REGISTRY
 from tritonclient.utils import InferenceServerException
 
+from common.process import wait_ready
 from server.app import ServeOptions
-from server.process import wait_ready
-from server.repository import load_repository
-from server.runner import GatewayProcess, InProcessGateway
+from server.catalog import load_repository
+from server.runtime.runner import GatewayProcess, InProcessGateway
 from server.upstreams.base import UpstreamSettings, UpstreamUnavailable
-from server.upstreams.embedded import EmbeddedUpstream
+from server.upstreams.embedded.upstream import EmbeddedUpstream
 from tests.server.conftest import ort_outputs, rows
 
 pytestmark = pytest.mark.integration

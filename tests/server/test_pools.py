@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from server.catalog import Variant, load_repository
 from server.errors import ConfigError
-from server.repository import Variant, load_repository
-from server.routing import Router, parse_routing
+from server.routing.policies import Router, parse_routing
 from server.upstreams.base import UpstreamUnavailable
 from server.upstreams.pools import PooledUpstream
 
@@ -56,7 +56,7 @@ def test_routing_file_maps_precisions_to_pools(tiny_repository: Path) -> None:
 
 
 def test_each_variant_goes_to_its_pool_and_fallback_crosses_pools(tiny_repository: Path) -> None:
-    from server.core import Gateway
+    from server.dataplane.gateway import Gateway
 
     repo = load_repository(tiny_repository)
     config = parse_routing(ROUTING)

@@ -1,4 +1,4 @@
-"""server.process: start, wait_ready (fails fast on exit), stop (terminate -> kill, groups)."""
+"""common.process: start, wait_ready (fails fast on exit), stop (terminate -> kill, groups)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from server import process
+from common import process
 
 PY = sys.executable
 
@@ -117,7 +117,7 @@ def test_stop_without_group_leaves_the_grandchild(tmp_path: Path) -> None:
 
 
 def test_gateway_process_that_exits_at_start_up_fails_fast_with_its_error(tmp_path: Path) -> None:
-    from server.runner import GatewayProcess, GatewayStartError
+    from server.runtime.runner import GatewayProcess, GatewayStartError
 
     gw = GatewayProcess(tmp_path / "no-such-repository", timeout=3600)
     with pytest.raises(GatewayStartError) as err:

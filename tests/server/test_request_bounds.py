@@ -1,4 +1,4 @@
-"""Request size bounds derived from the repository (server/request_bounds.py, issue 13).
+"""Request size bounds derived from the repository (server/transports/request_bounds.py, issue 13).
 
 A model whose inputs are all bounded (fixed dims, or a manifest ``max_shape`` for dynamic ones)
 has a largest valid request; by default the gateway's gRPC message limit is that size, so gRPC's
@@ -18,18 +18,18 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2 as pb
 
-from server.core import Gateway
+from common.model_repository import TensorSpec
+from server.catalog import TensorInfo, load_repository
+from server.dataplane.gateway import Gateway
 from server.errors import InvalidInput
-from server.model_repository import TensorSpec
-from server.repository import TensorInfo, load_repository
-from server.request_bounds import (
+from server.runtime.runner import GatewayProcess
+from server.transports.request_bounds import (
     concurrent_rpcs,
     element_bytes,
     payload_limit,
     request_bound,
     variant_bound,
 )
-from server.runner import GatewayProcess
 from tests.helpers import make_sequence_onnx
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from server.catalog import load_repository
 from server.errors import ConfigError, ModelNotFound
-from server.repository import load_repository
-from server.routing import Router, load_routing, parse_routing
+from server.routing.policies import Router, load_routing, parse_routing
 
 
 def router(repo: Path, doc: dict | None = None) -> Router:

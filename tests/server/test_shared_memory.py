@@ -19,7 +19,7 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
-from server.runner import GatewayProcess
+from server.runtime.runner import GatewayProcess
 from tests.helpers import skip_or_fail
 from tests.server.conftest import ort_outputs, rows
 
@@ -287,7 +287,7 @@ def test_perf_analyzer_with_system_shared_memory(gw, tmp_path, protocol):
 
 def test_workers_refuse_registration_naming_the_option(tiny_repository, regions):
     from server.app import ServeOptions
-    from server.runner import InProcessGateway
+    from server.runtime.runner import InProcessGateway
 
     key, _ = regions("w", 64)
     options = ServeOptions(
@@ -301,7 +301,7 @@ def test_workers_refuse_registration_naming_the_option(tiny_repository, regions)
 
 def test_shared_memory_calls_need_the_bearer_token(tiny_repository, regions):
     from server.app import ServeOptions
-    from server.runner import InProcessGateway
+    from server.runtime.runner import InProcessGateway
 
     key, _ = regions("auth", 64)
     options = ServeOptions(

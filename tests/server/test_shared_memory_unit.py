@@ -1,4 +1,4 @@
-"""server/shared_memory.py without a server: a registry over a tmp folder standing in for
+"""server/dataplane/shared_memory.py without a server: a registry over a tmp folder standing in for
 /dev/shm, and the gRPC decode hook."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as pb
 
+from server.dataplane.shared_memory import SystemSharedMemory, TensorRef
+from server.dataplane.tensors import decode
 from server.errors import InvalidInput
-from server.grpc_service import _wire_tensors
-from server.shared_memory import SystemSharedMemory, TensorRef
-from server.tensors import decode
+from server.transports.grpc.service import _wire_tensors
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_unregister_while_a_request_holds_the_bytes(tmp_path, registry):
 def test_large_request_with_an_input_in_shared_memory_passes_the_preflight_scan() -> None:
     """The pre-parse size scan (grpc_contents.check_sizes) leaves requests whose inputs carry
     parameters (shared memory: fewer raw entries than inputs) to the checks after parsing."""
-    from server.grpc_contents import PREFLIGHT_BYTES, check_sizes
+    from server.transports.grpc.contents import PREFLIGHT_BYTES, check_sizes
 
     big = np.zeros((1, PREFLIGHT_BYTES // 4 + 1), dtype=np.float32)
     req = pb.ModelInferRequest(model_name="m")

@@ -15,12 +15,12 @@ import tritonclient.grpc as grpcclient
 from prometheus_client import REGISTRY
 
 from server.app import ServeOptions
+from server.catalog import load_repository
 from server.errors import ConfigError
-from server.repository import load_repository
-from server.routing import Router, parse_routing
-from server.runner import InProcessGateway
-from server.slo import Rung, SloController, ceiling, ladder
-from server.slo_config import SloSettings
+from server.routing.policies import Router, parse_routing
+from server.routing.slo import Rung, SloController, ceiling, ladder
+from server.routing.slo_config import SloSettings
+from server.runtime.runner import InProcessGateway
 from tests.server.conftest import rows
 
 OBJECTIVE = 0.050
@@ -316,7 +316,7 @@ def test_routing_file_errors_name_the_field(routing_repo):
 
 
 def test_policy_routes_by_the_mix_and_exports_it(routing_repo, caplog):
-    caplog.set_level("INFO", logger="server.slo")
+    caplog.set_level("INFO", logger="server.routing.slo")
     r = router(routing_repo, {"p99_ms": 20, "accuracy_budget": 0.25, "window_requests": 5})
     policy = r.policies["tiny"]
     assert policy.default_precision == "fp32"
@@ -367,9 +367,9 @@ def test_gateway_feeds_the_controller_and_responses_name_the_precision(routing_r
 
 
 def test_slo_never_shifts_on_synthetic_quality_unless_the_route_accepts_it(routing_repo, tmp_path):
-    """Quality figures measured on noise are not evidence (server/evidence.py): slo then serves
-    the reference only and says why; ``accept_synthetic_quality: true`` lets it shift."""
-    from server.model_repository import SYNTHETIC, load_manifests
+    """Quality figures measured on noise are not evidence (server/routing/evidence.py): slo then
+    serves the reference only and says why; ``accept_synthetic_quality: true`` lets it shift."""
+    from common.model_repository import SYNTHETIC, load_manifests
     from tests.server.conftest import copy_repository
 
     repo = copy_repository(routing_repo, tmp_path / "repo")

@@ -8,15 +8,15 @@ import itertools
 
 import pytest
 
-from server.slo import Rung
-from server.slo_config import SloSettings
+from server.routing.slo import Rung
+from server.routing.slo_config import SloSettings
 from tests.server.slo_sim import Result, ramp, simulate
 
 # fp32 serves 100 req/s, int8 ~143 (the 1.4x of minilm's int8-dynamic on an AVX2 host)
 RUNGS = [Rung("fp32", 0.0, 10.0), Rung("int8", 0.8, 7.0)]
 SERVICE = {"fp32": 0.010, "int8": 0.007}
 OBJECTIVE = 0.120  # 12 x fp32's service time (Poisson arrivals are burstier than paced users)
-# half of fp32's capacity -> 1.15 x it (0.8 of int8's) -> back, like loadtest.slo_ramp's ramp
+# half of fp32's capacity -> 1.15 x it (0.8 of int8's) -> back, like lab.slo_ramp's ramp
 RAMP = ramp([(0, 50), (30, 50), (90, 115), (180, 115), (240, 50), (300, 50)])
 DURATION = 300.0
 

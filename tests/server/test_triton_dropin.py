@@ -24,9 +24,9 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
-from server.extensions import EXTENSIONS
-from server.model_repository import load_manifests, read_config, write_config
-from server.runner import GatewayProcess
+from common.model_repository import load_manifests, read_config, write_config
+from server.dataplane.extensions import EXTENSIONS
+from server.runtime.runner import GatewayProcess
 from tests.server.conftest import copy_repository, ort_outputs, rows
 
 pytestmark = pytest.mark.integration

@@ -15,8 +15,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.process import wait_ready
-from server.runner import GatewayProcess
+from common.process import wait_ready
+from server.runtime.runner import GatewayProcess
 from tests.server.conftest import ort_outputs, rows
 from tests.server.test_lifecycle import make_slow_onnx
 

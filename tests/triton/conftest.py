@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from server.triton.distribution import TritonDistribution, find_distribution
-from server.triton.errors import TritonNotInstalled
-from server.triton.launcher import TritonOptions, TritonServer
+from server.launcher.distribution import TritonDistribution, find_distribution
+from server.launcher.errors import TritonNotInstalled
+from server.launcher.tritonserver import TritonOptions, TritonServer
 from tests.helpers import skip_or_fail
 
 

@@ -9,14 +9,15 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from loadtest.soak import triton_successes as successes
+from lab.soak.driver import triton_successes as successes
 
 __all__ = ["Load", "rows_served", "successes"]
 
 
 def rows_served(url: str, model: str) -> int:
     """Rows Triton inferred for ``model`` (``inference_count``): what a replica served when the
-    gateway merges concurrent requests into one Triton request (server/upstreams/merging.py)."""
+    gateway merges concurrent requests into one Triton request
+    (server/upstreams/triton/merging.py)."""
     with grpcclient.InferenceServerClient(url) as client:
         stats = client.get_inference_statistics(model)
     return sum(s.inference_count for s in stats.model_stats)

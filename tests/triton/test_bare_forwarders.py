@@ -1,4 +1,4 @@
-"""The benchmark's forwarding floors (bench/bare_server.py ``forward`` and ``forward-http``)
+"""The benchmark's forwarding floors (lab/floors/bare_server.py ``forward`` and ``forward-http``)
 against a real Triton: the same answers as Triton direct, under concurrency, and a failed call
 fails the request without taking the forwarder down."""
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from bench import clients
-from bench.bare_server import BareServer
-from server.model_repository import load_manifests
+from common.model_repository import load_manifests
+from lab.floors.bare_server import BareServer
 from tests.triton.conftest import StartTriton
 
 pytestmark = pytest.mark.integration

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from server.model_repository import load_manifests, read_config
-from server.triton import python_model
-from server.triton.cli import main as triton_main
-from server.triton.derive import derive_repository
-from server.triton.distribution import find_distribution
-from server.triton.errors import TritonNotInstalled, TritonRepositoryError
-from server.triton.launcher import TritonOptions
+from common.model_repository import load_manifests, read_config
+from server.launcher import python_model
+from server.launcher.cli import main as triton_main
+from server.launcher.derive import derive_repository
+from server.launcher.distribution import find_distribution
+from server.launcher.errors import TritonNotInstalled, TritonRepositoryError
+from server.launcher.tritonserver import TritonOptions
 
 
 def _snapshot(repo: Path) -> dict[str, bytes]:

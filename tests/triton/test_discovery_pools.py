@@ -14,13 +14,13 @@ import pytest
 import tritonclient.grpc as grpcclient
 import yaml
 
+from common.model_repository import load_manifests
+from common.process import wait_ready
 from server.app import ServeOptions
-from server.model_repository import load_manifests
-from server.process import wait_ready
-from server.repository import load_repository
-from server.runner import GatewayProcess, InProcessGateway
+from server.catalog import load_repository
+from server.runtime.runner import GatewayProcess, InProcessGateway
 from server.upstreams.base import UpstreamSettings
-from server.upstreams.dns import DnsTritonUpstream
+from server.upstreams.triton.dns import DnsTritonUpstream
 from tests.triton.conftest import StartTriton
 from tests.triton.load import Load, successes
 

@@ -1,4 +1,4 @@
-"""Laying out Triton's python backend (server/triton/distribution.py) without a Triton."""
+"""Laying out Triton's python backend (server/launcher/distribution.py) without a Triton."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from server.triton.distribution import BACKEND_FILES, STUB_NAME, TritonDistribution
+from server.launcher.distribution import BACKEND_FILES, STUB_NAME, TritonDistribution
 
 
 def test_backends_can_be_laid_out_again_while_the_old_stub_still_runs(tmp_path: Path):

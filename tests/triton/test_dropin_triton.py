@@ -13,7 +13,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from server.runner import GatewayProcess
+from server.runtime.runner import GatewayProcess
 from tests.triton.conftest import StartTriton
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # one Triton start, ~30 s

@@ -13,9 +13,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.model_repository import Manifest, load_manifests, samples_path
-from server.process import wait_ready
-from server.runner import GatewayProcess
+from common.model_repository import Manifest, load_manifests, samples_path
+from common.process import wait_ready
+from server.runtime.runner import GatewayProcess
 from tests.helpers import free_port
 from tests.triton.conftest import StartTriton
 from tests.triton.load import Load, rows_served, successes

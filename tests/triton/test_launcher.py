@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from server import process
-from server.engines import get_engine
-from server.model_repository import load_manifests
-from server.process import wait_ready
-from server.triton.errors import TritonStartError
+from common import process
+from common.engines import get_engine
+from common.model_repository import load_manifests
+from common.process import wait_ready
+from server.launcher.errors import TritonStartError
 from tests.triton.conftest import StartTriton
 
 pytestmark = pytest.mark.integration
@@ -90,7 +90,7 @@ def test_cli_start_writes_ready_file_and_stops_on_sigterm(
     cmd = [
         sys.executable,
         "-m",
-        "server.triton",
+        "server.launcher",
         "start",
         "--repository",
         str(tiny_repository),

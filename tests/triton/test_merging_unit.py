@@ -1,6 +1,6 @@
-"""Merging forwarded calls (server/upstreams/merging.py) against a scripted Triton: concurrent
-requests for a variant go as one call whose reply is cut back per request, exactly as each
-would have been answered alone; errors stay each request's own."""
+"""Merging forwarded calls (server/upstreams/triton/merging.py) against a scripted Triton:
+concurrent requests for a variant go as one call whose reply is cut back per request, exactly as
+each would have been answered alone; errors stay each request's own."""
 
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as pb
 
+from server.catalog import Repository, Variant, load_repository
 from server.errors import DeadlineExceeded
-from server.repository import Repository, Variant, load_repository
 from server.upstreams.base import UpstreamUnavailable
-from server.upstreams.merging import (
+from server.upstreams.triton.merging import (
     ForwardMerger,
     merge_key,
     mergeable,
     merged_request,
     split_reply,
 )
-from server.upstreams.triton import UpstreamStatus
+from server.upstreams.triton.upstream import UpstreamStatus
 
 
 @pytest.fixture
@@ -141,8 +141,8 @@ def test_merge_key_refuses_what_triton_must_see_alone() -> None:
 
 
 def test_gateway_parameters_are_the_cores() -> None:
-    from server.core import PRECISION_PARAMETER, REQUEST_KEY
-    from server.upstreams.merging import GATEWAY_PARAMETERS
+    from server.dataplane.gateway import PRECISION_PARAMETER, REQUEST_KEY
+    from server.upstreams.triton.merging import GATEWAY_PARAMETERS
 
     assert {PRECISION_PARAMETER, REQUEST_KEY} == GATEWAY_PARAMETERS
 
@@ -151,7 +151,7 @@ def test_merged_reply_cut_back_equals_each_alone(variant: Variant) -> None:
     triton = ScriptedTriton()
     inputs = _inputs(5)
     requests = [_request(x, f"id-{i}") for i, x in enumerate(inputs)]
-    from server.upstreams.merging import Member
+    from server.upstreams.triton.merging import Member
 
     loop = asyncio.new_event_loop()
     try:

@@ -12,8 +12,8 @@ import tritonclient.grpc as grpcclient
 
 from builder import hostinfo
 from builder.pipeline import BuildOptions, build_model
-from server.engines import get_engine
-from server.model_repository import load_manifests, read_config
+from common.engines import get_engine
+from common.model_repository import load_manifests, read_config
 from tests.helpers import skip_or_fail
 from tests.triton.conftest import StartTriton
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as pb
 
-from server.grpc_service import _precision_parameter
-from server.model_repository import load_manifests
-from server.runner import GatewayProcess
-from server.upstreams.triton import model_name_field
+from common.model_repository import load_manifests
+from server.runtime.runner import GatewayProcess
+from server.transports.grpc.service import _precision_parameter
+from server.upstreams.triton.upstream import model_name_field
 from tests.triton.conftest import StartTriton
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"

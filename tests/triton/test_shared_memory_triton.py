@@ -13,7 +13,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 
-from server.runner import GatewayProcess
+from server.runtime.runner import GatewayProcess
 from tests.server.conftest import ort_outputs, rows
 from tests.triton.conftest import StartTriton
 

@@ -13,10 +13,10 @@ import pytest
 from prometheus_client import REGISTRY
 from tritonclient.utils import InferenceServerException
 
+from server.catalog import Repository, load_repository
 from server.errors import ConfigError, DeadlineExceeded, InvalidInput
-from server.repository import Repository, load_repository
 from server.upstreams.base import UpstreamSettings, UpstreamUnavailable, create_upstream
-from server.upstreams.triton import TritonUpstream, parse_replicas, unavailable_scope
+from server.upstreams.triton.upstream import TritonUpstream, parse_replicas, unavailable_scope
 
 
 class _Result:

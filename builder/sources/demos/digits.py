@@ -25,7 +25,7 @@ import numpy as np
 from builder.cache import cache_root
 from builder.sources.base import Dataset, LoadedModel
 from builder.sources.torch_module import TorchModelSpec, load_torch_spec
-from server.model_repository import TensorSpec
+from common.model_repository import TensorSpec
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from builder.sources.base import LoadedModel
 from builder.sources.common import synthetic_dataset
 from builder.sources.torch_module import TorchModelSpec, load_torch_spec
-from server.model_repository import TensorSpec
+from common.model_repository import TensorSpec
 
 CALIBRATION_SAMPLES = 32
 EVALUATION_SAMPLES = 32

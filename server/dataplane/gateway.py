@@ -1,0 +1,715 @@
+"""The data plane: one place that validates, routes, runs, falls back and records metrics.
+
+The gRPC servicer and the HTTP handlers only translate their wire formats into
+:class:`InferRequest` / out of :class:`InferResponse` and :class:`GatewayError` into a status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+
+from server import metrics
+from server.catalog import Model, Repository, TensorInfo, Variant
+from server.dataplane.shared_memory import SystemSharedMemory
+from server.dataplane.tensors import WireTensor, decode
+from server.errors import (
+    DeadlineExceeded,
+    GatewayError,
+    InternalError,
+    InvalidInput,
+    ModelNotFound,
+    PayloadTooLarge,
+    Unauthenticated,
+    Unavailable,
+)
+from server.routing.policies import Decision, Router
+from server.upstreams.base import Upstream, UpstreamUnavailable
+
+_T = TypeVar("_T")
+log = logging.getLogger(__name__)
+
+PRECISION_PARAMETER = "precision"
+FALLBACK_PARAMETER = "fallback_from"  # response parameter: the precision that was unready
+PRECISION_HEADER = "x-precision"
+REQUEST_KEY = "x-request-key"
+TIMEOUT_PARAMETER = "timeout"  # microseconds, as tritonclient's ``timeout=`` sends it
+MAX_SHADOW_TASKS = 8
+
+
+@dataclass
+class InferRequest:
+    model: str
+    inputs: list[WireTensor]
+    version: str = ""
+    id: str = ""
+    outputs: list[str] | None = None  # requested output names (None = all)
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    deadline: float | None = None  # absolute time.monotonic()
+    protocol: str = "grpc"
+    # Pass-through (an upstream with ``forward``): the serialised ModelInferRequest, the rows of
+    # its batch, and how to get ``inputs`` after all (a shadow comparison needs the arrays).
+    payload: bytes | None = None
+    rows: int = 1
+    decode_inputs: Callable[[], list[WireTensor]] | None = None
+
+
+@dataclass
+class InferResponse:
+    model_name: str  # the variant's Triton name
+    model_version: str
+    precision: str
+    id: str
+    outputs: dict[str, np.ndarray]  # in the variant's output order
+    raw: bytes | None = None  # pass-through: the upstream's serialised reply (outputs empty)
+    fallback_from: str = ""  # the precision routing chose, when another one served (fallback)
+
+
+@dataclass
+class VariantStats:
+    """What ModelStatistics reports (Triton's InferStatistics subset the gateway knows)."""
+
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    inference_count: int = 0  # rows
+    execution_count: int = 0
+    last_inference_ms: int = 0
+
+
+def combined(parts: Iterable[VariantStats]) -> VariantStats:
+    """The sum of several variants' counters (a logical model's statistics entry)."""
+    out = VariantStats()
+    for s in parts:
+        out.success_count += s.success_count
+        out.success_ns += s.success_ns
+        out.fail_count += s.fail_count
+        out.fail_ns += s.fail_ns
+        out.inference_count += s.inference_count
+        out.execution_count += s.execution_count
+        out.last_inference_ms = max(out.last_inference_ms, s.last_inference_ms)
+    return out
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What metadata endpoints show for a name (logical model or variant)."""
+
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+
+
+def _refuse_past(deadline: float | None, now: float | None = None) -> None:
+    """DEADLINE_EXCEEDED for a request whose deadline (a ``time.monotonic()`` instant) has
+    passed before it was routed."""
+    if deadline is not None and (time.monotonic() if now is None else now) >= deadline:
+        raise DeadlineExceeded("deadline exceeded before the request was routed")
+
+
+class Gateway:
+    def __init__(
+        self,
+        repository: Repository,
+        router: Router,
+        upstream: Upstream,
+        max_request_bytes: int = 64 * 1024 * 1024,
+        auth_token: str | None = None,
+        restricted: frozenset[str] = frozenset(),
+    ) -> None:
+        self.auth_token = auth_token
+        self.restricted = (
+            restricted  # API groups that need the token too (server/dataplane/restricted.py)
+        )
+        self.repository = repository
+        self.router = router
+        self.upstream = upstream
+        self.max_request_bytes = max_request_bytes
+        self.stats: dict[str, VariantStats] = {
+            v.name: VariantStats() for v in repository.variants()
+        }
+        self._shadow_tasks: set[asyncio.Task] = set()
+        # pass-through: the upstream takes serialised requests (server/upstreams/triton/upstream.py)
+        self.forwards = callable(getattr(upstream, "forward", None))
+        self._started = False
+        self._draining = False
+        self.shared_memory = SystemSharedMemory()  # Triton's system shared memory regions
+        self.control: Any = None  # server/dataplane/model_control.py's ModelControl (server/app.py)
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.upstream.start()
+        self._started = True
+
+    def drain(self) -> None:
+        """Stop reporting ready (load balancers move away) while in-flight requests finish."""
+        self._draining = True
+
+    async def close(self) -> None:
+        for task in list(self._shadow_tasks):
+            task.cancel()
+        await asyncio.gather(*self._shadow_tasks, return_exceptions=True)
+        await self.upstream.close()
+        self.shared_memory.close()
+
+    # ---- health and metadata ------------------------------------------------------------------
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        if not self._started or self._draining:
+            return False
+        unloaded = getattr(self.control, "unloaded", set())  # model control: not expected up
+        return all(
+            self._model_ready(m)
+            for m in self.repository.models.values()
+            if not all(v.name in unloaded for v in m.variants.values())
+        )
+
+    def _model_ready(self, model: Model) -> bool:
+        return any(self.upstream.ready(v) for v in model.variants.values())
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        target = self._lookup(name, version)
+        if self._draining:
+            return False
+        if isinstance(target, Model):
+            return self._started and self._model_ready(target)
+        return self._started and self.upstream.ready(target)
+
+    def _lookup(self, name: str, version: str = "") -> Model | Variant:
+        if version not in ("", "1"):
+            raise ModelNotFound(f"model {name!r} has no version {version!r} (only version 1)")
+        if name in self.repository.models:
+            return self.repository.models[name]
+        variant = self.repository.variant(name)
+        if variant is None:  # no listing: the repository index says what is served
+            raise ModelNotFound(f"unknown model {name!r} (see the repository index)")
+        return variant
+
+    def metadata(self, name: str, version: str = "") -> ModelView:
+        target = self._lookup(name, version)
+        variant = target.reference() if isinstance(target, Model) else target
+        return ModelView(
+            name=name,
+            versions=[variant.version],
+            platform=variant.config.platform or variant.config.backend,
+            inputs=variant.inputs,
+            outputs=variant.outputs,
+        )
+
+    def default_variant(self, model: Model) -> Variant:
+        return model.variants[self.router.policies[model.name].default_precision]
+
+    def config(self, name: str, version: str = "") -> mc.ModelConfig:
+        target = self._lookup(name, version)
+        variant = self.default_variant(target) if isinstance(target, Model) else target
+        cfg = mc.ModelConfig()
+        cfg.CopyFrom(variant.config)
+        cfg.name = name
+        if not cfg.HasField("version_policy"):  # what Triton fills in: the one version, "1"
+            cfg.version_policy.latest.num_versions = 1
+        return cfg
+
+    def statistics(self, name: str = "", version: str = "") -> dict[str, VariantStats]:
+        """Triton's entries (server/dataplane/statistics.py): every variant and logical model, one
+        variant's, or a logical model's single entry (counts summed over its variants)."""
+
+        def logical(model: Model) -> VariantStats:
+            return combined(self.stats[v.name] for v in model.variants.values())
+
+        if not name:
+            out = {v.name: self.stats[v.name] for v in self.repository.variants()}
+            out.update({m.name: logical(m) for m in self.repository.models.values()})
+            return out
+        target = self._lookup(name, version)
+        if isinstance(target, Model):
+            return {target.name: logical(target)}
+        return {target.name: self.stats[target.name]}
+
+    def index(self) -> list[tuple[str, str, str, str]]:
+        """(name, version, state, reason) for logical models and variants."""
+        rows = []
+        for model in self.repository.models.values():
+            ok = self._started and self._model_ready(model)
+            # the policy's note, e.g. why auto serves fp32 (server/routing/evidence.py)
+            note = getattr(self.router.policies[model.name], "reason", "")
+            rows.append((model.name, "1", "READY" if ok else "UNAVAILABLE", note))
+            for v in model.variants.values():
+                ok = self._started and self.upstream.ready(v)
+                reason = (
+                    ""
+                    if ok
+                    else (v.problem or getattr(self.upstream, "problems", {}).get(v.name, ""))
+                )
+                rows.append((v.name, v.version, "READY" if ok else "UNAVAILABLE", reason))
+        return rows
+
+    # ---- inference ---------------------------------------------------------------------------
+    async def infer(self, request: InferRequest) -> InferResponse:
+        start = time.monotonic()
+        model_label, precision_label = "unknown", "none"
+        inflight = None
+        feedback = None  # the policy's observe() when it routed this request (slo)
+        counts = False  # this request's time is a serving time the policy should learn from
+        try:
+            self.authorize(request.headers)
+            target = self._lookup(request.model, request.version)
+            model = self.repository.models[target.model] if isinstance(target, Variant) else target
+            model_label = model.name
+            inflight = metrics.inflight(model_label)
+            inflight.inc()
+            deadline = self._deadline(request)
+            if isinstance(target, Variant):
+                decision = Decision(target.precision, "variant")
+                candidates = [target.precision]
+            else:
+                decision = self._decide(model, request)
+                if decision.policy == self.router.policies[model.name].name:
+                    feedback = self.router.feedback(model.name)
+                candidates = self.router.candidates(model.name, decision.precision)
+            precision_label = decision.precision
+            if request.payload is not None and decision.shadow_reference:
+                request.inputs = request.decode_inputs() if request.decode_inputs else []
+                request.payload = None  # a shadow needs the arrays: the decoding path
+            if request.payload is not None:
+                if len(request.payload) > self.max_request_bytes:
+                    raise PayloadTooLarge(
+                        f"request is {len(request.payload)} bytes, over the limit of "
+                        f"{self.max_request_bytes}"
+                    )
+                variant, raw = await self._forward(model, candidates, request, deadline)
+                precision_label = variant.precision
+                self._count_routing(model, target, decision, variant)
+                rows = request.rows if variant.max_batch_size > 0 else 1
+                self._record(variant, rows, start, ok=True)
+                metrics.requests(model_label, precision_label, request.protocol, "ok").inc()
+                counts = True
+                return InferResponse(
+                    variant.name,
+                    variant.version,
+                    variant.precision,
+                    request.id,
+                    {},
+                    raw,
+                    _fell_back(decision, variant),
+                )
+            self._check_size(request)
+            arrays = self._validate(model.variants[decision.precision], request)
+            variant, outputs = await self._run(model, candidates, arrays, deadline)
+            precision_label = variant.precision
+            self._count_routing(model, target, decision, variant)
+            if decision.shadow_reference and variant.precision == decision.precision:
+                self._mirror(model, variant, decision.shadow_reference, arrays, outputs)
+            selected = self._select_outputs(variant, outputs, request.outputs)
+            self._record(variant, _rows(variant, arrays), start, ok=True)
+            metrics.requests(model_label, precision_label, request.protocol, "ok").inc()
+            counts = True
+            return InferResponse(
+                model_name=variant.name,
+                model_version=variant.version,
+                precision=variant.precision,
+                id=request.id,
+                outputs=selected,
+                fallback_from=_fell_back(decision, variant),
+            )
+        except (Exception, asyncio.CancelledError) as e:
+            error = _counted_failure(
+                e, model_label, precision_label, request.protocol, request.deadline
+            )
+            counts = isinstance(e, DeadlineExceeded | asyncio.CancelledError)
+            if error is e:
+                raise
+            raise error from e
+        finally:
+            if inflight is not None:
+                inflight.dec()
+                elapsed = time.monotonic() - start
+                metrics.request_duration(model_label, precision_label).observe(elapsed)
+                if feedback is not None:
+                    feedback(precision_label, elapsed, counts)
+
+    async def infer_checked(
+        self,
+        variant: Variant,
+        arrays: dict[str, np.ndarray],
+        request_id: str,
+        protocol: str,
+        deadline: float | None = None,
+    ) -> InferResponse:
+        """The short way for a request naming ``variant`` whose inputs the transport has checked
+        against it (server/transports/grpc/fast_lane.py: every check of :meth:`_validate` passed,
+        all outputs, no parameters, authorized): what :meth:`infer` does for such a request - run
+        within ``deadline`` (a ``time.monotonic()`` instant, the transport's), record, count -
+        without parsing, routing or validating it again."""
+        start = time.monotonic()
+        model = self.repository.models[variant.model]
+        precision = variant.precision
+        inflight = metrics.inflight(model.name)
+        inflight.inc()
+        try:
+            _refuse_past(deadline, start)
+            _, outputs = await self._run(model, [precision], arrays, deadline)
+            selected = self._select_outputs(variant, outputs, None)
+            self._record(variant, _rows(variant, arrays), start, ok=True)
+            metrics.requests(model.name, precision, protocol, "ok").inc()
+            return InferResponse(variant.name, variant.version, precision, request_id, selected)
+        except (Exception, asyncio.CancelledError) as e:
+            error = _counted_failure(e, model.name, precision, protocol, deadline)
+            if error is e:
+                raise
+            raise error from e
+        finally:
+            inflight.dec()
+            metrics.request_duration(model.name, precision).observe(time.monotonic() - start)
+
+    def count_rejected(self, model: str, protocol: str, error: BaseException) -> None:
+        """Count an inference call that a transport rejected before the core saw it (a parse,
+        auth or size error): ``precision_serve_requests_total`` then counts every call."""
+        if getattr(error, "counted", False):
+            return
+        code = error.code if isinstance(error, GatewayError) else "INTERNAL"
+        if model not in self.repository.models:
+            variant = self.repository.variant(model)
+            model = variant.model if variant is not None else "unknown"
+        metrics.requests(model, "none", protocol, code).inc()
+
+    @staticmethod
+    def _count_routing(
+        model: Model, target: Model | Variant, decision: Decision, variant: Variant
+    ) -> None:
+        if variant.precision != decision.precision:
+            metrics.FALLBACKS.labels(
+                model=model.name,
+                from_precision=decision.precision,
+                to_precision=variant.precision,
+            ).inc()
+        if isinstance(target, Model):
+            metrics.routing_decisions(model.name, decision.precision, decision.policy).inc()
+
+    def authorize(self, headers: Mapping[str, str]) -> None:
+        """Inference calls must carry ``authorization: Bearer <token>`` when a token is set."""
+        if not self.auth_token:
+            return
+        given = headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.auth_token.encode()
+        ):
+            raise Unauthenticated("missing or wrong bearer token (header 'authorization')")
+
+    def authorize_api(self, group: str | None, headers: Mapping[str, str]) -> None:
+        """A call in a ``--restricted-api`` group needs the token like inference does."""
+        if group in self.restricted:
+            self.authorize(headers)
+
+    def _deadline(self, request: InferRequest) -> float | None:
+        deadline = request.deadline
+        timeout_s = timeout_seconds(request.parameters.get(TIMEOUT_PARAMETER))
+        if timeout_s is not None:
+            own = time.monotonic() + timeout_s
+            deadline = own if deadline is None else min(deadline, own)
+        _refuse_past(deadline)
+        return deadline
+
+    def _decide(self, model: Model, request: InferRequest) -> Decision:
+        requested = request.parameters.get(PRECISION_PARAMETER)
+        source = "request"
+        if not requested:
+            requested = request.headers.get(PRECISION_HEADER)
+            source = "header"
+        if requested is not None and not isinstance(requested, str):
+            raise InvalidInput(f"parameter 'precision' must be a string, got {requested!r}")
+        key = request.parameters.get(REQUEST_KEY) or request.headers.get(REQUEST_KEY)
+        return self.router.decide(model.name, requested or None, source, str(key) if key else None)
+
+    def _check_size(self, request: InferRequest) -> None:
+        total = sum(t.nbytes for t in request.inputs)
+        if total > self.max_request_bytes:
+            raise PayloadTooLarge(
+                f"request inputs are {total} bytes, over the limit of {self.max_request_bytes}"
+            )
+
+    def _validate(self, variant: Variant, request: InferRequest) -> dict[str, np.ndarray]:
+        given: dict[str, WireTensor] = {}
+        for t in request.inputs:
+            if t.name in given:
+                raise InvalidInput(f"input {t.name!r} given twice")
+            given[t.name] = t
+        expected = {t.name for t in variant.inputs}
+        unknown = sorted(set(given) - expected)
+        if unknown:
+            raise InvalidInput(
+                f"unexpected input(s) {unknown} for model {variant.model!r} "
+                f"(expected: {sorted(expected)})"
+            )
+        batched = variant.max_batch_size > 0
+        arrays: dict[str, np.ndarray] = {}
+        batch: int | None = None
+        for spec in variant.inputs:
+            t = given.get(spec.name)
+            if t is None:
+                raise InvalidInput(
+                    f"missing input {spec.name!r} ({spec.datatype} {_dims(spec, batched)})"
+                )
+            if t.datatype != spec.datatype:
+                raise InvalidInput(
+                    f"input {spec.name!r}: expected datatype {spec.datatype}, got {t.datatype}"
+                )
+            self._check_shape(variant, spec, list(t.shape), batched)
+            if batched:
+                if batch is not None and t.shape[0] != batch:
+                    raise InvalidInput(
+                        f"input {spec.name!r}: batch size {t.shape[0]} differs from the other "
+                        f"inputs' {batch}"
+                    )
+                batch = t.shape[0]
+            arrays[spec.name] = decode(t)
+        if request.outputs is not None:
+            names = {o.name for o in variant.outputs}
+            bad = sorted(set(request.outputs) - names)
+            if bad:
+                raise InvalidInput(
+                    f"unknown requested output(s) {bad} (model outputs: {sorted(names)})"
+                )
+        return arrays
+
+    @staticmethod
+    def _check_shape(variant: Variant, spec: TensorInfo, shape: list[int], batched: bool) -> None:
+        want = _dims(spec, batched)
+        rank_ok = len(shape) == len(want)
+        dims_ok = rank_ok and all(w == -1 or w == g for w, g in zip(want, shape, strict=True))
+        if not dims_ok or any(d < 0 for d in shape):
+            raise InvalidInput(f"input {spec.name!r}: expected shape {want}, got {shape}")
+        if spec.max_shape is not None:  # before any element is decoded
+            given = shape[1:] if batched else shape
+            for i, (g, most) in enumerate(zip(given, spec.max_shape, strict=True)):
+                if g > most:
+                    at = i + 1 if batched else i
+                    raise InvalidInput(
+                        f"input {spec.name!r}: dim {at} is {g}, over the model's maximum {most} "
+                        f"(largest shape {_dims_max(spec, batched)}, got {shape})"
+                    )
+        if batched and not 1 <= shape[0] <= variant.max_batch_size:
+            raise InvalidInput(
+                f"input {spec.name!r}: batch size {shape[0]} is outside "
+                f"1..{variant.max_batch_size} (max_batch_size of {variant.name})"
+            )
+
+    async def _run(
+        self,
+        model: Model,
+        candidates: list[str],
+        arrays: dict[str, np.ndarray],
+        deadline: float | None,
+    ) -> tuple[Variant, dict[str, np.ndarray]]:
+        """The first ready candidate's run, ended at ``deadline`` here when the upstream does
+        not promise to end it there itself."""
+        infer = self.upstream.infer
+        timed = not getattr(self.upstream, "records_timing", False)
+        run = self._first_ready(
+            model, candidates, lambda v: infer(v, arrays, deadline), timed=timed
+        )
+        if deadline is None or getattr(self.upstream, "honours_deadline", False):
+            return await run
+        try:  # an upstream that may not stop at the deadline: bound it here
+            return await asyncio.wait_for(run, deadline - time.monotonic())
+        except TimeoutError:
+            raise DeadlineExceeded(f"deadline exceeded while {model.name!r} was running") from None
+
+    async def _forward(
+        self, model: Model, candidates: list[str], request: InferRequest, deadline: float | None
+    ) -> tuple[Variant, bytes]:
+        """Pass-through: like :meth:`_run`, with the request's own bytes (Triton validates)."""
+        payload = request.payload
+        assert payload is not None
+        forward = self.upstream.forward  # type: ignore[attr-defined]
+        return await self._first_ready(
+            model, candidates, lambda v: forward(v, payload, deadline), timed=True
+        )
+
+    async def _first_ready(
+        self,
+        model: Model,
+        candidates: list[str],
+        call: Callable[[Variant], Awaitable[_T]],
+        *,
+        timed: bool,
+    ) -> tuple[Variant, _T]:
+        """``call`` on the first candidate variant that is ready and not unavailable upstream
+        (the fallback order); ``timed``: observe the upstream duration here."""
+        reasons = []
+        for precision in candidates:
+            variant = model.variants[precision]
+            if not self.upstream.ready(variant):
+                reasons.append(f"{variant.name}: not ready")
+                continue
+            started = time.monotonic()
+            try:
+                result = await call(variant)
+            except UpstreamUnavailable as e:
+                reasons.append(f"{variant.name}: {e.message}")
+                continue
+            except GatewayError:
+                self._record(variant, 0, None, ok=False)
+                raise
+            if timed:
+                metrics.upstream_duration(model.name, variant.precision).observe(
+                    time.monotonic() - started
+                )
+            return variant, result
+        # the reasons name replicas and engine errors: the log has them, the client does not
+        log.info("no ready variant of %r: %s", model.name, "; ".join(reasons))
+        tried = ", ".join(model.variants[p].name for p in candidates)
+        raise Unavailable(f"upstream unavailable for model {model.name!r} (tried {tried})")
+
+    @staticmethod
+    def _select_outputs(
+        variant: Variant, outputs: dict[str, np.ndarray], requested: list[str] | None
+    ) -> dict[str, np.ndarray]:
+        names = [o.name for o in variant.outputs] if requested is None else requested
+        missing = [n for n in names if n not in outputs]
+        if missing:
+            raise Unavailable(f"upstream returned no output(s) {missing} for {variant.name}")
+        return {n: outputs[n] for n in names}
+
+    def _record(self, variant: Variant, rows: int, start: float | None, ok: bool) -> None:
+        s = self.stats[variant.name]
+        ns = int((time.monotonic() - start) * 1e9) if start is not None else 0
+        if ok:
+            s.success_count += 1
+            s.success_ns += ns
+            s.execution_count += 1
+            s.inference_count += rows
+        else:
+            s.fail_count += 1
+            s.fail_ns += ns
+        s.last_inference_ms = int(time.time() * 1000)
+
+    # ---- shadow traffic -----------------------------------------------------------------------
+    def _mirror(
+        self,
+        model: Model,
+        served: Variant,
+        reference: str,
+        arrays: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray],
+    ) -> None:
+        if reference == served.precision or len(self._shadow_tasks) >= MAX_SHADOW_TASKS:
+            return
+        ref = model.variants[reference]
+        task = asyncio.get_running_loop().create_task(self._compare(served, ref, arrays, outputs))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _compare(
+        self,
+        served: Variant,
+        ref: Variant,
+        arrays: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray],
+    ) -> None:
+        try:
+            if not self.upstream.ready(ref):
+                return
+            ref_out = await self.upstream.infer(ref, arrays, None)
+            name = served.outputs[0].name
+            agree, cosines = compare_outputs(
+                outputs[name], ref_out[name], served.max_batch_size > 0
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the shadow never affects served traffic
+            log.debug("shadow comparison %s vs %s failed: %s", served.name, ref.name, e)
+            return
+        labels = {"model": served.model, "precision": served.precision, "reference": ref.precision}
+        for a in agree:
+            metrics.SHADOW_COMPARISONS.labels(**labels, top1_agree=str(a).lower()).inc()
+        for c in cosines:
+            metrics.SHADOW_COSINE.labels(**labels).observe(c)
+
+
+def timeout_seconds(timeout_us: Any) -> float | None:
+    """The ``timeout`` parameter (microseconds) in seconds; None when absent or 0 (Triton's "no
+    timeout"). Only finite positive numbers are deadlines: NaN or inf would corrupt the event
+    loop's timer heap, a negative one is a mistake."""
+    if timeout_us is None or (timeout_us == 0 and not isinstance(timeout_us, bool)):
+        return None
+    if isinstance(timeout_us, bool) or not isinstance(timeout_us, int | float):
+        raise InvalidInput(
+            f"parameter 'timeout' must be a number of microseconds, got {timeout_us!r}"
+        )
+    if not math.isfinite(timeout_us) or timeout_us < 0:
+        raise InvalidInput(
+            f"parameter 'timeout' must be finite and positive microseconds, got {timeout_us!r}"
+        )
+    return float(timeout_us) / 1e6
+
+
+def compare_outputs(
+    served: np.ndarray, reference: np.ndarray, batched: bool
+) -> tuple[list[bool], list[float]]:
+    """Per row: top-1 (argmax) agreement and cosine similarity of the flattened outputs."""
+    a = np.asarray(served, dtype=np.float64)
+    b = np.asarray(reference, dtype=np.float64)
+    if not batched:
+        a, b = a[None, ...], b[None, ...]
+    a = a.reshape(a.shape[0], -1)
+    b = b.reshape(b.shape[0], -1)
+    agree = [bool(x) for x in np.argmax(a, axis=1) == np.argmax(b, axis=1)]
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    dots = np.sum(a * b, axis=1)
+    cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 1.0)
+    return agree, [float(c) for c in cos]
+
+
+def _counted_failure(
+    e: BaseException, model: str, precision: str, protocol: str, deadline: float | None
+) -> BaseException:
+    """Count a failed inference in ``precision_serve_requests_total``; returns what to raise:
+    ``e`` itself (a gateway error, a cancellation) or, for anything else (a bug, an upstream's
+    unexpected error), an InternalError with an id."""
+    if isinstance(e, GatewayError):
+        metrics.requests(model, precision, protocol, e.code).inc()
+        e.counted = True
+        return e
+    if isinstance(e, asyncio.CancelledError):  # the client went away or its deadline passed
+        expired = deadline is not None and time.monotonic() >= deadline
+        status = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
+        metrics.requests(model, precision, protocol, status).inc()
+        return e
+    metrics.requests(model, precision, protocol, "INTERNAL").inc()
+    error = InternalError(f"{type(e).__name__}: {e}")
+    error.counted = True
+    return error
+
+
+def _fell_back(decision: Decision, variant: Variant) -> str:
+    return decision.precision if variant.precision != decision.precision else ""
+
+
+def _rows(variant: Variant, arrays: dict[str, np.ndarray]) -> int:
+    first = next(iter(arrays.values()), None)
+    return int(first.shape[0]) if first is not None and variant.max_batch_size > 0 else 1
+
+
+def _dims(spec: TensorInfo, batched: bool) -> list[int]:
+    return ([-1] if batched else []) + list(spec.shape)
+
+
+def _dims_max(spec: TensorInfo, batched: bool) -> list[int]:
+    assert spec.max_shape is not None
+    return ([-1] if batched else []) + list(spec.max_shape)
