@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from server.catalog import Model, Variant, add_new_variants, find_in_manifests
+from server.dataplane import wording
 from server.dataplane.gateway import Gateway, VariantStats
 from server.errors import GatewayError, ModelNotFound, Unavailable, Unsupported
 
@@ -95,9 +96,11 @@ class ModelControl:
             raise ModelControlRefused(NOT_ALLOWED)
         overrides = sorted(k for k in parameters if k == "config" or k.startswith("file:"))
         if overrides:
+            what = f"load parameters {overrides} are not supported"
             raise Unsupported(
-                f"load parameters {overrides} are not supported (the gateway serves the "
-                "repository as built; rebuild the variant and load it by name)"
+                (wording.load_failed(name, what) if loading else what)
+                + " (the gateway serves the repository as built; rebuild the variant and load "
+                "it by name)"
             )
         if not name:
             raise ModelNotFound("model control needs a model name")
@@ -115,7 +118,12 @@ class ModelControl:
                     self.gateway.stats.setdefault(v.name, VariantStats())
                     self.unloaded.add(v.name)
                     log.info("model control: %s is new in the repository", v.name)
-        target: Model | Variant = self.gateway._lookup(name)
+        try:
+            target: Model | Variant = self.gateway._lookup(name)
+        except ModelNotFound as e:  # Triton's "failed to load '...', ..." (wording.py)
+            if loading:
+                raise ModelNotFound(wording.load_failed(name, e.message)) from None
+            raise
         return list(target.variants.values()) if isinstance(target, Model) else [target]
 
     async def _call(self, action: str, variant: Variant) -> None:
