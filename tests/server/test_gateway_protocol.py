@@ -218,6 +218,44 @@ def test_not_found_errors(gateway):
     assert e.message().startswith("Request for unknown model: 'nope' is not found")
 
 
+def test_unknown_names_and_versions_get_tritons_status_and_words(gateway):
+    """Ready, statistics and versions answer as Triton 2.51 does (tests/triton/
+    test_wording_triton.py compares with the real one)."""
+    g = grpcclient.InferenceServerClient(gateway.grpc_url)
+    h = httpclient.InferenceServerClient(gateway.http_url)
+    # ready: gRPC says "not ready" (no error), HTTP 400 "Model version not ready" (+ why)
+    assert g.is_model_ready("nope") is False and g.is_model_ready("tiny", "2") is False
+    assert h.is_model_ready("nope") is False
+    try:
+        urllib.request.urlopen(f"http://{gateway.http_url}/v2/models/nope/ready", timeout=10)
+    except urllib.error.HTTPError as e:
+        status, error = e.code, json.loads(e.read())["error"]
+    assert status == 400
+    assert error.startswith("Model version not ready: Request for unknown model: 'nope'")
+    # statistics: INVALID_ARGUMENT / 400
+    e = _grpc_error(lambda: g.get_inference_statistics("nope"))
+    assert (e.status(), e.message()) == (
+        "StatusCode.INVALID_ARGUMENT",
+        "requested model 'nope' is not available",
+    )
+    e = _grpc_error(lambda: h.get_inference_statistics("tiny", "2"))
+    assert (e.status(), e.message()) == (
+        "400",
+        "requested model version is not available for model 'tiny'",
+    )
+    # a version that is not a number: INVALID_ARGUMENT over gRPC, 404 over HTTP (Triton's route)
+    e = _grpc_error(lambda: g.get_model_metadata("tiny", "abc"))
+    assert e.status() == "StatusCode.INVALID_ARGUMENT"
+    assert e.message().startswith("failed to get model version from specified version string 'abc'")
+    e = _grpc_error(lambda: h.get_model_metadata("tiny", "-1"))
+    assert e.status() == "404" and e.message().startswith("invalid model version specified '-1'")
+    # "01" is version 1, as Triton reads it; other numbers are unknown versions
+    assert g.get_model_metadata("tiny", "01").name == "tiny"
+    e = _grpc_error(lambda: g.get_model_config("tiny", "2"))
+    assert e.status() == "StatusCode.NOT_FOUND"
+    assert e.message().startswith("Request for unknown model: 'tiny' version 2 is not found")
+
+
 _NOTE = "NOTE: Setting a non-zero max_batch_size in the model config requires a batch dimension"
 
 
