@@ -178,7 +178,7 @@ class GatewayServer:
         )
         if options.worker:  # a region registered with one worker would be unknown to the others
             self.gateway.shared_memory.refuse = "system shared memory needs --workers 1"
-        self.gateway.control = ModelControl(self.gateway, options.model_control)
+        self.control = ModelControl(self.gateway, options.model_control)
         self.ports: dict[str, int] = {}
         self._grpc: grpc.aio.Server | None = None
         self._runners: list[web.AppRunner] = []
@@ -226,13 +226,20 @@ class GatewayServer:
                 calls = concurrent_rpcs(limit + ENVELOPE_BYTES)
                 log.info("gRPC calls in flight limited to %d (--grpc-max-concurrent-rpcs)", calls)
             self._grpc, self.ports["grpc_port"] = await start_grpc_server(
-                self.gateway, o.host, o.grpc_port, limit, grpc_tls, o.worker, calls
+                self.gateway, self.control, o.host, o.grpc_port, limit, grpc_tls, o.worker, calls
             )
         except RuntimeError as e:
             raise ConfigError(f"cannot bind gRPC port {o.host}:{o.grpc_port}: {e}") from e
         try:
             runner, self.ports["http_port"] = await start_http_server(
-                self.gateway, o.host, o.http_port, http_tls, o.grace_s, o.worker, o.http
+                self.gateway,
+                self.control,
+                o.host,
+                o.http_port,
+                http_tls,
+                o.grace_s,
+                o.worker,
+                o.http,
             )
             self._runners.append(runner)
             if not o.worker:

@@ -17,20 +17,22 @@ Contract for implementations:
   the core then falls back to the next variant in the model's chain. Other ``GatewayError``s
   (DeadlineExceeded, InvalidInput, InternalError) go to the client as they are.
 - It never blocks the event loop (run engines in threads; use grpc.aio for remote calls).
-- ``report_ready(...)`` keeps the ``precision_serve_upstream_ready`` gauge current.
-- Timing: unless the upstream sets ``records_timing = True`` (and then observes
-  ``precision_serve_queue_duration_seconds`` / ``upstream_duration_seconds`` / ``batch_size``
-  itself, as the embedded one does), the core observes the duration of each ``infer`` call as
-  ``precision_serve_upstream_duration_seconds``.
-- Deadlines: an upstream that sets ``honours_deadline = True`` promises that ``infer`` ends by
-  ``deadline`` (raising DeadlineExceeded); the core then awaits it directly. Otherwise the core
-  wraps the call in ``asyncio.wait_for`` (one more task and timer per request).
-- Pass-through (optional): an upstream with ``async forward(variant, payload, deadline)`` takes
-  the client's serialised ModelInferRequest and returns the serialised reply (the gRPC path
-  then skips decoding and validation; errors are the upstream's own). Same fallback rules.
-- Model control (optional, ``--model-control explicit``, server/dataplane/model_control.py): an
-  upstream with ``async load(variant)`` / ``async unload(variant)`` makes the variant ready /
-  unready (loading one that is loaded is a no-op); without them load/unload answer UNIMPLEMENTED.
+- ``report_ready(...)`` keeps the ``precision_serve_upstream_ready`` gauge current;
+  ``problem(variant)`` says why an unready variant is unready (the repository index shows it).
+- What an upstream does beyond that it declares in ``capabilities`` (:class:`Capabilities`); the
+  core reads the declaration and never probes for methods:
+  - ``records_timing``: the upstream observes ``precision_serve_queue_duration_seconds`` /
+    ``upstream_duration_seconds`` / ``batch_size`` itself (the embedded one does); otherwise the
+    core observes the duration of each call as ``precision_serve_upstream_duration_seconds``.
+  - ``honours_deadline``: ``infer`` / ``forward`` end by ``deadline`` (raising DeadlineExceeded);
+    the core then awaits them directly, otherwise it wraps the call in ``asyncio.wait_for``.
+  - ``forward`` (pass-through): ``async forward(variant, payload, deadline)`` takes the client's
+    serialised ModelInferRequest and returns the serialised reply (the gRPC path then skips
+    decoding and validation; errors are the upstream's own). Same fallback rules.
+  - ``model_control`` (``--model-control explicit``, server/dataplane/model_control.py):
+    ``async load(variant)`` / ``async unload(variant)`` make the variant ready / unready
+    (loading one that is loaded is a no-op); without it load/unload answer UNIMPLEMENTED.
+  :class:`UpstreamBase` gives the optional methods for an upstream that declares none of them.
 - ``close()`` releases sessions/channels; called once at shutdown.
 """
 
@@ -44,7 +46,7 @@ import numpy as np
 
 from common.plugins import PluginRegistry
 from server.catalog import Repository, Variant
-from server.errors import ConfigError, Unavailable
+from server.errors import ConfigError, Unavailable, Unsupported
 
 # Triton pass-through: forwarded calls in flight per variant and ready replica before later requests
 # merge (server/upstreams/triton/merging.py). 1: with a Triton model instance per variant (the
@@ -79,9 +81,20 @@ class UpstreamSettings:
     merge_wait_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What an upstream declares it does beyond running variants (see the module docstring)."""
+
+    records_timing: bool = False
+    honours_deadline: bool = False
+    forward: bool = False
+    model_control: bool = False
+
+
 @runtime_checkable
 class Upstream(Protocol):
     name: str  # label value for precision_serve_upstream_ready{upstream=...}
+    capabilities: Capabilities
 
     async def start(self) -> None: ...
 
@@ -89,9 +102,37 @@ class Upstream(Protocol):
 
     def ready(self, variant: Variant) -> bool: ...
 
+    def problem(self, variant: Variant) -> str: ...
+
     async def infer(
         self, variant: Variant, inputs: dict[str, np.ndarray], deadline: float | None
     ) -> dict[str, np.ndarray]: ...
+
+    async def forward(self, variant: Variant, payload: bytes, deadline: float | None) -> bytes: ...
+
+    async def load(self, variant: Variant) -> None: ...
+
+    async def unload(self, variant: Variant) -> None: ...
+
+
+class UpstreamBase:
+    """The optional parts of :class:`Upstream` for an upstream that declares none of them: the
+    core never calls them unless ``capabilities`` says so; a direct call is refused."""
+
+    name = "upstream"
+    capabilities = Capabilities()
+
+    def problem(self, variant: Variant) -> str:
+        return ""
+
+    async def forward(self, variant: Variant, payload: bytes, deadline: float | None) -> bytes:
+        raise Unsupported(f"upstream {self.name!r} does not forward requests")
+
+    async def load(self, variant: Variant) -> None:
+        raise Unsupported(f"upstream {self.name!r} cannot load models")
+
+    async def unload(self, variant: Variant) -> None:
+        raise Unsupported(f"upstream {self.name!r} cannot unload models")
 
 
 # scheme -> "module:attribute"

@@ -1,6 +1,6 @@
-"""The plain request's short way (server/transports/grpc/fast_lane.py): it accepts only what it
-proves valid, answers and records as the general path does, and leaves every error to the general
-path."""
+"""The plain request's short way into the core (server/transports/grpc/fast_lane.py): it accepts
+only what it proves valid, is answered and recorded by the core's one inference path as any other
+request, and leaves every error to the core's checks."""
 
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ def lane(tiny_repository):
 
 def test_a_plain_request_is_decoded_for_its_variant(lane):
     x = rows(3)
-    variant, arrays = lane.arrays(_request(x))
-    assert variant.name == "tiny_fp32"
+    arrays = lane.arrays(_request(x))
+    assert arrays is not None
     assert list(arrays) == ["x"]
     np.testing.assert_array_equal(arrays["x"], x)
     assert arrays["x"].flags.writeable  # engines get their own copy, as decode() gives

@@ -280,12 +280,14 @@ def test_pass_through_refuses_a_large_mismatched_request_before_parsing(tiny_rep
     from server.app import ServeOptions
     from server.catalog import load_repository
     from server.runtime.runner import InProcessGateway
-    from server.upstreams.base import UpstreamSettings
+    from server.upstreams.base import Capabilities, UpstreamSettings
     from server.upstreams.embedded.upstream import EmbeddedUpstream
 
     forwarded: list[int] = []
 
     class Forwarding(EmbeddedUpstream):
+        capabilities = Capabilities(honours_deadline=True, forward=True)
+
         async def forward(self, variant, payload, deadline):
             forwarded.append(len(payload))
             raise AssertionError("a mismatched request must not be forwarded")
