@@ -15,7 +15,8 @@
   folder and manifest entry) is read, loaded and served without a restart. New logical models
   need a restart (their routing policy is set up at start-up).
 
-Load and unload need the bearer token when ``--auth-token`` is set. One call at a time.
+Load and unload need the bearer token when one is set (``--auth-token-file``). One call at a
+time.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Triton restricts groups of its protocol with ``--grpc-restricted-protocol`` /
 ``--http-restricted-api``; the gateway takes the same group names and requires its one token
-(``--auth-token`` / ``--auth-token-file``) on them. Inference always needs the token when one
-is set. Each transport asks :func:`grpc_group` / :func:`http_group` which group a call is in.
+(``--auth-token-file`` or ``PRECISION_SERVE_AUTH_TOKEN``) on them. Inference always needs the
+token when one is set. Each transport asks :func:`grpc_group` / :func:`http_group` which group a
+call is in.
 """
 
 from __future__ import annotations
@@ -59,16 +60,14 @@ _HTTP_PREFIX = (
 )
 
 
-def parse_groups(value: str | None, token: str | None) -> frozenset[str]:
-    """``health,metadata`` -> the groups; ConfigError for an unknown one or no token."""
+def parse_groups(value: str | None) -> frozenset[str]:
+    """``health,metadata`` -> the groups; ConfigError for an unknown one."""
     groups = frozenset(g.strip() for g in (value or "").split(",") if g.strip())
     unknown = sorted(groups - set(GROUPS))
     if unknown:
         raise ConfigError(
             f"--restricted-api: unknown group(s) {', '.join(unknown)} (known: {', '.join(GROUPS)})"
         )
-    if groups and not token:
-        raise ConfigError("--restricted-api needs a token (--auth-token or --auth-token-file)")
     return groups
 
 
