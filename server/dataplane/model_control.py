@@ -15,10 +15,10 @@
   folder and manifest entry) is read, loaded and served without a restart. New logical models
   need a restart (their routing policy is set up at start-up).
 
-Load and unload need the bearer token when ``--auth-token`` is set (the transports admit them,
-server/dataplane/restricted.py). One call at a time. The gateway knows nothing of this module:
-it keeps the set of unloaded variants (they do not make the server unready); this module
-changes it.
+Load and unload need the bearer token when one is set (``--auth-token-file``; the transports
+admit them, server/dataplane/restricted.py). One call at a time. The gateway knows nothing of
+this module: it keeps the set of unloaded variants (they do not make the server unready); this
+module changes it.
 """
 
 from __future__ import annotations
