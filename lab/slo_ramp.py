@@ -1,6 +1,6 @@
 """The ``slo`` policy against ``fixed`` on one load ramp, in one command (issue 17, item 4).
 
-    python -m lab.slo_ramp --repository model_repository --model minilm --out docs/slo/
+    python -m lab.slo_ramp --repository model_repository --model minilm --out reports/slo/
 
 1. Calibrate on a gateway with default routing: closed-loop capacity (requests/s at
    ``--calibration-users``) of the most accurate variant (the reference, fp32) and of the
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lab.slo_ramp", description=__doc__.split("\n")[0])
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--model", default="minilm")
-    p.add_argument("--out", type=Path, default=Path("docs/slo"))
+    p.add_argument("--out", type=Path, default=Path("reports/slo"))
     p.add_argument("--budget", type=float, default=1.0, help="accuracy budget (manifest points)")
     p.add_argument("--objective-ms", type=float, help="p99 objective (default: --objective-x)")
     p.add_argument("--objective-x", type=float, default=8.0, help="x reference service time")

@@ -22,6 +22,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from server import metrics
 from server.catalog import Model, Repository, TensorInfo, Variant
 from server.dataplane import wording
+from server.dataplane.restricted import Access
 from server.dataplane.shared_memory import SystemSharedMemory
 from server.dataplane.tensors import WireTensor, decode
 from server.errors import (
@@ -60,8 +61,14 @@ class InferRequest:
     headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
     deadline: float | None = None  # absolute time.monotonic()
     protocol: str = "grpc"
-    # Pass-through (an upstream with ``forward``): the serialised ModelInferRequest, the rows of
-    # its batch, and how to get ``inputs`` after all (a shadow comparison needs the arrays).
+    # The body comes in one of three forms; the path through the core is the same for all:
+    # - ``inputs``: wire tensors, checked against the routed variant and decoded here;
+    # - ``arrays``: inputs the transport already checked against the variant ``model`` names,
+    #   with the same checks (server/transports/grpc/fast_lane.py), decoded in its order;
+    # - ``payload`` (an upstream that declares ``forward``): the serialised ModelInferRequest,
+    #   the rows of its batch, and how to get ``inputs`` after all (a shadow comparison needs
+    #   the arrays).
+    arrays: dict[str, np.ndarray] | None = None
     payload: bytes | None = None
     rows: int = 1
     decode_inputs: Callable[[], list[WireTensor]] | None = None
@@ -146,11 +153,13 @@ class Gateway:
         }
         self._shadow_tasks: set[asyncio.Task] = set()
         # pass-through: the upstream takes serialised requests (server/upstreams/triton/upstream.py)
-        self.forwards = callable(getattr(upstream, "forward", None))
+        self.forwards = upstream.capabilities.forward
         self._started = False
         self._draining = False
         self.shared_memory = SystemSharedMemory()  # Triton's system shared memory regions
-        self.control: Any = None  # server/dataplane/model_control.py's ModelControl (server/app.py)
+        # variants unloaded through the model repository API (server/dataplane/model_control.py):
+        # not expected up, so they do not make the server unready
+        self.unloaded: set[str] = set()
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -175,27 +184,33 @@ class Gateway:
     def ready(self) -> bool:
         if not self._started or self._draining:
             return False
-        unloaded = getattr(self.control, "unloaded", set())  # model control: not expected up
         return all(
             self._model_ready(m)
             for m in self.repository.models.values()
-            if not all(v.name in unloaded for v in m.variants.values())
+            if not all(v.name in self.unloaded for v in m.variants.values())
         )
+
+    def add_variant(self, variant: Variant) -> None:
+        """A variant the builder added after start-up (model control found it in the manifests):
+        counted from now on, unloaded until it is loaded."""
+        self.stats.setdefault(variant.name, VariantStats())
+        self.unloaded.add(variant.name)
 
     def _model_ready(self, model: Model) -> bool:
         return any(self.upstream.ready(v) for v in model.variants.values())
 
     def model_ready(self, name: str, version: str = "") -> bool:
-        target = self._lookup(name, version)
+        target = self.lookup(name, version)
         if self._draining:
             return False
         if isinstance(target, Model):
             return self._started and self._model_ready(target)
         return self._started and self.upstream.ready(target)
 
-    def _lookup(self, name: str, version: str = "") -> Model | Variant:
-        """The model or variant ``name``; Triton's errors (server/dataplane/wording.py) for an
-        unknown name (before the version, as Triton) or a version other than 1."""
+    def lookup(self, name: str, version: str = "") -> Model | Variant:
+        """The logical model or variant ``name`` names; Triton's errors
+        (server/dataplane/wording.py) for an unknown name (before the version, as Triton) or a
+        version other than 1."""
         target: Model | Variant | None = self.repository.models.get(name)
         if target is None:
             target = self.repository.variant(name)
@@ -206,7 +221,7 @@ class Gateway:
         return target
 
     def metadata(self, name: str, version: str = "") -> ModelView:
-        target = self._lookup(name, version)
+        target = self.lookup(name, version)
         variant = target.reference() if isinstance(target, Model) else target
         return ModelView(
             name=name,
@@ -220,7 +235,7 @@ class Gateway:
         return model.variants[self.router.policies[model.name].default_precision]
 
     def config(self, name: str, version: str = "") -> mc.ModelConfig:
-        target = self._lookup(name, version)
+        target = self.lookup(name, version)
         variant = self.default_variant(target) if isinstance(target, Model) else target
         cfg = mc.ModelConfig()
         cfg.CopyFrom(variant.config)
@@ -241,7 +256,7 @@ class Gateway:
             out.update({m.name: logical(m) for m in self.repository.models.values()})
             return out
         try:
-            target = self._lookup(name, version)
+            target = self.lookup(name, version)
         except ModelNotFound:  # Triton's words and status for statistics (INVALID_ARGUMENT)
             if name in self.repository.models or self.repository.variant(name) is not None:
                 raise InvalidInput(wording.statistics_unknown_version(name)) from None
@@ -256,28 +271,26 @@ class Gateway:
         for model in self.repository.models.values():
             ok = self._started and self._model_ready(model)
             # the policy's note, e.g. why auto serves fp32 (server/routing/evidence.py)
-            note = getattr(self.router.policies[model.name], "reason", "")
+            note = self.router.policies[model.name].reason
             rows.append((model.name, "1", "READY" if ok else "UNAVAILABLE", note))
             for v in model.variants.values():
                 ok = self._started and self.upstream.ready(v)
-                reason = (
-                    ""
-                    if ok
-                    else (v.problem or getattr(self.upstream, "problems", {}).get(v.name, ""))
-                )
+                reason = "" if ok else (v.problem or self.upstream.problem(v))
                 rows.append((v.name, v.version, "READY" if ok else "UNAVAILABLE", reason))
         return rows
 
     # ---- inference ---------------------------------------------------------------------------
     async def infer(self, request: InferRequest) -> InferResponse:
+        """The one inference path, whatever the request's body form (see :class:`InferRequest`):
+        look up, route, check and decode (unless done), run on the first ready candidate
+        (fallback), record, count. The transport has authorized the call (:meth:`admit`)."""
         start = time.monotonic()
         model_label, precision_label = "unknown", "none"
         inflight = None
         feedback = None  # the policy's observe() when it routed this request (slo)
         counts = False  # this request's time is a serving time the policy should learn from
         try:
-            self.authorize(request.headers)
-            target = self._lookup(request.model, request.version)
+            target = self.lookup(request.model, request.version)
             model = self.repository.models[target.model] if isinstance(target, Variant) else target
             model_label = model.name
             inflight = metrics.inflight(model_label)
@@ -292,40 +305,12 @@ class Gateway:
                     feedback = self.router.feedback(model.name)
                 candidates = self.router.candidates(model.name, decision.precision)
             precision_label = decision.precision
-            if request.payload is not None and decision.shadow_reference:
-                request.inputs = request.decode_inputs() if request.decode_inputs else []
-                request.payload = None  # a shadow needs the arrays: the decoding path
-            if request.payload is not None:
-                if len(request.payload) > self.max_request_bytes:
-                    raise PayloadTooLarge(
-                        f"request is {len(request.payload)} bytes, over the limit of "
-                        f"{self.max_request_bytes}"
-                    )
-                variant, raw = await self._forward(model, candidates, request, deadline)
-                precision_label = variant.precision
-                self._count_routing(model, target, decision, variant)
-                rows = request.rows if variant.max_batch_size > 0 else 1
-                self._record(variant, rows, start, ok=True)
-                metrics.requests(model_label, precision_label, request.protocol, "ok").inc()
-                counts = True
-                return InferResponse(
-                    variant.name,
-                    variant.version,
-                    variant.precision,
-                    request.id,
-                    {},
-                    raw,
-                    _fell_back(decision, variant),
-                )
-            self._check_size(request)
-            arrays = self._validate(model.variants[decision.precision], request)
-            variant, outputs = await self._run(model, candidates, arrays, deadline)
+            variant, outputs, raw, rows = await self._serve(
+                model, decision, candidates, request, deadline
+            )
             precision_label = variant.precision
             self._count_routing(model, target, decision, variant)
-            if decision.shadow_reference and variant.precision == decision.precision:
-                self._mirror(model, variant, decision.shadow_reference, arrays, outputs)
-            selected = self._select_outputs(variant, outputs, request.outputs)
-            self._record(variant, _rows(variant, arrays), start, ok=True)
+            self._record(variant, rows if variant.max_batch_size > 0 else 1, start, ok=True)
             metrics.requests(model_label, precision_label, request.protocol, "ok").inc()
             counts = True
             return InferResponse(
@@ -333,7 +318,8 @@ class Gateway:
                 model_version=variant.version,
                 precision=variant.precision,
                 id=request.id,
-                outputs=selected,
+                outputs=outputs,
+                raw=raw,
                 fallback_from=_fell_back(decision, variant),
             )
         except (Exception, asyncio.CancelledError) as e:
@@ -352,39 +338,44 @@ class Gateway:
                 if feedback is not None:
                     feedback(precision_label, elapsed, counts)
 
-    async def infer_checked(
+    async def _serve(
         self,
-        variant: Variant,
-        arrays: dict[str, np.ndarray],
-        request_id: str,
-        protocol: str,
-        deadline: float | None = None,
-    ) -> InferResponse:
-        """The short way for a request naming ``variant`` whose inputs the transport has checked
-        against it (server/transports/grpc/fast_lane.py: every check of :meth:`_validate` passed,
-        all outputs, no parameters, authorized): what :meth:`infer` does for such a request - run
-        within ``deadline`` (a ``time.monotonic()`` instant, the transport's), record, count -
-        without parsing, routing or validating it again."""
-        start = time.monotonic()
-        model = self.repository.models[variant.model]
-        precision = variant.precision
-        inflight = metrics.inflight(model.name)
-        inflight.inc()
-        try:
-            _refuse_past(deadline, start)
-            _, outputs = await self._run(model, [precision], arrays, deadline)
-            selected = self._select_outputs(variant, outputs, None)
-            self._record(variant, _rows(variant, arrays), start, ok=True)
-            metrics.requests(model.name, precision, protocol, "ok").inc()
-            return InferResponse(variant.name, variant.version, precision, request_id, selected)
-        except (Exception, asyncio.CancelledError) as e:
-            error = _counted_failure(e, model.name, precision, protocol, deadline)
-            if error is e:
-                raise
-            raise error from e
-        finally:
-            inflight.dec()
-            metrics.request_duration(model.name, precision).observe(time.monotonic() - start)
+        model: Model,
+        decision: Decision,
+        candidates: list[str],
+        request: InferRequest,
+        deadline: float | None,
+    ) -> tuple[Variant, dict[str, np.ndarray], bytes | None, int]:
+        """Run ``request`` on the first ready candidate: its bytes where the upstream forwards
+        them (and nothing needs the arrays), its checked arrays otherwise. Returns the variant
+        that served, the selected outputs (empty when forwarded), the upstream's serialised
+        reply (forwarded only) and the request's rows."""
+        if request.payload is not None and (decision.shadow_reference or not self.forwards):
+            request.inputs = request.decode_inputs() if request.decode_inputs else []
+            request.payload = None  # a shadow needs the arrays: decode after all
+        payload = request.payload
+        if payload is not None:
+            if len(payload) > self.max_request_bytes:
+                raise PayloadTooLarge(
+                    f"request is {len(payload)} bytes, over the limit of {self.max_request_bytes}"
+                )
+            forward = self.upstream.forward
+            variant, raw = await self._first_ready(
+                model, candidates, lambda v: forward(v, payload, deadline), deadline
+            )
+            return variant, {}, raw, request.rows
+        arrays = request.arrays
+        if arrays is None:
+            self._check_size(request)
+            arrays = self._validate(model.variants[decision.precision], request)
+        infer = self.upstream.infer
+        variant, outputs = await self._first_ready(
+            model, candidates, lambda v: infer(v, arrays, deadline), deadline
+        )
+        if decision.shadow_reference and variant.precision == decision.precision:
+            self._mirror(model, variant, decision.shadow_reference, arrays, outputs)
+        selected = self._select_outputs(variant, outputs, request.outputs)
+        return variant, selected, None, _rows(variant, arrays)
 
     def count_rejected(self, model: str, protocol: str, error: BaseException) -> None:
         """Count an inference call that a transport rejected before the core saw it (a parse,
@@ -410,21 +401,20 @@ class Gateway:
         if isinstance(target, Model):
             metrics.routing_decisions(model.name, decision.precision, decision.policy).inc()
 
-    def authorize(self, headers: Mapping[str, str]) -> None:
-        """Inference calls must carry ``authorization: Bearer <token>`` when a token is set."""
-        if not self.auth_token:
+    def admit(self, access: Access, headers: Callable[[], Mapping[str, str]]) -> None:
+        """The one authorization check of a call, made by its transport before it reads the
+        call's body: with a token set (``--auth-token``), calls that always need it
+        (inference, system shared memory, model load/unload) and calls in a
+        ``--restricted-api`` group must carry ``authorization: Bearer <token>``. ``headers``:
+        the call's headers by lower-case name (read only when a token is set)."""
+        if not self.auth_token or not (access.always or access.group in self.restricted):
             return
-        given = headers.get("authorization", "")
+        given = headers().get("authorization", "")
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             token.strip().encode(), self.auth_token.encode()
         ):
             raise Unauthenticated("missing or wrong bearer token (header 'authorization')")
-
-    def authorize_api(self, group: str | None, headers: Mapping[str, str]) -> None:
-        """A call in a ``--restricted-api`` group needs the token like inference does."""
-        if group in self.restricted:
-            self.authorize(headers)
 
     def _deadline(self, request: InferRequest) -> float | None:
         deadline = request.deadline
@@ -477,7 +467,7 @@ class Gateway:
                 raise InvalidInput(
                     wording.datatype(rid, spec.name, t.datatype, model, spec.datatype)
                 )
-            self._check_shape(variant, spec, list(t.shape), batched, model=model, request_id=rid)
+            self.check_shape(variant, spec, list(t.shape), batched, model=model, request_id=rid)
             if batched:
                 if batch is not None and t.shape[0] != batch:
                     raise InvalidInput(
@@ -495,7 +485,7 @@ class Gateway:
         return arrays
 
     @staticmethod
-    def _check_shape(
+    def check_shape(
         variant: Variant,
         spec: TensorInfo,
         shape: list[int],
@@ -504,8 +494,9 @@ class Gateway:
         model: str = "",
         request_id: str = "",
     ) -> None:
-        """Triton's words (server/dataplane/wording.py), naming ``model`` (default: the
-        variant)."""
+        """InvalidInput unless ``shape`` fits ``spec`` of ``variant``: rank, dims, the
+        manifest's maximum dims, the batch range (the fast lane's check too); Triton's words
+        (server/dataplane/wording.py), naming ``model`` (default: the variant)."""
         model = model or variant.name
         want = _dims(spec, batched)
         if batched and not shape:
@@ -531,48 +522,33 @@ class Gateway:
                 f"1..{variant.max_batch_size} (max_batch_size of '{model}')"
             )
 
-    async def _run(
+    async def _first_ready(
         self,
         model: Model,
         candidates: list[str],
-        arrays: dict[str, np.ndarray],
+        call: Callable[[Variant], Awaitable[_T]],
         deadline: float | None,
-    ) -> tuple[Variant, dict[str, np.ndarray]]:
-        """The first ready candidate's run, ended at ``deadline`` here when the upstream does
-        not promise to end it there itself."""
-        infer = self.upstream.infer
-        timed = not getattr(self.upstream, "records_timing", False)
-        run = self._first_ready(
-            model, candidates, lambda v: infer(v, arrays, deadline), timed=timed
-        )
-        if deadline is None or getattr(self.upstream, "honours_deadline", False):
+    ) -> tuple[Variant, _T]:
+        """``call`` on the first candidate that is ready, ended at ``deadline`` here when the
+        upstream does not declare that it ends calls there itself."""
+        run = self._fallback(model, candidates, call)
+        if deadline is None or self.upstream.capabilities.honours_deadline:
             return await run
         try:  # an upstream that may not stop at the deadline: bound it here
             return await asyncio.wait_for(run, deadline - time.monotonic())
         except TimeoutError:
             raise DeadlineExceeded(f"deadline exceeded while {model.name!r} was running") from None
 
-    async def _forward(
-        self, model: Model, candidates: list[str], request: InferRequest, deadline: float | None
-    ) -> tuple[Variant, bytes]:
-        """Pass-through: like :meth:`_run`, with the request's own bytes (Triton validates)."""
-        payload = request.payload
-        assert payload is not None
-        forward = self.upstream.forward  # type: ignore[attr-defined]
-        return await self._first_ready(
-            model, candidates, lambda v: forward(v, payload, deadline), timed=True
-        )
-
-    async def _first_ready(
+    async def _fallback(
         self,
         model: Model,
         candidates: list[str],
         call: Callable[[Variant], Awaitable[_T]],
-        *,
-        timed: bool,
     ) -> tuple[Variant, _T]:
         """``call`` on the first candidate variant that is ready and not unavailable upstream
-        (the fallback order); ``timed``: observe the upstream duration here."""
+        (the fallback order); the upstream duration observed here unless the upstream declares
+        that it records its own timing."""
+        timed = not self.upstream.capabilities.records_timing
         reasons = []
         for precision in candidates:
             variant = model.variants[precision]

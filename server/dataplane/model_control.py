@@ -15,7 +15,10 @@
   folder and manifest entry) is read, loaded and served without a restart. New logical models
   need a restart (their routing policy is set up at start-up).
 
-Load and unload need the bearer token when ``--auth-token`` is set. One call at a time.
+Load and unload need the bearer token when one is set (``--auth-token-file``; the transports
+admit them, server/dataplane/restricted.py). One call at a time. The gateway knows nothing of
+this module: it keeps the set of unloaded variants (they do not make the server unready); this
+module changes it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 
 from server.catalog import Model, Variant, add_new_variants, find_in_manifests
 from server.dataplane import wording
-from server.dataplane.gateway import Gateway, VariantStats
+from server.dataplane.gateway import Gateway
 from server.errors import GatewayError, ModelNotFound, Unavailable, Unsupported
 
 log = logging.getLogger(__name__)
@@ -47,28 +50,23 @@ class ModelControl:
             raise ValueError(f"model control must be one of {MODES}, got {mode!r}")
         self.gateway = gateway
         self.mode = mode
-        self.unloaded: set[str] = set()  # variant names unloaded through the API
         self._lock = asyncio.Lock()
 
     # ---- the API ------------------------------------------------------------------------------
-    async def load(
-        self, name: str, parameters: Mapping[str, Any], headers: Mapping[str, str]
-    ) -> None:
-        variants = await self._begin(name, parameters, headers, loading=True)
+    async def load(self, name: str, parameters: Mapping[str, Any]) -> None:
+        variants = await self._begin(name, parameters, loading=True)
         async with self._lock:
             for v in variants:
                 await self._call("load", v)
-                self.unloaded.discard(v.name)
+                self.gateway.unloaded.discard(v.name)
                 log.info("model control: loaded %s", v.name)
 
-    async def unload(
-        self, name: str, parameters: Mapping[str, Any], headers: Mapping[str, str]
-    ) -> None:
-        variants = await self._begin(name, parameters, headers, loading=False)
+    async def unload(self, name: str, parameters: Mapping[str, Any]) -> None:
+        variants = await self._begin(name, parameters, loading=False)
         async with self._lock:
             for v in variants:
                 await self._call("unload", v)
-                self.unloaded.add(v.name)
+                self.gateway.unloaded.add(v.name)
                 log.info("model control: unloaded %s", v.name)
 
     def index(self, ready_only: bool) -> list[tuple[str, str, str, str]]:
@@ -77,7 +75,7 @@ class ModelControl:
         rows = []
         for name, version, state, reason in self.gateway.index():
             names = [v.name for v in models[name].variants.values()] if name in models else [name]
-            if state != "READY" and all(n in self.unloaded for n in names):
+            if state != "READY" and all(n in self.gateway.unloaded for n in names):
                 reason = UNLOADED
             if not ready_only or state == "READY":
                 rows.append((name, version, state, reason))
@@ -88,10 +86,8 @@ class ModelControl:
         self,
         name: str,
         parameters: Mapping[str, Any],
-        headers: Mapping[str, str],
         loading: bool,
     ) -> list[Variant]:
-        self.gateway.authorize(headers)
         if self.mode != "explicit":
             raise ModelControlRefused(NOT_ALLOWED)
         overrides = sorted(k for k in parameters if k == "config" or k.startswith("file:"))
@@ -115,11 +111,10 @@ class ModelControl:
                 model = find_in_manifests(repo, name)
             if model is not None:
                 for v in add_new_variants(repo, model):
-                    self.gateway.stats.setdefault(v.name, VariantStats())
-                    self.unloaded.add(v.name)
+                    self.gateway.add_variant(v)
                     log.info("model control: %s is new in the repository", v.name)
         try:
-            target: Model | Variant = self.gateway._lookup(name)
+            target: Model | Variant = self.gateway.lookup(name)
         except ModelNotFound as e:  # Triton's "failed to load '...', ..." (wording.py)
             if loading:
                 raise ModelNotFound(wording.load_failed(name, e.message)) from None
@@ -127,21 +122,15 @@ class ModelControl:
         return list(target.variants.values()) if isinstance(target, Model) else [target]
 
     async def _call(self, action: str, variant: Variant) -> None:
-        method = getattr(self.gateway.upstream, action, None)
-        if not callable(method):
-            raise Unsupported(f"upstream {self.gateway.upstream.name!r} cannot {action} models")
+        upstream = self.gateway.upstream
+        if not upstream.capabilities.model_control:
+            raise Unsupported(f"upstream {upstream.name!r} cannot {action} models")
         try:
-            await method(variant)
+            await (upstream.load if action == "load" else upstream.unload)(variant)
         except GatewayError:
             raise
         except Exception as e:  # an engine's own failure: the client sees what went wrong
             raise Unavailable(f"{action} of {variant.name} failed: {e}") from e
 
 
-def control_of(gateway: Gateway) -> ModelControl:
-    """The gateway's ModelControl (attached by server/app.py); NONE mode when there is none."""
-    control = getattr(gateway, "control", None)
-    return control if isinstance(control, ModelControl) else ModelControl(gateway)
-
-
-__all__ = ["MODES", "NOT_ALLOWED", "ModelControl", "ModelControlRefused", "control_of"]
+__all__ = ["MODES", "NOT_ALLOWED", "ModelControl", "ModelControlRefused"]

@@ -2,11 +2,15 @@
 
 Triton restricts groups of its protocol with ``--grpc-restricted-protocol`` /
 ``--http-restricted-api``; the gateway takes the same group names and requires its one token
-(``--auth-token`` / ``--auth-token-file``) on them. Inference always needs the token when one
-is set. Each transport asks :func:`grpc_group` / :func:`http_group` which group a call is in.
+(``--auth-token-file`` or ``PRECISION_SERVE_AUTH_TOKEN``) on them. Inference, system shared memory
+and loading or unloading models always need the token when one is set. Each transport asks
+:func:`grpc_access` / :func:`http_access` what a call needs and hands that to
+:meth:`server.dataplane.gateway.Gateway.admit`, once per call, before it reads the call's body.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from server.errors import ConfigError
 
@@ -59,17 +63,51 @@ _HTTP_PREFIX = (
 )
 
 
-def parse_groups(value: str | None, token: str | None) -> frozenset[str]:
-    """``health,metadata`` -> the groups; ConfigError for an unknown one or no token."""
+def parse_groups(value: str | None) -> frozenset[str]:
+    """``health,metadata`` -> the groups; ConfigError for an unknown one."""
     groups = frozenset(g.strip() for g in (value or "").split(",") if g.strip())
     unknown = sorted(groups - set(GROUPS))
     if unknown:
         raise ConfigError(
             f"--restricted-api: unknown group(s) {', '.join(unknown)} (known: {', '.join(GROUPS)})"
         )
-    if groups and not token:
-        raise ConfigError("--restricted-api needs a token (--auth-token or --auth-token-file)")
     return groups
+
+
+@dataclass(frozen=True)
+class Access:
+    """What a call needs: ``group`` (Triton's, for ``--restricted-api``; None when unknown), and
+    ``always``: the token whenever one is set, restricted or not."""
+
+    group: str | None
+    always: bool = False
+
+
+_ALWAYS_GROUPS = frozenset({"inference"})
+_MODEL_CONTROL = ("RepositoryModelLoad", "RepositoryModelUnload")
+
+
+def grpc_access(method: str) -> Access:
+    """What a GRPCInferenceService method needs."""
+    group = grpc_group(method)
+    always = (
+        group in _ALWAYS_GROUPS
+        or method.startswith("SystemSharedMemory")
+        or method in _MODEL_CONTROL
+    )
+    return Access(group, always)
+
+
+def http_access(path: str) -> Access:
+    """What a call to an HTTP path needs (load and unload are POSTs; every other path under
+    ``/v2/repository`` only reads)."""
+    group = http_group(path)
+    always = (
+        group in _ALWAYS_GROUPS
+        or path.startswith("/v2/systemsharedmemory")
+        or (group == "model-repository" and path.endswith(("/load", "/unload")))
+    )
+    return Access(group, always)
 
 
 def grpc_group(method: str) -> str | None:

@@ -180,15 +180,30 @@ class RouteContext:
 class Policy(Protocol):
     """Built once per model as ``cls(model, route)``; raises ConfigError when misconfigured.
 
-    A policy that adapts to load also has ``observe(precision, seconds, counts)``: the gateway
-    calls it when each request the policy routed ends (``counts``: the time is a real serving
+    A policy that adapts to load declares ``learns = True`` and gets ``observe(precision,
+    seconds, counts)`` each time a request it routed ends (``counts``: the time is a real serving
     time - ok or deadline exceeded - not a fast rejection). See server/routing/slo.py.
+    ``reason`` is a note for the repository index (e.g. why ``auto`` serves the reference).
     """
 
     name: str
     default_precision: str  # what the logical model's ModelConfig describes
+    reason: str
+    learns: bool
 
     def choose(self, ctx: RouteContext) -> Decision: ...
+
+    def observe(self, precision: str, seconds: float, counts: bool) -> None: ...
+
+
+class PolicyBase:
+    """What a policy that neither learns nor explains anything declares."""
+
+    reason = ""
+    learns = False
+
+    def observe(self, precision: str, seconds: float, counts: bool) -> None:
+        """Nothing to learn (the core calls this only when ``learns``)."""
 
 
 def _check_precision(model: Model, precision: str, what: str) -> str:
@@ -206,7 +221,7 @@ def key_fraction(key: str) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-class FixedPolicy:
+class FixedPolicy(PolicyBase):
     name = "fixed"
 
     def __init__(self, model: Model, route: ModelRoute) -> None:
@@ -219,7 +234,7 @@ class FixedPolicy:
         return Decision(self.precision, self.name)
 
 
-class AutoPolicy:
+class AutoPolicy(PolicyBase):
     """Fastest variant (manifest ``speed``) whose ``details.accuracy_loss`` is within budget.
 
     A variant the builder marked over its accuracy budget (``details.budget_met`` false, kept
@@ -280,7 +295,7 @@ def _accuracy_rank(precision: str) -> int:
     )
 
 
-class SplitPolicy:
+class SplitPolicy(PolicyBase):
     """Weighted traffic split; a request key (``x-request-key``) always lands on the same side."""
 
     name = "split"
@@ -307,7 +322,7 @@ class SplitPolicy:
         return Decision(self.cumulative[-1][1], self.name)
 
 
-class ShadowPolicy:
+class ShadowPolicy(PolicyBase):
     """Serve ``precision`` and mirror a ``fraction`` of requests to ``reference`` (background)."""
 
     name = "shadow"
@@ -395,7 +410,8 @@ class Router:
     def feedback(self, model: str) -> Callable[[str, float, bool], None] | None:
         """The policy's ``observe(precision, seconds, counts)`` when it learns from completed
         requests (``slo``); the gateway calls it once per request the policy routed."""
-        return getattr(self.policies[model], "observe", None)
+        policy = self.policies[model]
+        return policy.observe if policy.learns else None
 
     def candidates(self, model: str, precision: str) -> list[str]:
         """``precision`` then the built precisions after it in the model's fallback chain."""

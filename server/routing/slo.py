@@ -52,6 +52,7 @@ from server.routing.policies import (
     DEFAULT_BUDGET_POINTS,
     Decision,
     ModelRoute,
+    PolicyBase,
     RouteContext,
     key_fraction,
 )
@@ -332,10 +333,11 @@ class SloController:
         return "down"
 
 
-class SloPolicy:
+class SloPolicy(PolicyBase):
     """Routes by an :class:`SloController`; exports the mix, the objective and its loss."""
 
     name = "slo"
+    learns = True  # observe() feeds the controller
 
     def __init__(self, model: Model, route: ModelRoute) -> None:
         if route.slo is None:

@@ -16,13 +16,17 @@ import numpy as np
 from server import metrics
 from server.catalog import Repository, Variant
 from server.errors import ConfigError, Unsupported
-from server.upstreams.base import Upstream, UpstreamSettings, create_upstream
+from server.upstreams.base import (
+    Capabilities,
+    Upstream,
+    UpstreamBase,
+    UpstreamSettings,
+    create_upstream,
+)
 
 
-class PooledUpstream:
+class PooledUpstream(UpstreamBase):
     name = "pools"
-    records_timing = True  # observes the duration itself for pools that do not
-    honours_deadline = False  # set per instance: True when every pool does
 
     def __init__(
         self, pools: dict[str, Upstream], default: Upstream | None, assignment: dict[str, str]
@@ -35,20 +39,20 @@ class PooledUpstream:
         self.assignment = assignment  # variant name -> pool name
         members = [*pools.values(), *([default] if default is not None else [])]
         self._members = members
-        self.honours_deadline = all(getattr(u, "honours_deadline", False) for u in members)
-        if all(callable(getattr(u, "forward", None)) for u in members):
-            self.forward = self._forward
+        self.capabilities = Capabilities(
+            records_timing=True,  # observes the duration itself for pools that do not
+            honours_deadline=all(u.capabilities.honours_deadline for u in members),
+            forward=all(u.capabilities.forward for u in members),
+            model_control=any(u.capabilities.model_control for u in members),
+        )
 
     def upstream_for(self, variant: Variant) -> Upstream | None:
         pool = self.assignment.get(variant.name)
         return self.pools[pool] if pool is not None else self.default
 
-    @property
-    def problems(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for u in self._members:
-            out.update(getattr(u, "problems", {}))
-        return out
+    def problem(self, variant: Variant) -> str:
+        u = self.upstream_for(variant)
+        return u.problem(variant) if u is not None else "no pool and no --upstream"
 
     async def start(self) -> None:
         for u in self._members:
@@ -74,11 +78,23 @@ class PooledUpstream:
         u = self._require(variant)
         started = time.monotonic()
         outputs = await u.infer(variant, inputs, deadline)
-        if not getattr(u, "records_timing", False):
+        self._observe(u, variant, started)
+        return outputs
+
+    async def forward(self, variant: Variant, payload: bytes, deadline: float | None) -> bytes:
+        u = self._require(variant)
+        started = time.monotonic()
+        reply = await u.forward(variant, payload, deadline)
+        self._observe(u, variant, started)
+        return reply
+
+    @staticmethod
+    def _observe(u: Upstream, variant: Variant, started: float) -> None:
+        """The call's duration, for a pool that does not record its own."""
+        if not u.capabilities.records_timing:
             metrics.upstream_duration(variant.model, variant.precision).observe(
                 time.monotonic() - started
             )
-        return outputs
 
     async def load(self, variant: Variant) -> None:
         await self._control("load", variant)
@@ -89,13 +105,9 @@ class PooledUpstream:
     async def _control(self, action: str, variant: Variant) -> None:
         """Model control goes to the variant's pool (server/dataplane/model_control.py)."""
         u = self._require(variant)
-        method = getattr(u, action, None)
-        if not callable(method):
+        if not u.capabilities.model_control:
             raise Unsupported(f"upstream {u.name!r} of {variant.name} cannot {action} models")
-        await method(variant)
-
-    async def _forward(self, variant: Variant, payload: bytes, deadline: float | None) -> bytes:
-        return await self._require(variant).forward(variant, payload, deadline)  # type: ignore[attr-defined]
+        await (u.load if action == "load" else u.unload)(variant)
 
 
 def create_pooled_upstream(
@@ -103,9 +115,10 @@ def create_pooled_upstream(
     pools: dict[str, str],
     assignment: dict[str, str],
     repository: Repository,
-    settings: UpstreamSettings,
+    settings: UpstreamSettings | None = None,
 ) -> PooledUpstream:
-    """Build each pool's upstream from its spec; the default only when a variant needs it."""
+    """Build each pool's upstream from its spec (its URL query: its settings, over
+    ``settings``); the default only when a variant needs it."""
     members = {name: create_upstream(spec, repository, settings) for name, spec in pools.items()}
     unassigned = [v for v in repository.variants() if v.name not in assignment]
     default = (

@@ -1,4 +1,4 @@
-"""lab/slo_ramp.py's plan and checks on synthetic timelines (the run itself: docs/slo/)."""
+"""lab/slo_ramp.py's plan and checks on synthetic timelines (the latest run: docs/lab/slo.md)."""
 
 from __future__ import annotations
 

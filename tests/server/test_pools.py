@@ -13,7 +13,7 @@ import pytest
 from server.catalog import Variant, load_repository
 from server.errors import ConfigError
 from server.routing.policies import Router, parse_routing
-from server.upstreams.base import UpstreamUnavailable
+from server.upstreams.base import UpstreamBase, UpstreamUnavailable
 from server.upstreams.pools import PooledUpstream
 
 ROUTING = {
@@ -23,7 +23,7 @@ ROUTING = {
 }
 
 
-class FakePool:
+class FakePool(UpstreamBase):
     def __init__(self, name: str, up: bool = True) -> None:
         self.name, self.up, self.served = name, up, []
         self.started = self.closed = False
@@ -56,27 +56,31 @@ def test_routing_file_maps_precisions_to_pools(tiny_repository: Path) -> None:
 
 
 def test_each_variant_goes_to_its_pool_and_fallback_crosses_pools(tiny_repository: Path) -> None:
-    from server.dataplane.gateway import Gateway
+    from server.dataplane.gateway import Gateway, InferRequest
+    from server.dataplane.tensors import WireTensor
 
     repo = load_repository(tiny_repository)
     config = parse_routing(ROUTING)
     cpu, gpu, rest = FakePool("cpu"), FakePool("gpu"), FakePool("default")
     pooled = PooledUpstream({"cpu": cpu, "gpu": gpu}, rest, config.pool_assignment(repo))
-    assert not callable(getattr(pooled, "forward", None))  # fakes have no pass-through
+    assert not pooled.capabilities.forward  # fakes declare no pass-through
     gw = Gateway(repo, Router(repo, config), pooled, 1 << 20, None)
-    model = repo.models["tiny"]
-    x = {"x": np.zeros((1, 16), np.float32)}
+    x = np.zeros((1, 16), np.float32)
+
+    def request(model: str, **parameters: str) -> InferRequest:
+        tensor = WireTensor("x", "FP32", [1, 16], raw=x.tobytes())
+        return InferRequest(model=model, inputs=[tensor], parameters=parameters)
 
     async def run() -> list[str]:
         await gw.start()
         assert cpu.started and gpu.started and rest.started
         served = []
         for precision in ("int8", "fp16", "fp32"):
-            v, _ = await gw._run(model, [precision], x, None)
-            served.append(v.precision)
+            served.append((await gw.infer(request(f"tiny_{precision}"))).precision)
         cpu.up = False  # the int8 pool is down: int8 -> fp16 (default pool)
-        v, _ = await gw._run(model, Router(repo, config).candidates("tiny", "int8"), x, None)
-        served.append(v.precision)
+        response = await gw.infer(request("tiny", precision="int8"))
+        assert response.fallback_from == "int8"
+        served.append(response.precision)
         await gw.close()
         return served
 

@@ -74,9 +74,9 @@ def test_the_tiny_repository_is_bounded_by_its_batch_and_dims(tiny_repository: P
 def test_a_max_shape_is_checked_before_decoding():
     spec = _tensor("int64", (-1,), (512,))
     variant = SimpleNamespace(name="m_fp32", max_batch_size=4)
-    Gateway._check_shape(variant, spec, [2, 512], True)
+    Gateway.check_shape(variant, spec, [2, 512], True)
     with pytest.raises(InvalidInput, match=r"'t': dim 1 is 513, over the model's maximum 512"):
-        Gateway._check_shape(variant, spec, [2, 513], True)
+        Gateway.check_shape(variant, spec, [2, 513], True)
 
 
 def test_a_max_shape_must_fit_the_shape():

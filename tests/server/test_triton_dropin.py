@@ -130,7 +130,9 @@ def _slow_fp32(repo: Path) -> None:
 def explicit_gateway(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory):
     repo = copy_repository(tiny_repository, tmp_path_factory.mktemp("dropin") / "repo")
     _slow_fp32(repo)
-    with GatewayProcess(repo, extra_args=["--model-control", "explicit", "--threads", "1"]) as gw:
+    with GatewayProcess(
+        repo, extra_args=["--model-control", "explicit", "--upstream", "embedded?threads=1"]
+    ) as gw:
         yield gw
 
 
@@ -389,8 +391,9 @@ def test_explicit_model_control_with_several_workers_is_refused_in_one_line(
 
 
 def test_load_and_unload_need_the_bearer_token_when_one_is_set(tiny_repository):
-    args = ["--model-control", "explicit", "--auth-token", "s3cret"]
-    with GatewayProcess(tiny_repository, extra_args=args) as gw:
+    args = ["--model-control", "explicit"]
+    env = {"PRECISION_SERVE_AUTH_TOKEN": "s3cret"}
+    with GatewayProcess(tiny_repository, extra_args=args, env=env) as gw:
         g = grpcclient.InferenceServerClient(gw.grpc_url)
         h = httpclient.InferenceServerClient(gw.http_url)
         with pytest.raises(InferenceServerException, match="bearer token") as info:

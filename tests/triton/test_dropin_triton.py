@@ -34,7 +34,7 @@ def test_streaming_and_model_control_through_a_triton_upstream(
 ) -> None:
     triton = start_triton(tiny_repository, model_control="explicit")
     args = ["--upstream", f"triton://{triton.grpc_url}", "--model-control", "explicit"]
-    with GatewayProcess(tiny_repository, extra_args=[*args, "--threads", "1"]) as gw:
+    with GatewayProcess(tiny_repository, extra_args=args) as gw:
         client = grpcclient.InferenceServerClient(gw.grpc_url)
         replica = grpcclient.InferenceServerClient(triton.grpc_url)
         # a stream: good, bad (Triton's own error), good - in request order, the stream goes on

@@ -1,19 +1,18 @@
-"""The short way through ModelInfer for the plain request (embedded upstream).
+"""The short way into ModelInfer for the plain request (a decoding upstream, e.g. embedded).
 
 Most traffic is one shape of request: it names a variant (``digits_int8``, as perf_analyzer's ``-m``
 and an explicit precision do), carries its inputs as ``raw_input_contents``, asks for all outputs,
-has no parameters and no shared memory (a deadline is fine: the core bounds the run by it as the
-general path does). For such a request the general path builds an
-:class:`~server.dataplane.gateway.InferRequest` of wire tensors, checks them on their own, looks the
-name up, routes, checks them against the variant and decodes them - about a tenth of a millisecond
-of Python on these hosts, as much as a small model's run (docs/gateway.md).
+has no parameters and no shared memory (a deadline is fine). For any other request the transport
+builds wire tensors, and the core checks and decodes them against the routed variant.
 
-:class:`FastLane` checks such a request against a per-variant :class:`Plan` (the variant's
-input names, datatypes, dims, maximum dims, batch range and byte sizes, computed once) and decodes
-it in one pass; :meth:`server.dataplane.gateway.Gateway.infer_checked` then runs and records it as
-:meth:`~server.dataplane.gateway.Gateway.infer` would. It only ever accepts: anything it does not
-prove valid (a wrong shape, a parameter, a typed-contents input, a logical model's name) gets
-``None`` and takes the general path, so every error keeps the general path's words and status.
+:class:`FastLane` checks such a request against a per-variant :class:`Plan` (the variant's input
+names, datatypes, dims, maximum dims, batch range and byte sizes, computed once; the shape check is
+the core's own :meth:`~server.dataplane.gateway.Gateway.check_shape`) and decodes it in one pass
+into the ``arrays`` of an :class:`~server.dataplane.gateway.InferRequest`; the core then takes it
+along its one inference path (lookup, run, record, count) without checking it again. It only ever
+accepts: anything it does not prove valid (a wrong shape, a parameter, a typed-contents input, a
+logical model's name) gets ``None`` and goes the general way, so every error keeps the core's
+words and status.
 """
 
 from __future__ import annotations
@@ -77,9 +76,9 @@ class FastLane:
         plan = self._plans[name] = plan_of(variant)
         return plan
 
-    def arrays(self, request: pb.ModelInferRequest) -> tuple[Variant, dict[str, np.ndarray]] | None:
-        """The variant and its decoded inputs (in the variant's order) when ``request`` is
-        plain and valid for it; None otherwise (the caller takes the general path)."""
+    def arrays(self, request: pb.ModelInferRequest) -> dict[str, np.ndarray] | None:
+        """The decoded inputs (in the order of the variant the request names) when ``request``
+        is plain and valid for that variant; None otherwise (the caller goes the general way)."""
         if request.parameters or request.outputs or request.model_version not in ("", "1"):
             return None
         plan = self._plan(request.model_name)
@@ -102,7 +101,7 @@ class FastLane:
                 return None
             shape = list(t.shape)
             try:  # the core's own check: rank, dims, max_shape, batch range
-                Gateway._check_shape(plan.variant, spec.info, shape, plan.max_batch > 0)
+                Gateway.check_shape(plan.variant, spec.info, shape, plan.max_batch > 0)
             except InvalidInput:
                 return None
             if plan.max_batch:
@@ -115,4 +114,4 @@ class FastLane:
             found[i] = np.frombuffer(raw, spec.wire).astype(spec.info.dtype).reshape(shape)
         if total > self._gateway.max_request_bytes:
             return None
-        return plan.variant, {s.info.name: a for s, a in zip(plan.inputs, found, strict=True)}
+        return {s.info.name: a for s, a in zip(plan.inputs, found, strict=True)}

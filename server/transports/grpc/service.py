@@ -32,8 +32,8 @@ from server.dataplane.gateway import (
     InferResponse,
     ModelView,
 )
-from server.dataplane.model_control import control_of
-from server.dataplane.restricted import grpc_group
+from server.dataplane.model_control import ModelControl
+from server.dataplane.restricted import grpc_access
 from server.dataplane.shared_memory import (
     REGION,
     SystemSharedMemory,
@@ -71,13 +71,12 @@ def _handled(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[A
     """Gateway errors -> their status; internal ones -> INTERNAL with an error id only (the log
     has the text); a rejected ModelInfer is counted in the request metric."""
     infer = method.__name__ == "ModelInfer"
-    group = None if infer else grpc_group(method.__name__)  # inference: the core authorizes
+    access = grpc_access(method.__name__)
 
     @functools.wraps(method)
     async def wrapper(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext):
-        try:
-            if group in self.gateway.restricted:
-                self.gateway.authorize_api(group, _metadata(context))
+        try:  # authorized before the request is parsed (ModelInfer's is still bytes)
+            self.gateway.admit(access, lambda: _metadata(context))
             return await method(self, request, context)
         except (grpc.aio.AbortError, grpc.RpcError):
             raise
@@ -168,8 +167,9 @@ def _tensor_meta(
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, control: ModelControl) -> None:
         self.gateway = gateway
+        self.control = control
         # the plain request's short way (embedded and other decoding upstreams; a pass-through
         # upstream forwards the bytes instead)
         self._lane = None if gateway.forwards else FastLane(gateway)
@@ -223,7 +223,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_handled
     async def RepositoryIndex(self, request, context):
-        rows = control_of(self.gateway).index(request.ready)
+        rows = self.control.index(request.ready)
         return pb.RepositoryIndexResponse(
             models=[
                 pb.RepositoryIndexResponse.ModelIndex(name=n, version=v, state=s, reason=r)
@@ -234,35 +234,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @_handled
     async def RepositoryModelLoad(self, request, context):
         params = {k: _param_value(v) for k, v in request.parameters.items()}
-        await control_of(self.gateway).load(request.model_name, params, _metadata(context))
+        await self.control.load(request.model_name, params)
         return pb.RepositoryModelLoadResponse()
 
     @_handled
     async def RepositoryModelUnload(self, request, context):
         params = {k: _param_value(v) for k, v in request.parameters.items()}
-        await control_of(self.gateway).unload(request.model_name, params, _metadata(context))
+        await self.control.unload(request.model_name, params)
         return pb.RepositoryModelUnloadResponse()
 
     @_handled
     async def ModelInfer(self, data: bytes, context):
         """Takes and returns serialised messages (registered without (de)serializers): with a
         pass-through upstream the request's bytes go on as they are, and so do the reply's.
-        The token is checked before the payload is parsed (registered through
-        :func:`_releasing`)."""
+        The token is checked (by :func:`_handled`) before the payload is parsed (registered
+        through :func:`_releasing`)."""
         shm = self.gateway.shared_memory
         # refused before the core saw it: counted by _handled (Gateway.count_rejected)
         headers, request = self._parse(data, context)
-        plain = None if self._lane is None else self._lane.arrays(request)
-        if (
-            plain is not None
-        ):  # server/transports/grpc/fast_lane.py: checked against the variant already
-            deadline = _deadline_of(context)
-            response = await self.gateway.infer_checked(*plain, request.id, "grpc", deadline)
-            out_shm: dict[str, TensorRef] = {}
-        else:
-            infer, out_shm = self._infer_request(data, request, headers, context, shm)
-            response = await self.gateway.infer(infer)
-            shm.write_outputs(response.outputs, out_shm)
+        infer, out_shm = self._infer_request(data, request, headers, context, shm)
+        response = await self.gateway.infer(infer)
+        shm.write_outputs(response.outputs, out_shm)
         # trailing, not initial, metadata: sent in the reply's one batch (a separate
         # send_initial_metadata costs a second batch: -15 % req/s for a bare echo, docs/gateway.md)
         context.set_trailing_metadata(((PRECISION_HEADER, response.precision),))
@@ -273,9 +265,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _parse(
         self, data: bytes, context: grpc.aio.ServicerContext
     ) -> tuple[dict[str, str], pb.ModelInferRequest]:
-        """Authenticate (metadata only), then parse: the headers and the request."""
+        """Parse (the call is authorized): the headers and the request."""
         headers, bad_metadata = _read_metadata(context)
-        self.gateway.authorize(headers)
         if bad_metadata:
             raise InvalidInput(f"metadata {bad_metadata[0]!r}: binary value is not UTF-8")
         # a large request whose contents do not match its declared shapes is refused here,
@@ -295,7 +286,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         context: grpc.aio.ServicerContext,
         shm: SystemSharedMemory,
     ) -> tuple[InferRequest, dict[str, TensorRef]]:
-        """The parsed request for the core, its own tensors checked."""
+        """The parsed request for the core, its own tensors checked: the plain request decoded
+        by the fast lane, a pass-through one as its bytes, any other as wire tensors."""
+        deadline = _deadline_of(context)
+        plain = None if self._lane is None else self._lane.arrays(request)
+        if plain is not None:  # fast_lane.py: checked against the variant it names already
+            infer = InferRequest(
+                model=request.model_name,
+                inputs=[],
+                id=request.id,
+                headers=headers,
+                deadline=deadline,
+                protocol="grpc",
+                arrays=plain,
+            )
+            return infer, {}
         out_shm = _shm_outputs(request, shm)
         # shared memory is this host's: such requests are decoded here, never passed through
         forward = self.gateway.forwards and not _uses_shm(request, out_shm)
@@ -308,7 +313,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[o.name for o in request.outputs] or None,
             parameters={k: _param_value(v) for k, v in params.items()} if params else {},
             headers=headers,
-            deadline=_deadline_of(context),
+            deadline=deadline,
             protocol="grpc",
         )
         if forward:
@@ -321,7 +326,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # UNIMPLEMENTED ----
     @_handled
     async def SystemSharedMemoryRegister(self, request, context):
-        self.gateway.authorize(_metadata(context))
         self.gateway.shared_memory.register(
             request.name, request.key, request.offset, request.byte_size
         )
@@ -329,13 +333,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_handled
     async def SystemSharedMemoryUnregister(self, request, context):
-        self.gateway.authorize(_metadata(context))
         self.gateway.shared_memory.unregister(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     @_handled
     async def SystemSharedMemoryStatus(self, request, context):
-        self.gateway.authorize(_metadata(context))
         status = pb.SystemSharedMemoryStatusResponse.RegionStatus
         return pb.SystemSharedMemoryStatusResponse(
             regions={
@@ -481,6 +483,7 @@ def add_service(server: grpc.aio.Server, servicer: InferenceServicer) -> None:
 
 async def start_grpc_server(
     gateway: Gateway,
+    control: ModelControl,
     host: str,
     port: int,
     max_message_bytes: int,
@@ -500,7 +503,7 @@ async def start_grpc_server(
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
     server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs or None)
-    add_service(server, InferenceServicer(gateway))
+    add_service(server, InferenceServicer(gateway, control))
     address = f"{host}:{port}"
     if tls is not None:
         cert, key = tls

@@ -30,8 +30,8 @@ from server.dataplane.gateway import (
     InferResponse,
     ModelView,
 )
-from server.dataplane.model_control import control_of
-from server.dataplane.restricted import http_group
+from server.dataplane.model_control import ModelControl
+from server.dataplane.restricted import http_access
 from server.dataplane.shared_memory import (
     SystemSharedMemory,
     TensorRef,
@@ -69,6 +69,7 @@ HTTP_STATUS = {
     "INTERNAL": 500,
 }
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
+CONTROL_KEY = web.AppKey("model_control", ModelControl)
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,8 @@ def _error(status: int, message: str) -> web.Response:
 async def _error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """The one error -> HTTP status mapping; internal errors get an id only (the log has the
     text); a rejected inference call is counted in the request metric."""
-    try:
-        group = http_group(request.path)
-        if group != "inference" and group in _gw(request).restricted:
-            _gw(request).authorize_api(group, {k.lower(): v for k, v in request.headers.items()})
+    try:  # authorized before any handler reads the body
+        _gw(request).admit(http_access(request.path), lambda: _headers(request))
         return await handler(request)
     except web.HTTPRequestEntityTooLarge as e:
         error: Exception = PayloadTooLarge(f"request body too large: {e.text}")
@@ -121,6 +120,15 @@ async def _error_middleware(request: web.Request, handler: Any) -> web.StreamRes
 
 def _gw(request: web.Request) -> Gateway:
     return request.app[GATEWAY_KEY]
+
+
+def _control(request: web.Request) -> ModelControl:
+    return request.app[CONTROL_KEY]
+
+
+def _headers(request: web.Request) -> dict[str, str]:
+    """The request's headers by lower-case name (what the core reads)."""
+    return {k.lower(): v for k, v in request.headers.items()}
 
 
 def _version(request: web.Request) -> str:
@@ -200,7 +208,7 @@ async def _json_body(request: web.Request, what: str) -> dict[str, Any]:
 
 async def repository_index(request: web.Request) -> web.Response:
     body = await _json_body(request, "repository index")
-    rows = control_of(_gw(request)).index(bool(body.get("ready")))
+    rows = _control(request).index(bool(body.get("ready")))
     return web.json_response(
         [{"name": n, "version": v, "state": s, "reason": r} for n, v, s, r in rows]
     )
@@ -213,10 +221,9 @@ async def repository_control(request: web.Request) -> web.Response:
     params = body.get("parameters") or {}
     if not isinstance(params, dict):
         raise InvalidInput("'parameters' must be an object")
-    control = control_of(_gw(request))
-    headers = {k.lower(): v for k, v in request.headers.items()}
+    control = _control(request)
     action = control.load if request.match_info["action"] == "load" else control.unload
-    await action(request.match_info["model"], params, headers)
+    await action(request.match_info["model"], params)
     return web.json_response({})
 
 
@@ -401,8 +408,6 @@ def _render(
 
 async def infer(request: web.Request) -> web.Response:
     gw = _gw(request)
-    headers = {k.lower(): v for k, v in request.headers.items()}
-    gw.authorize(headers)  # before reading a body from an unauthenticated client
     limits: HttpLimits = request.app[LIMITS_KEY]
     body = await read_body(request, gw.repository, gw.max_request_bytes, limits.body_timeout_s)
     doc, inputs = await off_loop(
@@ -422,7 +427,7 @@ async def infer(request: web.Request) -> web.Response:
             inputs=_read_shm_inputs(inputs, gw.shared_memory),
             outputs=names,
             parameters=params,
-            headers=headers,
+            headers=_headers(request),
             protocol="http",
         )
     )
@@ -438,7 +443,6 @@ def _region(request: web.Request) -> str:
 
 async def shm_register(request: web.Request) -> web.Response:
     gw = _gw(request)
-    gw.authorize({k.lower(): v for k, v in request.headers.items()})
     try:
         body = await request.json()
     except ValueError:
@@ -453,14 +457,12 @@ async def shm_register(request: web.Request) -> web.Response:
 
 async def shm_unregister(request: web.Request) -> web.Response:
     gw = _gw(request)
-    gw.authorize({k.lower(): v for k, v in request.headers.items()})
     gw.shared_memory.unregister(_region(request))
     return web.json_response({})
 
 
 async def shm_status(request: web.Request) -> web.Response:
     gw = _gw(request)
-    gw.authorize({k.lower(): v for k, v in request.headers.items()})
     return web.json_response(
         [
             {"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size}
@@ -501,12 +503,15 @@ def _as_arrays(inputs: list[WireTensor | InShm]) -> list[WireTensor | InShm]:
     return inputs
 
 
-def make_app(gateway: Gateway, limits: HttpLimits | None = None) -> web.Application:
+def make_app(
+    gateway: Gateway, control: ModelControl | None = None, limits: HttpLimits | None = None
+) -> web.Application:
     # The body limit is enforced in ``infer`` (a clean 413); aiohttp's own cap sits just above.
     app = web.Application(
         middlewares=[_error_middleware], client_max_size=gateway.max_request_bytes + 1024 * 1024
     )
     app[GATEWAY_KEY] = gateway
+    app[CONTROL_KEY] = control or ModelControl(gateway)
     app[LIMITS_KEY] = limits or HttpLimits()
     r = app.router
     r.add_get("/v2/health/live", live)
@@ -533,6 +538,7 @@ def make_app(gateway: Gateway, limits: HttpLimits | None = None) -> web.Applicat
 
 async def start_http_server(
     gateway: Gateway,
+    control: ModelControl,
     host: str,
     port: int,
     ssl_context: ssl.SSLContext | None = None,
@@ -542,7 +548,7 @@ async def start_http_server(
 ) -> tuple[web.AppRunner, int]:
     limits = limits or HttpLimits()
     runner = web.AppRunner(
-        make_app(gateway, limits),
+        make_app(gateway, control, limits),
         access_log=None,
         handle_signals=False,
         shutdown_timeout=grace_s,

@@ -21,7 +21,13 @@ import numpy as np
 from common.engines import EngineError, EngineSession, get_engine
 from server.catalog import Repository, Variant
 from server.errors import InvalidInput
-from server.upstreams.base import UpstreamSettings, UpstreamUnavailable, report_ready
+from server.upstreams.base import (
+    Capabilities,
+    UpstreamBase,
+    UpstreamSettings,
+    UpstreamUnavailable,
+    report_ready,
+)
 from server.upstreams.embedded.batching import BatchPolicy, DynamicBatcher
 
 log = logging.getLogger(__name__)
@@ -38,10 +44,11 @@ def max_queue_size(variant: Variant) -> int:
     return max(0, int(cfg.dynamic_batching.default_queue_policy.max_queue_size))
 
 
-class EmbeddedUpstream:
+class EmbeddedUpstream(UpstreamBase):
     name = "embedded"
-    records_timing = True  # the batcher observes queue/upstream duration and batch size itself
-    honours_deadline = True  # the batcher's timer fails the request at the deadline
+    # the batcher observes queue/upstream duration and batch size itself, and its timer fails
+    # a request at its deadline; load/unload open and close a variant's sessions
+    capabilities = Capabilities(records_timing=True, honours_deadline=True, model_control=True)
 
     def __init__(self, address: str, repository: Repository, settings: UpstreamSettings) -> None:
         self._repository = repository
@@ -135,6 +142,9 @@ class EmbeddedUpstream:
     def ready(self, variant: Variant) -> bool:
         batcher = self._batchers.get(variant.name)
         return batcher is not None and batcher.alive()
+
+    def problem(self, variant: Variant) -> str:
+        return self.problems.get(variant.name, "")
 
     async def infer(
         self, variant: Variant, inputs: dict[str, np.ndarray], deadline: float | None

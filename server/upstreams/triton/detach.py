@@ -5,7 +5,7 @@ the client, or by its gRPC deadline - while its response completes: a race in Tr
 infer handler (triton-inference-server/server#7368 and #7472, backtraces in
 ``pthread_mutex_lock`` from ``Context::IsCancelled`` on a null context; fixed by PR #7840). The
 tritonserver the project tests with (nvidia-pytriton 0.7.0's, 2.51) has it; the Triton soak met
-it (docs/soak/incidents/). A gateway in front of Triton would turn every client cancellation and
+it (docs/lab/incidents/). A gateway in front of Triton would turn every client cancellation and
 deadline into such a cancellation. Detached, the gateway still stops waiting when its client
 cancels or the deadline passes (the client is answered exactly as before), but the call to
 Triton runs to its end, bounded by what was left of the deadline plus ``slack_s`` - long enough

@@ -55,6 +55,8 @@ from common.model_repository import to_datatype
 from server.catalog import Repository, Variant
 from server.errors import ConfigError, DeadlineExceeded, GatewayError, InternalError, InvalidInput
 from server.upstreams.base import (
+    Capabilities,
+    UpstreamBase,
     UpstreamSettings,
     UpstreamUnavailable,
     forget_ready,
@@ -165,9 +167,11 @@ class Replica:
         return self.reachable and self.models.get(variant, False)
 
 
-class TritonUpstream:
+class TritonUpstream(UpstreamBase):
     name = "triton"
-    honours_deadline = True  # each call's client_timeout is what is left of it
+    # each call's client_timeout is what is left of its deadline; gRPC ModelInfer passes
+    # through as bytes; load/unload go to every replica
+    capabilities = Capabilities(honours_deadline=True, forward=True, model_control=True)
 
     def __init__(self, address: str, repository: Repository, settings: UpstreamSettings) -> None:
         self._repository = repository
