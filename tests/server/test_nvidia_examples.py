@@ -28,7 +28,7 @@ NEEDLE = "wrong_model_name"
 @pytest.fixture(scope="module")
 def explicit_gateway(tiny_repository: Path):
     """Model control on: the model-control examples load a model."""
-    args = ["--model-control", "explicit", "--threads", "1"]
+    args = ["--model-control", "explicit", "--upstream", "embedded?threads=1"]
     with GatewayProcess(tiny_repository, extra_args=args) as gw:
         yield gw
 

@@ -202,7 +202,7 @@ def test_the_gateway_answers_bad_requests_in_tritons_words(
 ) -> None:
     triton = start_triton(tiny_repository)
     theirs = _answers(triton.http_url, triton.grpc_url)
-    with GatewayProcess(tiny_repository, extra_args=["--threads", "1"]) as gw:
+    with GatewayProcess(tiny_repository, extra_args=["--upstream", "embedded?threads=1"]) as gw:
         ours = _answers(gw.http_url, gw.grpc_url)
 
     mismatches = []
