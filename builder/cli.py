@@ -11,7 +11,7 @@ from pathlib import Path
 
 from builder.calibration import METHODS
 from builder.errors import USER_ERRORS
-from builder.precisions import int4_options
+from builder.precisions import int4_options, qat_options
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -63,6 +63,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="static INT8 graph format (QDQ is faster on CPU here and what TensorRT takes)",
     )
     int4_options.add_arguments(p)
+    qat_options.add_arguments(p)
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--force", action="store_true", help="rebuild variants that already exist")
     p.add_argument("--engine", help="run every variant on this engine (default: measured)")
@@ -111,7 +112,11 @@ def options_from_args(args: argparse.Namespace):
         configs_only=args.configs_only,
         progress=not args.quiet,
         max_shapes=parse_max_shapes(args.max_shape),
-        extra={"int8_format": args.int8_format, **int4_options.extra_from_args(args)},
+        extra={
+            "int8_format": args.int8_format,
+            **int4_options.extra_from_args(args),
+            **qat_options.extra_from_args(args),
+        },
     )
 
 

@@ -15,6 +15,7 @@ _PRECISIONS = PluginRegistry(
         "bf16": "builder.precisions.bf16:BF16",
         "int8": "builder.precisions.int8:StaticInt8",
         "int8-dynamic": "builder.precisions.int8_dynamic:DynamicInt8",
+        "int8-qat": "builder.precisions.int8_qat:QatInt8",
         "int4": "builder.precisions.int4:Int4",
     },
 )

@@ -24,28 +24,11 @@ class DynamicInt8:
         return None
 
     def build(self, ctx: BuildContext, out_path: Path) -> VariantResult:
-        import onnx
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
         check_quantizable(ctx.fp32_path)
         pre = preprocess(ctx.fp32_path, ctx.work_dir / "int8_dynamic_pre.onnx")
 
         def quantize(exclude: list[str], path: Path) -> None:
-            try:
-                quantize_dynamic(
-                    str(pre),
-                    str(path),
-                    weight_type=QuantType.QInt8,
-                    # Per-channel weights: on MiniLM here, mean cosine to FP32 0.992 vs 0.961
-                    # per-tensor (200 held-out sentences; see docs/builder.md).
-                    per_channel=True,
-                    reduce_range=False,
-                    nodes_to_exclude=exclude,
-                    # ORT-fused transformer graphs need this (measurements.md).
-                    extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-                )
-            except Exception as e:
-                raise QuantizationError(f"dynamic INT8 quantization failed: {e}") from e
+            quantize_dynamic_int8(pre, path, exclude)
 
         outcome, diagnostics = build_within_budget(ctx, out_path, pre, quantize, DYNAMIC_OPS)
         return VariantResult(
@@ -59,3 +42,25 @@ class DynamicInt8:
                 **outcome.details(),
             },
         )
+
+
+def quantize_dynamic_int8(pre: Path, path: Path, exclude: list[str] | None = None) -> None:
+    """ONNX Runtime ``quantize_dynamic``: S8 per-channel weights, U8 activations at run time."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    try:
+        quantize_dynamic(
+            str(pre),
+            str(path),
+            weight_type=QuantType.QInt8,
+            # Per-channel weights: on MiniLM here, mean cosine to FP32 0.992 vs 0.961
+            # per-tensor (200 held-out sentences; see docs/builder.md).
+            per_channel=True,
+            reduce_range=False,
+            nodes_to_exclude=exclude or [],
+            # ORT-fused transformer graphs need this (measurements.md).
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+    except Exception as e:
+        raise QuantizationError(f"dynamic INT8 quantization failed: {e}") from e

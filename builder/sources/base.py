@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -34,6 +34,18 @@ class Dataset:
 
 
 @dataclass
+class Trainable:
+    """The PyTorch module behind a source's FP32 ONNX file, for quantization-aware training
+    (``builder.qat``): ``module`` is called positionally with ``input_names`` in order (torch
+    tensors) and returns the first output; ``export(module, path)`` writes it to ONNX with the
+    same inputs and outputs as the source's own file."""
+
+    module: Any  # torch.nn.Module
+    input_names: list[str]
+    export: Callable[[Any, Path], None]
+
+
+@dataclass
 class LoadedModel:
     """What every source produces for the builder."""
 
@@ -50,6 +62,8 @@ class LoadedModel:
     default_precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "bf16", "int8"])
     max_batch_size: int = 32
     notes: list[str] = field(default_factory=list)
+    # The trainable module (torch: and hf: sources and their demos); None: cannot be trained.
+    trainable: Trainable | None = None
 
 
 class ModelSource(Protocol):

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from builder.errors import SourceError
-from builder.sources.base import Dataset, LoadedModel
+from builder.sources.base import Dataset, LoadedModel, Trainable
 from builder.sources.common import export_torch_to_onnx, onnx_io_specs, sanitize_name
 from common.model_repository import TensorSpec
 
@@ -142,18 +142,15 @@ class HfFolderSource:
         axes["embeddings"] = {0: "batch"}
         target = workdir / f"{name}.onnx"
         seconds = export_torch_to_onnx(wrapper, example, ["embeddings"], target, axes)
-
-        import onnx
-
         hidden = int(model.config.hidden_size)
-        proto = onnx.load(str(target))
-        # The tracer loses the static hidden size through the pooling; it is known, so record it.
-        out_dims = proto.graph.output[0].type.tensor_type.shape.dim
-        if len(out_dims) == 2:
-            out_dims[1].dim_value = hidden
-            onnx.save(proto, str(target))
+        proto = _record_hidden(target, hidden)
         inputs, outputs, _ = onnx_io_specs(proto)
         inputs = _bounded(inputs, model.config)
+
+        def export(module: Any, path: Path) -> None:
+            export_torch_to_onnx(module, example, ["embeddings"], path, axes)
+            _record_hidden(path, hidden)
+
         expected = [TensorSpec("embeddings", "float32", [hidden])]
         if outputs != expected:
             raise SourceError(f"export of {folder} produced outputs {outputs}, expected {expected}")
@@ -169,6 +166,7 @@ class HfFolderSource:
             transformer=True,
             default_precisions=["fp32", "fp16", "bf16", "int8-dynamic"],
             max_batch_size=32,
+            trainable=Trainable(wrapper, input_names, export),
             notes=[
                 f"exported from {folder} (mean pooling + L2 normalisation) to ONNX opset 17 "
                 f"in {seconds:.1f} s",
@@ -194,6 +192,18 @@ class HfFolderSource:
             else:  # a model that takes token_type_ids from a tokenizer that does not make them
                 inputs[n] = np.zeros_like(np.asarray(enc["input_ids"]), dtype=np.int64)
         return Dataset(inputs, None, f"{len(texts)} {what}")
+
+
+def _record_hidden(path: Path, hidden: int) -> Any:
+    """The tracer loses the static hidden size through the pooling; it is known, so record it."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    out_dims = proto.graph.output[0].type.tensor_type.shape.dim
+    if len(out_dims) == 2:
+        out_dims[1].dim_value = hidden
+        onnx.save(proto, str(path))
+    return proto
 
 
 def _bounded(inputs: list[TensorSpec], config: Any) -> list[TensorSpec]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import SourceError
-from builder.sources.base import Dataset, LoadedModel
+from builder.sources.base import Dataset, LoadedModel, Trainable
 from builder.sources.common import (
     export_torch_to_onnx,
     onnx_io_specs,
@@ -149,6 +149,10 @@ def load_torch_spec(
         dynamic_axes[o] = {0: "batch"}
     target = Path(workdir) / f"{name}.onnx"
     seconds = export_torch_to_onnx(spec.module, example, output_names, target, dynamic_axes)
+
+    def export(module: Any, path: Path) -> None:
+        export_torch_to_onnx(module, example, output_names, path, dynamic_axes)
+
     notes.append(f"exported from PyTorch to ONNX opset 17 in {seconds:.1f} s")
     inputs, outputs, _ = onnx_io_specs(onnx.load(str(target), load_external_data=False))
     calibration = spec.calibration
@@ -173,6 +177,7 @@ def load_torch_spec(
         accuracy_meaningful=spec.accuracy_meaningful,
         max_batch_size=spec.max_batch_size,
         notes=with_data_note(notes, calibration, evaluation),
+        trainable=Trainable(spec.module, [s.name for s in spec.inputs], export),
         **kwargs,
     )
 
