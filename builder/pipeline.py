@@ -99,7 +99,7 @@ def _check_refusals(plugins: dict[str, object], model: LoadedModel, options: Bui
                 raise BuildError(reason)
 
 
-def _build(spec: str, options: BuildOptions, repo: Path, work: Path) -> Manifest:
+def _load(spec: str, options: BuildOptions, work: Path) -> LoadedModel:
     model = load_model(spec, work / "source")
     if options.max_shapes:
         model.inputs = apply_max_shapes(model.inputs, options.max_shapes)
@@ -109,6 +109,11 @@ def _build(spec: str, options: BuildOptions, repo: Path, work: Path) -> Manifest
         model.evaluation = load_eval_data(options.eval_data, model.inputs)
     if options.calibration_data is not None or options.eval_data is not None:
         model.notes = with_data_note(model.notes, model.calibration, model.evaluation)
+    return model
+
+
+def _build(spec: str, options: BuildOptions, repo: Path, work: Path) -> Manifest:
+    model = _load(spec, options, work)
     precisions = options.precisions or list(model.default_precisions)
     plugins = {p: get_precision(p) for p in precisions}  # unknown names fail before any work
     _check_refusals(plugins, model, options)
@@ -140,20 +145,18 @@ def _build(spec: str, options: BuildOptions, repo: Path, work: Path) -> Manifest
     serving = _serving(model, options)
     speedup = _lazy_speedup(reference, model, options)
 
-    bar = tqdm(precisions, desc=f"{model.name}: variants", disable=not options.progress)
-    for precision in bar:
-        bar.set_postfix_str(precision)
+    def build_one(precision: str) -> None:
         name = variant_name(model.name, precision)
         if not options.force and _existing(old, repo, precision):
             log.info("%s exists; kept (use --force to rebuild)", name)
             if options.eval_data is not None:
                 log.warning("%s kept: its quality figures are not from --eval-data (--force)", name)
-            continue
+            return
         reason = plugins[precision].skip_reason(model, options)
         if reason:
             manifest.notes.append(f"{precision} skipped: {reason}")
             manifest.variants.pop(precision, None)
-            continue
+            return
         try:
             manifest.variants[precision] = _build_variant(
                 model,
@@ -174,6 +177,17 @@ def _build(spec: str, options: BuildOptions, repo: Path, work: Path) -> Manifest
             manifest.variants.pop(precision, None)
             remove_tree(repo / name)  # an earlier build's copy must not be served either
 
+    bar = tqdm(precisions, desc=f"{model.name}: variants", disable=not options.progress)
+    for precision in bar:
+        bar.set_postfix_str(precision)
+        build_one(precision)
+    why = qat_wanted(model, options, precisions, manifest)
+    if why:
+        log.info("int8-qat: %s", why)
+        manifest.notes.append(f"int8-qat added: {why}")
+        plugins[QAT] = get_precision(QAT)
+        build_one(QAT)
+
     if options.measure_speed and manifest.variants:
         _measure(manifest, model, repo, options)
     write_samples(repo, model)
@@ -181,6 +195,40 @@ def _build(spec: str, options: BuildOptions, repo: Path, work: Path) -> Manifest
     if options.target == "gpu":
         _build_gpu(manifest, model, repo, options)
     return manifest
+
+
+QAT = "int8-qat"
+POST_TRAINING_INT8 = ("int8", "int8-dynamic")
+
+
+def qat_wanted(
+    model: LoadedModel, options: BuildOptions, precisions: list[str], manifest: Manifest
+) -> str | None:
+    """Why int8-qat is added to a build that did not ask for it (None: it is not).
+
+    ``--qat always``: whenever the source can be trained. ``--qat auto`` (the default): with
+    ``--accuracy-budget``, when the post-training INT8 precisions built here all missed the
+    budget fully quantized (missed it, or met it only by keeping layers FP32)."""
+    from builder.precisions.qat_options import QatOptions
+
+    qat = QatOptions.from_extra(options.extra)
+    if QAT in precisions or model.trainable is None or qat.when == "never":
+        return None
+    if qat.when == "always":
+        return "--qat always"
+    if options.accuracy_budget is None:
+        return None
+    tried = [p for p in precisions if p in POST_TRAINING_INT8]
+    if not tried:
+        return None
+    for p in tried:
+        v = manifest.variants.get(p)
+        if v is not None and v.details.get("budget_met") and not v.details.get("fp32_kept_nodes"):
+            return None
+    return (
+        f"post-training INT8 ({', '.join(tried)}) did not meet --accuracy-budget "
+        f"{options.accuracy_budget:g} fully quantized"
+    )
 
 
 def _build_gpu(manifest: Manifest, model: LoadedModel, repo: Path, options: BuildOptions) -> None:

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 LIBRARY = "torch.ao.quantization FakeQuantize"
 QAT_MODES = ("static", "dynamic")
-DEFAULT_LR = {True: 2e-5, False: 1e-4}  # transformer -> lr
+DEFAULT_LR = {True: 5e-5, False: 1e-4}  # transformer -> lr
 RECIPE = "qat-v1"  # bump when the training changes what it produces (part of the cache key)
 LOSS_WINDOW = 10  # steps averaged for the loss reported at the start and the end
 

@@ -17,6 +17,20 @@ def budget_cell(details: dict) -> str:
     return "met" if details.get("budget_met") is not False else "NOT MET"
 
 
+def qat_line(precision: str, details: dict) -> str | None:
+    """How a quantization-aware-trained variant was made, for the summary (None otherwise)."""
+    q = details.get("qat")
+    if not isinstance(q, dict):
+        return None
+    reused = ", trained result reused from the cache" if q.get("cache_hit") else ""
+    return (
+        f"{precision} is quantization-aware trained ({q.get('mode')} INT8, {q.get('steps')} "
+        f"steps of {q.get('batch_size')} on {q.get('data')}, {q.get('objective')}, "
+        f"{q.get('seconds')} s{reused}): loss vs fp32 {q.get('accuracy_loss_before')} pts "
+        f"post-training -> {_fmt(details.get('accuracy_loss'), '.3g')} pts"
+    )
+
+
 def summary_rows(manifest: Manifest) -> list[dict[str, str]]:
     fp32 = manifest.variants.get("fp32")
     rows = []
@@ -76,6 +90,11 @@ def summary(manifest: Manifest) -> str:
         f"note: {p} is over budget: {v.details.get('budget_status')}"
         for p, v in manifest.variants.items()
         if v.details.get("budget_met") is False
+    )
+    lines.extend(
+        f"note: {line}"
+        for p, v in manifest.variants.items()
+        if (line := qat_line(p, v.details)) is not None
     )
     speed_batch = next((v.speed.get("batch_size") for v in manifest.variants.values()), None)
     if speed_batch:

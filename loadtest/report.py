@@ -50,6 +50,8 @@ class VariantInfo:
     # False when the builder kept the variant although it missed the budget it was built for
     # (--keep-over-budget): never recommended as within a budget.
     budget_met: bool | None = None
+    # How a quantization-aware-trained variant was made ("QAT, dynamic INT8"); None otherwise.
+    training: str | None = None
 
 
 @dataclass
@@ -86,8 +88,16 @@ def variant_info(repository: Path | None, model: str) -> tuple[dict[str, Variant
             accuracy_loss=0.0 if p == "fp32" else v.details.get("accuracy_loss"),
             cosine_mean=v.quality.get("cosine_mean"),
             budget_met=v.details.get("budget_met"),
+            training=_training(v.details),
         )
     return out, m.accuracy_meaningful
+
+
+def _training(details: dict[str, Any]) -> str | None:
+    qat = details.get("qat")
+    if not isinstance(qat, dict):
+        return None
+    return f"QAT, {qat.get('mode', '?')} INT8"
 
 
 # ---- the numbers behind the first table and the recommendations -----------------------------
@@ -291,7 +301,7 @@ def comparison_rows(results: Sequence[StepResult], info: RunInfo) -> list[list[s
             acc = "-"
         rows.append(
             [
-                p,
+                p if v.training is None else f"{p} ({v.training})",
                 _mb(v.size_mb),
                 acc,
                 "-" if top is None else f"{top.throughput:.0f} (u{top.users}, b{top.batch_size})",

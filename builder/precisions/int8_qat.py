@@ -172,17 +172,3 @@ class QatInt8:
         else:
             details["activations"] = "runtime U8"
         return VariantResult(out_path, details=details)
-
-
-def qat_label(details: dict[str, Any]) -> str:
-    """One line for the build summary: how a QAT variant was trained."""
-    q = details.get("qat") or {}
-    if not q:
-        return ""
-    reused = ", reused from the cache" if q.get("cache_hit") else ""
-    return (
-        f"quantization-aware training ({q.get('mode')} INT8, {q.get('steps')} steps on "
-        f"{q.get('rows')} rows, {q.get('objective')}, {q.get('seconds')} s{reused}): "
-        f"loss vs FP32 {q.get('accuracy_loss_before')} post-training -> "
-        f"{details.get('accuracy_loss', '?')}"
-    )
