@@ -64,16 +64,26 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_onnx(tmp_path_factory.mktemp("tiny") / "tiny.onnx")
 
 
+def quiet_build_host():
+    """The shared repositories are built as on a quiet host whatever the load here: a manifest
+    marked busy is re-timed by the gateway at start-up (server/routing/retime.py), which would
+    replace the speeds the gateway tests set with this host's noisy ones."""
+    from unittest import mock
+
+    return mock.patch("builder.hostinfo.load_average", return_value=0.0)
+
+
 @pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory: pytest.TempPathFactory, tiny_onnx: Path) -> Path:
     """The tiny classifier built into fp32, fp16 and int8 variants (seconds, no torch)."""
     from builder.pipeline import BuildOptions, build_model
 
     repo = tmp_path_factory.mktemp("tiny_repository")
-    build_model(
-        f"onnx:{tiny_onnx}",
-        BuildOptions(repository=repo, precisions=["fp32", "fp16", "int8"], progress=False),
-    )
+    with quiet_build_host():
+        build_model(
+            f"onnx:{tiny_onnx}",
+            BuildOptions(repository=repo, precisions=["fp32", "fp16", "int8"], progress=False),
+        )
     return repo
 
 
@@ -83,5 +93,6 @@ def digits_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from builder.pipeline import BuildOptions, build_model
 
     repo = tmp_path_factory.mktemp("digits_repository")
-    build_model("digits", BuildOptions(repository=repo, progress=False))
+    with quiet_build_host():
+        build_model("digits", BuildOptions(repository=repo, progress=False))
     return repo
