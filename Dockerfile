@@ -42,7 +42,7 @@ EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=4).status == 200 else 1)"]
 ENTRYPOINT ["precision-serve"]
-CMD ["--repository", "/models", "--host", "0.0.0.0", "--http-port", "8000", "--grpc-port", "8001", "--metrics-port", "8002"]
+CMD ["--repository", "/models", "--host", "0.0.0.0", "--ports", "http=8000,grpc=8001,metrics=8002"]
 
 FROM gateway AS gateway-baked
 COPY --chown=serve:serve model_repository/ /models/

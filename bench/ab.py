@@ -60,8 +60,8 @@ def _start(g: Gateway, repository: Path, workdir: Path) -> None:
     ready = workdir / f"{g.label}.ready.json"
     cmd = [
         sys.executable, "-m", "server.cli", "--repository", str(repository),
-        "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
-        "--ready-file", str(ready), "--drain-seconds", "0", "--log-level", "ERROR", *g.args,
+        "--ports", "0", "--ready-file", str(ready), "--shutdown", "drain=0",
+        "--log-level", "ERROR", *g.args,
     ]  # fmt: skip
     env = {**os.environ, **g.env, "PYTHONPATH": str(g.tree)}
     g.proc = process.start(cmd, log_path=workdir / f"{g.label}.log", env=env, cwd=g.tree)

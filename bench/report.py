@@ -533,8 +533,8 @@ def _method(r: dict[str, Any]) -> list[str]:
         f"{', '.join(str(c) for c in sw['ceiling_concurrencies'])}.",
         f"- Engine threads: {s['threads']} at the engine level; "
         f"{s.get('serving_threads', s['threads'])} in every serving path (the in-process "
-        "session, the gateway's `--threads`, Triton's python-backend instances), leaving the "
-        "other core to the client and the servers' own threads.",
+        "session, the gateway's `--upstream embedded?threads=N`, Triton's python-backend "
+        "instances), leaving the other core to the client and the servers' own threads.",
         "- Code: `bench/`: `engine_level.py` (section 1), `serving.py` (2, 3 and the gateway "
         "profiles), `clients.py` (load generators), `echo_server.py` (the gRPC floor), "
         "`profiling.py` and `profiled_gateway.py` (what bounds a figure), `pyspy.py` (py-spy "

@@ -152,7 +152,7 @@ class Servers:
                     mode, repository=self.repository, threads=self.threads
                 ),
             )
-        args = ["--threads", str(self.threads), "--log-level", "ERROR"]
+        args = ["--upstream", f"embedded?threads={self.threads}", "--log-level", "ERROR"]
         self.gateway = self._start(
             "gateway", lambda: GatewayProcess(self.repository, args, timeout=300)
         )
@@ -466,11 +466,11 @@ def threads_ablation(
         paths = {}
         for t in threads:
             target = load_targets(repository, [wanted], t)[0]
-            args = ["--threads", str(t), "--log-level", "ERROR"]
+            args = ["--upstream", f"embedded?threads={t}", "--log-level", "ERROR"]
             try:
                 gw = stack.enter_context(GatewayProcess(subset, args, timeout=300))
             except Exception as e:
-                log(f"  threads ablation: gateway --threads {t} failed: {e}")
+                log(f"  threads ablation: gateway embedded?threads={t} failed: {e}")
                 continue
             paths[f"inprocess threads={t}"] = ("inprocess", target, None)
             paths[f"gateway threads={t}"] = ("gateway", target, gw)
@@ -528,9 +528,8 @@ def gateway_cprofile(
         prof, ready = Path(tmp) / "gateway.prof", Path(tmp) / "ready.json"
         cmd = [
             sys.executable, "-m", "lab.floors.profiled_gateway", str(prof),
-            "--repository", str(subset), "--grpc-port", "0", "--http-port", "0",
-            "--metrics-port", "0", "--ready-file", str(ready), "--threads", str(threads),
-            "--log-level", "ERROR",
+            "--repository", str(subset), "--ports", "0", "--ready-file", str(ready),
+            "--upstream", f"embedded?threads={threads}", "--log-level", "ERROR",
         ]  # fmt: skip
         path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, "PYTHONPATH": path}

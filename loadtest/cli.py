@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--gateway-arg",
         action="append",
         default=[],
-        help="extra argument for the started gateway (repeat), e.g. --gateway-arg=--threads=2",
+        help="extra argument for the started gateway (repeat), e.g. "
+        "--gateway-arg=--upstream=embedded?threads=2",
     )
     p.add_argument("--request-timeout", type=float, default=10.0, help="seconds per request")
     p.add_argument(

@@ -23,110 +23,78 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from common.model_repository import RepositoryError, atomic_write_text
+from common.options import parse_pairs
 from server.catalog import load_repository
 from server.dataplane.gateway import Gateway
-from server.dataplane.model_control import MODES as MODEL_CONTROL_MODES
 from server.dataplane.model_control import ModelControl
+from server.dataplane.security import SecurityOptions
 from server.errors import ConfigError
+from server.routing.options import RoutingOptions
 from server.routing.policies import Router, load_routing
-from server.routing.retime import check_mode, retime_repository
+from server.routing.retime import retime_repository
 from server.transports.grpc.service import ENVELOPE_BYTES, start_grpc_server
-from server.transports.http.app import HttpLimits, start_http_server
+from server.transports.http.app import start_http_server
 from server.transports.http.limits import shutdown_parsers
-from server.transports.request_bounds import (
-    LIMIT_MODES,
-    concurrent_rpcs,
-    payload_limit,
-    request_bound,
-)
-from server.upstreams.base import (
-    DEFAULT_MERGE_LIMIT,
-    Upstream,
-    UpstreamSettings,
-    create_upstream,
-)
+from server.transports.options import LimitsOptions, ListenOptions
+from server.transports.request_bounds import concurrent_rpcs, payload_limit, request_bound
+from server.upstreams.base import Upstream, create_upstream
+from server.upstreams.options import UpstreamOptions
 from server.upstreams.pools import create_pooled_upstream
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 DEFAULT_DRAIN_S = 5.0
+DEFAULT_GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """SIGTERM/SIGINT: ``drain_s`` seconds of "not ready" with the listeners still open (load
+    balancers move away), then ``grace_s`` for the requests in flight to finish."""
+
+    drain_s: float = DEFAULT_DRAIN_S
+    grace_s: float = DEFAULT_GRACE_S
+
+    def __post_init__(self) -> None:
+        for name, value in (("drain", self.drain_s), ("grace", self.grace_s)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"--shutdown {name} must be >= 0 seconds, got {value}")
+
+    @classmethod
+    def parse(cls, text: str) -> Shutdown:
+        """``"drain=5,grace=10"``; a key left out keeps its default."""
+        values: dict[str, float] = {}
+        for key, value in parse_pairs(text, ("drain", "grace"), "--shutdown").items():
+            try:
+                values[f"{key}_s"] = float(value)
+            except ValueError:
+                raise ConfigError(f"--shutdown {key}={value!r} is not a number") from None
+        return cls(**values)
+
+    def __str__(self) -> str:
+        return f"drain={self.drain_s:g},grace={self.grace_s:g}"
 
 
 @dataclass
 class ServeOptions:
-    repository: Path
-    host: str = "127.0.0.1"
-    grpc_port: int = 8001
-    http_port: int = 8000
-    metrics_port: int = 8002
-    upstream: str = "embedded"
-    routing: Path | None = None
+    """One gateway process: the option groups (server/cli.py builds them from the command line)
+    and the lifecycle the process group (server/runtime/options.py) decides."""
+
+    routing: RoutingOptions
+    listen: ListenOptions = field(default_factory=ListenOptions)
+    limits: LimitsOptions = field(default_factory=LimitsOptions)
+    security: SecurityOptions = field(default_factory=SecurityOptions)
+    upstream: UpstreamOptions = field(default_factory=UpstreamOptions)
     ready_file: Path | None = None
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    # "models": gRPC's message limit is the models' largest valid request (request_bounds.py)
-    message_limit: str = "models"
-    # Triton upstream: cancel calls whose client cancelled (--triton-cancellation propagate)
-    cancel_upstream: bool = False
-    # Triton pass-through: calls in flight per variant and replica before requests merge
-    # (--triton-merge; server/upstreams/triton/merging.py); 0: never merge
-    triton_merge: int = DEFAULT_MERGE_LIMIT
-    # ... and the milliseconds waiting requests wait for more once a call ends (0: go at once)
-    triton_merge_wait_ms: float = 0.0
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    auth_token: str | None = None
-    threads: int = 0
-    retime: str = "auto"  # re-time variants on this host before auto ranks them (retime.py)
-    grace_s: float = 10.0
-    # 0 = no limit; None (auto): request_bounds.concurrent_rpcs of the gRPC message limit
-    grpc_max_concurrent_rpcs: int | None = None
-    # SIGTERM: seconds between "not ready" and closing the listeners (load balancers move away);
-    # the CLI's default is DEFAULT_DRAIN_S, an in-process gateway (tests) stops at once
-    drain_s: float = 0.0
-    http: HttpLimits = field(default_factory=HttpLimits)
-    restricted_api: frozenset[str] = frozenset()  # groups that need the token (restricted.py)
+    # the CLI's default drains for DEFAULT_DRAIN_S; an in-process gateway (tests) stops at once
+    shutdown: Shutdown = field(default_factory=lambda: Shutdown(drain_s=0.0))
     # started by ``--workers`` (server/runtime/workers.py): bind the shared ports with SO_REUSEPORT
     # and leave /metrics to the supervisor
     worker: bool = False
-    model_control: str = "none"  # "explicit": load/unload through the API (model_control.py)
 
-    def __post_init__(self) -> None:
-        if self.model_control not in MODEL_CONTROL_MODES:
-            raise ConfigError(
-                f"--model-control must be one of {', '.join(MODEL_CONTROL_MODES)}, "
-                f"got {self.model_control!r}"
-            )
-        for name in ("grpc_port", "http_port", "metrics_port"):
-            port = getattr(self, name)
-            if not 0 <= port <= 65535:
-                raise ConfigError(f"--{name.replace('_', '-')} must be 0..65535, got {port}")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ConfigError("--tls-cert and --tls-key must be given together")
-        if self.max_request_bytes < 1024:
-            raise ConfigError(f"--max-request-bytes must be >= 1024, got {self.max_request_bytes}")
-        if self.threads < 0:
-            raise ConfigError(f"--threads must be >= 0, got {self.threads}")
-        if self.triton_merge < 0:
-            raise ConfigError(f"--triton-merge must be >= 0, got {self.triton_merge}")
-        if not self.triton_merge_wait_ms >= 0:  # NaN too
-            raise ConfigError(
-                f"--triton-merge-wait must be >= 0 ms, got {self.triton_merge_wait_ms}"
-            )
-        check_mode(self.retime)
-        if self.message_limit not in LIMIT_MODES:
-            raise ConfigError(
-                f"--message-limit must be one of {', '.join(LIMIT_MODES)}, "
-                f"got {self.message_limit!r}"
-            )
-        if self.grpc_max_concurrent_rpcs is not None and self.grpc_max_concurrent_rpcs < 0:
-            raise ConfigError(
-                f"--grpc-max-concurrent-rpcs must be >= 0, got {self.grpc_max_concurrent_rpcs}"
-            )
-        if not (math.isfinite(self.drain_s) and self.drain_s >= 0):
-            raise ConfigError(f"--drain-seconds must be >= 0, got {self.drain_s}")
-        if self.restricted_api and not self.auth_token:
-            raise ConfigError("--restricted-api needs a token (--auth-token or --auth-token-file)")
+    @property
+    def threads(self) -> int:
+        return self.upstream.settings.threads
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -145,59 +113,50 @@ async def _metrics(request: web.Request) -> web.Response:
 class GatewayServer:
     def __init__(self, options: ServeOptions, upstream: Upstream | None = None) -> None:
         self.options = options
-        repository = load_repository(options.repository)
-        routing = load_routing(options.routing)
+        repository = load_repository(options.routing.repository)
+        routing = load_routing(options.routing.routing)
         # this host's speeds before auto ranks (server/routing/retime.py; only embedded is timed)
-        upstream_kind = "pools" if routing.pools else options.upstream
-        retime_repository(repository, options.retime, upstream_kind, options.threads)
+        up = options.upstream
+        upstream_kind = "pools" if routing.pools else up.scheme
+        retime_repository(repository, options.routing.retime, upstream_kind, up.settings.threads)
         router = Router(repository, routing)
         if upstream is None:
-            settings = UpstreamSettings(
-                threads=options.threads,
-                cancel_upstream=options.cancel_upstream,
-                merge_limit=options.triton_merge,
-                merge_wait_s=options.triton_merge_wait_ms / 1e3,
-            )
-            if routing.pools:  # precision pools (server/upstreams/pools.py)
+            if routing.pools:  # precision pools (server/upstreams/pools.py), each URL its settings
                 upstream = create_pooled_upstream(
-                    options.upstream,
-                    routing.pools,
-                    routing.pool_assignment(repository),
-                    repository,
-                    settings,
+                    up.spec, routing.pools, routing.pool_assignment(repository), repository
                 )
             else:
-                upstream = create_upstream(options.upstream, repository, settings)
+                upstream = create_upstream(up.spec, repository)
         self.gateway = Gateway(
             repository,
             router,
             upstream,
-            options.max_request_bytes,
-            options.auth_token,
-            options.restricted_api,
+            options.limits.max_request_bytes,
+            options.security.auth_token,
+            options.security.restricted_api,
         )
         if options.worker:  # a region registered with one worker would be unknown to the others
             self.gateway.shared_memory.refuse = "system shared memory needs --workers 1"
-        self.control = ModelControl(self.gateway, options.model_control)
+        self.control = ModelControl(self.gateway, options.security.model_control)
         self.ports: dict[str, int] = {}
         self._grpc: grpc.aio.Server | None = None
         self._runners: list[web.AppRunner] = []
 
     def _tls(self) -> tuple[tuple[bytes, bytes] | None, ssl.SSLContext | None]:
-        o = self.options
-        if o.tls_cert is None or o.tls_key is None:
+        tls = self.options.listen.tls
+        if tls is None:
             return None, None
-        cert, key = _read(o.tls_cert, "TLS certificate"), _read(o.tls_key, "TLS key")
+        cert, key = _read(tls.cert, "TLS certificate"), _read(tls.key, "TLS key")
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         try:
-            ctx.load_cert_chain(str(o.tls_cert), str(o.tls_key))
+            ctx.load_cert_chain(str(tls.cert), str(tls.key))
         except (ssl.SSLError, OSError) as e:
             raise ConfigError(f"cannot load TLS certificate/key: {e}") from e
         return (cert, key), ctx
 
     def grpc_payload_limit(self) -> int:
         """``--max-request-bytes``, or less: the models' largest valid request."""
-        o = self.options
+        o = self.options.limits
         bound = request_bound(self.gateway.repository)
         limit = payload_limit(bound, o.max_request_bytes, o.message_limit)
         if limit < o.max_request_bytes:
@@ -216,37 +175,44 @@ class GatewayServer:
         return limit
 
     async def start(self) -> dict[str, int]:
-        o = self.options
+        o, listen, limits = self.options, self.options.listen, self.options.limits
         grpc_tls, http_tls = self._tls()
         await self.gateway.start()
         try:
             limit = self.grpc_payload_limit()
-            calls = o.grpc_max_concurrent_rpcs
+            calls = limits.grpc_max_concurrent_rpcs
             if calls is None:
                 calls = concurrent_rpcs(limit + ENVELOPE_BYTES)
                 log.info("gRPC calls in flight limited to %d (--grpc-max-concurrent-rpcs)", calls)
             self._grpc, self.ports["grpc_port"] = await start_grpc_server(
-                self.gateway, self.control, o.host, o.grpc_port, limit, grpc_tls, o.worker, calls
+                self.gateway,
+                self.control,
+                listen.host,
+                listen.grpc_port,
+                limit,
+                grpc_tls,
+                o.worker,
+                calls,
             )
         except RuntimeError as e:
-            raise ConfigError(f"cannot bind gRPC port {o.host}:{o.grpc_port}: {e}") from e
+            raise ConfigError(f"cannot bind gRPC port {listen.host}:{listen.grpc_port}: {e}") from e
         try:
             runner, self.ports["http_port"] = await start_http_server(
                 self.gateway,
                 self.control,
-                o.host,
-                o.http_port,
+                listen.host,
+                listen.http_port,
                 http_tls,
-                o.grace_s,
+                o.shutdown.grace_s,
                 o.worker,
-                o.http,
+                limits.http,
             )
             self._runners.append(runner)
             if not o.worker:
                 await self._start_metrics()
         except OSError as e:
             raise ConfigError(
-                f"cannot bind HTTP/metrics port on {o.host}: {e.strerror or e}"
+                f"cannot bind HTTP/metrics port on {listen.host}: {e.strerror or e}"
             ) from e
         if o.ready_file is not None:
             try:
@@ -259,7 +225,7 @@ class GatewayServer:
         return self.ports
 
     async def _start_metrics(self) -> None:
-        o = self.options
+        o = self.options.listen
         metrics_app = web.Application()
         metrics_app.router.add_get("/metrics", _metrics)
         runner = web.AppRunner(metrics_app, access_log=None, handle_signals=False)
@@ -274,12 +240,13 @@ class GatewayServer:
         moves away); then stop accepting, let in-flight requests finish within the grace
         period, close."""
         self.gateway.drain()
-        if self.options.drain_s > 0 and self._runners:
-            log.info("precision-serve: not ready; closing in %.1fs", self.options.drain_s)
-            await asyncio.sleep(self.options.drain_s)
+        drain_s = self.options.shutdown.drain_s
+        if drain_s > 0 and self._runners:
+            log.info("precision-serve: not ready; closing in %.1fs", drain_s)
+            await asyncio.sleep(drain_s)
         tasks = [runner.cleanup() for runner in self._runners]
         if self._grpc is not None:
-            tasks.append(self._grpc.stop(self.options.grace_s))
+            tasks.append(self._grpc.stop(self.options.shutdown.grace_s))
         await asyncio.gather(*tasks, return_exceptions=True)
         shutdown_parsers()
         await self.gateway.close()
@@ -296,8 +263,8 @@ async def serve(options: ServeOptions) -> None:
         await stop.wait()
         log.info(
             "precision-serve: signal received, draining (drain %.1fs, grace %.0fs)",
-            options.drain_s,
-            options.grace_s,
+            options.shutdown.drain_s,
+            options.shutdown.grace_s,
         )
     finally:
         await server.stop()

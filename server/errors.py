@@ -43,6 +43,13 @@ class InvalidInput(GatewayError):
     code = "INVALID_ARGUMENT"
 
 
+class InvalidVersion(InvalidInput):
+    """A model version that is not a number > 0: INVALID_ARGUMENT over gRPC, and 404 over HTTP,
+    where Triton's routes take digits only (server/dataplane/wording.py)."""
+
+    http_status = 404
+
+
 class PayloadTooLarge(GatewayError):
     """A request is bigger than the configured limit."""
 
@@ -120,6 +127,7 @@ __all__ = [
     "GatewayError",
     "InternalError",
     "InvalidInput",
+    "InvalidVersion",
     "ModelNotFound",
     "PayloadTooLarge",
     "Unauthenticated",

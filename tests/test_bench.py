@@ -297,9 +297,9 @@ def test_ab_gateway_spec_carries_its_cli_arguments():
     from bench.ab import parse_gateway
 
     root = Path(__file__).resolve().parent.parent
-    g = parse_gateway(f"t1={root}:--threads 1 --loop asyncio")
+    g = parse_gateway(f"t1={root}:--upstream embedded?threads=1 --loop asyncio")
     assert (g.label, g.tree) == ("t1", root)
-    assert g.args == ["--threads", "1", "--loop", "asyncio"]
+    assert g.args == ["--upstream", "embedded?threads=1", "--loop", "asyncio"]
 
 
 def test_requests_per_run_come_from_the_gateways_batch_metrics(
@@ -311,7 +311,7 @@ def test_requests_per_run_come_from_the_gateways_batch_metrics(
 
     subset = subset_repository(tiny_repository, tmp_path / "repo", [("tiny", "int8")])
     payload = clients.infer_request_bytes("tiny_int8", {"x": np.ones((3, 16), np.float32)})
-    with GatewayProcess(subset, ["--threads", "1"]) as gw:
+    with GatewayProcess(subset, ["--upstream", "embedded?threads=1"]) as gw:
         rows0, runs0 = profiling.batch_totals(gw.metrics_url)
         for _ in range(5):  # one at a time: each its own run of 3 rows
             clients.grpc_call(gw.grpc_url, payload)

@@ -69,7 +69,9 @@ def test_perf_analyzer_csv_from_a_real_run_against_the_gateway(
     except PeerError as e:
         skip_or_fail(str(e))
     report = tmp_path / "report.csv"
-    with GatewayProcess(tiny_repository, ["--threads", "1", "--log-level", "ERROR"]) as gw:
+    with GatewayProcess(
+        tiny_repository, ["--upstream", "embedded?threads=1", "--log-level", "ERROR"]
+    ) as gw:
         cmd = perf_analyzer.command(gw.grpc_url, "tiny_int8", 2, 1000, report)
         done = subprocess.run(
             cmd, capture_output=True, text=True, timeout=300, env=perf_analyzer.environment()

@@ -29,9 +29,10 @@ import pytest
 import yaml
 
 from server import metrics
-from server.cli import build_parser
 from server.launcher.distribution import find_distribution
 from server.launcher.errors import TritonNotInstalled
+from server.runtime.options import parse
+from server.transports.options import Ports
 from tests.helpers import skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,7 +270,7 @@ def test_the_closed_crd_schema_rejects_what_the_open_one_lets_through(
 
 def gateway_args(docs: list[Doc]) -> Any:
     (container,) = find(docs, "Deployment", "gateway")["spec"]["template"]["spec"]["containers"]
-    return build_parser().parse_args(container["args"])
+    return parse(container["args"])
 
 
 def port_map(container: Doc) -> dict[str, int]:
@@ -279,7 +280,7 @@ def port_map(container: Doc) -> dict[str, int]:
 def upstream_addresses(upstream: str) -> Iterator[tuple[str, int]]:
     scheme, _, rest = upstream.partition("://")
     assert scheme in ("triton", "triton+dns"), upstream
-    for entry in rest.split(","):
+    for entry in rest.partition("?")[0].split(","):
         host, _, port = entry.rpartition(":")
         yield host, int(port)
 
@@ -289,22 +290,24 @@ def test_gateway_args_and_ports_agree_with_the_cli(
     rendered: dict[str, list[Doc]], overlay: str
 ) -> None:
     docs = rendered[overlay]
-    defaults = build_parser().parse_args(["--repository", "/x"])
+    defaults = parse(["--repository", "/x"])
     args = gateway_args(docs)
     deployment = find(docs, "Deployment", "gateway")
     pod = deployment["spec"]["template"]
     (container,) = pod["spec"]["containers"]
 
     # The CLI's default ports, exposed under the names the Service and probes use.
-    assert (args.http_port, args.grpc_port, args.metrics_port) == (8000, 8001, 8002)
-    assert (args.http_port, args.grpc_port, args.metrics_port) == (
-        defaults.http_port,
-        defaults.grpc_port,
-        defaults.metrics_port,
-    )
+    assert args.listen.ports == Ports(http=8000, grpc=8001, metrics=8002)
+    assert args.listen.ports == defaults.listen.ports
     ports = port_map(container)
-    assert ports == {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port}
-    assert args.host == "0.0.0.0"  # the default (loopback) would be unreachable from the Service
+    assert ports == {
+        "http": args.listen.http_port,
+        "grpc": args.listen.grpc_port,
+        "metrics": args.listen.metrics_port,
+    }
+    assert (
+        args.listen.host == "0.0.0.0"
+    )  # the default (loopback) would be unreachable from the Service
     service = find(docs, "Service", "gateway")
     assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == {
         name: name for name in ports
@@ -321,13 +324,16 @@ def test_gateway_args_and_ports_agree_with_the_cli(
 
     # The repository is the mounted volume; draining fits in the pod's grace period.
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    assert str(args.repository) == mounts["model-repository"]
-    assert args.drain_seconds + args.grace < pod["spec"]["terminationGracePeriodSeconds"]
+    assert str(args.routing.repository) == mounts["model-repository"]
+    assert (
+        args.process.shutdown.drain_s + args.process.shutdown.grace_s
+        < pod["spec"]["terminationGracePeriodSeconds"]
+    )
 
     # Prometheus scrapes the metrics port the gateway really binds.
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
-    assert int(annotations["prometheus.io/port"]) == args.metrics_port
+    assert int(annotations["prometheus.io/port"]) == args.listen.metrics_port
     assert annotations["prometheus.io/path"] == "/metrics"
 
 
@@ -336,7 +342,7 @@ def test_gateway_upstream_names_headless_pool_services(
     rendered: dict[str, list[Doc]], overlay: str
 ) -> None:
     docs = rendered[overlay]
-    addresses = list(upstream_addresses(gateway_args(docs).upstream))
+    addresses = list(upstream_addresses(gateway_args(docs).upstream.spec))
     pools = sorted(d["metadata"]["name"] for d in docs if d["kind"] == "Deployment")
     assert sorted(host for host, _ in addresses) == [p for p in pools if p != "gateway"]
     for host, port in addresses:
@@ -359,7 +365,7 @@ def test_kserve_gateway_upstream_names_the_predictors(rendered: dict[str, list[D
     grpc_port = port_map(container)["h2c"]
     assert f"--grpc-port={grpc_port}" in container["args"]
     isvcs = sorted(d["metadata"]["name"] for d in docs if d["kind"] == "InferenceService")
-    addresses = list(upstream_addresses(gateway_args(docs).upstream))
+    addresses = list(upstream_addresses(gateway_args(docs).upstream.spec))
     assert sorted(host for host, _ in addresses) == [f"{name}-predictor" for name in isvcs]
     assert {port for _, port in addresses} == {grpc_port}
     for name in isvcs:

@@ -106,8 +106,7 @@ def test_gateway_cli_reports_a_newer_manifest_in_one_line(tiny_repository: Path,
     data["schema_version"] = SCHEMA_VERSION + 1
     path.write_text(json.dumps(data))
     proc = subprocess.run(
-        [sys.executable, "-m", "server.cli", "--repository", str(repo), "--grpc-port", "0",
-         "--http-port", "0", "--metrics-port", "0"],
+        [sys.executable, "-m", "server.cli", "--repository", str(repo), "--ports", "0"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2

@@ -108,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     args = p.parse_args(argv)
     results = []
-    with GatewayProcess(args.repository, ["--threads", "1"]) as gw, Prober(gw.http_url) as probe:
+    with (
+        GatewayProcess(args.repository, ["--upstream", "embedded?threads=1"]) as gw,
+        Prober(gw.http_url) as probe,
+    ):
         time.sleep(0.5)
         baseline = _rss_mb(gw.pid)
         cases = [

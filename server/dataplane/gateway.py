@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from server import metrics
 from server.catalog import Model, Repository, TensorInfo, Variant
+from server.dataplane import wording
 from server.dataplane.restricted import Access
 from server.dataplane.shared_memory import SystemSharedMemory
 from server.dataplane.tensors import WireTensor, decode
@@ -28,6 +30,7 @@ from server.errors import (
     GatewayError,
     InternalError,
     InvalidInput,
+    InvalidVersion,
     ModelNotFound,
     PayloadTooLarge,
     Unauthenticated,
@@ -205,15 +208,17 @@ class Gateway:
         return self._started and self.upstream.ready(target)
 
     def lookup(self, name: str, version: str = "") -> Model | Variant:
-        """The logical model or variant ``name`` (version "" or "1") names; ModelNotFound."""
+        """The logical model or variant ``name`` names; Triton's errors
+        (server/dataplane/wording.py) for an unknown name (before the version, as Triton) or a
+        version other than 1."""
+        target: Model | Variant | None = self.repository.models.get(name)
+        if target is None:
+            target = self.repository.variant(name)
+        if target is None:  # no listing: the repository index says what is served
+            raise ModelNotFound(wording.unknown_model(name))
         if version not in ("", "1"):
-            raise ModelNotFound(f"model {name!r} has no version {version!r} (only version 1)")
-        if name in self.repository.models:
-            return self.repository.models[name]
-        variant = self.repository.variant(name)
-        if variant is None:  # no listing: the repository index says what is served
-            raise ModelNotFound(f"unknown model {name!r} (see the repository index)")
-        return variant
+            _check_version(name, version)
+        return target
 
     def metadata(self, name: str, version: str = "") -> ModelView:
         target = self.lookup(name, version)
@@ -250,7 +255,12 @@ class Gateway:
             out = {v.name: self.stats[v.name] for v in self.repository.variants()}
             out.update({m.name: logical(m) for m in self.repository.models.values()})
             return out
-        target = self.lookup(name, version)
+        try:
+            target = self.lookup(name, version)
+        except ModelNotFound:  # Triton's words and status for statistics (INVALID_ARGUMENT)
+            if name in self.repository.models or self.repository.variant(name) is not None:
+                raise InvalidInput(wording.statistics_unknown_version(name)) from None
+            raise InvalidInput(wording.statistics_unknown_model(name)) from None
         if isinstance(target, Model):
             return {target.name: logical(target)}
         return {target.name: self.stats[target.name]}
@@ -434,58 +444,67 @@ class Gateway:
             )
 
     def _validate(self, variant: Variant, request: InferRequest) -> dict[str, np.ndarray]:
+        # Triton's words for each error (server/dataplane/wording.py), naming the model as the
+        # request did
+        rid, model = request.id, request.model
         given: dict[str, WireTensor] = {}
         for t in request.inputs:
             if t.name in given:
-                raise InvalidInput(f"input {t.name!r} given twice")
+                raise InvalidInput(wording.duplicate_input(rid, t.name))
             given[t.name] = t
         expected = {t.name for t in variant.inputs}
-        unknown = sorted(set(given) - expected)
+        unknown = [n for n in given if n not in expected]
         if unknown:
-            raise InvalidInput(
-                f"unexpected input(s) {unknown} for model {variant.model!r} "
-                f"(expected: {sorted(expected)})"
-            )
+            raise InvalidInput(_input_error(variant, request, unknown[0]))
         batched = variant.max_batch_size > 0
         arrays: dict[str, np.ndarray] = {}
         batch: int | None = None
         for spec in variant.inputs:
             t = given.get(spec.name)
             if t is None:
-                raise InvalidInput(
-                    f"missing input {spec.name!r} ({spec.datatype} {_dims(spec, batched)})"
-                )
+                raise InvalidInput(_input_error(variant, request, None))
             if t.datatype != spec.datatype:
                 raise InvalidInput(
-                    f"input {spec.name!r}: expected datatype {spec.datatype}, got {t.datatype}"
+                    wording.datatype(rid, spec.name, t.datatype, model, spec.datatype)
                 )
-            self.check_shape(variant, spec, list(t.shape), batched)
+            self.check_shape(variant, spec, list(t.shape), batched, model=model, request_id=rid)
             if batched:
                 if batch is not None and t.shape[0] != batch:
                     raise InvalidInput(
-                        f"input {spec.name!r}: batch size {t.shape[0]} differs from the other "
-                        f"inputs' {batch}"
+                        f"{wording.batch_mismatch(rid, spec.name, model)} ({t.shape[0]} vs {batch})"
                     )
                 batch = t.shape[0]
-            arrays[spec.name] = decode(t)
+            arrays[spec.name] = decode(t, model, rid)
         if request.outputs is not None:
             names = {o.name for o in variant.outputs}
-            bad = sorted(set(request.outputs) - names)
+            bad = [n for n in request.outputs if n not in names]
             if bad:
                 raise InvalidInput(
-                    f"unknown requested output(s) {bad} (model outputs: {sorted(names)})"
+                    wording.unexpected_output(bad[0], model, [o.name for o in variant.outputs])
                 )
         return arrays
 
     @staticmethod
-    def check_shape(variant: Variant, spec: TensorInfo, shape: list[int], batched: bool) -> None:
+    def check_shape(
+        variant: Variant,
+        spec: TensorInfo,
+        shape: list[int],
+        batched: bool,
+        *,
+        model: str = "",
+        request_id: str = "",
+    ) -> None:
         """InvalidInput unless ``shape`` fits ``spec`` of ``variant``: rank, dims, the
-        manifest's maximum dims, the batch range (the fast lane's check too)."""
+        manifest's maximum dims, the batch range (the fast lane's check too); Triton's words
+        (server/dataplane/wording.py), naming ``model`` (default: the variant)."""
+        model = model or variant.name
         want = _dims(spec, batched)
+        if batched and not shape:
+            raise InvalidInput(wording.no_batch_dim(request_id, spec.name, model))
         rank_ok = len(shape) == len(want)
         dims_ok = rank_ok and all(w == -1 or w == g for w, g in zip(want, shape, strict=True))
         if not dims_ok or any(d < 0 for d in shape):
-            raise InvalidInput(f"input {spec.name!r}: expected shape {want}, got {shape}")
+            raise InvalidInput(wording.shape(request_id, spec.name, model, want, shape))
         if spec.max_shape is not None:  # before any element is decoded
             given = shape[1:] if batched else shape
             for i, (g, most) in enumerate(zip(given, spec.max_shape, strict=True)):
@@ -495,10 +514,12 @@ class Gateway:
                         f"input {spec.name!r}: dim {at} is {g}, over the model's maximum {most} "
                         f"(largest shape {_dims_max(spec, batched)}, got {shape})"
                     )
-        if batched and not 1 <= shape[0] <= variant.max_batch_size:
+        if batched and shape[0] > variant.max_batch_size:
+            raise InvalidInput(wording.batch_too_large(request_id, variant.max_batch_size, model))
+        if batched and shape[0] < 1:  # Triton reads a batch of 0 as "no batch": its own words
             raise InvalidInput(
-                f"input {spec.name!r}: batch size {shape[0]} is outside "
-                f"1..{variant.max_batch_size} (max_batch_size of {variant.name})"
+                f"input '{spec.name}': batch size {shape[0]} is outside "
+                f"1..{variant.max_batch_size} (max_batch_size of '{model}')"
             )
 
     async def _first_ready(
@@ -619,6 +640,17 @@ class Gateway:
             metrics.SHADOW_COSINE.labels(**labels).observe(c)
 
 
+def _check_version(name: str, version: str) -> None:
+    """Triton's error for a version string other than "" and "1": not a number, negative, or a
+    version the model does not have."""
+    if not re.fullmatch(r"-?[0-9]+", version):
+        raise InvalidVersion(wording.invalid_version(version))
+    if version.startswith("-"):
+        raise InvalidVersion(wording.negative_version(version))
+    if int(version) != 1:  # "01" is version 1, as Triton reads it
+        raise ModelNotFound(wording.unknown_version(name, str(int(version))))
+
+
 def timeout_seconds(timeout_us: Any) -> float | None:
     """The ``timeout`` parameter (microseconds) in seconds; None when absent or 0 (Triton's "no
     timeout"). Only finite positive numbers are deadlines: NaN or inf would corrupt the event
@@ -681,6 +713,16 @@ def _fell_back(decision: Decision, variant: Variant) -> str:
 def _rows(variant: Variant, arrays: dict[str, np.ndarray]) -> int:
     first = next(iter(arrays.values()), None)
     return int(first.shape[0]) if first is not None and variant.max_batch_size > 0 else 1
+
+
+def _input_error(variant: Variant, request: InferRequest, unknown: str | None) -> str:
+    """Triton's error for inputs that do not match the model's: their count when it differs
+    (missing or extra inputs), else the first ``unknown`` name."""
+    names = [t.name for t in request.inputs]
+    expected = [t.name for t in variant.inputs]
+    if len(names) != len(expected) or unknown is None:
+        return wording.input_count(request.id, request.model, expected, names)
+    return wording.unexpected_input(unknown, request.model, expected)
 
 
 def _dims(spec: TensorInfo, batched: bool) -> list[int]:

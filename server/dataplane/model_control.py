@@ -15,10 +15,10 @@
   folder and manifest entry) is read, loaded and served without a restart. New logical models
   need a restart (their routing policy is set up at start-up).
 
-Load and unload need the bearer token when ``--auth-token`` is set (the transports admit them,
-server/dataplane/restricted.py). One call at a time. The gateway knows nothing of this module:
-it keeps the set of unloaded variants (they do not make the server unready); this module
-changes it.
+Load and unload need the bearer token when one is set (``--auth-token-file``; the transports
+admit them, server/dataplane/restricted.py). One call at a time. The gateway knows nothing of
+this module: it keeps the set of unloaded variants (they do not make the server unready); this
+module changes it.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from server.catalog import Model, Variant, add_new_variants, find_in_manifests
+from server.dataplane import wording
 from server.dataplane.gateway import Gateway
 from server.errors import GatewayError, ModelNotFound, Unavailable, Unsupported
 
@@ -91,9 +92,11 @@ class ModelControl:
             raise ModelControlRefused(NOT_ALLOWED)
         overrides = sorted(k for k in parameters if k == "config" or k.startswith("file:"))
         if overrides:
+            what = f"load parameters {overrides} are not supported"
             raise Unsupported(
-                f"load parameters {overrides} are not supported (the gateway serves the "
-                "repository as built; rebuild the variant and load it by name)"
+                (wording.load_failed(name, what) if loading else what)
+                + " (the gateway serves the repository as built; rebuild the variant and load "
+                "it by name)"
             )
         if not name:
             raise ModelNotFound("model control needs a model name")
@@ -110,7 +113,12 @@ class ModelControl:
                 for v in add_new_variants(repo, model):
                     self.gateway.add_variant(v)
                     log.info("model control: %s is new in the repository", v.name)
-        target: Model | Variant = self.gateway.lookup(name)
+        try:
+            target: Model | Variant = self.gateway.lookup(name)
+        except ModelNotFound as e:  # Triton's "failed to load '...', ..." (wording.py)
+            if loading:
+                raise ModelNotFound(wording.load_failed(name, e.message)) from None
+            raise
         return list(target.variants.values()) if isinstance(target, Model) else [target]
 
     async def _call(self, action: str, variant: Variant) -> None:

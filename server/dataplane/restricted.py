@@ -2,8 +2,8 @@
 
 Triton restricts groups of its protocol with ``--grpc-restricted-protocol`` /
 ``--http-restricted-api``; the gateway takes the same group names and requires its one token
-(``--auth-token`` / ``--auth-token-file``) on them. Inference, system shared memory and loading
-or unloading models always need the token when one is set. Each transport asks
+(``--auth-token-file`` or ``PRECISION_SERVE_AUTH_TOKEN``) on them. Inference, system shared memory
+and loading or unloading models always need the token when one is set. Each transport asks
 :func:`grpc_access` / :func:`http_access` what a call needs and hands that to
 :meth:`server.dataplane.gateway.Gateway.admit`, once per call, before it reads the call's body.
 """
@@ -63,16 +63,14 @@ _HTTP_PREFIX = (
 )
 
 
-def parse_groups(value: str | None, token: str | None) -> frozenset[str]:
-    """``health,metadata`` -> the groups; ConfigError for an unknown one or no token."""
+def parse_groups(value: str | None) -> frozenset[str]:
+    """``health,metadata`` -> the groups; ConfigError for an unknown one."""
     groups = frozenset(g.strip() for g in (value or "").split(",") if g.strip())
     unknown = sorted(groups - set(GROUPS))
     if unknown:
         raise ConfigError(
             f"--restricted-api: unknown group(s) {', '.join(unknown)} (known: {', '.join(GROUPS)})"
         )
-    if groups and not token:
-        raise ConfigError("--restricted-api needs a token (--auth-token or --auth-token-file)")
     return groups
 
 

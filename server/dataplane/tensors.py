@@ -17,6 +17,7 @@ import numpy as np
 
 from common.model_repository.dtypes import from_datatype, to_datatype
 from common.model_repository.errors import DtypeError
+from server.dataplane import wording
 from server.errors import InvalidInput
 
 # KServe datatype -> InferTensorContents field for typed (non-raw) contents.
@@ -74,8 +75,9 @@ def _flatten(values: Any) -> list[Any]:
     return out
 
 
-def decode(t: WireTensor) -> np.ndarray:
-    """A numpy array of ``t``'s declared datatype and shape; InvalidInput when it cannot be."""
+def decode(t: WireTensor, model: str = "", request_id: str = "") -> np.ndarray:
+    """A numpy array of ``t``'s declared datatype and shape; InvalidInput when it cannot be
+    (raw bytes of the wrong size in Triton's words, naming ``model`` and the request)."""
     try:
         dtype = from_datatype(t.datatype)
     except DtypeError:
@@ -100,8 +102,7 @@ def decode(t: WireTensor) -> np.ndarray:
         expected = count * dtype.itemsize
         if len(t.raw) != expected:
             raise InvalidInput(
-                f"input {t.name!r}: got {len(t.raw)} bytes, expected {expected} for shape "
-                f"{list(t.shape)} of {t.datatype}"
+                wording.byte_size(request_id, t.name, model, expected, len(t.raw), t.shape)
             )
         return np.frombuffer(t.raw, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(t.shape)
     values = t.values if t.values is not None else []

@@ -95,16 +95,12 @@ class GatewayProcess(_Urls):
             str(self.repository),
             "--host",
             self.host,
-            "--grpc-port",
-            "0",
-            "--http-port",
-            "0",
-            "--metrics-port",
+            "--ports",
             "0",
             "--ready-file",
             str(self.ready_file),
-            "--drain-seconds",  # stop at once unless ``extra_args`` ask for a drain delay
-            "0",
+            "--shutdown",  # stop at once unless ``extra_args`` ask for a drain delay
+            "drain=0",
             *self.extra_args,
         ]
         env = {**os.environ, **(self.env or {})}
@@ -152,7 +148,7 @@ class InProcessGateway(_Urls):
     def __init__(self, options: Any, upstream: Any = None, timeout: float = 60.0) -> None:
         from server.app import GatewayServer
 
-        self.host = options.host
+        self.host = options.listen.host
         self.server = GatewayServer(options, upstream=upstream)
         self.timeout = timeout
         self.ports: dict[str, int] = {}

@@ -2,14 +2,19 @@
 
 The supervisor (this module, in the ``precision-serve`` process) creates no gRPC object: it picks
 the ports (binding port 0 with ``SO_REUSEPORT`` and holding that socket until the workers are
-up), starts N fresh ``python -m server.cli`` worker processes that bind the same ports with
-``SO_REUSEPORT`` (the kernel spreads connections over them), and serves ``/metrics`` itself from
-prometheus-client's multiprocess directory, so one scrape sees the sum over the workers. Workers
-are started as new interpreters rather than forked, so no gRPC or ONNX Runtime state is ever
+up), starts N fresh ``python -m server.runtime.process`` worker processes that bind the same ports
+with ``SO_REUSEPORT`` (the kernel spreads connections over them), and serves ``/metrics`` itself
+from prometheus-client's multiprocess directory, so one scrape sees the sum over the workers.
+Workers are started as new interpreters rather than forked, so no gRPC or ONNX Runtime state is ever
 shared. SIGTERM/SIGINT is passed on to every worker; each drains as a single gateway does (not ready
-for ``--drain-seconds`` with its listeners open, then finishing what is in flight) and
+for ``--shutdown drain=S`` with its listeners open, then finishing what is in flight) and
 the supervisor exits 0 when all of them did. A worker that dies on its own stops the rest
 (exit 1); one that fails to start fails the start-up (exit 2).
+
+A worker gets the supervisor's own options as :meth:`CommandLine.argv` writes them back (the
+option groups' one definition), with the ports the supervisor reserved, its own ready file and
+one worker; the bearer token reaches it the way it reached the supervisor (``--auth-token-file``,
+or the environment it inherits), never on its command line.
 """
 
 from __future__ import annotations
@@ -25,37 +30,19 @@ import socket
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 
 from common.model_repository import RepositoryError, atomic_write_text
 from server.errors import ConfigError
+from server.runtime.options import CommandLine
+from server.transports.options import Ports
 
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 WORKER_START_TIMEOUT_S = 600.0
-
-
-@dataclass
-class WorkerOptions:
-    """What the supervisor needs; ``worker_args`` are passed to every worker as they are."""
-
-    workers: int
-    host: str
-    grpc_port: int
-    http_port: int
-    metrics_port: int
-    worker_args: list[str] = field(default_factory=list)
-    ready_file: Path | None = None
-    grace_s: float = 10.0
-    drain_s: float = 0.0  # the workers' --drain-seconds (they wait it out before closing)
-
-    def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
 
 
 def _reserve(host: str, port: int) -> tuple[socket.socket, int]:
@@ -71,8 +58,12 @@ def _reserve(host: str, port: int) -> tuple[socket.socket, int]:
 
 
 class Supervisor:
-    def __init__(self, options: WorkerOptions) -> None:
-        self.options = options
+    def __init__(self, command_line: CommandLine) -> None:
+        if command_line.security.model_control != "none":  # each worker would load on its own
+            raise ConfigError("--model-control explicit needs --workers 1")
+        self.command_line = command_line
+        self.workers = command_line.process.workers
+        self.listen = command_line.listen
         self.procs: list[subprocess.Popen] = []
         self.ports: dict[str, int] = {}
         self._dir = Path(tempfile.mkdtemp(prefix="precision-serve-workers-"))
@@ -82,47 +73,38 @@ class Supervisor:
 
     # ---- start ----------------------------------------------------------------------------
     async def start(self) -> dict[str, int]:
-        o = self.options
+        listen = self.listen
         held = []
         try:
-            for name, port in (("grpc_port", o.grpc_port), ("http_port", o.http_port)):
-                sock, self.ports[name] = _reserve(o.host, port)
+            for name, port in (("grpc_port", listen.grpc_port), ("http_port", listen.http_port)):
+                sock, self.ports[name] = _reserve(listen.host, port)
                 held.append(sock)
             await self._serve_metrics()
-            for i in range(o.workers):
+            for i in range(self.workers):
                 self.procs.append(self._spawn(i))
             await self._wait_ready()
         finally:
             for sock in held:
                 sock.close()
-        if o.ready_file is not None:
+        ready_file = self.command_line.process.ready_file
+        if ready_file is not None:
             doc = {**self.ports, "pid": os.getpid(), "workers": [p.pid for p in self.procs]}
             try:
-                atomic_write_text(Path(o.ready_file), json.dumps(doc))
+                atomic_write_text(Path(ready_file), json.dumps(doc))
             except RepositoryError as e:
                 raise ConfigError(f"cannot write --ready-file: {e}") from e
-        log.info("precision-serve ready with %d workers: %s", o.workers, self.ports)
+        log.info("precision-serve ready with %d workers: %s", self.workers, self.ports)
         return self.ports
 
+    def worker_argv(self, index: int) -> list[str]:
+        """A worker's arguments: the supervisor's options, on the reserved ports (metrics: the
+        supervisor's alone), with the worker's own ready file."""
+        ports = Ports(http=self.ports["http_port"], grpc=self.ports["grpc_port"], metrics=0)
+        ready_file = self._dir / f"worker-{index}.json"
+        return self.command_line.argv(workers=1, ports=ports, ready_file=ready_file)
+
     def _spawn(self, index: int) -> subprocess.Popen:
-        o = self.options
-        cmd = [
-            sys.executable,
-            "-m",
-            "server.cli",
-            *o.worker_args,
-            "--host",
-            o.host,
-            "--grpc-port",
-            str(self.ports["grpc_port"]),
-            "--http-port",
-            str(self.ports["http_port"]),
-            "--grace",
-            str(o.grace_s),
-            "--ready-file",
-            str(self._dir / f"worker-{index}.json"),
-            "--worker",
-        ]
+        cmd = [sys.executable, "-m", "server.runtime.process", *self.worker_argv(index)]
         env = {**os.environ, MULTIPROC_ENV: str(self._metrics_dir)}
         return subprocess.Popen(cmd, env=env)
 
@@ -155,7 +137,7 @@ class Supervisor:
         app.router.add_get("/metrics", metrics)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.options.host, self.options.metrics_port)
+        site = web.TCPSite(self._runner, self.listen.host, self.listen.metrics_port)
         try:
             await site.start()
         except OSError as e:
@@ -180,7 +162,8 @@ class Supervisor:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.options.drain_s + self.options.grace_s + 30.0
+        shutdown = self.command_line.process.shutdown
+        deadline = loop.time() + shutdown.drain_s + shutdown.grace_s + 30.0
         while any(p.poll() is None for p in self.procs) and loop.time() < deadline:
             await asyncio.sleep(0.05)
         for proc in self.procs:
@@ -194,12 +177,12 @@ class Supervisor:
         return 0 if all(p.returncode == 0 for p in self.procs) else 1
 
 
-async def supervise(options: WorkerOptions) -> int:
+async def supervise(command_line: CommandLine) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    supervisor = Supervisor(options)
+    supervisor = Supervisor(command_line)
     code = 0
     try:
         await supervisor.start()

@@ -1,10 +1,14 @@
 """The upstream protocol: what actually runs a variant (embedded ONNX Runtime, or Triton).
 
 An upstream is chosen with ``--upstream``: ``embedded``, ``triton://HOST:PORT[,HOST:PORT...]`` or
-``triton+dns://NAME:PORT[?interval=S]`` (replicas = NAME's addresses, re-resolved every S s).
-The scheme picks a registry entry (name -> "module:attribute", imported lazily); the class is
-constructed as ``cls(address, repository, settings)`` where ``address`` is the text after
-``scheme://`` ("" for ``embedded``).
+``triton+dns://NAME:PORT`` (replicas = NAME's addresses, re-resolved), each optionally followed by
+``?KEY=VALUE&...``: the settings that belong to that upstream (``embedded?threads=1``,
+``triton://h:8001?merge=0&cancel=propagate``). The scheme picks a registry entry (name ->
+"module:attribute", imported lazily); the class is constructed as ``cls(address, repository,
+settings)`` where ``address`` is the text between ``scheme://`` and ``?`` ("" for ``embedded``)
+and ``settings`` the :class:`UpstreamSettings` its query made (:class:`UpstreamQuery`, declared
+by the upstream's package: server/upstreams/embedded/settings.py,
+server/upstreams/triton/settings.py).
 
 Contract for implementations:
 - ``start()`` loads/connects (may take time; runs before the gateway reports ready) and must not
@@ -39,8 +43,11 @@ Contract for implementations:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -59,16 +66,17 @@ class UpstreamUnavailable(Unavailable):
     """The variant cannot serve right now; the core tries the next one in the fallback chain."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class UpstreamSettings:
-    """Knobs shared by upstreams. ``threads`` = intra-op threads per engine session (0 = auto)."""
+    """Knobs shared by upstreams, set by the keys of an ``--upstream`` URL's query
+    (:class:`UpstreamQuery`). ``threads`` = intra-op threads per engine session (0 = auto)."""
 
     threads: int = 0
     # Embedded: threads that load variants at start-up (0 = 2); each instance then has its own.
     max_workers: int = 0
     # Remote upstreams: default per-call timeout when the client gave no deadline.
     default_timeout_s: float = 30.0
-    # triton+dns: seconds between resolutions of the name (a URL ``?interval=`` overrides it).
+    # triton+dns: seconds between resolutions of the name (``?interval=``).
     resolve_interval_s: float = 5.0
     # Triton: cancel a call when its client cancels or its deadline passes (False: let it run to its
     # end, server/upstreams/triton/detach.py - tritonserver < 2.53 can crash on cancellations).
@@ -77,7 +85,7 @@ class UpstreamSettings:
     # requests merge into one call (server/upstreams/triton/merging.py); 0: never merge.
     merge_limit: int = DEFAULT_MERGE_LIMIT
     # ... and how long, once a call ends, the waiting requests wait for more to join them before
-    # they go (0: at once; --triton-merge-wait, server/upstreams/triton/merging.py)
+    # they go (0: at once; ``?merge_wait_ms=``, server/upstreams/triton/merging.py)
     merge_wait_s: float = 0.0
 
 
@@ -135,6 +143,64 @@ class UpstreamBase:
         raise Unsupported(f"upstream {self.name!r} cannot unload models")
 
 
+@dataclass(frozen=True)
+class QueryKey:
+    """One ``?KEY=VALUE`` of an upstream URL: the :class:`UpstreamSettings` field it sets."""
+
+    field: str
+    parse: Callable[[str], Any]  # raises ValueError (its message names what is wrong)
+    help: str
+    format: Callable[[Any], str] = str  # a field value as the key's VALUE (the documented default)
+
+
+@dataclass(frozen=True)
+class UpstreamQuery:
+    """The query keys an upstream takes (none for a plug-in that declares no query)."""
+
+    keys: Mapping[str, QueryKey]
+
+    def apply(self, spec: str, query: str, settings: UpstreamSettings) -> UpstreamSettings:
+        changes: dict[str, Any] = {}
+        known = ", ".join(self.keys) or "none"
+        for item in filter(None, query.split("&")):
+            key, eq, value = item.partition("=")
+            if key not in self.keys:
+                raise ConfigError(f"upstream {spec!r}: unknown setting {key!r} (known: {known})")
+            if not eq:
+                raise ConfigError(f"upstream {spec!r}: {key} needs a value ({key}=...)")
+            entry = self.keys[key]
+            if entry.field in changes:
+                raise ConfigError(f"upstream {spec!r}: {key} given twice")
+            try:
+                changes[entry.field] = entry.parse(value)
+            except ValueError as e:
+                raise ConfigError(f"upstream {spec!r}: {key}={value!r}: {e}") from None
+        return dataclasses.replace(settings, **changes)
+
+    def defaults(self) -> dict[str, str]:
+        """key -> its default VALUE (from :class:`UpstreamSettings`)."""
+        base = UpstreamSettings()
+        return {key: k.format(getattr(base, k.field)) for key, k in self.keys.items()}
+
+
+def count(text: str) -> int:
+    """A whole number >= 0."""
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
+def seconds(text: str, minimum: float = 0.0, inclusive: bool = True) -> float:
+    value = float(text)
+    ok = value >= minimum if inclusive else value > minimum
+    if not (math.isfinite(value) and ok):
+        raise ValueError(f"must be {'>=' if inclusive else '>'} {minimum:g}")
+    return value
+
+
+NO_QUERY = UpstreamQuery({})
+
 # scheme -> "module:attribute"
 _UPSTREAMS = PluginRegistry(
     "upstream",
@@ -147,8 +213,27 @@ _UPSTREAMS = PluginRegistry(
 )
 
 
-def register_upstream(scheme: str, target: str) -> None:
+# scheme -> "module:attribute" of its UpstreamQuery
+_QUERIES = PluginRegistry(
+    "upstream",
+    ConfigError,
+    {
+        "embedded": "server.upstreams.embedded.settings:QUERY",
+        "triton": "server.upstreams.triton.settings:QUERY",
+        "triton+dns": "server.upstreams.triton.settings:DNS_QUERY",
+    },
+)
+
+
+def register_upstream(scheme: str, target: str, query: str | None = None) -> None:
+    """``query``: "module:attribute" of the scheme's :class:`UpstreamQuery` (None: no keys)."""
     _UPSTREAMS.register(scheme, target)
+    if query is not None:
+        _QUERIES.register(scheme, query)
+
+
+def upstream_query(scheme: str) -> UpstreamQuery:
+    return _QUERIES.load(scheme) if scheme in _QUERIES else NO_QUERY
 
 
 def upstream_schemes() -> list[str]:
@@ -156,8 +241,9 @@ def upstream_schemes() -> list[str]:
 
 
 def parse_upstream_spec(spec: str) -> tuple[str, str]:
-    """``"embedded"`` -> ("embedded", ""); ``"triton://h:1,h:2"`` -> ("triton", "h:1,h:2")."""
-    scheme, sep, address = spec.partition("://")
+    """``"embedded"`` -> ("embedded", ""); ``"triton://h:1,h:2?merge=0"`` -> ("triton",
+    "h:1,h:2") (the query: :func:`parse_upstream`)."""
+    scheme, sep, address = spec.partition("?")[0].partition("://")
     scheme = scheme.strip().lower()
     if scheme not in _UPSTREAMS:
         raise ConfigError(
@@ -169,8 +255,24 @@ def parse_upstream_spec(spec: str) -> tuple[str, str]:
     return scheme, address
 
 
-def create_upstream(spec: str, repository: Repository, settings: UpstreamSettings) -> Upstream:
+def parse_upstream(
+    spec: str, settings: UpstreamSettings | None = None
+) -> tuple[str, str, UpstreamSettings]:
+    """(scheme, address, ``settings`` changed by the spec's ``?KEY=VALUE&...``); ConfigError
+    naming the bad key or value."""
     scheme, address = parse_upstream_spec(spec)
+    query = spec.partition("?")[2]
+    return (
+        scheme,
+        address,
+        upstream_query(scheme).apply(spec, query, settings or UpstreamSettings()),
+    )
+
+
+def create_upstream(
+    spec: str, repository: Repository, settings: UpstreamSettings | None = None
+) -> Upstream:
+    scheme, address, settings = parse_upstream(spec, settings)
     return _UPSTREAMS.load(scheme)(address, repository, settings)
 
 

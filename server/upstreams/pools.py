@@ -115,9 +115,10 @@ def create_pooled_upstream(
     pools: dict[str, str],
     assignment: dict[str, str],
     repository: Repository,
-    settings: UpstreamSettings,
+    settings: UpstreamSettings | None = None,
 ) -> PooledUpstream:
-    """Build each pool's upstream from its spec; the default only when a variant needs it."""
+    """Build each pool's upstream from its spec (its URL query: its settings, over
+    ``settings``); the default only when a variant needs it."""
     members = {name: create_upstream(spec, repository, settings) for name, spec in pools.items()}
     unassigned = [v for v in repository.variants() if v.name not in assignment]
     default = (

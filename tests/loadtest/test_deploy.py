@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from common.engines import engine_names
-from server.cli import build_parser
+from server.runtime.options import parse
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -71,14 +71,11 @@ def test_services_and_mounted_paths_exist(compose: dict[str, Any]) -> None:
 
 
 def test_gateway_ports_agree_with_the_cli_defaults(compose: dict[str, Any]) -> None:
-    defaults = build_parser().parse_args(["--repository", "x"])
+    defaults = parse(["--repository", "x"]).listen
     gateway = compose["services"]["gateway"]
     opts = _options(gateway["command"])
-    ports = {
-        "http": int(opts["http-port"]),
-        "grpc": int(opts["grpc-port"]),
-        "metrics": int(opts["metrics-port"]),
-    }
+    given = parse(["--repository", "x", "--ports", opts["ports"]]).listen
+    ports = {"http": given.http_port, "grpc": given.grpc_port, "metrics": given.metrics_port}
     assert ports == {
         "http": defaults.http_port,
         "grpc": defaults.grpc_port,
@@ -102,7 +99,7 @@ def test_prometheus_targets_match_compose_services(compose: dict[str, Any]) -> N
     assert config_path == DEPLOY / "prometheus" / "prometheus.yml"
     config = yaml.safe_load(config_path.read_text())
     metrics_port = {
-        "gateway": int(_options(services["gateway"]["command"])["metrics-port"]),
+        "gateway": parse(services["gateway"]["command"]).listen.metrics_port,
         "triton": int(_options(services["triton"]["command"])["metrics-port"]),
     }
     jobs = {}
@@ -263,17 +260,17 @@ def test_dockerfile_gateway_image() -> None:
             assert engine in core, f"engine {engine!r} is neither an extra nor a core dependency"
 
     # the CLI defaults, exposed, and the command line the entry point gets
-    defaults = build_parser().parse_args(["--repository", "x"])
+    defaults = parse(["--repository", "x"]).listen
     ports = {defaults.http_port, defaults.grpc_port, defaults.metrics_port}
     exposed = {int(p) for v in _values(gateway, "EXPOSE") for p in v.split()}
     assert exposed == ports
     assert _exec_form(_values(gateway, "ENTRYPOINT")[-1]) == ["precision-serve"]
     assert project["scripts"]["precision-serve"] == "server.cli:main"
-    cmd = build_parser().parse_args(_exec_form(_values(gateway, "CMD")[-1]))
-    assert {cmd.http_port, cmd.grpc_port, cmd.metrics_port} == ports
-    assert cmd.host == "0.0.0.0"
+    cmd = parse(_exec_form(_values(gateway, "CMD")[-1]))
+    assert {cmd.listen.http_port, cmd.listen.grpc_port, cmd.listen.metrics_port} == ports
+    assert cmd.listen.host == "0.0.0.0"
     volumes = {v for value in _values(gateway, "VOLUME") for v in _exec_form(value)}
-    assert str(cmd.repository) in volumes  # the model repository is the mounted volume
+    assert str(cmd.routing.repository) in volumes  # the model repository is the mounted volume
 
     # the health check asks the ready endpoint on the HTTP port with Python (no curl in slim)
     (health,) = _values(gateway, "HEALTHCHECK")
@@ -283,7 +280,7 @@ def test_dockerfile_gateway_image() -> None:
     assert args[:2] == ["python", "-c"] and len(args) == 3, args
     code = args[2]
     compile(code, "HEALTHCHECK", "exec")  # valid Python
-    assert f"http://127.0.0.1:{cmd.http_port}/v2/health/ready" in code
+    assert f"http://127.0.0.1:{cmd.listen.http_port}/v2/health/ready" in code
     assert "curl" not in health
 
     # the load-test stage: Locust on the project's locustfile, also unprivileged
@@ -302,7 +299,7 @@ def test_locust_service_options_are_known_to_the_locustfile(compose: dict[str, A
     locust = compose["services"]["locust"]
     assert locust["build"]["target"] == "loadtest"
     opts = _options(locust["command"])
-    gateway_grpc = _options(compose["services"]["gateway"]["command"])["grpc-port"]
+    gateway_grpc = parse(compose["services"]["gateway"]["command"]).listen.grpc_port
     assert opts["host"] == f"gateway:{gateway_grpc}"
     assert opts["repository"] in _mounts(locust)
     # Locust rejects unknown options; with no users it never connects to the (absent) gateway.

@@ -12,6 +12,7 @@ from common.model_repository import LABELLED, SYNTHETIC, UNLABELLED, Manifest, l
 from server.app import GatewayServer, ServeOptions
 from server.catalog import load_repository
 from server.routing.evidence import quality_is_evidence
+from server.routing.options import RoutingOptions
 from server.routing.policies import ModelRoute, Router, parse_routing
 from tests.helpers import skip_or_fail
 from tests.server.conftest import copy_repository
@@ -126,7 +127,7 @@ def test_index_and_start_up_log_say_why_auto_serves_fp32(repo: Path, tmp_path: P
     _set_source(repo, SYNTHETIC)
     routing = tmp_path / "routing.yaml"
     routing.write_text("models:\n  tiny:\n    policy: auto\n")
-    server = GatewayServer(ServeOptions(repository=repo, routing=routing, retime="never"))
+    server = GatewayServer(ServeOptions(RoutingOptions(repo, routing=routing, retime="never")))
     rows = {name: reason for name, _, _, reason in server.gateway.index()}
     assert "synthetic" in rows["tiny"] and "serves fp32" in rows["tiny"]
     assert rows["tiny_int8"] == ""  # variant rows keep their own (readiness) reasons
@@ -191,7 +192,7 @@ def other_host_repo(repo: Path) -> Path:
 def _start(repo: Path, tmp_path: Path, retime: str) -> GatewayServer:
     routing = tmp_path / "routing.yaml"
     routing.write_text("models:\n  tiny:\n    policy: auto\n    accuracy_budget: 100\n")
-    return GatewayServer(ServeOptions(repository=repo, routing=routing, retime=retime))
+    return GatewayServer(ServeOptions(RoutingOptions(repo, routing=routing, retime=retime)))
 
 
 def _gauge(name: str, precision: str, source: str) -> float | None:
@@ -333,7 +334,7 @@ def test_retime_mode_is_checked() -> None:
     from server.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--retime must be one of auto, always, never"):
-        ServeOptions(repository=Path("."), retime="sometimes")
+        ServeOptions(RoutingOptions(Path("."), retime="sometimes"))
 
 
 @pytest.mark.integration

@@ -15,8 +15,10 @@ from tritonclient.utils import InferenceServerException
 
 from server.app import ServeOptions
 from server.catalog import load_repository
+from server.routing.options import RoutingOptions
 from server.runtime.runner import InProcessGateway
 from server.transports.grpc import fast_lane
+from server.transports.options import ListenOptions, Ports
 from tests.server.conftest import ort_outputs, rows
 
 
@@ -116,7 +118,9 @@ def _watch_the_lane(monkeypatch) -> list:
 
 def test_the_short_way_answers_and_records_like_the_general_path(tiny_repository, monkeypatch):
     seen = _watch_the_lane(monkeypatch)
-    options = ServeOptions(repository=tiny_repository, grpc_port=0, http_port=0, metrics_port=0)
+    options = ServeOptions(
+        RoutingOptions(tiny_repository), listen=ListenOptions(ports=Ports(0, 0, 0))
+    )
     with InProcessGateway(options) as g:
         client = grpcclient.InferenceServerClient(g.grpc_url)
         x = rows(3, seed=5)
@@ -152,7 +156,10 @@ def test_the_short_way_answers_and_records_like_the_general_path(tiny_repository
         with pytest.raises(InferenceServerException) as e:
             client.infer("tiny_fp32", [bad])
         assert e.value.status() == str(grpc.StatusCode.INVALID_ARGUMENT)
-        assert "input 'x': expected shape [-1, 16], got [3, 15]" in e.value.message()
+        assert e.value.message().startswith(
+            "[request id: <id_unknown>] unexpected shape for input 'x' for model 'tiny_fp32'. "
+            "Expected [-1,16], got [3,15]."
+        )
         assert _count(g, "INVALID_ARGUMENT") >= 1
         client.close()
 
@@ -172,7 +179,7 @@ def test_the_short_way_ends_a_request_at_its_deadline(repo_copy, monkeypatch):
     del cfg.dynamic_batching.preferred_batch_size[:]
     cfg.dynamic_batching.preferred_batch_size.append(8)
     write_config(repo_copy / "tiny_fp32", cfg)
-    options = ServeOptions(repository=repo_copy, grpc_port=0, http_port=0, metrics_port=0)
+    options = ServeOptions(RoutingOptions(repo_copy), listen=ListenOptions(ports=Ports(0, 0, 0)))
     with InProcessGateway(options) as g:
         client = grpcclient.InferenceServerClient(g.grpc_url)
         inp = grpcclient.InferInput("x", [1, 16], "FP32")

@@ -199,29 +199,90 @@ def _tensor(name="x", datatype="FP32", shape=(1, 16), data=None):
 def test_not_found_errors(gateway):
     x = rows(1)
     e = _grpc_error(lambda: grpc_infer(gateway, "nope", x))
-    assert e.status() == "StatusCode.NOT_FOUND" and "nope" in e.message()
+    assert e.status() == "StatusCode.NOT_FOUND"
+    assert e.message().startswith("Request for unknown model: 'nope' is not found")
     e = _grpc_error(lambda: grpc_infer(gateway, "tiny", x, parameters={"precision": "fp8"}))
     assert e.status() == "StatusCode.NOT_FOUND" and "fp8" in e.message()
     e = _grpc_error(lambda: grpc_infer(gateway, "tiny", x, model_version="7"))
     assert e.status() == "StatusCode.NOT_FOUND"
+    assert e.message().startswith("Request for unknown model: 'tiny' version 7 is not found")
     e = _grpc_error(lambda: http_infer(gateway, "nope", x))
     assert e.status() == "404"
+    assert e.message().startswith("Request for unknown model: 'nope' is not found")
     e = _grpc_error(lambda: http_infer(gateway, "tiny", x, headers={"x-precision": "fp8"}))
     assert e.status() == "404" and "fp8" in e.message()
     e = _grpc_error(
         lambda: grpcclient.InferenceServerClient(gateway.grpc_url).get_model_metadata("nope")
     )
     assert e.status() == "StatusCode.NOT_FOUND"
+    assert e.message().startswith("Request for unknown model: 'nope' is not found")
+
+
+def test_unknown_names_and_versions_get_tritons_status_and_words(gateway):
+    """Ready, statistics and versions answer as Triton 2.51 does (tests/triton/
+    test_wording_triton.py compares with the real one)."""
+    g = grpcclient.InferenceServerClient(gateway.grpc_url)
+    h = httpclient.InferenceServerClient(gateway.http_url)
+    # ready: gRPC says "not ready" (no error), HTTP 400 "Model version not ready" (+ why)
+    assert g.is_model_ready("nope") is False and g.is_model_ready("tiny", "2") is False
+    assert h.is_model_ready("nope") is False
+    try:
+        urllib.request.urlopen(f"http://{gateway.http_url}/v2/models/nope/ready", timeout=10)
+    except urllib.error.HTTPError as e:
+        status, error = e.code, json.loads(e.read())["error"]
+    assert status == 400
+    assert error.startswith("Model version not ready: Request for unknown model: 'nope'")
+    # statistics: INVALID_ARGUMENT / 400
+    e = _grpc_error(lambda: g.get_inference_statistics("nope"))
+    assert (e.status(), e.message()) == (
+        "StatusCode.INVALID_ARGUMENT",
+        "requested model 'nope' is not available",
+    )
+    e = _grpc_error(lambda: h.get_inference_statistics("tiny", "2"))
+    assert (e.status(), e.message()) == (
+        "400",
+        "requested model version is not available for model 'tiny'",
+    )
+    # a version that is not a number: INVALID_ARGUMENT over gRPC, 404 over HTTP (Triton's route)
+    e = _grpc_error(lambda: g.get_model_metadata("tiny", "abc"))
+    assert e.status() == "StatusCode.INVALID_ARGUMENT"
+    assert e.message().startswith("failed to get model version from specified version string 'abc'")
+    e = _grpc_error(lambda: h.get_model_metadata("tiny", "-1"))
+    assert e.status() == "404" and e.message().startswith("invalid model version specified '-1'")
+    # "01" is version 1, as Triton reads it; other numbers are unknown versions
+    assert g.get_model_metadata("tiny", "01").name == "tiny"
+    e = _grpc_error(lambda: g.get_model_config("tiny", "2"))
+    assert e.status() == "StatusCode.NOT_FOUND"
+    assert e.message().startswith("Request for unknown model: 'tiny' version 2 is not found")
+
+
+_NOTE = "NOTE: Setting a non-zero max_batch_size in the model config requires a batch dimension"
 
 
 @pytest.mark.parametrize(
     ("tensor", "needle"),
     [
-        (_tensor(name="y"), "unexpected input"),
-        (_tensor(datatype="FP64"), "expected datatype FP32, got FP64"),
-        (_tensor(shape=(1, 15)), "expected shape [-1, 16], got [1, 15]"),
-        (_tensor(shape=(16,)), "expected shape [-1, 16], got [16]"),
-        (_tensor(shape=(33, 16)), "batch size 33 is outside 1..32"),
+        # Triton's words (server/dataplane/wording.py), naming the model as the request did
+        (_tensor(name="y"), "unexpected inference input 'y' for model 'tiny'"),
+        (
+            _tensor(datatype="FP64"),
+            "[request id: <id_unknown>] inference input 'x' data-type is 'FP64', but model "
+            "'tiny' expects 'FP32'",
+        ),
+        (
+            _tensor(shape=(1, 15)),
+            "[request id: <id_unknown>] unexpected shape for input 'x' for model 'tiny'. "
+            f"Expected [-1,16], got [1,15]. {_NOTE}",
+        ),
+        (
+            _tensor(shape=(16,)),
+            "[request id: <id_unknown>] unexpected shape for input 'x' for model 'tiny'. "
+            f"Expected [-1,16], got [16]. {_NOTE}",
+        ),
+        (
+            _tensor(shape=(33, 16)),
+            "[request id: <id_unknown>] inference request batch-size must be <= 32 for 'tiny'",
+        ),
         (_tensor(shape=(1, 16), data=[1.0] * 15), "got 15 values, expected 16"),
     ],
 )
@@ -235,24 +296,35 @@ def test_invalid_argument_over_grpc_names_the_input(gateway):
     # missing input
     req = pb.ModelInferRequest(model_name="tiny")
     err = _raw_grpc(gateway, req)
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "'x'" in err.details()
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == (
+        "[request id: <id_unknown>] expected 1 inputs but got 0 inputs for model 'tiny'. Got "
+        "input(s) [], but missing required input(s) ['x']. Please provide all required input(s)."
+    )
     # wrong dtype
     req = pb.ModelInferRequest(model_name="tiny_int8")
     req.inputs.add(name="x", datatype="INT64", shape=[1, 16])
     req.raw_input_contents.append(np.zeros((1, 16), np.int64).tobytes())
     err = _raw_grpc(gateway, req)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "expected datatype FP32, got INT64" in err.details()
+    assert err.details() == (
+        "[request id: <id_unknown>] inference input 'x' data-type is 'INT64', but model "
+        "'tiny_int8' expects 'FP32'"
+    )
     # byte count not matching the shape
-    req = pb.ModelInferRequest(model_name="tiny")
+    req = pb.ModelInferRequest(model_name="tiny", id="r1")
     req.inputs.add(name="x", datatype="FP32", shape=[2, 16])
     req.raw_input_contents.append(np.zeros((1, 16), np.float32).tobytes())
     err = _raw_grpc(gateway, req)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "got 64 bytes, expected 128" in err.details() and "'x'" in err.details()
+    assert err.details().startswith(
+        "[request id: r1] input byte size mismatch for input 'x' for model 'tiny'. "
+        "Expected 128, got 64"
+    )
     # wrong shape through tritonclient
     e = _grpc_error(lambda: grpc_infer(gateway, "tiny", np.zeros((1, 8), np.float32)))
-    assert e.status() == "StatusCode.INVALID_ARGUMENT" and "expected shape [-1, 16]" in e.message()
+    assert e.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "unexpected shape for input 'x' for model 'tiny'. Expected [-1,16]" in e.message()
 
 
 def test_payload_over_limit_is_resource_exhausted(gateway):

@@ -20,6 +20,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2 as pb
 
 from server.errors import InvalidInput
+from server.routing.options import RoutingOptions
 from server.runtime.runner import GatewayProcess
 from server.transports.grpc.contents import (
     PREFLIGHT_BYTES,
@@ -27,6 +28,7 @@ from server.transports.grpc.contents import (
     check_sizes,
     wire_tensors,
 )
+from server.transports.options import LimitsOptions, ListenOptions, Ports
 
 pytestmark = pytest.mark.integration
 
@@ -42,8 +44,8 @@ def gw(tiny_repository: Path):
     # The tiny model's inputs are bounded, so by default gRPC itself would refuse a 60 MB
     # message (tests/server/test_request_bounds.py); these tests are about the checks a gateway
     # makes when its limit admits it (models with unbounded dynamic dims).
-    args = ["--auth-token", TOKEN, "--message-limit", "max-request-bytes"]
-    with GatewayProcess(tiny_repository, args) as g:
+    args = ["--message-limit", "max-request-bytes"]
+    with GatewayProcess(tiny_repository, args, env={"PRECISION_SERVE_AUTH_TOKEN": TOKEN}) as g:
         yield g
 
 
@@ -151,10 +153,14 @@ def test_mismatched_typed_contents_are_refused_before_any_conversion(monkeypatch
 
 def test_large_requests_are_size_checked_from_their_bytes_before_parsing(big_typed, big_raw):
     for data, needle in (
-        (big_typed, f"got {BIG_VALUES} values, expected 16 for shape [1, 16] of FP32"),
-        (big_raw, f"got {4 * BIG_VALUES} bytes, expected 64 for shape [1, 16] of FP32"),
+        (big_typed, f"input 'x': got {BIG_VALUES} values, expected 16 for shape [1, 16] of FP32"),
+        (  # Triton's words, with the model and request id read off the bytes too
+            big_raw,
+            "[request id: <id_unknown>] input byte size mismatch for input 'x' for model "
+            f"'tiny'. Expected 64, got {4 * BIG_VALUES} (for shape [1,16])",
+        ),
     ):
-        with pytest.raises(InvalidInput, match=re.escape(f"input 'x': {needle}")):
+        with pytest.raises(InvalidInput, match=re.escape(needle)):
             check_sizes(data)
     ok = pb.ModelInferRequest(model_name="tiny")
     ints = ok.inputs.add(name="ids", datatype="INT64", shape=[1000, 300])
@@ -255,21 +261,18 @@ def test_a_zero_size_dim_beside_a_huge_one_is_invalid_argument(gw, shape):
 
 
 def test_grpc_max_concurrent_rpcs_option(tmp_path):
-    from server.app import ServeOptions
-    from server.cli import build_parser
     from server.errors import ConfigError
+    from server.runtime.options import parse
 
-    args = build_parser().parse_args(["--repository", str(tmp_path)])
+    args = parse(["--repository", str(tmp_path)]).limits
     assert args.grpc_max_concurrent_rpcs is None  # auto: from the gRPC message limit
-    auto = build_parser().parse_args(["--repository", "r", "--grpc-max-concurrent-rpcs", "auto"])
+    auto = parse(["--repository", "r", "--grpc-max-concurrent-rpcs", "auto"]).limits
     assert auto.grpc_max_concurrent_rpcs is None
-    args = build_parser().parse_args(["--repository", "r", "--grpc-max-concurrent-rpcs", "0"])
+    args = parse(["--repository", "r", "--grpc-max-concurrent-rpcs", "0"]).limits
     assert args.grpc_max_concurrent_rpcs == 0
-    assert (
-        ServeOptions(repository=tmp_path, grpc_max_concurrent_rpcs=0).grpc_max_concurrent_rpcs == 0
-    )
+    assert LimitsOptions(grpc_max_concurrent_rpcs=0).grpc_max_concurrent_rpcs == 0
     with pytest.raises(ConfigError, match="--grpc-max-concurrent-rpcs must be >= 0, got -1"):
-        ServeOptions(repository=tmp_path, grpc_max_concurrent_rpcs=-1)
+        LimitsOptions(grpc_max_concurrent_rpcs=-1)
 
 
 def test_pass_through_refuses_a_large_mismatched_request_before_parsing(tiny_repository):
@@ -294,11 +297,9 @@ def test_pass_through_refuses_a_large_mismatched_request_before_parsing(tiny_rep
 
     repo = load_repository(tiny_repository)
     options = ServeOptions(
-        repository=tiny_repository,
-        grpc_port=0,
-        http_port=0,
-        metrics_port=0,
-        message_limit="max-request-bytes",
+        RoutingOptions(tiny_repository),
+        listen=ListenOptions(ports=Ports(0, 0, 0)),
+        limits=LimitsOptions(message_limit="max-request-bytes"),
     )
     with InProcessGateway(options, upstream=Forwarding("", repo, UpstreamSettings())) as g:
         req = pb.ModelInferRequest(model_name="tiny_fp32")

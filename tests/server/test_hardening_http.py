@@ -30,7 +30,9 @@ from tritonclient.utils import InferenceServerException
 from server.app import ServeOptions
 from server.catalog import load_repository
 from server.errors import ConfigError, InternalError
+from server.routing.options import RoutingOptions
 from server.runtime.runner import GatewayProcess, InProcessGateway
+from server.transports.options import ListenOptions, Ports
 from server.upstreams.base import UpstreamSettings, UpstreamUnavailable
 from server.upstreams.embedded.upstream import EmbeddedUpstream
 from tests.server.conftest import ort_outputs, rows
@@ -146,7 +148,9 @@ def test_large_bodies_are_parsed_in_the_parser_process(tiny_repository, monkeypa
 
     monkeypatch.setattr(limits, "OFF_LOOP_BYTES", 0)  # every body counts as large here
     limits.shutdown_parsers()
-    options = ServeOptions(repository=tiny_repository, grpc_port=0, http_port=0, metrics_port=0)
+    options = ServeOptions(
+        RoutingOptions(tiny_repository), listen=ListenOptions(ports=Ports(0, 0, 0))
+    )
     with InProcessGateway(options) as g:
         x = rows(3, seed=11)
         status, doc = _post(g, "/v2/models/tiny/infer", _json_infer(x))
@@ -343,7 +347,7 @@ def test_errors_raised_in_the_transports_are_counted(gw):
 
 
 def test_unauthenticated_http_calls_are_counted(tiny_repository):
-    with GatewayProcess(tiny_repository, ["--auth-token", "s3cret"]) as g:
+    with GatewayProcess(tiny_repository, env={"PRECISION_SERVE_AUTH_TOKEN": "s3cret"}) as g:
         labels = {"model": "tiny", "protocol": "http", "status": "UNAUTHENTICATED"}
         assert _requests_total(g, **labels) == 0
         assert _post(g, "/v2/models/tiny/infer", _json_infer(rows(1)))[0] == 401
@@ -368,7 +372,9 @@ class _LeakyUpstream(EmbeddedUpstream):
 @pytest.fixture
 def leaky(tiny_repository):
     repo = load_repository(tiny_repository)
-    options = ServeOptions(repository=tiny_repository, grpc_port=0, http_port=0, metrics_port=0)
+    options = ServeOptions(
+        RoutingOptions(tiny_repository), listen=ListenOptions(ports=Ports(0, 0, 0))
+    )
     with InProcessGateway(options, upstream=_LeakyUpstream("", repo, UpstreamSettings())) as g:
         yield g
 
@@ -457,16 +463,21 @@ def test_restricted_api_with_a_token_file(tiny_repository, tmp_path):
 def test_restricted_api_options_fail_with_one_line(tiny_repository, tmp_path, capsys):
     from server.cli import main
 
-    ports = ["--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"]
+    ports = ["--ports", "0"]
     empty = tmp_path / "empty"
     empty.write_text("\n")
+    token = tmp_path / "token"
+    token.write_text("t\n")
     for args, needle in (
         (["--restricted-api", "metadata"], "needs a token"),
-        (["--restricted-api", "gossip", "--auth-token", "t"], "unknown group(s) gossip"),
+        (
+            ["--restricted-api", "gossip", "--auth-token-file", str(token)],
+            "unknown group(s) gossip",
+        ),
         (["--auth-token-file", str(tmp_path / "missing")], "cannot read --auth-token-file"),
         (["--auth-token-file", str(empty)], "is empty"),
         (["--http-body-timeout", "nan"], "--http-body-timeout must be > 0"),
-        (["--drain-seconds", "-1"], "--drain-seconds must be >= 0"),
+        (["--shutdown", "drain=-1"], "--shutdown drain must be >= 0"),
     ):
         assert main(["--repository", str(tiny_repository), *ports, *args]) == 2, args
         lines = capsys.readouterr().err.strip().splitlines()

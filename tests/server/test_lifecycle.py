@@ -85,7 +85,7 @@ def inflight(metrics_url: str, model: str) -> float | None:
 
 def test_sigterm_finishes_in_flight_requests_and_exits_zero(repo_copy):
     make_slow_onnx(repo_copy / "tiny_fp32" / "1" / "model.onnx")
-    gw = GatewayProcess(repo_copy, ["--grace", "20"]).start()
+    gw = GatewayProcess(repo_copy, ["--shutdown", "grace=20"]).start()
     try:
         client = grpcclient.InferenceServerClient(gw.grpc_url)
         x = rows(32, seed=9)
@@ -151,9 +151,9 @@ def _http_infer(http_url: str, x: np.ndarray) -> tuple[int, np.ndarray]:
 
 def test_sigterm_drain_window_not_ready_but_serving_then_exit_zero(repo_copy):
     """SIGTERM: ready turns 503 (HTTP) / false (gRPC) at once, the listeners stay open for
-    --drain-seconds and serve new requests, the in-flight HTTP request is answered, exit 0."""
+    --shutdown drain=S and serve new requests, the in-flight HTTP request is answered, exit 0."""
     make_slow_onnx(repo_copy / "tiny_fp32" / "1" / "model.onnx")
-    gw = GatewayProcess(repo_copy, ["--drain-seconds", "6", "--grace", "20"]).start()
+    gw = GatewayProcess(repo_copy, ["--shutdown", "drain=6,grace=20"]).start()
     try:
         x = rows(32, seed=5)
         want = ort_outputs(repo_copy, "fp32", x)
@@ -203,14 +203,26 @@ def test_bad_repository_and_routing_file_fail_with_one_line(tiny_repository, tmp
 
     routing = tmp_path / "r.yaml"
     routing.write_text("models:\n  tiny:\n    policy: split\n    weights: {fp8: 1}\n")
-    ports = ["--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"]
+    ports = ["--ports", "0"]
     for args, needle in (
         (["--repository", str(tmp_path)], "holds no *.manifest.json"),
         (["--repository", str(tiny_repository), "--routing", str(tmp_path / "no.yaml")],
          "cannot read routing file"),
         (["--repository", str(tiny_repository), "--routing", str(routing)], "'fp8' is not built"),
         (["--repository", str(tiny_repository), "--upstream", "pigeon"], "unknown upstream"),
-        (["--repository", str(tiny_repository), "--tls-cert", "c.pem"], "--tls-key"),
+        (["--repository", str(tiny_repository), "--tls", "c.pem"], "--tls takes CERT,KEY"),
+        (["--repository", str(tiny_repository), "--ports", "http=1,grpc=x"], "grpc='x'"),
+        (["--repository", str(tiny_repository), "--ports", "gopher=70"], "unknown key 'gopher'"),
+        (["--repository", str(tiny_repository), "--ports", "http=70000"], "0..65535"),
+        (["--repository", str(tiny_repository), "--shutdown", "drain=-1"], "drain must be >= 0"),
+        (["--repository", str(tiny_repository), "--upstream", "embedded?threads=-1"],
+         "threads='-1': must be >= 0"),
+        (["--repository", str(tiny_repository), "--upstream", "triton://h:1?merj=1"],
+         "unknown setting 'merj'"),
+        (["--repository", str(tiny_repository), "--upstream", "triton://h:1?cancel=maybe"],
+         "cancel='maybe': must be one of detach, propagate"),
+        (["--repository", str(tiny_repository), "--log-level", "loud"], "--log-level"),
+        (["--repository", str(tiny_repository), "--auth-token", "t"], "unrecognized arguments"),
     ):  # fmt: skip
         assert main([*args, *ports]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
@@ -225,7 +237,7 @@ def test_bad_repository_and_routing_file_fail_with_one_line(tiny_repository, tmp
 
 
 def test_bearer_token_required_for_inference_only(tiny_repository):
-    with GatewayProcess(tiny_repository, ["--auth-token", "s3cret"]) as gw:
+    with GatewayProcess(tiny_repository, env={"PRECISION_SERVE_AUTH_TOKEN": "s3cret"}) as gw:
         g = grpcclient.InferenceServerClient(gw.grpc_url)
         assert g.is_server_ready() and g.is_model_ready("tiny")  # health stays open
         x = rows(1)
@@ -260,7 +272,7 @@ def test_tls_on_grpc_and_http(tiny_repository, tmp_path):
         check=True,
         capture_output=True,
     )  # fmt: skip
-    args = ["--tls-cert", str(cert), "--tls-key", str(key)]
+    args = ["--tls", f"{cert},{key}"]
     with GatewayProcess(tiny_repository, args, wait_ready=False) as gw:
         ctx = ssl.create_default_context(cafile=str(cert))
         ready_url = f"https://{gw.http_url}/v2/health/ready"

@@ -19,7 +19,9 @@ from tritonclient.utils import InferenceServerException
 from common.process import wait_ready
 from server.app import ServeOptions
 from server.catalog import load_repository
+from server.routing.options import RoutingOptions
 from server.runtime.runner import GatewayProcess, InProcessGateway
+from server.transports.options import ListenOptions, Ports
 from server.upstreams.base import UpstreamSettings, UpstreamUnavailable
 from server.upstreams.embedded.upstream import EmbeddedUpstream
 from tests.server.conftest import ort_outputs, rows
@@ -188,7 +190,9 @@ def in_process(tiny_repository):
     repo = load_repository(tiny_repository)
     upstream = FlakyUpstream("", repo, UpstreamSettings())
     upstream.unavailable, upstream.slow = {"tiny_int8"}, {"tiny_fp16": 1.0}
-    options = ServeOptions(repository=tiny_repository, grpc_port=0, http_port=0, metrics_port=0)
+    options = ServeOptions(
+        RoutingOptions(tiny_repository), listen=ListenOptions(ports=Ports(0, 0, 0))
+    )
     with InProcessGateway(options, upstream=upstream) as gw:
         yield gw
 

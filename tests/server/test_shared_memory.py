@@ -19,7 +19,10 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
+from server.dataplane.security import SecurityOptions
+from server.routing.options import RoutingOptions
 from server.runtime.runner import GatewayProcess
+from server.transports.options import ListenOptions, Ports
 from tests.helpers import skip_or_fail
 from tests.server.conftest import ort_outputs, rows
 
@@ -31,7 +34,7 @@ OUT_BYTES = 3 * 4 * 4  # logits [3, 4] FP32
 
 @pytest.fixture(scope="module")
 def gw(tiny_repository):
-    with GatewayProcess(tiny_repository, ["--threads", "1"]) as g:
+    with GatewayProcess(tiny_repository, ["--upstream", "embedded?threads=1"]) as g:
         yield g
 
 
@@ -291,7 +294,7 @@ def test_workers_refuse_registration_naming_the_option(tiny_repository, regions)
 
     key, _ = regions("w", 64)
     options = ServeOptions(
-        repository=tiny_repository, grpc_port=0, http_port=0, metrics_port=0, worker=True
+        RoutingOptions(tiny_repository), listen=ListenOptions(ports=Ports(0, 0, 0)), worker=True
     )
     with InProcessGateway(options) as g:
         client = grpcclient.InferenceServerClient(g.grpc_url)
@@ -305,7 +308,9 @@ def test_shared_memory_calls_need_the_bearer_token(tiny_repository, regions):
 
     key, _ = regions("auth", 64)
     options = ServeOptions(
-        repository=tiny_repository, grpc_port=0, http_port=0, metrics_port=0, auth_token="s3cret"
+        RoutingOptions(tiny_repository),
+        listen=ListenOptions(ports=Ports(0, 0, 0)),
+        security=SecurityOptions(auth_token="s3cret"),
     )
     with InProcessGateway(options) as g:
         client = grpcclient.InferenceServerClient(g.grpc_url)

@@ -17,10 +17,12 @@ from prometheus_client import REGISTRY
 from server.app import ServeOptions
 from server.catalog import load_repository
 from server.errors import ConfigError
+from server.routing.options import RoutingOptions
 from server.routing.policies import Router, parse_routing
 from server.routing.slo import Rung, SloController, ceiling, ladder
 from server.routing.slo_config import SloSettings
 from server.runtime.runner import InProcessGateway
+from server.transports.options import ListenOptions, Ports
 from tests.server.conftest import rows
 
 OBJECTIVE = 0.050
@@ -347,7 +349,7 @@ def test_gateway_feeds_the_controller_and_responses_name_the_precision(routing_r
         "    slo: {p99_ms: 0.001, window_requests: 5, up_windows: 1, step: 0.5}\n"
     )
     options = ServeOptions(
-        repository=routing_repo, grpc_port=0, http_port=0, metrics_port=0, routing=routing
+        RoutingOptions(routing_repo, routing=routing), listen=ListenOptions(ports=Ports(0, 0, 0))
     )
     with InProcessGateway(options) as gw:
         client = grpcclient.InferenceServerClient(gw.grpc_url)

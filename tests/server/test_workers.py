@@ -74,7 +74,7 @@ def test_two_workers_serve_one_port_one_metrics_view_and_drain(repo_copy: Path):
     make_slow_onnx(repo_copy / "tiny_fp32" / "1" / "model.onnx")  # for the drain below
     x = rows(2, seed=4)
     want = ort_outputs(repo_copy, "int8", x)
-    args = ["--workers", "2", "--threads", "1", "--drain-seconds", "5"]
+    args = ["--workers", "2", "--upstream", "embedded?threads=1", "--shutdown", "drain=5"]
     gw = GatewayProcess(repo_copy, args, timeout=120).start()
     try:
         workers = gw.ports["workers"]

@@ -18,7 +18,9 @@ from common.model_repository import load_manifests
 from common.process import wait_ready
 from server.app import ServeOptions
 from server.catalog import load_repository
+from server.routing.options import RoutingOptions
 from server.runtime.runner import GatewayProcess, InProcessGateway
+from server.transports.options import ListenOptions, Ports
 from server.upstreams.base import UpstreamSettings
 from server.upstreams.triton.dns import DnsTritonUpstream
 from tests.triton.conftest import StartTriton
@@ -68,7 +70,9 @@ def test_replicas_join_leave_and_a_dead_address_is_skipped_under_load(
         UpstreamSettings(),
         resolver=resolver,
     )
-    options = ServeOptions(tiny_repository, grpc_port=0, http_port=0, metrics_port=0)
+    options = ServeOptions(
+        RoutingOptions(tiny_repository), listen=ListenOptions(ports=Ports(0, 0, 0))
+    )
     with (
         InProcessGateway(options, upstream=upstream) as gw,
         Load(gw.grpc_url, model, {"x": np.ones((1, 16), np.float32)}, clients=2) as load,

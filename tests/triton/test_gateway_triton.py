@@ -72,7 +72,7 @@ def _metric(url: str, name: str, labels: dict[str, str]) -> float | None:
 
 
 def _upstream(*addresses: str) -> list[str]:
-    return ["--upstream", "triton://" + ",".join(addresses), "--threads", "1"]
+    return ["--upstream", "triton://" + ",".join(addresses)]
 
 
 # ---- parity -----------------------------------------------------------------------------------
@@ -84,7 +84,9 @@ def test_parity_every_digits_variant_through_triton_equals_embedded(
     triton = start_triton(digits_repository)
     with (
         GatewayProcess(digits_repository, extra_args=_upstream(triton.grpc_url)) as via_triton,
-        GatewayProcess(digits_repository, extra_args=["--threads", "1"]) as embedded,
+        GatewayProcess(
+            digits_repository, extra_args=["--upstream", "embedded?threads=1"]
+        ) as embedded,
     ):
         a = grpcclient.InferenceServerClient(via_triton.grpc_url)
         b = grpcclient.InferenceServerClient(embedded.grpc_url)

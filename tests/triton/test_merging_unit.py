@@ -5,6 +5,7 @@ each would have been answered alone; errors stay each request's own."""
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import numpy as np
@@ -204,7 +205,7 @@ def test_requests_wait_while_the_limit_is_in_flight_then_go_as_one(variant: Vari
 
 
 def test_a_wait_after_a_call_lets_later_requests_join_the_waiting_ones(variant: Variant) -> None:
-    """--triton-merge-wait: once a call ends, the waiting requests wait for more; without it
+    """?merge_wait_ms=: once a call ends, the waiting requests wait for more; without it
     they go at once and the later ones make a call of their own."""
 
     async def scenario(wait_s: float) -> list[int]:
@@ -371,20 +372,20 @@ def test_merged_call_has_the_earliest_deadline_then_each_alone_its_own(variant: 
     asyncio.run(scenario())
 
 
-def test_merge_options_parse_and_refuse_negatives(tmp_path: Path) -> None:
-    from server.app import ServeOptions
-    from server.cli import build_parser
+def test_merge_settings_parse_and_refuse_negatives() -> None:
     from server.errors import ConfigError
-    from server.upstreams.base import DEFAULT_MERGE_LIMIT, UpstreamSettings
+    from server.upstreams.base import DEFAULT_MERGE_LIMIT, parse_upstream
 
-    args = build_parser().parse_args(["--repository", "r"])
-    assert (args.triton_merge, args.triton_merge_wait) == (DEFAULT_MERGE_LIMIT, 0)
-    args = build_parser().parse_args(["--repository", "r", "--triton-merge-wait", "1.5"])
-    assert args.triton_merge_wait == 1.5
-    assert UpstreamSettings().merge_limit == ServeOptions(repository=tmp_path).triton_merge
-    with pytest.raises(ConfigError, match="--triton-merge-wait must be >= 0 ms, got -5"):
-        ServeOptions(repository=tmp_path, triton_merge_wait_ms=-5)
-    with pytest.raises(ConfigError, match="--triton-merge-wait must be >= 0 ms, got nan"):
-        ServeOptions(repository=tmp_path, triton_merge_wait_ms=float("nan"))
-    with pytest.raises(ConfigError, match="--triton-merge must be >= 0, got -1"):
-        ServeOptions(repository=tmp_path, triton_merge=-1)
+    settings = parse_upstream("triton://h:1")[2]
+    assert (settings.merge_limit, settings.merge_wait_s) == (DEFAULT_MERGE_LIMIT, 0)
+    settings = parse_upstream("triton://h:1?merge=0&merge_wait_ms=1.5")[2]
+    assert (settings.merge_limit, settings.merge_wait_s) == (0, 0.0015)
+    assert parse_upstream("triton+dns://n:1?merge=3")[2].merge_limit == 3
+    for query, needle in (
+        ("merge_wait_ms=-5", "merge_wait_ms='-5': must be >= 0"),
+        ("merge_wait_ms=nan", "merge_wait_ms='nan': must be >= 0"),
+        ("merge=-1", "merge='-1': must be >= 0"),
+        ("merge=x", "merge='x': invalid literal"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            parse_upstream(f"triton://h:1?{query}")

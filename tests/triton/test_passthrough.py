@@ -70,7 +70,7 @@ def test_pass_through_returns_tritons_reply_and_tritons_errors(
     manifest = load_manifests(tiny_repository)["tiny"]
     fp16 = manifest.variants["fp16"].triton_name
     triton = start_triton(tiny_repository)
-    args = ["--upstream", f"triton://{triton.grpc_url}", "--threads", "1"]
+    args = ["--upstream", f"triton://{triton.grpc_url}"]
     x = np.random.default_rng(3).normal(size=(2, 16)).astype(np.float32)
     with GatewayProcess(tiny_repository, extra_args=args) as gw:
         # the reply is Triton's (same bytes for outputs) plus the precision parameter and header
@@ -117,7 +117,7 @@ def _call_requests(metrics_text: str, variant: str) -> tuple[float, float]:
 def test_concurrent_forwarded_requests_merge_and_each_gets_its_own_answer(
     tiny_repository: Path, start_triton: StartTriton
 ) -> None:
-    """With one call in flight allowed (--triton-merge 1), 64 concurrent requests of 1-3 rows
+    """With one call in flight allowed (``?merge=1``), 64 concurrent requests of 1-3 rows
     reach Triton in fewer calls; each client still gets exactly Triton's answer to its own
     request (outputs, id) and a bad request among them gets Triton's own error, alone."""
     import asyncio
@@ -126,7 +126,7 @@ def test_concurrent_forwarded_requests_merge_and_each_gets_its_own_answer(
     manifest = load_manifests(tiny_repository)["tiny"]
     fp32 = manifest.variants["fp32"].triton_name
     triton = start_triton(tiny_repository)
-    args = ["--upstream", f"triton://{triton.grpc_url}", "--triton-merge", "1"]
+    args = ["--upstream", f"triton://{triton.grpc_url}?merge=1"]
     rng = np.random.default_rng(11)
     inputs = [rng.normal(size=(1 + i % 3, 16)).astype(np.float32) for i in range(64)]
     bad_at = 37

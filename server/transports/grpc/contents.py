@@ -23,6 +23,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from common.model_repository.dtypes import from_datatype
 from common.model_repository.errors import DtypeError
+from server.dataplane import wording
 from server.dataplane.tensors import CONTENTS_FIELD, WireTensor, element_count
 from server.errors import InvalidInput
 
@@ -132,7 +133,9 @@ def _check_shape(name: str, datatype: str, shape: list[int]) -> None:
         )
 
 
-def _check_raw(name: str, datatype: str, shape: list[int], size: int) -> None:
+def _check_raw(
+    name: str, datatype: str, shape: list[int], size: int, model: str, request_id: str
+) -> None:
     if datatype == "BYTES":
         return  # length-prefixed strings: counted when decoded
     try:
@@ -140,11 +143,8 @@ def _check_raw(name: str, datatype: str, shape: list[int], size: int) -> None:
     except DtypeError:
         return  # reported by the core
     expected = element_count(shape) * itemsize
-    if size != expected:
-        raise InvalidInput(
-            f"input {name!r}: got {size} bytes, expected {expected} for shape {shape} of "
-            f"{datatype} (raw_input_contents)"
-        )
+    if size != expected:  # Triton's words (server/dataplane/wording.py)
+        raise InvalidInput(wording.byte_size(request_id, name, model, expected, size, shape))
 
 
 def _check_count(name: str, datatype: str, shape: list[int], field: str, got: int) -> None:
@@ -184,7 +184,7 @@ def wire_tensors(
         wt = WireTensor(name=t.name, datatype=t.datatype, shape=shape)
         if len(raw):
             data = next(raws)
-            _check_raw(t.name, t.datatype, shape, len(data))
+            _check_raw(t.name, t.datatype, shape, len(data), request.model_name, request.id)
             wt.raw = data
         else:
             field = CONTENTS_FIELD.get(t.datatype)
@@ -292,9 +292,14 @@ def check_sizes(data: bytes) -> None:
     if len(data) < PREFLIGHT_BYTES:
         return
     inputs, raw_sizes = [], []
+    model = request_id = ""
     try:
         for number, wire, payload in _walk(memoryview(data)):
-            if number == _REQ["inputs"] and wire == 2:
+            if number == _REQ["model_name"] and wire == 2:
+                model = bytes(payload).decode(errors="replace")
+            elif number == _REQ["id"] and wire == 2:
+                request_id = bytes(payload).decode(errors="replace")
+            elif number == _REQ["inputs"] and wire == 2:
                 inputs.append(_scan_input(payload))
             elif number == _REQ["raw_input_contents"] and wire == 2:
                 raw_sizes.append(len(payload))
@@ -304,7 +309,7 @@ def check_sizes(data: bytes) -> None:
     for i, (name, datatype, shape, counts) in enumerate(inputs):
         _check_shape(name, datatype, shape)
         if raw_sizes:
-            _check_raw(name, datatype, shape, raw_sizes[i])
+            _check_raw(name, datatype, shape, raw_sizes[i], model, request_id)
             continue
         field = CONTENTS_FIELD.get(datatype)
         if field is not None:

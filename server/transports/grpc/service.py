@@ -42,7 +42,7 @@ from server.dataplane.shared_memory import (
     tensor_ref,
 )
 from server.dataplane.tensors import WireTensor, datatype_of, encode_raw
-from server.errors import GatewayError, InvalidInput, Unsupported, client_message
+from server.errors import GatewayError, InvalidInput, ModelNotFound, Unsupported, client_message
 from server.transports.grpc.contents import check_sizes, varint, wire_tensors
 from server.transports.grpc.fast_lane import FastLane
 from server.transports.grpc.streaming import stream_handler
@@ -184,7 +184,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_handled
     async def ModelReady(self, request, context):
-        return pb.ModelReadyResponse(ready=self.gateway.model_ready(request.name, request.version))
+        try:
+            ready = self.gateway.model_ready(request.name, request.version)
+        except ModelNotFound:  # as Triton: an unknown model or version is not ready, no error
+            ready = False
+        return pb.ModelReadyResponse(ready=ready)
 
     @_handled
     async def ServerMetadata(self, request, context):

@@ -20,7 +20,7 @@ from google.protobuf import json_format
 
 from common.model_repository.dtypes import from_datatype
 from common.model_repository.errors import DtypeError
-from server.dataplane import statistics
+from server.dataplane import statistics, wording
 from server.dataplane.extensions import EXTENSIONS, SERVER_NAME, server_version
 from server.dataplane.gateway import (
     FALLBACK_PARAMETER,
@@ -44,6 +44,7 @@ from server.errors import (
     ConfigError,
     GatewayError,
     InvalidInput,
+    ModelNotFound,
     PayloadTooLarge,
     client_message,
 )
@@ -173,7 +174,10 @@ async def model_metadata(request: web.Request) -> web.Response:
 
 
 async def model_ready(request: web.Request) -> web.Response:
-    ok = _gw(request).model_ready(request.match_info["model"], _version(request))
+    try:
+        ok = _gw(request).model_ready(request.match_info["model"], _version(request))
+    except ModelNotFound as e:  # Triton's answer for an unknown model or version: 400
+        raise InvalidInput(f"{wording.MODEL_NOT_READY}: {e.message}") from None
     return web.json_response({"ready": ok}, status=200 if ok else 503)
 
 
@@ -270,8 +274,8 @@ def _wire_inputs(
     doc: dict[str, Any], binary: bytes, shm: SystemSharedMemory | None = None
 ) -> list[WireTensor | InShm]:
     inputs = doc.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
-        raise InvalidInput("request needs a non-empty 'inputs' list")
+    if not isinstance(inputs, list):  # an empty list: the core's (Triton's) count error
+        raise InvalidInput("request needs an 'inputs' list")
     offset, out = 0, []
     for i, t in enumerate(inputs):
         if not isinstance(t, dict):

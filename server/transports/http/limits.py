@@ -28,6 +28,7 @@ from aiohttp import web
 
 from server import metrics
 from server.catalog import Repository, Variant
+from server.dataplane import wording
 from server.errors import (
     BodyTimeout,
     InternalError,
@@ -95,7 +96,7 @@ async def read_body(
     """The body of an inference request, after the size checks, within ``timeout_s``."""
     name = request.match_info.get("model", "")
     if name and not _variants(repository, name):
-        raise ModelNotFound(f"unknown model {name!r} (see the repository index)")
+        raise ModelNotFound(wording.unknown_model(name))
     binary = "Inference-Header-Content-Length" in request.headers
     if request.content_length is not None:
         check_size(repository, name, request.content_length, limit, binary)

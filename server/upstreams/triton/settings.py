@@ -1,0 +1,63 @@
+"""The Triton upstreams' URL settings: ``triton://H:P[,H:P...]?KEY=VALUE&...`` and
+``triton+dns://NAME:PORT?KEY=VALUE&...`` (the same keys, plus ``interval``)."""
+
+from __future__ import annotations
+
+from server.upstreams.base import QueryKey, UpstreamQuery, count, seconds
+from server.upstreams.triton.detach import MODES as CANCEL_MODES
+
+
+def _cancel(text: str) -> bool:
+    if text not in CANCEL_MODES:
+        raise ValueError(f"must be one of {', '.join(CANCEL_MODES)}")
+    return text == "propagate"
+
+
+def _merge_wait(text: str) -> float:
+    return seconds(text) / 1e3
+
+
+def _positive(text: str) -> float:
+    return seconds(text, inclusive=False)
+
+
+KEYS = {
+    "merge": QueryKey(
+        "merge_limit",
+        count,
+        "pass-through: with N forwarded calls per variant and replica in flight, later requests "
+        "wait and go merged into one call (0: never merge; server/upstreams/triton/merging.py)",
+    ),
+    "merge_wait_ms": QueryKey(
+        "merge_wait_s",
+        _merge_wait,
+        "once a call ends, the requests waiting to merge wait this many milliseconds more for "
+        "others to join them (0: they go at once; uvloop's timers count whole milliseconds)",
+        lambda s: f"{s * 1e3:g}",
+    ),
+    "cancel": QueryKey(
+        "cancel_upstream",
+        _cancel,
+        "detach: a Triton call runs to its end when its client cancels or its deadline passes "
+        "(tritonserver < 2.53 can crash on cancelled calls); propagate: cancel it",
+        lambda propagate: "propagate" if propagate else "detach",
+    ),
+    "timeout_s": QueryKey(
+        "default_timeout_s",
+        _positive,
+        "seconds a forwarded call may take when its client gave no deadline",
+        lambda s: f"{s:g}",
+    ),
+}
+QUERY = UpstreamQuery(KEYS)
+DNS_QUERY = UpstreamQuery(
+    {
+        **KEYS,
+        "interval": QueryKey(
+            "resolve_interval_s",
+            _positive,
+            "seconds between resolutions of NAME (each answer is the replica set)",
+            lambda s: f"{s:g}",
+        ),
+    }
+)
