@@ -203,24 +203,41 @@ class DigitsSource:
         recipe = Recipe()
         x_tr, y_tr, x_te, y_te = load_data(recipe)
         net, how = trained_network(recipe, x_tr, y_tr)
-        spec = TorchModelSpec(
-            module=net,
-            inputs=[TensorSpec("image", "float32", [1, IMAGE_SIZE, IMAGE_SIZE])],
-            output_names=["logits"],
-            calibration=Dataset(
-                {"image": x_tr[:CALIBRATION_SAMPLES]},
-                y_tr[:CALIBRATION_SAMPLES],
-                f"{CALIBRATION_SAMPLES} training images of sklearn digits",
-            ),
-            evaluation=Dataset(
-                {"image": x_te},
-                y_te,
-                f"{len(x_te)} held-out sklearn digits images (stratified 20 % split, seed "
-                f"{recipe.split_seed})",
-            ),
-            task="classification",
-            max_batch_size=64,
-            default_precisions=["fp32", "fp16", "bf16", "int8"],
-            notes=[f"residual CNN on sklearn digits (8x8 -> 32x32), {how}"],
-        )
-        return load_torch_spec(spec, Path(workdir), "digits", "digits")
+        return _loaded(net, how, recipe, (x_tr, y_tr, x_te, y_te), workdir)
+
+    def preview(self, reference: str, workdir: Path) -> LoadedModel:
+        """The same graph with untrained weights (no training): what a precision's refusal
+        looks at (builder/pipeline.py), so that int4 refuses the CNN before it is trained."""
+        recipe = Recipe()
+        return _loaded(build_network(), "untrained preview", recipe, load_data(recipe), workdir)
+
+
+def _loaded(
+    net: Any,
+    how: str,
+    recipe: Recipe,
+    data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    workdir: Path,
+) -> LoadedModel:
+    x_tr, y_tr, x_te, y_te = data
+    spec = TorchModelSpec(
+        module=net.eval(),
+        inputs=[TensorSpec("image", "float32", [1, IMAGE_SIZE, IMAGE_SIZE])],
+        output_names=["logits"],
+        calibration=Dataset(
+            {"image": x_tr[:CALIBRATION_SAMPLES]},
+            y_tr[:CALIBRATION_SAMPLES],
+            f"{CALIBRATION_SAMPLES} training images of sklearn digits",
+        ),
+        evaluation=Dataset(
+            {"image": x_te},
+            y_te,
+            f"{len(x_te)} held-out sklearn digits images (stratified 20 % split, seed "
+            f"{recipe.split_seed})",
+        ),
+        task="classification",
+        max_batch_size=64,
+        default_precisions=["fp32", "fp16", "bf16", "int8"],
+        notes=[f"residual CNN on sklearn digits (8x8 -> 32x32), {how}"],
+    )
+    return load_torch_spec(spec, Path(workdir), "digits", "digits")
