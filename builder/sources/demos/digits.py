@@ -10,12 +10,14 @@ recipe, so rebuilds skip training.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -172,9 +174,34 @@ def train(recipe: Recipe, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
 
 def trained_network(recipe: Recipe, x: np.ndarray, y: np.ndarray) -> tuple[Any, str]:
     """The trained network (from the cache when present) and a note on where it came from."""
-    import torch
 
     path = cache_dir() / f"{recipe.key()}.pt"
+    # builds at once (parallel test workers, two shells) train once: the others wait and reuse
+    with _cache_lock(path):
+        return _cached_or_trained(path, recipe, x, y)
+
+
+@contextlib.contextmanager
+def _cache_lock(path: Path) -> Iterator[None]:
+    from filelock import FileLock
+
+    lock: FileLock | None = FileLock(f"{path}.lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except OSError as e:  # a read-only cache: train without the lock (and without caching)
+        log.warning("no lock on the digits cache %s: %s", path.parent, e)
+        lock = None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _cached_or_trained(path: Path, recipe: Recipe, x: np.ndarray, y: np.ndarray) -> tuple[Any, str]:
+    import torch
+
     net = build_network()
     if path.is_file():
         try:
