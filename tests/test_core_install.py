@@ -26,8 +26,8 @@ from common import process
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
-# What the Dockerfile copies: packaging and the three packages.
-PROJECT_FILES = ("pyproject.toml", "README.md", "builder", "server", "loadtest")
+# What the Dockerfile copies: packaging and the four packages.
+PROJECT_FILES = ("pyproject.toml", "README.md", "common", "builder", "server", "loadtest")
 # The build stack, the tests' HTTP client and the load tester: none of them is a core dependency.
 ABSENT = ("onnx", "onnxconverter_common", "torch", "tqdm", "transformers", "gevent", "openvino")
 

@@ -8,3 +8,5 @@ from tests.conftest import (  # noqa: F401 (hooks and fixtures)
     tiny_onnx,
     tiny_repository,
 )
+from tests.server.conftest import gateway  # noqa: F401 (test_perf_analyzer: tests/server's gateway)
+from tests.server.test_shared_memory import gw  # noqa: F401 (its one-engine-thread gateway)

@@ -17,7 +17,6 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from bench.peers import perf_analyzer
-from server.runtime.runner import GatewayProcess
 from tests.helpers import skip_or_fail
 
 pytestmark = pytest.mark.integration
@@ -33,19 +32,6 @@ def binary() -> Path:
     except perf_analyzer.PerfAnalyzerMissing as e:
         skip_or_fail(str(e))
         raise
-
-
-@pytest.fixture(scope="module")
-def gateway(tiny_repository: Path):
-    with GatewayProcess(tiny_repository, extra_args=["--max-request-bytes", "65536"]) as gw:
-        yield gw
-
-
-@pytest.fixture(scope="module")
-def gw(tiny_repository: Path):
-    """One engine thread, as tests/server/test_shared_memory.py's gateway."""
-    with GatewayProcess(tiny_repository, ["--threads", "1"]) as g:
-        yield g
 
 
 def _counts(gw, model: str) -> tuple[int, int]:
