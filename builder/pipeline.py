@@ -20,7 +20,7 @@ from builder.max_shapes import apply_max_shapes
 from builder.options import BuildOptions
 from builder.precisions import BuildContext, RefusesModels, VariantResult, get_precision
 from builder.prepare import optimize_basic
-from builder.sources import LoadedModel, load_model
+from builder.sources import LoadedModel, load_model, preview_model
 from builder.sources.base import Dataset
 from builder.sources.common import with_data_note
 from builder.staging import (
@@ -99,7 +99,20 @@ def _check_refusals(plugins: dict[str, object], model: LoadedModel, options: Bui
                 raise BuildError(reason)
 
 
+def _refuse_before_loading(spec: str, options: BuildOptions, work: Path) -> None:
+    """Requested precisions that may refuse the model look at its preview, where its source
+    has one, before the source's work (the digits demo trains a CNN for a minute)."""
+    if not options.precisions:
+        return
+    plugins = {p: get_precision(p) for p in options.precisions}
+    if any(isinstance(p, RefusesModels) for p in plugins.values()):
+        preview = preview_model(spec, work / "preview")
+        if preview is not None:
+            _check_refusals(plugins, preview, options)
+
+
 def _build(spec: str, options: BuildOptions, repo: Path, work: Path) -> Manifest:
+    _refuse_before_loading(spec, options, work)
     model = load_model(spec, work / "source")
     if options.max_shapes:
         model.inputs = apply_max_shapes(model.inputs, options.max_shapes)

@@ -9,6 +9,7 @@ are not skips and are left alone. A missing component therefore cannot pass CI s
 
 from __future__ import annotations
 
+import os
 from collections.abc import Generator
 from pathlib import Path
 
@@ -89,10 +90,21 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory, tiny_onnx: Path) -
 
 @pytest.fixture(scope="session")
 def digits_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The digits demo built into fp32, fp16 and int8 (trains once; cached afterwards)."""
+    """The digits demo built into fp32, fp16 and int8 (trains once; cached afterwards): built
+    once per run, by the first pytest-xdist worker that asks, into the run's shared temporary
+    folder; the others wait for it (read-only, as tests use it)."""
+    from filelock import FileLock
+
     from builder.pipeline import BuildOptions, build_model
 
-    repo = tmp_path_factory.mktemp("digits_repository")
-    with quiet_build_host():
-        build_model("digits", BuildOptions(repository=repo, progress=False))
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's folder, above popen-gw0, popen-gw1, ...
+    repo = shared / "digits_repository"
+    done = shared / "digits_repository.built"
+    with FileLock(f"{repo}.lock"):
+        if not done.exists():
+            with quiet_build_host():
+                build_model("digits", BuildOptions(repository=repo, progress=False))
+            done.touch()
     return repo

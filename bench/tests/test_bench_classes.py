@@ -189,6 +189,6 @@ def test_one_class_keeps_the_others_and_the_index_lists_all(
 
 
 def test_the_docs_index_matches_the_docs_jsons() -> None:
-    docs = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
+    docs = Path(__file__).resolve().parents[2] / "docs" / "benchmarks"
     assert (docs / "avx2.json").is_file()
     assert (docs / "README.md").read_text() == render_index(docs)
