@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 EXTRAS := build,openvino,loadtest,triton,bench,dev
 REPO ?= model_repository
 
-.PHONY: install demo test lint format bench bench-quick bench-tools bench-binaries \
+.PHONY: install demo test test-lab lint format bench bench-quick bench-tools bench-binaries \
 	bench-system-deps clean system-deps soak
 
 install: $(STAMP)
@@ -30,8 +30,18 @@ $(STAMP): pyproject.toml | system-deps
 demo: install
 	$(BIN)/python -m loadtest.demo --repository $(REPO)
 
-test: install bench-tools lint
-	$(BIN)/python -m pytest -q
+# The tests, on every core (pytest-xdist; a test module stays on one worker, so its gateway starts
+# once). `make test`: the product's tests (tests/), no bench binaries. `make test-lab`: the tests
+# of bench/ and lab/ (bench/tests, lab/tests), the perf_analyzer drop-in checks among them, so it
+# needs bench-tools. CI (.ci/run) runs both.
+PYTEST_WORKERS ?= auto
+PYTEST_ARGS := -q -n $(PYTEST_WORKERS) --dist loadscope --durations=15
+
+test: install lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-lab: install bench-tools
+	$(BIN)/python -m pytest $(PYTEST_ARGS) bench/tests lab/tests
 
 bench: install bench-tools
 	$(BIN)/python -m bench.run
@@ -58,7 +68,7 @@ BENCH_TOOLS := .cache/bench-tools
 PA_WHEEL := tritonclient==2.40.0
 PA_MEMBER := tritonclient-2.40.0.data/data/bin/perf_analyzer
 
-# The tests run the peers too (tests/test_bench_peers.py), so `make test` needs these.
+# `make test-lab` runs the peers too (bench/tests/test_bench_peers.py, test_perf_analyzer.py).
 bench-tools: install bench-binaries
 
 bench-binaries: $(BENCH_TOOLS)/bin/perf_analyzer $(BENCH_TOOLS)/cuda/.installed | bench-system-deps

@@ -7,7 +7,8 @@ gateway and Triton serve, ``served``) and - unless the variant's engine options 
 contender, after a short pause (so the previous engine's spinning threads go idle), is warmed up
 and then measured - batch-1 latency, then throughput at each batch size. Latency percentiles pool
 every batch-1 run of every round; throughputs are medians over the rounds (each round's value is
-the median of its runs). Quality: the manifest's (measured by the builder on the full evaluation
+the median of its runs; the per-round values are kept, ``throughput_rounds``, for the engine
+re-check, :func:`recheck`). Quality: the manifest's (measured by the builder on the full evaluation
 set, for the served engine) and, for every contender, the cosine / top-1 agreement of its outputs
 to ONNX Runtime FP32 on the bench's sample rows.
 """
@@ -25,6 +26,7 @@ import numpy as np
 from bench.stats import median, ms, percentile
 from builder.engine_choice import DEFAULT_OPTIONS
 from builder.evaluate import cosine_rows
+from common.engine_lead import judge
 from common.engines import EngineError, available_engines, get_engine
 from common.model_repository import Manifest, load_manifest, manifest_path
 
@@ -246,6 +248,9 @@ def _result(
             row["latency_ms_p99"] = ms(percentile(c.latencies, 99))
             row["latency_samples"] = len(c.latencies)
             row["throughput"] = {str(b): round(median(c.throughputs[b]), 3) for b in sizes}
+            row["throughput_rounds"] = {
+                str(b): [round(x, 3) for x in c.throughputs[b]] for b in sizes
+            }
         rows_out.append(row)
     ref = next(
         (r for r in rows_out if (r["precision"], r["engine"]) == REFERENCE and "throughput" in r),
@@ -268,16 +273,44 @@ def _result(
     }
 
 
+def recheck(result: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per precision, at the headline batch: the ``served`` contender (the manifest's engine),
+    the fastest ``other`` engine measured on the same file and its ``ratio`` over the served one,
+    and ``after``: the contender the gateway's start-up re-check would serve
+    (``common.engine_lead.judge`` on the rounds, the served engine the default; results saved
+    without per-round figures count as one round each)."""
+    b = str(result["headline_batch"])
+    timed = [r for r in result["contenders"] if b in r.get("throughput", {})]
+    out: dict[str, dict[str, Any]] = {}
+    for served in (r for r in timed if r["served"]):
+        others = [r for r in timed if r["precision"] == served["precision"] and not r["served"]]
+        other = max(others, key=lambda r: r["throughput"][b], default=None)
+        entry: dict[str, Any] = {"served": served, "other": other, "ratio": None, "after": served}
+        if other is not None and served["throughput"][b] > 0:
+            entry["ratio"] = round(other["throughput"][b] / served["throughput"][b], 3)
+            rows = {r["engine"]: r for r in [served, *others]}
+            rounds = {
+                e: (r.get("throughput_rounds") or {}).get(b) or [r["throughput"][b]]
+                for e, r in rows.items()
+            }
+            lead = judge(served["engine"], rounds)
+            entry["after"] = rows[lead.chosen]
+            entry["lead"] = lead.record()
+            entry["per_round"] = all(r.get("throughput_rounds") for r in rows.values())
+        out[served["precision"]] = entry
+    return out
+
+
 def best_served(
     result: Mapping[str, Any], min_cosine: float | None = None
 ) -> dict[str, Any] | None:
-    """The served contender (manifest engine) with the highest throughput at the headline batch,
-    optionally only among those whose quality (manifest cosine_mean) reaches ``min_cosine``."""
+    """The contender served after the engine re-check (:func:`recheck`) with the highest
+    throughput at the headline batch, optionally only among those whose quality (manifest
+    cosine_mean) reaches ``min_cosine``."""
     b = str(result["headline_batch"])
     best = None
-    for r in result["contenders"]:
-        if not r["served"] or "throughput" not in r or b not in r["throughput"]:
-            continue
+    for entry in recheck(result).values():
+        r = entry["after"]
         if min_cosine is not None:
             cos = r["manifest_quality"].get("cosine_mean")
             if cos is None or cos < min_cosine:

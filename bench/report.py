@@ -106,7 +106,11 @@ def _targets(rows: list[dict[str, Any]]) -> list[str]:
         "ResNet-50 >= 5x and MiniLM >= 2.5x at cosine >= 0.999; on `avx2` and `avx512` ResNet-50 "
         ">= 1.9x and MiniLM's fastest variant at cosine >= 0.999 *named* with its ratio); the "
         "serving targets are the same on every class. This table judges them on the machine "
-        "above, from this run.",
+        "above, from this run. The precision targets are judged on the engine each variant "
+        "would be served on after the gateway's start-up engine re-check (another engine "
+        "replaces the manifest's where it leads beyond the spread of this run's rounds, "
+        "`common/engine_lead.py`); a variant whose fastest non-served engine measured more than "
+        "1.2x its served one is *flagged*.",
         "",
         *_table(["target", "wanted", "measured", "status", "how", "why (when not met)"], body),
         "",

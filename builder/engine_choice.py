@@ -5,10 +5,13 @@ returned) and, when the plug-in's engine options carry no engine-specific precis
 every other engine installed here with its default CPU options. Each candidate must load and
 its quality vs FP32 must be within :data:`QUALITY_TOLERANCE` points of the own engine's (same
 file, same evaluation set). The survivors are timed round-robin (``builder.evaluate.measure_speed``
-per engine per round: warm-up, batch-1 latency, throughput; medians over rounds) at the model's
-speed batch; the fastest by throughput wins,
-but an alternative must beat the own engine by :data:`MIN_GAIN` so noise does not flip the
-choice. ``--engine`` overrides all of this; ``--no-speed`` keeps the own engine.
+per engine per round: warm-up, batch-1 latency, throughput), one throughput per engine per
+round, at the model's speed batch. The fastest by median throughput replaces the own engine
+only when its lead is larger than the spread of the rounds and at least :data:`MIN_GAIN`
+(``common.engine_lead.judge``); otherwise the own engine stays, "within noise". The rounds
+(min / median / max, spread), the decision and the load average during the timing go into the
+manifest (``EngineChoice.details``); a load average over the core count marks the timing
+``busy``. ``--engine`` overrides all of this; ``--no-speed`` keeps the own engine.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from builder import hostinfo
 from builder.errors import BuildError
 from builder.evaluate import Evaluator, measure_speed
 from builder.sources.base import Dataset
+from common.engine_lead import BEYOND_NOISE, MIN_GAIN, WITHIN_NOISE, judge, summary
 from common.engines import EngineError, available_engines, get_engine
+from common.hostinfo import busy_phrase
 
 if TYPE_CHECKING:
     from builder.precisions.base import VariantResult
@@ -37,7 +43,6 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "openvino": {"inference_precision": "f32"},
 }
 QUALITY_TOLERANCE = 0.25  # points of accuracy_loss (builder.evaluate.accuracy_loss)
-MIN_GAIN = 1.05  # an alternative engine must be >= 5 % faster than the precision's own
 ROUNDS = 3  # round-robin rounds over the candidate engines
 INNER_ROUNDS = 3  # measure_speed rounds per engine per round (batch runs)
 LATENCY_RUNS = 9  # batch-1 runs per engine per round
@@ -52,6 +57,8 @@ class EngineChoice:
     reason: str
     timings: dict[str, dict[str, Any]] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
+    # common.engine_lead.Lead.record() plus load_average, cores and busy during the timing
+    decision: dict[str, Any] = field(default_factory=dict)
 
     def details(self) -> dict[str, Any]:
         """What the manifest records about the choice (``VariantRecord.details``)."""
@@ -60,6 +67,8 @@ class EngineChoice:
             out["engine_timings"] = self.timings
         if self.rejected:
             out["engine_rejected"] = self.rejected
+        if self.decision:
+            out["engine_decision"] = self.decision
         return out
 
 
@@ -140,18 +149,26 @@ def choose_engine(
     if len(sessions) == 1:
         why = f"{own}: the only engine that passed (rejected: {', '.join(rejected)})"
         return EngineChoice(own, own_options, own_quality, why, rejected=rejected)
+    load_before = hostinfo.load_average()
     timings = _timings(sessions, options, sample, batch_size)
-    own_speed = timings[own]["throughput"]
-    best = max(timings, key=lambda e: timings[e]["throughput"])
-    if best != own and timings[best]["throughput"] < own_speed * MIN_GAIN:
-        best = own
-    ratio = timings[best]["throughput"] / own_speed
-    reason = (
-        f"{best}: fastest measured ({ratio:.2f}x {own})"
-        if best != own
-        else f"{own}: fastest measured (alternatives not >= {MIN_GAIN:.2f}x faster)"
-    )
-    return EngineChoice(best, options[best], qualities[best], reason, timings, rejected)
+    load = max(load_before, hostinfo.load_average())
+    cores = int(hostinfo.cpu_info()["cores"])  # type: ignore[call-overload]
+    lead = judge(own, {e: t["throughput_rounds"] for e, t in timings.items()}, MIN_GAIN)
+    decision = {**lead.record(), "load_average": load, "cores": cores}
+    decision["busy"] = hostinfo.busy(load, cores)
+    ratio = f"{1 + lead.lead:.2f}x {own}"
+    spread = f"{100 * lead.noise:.0f}% spread"
+    if lead.verdict == BEYOND_NOISE:
+        reason = f"{lead.chosen}: fastest measured ({ratio}, beyond the {spread})"
+    elif lead.verdict == WITHIN_NOISE:
+        reason = f"{own}: within noise ({lead.fastest} {ratio}, inside the {spread})"
+    else:
+        reason = f"{own}: fastest measured"
+    if decision["busy"]:
+        reason += f"; busy host: {busy_phrase(load, cores)}"
+        log.warning("engine timings for %s on a busy host (%s)", path, busy_phrase(load, cores))
+    best = lead.chosen
+    return EngineChoice(best, options[best], qualities[best], reason, timings, rejected, decision)
 
 
 def _short(message: str, limit: int = 400) -> str:
@@ -174,19 +191,19 @@ def _worse(candidate: Mapping[str, Any], own: Mapping[str, Any]) -> str | None:
     return None
 
 
-def measure_round_robin(
+def measure_rounds(
     sessions: Mapping[str, Any],
     sample: Dataset,
     batch_size: int,
     rounds: int = ROUNDS,
     inner_rounds: int = INNER_ROUNDS,
     latency_runs: int = LATENCY_RUNS,
-) -> dict[str, dict[str, float]]:
-    """``measure_speed``'s result, fairer across engines: round-robin over the sessions, each
-    timed in its own ``measure_speed`` call (which warms it up first) after a short pause;
-    medians over the rounds. Timing engines run by run in one call is biased: ONNX Runtime's
-    worker threads keep spinning after a run and steal the cores from whichever session runs
-    next (docs/engines.md has the numbers)."""
+) -> dict[str, list[dict[str, float]]]:
+    """``measure_speed``'s result per round, fairer across engines: round-robin over the
+    sessions, each timed in its own ``measure_speed`` call (which warms it up first) after a
+    short pause. Timing engines run by run in one call is biased: ONNX Runtime's worker threads
+    keep spinning after a run and steal the cores from whichever session runs next
+    (docs/engines.md has the numbers)."""
     got: dict[str, list[dict[str, float]]] = {name: [] for name in sessions}
     for _ in range(rounds):
         for name, session in sessions.items():
@@ -195,13 +212,27 @@ def measure_round_robin(
                 {name: session}, sample, batch_size, rounds=inner_rounds, latency_runs=latency_runs
             )
             got[name].append(speed[name])
+    return got
+
+
+def measure_round_robin(
+    sessions: Mapping[str, Any],
+    sample: Dataset,
+    batch_size: int,
+    rounds: int = ROUNDS,
+    inner_rounds: int = INNER_ROUNDS,
+    latency_runs: int = LATENCY_RUNS,
+) -> dict[str, dict[str, float]]:
+    """:func:`measure_rounds`' medians over the rounds."""
+    got = measure_rounds(sessions, sample, batch_size, rounds, inner_rounds, latency_runs)
+    return {name: _medians(runs) for name, runs in got.items()}
+
+
+def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
     return {
-        name: {
-            "latency_ms_p50": statistics.median(r["latency_ms_p50"] for r in runs),
-            "throughput": statistics.median(r["throughput"] for r in runs),
-            "batch_size": runs[0]["batch_size"],
-        }
-        for name, runs in got.items()
+        "latency_ms_p50": statistics.median(r["latency_ms_p50"] for r in runs),
+        "throughput": statistics.median(r["throughput"] for r in runs),
+        "batch_size": runs[0]["batch_size"],
     }
 
 
@@ -211,13 +242,21 @@ def _timings(
     sample: Dataset,
     batch_size: int,
 ) -> dict[str, dict[str, Any]]:
-    speeds = measure_round_robin(sessions, sample, batch_size)
-    return {
-        name: {
+    """Per engine: its options, medians, and the per-round throughputs with their summary."""
+    got = measure_rounds(sessions, sample, batch_size)
+    out: dict[str, dict[str, Any]] = {}
+    for name, runs in got.items():
+        s = _medians(runs)
+        per_round = [round(float(r["throughput"]), 3) for r in runs]
+        spread = summary(per_round)
+        out[name] = {
             "options": options[name],
             "throughput": round(float(s["throughput"]), 3),
             "latency_ms_p50": round(float(s["latency_ms_p50"]), 4),
             "batch_size": int(s["batch_size"]),
+            "throughput_rounds": per_round,
+            "throughput_min": spread["min"],
+            "throughput_max": spread["max"],
+            "spread": spread["spread"],
         }
-        for name, s in speeds.items()
-    }
+    return out

@@ -2,14 +2,22 @@
 
 ``cpu_info`` and the flag list live in common/hostinfo.py (the gateway compares its host with
 the manifest's at start-up); the checks below read ``cpu_info`` through this module, so tests
-can patch ``builder.hostinfo.cpu_info``.
+can patch ``builder.hostinfo.cpu_info`` (and ``load_average``, which the engine choice reads).
 """
 
 from __future__ import annotations
 
-from common.hostinfo import INTERESTING_FLAGS, cpu_info
+from common.hostinfo import INTERESTING_FLAGS, busy, cpu_info, load_average
 
-__all__ = ["INTERESTING_FLAGS", "cpu_info", "has_flag", "supports_bf16", "supports_vnni"]
+__all__ = [
+    "INTERESTING_FLAGS",
+    "busy",
+    "cpu_info",
+    "has_flag",
+    "load_average",
+    "supports_bf16",
+    "supports_vnni",
+]
 
 
 def has_flag(flag: str) -> bool:

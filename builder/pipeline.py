@@ -20,7 +20,7 @@ from builder.max_shapes import apply_max_shapes
 from builder.options import BuildOptions
 from builder.precisions import BuildContext, RefusesModels, VariantResult, get_precision
 from builder.prepare import optimize_basic
-from builder.sources import LoadedModel, load_model
+from builder.sources import LoadedModel, load_model, preview_model
 from builder.sources.base import Dataset
 from builder.sources.common import with_data_note
 from builder.staging import (
@@ -99,6 +99,18 @@ def _check_refusals(plugins: dict[str, object], model: LoadedModel, options: Bui
                 raise BuildError(reason)
 
 
+def _refuse_before_loading(spec: str, options: BuildOptions, work: Path) -> None:
+    """Requested precisions that may refuse the model look at its preview, where its source
+    has one, before the source's work (the digits demo trains a CNN for a minute)."""
+    if not options.precisions:
+        return
+    plugins = {p: get_precision(p) for p in options.precisions}
+    if any(isinstance(p, RefusesModels) for p in plugins.values()):
+        preview = preview_model(spec, work / "preview")
+        if preview is not None:
+            _check_refusals(plugins, preview, options)
+
+
 def _load(spec: str, options: BuildOptions, work: Path) -> LoadedModel:
     model = load_model(spec, work / "source")
     if options.max_shapes:
@@ -113,6 +125,7 @@ def _load(spec: str, options: BuildOptions, work: Path) -> LoadedModel:
 
 
 def _build(spec: str, options: BuildOptions, repo: Path, work: Path) -> Manifest:
+    _refuse_before_loading(spec, options, work)
     model = _load(spec, options, work)
     precisions = options.precisions or list(model.default_precisions)
     plugins = {p: get_precision(p) for p in precisions}  # unknown names fail before any work
@@ -188,8 +201,10 @@ def _build(spec: str, options: BuildOptions, repo: Path, work: Path) -> Manifest
         plugins[QAT] = get_precision(QAT)
         build_one(QAT)
 
+    loads = []
     if options.measure_speed and manifest.variants:
-        _measure(manifest, model, repo, options)
+        loads.append(_measure(manifest, model, repo, options))
+    note_busy_host(manifest, loads)
     write_samples(repo, model)
     manifest.save(repo)
     if options.target == "gpu":
@@ -386,14 +401,51 @@ def triton_platform(result: VariantResult, max_batch_size: int = 1) -> dict[str,
     return standard_backend(result.engine, result.engine_options, result.path.name, max_batch_size)
 
 
-def _measure(manifest: Manifest, model: LoadedModel, repo: Path, options: BuildOptions) -> None:
+BUSY_NOTE = "busy host: "
+
+
+def note_busy_host(manifest: Manifest, loads: list[float]) -> None:
+    """Record the highest load average seen while this build timed engines and variants in the
+    manifest's ``host`` (``load_average``, ``busy``), and a note when it was over the core
+    count: the engine choices and speeds were measured on a shared CPU (the gateway re-checks
+    them at start-up, server/routing/retime.py)."""
+    loads = [*loads] + [
+        float(v.details["engine_decision"]["load_average"])
+        for v in manifest.variants.values()
+        if "load_average" in v.details.get("engine_decision", {})
+    ]
+    manifest.notes = [n for n in manifest.notes if not n.startswith(BUSY_NOTE)]
+    if not loads:
+        return
+    load, cores = max(loads), int(manifest.host.get("cores") or 1)
+    manifest.host["load_average"] = load
+    manifest.host["busy"] = hostinfo.busy(load, cores)
+    if manifest.host["busy"]:
+        kept = [p for p, v in manifest.variants.items() if _within_noise(v)]
+        manifest.notes.append(
+            f"{BUSY_NOTE}load average up to {load:.2f} over {cores} cores while engines and "
+            "variants were timed: the speeds are noisy"
+            + (f"; engine kept within noise for {', '.join(kept)}" if kept else "")
+            + "; the gateway re-checks the engines at start-up (--retime auto)"
+        )
+
+
+def _within_noise(record: VariantRecord) -> bool:
+    return record.details.get("engine_decision", {}).get("verdict") == "within noise"
+
+
+def _measure(manifest: Manifest, model: LoadedModel, repo: Path, options: BuildOptions) -> float:
+    """Every variant's speed on its engine, round-robin; returns the highest load average seen."""
     sessions = {
         p: get_engine(v.engine).load(repo / v.file, v.engine_options, options.threads)
         for p, v in manifest.variants.items()
     }
+    load = hostinfo.load_average()
     speeds = measure_round_robin(sessions, model.evaluation, speed_batch(model), inner_rounds=1)
+    load = max(load, hostinfo.load_average())
     fp32 = speeds.get("fp32")
     for p, s in speeds.items():
         if fp32:
             s["speedup_vs_fp32"] = s["throughput"] / fp32["throughput"]
         manifest.variants[p].speed = {k: round(v, 3) for k, v in s.items()}
+    return load

@@ -96,11 +96,22 @@ def summary(manifest: Manifest) -> str:
         for p, v in manifest.variants.items()
         if (line := qat_line(p, v.details)) is not None
     )
+    lines.extend(
+        f"engine: {p} {v.details['engine_choice']}"
+        for p, v in manifest.variants.items()
+        if v.details.get("engine_decision")
+    )
     speed_batch = next((v.speed.get("batch_size") for v in manifest.variants.values()), None)
     if speed_batch:
         cpu = manifest.host.get("model", "?")
         lines.append(
             f"speed: batch-1 p50 latency and throughput at batch {int(speed_batch)} on {cpu}"
-            f" ({manifest.host.get('cores')} cores)"
+            f" ({manifest.host.get('cores')} cores"
+            + (
+                f", load average up to {manifest.host['load_average']:.2f}: BUSY"
+                if manifest.host.get("busy")
+                else ""
+            )
+            + ")"
         )
     return "\n".join(lines)

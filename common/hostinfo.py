@@ -64,3 +64,21 @@ def host_differences(recorded: Mapping[str, Any], here: Mapping[str, Any]) -> li
     if recorded.get("cores") != here.get("cores"):
         out.append(f"cores {recorded.get('cores')} -> {here.get('cores')}")
     return out
+
+
+def load_average() -> float:
+    """The 1-minute load average (0.0 where the OS does not report one)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return 0.0
+
+
+def busy(load: float, cores: int) -> bool:
+    """A host is busy when its load average is over its logical core count: timings taken then
+    share the cores with other work and are noisy."""
+    return load > max(1, cores)
+
+
+def busy_phrase(load: float, cores: int) -> str:
+    return f"load average {load:.2f} over {cores} cores"

@@ -117,6 +117,16 @@ VARIANT_LATENCY = Gauge(
     multiprocess_mode="livemax",
 )
 
+# The engine each variant runs on: the manifest's, and the one served in this process (they
+# differ where the start-up re-check moved a variant to an engine that leads beyond noise here).
+VARIANT_ENGINE = Gauge(
+    "precision_serve_variant_engine",
+    "1 for the engine of a variant: source=manifest (the builder's choice) or served (this "
+    "process, after the re-timing's engine re-check).",
+    ["model", "precision", "engine", "source"],
+    multiprocess_mode="livemax",
+)
+
 HTTP_CONNECTIONS_REJECTED = Counter(
     "precision_serve_http_connections_rejected",
     "HTTP connections answered 503 and closed because --http-max-connections were open.",
@@ -148,6 +158,7 @@ upstream_call_requests = Children(UPSTREAM_CALL_REQUESTS)  # (model, precision)
 routing_decisions = Children(ROUTING_DECISIONS)  # (model, precision, policy)
 variant_speed = Children(VARIANT_SPEED)  # (model, precision, source)
 variant_latency = Children(VARIANT_LATENCY)  # (model, precision, source)
+variant_engine = Children(VARIANT_ENGINE)  # (model, precision, engine, source)
 
 # ---- the slo routing policy (server/routing/slo.py); one series per worker under --workers ----
 SLO_SHARE = Gauge(

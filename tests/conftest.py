@@ -9,6 +9,7 @@ are not skips and are left alone. A missing component therefore cannot pass CI s
 
 from __future__ import annotations
 
+import os
 from collections.abc import Generator
 from pathlib import Path
 
@@ -64,24 +65,46 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_onnx(tmp_path_factory.mktemp("tiny") / "tiny.onnx")
 
 
+def quiet_build_host():
+    """The shared repositories are built as on a quiet host whatever the load here: a manifest
+    marked busy is re-timed by the gateway at start-up (server/routing/retime.py), which would
+    replace the speeds the gateway tests set with this host's noisy ones."""
+    from unittest import mock
+
+    return mock.patch("builder.hostinfo.load_average", return_value=0.0)
+
+
 @pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory: pytest.TempPathFactory, tiny_onnx: Path) -> Path:
     """The tiny classifier built into fp32, fp16 and int8 variants (seconds, no torch)."""
     from builder.pipeline import BuildOptions, build_model
 
     repo = tmp_path_factory.mktemp("tiny_repository")
-    build_model(
-        f"onnx:{tiny_onnx}",
-        BuildOptions(repository=repo, precisions=["fp32", "fp16", "int8"], progress=False),
-    )
+    with quiet_build_host():
+        build_model(
+            f"onnx:{tiny_onnx}",
+            BuildOptions(repository=repo, precisions=["fp32", "fp16", "int8"], progress=False),
+        )
     return repo
 
 
 @pytest.fixture(scope="session")
 def digits_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The digits demo built into fp32, fp16 and int8 (trains once; cached afterwards)."""
+    """The digits demo built into fp32, fp16 and int8 (trains once; cached afterwards): built
+    once per run, by the first pytest-xdist worker that asks, into the run's shared temporary
+    folder; the others wait for it (read-only, as tests use it)."""
+    from filelock import FileLock
+
     from builder.pipeline import BuildOptions, build_model
 
-    repo = tmp_path_factory.mktemp("digits_repository")
-    build_model("digits", BuildOptions(repository=repo, progress=False))
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's folder, above popen-gw0, popen-gw1, ...
+    repo = shared / "digits_repository"
+    done = shared / "digits_repository.built"
+    with FileLock(f"{repo}.lock"):
+        if not done.exists():
+            with quiet_build_host():
+                build_model("digits", BuildOptions(repository=repo, progress=False))
+            done.touch()
     return repo

@@ -142,7 +142,7 @@ def test_onnxruntime_output_of_an_unmappable_type_is_a_clear_engine_error(tmp_pa
     assert "tensor(float8e4m3fn)" in message
 
 
-# ---- the map's users: the load test's metadata specs, the bench's raw gRPC client ---------------
+# ---- the map's users: the load test's metadata specs (the bench's raw gRPC client: bench/tests) --
 
 
 def test_loadtest_specs_from_metadata_use_the_map_and_refuse_unknown_datatypes() -> None:
@@ -156,32 +156,3 @@ def test_loadtest_specs_from_metadata_use_the_map_and_refuse_unknown_datatypes()
     ]
     with pytest.raises(ConfigError, match=r"input 'z'.*'FP8'"):
         specs_from_metadata([("z", "FP8", [4])], batched=False)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float16", "int64", "uint16", "int8", "bool"])
-def test_bench_client_round_trips_raw_tensors(dtype: str) -> None:
-    from tritonclient.grpc import service_pb2
-
-    from bench import clients
-
-    arr = (np.arange(6) % 2).astype(dtype).reshape(2, 3)
-    request = service_pb2.ModelInferRequest.FromString(clients.infer_request_bytes("m", {"x": arr}))
-    assert request.inputs[0].datatype == to_datatype(dtype)
-    response = service_pb2.ModelInferResponse(model_name="m")
-    response.outputs.add(name="y", datatype=request.inputs[0].datatype, shape=[2, 3])
-    response.raw_output_contents.append(request.raw_input_contents[0])
-    outputs, _ = clients.decode_response(response.SerializeToString())
-    assert outputs["y"].dtype == np.dtype(dtype)
-    np.testing.assert_array_equal(outputs["y"], arr)
-
-
-def test_bench_client_refuses_an_unknown_response_datatype() -> None:
-    from tritonclient.grpc import service_pb2
-
-    from bench import clients
-
-    response = service_pb2.ModelInferResponse(model_name="m")
-    response.outputs.add(name="y", datatype="FP8", shape=[4])
-    response.raw_output_contents.append(b"\0" * 4)
-    with pytest.raises(DtypeError, match="FP8"):
-        clients.decode_response(response.SerializeToString())

@@ -301,6 +301,131 @@ def test_a_faster_engine_that_loses_quality_is_rejected(
         )
 
 
+class _SameQuality:
+    def quality(self, path, engine="onnxruntime", options=None):
+        return {"finite": 1.0, "accuracy_loss": 0.0, "cosine_mean": 1.0}
+
+
+def _noisy_speed(rounds: dict[str, list[float]]):
+    """A measure_speed stand-in, a noisy timer: each call for an engine returns that engine's
+    next round value."""
+    seen: dict[str, int] = {}
+
+    def engine_of(session: object) -> str:
+        return "openvino" if type(session).__name__ == "OpenVinoSession" else "onnxruntime"
+
+    def measure(sessions, sample, batch_size, rounds=5, latency_runs=10):
+        ((name, session),) = sessions.items()
+        engine = engine_of(session)
+        i = seen[engine] = seen.get(engine, -1) + 1
+        return {name: {"latency_ms_p50": 1.0, "throughput": values[engine][i],
+                       "batch_size": float(batch_size)}}  # fmt: skip
+
+    values = rounds
+    return measure
+
+
+@pytest.mark.parametrize(
+    ("openvino_rounds", "chosen", "verdict"),
+    [
+        ([110.0, 140.0, 125.0], "onnxruntime", "within noise"),  # +25 % lead, 40 % spread
+        ([260.0, 230.0, 250.0], "openvino", "beyond noise"),  # +150 % lead, 40 % spread
+    ],
+    ids=["lead-inside-spread", "lead-beyond-spread"],
+)
+def test_engine_choice_switches_only_on_a_lead_beyond_the_spread(
+    tiny_onnx: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    openvino_ok: None,
+    openvino_rounds: list[float],
+    chosen: str,
+    verdict: str,
+) -> None:
+    # ONNX Runtime (the precision's own engine) measures 80..120 over three rounds: 40 % spread.
+    rounds = {"onnxruntime": [120.0, 80.0, 100.0], "openvino": openvino_rounds}
+    monkeypatch.setattr(engine_choice, "measure_speed", _noisy_speed(rounds))
+    loads = iter([0.5, 0.7])
+    monkeypatch.setattr(hostinfo, "load_average", lambda: next(loads))
+    monkeypatch.setattr(hostinfo, "cpu_info", _fake_cpu(["avx2"]))
+    choice = engine_choice.choose_engine(
+        VariantResult(tiny_onnx), tiny_onnx, _SameQuality(), Dataset({"x": _x(8)}), 8
+    )
+    assert choice.engine == chosen
+    d = choice.details()
+    decision = d["engine_decision"]
+    assert decision["verdict"] == verdict and decision["fastest"] == "openvino"
+    assert decision["noise"] == pytest.approx(0.4)
+    assert decision["chosen"] == chosen and decision["default"] == "onnxruntime"
+    # the load average is the highest seen around the timing; 0.7 on 2 cores is not busy
+    assert (decision["load_average"], decision["cores"], decision["busy"]) == (0.7, 2, False)
+    ort = d["engine_timings"]["onnxruntime"]
+    assert ort["throughput_rounds"] == [120.0, 80.0, 100.0]
+    assert (ort["throughput_min"], ort["throughput"], ort["throughput_max"]) == (80, 100, 120)
+    assert ort["spread"] == pytest.approx(0.4)
+    assert d["engine_timings"]["openvino"]["throughput_rounds"] == openvino_rounds
+    if chosen == "onnxruntime":
+        assert choice.reason == (
+            "onnxruntime: within noise (openvino 1.25x onnxruntime, inside the 40% spread)"
+        )
+    else:
+        assert choice.reason == (
+            "openvino: fastest measured (2.50x onnxruntime, beyond the 40% spread)"
+        )
+        assert choice.options == {"inference_precision": "f32"}
+
+
+def test_spread_is_the_range_for_few_rounds_and_the_iqr_for_many() -> None:
+    from common.engine_lead import judge, summary
+
+    assert summary([80.0, 100.0, 120.0])["spread"] == pytest.approx(0.4)
+    # seven rounds, one stray: the IQR (96.5..101) ignores it, max - min would be 65 %
+    many = [100.0, 95.0, 105.0, 40.0, 100.0, 98.0, 102.0]
+    s = summary(many)
+    assert (s["min"], s["median"], s["max"], s["rounds"]) == (40, 100, 105, 7)
+    assert s["spread"] == pytest.approx(0.045)
+    lead = judge("onnxruntime", {"onnxruntime": many, "openvino": [x * 1.2 for x in many]})
+    assert lead.chosen == "openvino" and lead.verdict == "beyond noise"
+    assert lead.describe() == "openvino leads onnxruntime by +20% beyond the 4% spread"
+    # a lead under MIN_GAIN never switches, however quiet the rounds
+    quiet = judge("onnxruntime", {"onnxruntime": [100.0] * 3, "openvino": [103.0] * 3})
+    assert quiet.chosen == "onnxruntime" and quiet.verdict == "within noise"
+
+
+@pytest.mark.parametrize(("load", "busy"), [(5.0, True), (1.5, False)])
+def test_a_busy_host_is_flagged_in_the_manifest_and_the_table(
+    tiny_onnx: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    openvino_ok: None,
+    load: float,
+    busy: bool,
+) -> None:
+    from builder.report import summary
+
+    rounds = {"onnxruntime": [100.0, 90.0, 110.0] * 3, "openvino": [105.0, 100.0, 110.0] * 3}
+    monkeypatch.setattr(engine_choice, "measure_speed", _noisy_speed(rounds))
+    monkeypatch.setattr(hostinfo, "cpu_info", _fake_cpu(["avx2"]))  # 2 cores
+    monkeypatch.setattr(hostinfo, "load_average", lambda: load)
+    manifest = _build(tiny_onnx, tmp_path, precisions=["fp32"], measure_speed=True)
+    v = manifest.variants["fp32"]
+    assert v.engine == "onnxruntime" and v.details["engine_decision"]["verdict"] == "within noise"
+    assert v.details["engine_decision"]["busy"] is busy
+    assert manifest.host["load_average"] == load and manifest.host["busy"] is busy
+    saved = load_manifests(tmp_path)["tiny"]
+    assert saved.host["busy"] is busy
+    notes = [n for n in saved.notes if n.startswith("busy host: ")]
+    table = summary(saved)
+    assert "engine: fp32 onnxruntime: within noise (openvino 1.05x" in table
+    if busy:
+        (note,) = notes
+        assert "load average up to 5.00 over 2 cores" in note
+        assert "engine kept within noise for fp32" in note
+        assert "note: busy host: " in table and "load average up to 5.00: BUSY" in table
+        assert "busy host: load average 5.00 over 2 cores" in v.details["engine_choice"]
+    else:
+        assert notes == [] and "BUSY" not in table and "busy host" not in table
+
+
 # ---- Triton config for OpenVINO variants -----------------------------------------------------
 
 

@@ -253,20 +253,6 @@ def test_budget_keeps_the_worst_layer_out_of_4_bit(
     assert len(bits) == 4 and not any(n.startswith(SENSITIVE) for n in bits), bits
 
 
-def test_bench_builds_minilm_int4_when_missing(tmp_path: Path, monkeypatch) -> None:
-    """``make bench``'s engine level measures MiniLM's opt-in int4: built when missing."""
-    import builder.pipeline
-    from bench import run
-
-    calls: list[list[str] | None] = []
-    monkeypatch.setattr(
-        builder.pipeline, "build_model", lambda name, options: calls.append(options.precisions)
-    )
-    done = run.ensure_built(tmp_path, ["minilm", "digits"], rebuild=False)
-    assert calls == [None, ["int4"], None], calls
-    assert "int4 built" in done["minilm"] and "int4" not in done["digits"], done
-
-
 def test_quantizer_import_leaves_root_logging_alone() -> None:
     """ORT's matmul_nbits_quantizer calls logging.basicConfig(level=INFO) on import; the
     builder's import of it must not configure the host program's root logger."""

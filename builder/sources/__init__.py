@@ -57,4 +57,24 @@ def load_model(spec: str, workdir: Path) -> LoadedModel:
     return model
 
 
-__all__ = ["DEMO_SOURCES", "PREFIX_SOURCES", "Dataset", "LoadedModel", "load_model", "resolve"]
+def preview_model(spec: str, workdir: Path) -> LoadedModel | None:
+    """The model's graph without the source's costly work (training), for the sources that
+    offer one (a ``preview`` method; the digits demo): enough for a precision's refusal."""
+    source, reference = resolve(spec)
+    preview = getattr(source, "preview", None)
+    if preview is None:
+        return None
+    model = preview(reference, Path(workdir))
+    model.source = spec
+    return model
+
+
+__all__ = [
+    "DEMO_SOURCES",
+    "PREFIX_SOURCES",
+    "Dataset",
+    "LoadedModel",
+    "load_model",
+    "preview_model",
+    "resolve",
+]

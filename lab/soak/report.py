@@ -2,7 +2,7 @@
 report files (``soak.json`` + ``soak.md``; the plots are in :mod:`lab.soak.plots`).
 
 Everything here is a pure function of what the run recorded, so it is unit-tested with
-synthetic samples (tests/loadtest/test_soak_report.py).
+synthetic samples (lab/tests/test_soak_report.py).
 """
 
 from __future__ import annotations

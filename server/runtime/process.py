@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 
+from common import heap
 from server.app import serve
 from server.dataplane.security import TOKEN_ENV
 from server.errors import GatewayError
@@ -26,6 +27,7 @@ def main(argv: list[str], worker: bool = False) -> int:
         )
         if command_line.process.workers != 1 and not worker:
             return _supervise(command_line)
+        heap.limit_arenas()  # before gRPC's and the engines' threads (common/heap.py)
         run_loop(serve(command_line.serve_options(worker)), command_line.process.loop)
     except GatewayError as e:
         print(f"precision-serve: error: {e.message}", file=sys.stderr)

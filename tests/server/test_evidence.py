@@ -14,6 +14,7 @@ from server.catalog import load_repository
 from server.routing.evidence import quality_is_evidence
 from server.routing.options import RoutingOptions
 from server.routing.policies import ModelRoute, Router, parse_routing
+from tests.helpers import skip_or_fail
 from tests.server.conftest import copy_repository
 
 
@@ -248,6 +249,85 @@ def test_triton_upstream_keeps_the_manifest_speeds(other_host_repo: Path, caplog
     assert not result.retimed and "triton" in result.why
     assert repository.models["tiny"].variants["fp16"].record.speed == RECORDED["fp16"]
     assert "runs the variants on its own hosts" in caplog.records[0].getMessage()
+
+
+def _engine_gauge(precision: str, engine: str, source: str) -> float | None:
+    from prometheus_client import REGISTRY
+
+    labels = {"model": "tiny", "precision": precision, "engine": engine, "source": source}
+    return REGISTRY.get_sample_value("precision_serve_variant_engine", labels)
+
+
+def _fake_timer(per_round: dict[str, list[float]]):
+    """A time_sessions stand-in: each session key's per-round throughputs as given."""
+
+    def timer(sessions, samples, batch):
+        assert set(sessions) == set(per_round)
+        speeds = {
+            key: {"latency_ms_p50": 1000.0 / sorted(v)[1], "throughput": sorted(v)[1],
+                  "batch_size": float(batch)}
+            for key, v in per_round.items()
+        }  # fmt: skip
+        return speeds, 3, per_round
+
+    return timer
+
+
+def test_busy_build_host_is_retimed_and_the_engine_rechecked(repo: Path, caplog) -> None:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        skip_or_fail("openvino is not installed")
+    from common.hostinfo import cpu_info
+    from server.routing.retime import retime_repository
+
+    manifest = load_manifests(repo)["tiny"]
+    here = dict(cpu_info())
+    manifest.host = {**here, "load_average": 9.5, "busy": True}  # this host kind, but busy
+    ov = {"options": {"inference_precision": "f32"}, "throughput": 1.0}
+    for precision, v in manifest.variants.items():
+        v.engine, v.engine_options = "onnxruntime", {}
+        v.details["engine_timings"] = (
+            {"onnxruntime": {"options": {}}, "openvino": ov} if precision != "fp16" else {}
+        )
+    manifest.save(repo)
+    per_round = {
+        "fp32": [100.0, 90.0, 110.0],  # 20 % spread
+        "fp32@openvino": [105.0, 100.0, 110.0],  # +5 %: within the spread, stays
+        "int8": [100.0, 90.0, 110.0],
+        "int8@openvino": [200.0, 210.0, 190.0],  # +100 %: beyond it, moves
+        "fp16": [50.0, 50.0, 50.0],  # nothing else timed by the builder: not re-checked
+    }
+    repository = load_repository(repo)
+    with caplog.at_level(logging.INFO, logger="server.routing.retime"):
+        (result,) = retime_repository(repository, "auto", timer=_fake_timer(per_round))
+    assert f"the build host was busy (load average 9.50 over {here['cores']} cores)" in result.why
+    variants = repository.models["tiny"].variants
+    assert variants["int8"].record.engine == "openvino"
+    assert variants["int8"].record.engine_options == {"inference_precision": "f32"}
+    assert variants["int8"].record.speed["throughput"] == 200.0  # the moved engine's figures
+    assert variants["fp32"].record.engine == "onnxruntime"
+    assert variants["fp16"].record.engine == "onnxruntime" and "fp16" not in result.engines
+    assert set(result.switched) == {"int8"}
+    assert result.engines["fp32"]["verdict"] == "within noise"
+    # exposed: the engine served in this process next to the manifest's
+    assert _engine_gauge("int8", "openvino", "served") == 1.0
+    assert _engine_gauge("int8", "onnxruntime", "manifest") == 1.0
+    assert _engine_gauge("int8", "onnxruntime", "served") == 0.0
+    assert _engine_gauge("fp32", "onnxruntime", "served") == 1.0
+    (record,) = [r for r in caplog.records if r.name == "server.routing.retime"]
+    assert record.levelno == logging.WARNING
+    line = record.getMessage()
+    assert (
+        "int8 moved from onnxruntime to openvino in this process (openvino leads onnxruntime "
+        "by +100% beyond the 20% spread)" in line
+    )
+    assert (
+        "fp32 stays on onnxruntime (openvino leads onnxruntime by +5% within the 20% spread)"
+        in (line)
+    )
+    # the manifest file is untouched
+    assert load_manifests(repo)["tiny"].variants["int8"].engine == "onnxruntime"
 
 
 def test_retime_mode_is_checked() -> None:

@@ -8,7 +8,6 @@ regions (unique keys) and unregisters them.
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import uuid
 
 import numpy as np
@@ -23,7 +22,6 @@ from server.dataplane.security import SecurityOptions
 from server.routing.options import RoutingOptions
 from server.runtime.runner import GatewayProcess
 from server.transports.options import ListenOptions, Ports
-from tests.helpers import skip_or_fail
 from tests.server.conftest import ort_outputs, rows
 
 pytestmark = pytest.mark.integration
@@ -249,43 +247,6 @@ def test_server_metadata_lists_system_shared_memory(gw):
     http_ext = httpclient.InferenceServerClient(gw.http_url).get_server_metadata()["extensions"]
     assert "system_shared_memory" in grpc_ext and "system_shared_memory" in http_ext
     assert "cuda_shared_memory" not in grpc_ext and list(grpc_ext) == list(http_ext)
-
-
-@pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_perf_analyzer_with_system_shared_memory(gw, tmp_path, protocol):
-    from bench.peers import PeerError, perf_analyzer
-
-    try:
-        binary = perf_analyzer.binary()
-    except PeerError as e:
-        skip_or_fail(str(e))
-    client = grpcclient.InferenceServerClient(gw.grpc_url)
-
-    def counts():
-        [s] = client.get_inference_statistics("tiny_int8").model_stats
-        return s.inference_stats.success.count, s.inference_stats.fail.count
-
-    before = counts()
-    report = tmp_path / "report.csv"
-    url = gw.grpc_url if protocol == "grpc" else gw.http_url
-    # -x 1 until perf_analyzer's default (latest) version resolves against the gateway
-    cmd = [
-        str(binary), "-m", "tiny_int8", "-x", "1", "-u", url, "-i", protocol,
-        "--shared-memory", "system", "--concurrency-range", "1", "-p", "500",
-        "-s", "1000", "-r", "6", "-f", str(report),
-    ]  # fmt: skip
-    done = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=120, env=perf_analyzer.environment()
-    )
-    said = done.stdout[-1500:] + done.stderr[-1500:]
-    assert done.returncode == 0, said
-    assert "error" not in said.lower() and "unable" not in said.lower(), said
-    [row] = perf_analyzer.parse_csv(report.read_text())
-    assert row["rps"] > 0
-    success, fail = counts()
-    assert success > before[0] and fail == before[1]
-    # it unregistered its regions when done
-    assert not client.get_system_shared_memory_status(as_json=True).get("regions")
 
 
 def test_workers_refuse_registration_naming_the_option(tiny_repository, regions):

@@ -10,12 +10,14 @@ recipe, so rebuilds skip training.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -172,9 +174,34 @@ def train(recipe: Recipe, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
 
 def trained_network(recipe: Recipe, x: np.ndarray, y: np.ndarray) -> tuple[Any, str]:
     """The trained network (from the cache when present) and a note on where it came from."""
-    import torch
 
     path = cache_dir() / f"{recipe.key()}.pt"
+    # builds at once (parallel test workers, two shells) train once: the others wait and reuse
+    with _cache_lock(path):
+        return _cached_or_trained(path, recipe, x, y)
+
+
+@contextlib.contextmanager
+def _cache_lock(path: Path) -> Iterator[None]:
+    from filelock import FileLock
+
+    lock: FileLock | None = FileLock(f"{path}.lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except OSError as e:  # a read-only cache: train without the lock (and without caching)
+        log.warning("no lock on the digits cache %s: %s", path.parent, e)
+        lock = None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _cached_or_trained(path: Path, recipe: Recipe, x: np.ndarray, y: np.ndarray) -> tuple[Any, str]:
+    import torch
+
     net = build_network()
     if path.is_file():
         try:
@@ -203,24 +230,41 @@ class DigitsSource:
         recipe = Recipe()
         x_tr, y_tr, x_te, y_te = load_data(recipe)
         net, how = trained_network(recipe, x_tr, y_tr)
-        spec = TorchModelSpec(
-            module=net,
-            inputs=[TensorSpec("image", "float32", [1, IMAGE_SIZE, IMAGE_SIZE])],
-            output_names=["logits"],
-            calibration=Dataset(
-                {"image": x_tr[:CALIBRATION_SAMPLES]},
-                y_tr[:CALIBRATION_SAMPLES],
-                f"{CALIBRATION_SAMPLES} training images of sklearn digits",
-            ),
-            evaluation=Dataset(
-                {"image": x_te},
-                y_te,
-                f"{len(x_te)} held-out sklearn digits images (stratified 20 % split, seed "
-                f"{recipe.split_seed})",
-            ),
-            task="classification",
-            max_batch_size=64,
-            default_precisions=["fp32", "fp16", "bf16", "int8"],
-            notes=[f"residual CNN on sklearn digits (8x8 -> 32x32), {how}"],
-        )
-        return load_torch_spec(spec, Path(workdir), "digits", "digits")
+        return _loaded(net, how, recipe, (x_tr, y_tr, x_te, y_te), workdir)
+
+    def preview(self, reference: str, workdir: Path) -> LoadedModel:
+        """The same graph with untrained weights (no training): what a precision's refusal
+        looks at (builder/pipeline.py), so that int4 refuses the CNN before it is trained."""
+        recipe = Recipe()
+        return _loaded(build_network(), "untrained preview", recipe, load_data(recipe), workdir)
+
+
+def _loaded(
+    net: Any,
+    how: str,
+    recipe: Recipe,
+    data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    workdir: Path,
+) -> LoadedModel:
+    x_tr, y_tr, x_te, y_te = data
+    spec = TorchModelSpec(
+        module=net.eval(),
+        inputs=[TensorSpec("image", "float32", [1, IMAGE_SIZE, IMAGE_SIZE])],
+        output_names=["logits"],
+        calibration=Dataset(
+            {"image": x_tr[:CALIBRATION_SAMPLES]},
+            y_tr[:CALIBRATION_SAMPLES],
+            f"{CALIBRATION_SAMPLES} training images of sklearn digits",
+        ),
+        evaluation=Dataset(
+            {"image": x_te},
+            y_te,
+            f"{len(x_te)} held-out sklearn digits images (stratified 20 % split, seed "
+            f"{recipe.split_seed})",
+        ),
+        task="classification",
+        max_batch_size=64,
+        default_precisions=["fp32", "fp16", "bf16", "int8"],
+        notes=[f"residual CNN on sklearn digits (8x8 -> 32x32), {how}"],
+    )
+    return load_torch_spec(spec, Path(workdir), "digits", "digits")

@@ -22,6 +22,7 @@ from grpc._cython import cygrpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from common import heap
 from server.dataplane import statistics
 from server.dataplane.extensions import EXTENSIONS, SERVER_NAME, server_version
 from server.dataplane.gateway import (
@@ -439,16 +440,24 @@ def _releasing(
     """A handler taking a large payload: when an error (an abort included) leaves it, the frames
     its traceback holds - ``_handled``'s, whose argument is the payload, among them - are
     cleared. Otherwise a reference cycle through the exception keeps a rejected 60 MB request
-    alive until the cyclic garbage collector happens to run (measured: +80 MB per request)."""
+    alive until the cyclic garbage collector happens to run (measured: +80 MB per request).
+    A request of ``heap.TRIM_AFTER_BYTES`` or more then returns the heap's free pages to the
+    system (:mod:`common.heap`) before it is answered."""
 
     @functools.wraps(method)
     async def handler(data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        large = len(data) >= heap.TRIM_AFTER_BYTES
         try:
             return await method(data, context)
         except BaseException as e:
             _clear_frames(e)
             del data
             raise
+        finally:
+            if large:
+                # the buffers gRPC received it into are free by now, but their pages stay
+                # resident in malloc's arenas (common/heap.py): returned before the reply goes
+                await asyncio.to_thread(heap.trim)
 
     return handler
 

@@ -67,7 +67,8 @@ def test_quick_run_writes_json_and_markdown(tiny_repository: Path, tmp_path: Pat
     assert len(data["machine"]["load_average_start"]) == 3
     assert data["settings"]["build"] == {"tiny": "reused"}
     assert [c["precision"] for c in data["engine_level"]["tiny"]["contenders"] if c["served"]]
-    assert {t["status"] for t in data["targets"]} == {"not measured"}
+    # nothing to judge on tiny; an engine flag depends on this host's timings
+    assert {t["status"] for t in data["targets"]} - {"flagged"} == {"not measured"}
     md = out_md.read_text()
     for heading in (
         "# Benchmarks",
@@ -295,7 +296,7 @@ def test_ab_cli_refuses_bad_specs_in_one_line(argv, message, capsys):
 def test_ab_gateway_spec_carries_its_cli_arguments():
     from bench.ab import parse_gateway
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     g = parse_gateway(f"t1={root}:--upstream embedded?threads=1 --loop asyncio")
     assert (g.label, g.tree) == ("t1", root)
     assert g.args == ["--upstream", "embedded?threads=1", "--loop", "asyncio"]
@@ -321,3 +322,17 @@ def test_requests_per_run_come_from_the_gateways_batch_metrics(
     text = "".join(_per_run({"gateway": {"16": {"rounds": rounds}}}, ["1", "16"]))
     assert "(b) gateway per engine run: c16 1.00 / 6.50." in text
     assert _per_run({"triton": {"16": {"rounds": [{}]}}}, ["16"]) == []
+
+
+def test_bench_builds_minilm_int4_when_missing(tmp_path: Path, monkeypatch) -> None:
+    """``make bench``'s engine level measures MiniLM's opt-in int4: built when missing."""
+    import builder.pipeline
+    from bench import run
+
+    calls: list[list[str] | None] = []
+    monkeypatch.setattr(
+        builder.pipeline, "build_model", lambda name, options: calls.append(options.precisions)
+    )
+    done = run.ensure_built(tmp_path, ["minilm", "digits"], rebuild=False)
+    assert calls == [None, ["int4"], None], calls
+    assert "int4 built" in done["minilm"] and "int4" not in done["digits"], done
