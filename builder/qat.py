@@ -11,13 +11,22 @@ observer of our own), placed where ONNX Runtime quantizes:
 - their input activations: static - per-tensor affine with the min/max seen over the training
   rows (ONNX Runtime's minmax calibration; U8 on x86, S8 elsewhere); dynamic - per-tensor U8
   affine with the range of each batch, as ``DynamicQuantizeLinear`` computes it at run time;
-- ``Embedding`` weights (the Gather ONNX Runtime quantizes): per-tensor.
+- ``Embedding`` weights (the Gather ONNX Runtime quantizes): per-tensor affine with the
+  activation type (ONNX Runtime quantizes a Gather's table as an activation: U8 over [min, max]).
+
+The rows are used as the source gives them: padded as the evaluation (and the deployed model)
+pads them, because dynamic INT8 takes its per-tensor ranges over the whole input tensor,
+padded positions included; trimming the padding would train against other ranges.
 
 The objective: cross-entropy with the labels when the training rows have them (classifiers),
 otherwise distillation to the FP32 module's outputs (1 - cosine for embeddings, KL divergence
-of the softmax for logits). The module stays in eval mode (dropout off, batch-norm statistics
-frozen); gradients pass the rounding straight through. The trained module is exported without
-fake quantization (the quantizer re-derives the same weight grid from the trained weights).
+of the softmax for logits; the FP32 outputs are computed once). The module stays in eval mode
+(dropout off, batch-norm statistics frozen); gradients pass the rounding straight through.
+A held-out part of the training rows (never the evaluation rows) is scored, fake-quantized,
+before training and every few steps; the weights with the best held-out loss are kept (the
+original weights when training never improves on them), so the fine-tuning cannot drift the
+model away on a few hundred rows. The trained module is exported without fake quantization
+(the quantizer re-derives the same weight grid from the trained weights).
 
 Trained exports are cached under ``$PRECISION_SERVE_CACHE/qat/<model>/`` keyed by a hash of the
 source's FP32 file, the training rows and the settings: an unchanged build reuses them.
@@ -47,9 +56,12 @@ log = logging.getLogger(__name__)
 
 LIBRARY = "torch.ao.quantization FakeQuantize"
 QAT_MODES = ("static", "dynamic")
-DEFAULT_LR = {True: 5e-5, False: 1e-4}  # transformer -> lr
-RECIPE = "qat-v1"  # bump when the training changes what it produces (part of the cache key)
+DEFAULT_LR = {True: 2e-5, False: 1e-4}  # transformer -> lr
+RECIPE = "qat-v2"  # bump when the training changes what it produces (part of the cache key)
 LOSS_WINDOW = 10  # steps averaged for the loss reported at the start and the end
+HELD_OUT_FRACTION = 1 / 8  # of the training rows, scored to pick the weights kept
+HELD_OUT_MAX = 32  # rows (one evaluation batch: dynamic ranges are per batch)
+VALIDATIONS = 10  # held-out scorings over a training (plus one before it)
 
 
 @dataclass
@@ -85,6 +97,10 @@ class TrainingRecord:
     train_loss_start: float
     train_loss_end: float
     stopped_at_time_bound: bool
+    held_out_rows: int = 0
+    held_out_loss_start: float | None = None  # fake-quantized, before training
+    held_out_loss_best: float | None = None
+    best_step: int = 0  # the step whose weights were kept (0: the original weights)
     library: str = LIBRARY
     cache_hit: bool = False
     cache_file: str = ""
@@ -115,6 +131,7 @@ def cache_key(
     if data.labels is not None:
         h.update(np.ascontiguousarray(data.labels).tobytes())
     meta = {
+        "recipe": RECIPE,
         "quantizer": asdict(quantizer),
         "settings": asdict(settings),
         "torch": torch.__version__,
@@ -130,32 +147,38 @@ def qat_cache_dir(model: str) -> Path:
 # ---- fake quantization -----------------------------------------------------------------------
 
 
-def _weight_fq(reduce_range: bool, per_channel: bool) -> Any:
+def _weight_fq(reduce_range: bool) -> Any:
     import torch
     from torch.ao.quantization import FakeQuantize
-    from torch.ao.quantization.observer import (
-        MovingAverageMinMaxObserver,
-        MovingAveragePerChannelMinMaxObserver,
-    )
+    from torch.ao.quantization.observer import MovingAveragePerChannelMinMaxObserver
 
     bound = 64 if reduce_range else 127
-    if per_channel:
-        return FakeQuantize(
-            observer=MovingAveragePerChannelMinMaxObserver,
-            averaging_constant=1.0,  # the current weights' range
-            quant_min=-bound,
-            quant_max=bound,
-            dtype=torch.qint8,
-            qscheme=torch.per_channel_symmetric,
-            ch_axis=0,
-        )
     return FakeQuantize(
-        observer=MovingAverageMinMaxObserver,
-        averaging_constant=1.0,
+        observer=MovingAveragePerChannelMinMaxObserver,
+        averaging_constant=1.0,  # the current weights' range
         quant_min=-bound,
         quant_max=bound,
         dtype=torch.qint8,
-        qscheme=torch.per_tensor_symmetric,
+        qscheme=torch.per_channel_symmetric,
+        ch_axis=0,
+    )
+
+
+def _table_fq(quantizer: Quantizer) -> Any:
+    """An embedding table as ONNX Runtime quantizes a Gather's data: per tensor, affine, with
+    the activation type (U8 for dynamic INT8), over the current table's [min, max]."""
+    import torch
+    from torch.ao.quantization import FakeQuantize
+    from torch.ao.quantization.observer import MovingAverageMinMaxObserver
+
+    unsigned = quantizer.mode == "dynamic" or quantizer.activation == "QUInt8"
+    return FakeQuantize(
+        observer=MovingAverageMinMaxObserver,
+        averaging_constant=1.0,
+        quant_min=0 if unsigned else -128,
+        quant_max=255 if unsigned else 127,
+        dtype=torch.quint8 if unsigned else torch.qint8,
+        qscheme=torch.per_tensor_affine,
     )
 
 
@@ -211,7 +234,7 @@ def attach_fake_quant(module: Any, quantizer: Quantizer) -> list[Any]:
     layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
     for m in list(module.modules()):
         if isinstance(m, layers):
-            fq = _weight_fq(quantizer.reduce_range and quantizer.mode == "static", True)
+            fq = _weight_fq(quantizer.reduce_range and quantizer.mode == "static")
             parametrize.register_parametrization(m, "weight", _Parametrized.make(fq))
             m.add_module("input_fake_quant", _activation_fq(quantizer))
 
@@ -221,7 +244,7 @@ def attach_fake_quant(module: Any, quantizer: Quantizer) -> list[Any]:
             handles.append(m.register_forward_pre_hook(pre_hook))
         elif isinstance(m, torch.nn.Embedding):
             parametrize.register_parametrization(
-                m, "weight", _Parametrized.make(_weight_fq(False, False))
+                m, "weight", _Parametrized.make(_table_fq(quantizer))
             )
     return handles
 
@@ -243,19 +266,19 @@ def detach_fake_quant(module: Any, handles: list[Any]) -> None:
 
 
 def _batch_tensors(data: Dataset, names: list[str], idx: np.ndarray) -> list[Any]:
-    """The rows ``idx`` as tensors; [batch, sequence] inputs trimmed to the longest
-    attention mask in the batch (padding beyond it changes nothing a mask-aware model says)."""
+    """The rows ``idx`` as tensors, padded as the source padded them: the evaluation and the
+    deployed model run them so, and dynamic INT8's per-tensor ranges include the padding."""
     import torch
 
-    arrays = [data.inputs[n][idx] for n in names]
-    if "attention_mask" in names:
-        mask = arrays[names.index("attention_mask")]
-        if mask.ndim == 2:
-            longest = max(int(mask.sum(axis=1).max()), 1)
-            arrays = [
-                a[:, :longest] if a.ndim == 2 and a.shape[1] == mask.shape[1] else a for a in arrays
-            ]
-    return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+    return [torch.from_numpy(np.ascontiguousarray(data.inputs[n][idx])) for n in names]
+
+
+def split_held_out(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(training, held-out) row indices: a seeded 1/8 of the rows (at most one evaluation
+    batch, none below 16 rows) is held out to pick the weights kept."""
+    held = min(HELD_OUT_MAX, int(n * HELD_OUT_FRACTION)) if n >= 16 else 0
+    order = np.random.default_rng(seed + 1).permutation(n)
+    return np.sort(order[held:]), np.sort(order[:held])
 
 
 def _first(out: Any) -> Any:
@@ -290,9 +313,12 @@ def train(
     quantizer: Quantizer,
     settings: TrainingSettings,
     progress: bool = True,
+    on_validation: Any = None,
 ) -> tuple[Any, TrainingRecord]:
-    """Fine-tune a copy of the source's module with ``quantizer`` emulated; returns the trained
-    module (fake quantization removed) and what happened."""
+    """Fine-tune a copy of the source's module with ``quantizer`` emulated; returns the module
+    with the best held-out loss (fake quantization removed) and what happened.
+    ``on_validation(step, held_out_loss, module)``, if given, is called at each scoring (the
+    module still fake-quantized: a lab hook)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -302,7 +328,12 @@ def train(
     objective = objective_for(model, data)
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
+    n = len(data)
+    train_idx, held_idx = split_held_out(n, settings.seed)
+    started = time.monotonic()  # the FP32 outputs count as training time
     teacher = copy.deepcopy(model.trainable.module).eval()
+    targets = _teacher_outputs(teacher, data, names, settings.batch_size)
+    del teacher
     student = copy.deepcopy(model.trainable.module).eval()  # eval: no dropout, BN frozen
     handles = attach_fake_quant(student, quantizer)
     params = [p for p in student.parameters() if p.requires_grad]
@@ -312,46 +343,95 @@ def train(
     )
     loss_fn = _loss_fn(objective)
     labels = None if data.labels is None else torch.from_numpy(np.asarray(data.labels))
+
+    def score() -> float:  # fake-quantized, in one batch (the evaluation's per-batch ranges)
+        with torch.no_grad():
+            out = _first(student(*_batch_tensors(data, names, held_idx)))
+            return float(loss_fn(out, targets[held_idx], _labels(labels, held_idx)))
+
+    every = max(1, settings.steps // VALIDATIONS)
+    held: list[tuple[int, float]] = []
+    best: dict[str, Any] | None = None
+
+    hook_seconds = 0.0  # time in on_validation: not the training's (nor its bound's)
+
+    def validate(step: int) -> None:
+        nonlocal best, hook_seconds
+        if len(held_idx) == 0:
+            return
+        value = score()
+        if on_validation is not None:
+            t0 = time.monotonic()
+            on_validation(step, value, student)
+            hook_seconds += time.monotonic() - t0
+        if not held or value < min(v for _, v in held):
+            best = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        held.append((step, value))
+
     losses: list[float] = []
-    started = time.monotonic()
     stopped = False
-    n = len(data)
     bar = tqdm(range(settings.steps), desc=f"QAT ({quantizer.mode} INT8)", disable=not progress)
     try:
-        for _ in bar:
-            idx = rng.choice(n, size=min(settings.batch_size, n), replace=False)
-            xs = _batch_tensors(data, names, idx)
-            with torch.no_grad():
-                target = _first(teacher(*xs))
-            out = _first(student(*xs))
-            loss = loss_fn(out, target, None if labels is None else labels[idx])
+        validate(0)
+        for step in bar:
+            idx = rng.choice(
+                train_idx, size=min(settings.batch_size, len(train_idx)), replace=False
+            )
+            out = _first(student(*_batch_tensors(data, names, idx)))
+            loss = loss_fn(out, targets[idx], _labels(labels, idx))
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
-            if time.monotonic() - started > settings.max_seconds:
+            over_time = time.monotonic() - started - hook_seconds > settings.max_seconds
+            if (step + 1) % every == 0 or step + 1 == settings.steps or over_time:
+                validate(step + 1)
+            if over_time:
                 stopped = True
                 log.warning("QAT stopped at its %.0f s bound", settings.max_seconds)
                 break
+        if best is not None:
+            student.load_state_dict(best)
     finally:
         bar.close()
         detach_fake_quant(student, handles)
+    best_step, best_loss = min(held, key=lambda sv: sv[1]) if held else (len(losses), None)
     record = TrainingRecord(
         mode=quantizer.mode,
         objective=objective,
         data=data.description or f"{n} calibration rows",
-        rows=n,
+        rows=len(train_idx),
         steps=len(losses),
         batch_size=settings.batch_size,
         lr=settings.lr,
-        seconds=round(time.monotonic() - started, 1),
+        seconds=round(time.monotonic() - started - hook_seconds, 1),
         train_loss_start=float(np.mean(losses[:LOSS_WINDOW])),
         train_loss_end=float(np.mean(losses[-LOSS_WINDOW:])),
         stopped_at_time_bound=stopped,
+        held_out_rows=len(held_idx),
+        held_out_loss_start=held[0][1] if held else None,
+        held_out_loss_best=best_loss,
+        best_step=best_step,
     )
     return student.eval(), record
+
+
+def _labels(labels: Any, idx: np.ndarray) -> Any:
+    return None if labels is None else labels[idx]
+
+
+def _teacher_outputs(teacher: Any, data: Dataset, names: list[str], batch_size: int) -> Any:
+    """The FP32 module's first output for every row (once: the teacher does not change)."""
+    import torch
+
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            idx = np.arange(start, min(start + batch_size, len(data)))
+            chunks.append(_first(teacher(*_batch_tensors(data, names, idx))))
+    return torch.cat(chunks)
 
 
 def trained_onnx(

@@ -23,10 +23,15 @@ def qat_line(precision: str, details: dict) -> str | None:
     if not isinstance(q, dict):
         return None
     reused = ", trained result reused from the cache" if q.get("cache_hit") else ""
+    kept = (
+        f", weights of step {q.get('best_step')} kept (best on {q['held_out_rows']} held-out rows)"
+        if q.get("held_out_rows")
+        else ""
+    )
     return (
         f"{precision} is quantization-aware trained ({q.get('mode')} INT8, {q.get('steps')} "
         f"steps of {q.get('batch_size')} on {q.get('data')}, {q.get('objective')}, "
-        f"{q.get('seconds')} s{reused}): loss vs fp32 {q.get('accuracy_loss_before')} pts "
+        f"{q.get('seconds')} s{kept}{reused}): loss vs fp32 {q.get('accuracy_loss_before')} pts "
         f"post-training -> {_fmt(details.get('accuracy_loss'), '.3g')} pts"
     )
 

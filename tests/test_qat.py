@@ -91,6 +91,94 @@ def test_dynamic_activation_fake_quant_uses_each_batch_range() -> None:
     assert float(fq.scale) == pytest.approx(2 / 255, rel=1e-4)
 
 
+def test_embedding_fake_quant_is_onnxruntime_gather_quantization() -> None:
+    import onnx
+    import torch
+    from onnxruntime.quantization.quant_utils import quantize_data
+
+    from builder.qat import Quantizer, attach_fake_quant
+
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(50, 6)
+    table = emb.weight.detach().numpy().copy()
+    attach_fake_quant(emb, Quantizer("dynamic"))
+    # ORT quantizes a Gather's table as an activation: per tensor, U8, affine over [min, max].
+    zero, scale, q = quantize_data(table.flatten(), onnx.TensorProto.UINT8, False)
+    expected = ((q.astype(np.float32) - zero) * scale).reshape(table.shape)
+    np.testing.assert_allclose(emb.weight.detach().numpy(), expected, atol=1e-6)
+
+
+# ---- training ------------------------------------------------------------------------------
+class _MaskedMean:
+    """A tiny mask-aware encoder (embedding -> linear -> mean over the mask) that records the
+    input shapes it is called with."""
+
+    @staticmethod
+    def make() -> tuple[object, list[tuple[int, ...]]]:
+        import torch
+
+        seen: list[tuple[int, ...]] = []
+
+        class Net(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                torch.manual_seed(0)
+                self.emb = torch.nn.Embedding(30, 8)
+                self.lin = torch.nn.Linear(8, 8)
+
+            def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                seen.append(tuple(ids.shape))
+                h = self.lin(self.emb(ids)) * mask.unsqueeze(-1)
+                return h.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+
+        return Net(), seen
+
+
+def _trainable_model(module: object, rows: int = 32, length: int = 12) -> LoadedModel:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 30, size=(rows, length))
+    mask = np.zeros((rows, length), np.int64)
+    for i in range(rows):
+        mask[i, : rng.integers(2, 5)] = 1  # short sentences, padded to `length`
+    data = Dataset({"input_ids": ids * mask, "attention_mask": mask})
+    m = _model()
+    m.task, m.calibration = "embedding", data
+    m.trainable = Trainable(module, ["input_ids", "attention_mask"], lambda mod, path: None)
+    return m
+
+
+def test_training_batches_are_padded_as_the_rows_are_served() -> None:
+    from builder.qat import Quantizer, TrainingSettings, train
+
+    module, seen = _MaskedMean.make()
+    model = _trainable_model(module)
+    train(model, model.calibration, Quantizer("dynamic"), TrainingSettings(3, 8, 1e-3, 60), False)
+    # Dynamic INT8 takes its ranges over the padded tensor: training sees the same 12 tokens
+    # (masks are at most 4 long), never a batch trimmed to its longest mask.
+    assert seen and {shape[1] for shape in seen} == {12}
+
+
+def test_weights_that_do_worse_on_held_out_rows_are_not_kept() -> None:
+    import torch
+
+    from builder.qat import Quantizer, TrainingSettings, split_held_out, train
+
+    train_idx, held_idx = split_held_out(32)
+    assert len(held_idx) == 4 and not set(train_idx) & set(held_idx)
+    assert len(train_idx) + len(held_idx) == 32
+    module, _ = _MaskedMean.make()
+    model = _trainable_model(module)
+    original = {k: v.clone() for k, v in module.state_dict().items()}
+    # A rate that wrecks the model: every step scores worse than the original weights.
+    trained, record = train(
+        model, model.calibration, Quantizer("dynamic"), TrainingSettings(5, 8, 50.0, 60), False
+    )
+    assert record.held_out_rows == 4 and record.steps == 5
+    assert record.best_step == 0 and record.held_out_loss_best == record.held_out_loss_start
+    for k, v in trained.state_dict().items():
+        assert torch.equal(v, original[k]), k
+
+
 # ---- building ------------------------------------------------------------------------------
 @pytest.mark.usefixtures("own_cache")
 def test_tiny_torch_int8_qat_trains_records_and_reuses_the_trained_result(
@@ -102,7 +190,9 @@ def test_tiny_torch_int8_qat_trains_records_and_reuses_the_trained_result(
     qat = v.details["qat"]
     assert qat["mode"] == "static" and qat["steps"] == 15 and not qat["cache_hit"]
     assert qat["objective"].startswith("distillation")  # synthetic rows: no labels
-    assert qat["rows"] == 64 and qat["seconds"] >= 0
+    # 64 synthetic rows: 8 held out to pick the weights kept, 56 trained on.
+    assert qat["rows"] == 56 and qat["held_out_rows"] == 8 and qat["seconds"] >= 0
+    assert 0 <= qat["best_step"] <= 15
     assert v.details["format"] == "QDQ"
     assert [t["mode"] for t in v.details["qat_tried"]] == ["static"]
     assert v.quality["finite"] == 1.0 and v.quality["cosine_mean"] > 0.9

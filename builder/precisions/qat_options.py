@@ -23,7 +23,7 @@ class QatOptions:
         when asked for; always - built for every source that can be trained.
     mode: which deployed quantizer the training emulates (static QDQ or dynamic INT8); auto
         tries them in the order of their measured speed on this host.
-    steps / batch_size / lr: the fine-tuning; lr None: 5e-5 for transformers, 1e-4 otherwise.
+    steps / batch_size / lr: the fine-tuning; lr None: 2e-5 for transformers, 1e-4 otherwise.
     max_seconds: training stops at this bound (checked between steps).
     max_start_loss: a mode whose post-training loss (points) is above this is not trained: a
         bounded fine-tuning recovers a few points, not a collapse.
@@ -31,7 +31,7 @@ class QatOptions:
 
     when: str = "auto"
     mode: str = "auto"
-    steps: int = 200
+    steps: int = 100
     batch_size: int = 16
     lr: float | None = None
     max_seconds: float = 900.0
@@ -86,10 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="the deployed quantizer the training emulates (auto: both, fastest first)",
     )
-    g.add_argument("--qat-steps", type=int, default=200, help="optimizer steps (default 200)")
+    g.add_argument("--qat-steps", type=int, default=100, help="optimizer steps (default 100)")
     g.add_argument("--qat-batch-size", type=int, default=16)
     g.add_argument(
-        "--qat-lr", type=float, help="learning rate (default 5e-5 transformers, 1e-4 others)"
+        "--qat-lr", type=float, help="learning rate (default 2e-5 transformers, 1e-4 others)"
     )
     g.add_argument(
         "--qat-max-seconds", type=float, default=900.0, help="training time bound per mode"
