@@ -338,3 +338,31 @@ def test_slo_defaults_block_matches_the_code() -> None:
     assert len(names) == 11, names
     for name in names:
         assert doc["slo"][name] == SloFile.model_fields[name].default, name
+
+
+def test_gpu_profile_defaults_in_prose() -> None:
+    from builder.gpu.target import GpuTargetOptions
+    from builder.gpu.tensorrt_build import DEFAULT_DIM_RANGE
+
+    text = _page("gpu.md")
+    low, opt, high = DEFAULT_DIM_RANGE
+    assert f"`default_dim_range` ({low}, {opt}, {high})" in text
+    assert GpuTargetOptions().default_dim_range == DEFAULT_DIM_RANGE
+    assert "opt `opt_batch_size` (default\n  `max_batch_size`)" in text
+    assert GpuTargetOptions().opt_batch_size is None  # None: the variant's max_batch_size
+
+
+def test_cache_folder_default_in_prose(monkeypatch: pytest.MonkeyPatch) -> None:
+    from builder.cache import cache_root
+
+    monkeypatch.delenv("PRECISION_SERVE_CACHE", raising=False)
+    assert cache_root() == Path.home() / ".cache" / "precision-serve"
+    assert "(default `~/.cache/precision-serve`)" in _page("models.md")
+
+
+def test_default_ports_in_prose() -> None:
+    from server.transports.options import Ports
+
+    ports = Ports()
+    stated = f"(HTTP {ports.http}, gRPC {ports.grpc}, metrics {ports.metrics})"
+    assert stated in _page("scale-out.md")

@@ -70,10 +70,18 @@ class TritonOptions:
             raise ValueError(f"startup_timeout must be > 0, got {self.startup_timeout}")
 
 
-def _probe_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def _probe_ports(host: str, count: int) -> list[int]:
+    """``count`` distinct free ports on ``host``. Triton cannot bind port 0 itself, so the ports
+    are picked here; every socket stays bound until all are picked (a port probed and released
+    can be handed out again at once: a gRPC and a metrics port once came out equal, and
+    tritonserver refused to start)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            s = stack.enter_context(socket.socket())
+            s.bind((host, 0))
+            ports.append(s.getsockname()[1])
+        return ports
 
 
 def stub_environment_dir() -> Path:
@@ -255,10 +263,11 @@ class TritonServer:
         return "already in use" in text and any(f":{port}'" in text for port in picked)
 
     def _pick_ports(self) -> None:
-        host = self.options.host
-        self.grpc_port = self.options.grpc_port or _probe_port(host)
-        self.http_port = self.options.http_port or _probe_port(host)
-        self.metrics_port = self.options.metrics_port or _probe_port(host)
+        o = self.options
+        picked = iter(_probe_ports(o.host, [o.grpc_port, o.http_port, o.metrics_port].count(0)))
+        self.grpc_port = o.grpc_port or next(picked)
+        self.http_port = o.http_port or next(picked)
+        self.metrics_port = o.metrics_port or next(picked)
 
     def _launch(self) -> None:
         assert self._dist is not None and self.log_file is not None

@@ -11,6 +11,7 @@ import pytest
 from tritonclient.grpc import service_pb2 as pb
 
 from common.model_repository import load_manifests
+from loadtest import promtext
 from server.runtime.runner import GatewayProcess
 from server.transports.grpc.service import _precision_parameter
 from server.upstreams.triton.upstream import model_name_field
@@ -117,10 +118,14 @@ def _call_requests(metrics_text: str, variant: str) -> tuple[float, float]:
 def test_concurrent_forwarded_requests_merge_and_each_gets_its_own_answer(
     tiny_repository: Path, start_triton: StartTriton
 ) -> None:
-    """With one call in flight allowed (``?merge=1``), 64 concurrent requests of 1-3 rows
-    reach Triton in fewer calls; each client still gets exactly Triton's answer to its own
-    request (outputs, id) and a bad request among them gets Triton's own error, alone."""
+    """With one call in flight allowed (``?merge=1``), 64 concurrent requests of 1-3 rows that
+    are all waiting while a call is in flight reach Triton in fewer calls; each client still
+    gets exactly Triton's answer to its own request (outputs, id) and a bad request among them
+    gets Triton's own error, alone."""
     import asyncio
+    import os
+    import signal
+    import time
     import urllib.request
 
     manifest = load_manifests(tiny_repository)["tiny"]
@@ -147,8 +152,34 @@ def test_concurrent_forwarded_requests_merge_and_each_gets_its_own_answer(
                 *(call(r, timeout=30) for r in reqs), return_exceptions=True
             )
 
+    def inflight(metrics_url: str) -> float:
+        return promtext.total(promtext.scrape(metrics_url), "precision_serve_inflight_requests")
+
+    async def fire_held(gw: GatewayProcess, reqs: list[pb.ModelInferRequest]) -> list:
+        """``reqs`` at once while Triton is held (SIGSTOP): the first forwarded call waits in
+        Triton, so every other request is waiting in the gateway when it answers - what merging
+        is for - whatever the load on the host (without the hold, how many requests arrive per
+        Triton round trip depends on how fast this host runs the gateway's loop)."""
+        async with grpc.aio.insecure_channel(gw.grpc_url) as channel:
+            call = channel.unary_unary(
+                METHOD,
+                request_serializer=pb.ModelInferRequest.SerializeToString,
+                response_deserializer=pb.ModelInferResponse.FromString,
+            )
+            os.kill(triton.pid, signal.SIGSTOP)
+            try:
+                calls = [asyncio.ensure_future(call(r, timeout=30)) for r in reqs]
+                deadline = time.monotonic() + 10  # well inside the 2 s readiness checks' retries
+                while time.monotonic() < deadline:
+                    if await asyncio.to_thread(inflight, gw.metrics_url) >= len(reqs):
+                        break
+                    await asyncio.sleep(0.01)
+            finally:
+                os.kill(triton.pid, signal.SIGCONT)
+            return await asyncio.gather(*calls, return_exceptions=True)
+
     with GatewayProcess(tiny_repository, extra_args=args) as gw:
-        got = asyncio.run(fire(gw.grpc_url, requests))
+        got = asyncio.run(fire_held(gw, requests))
         metrics = urllib.request.urlopen(gw.metrics_url, timeout=10).read().decode()
     direct_requests = [pb.ModelInferRequest() for _ in requests]
     for d, r in zip(direct_requests, requests, strict=True):
