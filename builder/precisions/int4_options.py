@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from builder.errors import BuildError
+from builder.precisions.extra_options import from_extra
 
 ALGORITHMS = ("rtn", "hqq", "gptq")
 BLOCK_SIZES = (32, 64, 128)
@@ -42,17 +43,7 @@ class Int4Options:
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, object]) -> Int4Options:
-        value = extra.get(EXTRA_KEY)
-        if value is None:
-            return cls()
-        if isinstance(value, Int4Options):
-            return value
-        if not isinstance(value, Mapping):
-            raise BuildError(f"options.extra[{EXTRA_KEY!r}] must be a mapping, got {value!r}")
-        try:
-            return cls(**dict(value))
-        except TypeError as e:
-            raise BuildError(f"bad int4 options {dict(value)}: {e}") from e
+        return from_extra(cls, extra, EXTRA_KEY, "int4")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from builder.errors import BuildError
+from builder.precisions.extra_options import from_extra
 
 WHEN = ("auto", "never", "always")
 MODES = ("auto", "static", "dynamic")
@@ -58,17 +59,7 @@ class QatOptions:
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, object]) -> QatOptions:
-        value = extra.get(EXTRA_KEY)
-        if value is None:
-            return cls()
-        if isinstance(value, QatOptions):
-            return value
-        if not isinstance(value, Mapping):
-            raise BuildError(f"options.extra[{EXTRA_KEY!r}] must be a mapping, got {value!r}")
-        try:
-            return cls(**dict(value))
-        except TypeError as e:
-            raise BuildError(f"bad qat options {dict(value)}: {e}") from e
+        return from_extra(cls, extra, EXTRA_KEY, "qat")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
