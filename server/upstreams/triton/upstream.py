@@ -398,15 +398,20 @@ class TritonUpstream(UpstreamBase):
                     f"{retry.address} ({second}) failed"
                 ) from None
 
+    def _timeout(self, variant: Variant, deadline: float | None) -> float:
+        """Seconds a call may take: what is left of ``deadline`` (DeadlineExceeded when
+        nothing is), else the default per-call timeout."""
+        if deadline is None:
+            return self._settings.default_timeout_s
+        timeout = deadline - time.monotonic()
+        if timeout <= 0:
+            raise DeadlineExceeded(f"deadline passed before {variant.name} was called")
+        return timeout
+
     async def _forward(
         self, replica: Replica, variant: Variant, request: bytes, deadline: float | None
     ) -> bytes:
-        if deadline is not None:
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                raise DeadlineExceeded(f"deadline passed before {variant.name} was called")
-        else:
-            timeout = self._settings.default_timeout_s
+        timeout = self._timeout(variant, deadline)
         replica.outstanding += 1
         try:
             if self._settings.cancel_upstream:
@@ -440,12 +445,7 @@ class TritonUpstream(UpstreamBase):
         deadline: float | None,
     ) -> dict[str, np.ndarray]:
         assert replica.client is not None
-        if deadline is not None:
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                raise DeadlineExceeded(f"deadline passed before {variant.name} was called")
-        else:
-            timeout = self._settings.default_timeout_s
+        timeout = self._timeout(variant, deadline)
         request = []
         for name, array in inputs.items():
             tensor = InferInput(name, list(array.shape), to_datatype(array.dtype))
