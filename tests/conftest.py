@@ -108,3 +108,19 @@ def digits_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 build_model("digits", BuildOptions(repository=repo, progress=False))
             done.touch()
     return repo
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-init Llama as a Hugging Face folder (tests/llm.py; seconds)."""
+    from tests.llm import tiny_llama_hf
+
+    return tiny_llama_hf(tmp_path_factory.mktemp("tiny_llama") / "hf")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_genai(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
+    """Its onnxruntime-genai fp32 export (seconds)."""
+    from tests.llm import genai_export
+
+    return genai_export(tiny_llama, tmp_path_factory.mktemp("tiny_llama_genai") / "fp32")
