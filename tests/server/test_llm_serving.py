@@ -341,3 +341,29 @@ def test_tritonclient_grpc_stream_of_a_decoupled_model(llm_gateway, client) -> N
         triton.infer("tinyllm", _inputs("Hi", False))
     assert e.value.status() == "StatusCode.UNIMPLEMENTED"
     assert "ModelInfer RPC doesn't support models with decoupled" in e.value.message()
+
+
+# ---- a Triton upstream: here the module's gateway stands in for the Triton replica ------------
+def test_triton_upstream_forwards_generation(llm_gateway, llm_repository, client) -> None:
+    """A second gateway with ``--upstream triton://<first gateway>``: generation goes over
+    ModelStreamInfer of the decoupled model (server/upstreams/triton/generation.py) and gives
+    the text, usage and errors the embedded upstream gives. The replica is a gateway, not
+    tritonserver (the builder's python-backend model on Triton is not covered here)."""
+    spec = f"triton://{llm_gateway.grpc_url}?cancel=propagate"
+    with GatewayProcess(llm_repository, ["--upstream", spec]) as front:
+        via = openai.OpenAI(base_url=f"http://{front.http_url}/v1", api_key="x", max_retries=0)
+        for model in ("tinyllm:int4", "tinyllm_fp32"):
+            direct = client.completions.create(
+                model=model, prompt="Once", max_tokens=6, temperature=0
+            )
+            got = via.completions.create(model=model, prompt="Once", max_tokens=6, temperature=0)
+            assert got.model == direct.model
+            assert got.choices[0].text == direct.choices[0].text
+            assert got.usage == direct.usage
+            events = via.completions.create(
+                model=model, prompt="Once", max_tokens=6, temperature=0, stream=True
+            )
+            assert "".join(e.choices[0].text for e in events) == direct.choices[0].text
+        with pytest.raises(openai.BadRequestError) as e:
+            via.completions.create(model="tinyllm", prompt="x " * 300, max_tokens=5)
+        assert e.value.code == "context_length_exceeded"
