@@ -5,7 +5,8 @@ per piece of text), over the one generation path (server/dataplane/generation.py
 The body is Triton's: a JSON object whose keys name the model's inputs (``text_input``, and the
 optional ``stream``, ``sampling_parameters`` as a JSON string, ``exclude_input_in_output``),
 ``id``, ``parameters`` (request parameters: the sampling fields ``max_tokens``, ``temperature``,
-``top_p``, ``seed``, ``stop``, and ``precision`` for routing); any other key is a request
+``top_p``, ``seed``, ``stop``, and ``precision`` for routing; where ``sampling_parameters``
+names a field too, it wins, as in the builder's Triton model); any other key is a request
 parameter too, as Triton's generate extension passes it on. The answer holds ``model_name``
 (the variant that served), ``model_version`` and the outputs by name (``text_output``,
 ``finish_reason``, ``num_input_tokens``, ``num_output_tokens``); the ``x-precision`` header
@@ -42,7 +43,8 @@ _GATEWAY = web.AppKey("generate_gateway", Gateway)
 
 def parse_generate(doc: dict[str, Any]) -> tuple[str, SamplingParams, dict[str, Any], bool]:
     """(text_input, sampling parameters, request parameters, exclude_input_in_output) of a
-    generate body; sampling fields from ``sampling_parameters`` then ``parameters`` (which win)."""
+    generate body; sampling fields from ``parameters`` and ``sampling_parameters`` (which
+    wins)."""
     text = doc.get("text_input")
     if isinstance(text, list) and len(text) == 1:
         text = text[0]
@@ -52,12 +54,11 @@ def parse_generate(doc: dict[str, Any]) -> tuple[str, SamplingParams, dict[str, 
     if not isinstance(params, dict):
         raise InvalidInput("'parameters' must be an object")
     params = {**{k: v for k, v in doc.items() if k not in (*INPUTS, "id", "parameters")}, **params}
-    sampling: dict[str, Any] = {}
+    sampling: dict[str, Any] = dict(params)
     raw = doc.get("sampling_parameters")
     try:
         if raw is not None:
             sampling.update(_json_object(raw))
-        sampling.update(params)
         values = SamplingParams.from_mapping(sampling)
     except LlmRequestError as e:
         raise from_llm_error(e) from e
