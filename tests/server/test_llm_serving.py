@@ -203,24 +203,45 @@ def test_queue_full_is_503_and_the_others_finish(llm_gateway) -> None:
     assert after - before == len(refused)
 
 
-def test_client_disconnect_stops_generation(llm_gateway) -> None:
+def _leave(gw, path: str, body: dict, wait_for_data: bool) -> None:
+    """POST ``body`` on a raw connection and close it: after the first event (a stream), or
+    once the generation holds its sequence slot (an answer that comes at the end)."""
+    data = json.dumps(body).encode()
+    host, port = gw.http_url.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+            + f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
+        seen = b""
+        while wait_for_data and b"data: " not in seen:
+            seen += sock.recv(4096)
+        deadline = time.monotonic() + 20
+        active = "precision_serve_llm_active_sequences"
+        while not wait_for_data and metric(gw, active, precision="fp32") < 1:
+            assert time.monotonic() < deadline, "the generation did not start"
+            time.sleep(0.005)
+
+
+@pytest.mark.parametrize(
+    ("path", "stream"),
+    [
+        ("/v1/completions", True),
+        ("/v1/completions", False),
+        ("/v2/models/tinyllm_fp32/generate", False),
+    ],
+)
+def test_client_disconnect_stops_generation(llm_gateway, path: str, stream: bool) -> None:
     labels = {"model": "tinyllm", "precision": "fp32"}
     cancelled = "precision_serve_llm_requests_finished_total"
     before = metric(llm_gateway, cancelled, **labels, finish_reason="cancelled")
     tokens_before = metric(llm_gateway, "precision_serve_llm_output_tokens_sum", **labels)
-    body = json.dumps(
-        {"model": "tinyllm:fp32", "prompt": "Go", "max_tokens": MAX_TOKENS, "stream": True}
-    ).encode()
-    host, port = llm_gateway.http_url.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(
-            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        seen = b""
-        while b"data: " not in seen:
-            seen += sock.recv(4096)
+    if path.startswith("/v1/"):
+        body = {"model": "tinyllm:fp32", "prompt": "Go", "max_tokens": MAX_TOKENS, "stream": stream}
+    else:
+        body = {"text_input": "Go", "max_tokens": MAX_TOKENS}
+    _leave(llm_gateway, path, body, wait_for_data=stream)
     deadline = time.monotonic() + 20
     while metric(llm_gateway, cancelled, **labels, finish_reason="cancelled") == before:
         assert time.monotonic() < deadline, "the generation was not cancelled"

@@ -27,12 +27,14 @@ from common.llm import LlmRequestError, SamplingParams
 from server.dataplane.gateway import PRECISION_HEADER, Gateway
 from server.dataplane.generation import GenerateRequest, TextStream, start_generation
 from server.errors import (
+    ClientDisconnected,
     GatewayError,
     InvalidGeneration,
     InvalidInput,
     client_message,
     from_llm_error,
 )
+from server.transports.http.openai import client_gone, left
 from server.upstreams.generation import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,8 @@ async def generate(request: web.Request) -> web.Response:
     try:
         async with contextlib.aclosing(stream.chunks()) as chunks:
             async for chunk in chunks:
+                if client_gone(request):  # nobody to answer: stop generating
+                    raise left(ClientDisconnected("client disconnected during a generation"))
                 parts.append(chunk.text)
     finally:
         await stream.close()

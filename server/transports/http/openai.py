@@ -30,6 +30,7 @@ from server.catalog import LLM
 from server.dataplane.gateway import PRECISION_HEADER, PRECISION_PARAMETER, Gateway
 from server.dataplane.generation import GenerateRequest, TextStream, start_generation
 from server.errors import (
+    ClientDisconnected,
     GatewayError,
     InvalidGeneration,
     InvalidInput,
@@ -245,6 +246,8 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
     parts = []
     async with contextlib.aclosing(text.chunks()) as chunks:
         async for chunk in chunks:
+            if client_gone(request):  # nobody to answer: stop generating (closing cancels)
+                raise left(ClientDisconnected("client disconnected during a completion"))
             parts.append(chunk.text)
     return web.json_response(
         shape.whole("".join(parts)), headers={PRECISION_HEADER: text.precision}
@@ -305,6 +308,18 @@ class _Shape:
     def usage_chunk(self) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._head(obj), "choices": [], "usage": self.usage()}
+
+
+def client_gone(request: web.Request) -> bool:
+    """The client closed its connection (a non-streamed answer has nowhere to go)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def left(error: ClientDisconnected) -> ClientDisconnected:
+    """``error``, marked counted: the generation path counted the request (CANCELLED)."""
+    error.counted = True
+    return error
 
 
 def _event(doc: dict[str, Any] | str) -> bytes:
