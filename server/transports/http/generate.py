@@ -34,6 +34,7 @@ from server.errors import (
     client_message,
     from_llm_error,
 )
+from server.transports.http.limits import read_body
 from server.transports.http.openai import client_gone, left
 from server.upstreams.generation import GenerationRequest
 
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 INPUTS = ("text_input", "stream", "sampling_parameters", "exclude_input_in_output")
 _GATEWAY = web.AppKey("generate_gateway", Gateway)
+_BODY_TIMEOUT = web.AppKey("generate_body_timeout", float)
 
 
 def parse_generate(doc: dict[str, Any]) -> tuple[str, SamplingParams, dict[str, Any], bool]:
@@ -84,8 +86,10 @@ def _json_object(raw: Any) -> dict[str, Any]:
 
 async def _start(request: web.Request) -> tuple[dict[str, Any], TextStream, str]:
     gw = request.app[_GATEWAY]
+    timeout = request.app[_BODY_TIMEOUT]  # the size limit and --http-body-timeout
+    body = await read_body(request, gw.repository, gw.max_request_bytes, timeout)
     try:
-        doc = json.loads(await request.read())
+        doc = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise InvalidInput(f"request is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
@@ -163,8 +167,9 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def add_routes(app: web.Application, gateway: Gateway) -> None:
+def add_routes(app: web.Application, gateway: Gateway, body_timeout_s: float) -> None:
     app[_GATEWAY] = gateway
+    app[_BODY_TIMEOUT] = body_timeout_s
     for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         app.router.add_post(prefix + "/generate", generate)
         app.router.add_post(prefix + "/generate_stream", generate_stream)

@@ -38,6 +38,7 @@ from server.errors import (
     client_message,
     from_llm_error,
 )
+from server.transports.http.limits import read_body
 from server.upstreams.generation import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def error_response(
 
 _GATEWAY = web.AppKey("openai_gateway", Gateway)
 _STARTED = web.AppKey("openai_started", int)
+_BODY_TIMEOUT = web.AppKey("openai_body_timeout", float)
 
 
 def _gw(request: web.Request) -> Gateway:
@@ -135,7 +137,8 @@ def _no_model(name: str) -> str:
 
 # ---- request parsing ----------------------------------------------------------------------------
 async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+    gw = _gw(request)  # the size limit and --http-body-timeout, as for inference
+    raw = await read_body(request, gw.repository, gw.max_request_bytes, request.app[_BODY_TIMEOUT])
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -369,8 +372,9 @@ async def _stream(
     return response
 
 
-def add_routes(app: web.Application, gateway: Gateway) -> None:
+def add_routes(app: web.Application, gateway: Gateway, body_timeout_s: float) -> None:
     app[_GATEWAY] = gateway
+    app[_BODY_TIMEOUT] = body_timeout_s
     app[_STARTED] = int(time.time())
     r = app.router
     r.add_get("/v1/models", list_models)
