@@ -30,7 +30,7 @@ from typing import Any
 
 from tritonclient.grpc import service_pb2 as pb
 
-from server.catalog import Repository
+from server.catalog import PRECISION_ORDER, Repository
 from server.routing.policies import Router, ShadowPolicy, SplitPolicy
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -46,6 +46,8 @@ LUA = "envoy.filters.http.lua"
 # retry-on names; NOT_FOUND, Triton's answer for an unloaded model, by the grpc-status header)
 RETRY_ON = "unavailable,resource-exhausted,internal,cancelled,connect-failure,reset,refused-stream"
 NOT_FOUND = "5"
+FALLBACK = "fallback_from"  # the reply parameter naming the precision routed first
+HEALTH_INTERVAL_S = 1.0  # replicas' TCP health check
 SPLIT_KEY = "ps.split.{model}.{index}"
 SHADOW_KEY = "ps.shadow.{model}"
 
@@ -139,10 +141,11 @@ def plan_models(repository: Repository, router: Router, served: Iterable[str]) -
         }
         policy = router.policies[name]
         if isinstance(policy, SplitPolicy):
-            first, low = [], 0.0
+            shares, low = {}, 0.0
             for bound, precision in policy.cumulative:
-                first.append((precision, bound - low))
+                shares[precision] = bound - low
                 low = bound
+            first = [(p, shares[p]) for p in ordered(shares)]
         else:  # fixed, auto, shadow, slo: one precision (slo's weights: the control plane)
             first = [(policy.default_precision, 1.0)]
         if any(p not in by_precision for p, _ in first):
@@ -160,10 +163,11 @@ def request_suffix(variant: str) -> bytes:
     return pb.ModelInferRequest(model_name=variant).SerializeToString()
 
 
-def reply_suffix(precision: str) -> bytes:
-    """Appended to Triton's reply: ``parameters["precision"]``, as the Python path adds it."""
+def reply_suffix(precision: str, parameter: str = "precision") -> bytes:
+    """Appended to Triton's reply: ``parameters["precision"]`` (or ``fallback_from``), as the
+    Python path adds it."""
     msg = pb.ModelInferResponse()
-    msg.parameters["precision"].string_param = precision
+    msg.parameters[parameter].string_param = precision
     return msg.SerializeToString()
 
 
@@ -177,12 +181,16 @@ def _header(key: str, value: str) -> dict[str, Any]:
     }
 
 
-def _mutation(name: str, request: list[Any], response: list[Any]) -> dict[str, Any]:
+def _mutation(
+    name: str, request: list[Any], response: list[Any], trailers: list[Any] | None = None
+) -> dict[str, Any]:
     mutations: dict[str, Any] = {}
     if request:
         mutations["request_mutations"] = request
     if response:
         mutations["response_mutations"] = response
+    if trailers:
+        mutations["response_trailers_mutations"] = trailers
     return {
         "name": name,
         "typed_config": {
@@ -228,6 +236,7 @@ def variant_cluster(plan: FrontPlan, variant: str, precision: str) -> dict[str, 
     ``x-precision`` response header."""
     request = [
         _header("x-ps-variant", variant),
+        _header("x-ps-precision", precision),
         _header("x-ps-rewrite", request_suffix(variant).hex()),
     ]
     response = [
@@ -240,10 +249,29 @@ def variant_cluster(plan: FrontPlan, variant: str, precision: str) -> dict[str, 
         filters=[
             _mutation("ps.request", request, []),
             _lua(REWRITE_LUA),
-            _mutation("ps.response", [], response),
+            # x-precision: a header, and a trailer as the Python path sends it
+            _mutation("ps.response", [], response, [_header(PRECISION_HEADER, precision)]),
         ],
     )
     cluster["lb_policy"] = "LEAST_REQUEST"
+    # a replica that refuses connections is taken out at once, and put back by the health check
+    cluster["outlier_detection"] = {
+        "split_external_local_origin_errors": True,
+        "consecutive_local_origin_failure": 1,
+        "consecutive_gateway_failure": 3,
+        "interval": "1s",
+        "base_ejection_time": "2s",
+        "max_ejection_percent": 100,
+    }
+    cluster["health_checks"] = [
+        {
+            "timeout": "1s",
+            "interval": _duration(HEALTH_INTERVAL_S),
+            "unhealthy_threshold": 1,
+            "healthy_threshold": 1,
+            "tcp_health_check": {},
+        }
+    ]
     return cluster
 
 
@@ -340,7 +368,20 @@ def _groups(plan: FrontPlan, chain: tuple[str, ...]) -> list[str]:
     return [variant for variant in chain for _ in range(tries)]
 
 
+def _first(precision: str) -> list[dict[str, Any]]:
+    """A chain route's request headers: the precision routed to first and the reply parameter
+    a later attempt adds (``fallback_from``, rewrite.lua)."""
+    return [
+        {"header": h["append"]["header"], "append_action": h["append"]["append_action"]}
+        for h in (
+            _header("x-ps-first", precision),
+            _header("x-ps-fallback", reply_suffix(precision, FALLBACK).hex()),
+        )
+    ]
+
+
 def _chain_route(plan: FrontPlan, chain: tuple[str, ...]) -> dict[str, Any]:
+    """The variants of ``chain`` tried in turn (one priority group per attempt)."""
     groups = _groups(plan, chain)
     return {
         "inline_cluster_specifier_plugin": {
@@ -372,6 +413,7 @@ def model_routes(plan: FrontPlan, model: ModelPlan) -> list[dict[str, Any]]:
             "name": f"{model.name}:{precision}",
             "match": _match(f"m:{model.name}:{precision}"),
             "route": _chain_route(plan, chain),
+            "request_headers_to_add": _first(precision),
         }
         for precision, chain in model.chains.items()
     ]
@@ -397,7 +439,14 @@ def model_routes(plan: FrontPlan, model: ModelPlan) -> list[dict[str, Any]]:
                     },
                 }
             ]
-        routes.append({"name": f"{model.name}@{precision}", "match": match, "route": action})
+        routes.append(
+            {
+                "name": f"{model.name}@{precision}",
+                "match": match,
+                "route": action,
+                "request_headers_to_add": _first(precision),
+            }
+        )
     return routes
 
 
@@ -424,7 +473,7 @@ def grpc_routes(plan: FrontPlan) -> dict[str, Any]:
                 "match": _match(f"v:{variant}"),
                 "route": {
                     "cluster": variant,
-                    "retry_policy": _retry(1 if len(plan.triton) > 1 or plan.dns else 0, False),
+                    "retry_policy": _retry(2 if len(plan.triton) > 1 or plan.dns else 0, False),
                     **_timeouts(plan),
                 },
             }
@@ -567,15 +616,22 @@ def bootstrap(plan: FrontPlan) -> dict[str, Any]:
     }
 
 
+def ordered(precisions: Iterable[str]) -> list[str]:
+    """The order of a split's routes (and of its runtime keys): most accurate first."""
+    rank = {p: i for i, p in enumerate(PRECISION_ORDER)}
+    return sorted(precisions, key=lambda p: (rank.get(p, len(rank)), p))
+
+
 def split_runtime(model: str, weights: dict[str, float]) -> dict[str, int]:
-    """Runtime values that make a model's policy routes split first attempts by ``weights``
-    (precision -> weight, in the plan's ``first`` order): cumulative percents (HUNDRED)."""
+    """Runtime values that make a split model's routes share first attempts by ``weights``
+    (precision -> weight, the precisions of its routing file's split): cumulative whole
+    percents, one key per route but the last (routes in :func:`ordered` order)."""
     total = sum(weights.values())
     if total <= 0:
         raise ValueError("weights must add up to more than 0")
     out, cumulative = {}, 0.0
-    for index, weight in enumerate(list(weights.values())[:-1]):
-        cumulative += weight / total
+    for index, precision in enumerate(ordered(weights)[:-1]):
+        cumulative += weights[precision] / total
         out[SPLIT_KEY.format(model=model, index=index)] = round(cumulative * 100)
     return out
 

@@ -46,6 +46,12 @@ function envoy_on_request(handle)
     return
   end
   headers:remove("x-ps-rewrite")
+  -- a later attempt of a chain (the route's first precision is not this cluster's): the reply
+  -- says which precision was routed first, as the Python path's "fallback_from" does
+  local first = headers:get("x-ps-first")
+  if first ~= nil and first ~= headers:get("x-ps-precision") then
+    handle:streamInfo():dynamicMetadata():set("precision-serve", "fallback", headers:get("x-ps-fallback"))
+  end
   if headers:get("x-ps-name") == headers:get("x-ps-variant") then
     return -- asked for by its own name: nothing to rewrite, nothing to buffer
   end
@@ -62,5 +68,10 @@ function envoy_on_response(handle)
   if headers:get("grpc-status") ~= nil then
     return -- trailers only: an error, no message to add to
   end
-  append(handle:body(), unhex(reply))
+  local suffix = unhex(reply)
+  local state = handle:streamInfo():dynamicMetadata():get("precision-serve")
+  if state ~= nil and state.fallback ~= nil then
+    suffix = suffix .. unhex(state.fallback)
+  end
+  append(handle:body(), suffix)
 end
