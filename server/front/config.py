@@ -538,7 +538,7 @@ def _hcm(plan: FrontPlan, name: str, routes: dict[str, Any], lua: bool) -> dict[
             "typed_config": {"@type": _type("envoy.extensions.filters.http.router.v3.Router")},
         }
     )
-    return {
+    hcm = {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
             "@type": _type(
@@ -554,6 +554,30 @@ def _hcm(plan: FrontPlan, name: str, routes: dict[str, Any], lua: bool) -> dict[
             # Envoy adds no headers of its own to what the gateway's clients see
             "server_header_transformation": "PASS_THROUGH",
         },
+    }
+    if lua:  # the gRPC listener
+        hcm["typed_config"]["local_reply_config"] = {"mappers": [_too_large()]}
+    return hcm
+
+
+def _too_large() -> dict[str, Any]:
+    """gRPC: a body over the buffer limit is RESOURCE_EXHAUSTED, as with the Python front
+    (Envoy's own mapping of its 413 "Payload Too Large" says UNKNOWN)."""
+    return {
+        "filter": {
+            "status_code_filter": {
+                "comparison": {
+                    "op": "EQ",
+                    "value": {"default_value": 413, "runtime_key": "ps.too_large"},
+                }
+            }
+        },
+        "headers_to_add": [
+            {
+                "header": {"key": "grpc-status", "value": "8"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            },
+        ],
     }
 
 

@@ -222,3 +222,34 @@ def test_python_front_on_request(tiny_repository: Path, start_triton: StartTrito
         client = grpcclient.InferenceServerClient(gw.grpc_url)
         assert _infer(client, "tiny", precision="int8")[0] == "int8"
         client.close()
+
+
+def test_a_60_mb_request_is_refused_in_envoy_and_health_still_answers(
+    tiny_repository: Path, start_triton: StartTriton
+) -> None:
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+
+    triton = start_triton(tiny_repository)
+    with GatewayProcess(
+        tiny_repository, extra_args=["--upstream", f"triton://{triton.grpc_url}"]
+    ) as gw:
+        before = _stats(gw)
+        options = [("grpc.max_send_message_length", -1)]
+        with grpc.insecure_channel(gw.grpc_url, options=options) as channel:
+            call = channel.unary_unary(
+                "/inference.GRPCInferenceService/ModelInfer",
+                request_serializer=pb.ModelInferRequest.SerializeToString,
+                response_deserializer=pb.ModelInferResponse.FromString,
+            )
+            for model in ("tiny_int8", "tiny", "no_such_model"):
+                request = pb.ModelInferRequest(model_name=model)
+                request.raw_input_contents.append(bytes(60_000_000))
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(request, timeout=30)
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, model
+                ready = urllib.request.urlopen(f"http://{gw.http_url}/v2/health/ready", timeout=5)
+                assert ready.status == 200
+        after = _stats(gw)
+        for cluster in ("tiny_int8", "tiny_fp16", "tiny_fp32", "control_grpc"):
+            assert after[cluster] == before[cluster], cluster  # nothing reached Triton or Python
