@@ -253,3 +253,37 @@ def test_a_60_mb_request_is_refused_in_envoy_and_health_still_answers(
         after = _stats(gw)
         for cluster in ("tiny_int8", "tiny_fp16", "tiny_fp32", "control_grpc"):
             assert after[cluster] == before[cluster], cluster  # nothing reached Triton or Python
+
+
+def test_nvidia_example_clients_through_the_envoy_front(
+    tiny_repository: Path, start_triton: StartTriton
+) -> None:
+    """NVIDIA's example clients' checks (tests/server/test_nvidia_examples.py), unchanged,
+    against the Envoy front with model control on."""
+    from tests.server.test_nvidia_examples import run_checks
+
+    triton = start_triton(tiny_repository, model_control="explicit")
+    args = ["--upstream", f"triton://{triton.grpc_url}", "--model-control", "explicit"]
+    with GatewayProcess(tiny_repository, extra_args=args) as gw:
+        assert "envoy_admin_port" in gw.ports
+        grpc = grpcclient.InferenceServerClient(gw.grpc_url)
+        http = httpclient.InferenceServerClient(gw.http_url)
+        for script, client in (
+            ("simple_grpc_health_metadata.py", grpc),
+            ("simple_http_health_metadata.py", http),
+            ("simple_http_model_control.py", http),
+        ):
+            code, printed = run_checks(script, triton_client=client)
+            assert code is None, (script, printed)
+        code, printed = run_checks("simple_grpc_model_control.py", triton_client=grpc)
+        assert code == 0 and printed == ["PASS: model control"], printed
+        code, printed = run_checks(
+            "simple_http_infer_client.py",
+            httpclient=httpclient,
+            triton_client=http,
+            input0_data=np.arange(16, dtype=np.int32)[None, :],
+            input1_data=np.full((1, 16), -1, dtype=np.int32),
+        )
+        assert code is None and printed[0].startswith("[404] Request for unknown model"), printed
+        # and a real inference through the same front, by tritonclient as it is
+        assert _infer(grpc, "tiny", precision="int8")[0] == "int8"
