@@ -17,6 +17,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
 import urllib.parse
@@ -54,6 +55,15 @@ def envoy_binary() -> Path:
     if not os.access(path, os.X_OK):
         raise EnvoyError(f"Envoy binary {path} is missing or not executable")
     return path
+
+
+def _with_parent(cmd: list[str]) -> list[str]:
+    """``cmd`` run so that it gets SIGTERM when the thread that started it ends - with the
+    gateway, even a SIGKILLed one: no Envoy is left holding the ports. util-linux's ``setpriv
+    --pdeathsig`` sets it and execs (a ``preexec_fn`` would run Python in a child forked from a
+    process with gRPC threads: gRPC's fork handlers abort it). Without setpriv: ``cmd``."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", *cmd] if setpriv else cmd
 
 
 def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -103,11 +113,18 @@ class EnvoyFront:
     async def start(self) -> dict[str, int]:
         """Start Envoy and wait until ready; returns listener name -> port."""
         self.binary = self.binary or envoy_binary()
-        await asyncio.to_thread(self._launch)
+        await self._launch()
         self._watch = asyncio.create_task(self._watch_loop())
         return self.ports
 
-    def _launch(self) -> None:
+    async def _launch(self) -> None:
+        """Start Envoy from the event loop's thread (the parent-death signal belongs to the
+        thread that started the child: this one lives as long as the gateway), wait for it in a
+        worker thread."""
+        self._spawn()
+        await asyncio.to_thread(self._wait)
+
+    def _spawn(self) -> None:
         self.config_path.write_text(json.dumps(self.config, indent=1))
         self.admin_path.unlink(missing_ok=True)
         cmd = [
@@ -122,7 +139,10 @@ class EnvoyFront:
             "--log-level",
             "warning",
         ]
-        self.proc = process.start(cmd, log_path=self.log_path)
+        self.proc = process.start(_with_parent(cmd), log_path=self.log_path)
+
+    def _wait(self) -> None:
+        assert self.proc is not None
         try:
             process.wait_ready(
                 self._ready, self.ready_timeout, "Envoy", proc=self.proc, log=self.log_path
@@ -166,7 +186,7 @@ class EnvoyFront:
                 self.restarts,
             )
             try:
-                await asyncio.to_thread(self._launch)
+                await self._launch()
             except EnvoyError as e:
                 log.error("%s", e)
 
@@ -180,7 +200,12 @@ class EnvoyFront:
             deadline = asyncio.get_running_loop().time() + grace
             while asyncio.get_running_loop().time() < deadline:
                 active = await asyncio.to_thread(self.stats, r"downstream_rq_active$")
-                if sum(v for k, v in active.items() if k.startswith("http.")) == 0:
+                # the listeners' requests (not the admin endpoint's, this very one among them)
+                if (
+                    active.get("http.grpc.downstream_rq_active", 0)
+                    + active.get("http.http.downstream_rq_active", 0)
+                    == 0
+                ):
                     return
                 await asyncio.sleep(0.05)
         except OSError as e:  # Envoy already gone: nothing to drain

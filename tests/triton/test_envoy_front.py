@@ -326,3 +326,24 @@ def test_nvidia_example_clients_through_the_envoy_front(
         assert code is None and printed[0].startswith("[404] Request for unknown model"), printed
         # and a real inference through the same front, by tritonclient as it is
         assert _infer(grpc, "tiny", precision="int8")[0] == "int8"
+
+
+def _gone(pid: int) -> bool:
+    """Exited (reaped, or a zombie waiting for its new parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_envoy_goes_when_the_gateway_is_killed(
+    tiny_repository: Path, start_triton: StartTriton
+) -> None:
+    """No Envoy is left holding the ports after a SIGKILLed gateway (parent-death signal)."""
+    triton = start_triton(tiny_repository)
+    with GatewayProcess(
+        tiny_repository, extra_args=["--upstream", f"triton://{triton.grpc_url}"]
+    ) as gw:
+        (envoy,) = _children(gw.pid)
+        os.kill(gw.pid, signal.SIGKILL)
+        wait_ready(lambda: _gone(envoy), 10, "Envoy to exit after its gateway")
