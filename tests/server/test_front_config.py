@@ -69,6 +69,9 @@ def _by_route_header(routes: list[dict[str, Any]], value: str) -> list[dict[str,
 
 
 def _chain(route: dict[str, Any]) -> list[str]:
+    """The clusters a route tries in turn (a plain cluster route: one)."""
+    if "cluster" in route["route"]:
+        return [route["route"]["cluster"]]
     spec = route["route"]["inline_cluster_specifier_plugin"]["extension"]["typed_config"]
     return [g["clusters"][0]["cluster_name"] for g in spec["priority_groups"]]
 
@@ -156,6 +159,9 @@ def test_fixed_policy_and_requested_precisions_follow_the_fallback_chain(
     assert retry["num_retries"] == 1 and retry["refresh_cluster_on_retry"] is True
     (variant,) = _by_route_header(routes, "v:tiny_int8")
     assert variant["route"]["cluster"] == "tiny_int8"  # a variant by name: no fallback
+    assert "retry_policy" not in variant["route"]  # one replica: nothing to retry on
+    (fp32,) = _by_route_header(routes, "m:tiny:fp32")  # the chain's end: one attempt
+    assert fp32["route"]["cluster"] == "tiny_fp32" and "retry_policy" not in fp32["route"]
     # the rest goes to the control plane; only ModelInfer passes the selecting filter
     assert routes[-2]["match"] == {"path": MODEL_INFER}
     assert routes[-2]["route"]["cluster"] == CONTROL_GRPC
