@@ -31,12 +31,15 @@ from server.dataplane.security import SecurityOptions
 from server.errors import ConfigError
 from server.front.config import (
     FrontPlan,
+    ModelPlan,
     bootstrap,
     plan_models,
+    ready_weights,
     served_variants,
+    split_runtime,
     triton_endpoints,
 )
-from server.front.supervisor import EnvoyFront
+from server.front.supervisor import EnvoyError, EnvoyFront
 from server.routing.options import RoutingOptions
 from server.routing.policies import Router, load_routing
 from server.routing.retime import retime_repository
@@ -53,6 +56,7 @@ log = logging.getLogger(__name__)
 
 ENVOY_SCHEMES = ("triton", "triton+dns")
 LOOPBACK = "127.0.0.1"
+READINESS_INTERVAL_S = 1.0  # how often a split's weights follow the variants' readiness
 DEFAULT_DRAIN_S = 5.0
 DEFAULT_GRACE_S = 10.0
 
@@ -152,6 +156,7 @@ class GatewayServer:
         # Envoy on the public gRPC/HTTP ports, this process behind it on loopback (docs/envoy.md):
         # for Triton upstreams unless ``?front=python``; not with precision pools or --workers
         self.front: EnvoyFront | None = None
+        self._weights: asyncio.Task | None = None
         self.envoy = (
             up.scheme in ENVOY_SCHEMES
             and up.settings.front == "envoy"
@@ -282,11 +287,38 @@ class GatewayServer:
         plan = self.front_plan(body_limit, max_streams)
         self.front = EnvoyFront(bootstrap(plan))
         bound = await self.front.start()
+        splits = [m for m in plan.models if len(m.first) > 1]
+        if splits:
+            self._weights = asyncio.create_task(self._follow_readiness(splits))
         self.ports["control_grpc_port"] = self.ports["grpc_port"]
         self.ports["control_http_port"] = self.ports["http_port"]
         self.ports["grpc_port"], self.ports["http_port"] = bound["grpc"], bound["http"]
         self.ports["envoy_admin_port"] = int(self.front.admin_url.rpartition(":")[2])
         log.info("Envoy in front: gRPC %d, HTTP %d", bound["grpc"], bound["http"])
+
+    async def _follow_readiness(self, models: list[ModelPlan]) -> None:
+        """Health-driven weights: a split's precision whose variant Triton reports unready on
+        every replica (the upstream's readiness checks) gets no first attempts, through Envoy's
+        runtime (``/runtime_modify``), until it is ready again."""
+        front, upstream = self.front, self.gateway.upstream
+        assert front is not None
+        repository = self.gateway.repository
+        last: dict[str, dict[str, int]] = {}
+        while True:
+            await asyncio.sleep(READINESS_INTERVAL_S)
+            for model in models:
+                variants = repository.models[model.name].variants
+                ready = {p for p, v in variants.items() if upstream.ready(v)}
+                weights = ready_weights(model, ready)
+                values = split_runtime(model.name, weights)
+                if values != last.get(model.name):
+                    try:
+                        await asyncio.to_thread(front.set_runtime, values)
+                    except (OSError, EnvoyError) as e:  # Envoy restarting: next round
+                        log.warning("cannot set %s's split in Envoy: %s", model.name, e)
+                        continue
+                    last[model.name] = values
+                    log.info("Envoy split of %s: %s", model.name, weights)
 
     async def _start_metrics(self) -> None:
         o = self.options.listen
@@ -308,6 +340,8 @@ class GatewayServer:
         if drain_s > 0 and self._runners:
             log.info("precision-serve: not ready; closing in %.1fs", drain_s)
             await asyncio.sleep(drain_s)
+        if self._weights is not None:
+            self._weights.cancel()
         if self.front is not None:  # no new requests; those in flight get the grace period
             await self.front.drain(self.options.shutdown.grace_s)
             await self.front.stop()

@@ -746,3 +746,12 @@ def served_variants(repository: Repository) -> dict[str, str]:
     """Variant name -> precision, for every variant Triton can be asked for (a variant whose
     config could not be read stays with the control plane, which reports it unready)."""
     return {v.name: v.precision for v in repository.variants() if v.problem is None}
+
+
+def ready_weights(model: ModelPlan, ready: set[str]) -> dict[str, float]:
+    """A split model's first-attempt weights with the precisions whose variant is unready on
+    every replica left out (``ready``: the precisions that are not); all unready: the routing
+    file's weights (the chains' fallback still serves)."""
+    shares = {p: share for p, share in model.first}
+    kept = {p: share if p in ready else 0.0 for p, share in shares.items()}
+    return kept if sum(kept.values()) > 0 else shares

@@ -18,6 +18,7 @@ from server.front.config import (
     FrontPlan,
     bootstrap,
     plan_models,
+    ready_weights,
     reply_suffix,
     request_suffix,
     served_variants,
@@ -200,6 +201,16 @@ def test_split_is_cumulative_runtime_fractions_and_shadow_a_mirror(
         "ps.split.tiny.0": 50,
         "ps.split.tiny.1": 75,
     }
+    # health-driven: an unready precision gets no first attempts; none ready: the file's split
+    (model,) = _plan(repository, routing).models
+    assert ready_weights(model, {"fp16", "fp32"}) == pytest.approx(
+        {"fp32": 0.2, "fp16": 0.3, "int8": 0.0}
+    )
+    assert split_runtime("tiny", ready_weights(model, {"fp16", "fp32"})) == {
+        "ps.split.tiny.0": 40,
+        "ps.split.tiny.1": 100,
+    }
+    assert ready_weights(model, set()) == ready_weights(model, {"fp32", "fp16", "int8"})
 
     shadow = {"models": {"tiny": {"policy": "shadow", "precision": "int8"}}}
     (route,) = _by_route_header(_routes(bootstrap(_plan(repository, shadow))), "m:tiny")

@@ -347,3 +347,35 @@ def test_envoy_goes_when_the_gateway_is_killed(
         (envoy,) = _children(gw.pid)
         os.kill(gw.pid, signal.SIGKILL)
         wait_ready(lambda: _gone(envoy), 10, "Envoy to exit after its gateway")
+
+
+def _runtime_value(gw: GatewayProcess, key: str) -> str | None:
+    url = f"http://127.0.0.1:{gw.ports['envoy_admin_port']}/runtime"
+    entries = json.loads(urllib.request.urlopen(url, timeout=5).read())["entries"]
+    return entries.get(key, {}).get("final_value")
+
+
+def test_a_split_follows_the_variants_readiness(
+    tiny_repository: Path, start_triton: StartTriton, tmp_path: Path
+) -> None:
+    """Health-driven weights: the control plane sees a variant unready (its readiness checks)
+    and moves the split's first attempts away from it in Envoy; back when it is ready."""
+    triton = start_triton(tiny_repository, model_control="explicit")
+    split = {"models": {"tiny": {"policy": "split", "weights": {"int8": 50, "fp16": 50}}}}
+    args = ["--upstream", f"triton://{triton.grpc_url}", *_routing(tmp_path, split)]
+    direct = grpcclient.InferenceServerClient(triton.grpc_url)
+    with GatewayProcess(tiny_repository, extra_args=args) as gw:
+        client = grpcclient.InferenceServerClient(gw.grpc_url)
+        key = "ps.split.tiny.0"  # fp16's share (routes most accurate first), cumulative
+        wait_ready(lambda: _runtime_value(gw, key) == "50", 10, "the split set in Envoy")
+        direct.unload_model("tiny_int8")
+        wait_ready(lambda: _runtime_value(gw, key) == "100", 15, "int8's share moved to fp16")
+        before = _stats(gw)
+        answers = [_infer(client, "tiny")[:2] for _ in range(30)]
+        assert set(answers) == {("fp16", "")}  # routed there first: no failed int8 attempts
+        assert _stats(gw)["tiny_int8"] == before["tiny_int8"]
+        direct.load_model("tiny_int8")
+        wait_ready(lambda: _runtime_value(gw, key) == "50", 15, "int8 back in the split")
+        assert "int8" in {_infer(client, "tiny")[0] for _ in range(40)}
+        client.close()
+    direct.close()
