@@ -39,6 +39,7 @@ from server.front.config import (
     split_runtime,
     triton_endpoints,
 )
+from server.front.metrics import EnvoyCollector
 from server.front.supervisor import EnvoyError, EnvoyFront
 from server.routing.options import RoutingOptions
 from server.routing.policies import Router, load_routing
@@ -157,6 +158,7 @@ class GatewayServer:
         # for Triton upstreams unless ``?front=python``; not with precision pools or --workers
         self.front: EnvoyFront | None = None
         self._weights: asyncio.Task | None = None
+        self._collector: EnvoyCollector | None = None
         self.envoy = (
             up.scheme in ENVOY_SCHEMES
             and up.settings.front == "envoy"
@@ -287,6 +289,9 @@ class GatewayServer:
         plan = self.front_plan(body_limit, max_streams)
         self.front = EnvoyFront(bootstrap(plan))
         bound = await self.front.start()
+        variants = {v.name: (v.model, v.precision) for v in self.gateway.repository.variants()}
+        self._collector = EnvoyCollector(self.front, {n: variants[n] for n in plan.variants})
+        REGISTRY.register(self._collector)
         splits = [m for m in plan.models if len(m.first) > 1]
         if splits:
             self._weights = asyncio.create_task(self._follow_readiness(splits))
@@ -342,6 +347,9 @@ class GatewayServer:
             await asyncio.sleep(drain_s)
         if self._weights is not None:
             self._weights.cancel()
+        if self._collector is not None:
+            REGISTRY.unregister(self._collector)
+            self._collector = None
         if self.front is not None:  # no new requests; those in flight get the grace period
             await self.front.drain(self.options.shutdown.grace_s)
             await self.front.stop()

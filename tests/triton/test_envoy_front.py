@@ -39,6 +39,22 @@ def _stats(gw: GatewayProcess, what: str = "upstream_rq_total") -> dict[str, int
     }
 
 
+def _metric(gw: GatewayProcess, model: str, precision: str) -> float | None:
+    """precision_serve_envoy_upstream_requests_total{model, precision, protocol="grpc"}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(gw.metrics_url, timeout=5).read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "precision_serve_envoy_upstream_requests_total" and sample.labels == {
+                "model": model,
+                "precision": precision,
+                "protocol": "grpc",
+            }:
+                return sample.value
+    return None
+
+
 def _runtime(gw: GatewayProcess, values: dict[str, int]) -> None:
     query = "&".join(f"{k}={v}" for k, v in values.items())
     url = f"http://127.0.0.1:{gw.ports['envoy_admin_port']}/runtime_modify?{query}"
@@ -116,6 +132,8 @@ def test_every_way_of_asking_for_a_precision_is_routed_in_envoy(
             "tiny_fp16": 1,
         }
         assert after["control_grpc"] == before["control_grpc"]  # Python saw none of them
+        # ... and the gateway's /metrics shows Envoy's counts under the project's names
+        assert _metric(gw, "tiny", "int8") == after["tiny_int8"] >= 1
 
         # the policy: 70/30 split in Envoy (runtime fractions)
         served = [_infer(client, "tiny")[0] for _ in range(300)]
