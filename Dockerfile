@@ -24,8 +24,9 @@ COPY server ./server
 COPY loadtest ./loadtest
 # The core (ONNX Runtime, tritonclient[grpc], grpcio, prometheus-client, aiohttp, pydantic...) and
 # OpenVINO: the builder records `engine: openvino` for variants it measured faster there, and a
-# gateway without it reports those variants unready. Never torch or onnx (the `build` extra).
-RUN pip install '.[openvino]'
+# gateway without it reports those variants unready. Envoy (the `envoy` extra): the front the
+# gateway starts for Triton upstreams (docs/envoy.md). Never torch or onnx (the `build` extra).
+RUN pip install '.[openvino,envoy]'
 
 FROM base AS loadtest
 RUN pip install ".[loadtest]"

@@ -29,6 +29,18 @@ from server.dataplane.gateway import Gateway
 from server.dataplane.model_control import ModelControl
 from server.dataplane.security import SecurityOptions
 from server.errors import ConfigError
+from server.front.config import (
+    FrontPlan,
+    ModelPlan,
+    bootstrap,
+    plan_models,
+    ready_weights,
+    served_variants,
+    split_runtime,
+    triton_endpoints,
+)
+from server.front.metrics import EnvoyCollector
+from server.front.supervisor import EnvoyError, EnvoyFront
 from server.routing.options import RoutingOptions
 from server.routing.policies import Router, load_routing
 from server.routing.retime import retime_repository
@@ -43,6 +55,9 @@ from server.upstreams.pools import create_pooled_upstream
 
 log = logging.getLogger(__name__)
 
+ENVOY_SCHEMES = ("triton", "triton+dns")
+LOOPBACK = "127.0.0.1"
+READINESS_INTERVAL_S = 1.0  # how often a split's weights follow the variants' readiness
 DEFAULT_DRAIN_S = 5.0
 DEFAULT_GRACE_S = 10.0
 
@@ -138,6 +153,18 @@ class GatewayServer:
         if options.worker:  # a region registered with one worker would be unknown to the others
             self.gateway.shared_memory.refuse = "system shared memory needs --workers 1"
         self.control = ModelControl(self.gateway, options.security.model_control)
+        self.router = router
+        # Envoy on the public gRPC/HTTP ports, this process behind it on loopback (docs/envoy.md):
+        # for Triton upstreams unless ``?front=python``; not with precision pools or --workers
+        self.front: EnvoyFront | None = None
+        self._weights: asyncio.Task | None = None
+        self._collector: EnvoyCollector | None = None
+        self.envoy = (
+            up.scheme in ENVOY_SCHEMES
+            and up.settings.front == "envoy"
+            and not routing.pools
+            and not options.worker
+        )
         self.ports: dict[str, int] = {}
         self._grpc: grpc.aio.Server | None = None
         self._runners: list[web.AppRunner] = []
@@ -177,6 +204,10 @@ class GatewayServer:
     async def start(self) -> dict[str, int]:
         o, listen, limits = self.options, self.options.listen, self.options.limits
         grpc_tls, http_tls = self._tls()
+        # behind Envoy: loopback, OS-picked ports, plain (Envoy terminates TLS)
+        host, grpc_port, http_port = listen.host, listen.grpc_port, listen.http_port
+        if self.envoy:
+            host, grpc_port, http_port, grpc_tls, http_tls = LOOPBACK, 0, 0, None, None
         await self.gateway.start()
         try:
             limit = self.grpc_payload_limit()
@@ -187,8 +218,8 @@ class GatewayServer:
             self._grpc, self.ports["grpc_port"] = await start_grpc_server(
                 self.gateway,
                 self.control,
-                listen.host,
-                listen.grpc_port,
+                host,
+                grpc_port,
                 limit,
                 grpc_tls,
                 o.worker,
@@ -200,8 +231,8 @@ class GatewayServer:
             runner, self.ports["http_port"] = await start_http_server(
                 self.gateway,
                 self.control,
-                listen.host,
-                listen.http_port,
+                host,
+                http_port,
                 http_tls,
                 o.shutdown.grace_s,
                 o.worker,
@@ -214,6 +245,8 @@ class GatewayServer:
             raise ConfigError(
                 f"cannot bind HTTP/metrics port on {listen.host}: {e.strerror or e}"
             ) from e
+        if self.envoy:
+            await self._start_envoy(limit + ENVELOPE_BYTES, calls or 0)
         if o.ready_file is not None:
             try:
                 atomic_write_text(
@@ -223,6 +256,74 @@ class GatewayServer:
                 raise ConfigError(f"cannot write --ready-file: {e}") from e
         log.info("precision-serve ready: %s", self.ports)
         return self.ports
+
+    def front_plan(self, body_limit: int, max_streams: int) -> FrontPlan:
+        """What Envoy's configuration is made from (server/front/config.py)."""
+        o, up = self.options, self.options.upstream
+        repository = self.gateway.repository
+        variants = served_variants(repository)
+        tls = o.listen.tls
+        return FrontPlan(
+            host=o.listen.host,
+            grpc_port=o.listen.grpc_port,
+            http_port=o.listen.http_port,
+            control_grpc_port=self.ports["grpc_port"],
+            control_http_port=self.ports["http_port"],
+            triton=triton_endpoints(up.address),
+            variants=variants,
+            models=tuple(plan_models(repository, self.router, variants)),
+            body_limit=body_limit,
+            max_streams=max_streams,
+            header_timeout_s=o.limits.http_body_timeout,
+            default_timeout_s=up.settings.default_timeout_s,
+            token=o.security.auth_token,
+            triton_http_port=up.settings.http_port,
+            http_body_limit=o.limits.max_request_bytes,
+            tls=(tls.cert, tls.key) if tls is not None else None,
+            dns=up.scheme == "triton+dns",
+            resolve_interval_s=up.settings.resolve_interval_s,
+        )
+
+    async def _start_envoy(self, body_limit: int, max_streams: int) -> None:
+        """Envoy on the public ports in front of Triton and of this process (now on loopback)."""
+        plan = self.front_plan(body_limit, max_streams)
+        self.front = EnvoyFront(bootstrap(plan))
+        bound = await self.front.start()
+        variants = {v.name: (v.model, v.precision) for v in self.gateway.repository.variants()}
+        self._collector = EnvoyCollector(self.front, {n: variants[n] for n in plan.variants})
+        REGISTRY.register(self._collector)
+        splits = [m for m in plan.models if len(m.first) > 1]
+        if splits:
+            self._weights = asyncio.create_task(self._follow_readiness(splits))
+        self.ports["control_grpc_port"] = self.ports["grpc_port"]
+        self.ports["control_http_port"] = self.ports["http_port"]
+        self.ports["grpc_port"], self.ports["http_port"] = bound["grpc"], bound["http"]
+        self.ports["envoy_admin_port"] = int(self.front.admin_url.rpartition(":")[2])
+        log.info("Envoy in front: gRPC %d, HTTP %d", bound["grpc"], bound["http"])
+
+    async def _follow_readiness(self, models: list[ModelPlan]) -> None:
+        """Health-driven weights: a split's precision whose variant Triton reports unready on
+        every replica (the upstream's readiness checks) gets no first attempts, through Envoy's
+        runtime (``/runtime_modify``), until it is ready again."""
+        front, upstream = self.front, self.gateway.upstream
+        assert front is not None
+        repository = self.gateway.repository
+        last: dict[str, dict[str, int]] = {}
+        while True:
+            await asyncio.sleep(READINESS_INTERVAL_S)
+            for model in models:
+                variants = repository.models[model.name].variants
+                ready = {p for p, v in variants.items() if upstream.ready(v)}
+                weights = ready_weights(model, ready)
+                values = split_runtime(model.name, weights)
+                if values != last.get(model.name):
+                    try:
+                        await asyncio.to_thread(front.set_runtime, values)
+                    except (OSError, EnvoyError) as e:  # Envoy restarting: next round
+                        log.warning("cannot set %s's split in Envoy: %s", model.name, e)
+                        continue
+                    last[model.name] = values
+                    log.info("Envoy split of %s: %s", model.name, weights)
 
     async def _start_metrics(self) -> None:
         o = self.options.listen
@@ -244,6 +345,14 @@ class GatewayServer:
         if drain_s > 0 and self._runners:
             log.info("precision-serve: not ready; closing in %.1fs", drain_s)
             await asyncio.sleep(drain_s)
+        if self._weights is not None:
+            self._weights.cancel()
+        if self._collector is not None:
+            REGISTRY.unregister(self._collector)
+            self._collector = None
+        if self.front is not None:  # no new requests; those in flight get the grace period
+            await self.front.drain(self.options.shutdown.grace_s)
+            await self.front.stop()
         tasks = [runner.cleanup() for runner in self._runners]
         if self._grpc is not None:
             tasks.append(self._grpc.stop(self.options.shutdown.grace_s))

@@ -17,11 +17,40 @@ def _merge_wait(text: str) -> float:
     return seconds(text) / 1e3
 
 
+FRONTS = ("envoy", "python")
+
+
+def _front(text: str) -> str:
+    if text not in FRONTS:
+        raise ValueError(f"must be one of {', '.join(FRONTS)}")
+    return text
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 < port <= 65535:
+        raise ValueError("must be a port number, 1..65535")
+    return port
+
+
 def _positive(text: str) -> float:
     return seconds(text, inclusive=False)
 
 
 KEYS = {
+    "front": QueryKey(
+        "front",
+        _front,
+        "envoy: Envoy listens on the public ports and sends inference straight to Triton, the "
+        "gateway is the control plane behind it (docs/envoy.md); python: the gateway listens "
+        "and forwards every request itself",
+    ),
+    "http": QueryKey(
+        "http_port",
+        _port,
+        "the replicas' HTTP port: with the Envoy front, HTTP inference goes straight to it "
+        "(0: through the gateway, which uses the gRPC port)",
+    ),
     "merge": QueryKey(
         "merge_limit",
         count,
