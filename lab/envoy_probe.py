@@ -57,6 +57,8 @@ class EnvoyVariant:
     name: str
     concurrency: int = 1  # --concurrency (worker threads)
     rewrite: str = "none"  # none | upstream (Lua upstream filter) | downstream (Lua in the HCM)
+    reply: bool = False  # the upstream Lua also appends a ``precision`` response parameter
+    select: bool = False  # a downstream Lua reads model_name from the body, routes on a header
     stream_window: int | None = None  # HTTP/2 initial_stream_window_size (both sides)
     connection_window: int | None = None  # HTTP/2 initial_connection_window_size (both sides)
     downstream_max_streams: int | None = None  # HCM http2 max_concurrent_streams
@@ -83,6 +85,16 @@ VARIANTS: dict[str, EnvoyVariant] = {
         replace(_BASE, name="w1-lua", rewrite="upstream"),
         replace(_BASE, name="w2-lua", concurrency=2, rewrite="upstream"),
         replace(_BASE, name="w1-lua-down", rewrite="downstream"),
+        replace(_BASE, name="w1-lua-reply", rewrite="upstream", reply=True),
+        replace(_BASE, name="w1-select-lua-reply", rewrite="upstream", reply=True, select=True),
+        replace(
+            _BASE,
+            name="w2-select-lua-reply",
+            concurrency=2,
+            rewrite="upstream",
+            reply=True,
+            select=True,
+        ),
         replace(_BASE, name="w1-lean", lean=True, stats_flush_s=60.0),
         replace(_BASE, name="w1-lua-lean", rewrite="upstream", lean=True, stats_flush_s=60.0),
         replace(_BASE, name="w1-win64k", stream_window=65535, connection_window=1 * _MB),
@@ -99,37 +111,61 @@ VARIANTS: dict[str, EnvoyVariant] = {
 
 
 # ---- the configuration, as data -------------------------------------------------------------
-def _lua_append_model_name(model_name: str) -> str:
-    """A Lua script appending field 1 (``model_name``) to the one gRPC message of a request and
-    fixing the 5-byte gRPC frame length (unary calls: one message per request)."""
-    field_bytes = b"\x0a" + _varint(len(model_name.encode())) + model_name.encode()
-    literal = "".join(f"\\{b}" for b in field_bytes)
-    return "\n".join(
-        [
-            f'local FIELD = "{literal}"',
-            "function envoy_on_request(h)",
-            "  local body = h:body()",
-            "  if body == nil then return end",
-            "  local n = body:length()",
-            "  if n < 5 then return end",
-            "  local head = body:getBytes(0, 5)",
-            "  local a, b, c, d = head:byte(2, 5)",
-            "  local len = ((a * 256 + b) * 256 + c) * 256 + d + #FIELD",
-            "  local frame = head:sub(1, 1) .. string.char(math.floor(len / 16777216) % 256,",
-            "    math.floor(len / 65536) % 256, math.floor(len / 256) % 256, len % 256)",
-            "  body:setBytes(frame .. body:getBytes(5, n - 5) .. FIELD)",
-            "end",
-        ]
-    )
+REPLY_PRECISION = "probe"  # the ``precision`` response parameter a ``reply`` variant appends
+
+_FRAME_LUA = [
+    "local function append(body, suffix)",
+    "  if body == nil then return end",
+    "  local n = body:length()",
+    "  if n < 5 then return end",
+    "  local head = body:getBytes(0, 5)",
+    "  local a, b, c, d = head:byte(2, 5)",
+    "  local len = ((a * 256 + b) * 256 + c) * 256 + d + #suffix",
+    "  local frame = head:sub(1, 1) .. string.char(math.floor(len / 16777216) % 256,",
+    "    math.floor(len / 65536) % 256, math.floor(len / 256) % 256, len % 256)",
+    "  body:setBytes(frame .. body:getBytes(5, n - 5) .. suffix)",
+    "end",
+]
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+def _lua_bytes(data: bytes) -> str:
+    return '"' + "".join(f"\\{b}" for b in data) + '"'
+
+
+def lua_rewrite(model_name: str, reply: bool = False) -> str:
+    """A Lua script appending ``ModelInferRequest{model_name}`` to the one gRPC message of a
+    request (protobuf: the last value wins) with the 5-byte frame length fixed (unary calls: one
+    message per request); with ``reply``, ``ModelInferResponse{parameters: {precision}}`` to
+    the response's message the same way."""
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name=model_name).SerializeToString()
+    lines = [*_FRAME_LUA, f"local REQUEST = {_lua_bytes(request)}"]
+    lines += ["function envoy_on_request(h)", "  append(h:body(), REQUEST)", "end"]
+    if reply:
+        response = service_pb2.ModelInferResponse()
+        response.parameters["precision"].string_param = REPLY_PRECISION
+        lines += [f"local REPLY = {_lua_bytes(response.SerializeToString())}"]
+        lines += ["function envoy_on_response(h)", "  if h:headers():get('grpc-status') ~= nil",
+                  "  then return end", "  append(h:body(), REPLY)", "end"]  # fmt: skip
+    return "\n".join(lines)
+
+
+SELECT_HEADER = "x-probe-route"
+LUA_SELECT = "\n".join(
+    [
+        "-- reads model_name from the head of the body (no tensor decoding), routes on a header",
+        "function envoy_on_request(h)",
+        "  local body = h:body()",
+        "  if body == nil or body:length() < 7 then return end",
+        "  local head = body:getBytes(0, math.min(body:length(), 16384))",
+        "  if head:byte(6) ~= 10 then return end",
+        "  local len = head:byte(7)",
+        f"  h:headers():replace('{SELECT_HEADER}', head:sub(8, 7 + len))",
+        "  h:clearRouteCache()",
+        "end",
+    ]
+)
 
 
 def _lua_filter(script: str) -> dict[str, Any]:
@@ -167,8 +203,10 @@ def envoy_config(v: EnvoyVariant, triton_grpc_port: int, model_name: str) -> dic
         router["dynamic_stats"] = False
         router["suppress_envoy_headers"] = True
     http_filters: list[dict[str, Any]] = []
+    if v.select:
+        http_filters.append(_lua_filter(LUA_SELECT))
     if v.rewrite == "downstream":
-        http_filters.append(_lua_filter(_lua_append_model_name(model_name)))
+        http_filters.append(_lua_filter(lua_rewrite(model_name, v.reply)))
     http_filters.append({"name": "envoy.filters.http.router", "typed_config": router})
     hcm: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
@@ -184,7 +222,12 @@ def envoy_config(v: EnvoyVariant, triton_grpc_port: int, model_name: str) -> dic
                     "domains": ["*"],
                     "routes": [
                         {
-                            "match": {"prefix": "/inference.GRPCInferenceService/"},
+                            "match": {
+                                "prefix": "/inference.GRPCInferenceService/",
+                                "headers": [{"name": SELECT_HEADER, "present_match": True}]
+                                if v.select
+                                else [],
+                            },
                             "route": {"cluster": "triton", "timeout": "60s"},
                         }
                     ],
@@ -213,7 +256,7 @@ def envoy_config(v: EnvoyVariant, triton_grpc_port: int, model_name: str) -> dic
     }
     if v.rewrite == "upstream":
         protocol["http_filters"] = [
-            _lua_filter(_lua_append_model_name(model_name)),
+            _lua_filter(lua_rewrite(model_name, v.reply)),
             {
                 "name": "envoy.filters.http.upstream_codec",
                 "typed_config": {
@@ -480,7 +523,11 @@ def summarise(rounds: list[dict], paths: list[str], concurrencies: list[int]) ->
         per: dict[str, Any] = {}
         for c in concurrencies:
             key = str(c)
-            rows = [(r[name][key], r["triton"][key]) for r in rounds if key in r.get(name, {})]
+            rows = [
+                (r[name][key], r[name][key].get("triton_ref", r["triton"][key]))
+                for r in rounds
+                if key in r.get(name, {})
+            ]
             if not rows:
                 continue
             s: dict[str, Any] = {
@@ -590,18 +637,44 @@ def started(args: argparse.Namespace, work: Path, log: Any) -> Iterator[tuple[li
 def run_rounds(
     paths: list[Path_], triton_pids: list[int], args: argparse.Namespace, log: Any
 ) -> list[dict]:
-    """``args.rounds`` rounds; in each, every concurrency over every path (order rotated)."""
+    """``args.rounds`` rounds; in each, at every concurrency, Triton direct between every two
+    other paths (T P1 T P2 ... T, the order of the others rotated per round): each path is
+    compared with the mean of the Triton windows just before and after it (``triton_ref``),
+    so that a load change on a shared host moves both sides of a ratio alike."""
     concurrencies = [int(c) for c in args.concurrencies.split(",")]
+    triton, others = paths[0], paths[1:]
     rounds: list[dict] = []
+
+    def one(p: Path_, r: int, c: int) -> dict:
+        m = measure(p, triton_pids, c, args.seconds)
+        cpu = "-" if m["proxy_cpu_ms"] is None else f"{m['proxy_cpu_ms']:.3f}"
+        log(f"round {r} c{c} {p.name}: {m['rps']:.0f} req/s, p50 {m['p50_ms']:.2f} ms, "
+            f"proxy CPU {cpu} ms/req, load {m['loadavg']:.2f}")  # fmt: skip
+        return m
+
     for r in range(args.rounds):
         result: dict[str, Any] = {"loadavg_start": Path("/proc/loadavg").read_text().strip()}
         for c in concurrencies:
-            for p in paths[r % len(paths) :] + paths[: r % len(paths)]:
-                m = measure(p, triton_pids, c, args.seconds)
+            before = one(triton, r, c)
+            windows = [before]
+            k = r % max(len(others), 1)
+            for p in others[k:] + others[:k]:
+                m = one(p, r, c)
+                after = one(triton, r, c)
+                m["triton_ref"] = {key: (before[key] + after[key]) / 2 for key in ("rps", "p50_ms")}
                 result.setdefault(p.name, {})[str(c)] = m
-                cpu = "-" if m["proxy_cpu_ms"] is None else f"{m['proxy_cpu_ms']:.3f}"
-                log(f"round {r} c{c} {p.name}: {m['rps']:.0f} req/s, p50 {m['p50_ms']:.2f} ms, "
-                    f"proxy CPU {cpu} ms/req, load {m['loadavg']:.2f}")  # fmt: skip
+                windows.append(after)
+                before = after
+            result["triton"] = result.get("triton", {})
+            result["triton"][str(c)] = {
+                **min(windows, key=lambda w: abs(w["rps"] - statistics.median(
+                    x["rps"] for x in windows))),  # the median window
+                "triton_ref": {
+                    "rps": statistics.median(w["rps"] for w in windows),
+                    "p50_ms": statistics.median(w["p50_ms"] for w in windows),
+                },
+                "windows": len(windows),
+            }  # fmt: skip
         rounds.append(result)
     return rounds
 
@@ -622,6 +695,7 @@ def run_syscalls(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     concurrencies = [int(c) for c in args.concurrencies.split(",")]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

@@ -69,10 +69,12 @@ def test_every_variant_config_is_valid_for_envoy(name: str, tmp_path: Path) -> N
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("variant", ["w1", "w1-lua", "w1-lua-down"])
+@pytest.mark.parametrize("variant", ["w1", "w1-lua", "w1-lua-down", "w1-select-lua-reply"])
 def test_rewrite_reaches_the_upstream(variant: str, name_echo: int, tmp_path: Path) -> None:
     """A rewriting variant turns the logical name into the real one, whatever the body's size
-    (one DATA frame or many) or the name's length (a two-byte length varint); ``w1`` does not."""
+    (one DATA frame or many) or the name's length (a two-byte length varint); ``w1`` does not.
+    A ``reply`` variant adds the ``precision`` response parameter; a ``select`` variant's route
+    matches only once its downstream Lua has read the body and set the header."""
     v = ep.VARIANTS[variant]
     real = "m" * 200  # > 127 bytes: its length takes two varint bytes
     with ep.EnvoyProcess(v, ep.envoy_config(v, name_echo, real), tmp_path) as envoy:
@@ -83,6 +85,8 @@ def test_rewrite_reaches_the_upstream(variant: str, name_echo: int, tmp_path: Pa
             assert resp.model_name == (real if v.rewrites else ep.LOGICAL_NAME)
             added = len(real) + 3 if v.rewrites else 0  # tag, two length bytes, the name
             assert int(resp.id) == len(payload) + added
+            want = {"precision": ep.REPLY_PRECISION} if v.reply else {}
+            assert {k: p.string_param for k, p in resp.parameters.items()} == want
 
 
 def test_summary_pairs_each_path_with_triton_of_the_same_round() -> None:
