@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -392,9 +393,9 @@ def request_bytes(model_name: str, image: np.ndarray) -> bytes:
 
 async def _window(
     target: str, payload: bytes, concurrency: int, seconds: float
-) -> tuple[list[float], int]:
-    """Latencies of the calls completed in ``seconds`` after a 0.3 s warm-up, and the number of
-    calls completed in all (the warm-up's included)."""
+) -> tuple[list[float], int, float]:
+    """Latencies of the calls completed in ``seconds`` after a 0.3 s warm-up, the number of
+    calls completed in all (the warm-up's included) and the measured phase's length in s."""
     import grpc
 
     latencies: list[float] = []
@@ -420,11 +421,13 @@ async def _window(
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         measuring = True
-        end = time.perf_counter() + seconds
+        start = time.perf_counter()
+        end = start + seconds
         await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
     if errors:
         raise RuntimeError(f"{len(errors)} errors, first: {errors[0]}")
-    return latencies, done[0]
+    return latencies, done[0], elapsed
 
 
 def served_model(target: str, payload: bytes) -> str:
@@ -462,18 +465,21 @@ class Path_:
 
 def measure(path: Path_, triton_pids: list[int], concurrency: int, seconds: float) -> dict:
     (u0, s0), (tu0, ts0) = cpu_times(path.pids), cpu_times(triton_pids)
-    t0 = time.perf_counter()
-    latencies, _ = asyncio.run(_window(path.url, path.payload, concurrency, seconds))
-    wall = time.perf_counter() - t0 - 0.3
+    me0 = resource.getrusage(resource.RUSAGE_SELF)
+    latencies, done, wall = asyncio.run(_window(path.url, path.payload, concurrency, seconds))
     (u1, s1), (tu1, ts1) = cpu_times(path.pids), cpu_times(triton_pids)
+    me1 = resource.getrusage(resource.RUSAGE_SELF)
+    client = me1.ru_utime - me0.ru_utime + me1.ru_stime - me0.ru_stime
     n = len(latencies)
     out = {
         "rps": n / wall,
         "p50_ms": 1000 * statistics.median(latencies),
         "p99_ms": 1000 * float(np.percentile(latencies, 99)),
-        "proxy_cpu_ms": 1000 * (u1 - u0 + s1 - s0) / n if path.pids else None,
-        "proxy_sys_ms": 1000 * (s1 - s0) / n if path.pids else None,
-        "triton_cpu_ms": 1000 * (tu1 - tu0 + ts1 - ts0) / n,
+        # CPU over the warm-up and the window, per call completed in both
+        "proxy_cpu_ms": 1000 * (u1 - u0 + s1 - s0) / done if path.pids else None,
+        "proxy_sys_ms": 1000 * (s1 - s0) / done if path.pids else None,
+        "triton_cpu_ms": 1000 * (tu1 - tu0 + ts1 - ts0) / done,
+        "client_cpu_ms": 1000 * client / done,  # this process: the client
         "requests": n,
         "loadavg": os.getloadavg()[0],
     }
@@ -495,7 +501,7 @@ def syscalls_per_request(
             stderr=subprocess.DEVNULL,
         )
         time.sleep(1.0)  # attached to every thread
-        _, n = asyncio.run(_window(path.url, path.payload, concurrency, seconds))
+        _, n, _ = asyncio.run(_window(path.url, path.payload, concurrency, seconds))
         tracer.send_signal(signal.SIGINT)
         tracer.wait(timeout=30)
         counts: dict[str, float] = {}
@@ -536,6 +542,7 @@ def summarise(rounds: list[dict], paths: list[str], concurrencies: list[int]) ->
                 "p50_ms": _spread([a["p50_ms"] for a, _ in rows]),
                 "p50_added_ms": _spread([a["p50_ms"] - b["p50_ms"] for a, b in rows]),
                 "triton_cpu_ms": _spread([a["triton_cpu_ms"] for a, _ in rows]),
+                "client_cpu_ms": _spread([a["client_cpu_ms"] for a, _ in rows]),
             }
             if rows[0][0]["proxy_cpu_ms"] is not None:
                 s["proxy_cpu_ms"] = _spread([a["proxy_cpu_ms"] for a, _ in rows])
