@@ -93,7 +93,7 @@ def test_summary_pairs_each_path_with_triton_of_the_same_round() -> None:
     def m(rps: float, p50: float, cpu: float | None) -> dict:
         sys_ms = None if cpu is None else cpu / 2
         return {"rps": rps, "p50_ms": p50, "proxy_cpu_ms": cpu, "proxy_sys_ms": sys_ms,
-                "triton_cpu_ms": 0.5}  # fmt: skip
+                "triton_cpu_ms": 0.5, "client_cpu_ms": 0.3}  # fmt: skip
 
     rounds = [
         {"triton": {"1": m(100, 1.0, None)}, "gateway": {"1": m(50, 2.0, 1.0)},
