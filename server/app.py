@@ -29,6 +29,14 @@ from server.dataplane.gateway import Gateway
 from server.dataplane.model_control import ModelControl
 from server.dataplane.security import SecurityOptions
 from server.errors import ConfigError
+from server.front.config import (
+    FrontPlan,
+    bootstrap,
+    plan_models,
+    served_variants,
+    triton_endpoints,
+)
+from server.front.supervisor import EnvoyFront
 from server.routing.options import RoutingOptions
 from server.routing.policies import Router, load_routing
 from server.routing.retime import retime_repository
@@ -43,6 +51,8 @@ from server.upstreams.pools import create_pooled_upstream
 
 log = logging.getLogger(__name__)
 
+ENVOY_SCHEMES = ("triton", "triton+dns")
+LOOPBACK = "127.0.0.1"
 DEFAULT_DRAIN_S = 5.0
 DEFAULT_GRACE_S = 10.0
 
@@ -138,6 +148,16 @@ class GatewayServer:
         if options.worker:  # a region registered with one worker would be unknown to the others
             self.gateway.shared_memory.refuse = "system shared memory needs --workers 1"
         self.control = ModelControl(self.gateway, options.security.model_control)
+        self.router = router
+        # Envoy on the public gRPC/HTTP ports, this process behind it on loopback (docs/envoy.md):
+        # for Triton upstreams unless ``?front=python``; not with precision pools or --workers
+        self.front: EnvoyFront | None = None
+        self.envoy = (
+            up.scheme in ENVOY_SCHEMES
+            and up.settings.front == "envoy"
+            and not routing.pools
+            and not options.worker
+        )
         self.ports: dict[str, int] = {}
         self._grpc: grpc.aio.Server | None = None
         self._runners: list[web.AppRunner] = []
@@ -177,6 +197,10 @@ class GatewayServer:
     async def start(self) -> dict[str, int]:
         o, listen, limits = self.options, self.options.listen, self.options.limits
         grpc_tls, http_tls = self._tls()
+        # behind Envoy: loopback, OS-picked ports, plain (Envoy terminates TLS)
+        host, grpc_port, http_port = listen.host, listen.grpc_port, listen.http_port
+        if self.envoy:
+            host, grpc_port, http_port, grpc_tls, http_tls = LOOPBACK, 0, 0, None, None
         await self.gateway.start()
         try:
             limit = self.grpc_payload_limit()
@@ -187,8 +211,8 @@ class GatewayServer:
             self._grpc, self.ports["grpc_port"] = await start_grpc_server(
                 self.gateway,
                 self.control,
-                listen.host,
-                listen.grpc_port,
+                host,
+                grpc_port,
                 limit,
                 grpc_tls,
                 o.worker,
@@ -200,8 +224,8 @@ class GatewayServer:
             runner, self.ports["http_port"] = await start_http_server(
                 self.gateway,
                 self.control,
-                listen.host,
-                listen.http_port,
+                host,
+                http_port,
                 http_tls,
                 o.shutdown.grace_s,
                 o.worker,
@@ -214,6 +238,8 @@ class GatewayServer:
             raise ConfigError(
                 f"cannot bind HTTP/metrics port on {listen.host}: {e.strerror or e}"
             ) from e
+        if self.envoy:
+            await self._start_envoy(limit + ENVELOPE_BYTES, calls or 0)
         if o.ready_file is not None:
             try:
                 atomic_write_text(
@@ -223,6 +249,42 @@ class GatewayServer:
                 raise ConfigError(f"cannot write --ready-file: {e}") from e
         log.info("precision-serve ready: %s", self.ports)
         return self.ports
+
+    def front_plan(self, body_limit: int, max_streams: int) -> FrontPlan:
+        """What Envoy's configuration is made from (server/front/config.py)."""
+        o, up = self.options, self.options.upstream
+        repository = self.gateway.repository
+        variants = served_variants(repository)
+        tls = o.listen.tls
+        return FrontPlan(
+            host=o.listen.host,
+            grpc_port=o.listen.grpc_port,
+            http_port=o.listen.http_port,
+            control_grpc_port=self.ports["grpc_port"],
+            control_http_port=self.ports["http_port"],
+            triton=triton_endpoints(up.address),
+            variants=variants,
+            models=tuple(plan_models(repository, self.router, variants)),
+            body_limit=body_limit,
+            max_streams=max_streams,
+            header_timeout_s=o.limits.http_body_timeout,
+            default_timeout_s=up.settings.default_timeout_s,
+            token=o.security.auth_token,
+            tls=(tls.cert, tls.key) if tls is not None else None,
+            dns=up.scheme == "triton+dns",
+            resolve_interval_s=up.settings.resolve_interval_s,
+        )
+
+    async def _start_envoy(self, body_limit: int, max_streams: int) -> None:
+        """Envoy on the public ports in front of Triton and of this process (now on loopback)."""
+        plan = self.front_plan(body_limit, max_streams)
+        self.front = EnvoyFront(bootstrap(plan))
+        bound = await self.front.start()
+        self.ports["control_grpc_port"] = self.ports["grpc_port"]
+        self.ports["control_http_port"] = self.ports["http_port"]
+        self.ports["grpc_port"], self.ports["http_port"] = bound["grpc"], bound["http"]
+        self.ports["envoy_admin_port"] = int(self.front.admin_url.rpartition(":")[2])
+        log.info("Envoy in front: gRPC %d, HTTP %d", bound["grpc"], bound["http"])
 
     async def _start_metrics(self) -> None:
         o = self.options.listen
@@ -244,6 +306,9 @@ class GatewayServer:
         if drain_s > 0 and self._runners:
             log.info("precision-serve: not ready; closing in %.1fs", drain_s)
             await asyncio.sleep(drain_s)
+        if self.front is not None:  # no new requests; those in flight get the grace period
+            await self.front.drain(self.options.shutdown.grace_s)
+            await self.front.stop()
         tasks = [runner.cleanup() for runner in self._runners]
         if self._grpc is not None:
             tasks.append(self._grpc.stop(self.options.shutdown.grace_s))

@@ -87,6 +87,10 @@ class UpstreamSettings:
     # ... and how long, once a call ends, the waiting requests wait for more to join them before
     # they go (0: at once; ``?merge_wait_ms=``, server/upstreams/triton/merging.py)
     merge_wait_s: float = 0.0
+    # Triton: what listens on the public ports - "envoy" (Envoy forwards inference to Triton, the
+    # gateway is the control plane behind it on loopback, server/front/) or "python" (the
+    # gateway itself; ``?front=python``)
+    front: str = "envoy"
 
 
 @dataclass(frozen=True)

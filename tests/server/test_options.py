@@ -60,7 +60,8 @@ def _non_defaults(tmp_path: Path) -> list[str]:
         "--auth-token-file", str(token),
         "--restricted-api", "metadata,health",
         "--model-control", "explicit",
-        "--upstream", "triton://h:1,h:2?merge=3&merge_wait_ms=1.5&cancel=propagate&timeout_s=9",
+        "--upstream",
+        "triton://h:1,h:2?merge=3&merge_wait_ms=1.5&cancel=propagate&timeout_s=9&front=python",
         "--repository", str(tmp_path / "repo"),
         "--routing", str(tmp_path / "r.yaml"),
         "--retime", "never",
@@ -155,12 +156,17 @@ def test_upstream_settings_come_from_the_url_query() -> None:
     assert parse_upstream("embedded") == ("embedded", "", UpstreamSettings())
     assert parse_upstream("embedded?threads=2")[2] == UpstreamSettings(threads=2)
     scheme, address, settings = parse_upstream(
-        "triton://a:1,b:2?merge=0&merge_wait_ms=2&cancel=propagate&timeout_s=5"
+        "triton://a:1,b:2?merge=0&merge_wait_ms=2&cancel=propagate&timeout_s=5&front=python"
     )
     assert (scheme, address) == ("triton", "a:1,b:2")
     assert settings == UpstreamSettings(
-        merge_limit=0, merge_wait_s=0.002, cancel_upstream=True, default_timeout_s=5.0
+        merge_limit=0,
+        merge_wait_s=0.002,
+        cancel_upstream=True,
+        default_timeout_s=5.0,
+        front="python",
     )
+    assert parse_upstream("triton://a:1")[2].front == "envoy"  # the default front
     assert parse_upstream("triton+dns://svc:8001?interval=0.5&merge=2")[1:] == (
         "svc:8001",
         UpstreamSettings(resolve_interval_s=0.5, merge_limit=2),
@@ -182,6 +188,7 @@ def test_upstream_settings_come_from_the_url_query() -> None:
         ("triton://h:1?merge_wait_ms=inf", "merge_wait_ms='inf': must be >= 0"),
         ("triton+dns://n:1?interval=-1", "interval='-1': must be > 0"),
         ("triton+dns://n:1?cancel=yes", "cancel='yes': must be one of detach, propagate"),
+        ("triton://h:1?front=nginx", "front='nginx': must be one of envoy, python"),
     ],
 )
 def test_bad_upstream_settings_name_the_key_and_value(spec: str, needle: str) -> None:

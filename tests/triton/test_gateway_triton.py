@@ -136,10 +136,16 @@ def test_failover_when_a_replica_is_killed_under_load(
         after = [c for c in calls if c[0] > killed_at]
         print(f"failover: {len(calls)} calls, {len(failed)} failed, {len(after)} after the kill")
         assert len(after) >= 150 and all(c[2] is None for c in after)
-        # rows, not requests: the gateway merges concurrent calls into one Triton request
+        # rows, not requests: the Python front merges concurrent calls into one Triton request
         assert rows_served(a.grpc_url, variant) - served_a_before >= len(after)
         labels = {"upstream": f"triton://{b.grpc_url}", "model": variant}
-        assert _metric(gw.metrics_url, "precision_serve_upstream_ready", labels) == 0.0
+        # the requests went through Envoy (which took b out): the control plane behind it learns
+        # of b from its own readiness check, on its interval
+        wait_ready(
+            lambda: _metric(gw.metrics_url, "precision_serve_upstream_ready", labels) == 0.0,
+            15,
+            "the control plane sees the killed replica unready",
+        )
         labels["upstream"] = f"triton://{a.grpc_url}"
         assert _metric(gw.metrics_url, "precision_serve_upstream_ready", labels) == 1.0
 
@@ -152,7 +158,9 @@ def test_unloaded_int8_falls_back_to_the_next_precision_and_says_so(
     int8 = manifest.variants["int8"].triton_name
     triton = start_triton(tiny_repository, model_control="explicit")
     x = {"x": np.random.default_rng(1).normal(size=(2, 16)).astype(np.float32)}
-    with GatewayProcess(tiny_repository, extra_args=_upstream(triton.grpc_url)) as gw:
+    # the Python front's fallback and its metric (through Envoy: tests/triton/test_envoy_front.py)
+    args = ["--upstream", f"triton://{triton.grpc_url}?front=python"]
+    with GatewayProcess(tiny_repository, extra_args=args) as gw:
         client = grpcclient.InferenceServerClient(gw.grpc_url)
         control = grpcclient.InferenceServerClient(triton.grpc_url)
         out_int8, served = _infer(client, manifest.model, x, precision="int8")

@@ -131,7 +131,8 @@ def test_concurrent_forwarded_requests_merge_and_each_gets_its_own_answer(
     manifest = load_manifests(tiny_repository)["tiny"]
     fp32 = manifest.variants["fp32"].triton_name
     triton = start_triton(tiny_repository)
-    args = ["--upstream", f"triton://{triton.grpc_url}?merge=1"]
+    # merging is the Python front's (Envoy forwards each request as it comes)
+    args = ["--upstream", f"triton://{triton.grpc_url}?merge=1&front=python"]
     rng = np.random.default_rng(11)
     inputs = [rng.normal(size=(1 + i % 3, 16)).astype(np.float32) for i in range(64)]
     bad_at = 37

@@ -17,11 +17,27 @@ def _merge_wait(text: str) -> float:
     return seconds(text) / 1e3
 
 
+FRONTS = ("envoy", "python")
+
+
+def _front(text: str) -> str:
+    if text not in FRONTS:
+        raise ValueError(f"must be one of {', '.join(FRONTS)}")
+    return text
+
+
 def _positive(text: str) -> float:
     return seconds(text, inclusive=False)
 
 
 KEYS = {
+    "front": QueryKey(
+        "front",
+        _front,
+        "envoy: Envoy listens on the public ports and sends inference straight to Triton, the "
+        "gateway is the control plane behind it (docs/envoy.md); python: the gateway listens "
+        "and forwards every request itself",
+    ),
     "merge": QueryKey(
         "merge_limit",
         count,

@@ -1,0 +1,671 @@
+"""Envoy's configuration for the front in front of Triton upstreams, generated as data.
+
+:func:`plan_front` turns the repository, the router and the gateway's options into a
+:class:`FrontPlan`; :func:`bootstrap` turns the plan into Envoy's bootstrap (Python dicts,
+written as JSON by the supervisor, server/front/supervisor.py). No text template anywhere: the
+two Lua filters are static files of this package (select.lua, rewrite.lua) whose data comes from
+route metadata and per-cluster header mutations.
+
+What the bootstrap holds:
+- listener ``grpc`` (the public gRPC port): ModelInfer goes through ``select.lua``, which reads
+  the head of the message and sets ``x-ps-route``; the routes then send it to a variant's
+  cluster (``v:``), through a model's policy (``m:``: runtime-fraction routes, each a
+  ``priority_group`` fallback chain, shadow as ``request_mirror_policies``) or, for everything
+  else, to the control plane (the Python gateway on loopback);
+- listener ``http`` (the public HTTP port): everything to the control plane (this pass);
+- one cluster per Triton-served variant, named after it (``digits_int8``), whose upstream
+  filters rewrite ``model_name`` per attempt and add ``parameters["precision"]`` to the reply;
+- clusters ``control_grpc`` / ``control_http``: the gateway behind Envoy;
+- admin on loopback only; ``layered_runtime`` with an admin layer (weights and the shadow
+  fraction are runtime keys the control plane sets with ``/runtime_modify``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tritonclient.grpc import service_pb2 as pb
+
+from server.catalog import PRECISION_ORDER, Repository
+from server.routing.policies import Router, ShadowPolicy, SplitPolicy
+
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+ROUTE_HEADER = "x-ps-route"
+PRECISION_HEADER = "x-precision"
+CONTROL_GRPC = "control_grpc"
+CONTROL_HTTP = "control_http"
+HERE = Path(__file__).resolve().parent
+SELECT_LUA = HERE / "select.lua"
+REWRITE_LUA = HERE / "rewrite.lua"
+LUA = "envoy.filters.http.lua"
+# gRPC statuses after which the next attempt goes to the next group of the chain (Envoy's
+# retry-on names; NOT_FOUND, Triton's answer for an unloaded model, by the grpc-status header)
+RETRY_ON = "unavailable,resource-exhausted,internal,cancelled,connect-failure,reset,refused-stream"
+NOT_FOUND = "5"
+FALLBACK = "fallback_from"  # the reply parameter naming the precision routed first
+HEALTH_INTERVAL_S = 1.0  # replicas' TCP health check
+SPLIT_KEY = "ps.split.{model}.{index}"
+SHADOW_KEY = "ps.shadow.{model}"
+
+
+def _type(name: str) -> str:
+    return f"type.googleapis.com/{name}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.3f}s"
+
+
+def _address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _percent(fraction: float) -> dict[str, Any]:
+    return {"numerator": round(fraction * 100), "denominator": "HUNDRED"}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        host, _, port = text.strip().rpartition(":")
+        return cls(host.strip("[]"), int(port))
+
+    @property
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """A logical model's routes: ``first`` = (precision, share) of first attempts (the policy),
+    ``chains`` = precision -> the variants tried in turn from it (the fallback chain),
+    ``shadow`` = (reference variant, fraction) mirrored, or None."""
+
+    name: str
+    first: tuple[tuple[str, float], ...]
+    chains: dict[str, tuple[str, ...]]
+    shadow: tuple[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class FrontPlan:
+    """Everything the bootstrap is made from."""
+
+    host: str  # the public address
+    grpc_port: int  # 0: the OS picks (read back from the admin endpoint)
+    http_port: int
+    control_grpc_port: int  # the gateway behind Envoy, on loopback
+    control_http_port: int
+    triton: tuple[Endpoint, ...]  # the replicas' gRPC addresses
+    variants: dict[str, str]  # Triton-served variant name -> precision
+    models: tuple[ModelPlan, ...]
+    body_limit: int  # bytes: the largest valid request + envelope
+    max_streams: int  # concurrent streams per HTTP/2 connection
+    header_timeout_s: float  # request headers must arrive within this
+    default_timeout_s: float  # a forwarded call without grpc-timeout
+    token: str | None = None
+    tls: tuple[Path, Path] | None = None  # cert, key
+    dns: bool = False  # replicas = a name's addresses (STRICT_DNS)
+    resolve_interval_s: float = 5.0
+    control_host: str = "127.0.0.1"
+    admin_port: int = 0
+    idle_timeout_s: float = 3600.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_models(repository: Repository, router: Router, served: Iterable[str]) -> list[ModelPlan]:
+    """Each logical model's first attempts, fallback chains and shadow, from its policy. Only
+    Triton-served variants (``served``) are routed; a policy whose precision is not served
+    leaves the model to the control plane (no routes: ``select.lua`` sends it to Python)."""
+    served = set(served)
+    plans = []
+    for name, model in repository.models.items():
+        by_precision = {p: v.name for p, v in model.variants.items() if v.name in served}
+        if not by_precision:
+            continue
+        chains = {
+            p: tuple(by_precision[c] for c in router.candidates(name, p) if c in by_precision)
+            for p in by_precision
+        }
+        policy = router.policies[name]
+        if isinstance(policy, SplitPolicy):
+            shares, low = {}, 0.0
+            for bound, precision in policy.cumulative:
+                shares[precision] = bound - low
+                low = bound
+            first = [(p, shares[p]) for p in ordered(shares)]
+        else:  # fixed, auto, shadow, slo: one precision (slo's weights: the control plane)
+            first = [(policy.default_precision, 1.0)]
+        if any(p not in by_precision for p, _ in first):
+            continue
+        shadow = None
+        if isinstance(policy, ShadowPolicy) and policy.fraction > 0:
+            reference = by_precision.get(policy.reference)
+            shadow = (reference, policy.fraction) if reference else None
+        plans.append(ModelPlan(name, tuple(first), chains, shadow))
+    return plans
+
+
+def request_suffix(variant: str) -> bytes:
+    """Appended to a client's ModelInferRequest: Triton serves ``variant`` (last value wins)."""
+    return pb.ModelInferRequest(model_name=variant).SerializeToString()
+
+
+def reply_suffix(precision: str, parameter: str = "precision") -> bytes:
+    """Appended to Triton's reply: ``parameters["precision"]`` (or ``fallback_from``), as the
+    Python path adds it."""
+    msg = pb.ModelInferResponse()
+    msg.parameters[parameter].string_param = precision
+    return msg.SerializeToString()
+
+
+# ---- clusters --------------------------------------------------------------------------------
+def _header(key: str, value: str) -> dict[str, Any]:
+    return {
+        "append": {
+            "header": {"key": key, "value": value},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        }
+    }
+
+
+def _mutation(
+    name: str, request: list[Any], response: list[Any], trailers: list[Any] | None = None
+) -> dict[str, Any]:
+    mutations: dict[str, Any] = {}
+    if request:
+        mutations["request_mutations"] = request
+    if response:
+        mutations["response_mutations"] = response
+    if trailers:
+        mutations["response_trailers_mutations"] = trailers
+    return {
+        "name": name,
+        "typed_config": {
+            "@type": _type("envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"),
+            "mutations": mutations,
+        },
+    }
+
+
+def _lua(path: Path) -> dict[str, Any]:
+    return {
+        "name": LUA,
+        "typed_config": {
+            "@type": _type("envoy.extensions.filters.http.lua.v3.Lua"),
+            "default_source_code": {"filename": str(path)},
+        },
+    }
+
+
+def _h2(max_streams: int | None = None) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if max_streams:
+        options["max_concurrent_streams"] = max_streams
+    return options
+
+
+def _load_assignment(name: str, endpoints: Iterable[Endpoint]) -> dict[str, Any]:
+    return {
+        "cluster_name": name,
+        "endpoints": [
+            {
+                "lb_endpoints": [
+                    {"endpoint": {"address": _address(e.host, e.port)}} for e in endpoints
+                ]
+            }
+        ],
+    }
+
+
+def variant_cluster(plan: FrontPlan, variant: str, precision: str) -> dict[str, Any]:
+    """A Triton-served variant: the replicas over HTTP/2; per attempt, ``model_name`` rewritten
+    to the variant and ``parameters["precision"]`` added to the reply (rewrite.lua), and the
+    ``x-precision`` response header."""
+    request = [
+        _header("x-ps-variant", variant),
+        _header("x-ps-precision", precision),
+        _header("x-ps-rewrite", request_suffix(variant).hex()),
+    ]
+    response = [
+        _header(PRECISION_HEADER, precision),
+        _header("x-ps-reply", reply_suffix(precision).hex()),
+    ]
+    cluster = _cluster(plan, variant, plan.triton, plan.dns)
+    cluster["typed_extension_protocol_options"] = _protocol_options(
+        http2=True,
+        filters=[
+            _mutation("ps.request", request, []),
+            _lua(REWRITE_LUA),
+            # x-precision: a header, and a trailer as the Python path sends it
+            _mutation("ps.response", [], response, [_header(PRECISION_HEADER, precision)]),
+        ],
+    )
+    cluster["lb_policy"] = "LEAST_REQUEST"
+    # a replica that refuses connections is taken out at once, and put back by the health check
+    cluster["outlier_detection"] = {
+        "split_external_local_origin_errors": True,
+        "consecutive_local_origin_failure": 1,
+        "consecutive_gateway_failure": 3,
+        "interval": "1s",
+        "base_ejection_time": "2s",
+        "max_ejection_percent": 100,
+    }
+    cluster["health_checks"] = [
+        {
+            "timeout": "1s",
+            "interval": _duration(HEALTH_INTERVAL_S),
+            "unhealthy_threshold": 1,
+            "healthy_threshold": 1,
+            "tcp_health_check": {},
+        }
+    ]
+    return cluster
+
+
+def _protocol_options(http2: bool, filters: list[dict[str, Any]] | None = None) -> dict:
+    options: dict[str, Any] = {
+        "@type": _type("envoy.extensions.upstreams.http.v3.HttpProtocolOptions"),
+        "explicit_http_config": (
+            {"http2_protocol_options": _h2()} if http2 else {"http_protocol_options": {}}
+        ),
+    }
+    if filters:
+        options["http_filters"] = [
+            *filters,
+            {
+                "name": "envoy.filters.http.upstream_codec",
+                "typed_config": {
+                    "@type": _type("envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec")
+                },
+            },
+        ]
+    return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options}
+
+
+def _cluster(
+    plan: FrontPlan, name: str, endpoints: Iterable[Endpoint], dns: bool = False
+) -> dict[str, Any]:
+    endpoints = list(endpoints)
+    cluster: dict[str, Any] = {
+        "name": name,
+        "connect_timeout": "1s",
+        "load_assignment": _load_assignment(name, endpoints),
+    }
+    if dns or not all(e.is_ip for e in endpoints):
+        cluster["type"] = "STRICT_DNS"
+        cluster["dns_refresh_rate"] = _duration(plan.resolve_interval_s)
+        cluster["respect_dns_ttl"] = False
+    else:
+        cluster["type"] = "STATIC"
+    return cluster
+
+
+def control_clusters(plan: FrontPlan) -> list[dict[str, Any]]:
+    """The Python gateway behind Envoy: gRPC over HTTP/2, HTTP over HTTP/1.1."""
+    grpc = _cluster(plan, CONTROL_GRPC, [Endpoint(plan.control_host, plan.control_grpc_port)])
+    grpc["typed_extension_protocol_options"] = _protocol_options(http2=True)
+    http = _cluster(plan, CONTROL_HTTP, [Endpoint(plan.control_host, plan.control_http_port)])
+    http["typed_extension_protocol_options"] = _protocol_options(http2=False)
+    return [grpc, http]
+
+
+# ---- routes ----------------------------------------------------------------------------------
+def _match(route: str | None = None, path: str = MODEL_INFER) -> dict[str, Any]:
+    match: dict[str, Any] = {"path": path}
+    if route is not None:
+        match["headers"] = [{"name": ROUTE_HEADER, "string_match": {"exact": route}}]
+    return match
+
+
+def _timeouts(plan: FrontPlan) -> dict[str, Any]:
+    """A call's deadline: its grpc-timeout, else the upstream's default."""
+    return {
+        "timeout": _duration(plan.default_timeout_s),
+        "max_stream_duration": {"grpc_timeout_header_max": "0s"},
+    }
+
+
+def _retry(retries: int, refresh: bool) -> dict[str, Any]:
+    policy: dict[str, Any] = {
+        "retry_on": RETRY_ON + ",retriable-headers",
+        "num_retries": retries,
+        "retriable_headers": [{"name": "grpc-status", "string_match": {"exact": NOT_FOUND}}],
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {
+                    "@type": _type(
+                        "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                    )
+                },
+            }
+        ],
+        "host_selection_retry_max_attempts": 3,
+        "retry_back_off": {"base_interval": "0.001s", "max_interval": "0.010s"},
+    }
+    if refresh:
+        policy["refresh_cluster_on_retry"] = True
+    return policy
+
+
+def _groups(plan: FrontPlan, chain: tuple[str, ...]) -> list[str]:
+    """The clusters tried in turn: each precision once per replica (at most twice), so an
+    unavailable replica is retried on another before the next precision."""
+    tries = 1 if len(plan.triton) == 1 and not plan.dns else 2
+    return [variant for variant in chain for _ in range(tries)]
+
+
+def _first(precision: str) -> list[dict[str, Any]]:
+    """A chain route's request headers: the precision routed to first and the reply parameter
+    a later attempt adds (``fallback_from``, rewrite.lua)."""
+    return [
+        {"header": h["append"]["header"], "append_action": h["append"]["append_action"]}
+        for h in (
+            _header("x-ps-first", precision),
+            _header("x-ps-fallback", reply_suffix(precision, FALLBACK).hex()),
+        )
+    ]
+
+
+def _chain_route(plan: FrontPlan, chain: tuple[str, ...]) -> dict[str, Any]:
+    """The variants of ``chain`` tried in turn (one priority group per attempt)."""
+    groups = _groups(plan, chain)
+    return {
+        "inline_cluster_specifier_plugin": {
+            "extension": {
+                "name": "envoy.router.cluster_specifier_plugin.priority_group",
+                "typed_config": {
+                    "@type": _type(
+                        "envoy.extensions.router.cluster_specifiers.priority_group.v3."
+                        "PriorityGroupClusterSpecifier"
+                    ),
+                    "priority_groups": [
+                        {"name": f"{i}:{v}", "clusters": [{"cluster_name": v, "weight": 1}]}
+                        for i, v in enumerate(groups)
+                    ],
+                },
+            }
+        },
+        "retry_policy": _retry(len(groups) - 1, refresh=True),
+        **_timeouts(plan),
+    }
+
+
+def model_routes(plan: FrontPlan, model: ModelPlan) -> list[dict[str, Any]]:
+    """``m:<model>:<precision>``: that precision's chain; ``m:<model>``: the policy - one route
+    per first-attempt precision, matched by a cumulative runtime fraction (the routes share one
+    random value per request), each its precision's chain, the last one unconditional."""
+    routes = [
+        {
+            "name": f"{model.name}:{precision}",
+            "match": _match(f"m:{model.name}:{precision}"),
+            "route": _chain_route(plan, chain),
+            "request_headers_to_add": _first(precision),
+        }
+        for precision, chain in model.chains.items()
+    ]
+    cumulative = 0.0
+    for index, (precision, share) in enumerate(model.first):
+        match = _match(f"m:{model.name}")
+        last = index == len(model.first) - 1
+        if not last:
+            cumulative += share
+            match["runtime_fraction"] = {
+                "default_value": _percent(cumulative),
+                "runtime_key": SPLIT_KEY.format(model=model.name, index=index),
+            }
+        action = _chain_route(plan, model.chains[precision])
+        if model.shadow is not None:
+            reference, fraction = model.shadow
+            action["request_mirror_policies"] = [
+                {
+                    "cluster": reference,
+                    "runtime_fraction": {
+                        "default_value": _percent(fraction),
+                        "runtime_key": SHADOW_KEY.format(model=model.name),
+                    },
+                }
+            ]
+        routes.append(
+            {
+                "name": f"{model.name}@{precision}",
+                "match": match,
+                "route": action,
+                "request_headers_to_add": _first(precision),
+            }
+        )
+    return routes
+
+
+def _catalog(plan: FrontPlan) -> dict[str, Any]:
+    """select.lua's data: the variants and each model's precisions (routed in Envoy)."""
+    catalog: dict[str, Any] = {
+        "variants": dict.fromkeys(plan.variants, True),
+        "models": {m.name: dict.fromkeys(m.chains, True) for m in plan.models},
+    }
+    if plan.token:
+        catalog["token"] = plan.token
+    return catalog
+
+
+def grpc_routes(plan: FrontPlan) -> dict[str, Any]:
+    lua_off = {
+        LUA: {"@type": _type("envoy.extensions.filters.http.lua.v3.LuaPerRoute"), "disabled": True}
+    }
+    routes: list[dict[str, Any]] = []
+    for variant in plan.variants:
+        routes.append(
+            {
+                "name": variant,
+                "match": _match(f"v:{variant}"),
+                "route": {
+                    "cluster": variant,
+                    "retry_policy": _retry(2 if len(plan.triton) > 1 or plan.dns else 0, False),
+                    **_timeouts(plan),
+                },
+            }
+        )
+    for model in plan.models:
+        routes += model_routes(plan, model)
+    routes.append(  # ModelInfer that Envoy does not route: the control plane decodes it
+        {
+            "name": "infer:control",
+            "match": _match(),
+            "route": {"cluster": CONTROL_GRPC, "timeout": "0s"},
+        }
+    )
+    for route in routes:
+        route["metadata"] = {"filter_metadata": {LUA: {"catalog": _catalog(plan)}}}
+    routes.append(
+        {
+            "name": "control",
+            "match": {"prefix": "/"},
+            "route": {"cluster": CONTROL_GRPC, "timeout": "0s"},
+            "typed_per_filter_config": lua_off,
+        }
+    )
+    return {
+        "name": "grpc",
+        "virtual_hosts": [
+            {
+                "name": "gateway",
+                "domains": ["*"],
+                "routes": routes,
+                "request_body_buffer_limit": plan.body_limit,
+            }
+        ],
+    }
+
+
+def http_routes(plan: FrontPlan) -> dict[str, Any]:
+    return {
+        "name": "http",
+        "virtual_hosts": [
+            {
+                "name": "gateway",
+                "domains": ["*"],
+                "routes": [
+                    {
+                        "name": "control",
+                        "match": {"prefix": "/"},
+                        "route": {"cluster": CONTROL_HTTP, "timeout": "0s"},
+                    }
+                ],
+            }
+        ],
+    }
+
+
+# ---- listeners, admin, runtime ---------------------------------------------------------------
+def _hcm(plan: FrontPlan, name: str, routes: dict[str, Any], lua: bool) -> dict[str, Any]:
+    filters = [_lua(SELECT_LUA)] if lua else []
+    filters.append(
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": _type("envoy.extensions.filters.http.router.v3.Router")},
+        }
+    )
+    hcm = {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": _type(
+                "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+            ),
+            "stat_prefix": name,
+            "codec_type": "AUTO",
+            "route_config": routes,
+            "http_filters": filters,
+            "http2_protocol_options": _h2(plan.max_streams),
+            "request_headers_timeout": _duration(plan.header_timeout_s),
+            "common_http_protocol_options": {"idle_timeout": _duration(plan.idle_timeout_s)},
+            # Envoy adds no headers of its own to what the gateway's clients see
+            "server_header_transformation": "PASS_THROUGH",
+        },
+    }
+    if lua:  # the gRPC listener
+        hcm["typed_config"]["local_reply_config"] = {"mappers": [_too_large()]}
+    return hcm
+
+
+def _too_large() -> dict[str, Any]:
+    """gRPC: a body over the buffer limit is RESOURCE_EXHAUSTED, as with the Python front
+    (Envoy's own mapping of its 413 "Payload Too Large" says UNKNOWN)."""
+    return {
+        "filter": {
+            "status_code_filter": {
+                "comparison": {
+                    "op": "EQ",
+                    "value": {"default_value": 413, "runtime_key": "ps.too_large"},
+                }
+            }
+        },
+        "headers_to_add": [
+            {
+                "header": {"key": "grpc-status", "value": "8"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            },
+        ],
+    }
+
+
+def _tls(plan: FrontPlan) -> dict[str, Any]:
+    assert plan.tls is not None
+    cert, key = plan.tls
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _type("envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"),
+            "common_tls_context": {
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": str(cert)},
+                        "private_key": {"filename": str(key)},
+                    }
+                ],
+                "alpn_protocols": ["h2", "http/1.1"],
+            },
+        },
+    }
+
+
+def _listener(plan: FrontPlan, name: str, port: int, hcm: dict[str, Any]) -> dict[str, Any]:
+    chain: dict[str, Any] = {"filters": [hcm]}
+    if plan.tls is not None:
+        chain["transport_socket"] = _tls(plan)
+    return {
+        "name": name,
+        "address": _address(plan.host, port),
+        "per_connection_buffer_limit_bytes": 1024 * 1024,
+        "filter_chains": [chain],
+    }
+
+
+def bootstrap(plan: FrontPlan) -> dict[str, Any]:
+    """Envoy's whole configuration (static resources, admin, runtime) as data."""
+    clusters = [variant_cluster(plan, v, p) for v, p in plan.variants.items()]
+    return {
+        "node": {"id": "precision-serve", "cluster": "precision-serve"},
+        "admin": {"address": _address("127.0.0.1", plan.admin_port)},
+        "layered_runtime": {
+            "layers": [
+                {"name": "static", "static_layer": {}},
+                {"name": "admin", "admin_layer": {}},
+            ]
+        },
+        "static_resources": {
+            "listeners": [
+                _listener(
+                    plan, "grpc", plan.grpc_port, _hcm(plan, "grpc", grpc_routes(plan), lua=True)
+                ),
+                _listener(
+                    plan, "http", plan.http_port, _hcm(plan, "http", http_routes(plan), lua=False)
+                ),
+            ],
+            "clusters": [*clusters, *control_clusters(plan)],
+        },
+        **plan.extra,
+    }
+
+
+def ordered(precisions: Iterable[str]) -> list[str]:
+    """The order of a split's routes (and of its runtime keys): most accurate first."""
+    rank = {p: i for i, p in enumerate(PRECISION_ORDER)}
+    return sorted(precisions, key=lambda p: (rank.get(p, len(rank)), p))
+
+
+def split_runtime(model: str, weights: dict[str, float]) -> dict[str, int]:
+    """Runtime values that make a split model's routes share first attempts by ``weights``
+    (precision -> weight, the precisions of its routing file's split): cumulative whole
+    percents, one key per route but the last (routes in :func:`ordered` order)."""
+    total = sum(weights.values())
+    if total <= 0:
+        raise ValueError("weights must add up to more than 0")
+    out, cumulative = {}, 0.0
+    for index, precision in enumerate(ordered(weights)[:-1]):
+        cumulative += weights[precision] / total
+        out[SPLIT_KEY.format(model=model, index=index)] = round(cumulative * 100)
+    return out
+
+
+def triton_endpoints(address: str) -> tuple[Endpoint, ...]:
+    """``"h:8001,h2:8001"`` (an ``--upstream`` URL's address) -> the replicas."""
+    return tuple(Endpoint.parse(part) for part in address.split(",") if part.strip())
+
+
+def served_variants(repository: Repository) -> dict[str, str]:
+    """Variant name -> precision, for every variant Triton can be asked for (a variant whose
+    config could not be read stays with the control plane, which reports it unready)."""
+    return {v.name: v.precision for v in repository.variants() if v.problem is None}

@@ -1,0 +1,160 @@
+-- precision-serve's Envoy front, downstream filter on gRPC ModelInfer (server/front/config.py).
+-- Reads the head of the serialised ModelInferRequest (model_name, model_version, the
+-- "precision" parameter; inputs and outputs only to see whether they name shared memory)
+-- without decoding tensors, and sets the header x-ps-route that the route table matches:
+--   v:<variant>              a Triton-served variant asked for by name
+--   m:<model>:<precision>    a logical model with a requested precision (parameter or header)
+--   m:<model>                a logical model: its policy's routes
+--   python                   everything else: the control plane (the Python gateway)
+-- The catalog comes from the route's metadata (filter_metadata "envoy.filters.http.lua").
+-- With a token set, the bearer token is checked before the body is read.
+
+local HEAD_BYTES = 16384 -- the fields before the tensors' bytes fit in this (else: python)
+local catalog = nil
+
+local function varint(s, i)
+  local value, scale = 0, 1
+  while true do
+    local b = s:byte(i)
+    if b == nil or scale > 2 ^ 56 then
+      return nil, i
+    end
+    i = i + 1
+    value = value + (b % 128) * scale
+    if b < 128 then
+      return value, i
+    end
+    scale = scale * 128
+  end
+end
+
+-- (key, string value or false when not a string) of a serialised parameters map entry
+local function parameter(s)
+  local key, value, i = nil, nil, 1
+  while i <= #s do
+    local tag, len
+    tag, i = varint(s, i)
+    if tag == nil or tag % 8 ~= 2 then
+      return key, false
+    end
+    len, i = varint(s, i)
+    if len == nil or i + len - 1 > #s then
+      return key, false
+    end
+    local field = math.floor(tag / 8)
+    if field == 1 then
+      key = s:sub(i, i + len - 1)
+    elseif field == 2 then
+      local inner = s:sub(i, i + len - 1)
+      local itag, j = varint(inner, 1)
+      if itag == 26 then -- InferParameter.string_param (3, length-delimited)
+        local ilen, k = varint(inner, j)
+        value = ilen and inner:sub(k, k + ilen - 1) or false
+      else
+        value = false
+      end
+    end
+    i = i + len
+  end
+  return key, value
+end
+
+-- model_name, model_version, precision parameter (nil: none; false: not a string), ok
+local function read_head(s)
+  if #s < 5 or s:byte(1) ~= 0 then
+    return nil -- compressed or not a frame: the control plane answers
+  end
+  local name, version, precision = "", "", nil
+  local i = 6
+  while i <= #s do
+    local tag, len
+    tag, i = varint(s, i)
+    if tag == nil or tag % 8 ~= 2 then
+      return nil
+    end
+    local field = math.floor(tag / 8)
+    if field >= 7 then -- raw_input_contents: the rest is tensor bytes
+      return name, version, precision
+    end
+    len, i = varint(s, i)
+    if len == nil then
+      return nil
+    end
+    if i + len - 1 > #s then
+      return nil -- the head did not fit in HEAD_BYTES
+    end
+    if field == 1 then
+      name = s:sub(i, i + len - 1)
+    elseif field == 2 then
+      version = s:sub(i, i + len - 1)
+    elseif field == 4 then
+      local key, value = parameter(s:sub(i, i + len - 1))
+      if key == "precision" then
+        precision = value
+      end
+    elseif field == 5 or field == 6 then
+      local at = s:find("shared_memory_region", i, true)
+      if at ~= nil and at < i + len then
+        return nil -- the regions live on the gateway's host
+      end
+    end
+    i = i + len
+  end
+  return name, version, precision
+end
+
+local function bearer_ok(handle, token)
+  local given = handle:headers():get("authorization") or ""
+  local scheme, value = given:match("^(%S+)%s+(.-)%s*$")
+  return scheme ~= nil and scheme:lower() == "bearer" and value == token
+end
+
+local function route(handle)
+  local body = handle:body()
+  if body == nil then
+    return "python"
+  end
+  local n = body:length()
+  local name, version, precision = read_head(body:getBytes(0, math.min(n, HEAD_BYTES)))
+  if name == nil or version ~= "" or precision == false then
+    return "python"
+  end
+  if catalog.variants[name] then
+    handle:headers():replace("x-ps-name", name) -- the variant's own name: no rewrite upstream
+    return "v:" .. name
+  end
+  local model = catalog.models[name]
+  if model == nil then
+    return "python" -- unknown names: NOT_FOUND in Triton's wording, from the control plane
+  end
+  if precision == nil then
+    precision = handle:headers():get("x-precision")
+  end
+  if precision == nil or precision == "" then
+    return "m:" .. name
+  end
+  precision = precision:lower():match("^%s*(.-)%s*$")
+  if model[precision] then
+    return "m:" .. name .. ":" .. precision
+  end
+  return "python"
+end
+
+function envoy_on_request(handle)
+  if catalog == nil then
+    catalog = handle:metadata():get("catalog")
+  end
+  local token = catalog.token
+  if token ~= nil and token ~= "" and not bearer_ok(handle, token) then
+    handle:respond({
+      [":status"] = "200",
+      ["content-type"] = "application/grpc",
+      ["grpc-status"] = "16",
+      ["grpc-message"] = "missing or wrong bearer token (header 'authorization')",
+    }, "")
+    return
+  end
+  local chosen = route(handle) -- reads the body: header objects taken before it are stale
+  handle:headers():replace("x-ps-route", chosen)
+  handle:clearRouteCache()
+end

@@ -1,0 +1,232 @@
+"""The Envoy front's configuration (server/front/config.py): generated as data, written as JSON,
+parsed back, accepted by ``envoy --mode validate``; each policy maps onto Envoy's primitives."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tritonclient.grpc import service_pb2 as pb
+
+from server.catalog import Repository, load_repository
+from server.front.config import (
+    CONTROL_GRPC,
+    CONTROL_HTTP,
+    MODEL_INFER,
+    FrontPlan,
+    bootstrap,
+    plan_models,
+    reply_suffix,
+    request_suffix,
+    served_variants,
+    split_runtime,
+    triton_endpoints,
+)
+from server.front.supervisor import envoy_binary, validate
+from server.routing.policies import Router, parse_routing
+
+
+@pytest.fixture(scope="module")
+def repository(tiny_repository: Path) -> Repository:
+    return load_repository(tiny_repository)
+
+
+def _plan(repository: Repository, routing: dict[str, Any], **changes: Any) -> FrontPlan:
+    router = Router(repository, parse_routing(routing))
+    variants = served_variants(repository)
+    fields: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "grpc_port": 0,
+        "http_port": 0,
+        "control_grpc_port": 40001,
+        "control_http_port": 40000,
+        "triton": triton_endpoints("127.0.0.1:8001"),
+        "variants": variants,
+        "models": tuple(plan_models(repository, router, variants)),
+        "body_limit": 3_000_000,
+        "max_streams": 128,
+        "header_timeout_s": 10.0,
+        "default_timeout_s": 30.0,
+        **changes,
+    }
+    return FrontPlan(**fields)
+
+
+def _routes(config: dict[str, Any], listener: str = "grpc") -> list[dict[str, Any]]:
+    (found,) = [x for x in config["static_resources"]["listeners"] if x["name"] == listener]
+    hcm = found["filter_chains"][0]["filters"][0]["typed_config"]
+    return hcm["route_config"]["virtual_hosts"][0]["routes"]
+
+
+def _by_route_header(routes: list[dict[str, Any]], value: str) -> list[dict[str, Any]]:
+    return [
+        r
+        for r in routes
+        if any(h["string_match"]["exact"] == value for h in r["match"].get("headers", []))
+    ]
+
+
+def _chain(route: dict[str, Any]) -> list[str]:
+    spec = route["route"]["inline_cluster_specifier_plugin"]["extension"]["typed_config"]
+    return [g["clusters"][0]["cluster_name"] for g in spec["priority_groups"]]
+
+
+def test_bootstrap_round_trips_through_json_and_envoy_validates_it(
+    repository: Repository, tmp_path: Path
+) -> None:
+    routing = {
+        "models": {
+            "tiny": {
+                "policy": "split",
+                "weights": {"int8": 70, "fp16": 30},
+                "shadow": {"reference": "fp32", "fraction": 0.25},
+            }
+        }
+    }
+    config = bootstrap(_plan(repository, routing, token="s3cret"))
+    path = tmp_path / "envoy.json"
+    path.write_text(json.dumps(config))
+    assert json.loads(path.read_text()) == config
+    assert validate(path) == ""
+    # a broken one is refused, with Envoy's reason
+    config["static_resources"]["clusters"][0]["lb_policy"] = "NO_SUCH_POLICY"
+    path.write_text(json.dumps(config))
+    assert "NO_SUCH_POLICY" in validate(path)
+
+
+def test_clusters_are_named_after_the_variants_and_rewrite_per_attempt(
+    repository: Repository,
+) -> None:
+    config = bootstrap(_plan(repository, {}))
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    assert set(clusters) == {"tiny_fp32", "tiny_fp16", "tiny_int8", CONTROL_GRPC, CONTROL_HTTP}
+    int8 = clusters["tiny_int8"]
+    options = int8["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
+    names = [f["name"] for f in options["http_filters"]]
+    assert names == [
+        "ps.request",
+        "envoy.filters.http.lua",
+        "ps.response",
+        "envoy.filters.http.upstream_codec",
+    ]
+    mutations = {
+        m["append"]["header"]["key"]: m["append"]["header"]["value"]
+        for f in options["http_filters"]
+        if f["name"].startswith("ps.")
+        for kind in ("request_mutations", "response_mutations")
+        for m in f["typed_config"]["mutations"].get(kind, [])
+    }
+    # the bytes appended to a client's request make Triton serve the variant (last field wins)
+    client = pb.ModelInferRequest(model_name="tiny", id="r1").SerializeToString()
+    rewritten = pb.ModelInferRequest.FromString(client + bytes.fromhex(mutations["x-ps-rewrite"]))
+    assert (rewritten.model_name, rewritten.id) == ("tiny_int8", "r1")
+    assert request_suffix("tiny_int8").hex() == mutations["x-ps-rewrite"]
+    # ... and those appended to Triton's reply add the precision parameter
+    reply = pb.ModelInferResponse(model_name="tiny_int8").SerializeToString()
+    merged = pb.ModelInferResponse.FromString(reply + bytes.fromhex(mutations["x-ps-reply"]))
+    assert merged.parameters["precision"].string_param == "int8"
+    assert (
+        mutations["x-precision"] == "int8" and reply_suffix("int8").hex() == mutations["x-ps-reply"]
+    )
+    # the control plane sits on loopback, on the ports it was given
+    grpc = clusters[CONTROL_GRPC]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    assert grpc["endpoint"]["address"]["socket_address"] == {
+        "address": "127.0.0.1",
+        "port_value": 40001,
+    }
+    assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    layers = [layer["name"] for layer in config["layered_runtime"]["layers"]]
+    assert "admin" in layers
+
+
+def test_fixed_policy_and_requested_precisions_follow_the_fallback_chain(
+    repository: Repository,
+) -> None:
+    routes = _routes(bootstrap(_plan(repository, {"models": {"tiny": {"precision": "int8"}}})))
+    (policy,) = _by_route_header(routes, "m:tiny")
+    assert _chain(policy) == ["tiny_int8", "tiny_fp16", "tiny_fp32"]  # one replica: once each
+    assert "runtime_fraction" not in policy["match"]
+    (fp16,) = _by_route_header(routes, "m:tiny:fp16")
+    assert _chain(fp16) == ["tiny_fp16", "tiny_fp32"]
+    retry = fp16["route"]["retry_policy"]
+    assert retry["num_retries"] == 1 and retry["refresh_cluster_on_retry"] is True
+    (variant,) = _by_route_header(routes, "v:tiny_int8")
+    assert variant["route"]["cluster"] == "tiny_int8"  # a variant by name: no fallback
+    # the rest goes to the control plane; only ModelInfer passes the selecting filter
+    assert routes[-2]["match"] == {"path": MODEL_INFER}
+    assert routes[-2]["route"]["cluster"] == CONTROL_GRPC
+    assert routes[-1]["match"] == {"prefix": "/"} and routes[-1]["typed_per_filter_config"]
+    http = _routes(bootstrap(_plan(repository, {})), "http")
+    assert [r["route"]["cluster"] for r in http] == [CONTROL_HTTP]
+
+
+def test_two_replicas_retry_each_precision_on_another_replica_first(
+    repository: Repository,
+) -> None:
+    plan = _plan(repository, {}, triton=triton_endpoints("127.0.0.1:1,127.0.0.2:1"))
+    (fp16,) = _by_route_header(_routes(bootstrap(plan)), "m:tiny:fp16")
+    assert _chain(fp16) == ["tiny_fp16", "tiny_fp16", "tiny_fp32", "tiny_fp32"]
+
+
+def test_split_is_cumulative_runtime_fractions_and_shadow_a_mirror(
+    repository: Repository,
+) -> None:
+    routing = {
+        "models": {
+            "tiny": {
+                "policy": "split",
+                "weights": {"int8": 50, "fp16": 30, "fp32": 20},
+            }
+        }
+    }
+    policy = _by_route_header(_routes(bootstrap(_plan(repository, routing))), "m:tiny")
+    fractions = [r["match"].get("runtime_fraction") for r in policy]
+    # most accurate first, whatever the file's order: fp32 20, fp16 30, int8 50
+    assert [_chain(r)[0] for r in policy] == ["tiny_fp32", "tiny_fp16", "tiny_int8"]
+    assert [f["default_value"]["numerator"] for f in fractions[:-1]] == [20, 50]
+    assert [f["runtime_key"] for f in fractions[:-1]] == ["ps.split.tiny.0", "ps.split.tiny.1"]
+    assert fractions[-1] is None
+    assert split_runtime("tiny", {"int8": 1, "fp16": 1, "fp32": 2}) == {
+        "ps.split.tiny.0": 50,
+        "ps.split.tiny.1": 75,
+    }
+
+    shadow = {"models": {"tiny": {"policy": "shadow", "precision": "int8"}}}
+    (route,) = _by_route_header(_routes(bootstrap(_plan(repository, shadow))), "m:tiny")
+    (mirror,) = route["route"]["request_mirror_policies"]
+    assert mirror["cluster"] == "tiny_fp32"
+    assert mirror["runtime_fraction"]["default_value"]["numerator"] == 10  # the default 0.1
+
+
+def test_limits_timeouts_tls_and_the_token(repository: Repository, tmp_path: Path) -> None:
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    plan = _plan(repository, {}, token="s3cret", tls=(cert, key), max_streams=7)
+    config = bootstrap(plan)
+    (grpc,) = [x for x in config["static_resources"]["listeners"] if x["name"] == "grpc"]
+    hcm = grpc["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["http2_protocol_options"]["max_concurrent_streams"] == 7
+    assert hcm["request_headers_timeout"] == "10.000s"
+    host = hcm["route_config"]["virtual_hosts"][0]
+    assert host["request_body_buffer_limit"] == 3_000_000
+    tls = grpc["filter_chains"][0]["transport_socket"]["typed_config"]["common_tls_context"]
+    assert tls["tls_certificates"][0]["certificate_chain"]["filename"] == str(cert)
+    infer = _by_route_header(host["routes"], "v:tiny_fp32")[0]
+    catalog = infer["metadata"]["filter_metadata"]["envoy.filters.http.lua"]["catalog"]
+    assert catalog["token"] == "s3cret"
+    assert set(catalog["variants"]) == {"tiny_fp32", "tiny_fp16", "tiny_int8"}
+    assert set(catalog["models"]["tiny"]) == {"fp32", "fp16", "int8"}
+    assert infer["route"]["max_stream_duration"] == {"grpc_timeout_header_max": "0s"}
+    assert infer["route"]["timeout"] == "30.000s"
+
+
+def test_the_binary_is_the_pinned_wheels() -> None:
+    import subprocess
+
+    version = subprocess.run(
+        [str(envoy_binary()), "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "/1.40.0/" in version

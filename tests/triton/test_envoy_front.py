@@ -1,0 +1,289 @@
+"""Envoy in front of a real Triton (``--upstream triton://...``, the default front): inference goes
+client -> Envoy -> Triton, everything else to the gateway behind it (the control plane).
+
+Where a request went is read from Envoy's own counters (clusters named after the variants, and
+``control_grpc`` for the gateway) and from Triton's statistics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+import yaml
+from tritonclient.utils import InferenceServerException
+
+from common.process import wait_ready
+from server.front.config import split_runtime
+from server.runtime.runner import GatewayProcess
+from tests.triton.conftest import StartTriton
+
+pytestmark = pytest.mark.integration
+X = np.random.default_rng(7).normal(size=(2, 16)).astype(np.float32)
+
+
+def _stats(gw: GatewayProcess, what: str = "upstream_rq_total") -> dict[str, int]:
+    """cluster name -> Envoy's counter ``what`` for it."""
+    url = f"http://127.0.0.1:{gw.ports['envoy_admin_port']}/stats?format=json&filter={what}$"
+    stats = json.loads(urllib.request.urlopen(url, timeout=5).read())["stats"]
+    return {
+        s["name"].split(".")[1]: int(s["value"])
+        for s in stats
+        if s["name"].startswith("cluster.") and "value" in s
+    }
+
+
+def _runtime(gw: GatewayProcess, values: dict[str, int]) -> None:
+    query = "&".join(f"{k}={v}" for k, v in values.items())
+    url = f"http://127.0.0.1:{gw.ports['envoy_admin_port']}/runtime_modify?{query}"
+    urllib.request.urlopen(urllib.request.Request(url, method="POST", data=b""), timeout=5)
+
+
+def _infer(
+    client: grpcclient.InferenceServerClient,
+    model: str,
+    precision: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[str, str, np.ndarray]:
+    t = grpcclient.InferInput("x", list(X.shape), "FP32")
+    t.set_data_from_numpy(X)
+    params = {"precision": precision} if precision else None
+    result = client.infer(model, [t], parameters=params, headers=headers, client_timeout=30)
+    p = result.get_response().parameters
+    return p["precision"].string_param, p["fallback_from"].string_param, result.as_numpy("logits")
+
+
+def _routing(tmp_path: Path, routing: dict) -> list[str]:
+    path = tmp_path / "routing.yaml"
+    path.write_text(yaml.safe_dump(routing))
+    return ["--routing", str(path)]
+
+
+def test_every_way_of_asking_for_a_precision_is_routed_in_envoy(
+    tiny_repository: Path, start_triton: StartTriton, tmp_path: Path
+) -> None:
+    triton = start_triton(tiny_repository, model_control="explicit")
+    split = {"models": {"tiny": {"policy": "split", "weights": {"int8": 70, "fp16": 30}}}}
+    args = ["--upstream", f"triton://{triton.grpc_url}", *_routing(tmp_path, split)]
+    direct = grpcclient.InferenceServerClient(triton.grpc_url)
+    with GatewayProcess(tiny_repository, extra_args=args) as gw:
+        client = grpcclient.InferenceServerClient(gw.grpc_url)
+        before = _stats(gw)
+        # a variant by name, the x-precision header, the precision parameter
+        assert _infer(client, "tiny_int8")[:2] == ("int8", "")
+        assert _infer(client, "tiny", headers={"x-precision": "fp32"})[:2] == ("fp32", "")
+        precision, _, out = _infer(client, "tiny", precision="fp16")
+        assert precision == "fp16"
+        want = direct.infer("tiny_fp16", [_input()]).as_numpy("logits")
+        np.testing.assert_array_equal(out, want)  # Triton's own answer, bytes unchanged
+        after = _stats(gw)
+        assert {v: after[v] - before[v] for v in ("tiny_int8", "tiny_fp32", "tiny_fp16")} == {
+            "tiny_int8": 1,
+            "tiny_fp32": 1,
+            "tiny_fp16": 1,
+        }
+        assert after["control_grpc"] == before["control_grpc"]  # Python saw none of them
+
+        # the policy: 70/30 split in Envoy (runtime fractions)
+        served = [_infer(client, "tiny")[0] for _ in range(300)]
+        share = served.count("int8") / len(served)
+        assert set(served) == {"int8", "fp16"} and 0.6 <= share <= 0.8, share
+        # the control plane moves the weights at run time (/runtime_modify): all fp16
+        _runtime(gw, split_runtime("tiny", {"int8": 0, "fp16": 1}))
+        assert {_infer(client, "tiny")[0] for _ in range(40)} == {"fp16"}
+
+        # fallback across an unloaded variant: Triton answers NOT_FOUND, the next attempt goes
+        # to the next precision's cluster (with its own model_name), and the reply says so
+        direct.unload_model("tiny_int8")
+        wait_ready(lambda: not direct.is_model_ready("tiny_int8"), 15, "tiny_int8 unloaded")
+        precision, fallback_from, out = _infer(client, "tiny", precision="int8")
+        assert (precision, fallback_from) == ("fp16", "int8")
+        np.testing.assert_array_equal(out, want)
+        direct.load_model("tiny_int8")
+        assert _infer(client, "tiny", precision="int8")[:2] == ("int8", "")
+
+        # what Envoy does not route reaches the control plane: metadata, unknown names
+        control = _stats(gw)["control_grpc"]
+        assert client.get_model_metadata("tiny").name == "tiny"
+        with pytest.raises(InferenceServerException) as unknown:
+            _infer(client, "nope")
+        assert unknown.value.status() == "StatusCode.NOT_FOUND"
+        assert "(see the repository index)" in unknown.value.message()  # the gateway's words
+        with pytest.raises(InferenceServerException) as bad:
+            _infer(client, "tiny", precision="fp8")
+        assert bad.value.status() == "StatusCode.NOT_FOUND" and "fp8" in bad.value.message()
+        assert _stats(gw)["control_grpc"] - control == 3
+
+        # HTTP reaches the control plane, which serves it through Triton
+        http = httpclient.InferenceServerClient(gw.http_url)
+        t = httpclient.InferInput("x", list(X.shape), "FP32")
+        t.set_data_from_numpy(X)
+        result = http.infer("tiny", [t], headers={"x-precision": "fp16"})
+        np.testing.assert_array_equal(result.as_numpy("logits"), want)
+        assert http.is_server_ready()
+        client.close()
+    direct.close()
+
+
+def _input() -> grpcclient.InferInput:
+    t = grpcclient.InferInput("x", list(X.shape), "FP32")
+    t.set_data_from_numpy(X)
+    return t
+
+
+def test_shadow_mirrors_to_the_reference_cluster(
+    tiny_repository: Path, start_triton: StartTriton, tmp_path: Path
+) -> None:
+    triton = start_triton(tiny_repository)
+    shadow = {
+        "models": {"tiny": {"policy": "shadow", "precision": "int8", "shadow": {"fraction": 0.5}}}
+    }
+    args = ["--upstream", f"triton://{triton.grpc_url}", *_routing(tmp_path, shadow)]
+    with GatewayProcess(tiny_repository, extra_args=args) as gw:
+        client = grpcclient.InferenceServerClient(gw.grpc_url)
+        before = _stats(gw)
+        assert {_infer(client, "tiny")[0] for _ in range(200)} == {"int8"}
+        wait_ready(
+            lambda: _stats(gw)["tiny_fp32"] - before["tiny_fp32"] >= 60,
+            10,
+            "mirrored requests on tiny_fp32",
+        )
+        mirrored = _stats(gw)["tiny_fp32"] - before["tiny_fp32"]
+        assert 60 <= mirrored <= 140, mirrored  # about half of 200
+        client.close()
+
+
+def test_the_token_is_checked_in_envoy_before_the_body(
+    tiny_repository: Path, start_triton: StartTriton, tmp_path: Path
+) -> None:
+    triton = start_triton(tiny_repository)
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    args = ["--upstream", f"triton://{triton.grpc_url}", "--auth-token-file", str(token)]
+    with GatewayProcess(tiny_repository, extra_args=args) as gw:
+        client = grpcclient.InferenceServerClient(gw.grpc_url)
+        before = _stats(gw)
+        for headers in (None, {"authorization": "Bearer wrong"}):
+            with pytest.raises(InferenceServerException) as refused:
+                _infer(client, "tiny_int8", headers=headers)
+            assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+            assert "bearer token" in refused.value.message()
+        assert _stats(gw) == before  # refused in Envoy: neither Triton nor Python saw them
+        ok = {"authorization": "Bearer s3cret"}
+        assert _infer(client, "tiny_int8", headers=ok)[0] == "int8"
+        assert _infer(client, "tiny", headers=ok)[0] == "fp32"
+        client.close()
+
+
+def _children(pid: int) -> list[int]:
+    """``pid``'s child processes (started by any of its threads)."""
+    return sorted(
+        int(c)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for c in (task / "children").read_text().split()
+    )
+
+
+def test_a_crashed_envoy_is_started_again_on_the_same_ports(
+    tiny_repository: Path, start_triton: StartTriton
+) -> None:
+    triton = start_triton(tiny_repository)
+    with GatewayProcess(
+        tiny_repository, extra_args=["--upstream", f"triton://{triton.grpc_url}"]
+    ) as gw:
+        client = grpcclient.InferenceServerClient(gw.grpc_url)
+        assert _infer(client, "tiny_fp16")[0] == "fp16"
+        (envoy,) = _children(gw.pid)
+        os.kill(envoy, signal.SIGKILL)
+
+        def serves_again() -> bool:
+            return (
+                _children(gw.pid) not in ([], [envoy]) and _infer(client, "tiny_fp16")[0] == "fp16"
+            )
+
+        wait_ready(serves_again, 30, "Envoy started again")
+        assert gw.proc is not None and gw.proc.poll() is None
+        assert "starting it again" in gw.log()
+        client.close()
+
+
+def test_python_front_on_request(tiny_repository: Path, start_triton: StartTriton) -> None:
+    """``?front=python``: no Envoy, the gateway listens and forwards itself."""
+    triton = start_triton(tiny_repository)
+    args = ["--upstream", f"triton://{triton.grpc_url}?front=python"]
+    with GatewayProcess(tiny_repository, extra_args=args) as gw:
+        assert "envoy_admin_port" not in gw.ports and _children(gw.pid) == []
+        client = grpcclient.InferenceServerClient(gw.grpc_url)
+        assert _infer(client, "tiny", precision="int8")[0] == "int8"
+        client.close()
+
+
+def test_a_60_mb_request_is_refused_in_envoy_and_health_still_answers(
+    tiny_repository: Path, start_triton: StartTriton
+) -> None:
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+
+    triton = start_triton(tiny_repository)
+    with GatewayProcess(
+        tiny_repository, extra_args=["--upstream", f"triton://{triton.grpc_url}"]
+    ) as gw:
+        before = _stats(gw)
+        options = [("grpc.max_send_message_length", -1)]
+        with grpc.insecure_channel(gw.grpc_url, options=options) as channel:
+            call = channel.unary_unary(
+                "/inference.GRPCInferenceService/ModelInfer",
+                request_serializer=pb.ModelInferRequest.SerializeToString,
+                response_deserializer=pb.ModelInferResponse.FromString,
+            )
+            for model in ("tiny_int8", "tiny", "no_such_model"):
+                request = pb.ModelInferRequest(model_name=model)
+                request.raw_input_contents.append(bytes(60_000_000))
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(request, timeout=30)
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, model
+                ready = urllib.request.urlopen(f"http://{gw.http_url}/v2/health/ready", timeout=5)
+                assert ready.status == 200
+        after = _stats(gw)
+        for cluster in ("tiny_int8", "tiny_fp16", "tiny_fp32", "control_grpc"):
+            assert after[cluster] == before[cluster], cluster  # nothing reached Triton or Python
+
+
+def test_nvidia_example_clients_through_the_envoy_front(
+    tiny_repository: Path, start_triton: StartTriton
+) -> None:
+    """NVIDIA's example clients' checks (tests/server/test_nvidia_examples.py), unchanged,
+    against the Envoy front with model control on."""
+    from tests.server.test_nvidia_examples import run_checks
+
+    triton = start_triton(tiny_repository, model_control="explicit")
+    args = ["--upstream", f"triton://{triton.grpc_url}", "--model-control", "explicit"]
+    with GatewayProcess(tiny_repository, extra_args=args) as gw:
+        assert "envoy_admin_port" in gw.ports
+        grpc = grpcclient.InferenceServerClient(gw.grpc_url)
+        http = httpclient.InferenceServerClient(gw.http_url)
+        for script, client in (
+            ("simple_grpc_health_metadata.py", grpc),
+            ("simple_http_health_metadata.py", http),
+            ("simple_http_model_control.py", http),
+        ):
+            code, printed = run_checks(script, triton_client=client)
+            assert code is None, (script, printed)
+        code, printed = run_checks("simple_grpc_model_control.py", triton_client=grpc)
+        assert code == 0 and printed == ["PASS: model control"], printed
+        code, printed = run_checks(
+            "simple_http_infer_client.py",
+            httpclient=httpclient,
+            triton_client=http,
+            input0_data=np.arange(16, dtype=np.int32)[None, :],
+            input1_data=np.full((1, 16), -1, dtype=np.int32),
+        )
+        assert code is None and printed[0].startswith("[404] Request for unknown model"), printed
+        # and a real inference through the same front, by tritonclient as it is
+        assert _infer(grpc, "tiny", precision="int8")[0] == "int8"
