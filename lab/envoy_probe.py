@@ -75,6 +75,7 @@ class EnvoyVariant:
     hot_restart: bool = False  # False: --disable-hot-restart
     cpus: str | None = None  # taskset -c CPUS (pinning)
     access_log: bool = False  # a stdout access log (the default config has none)
+    retries: int = 0  # route retry_policy num_retries (the body is then kept for a replay)
 
     @property
     def rewrites(self) -> bool:
@@ -99,6 +100,14 @@ VARIANTS: dict[str, EnvoyVariant] = {
             rewrite="upstream",
             reply=True,
             select=True,
+        ),
+        replace(
+            _BASE,
+            name="w1-select-lua-reply-retry",
+            rewrite="upstream",
+            reply=True,
+            select=True,
+            retries=1,
         ),
         replace(_BASE, name="w1-lean", lean=True, stats_flush_s=60.0),
         replace(_BASE, name="w1-lua-lean", rewrite="upstream", lean=True, stats_flush_s=60.0),
@@ -194,6 +203,21 @@ def _http2_options(v: EnvoyVariant, max_streams: int | None) -> dict[str, Any]:
     return opts
 
 
+def _retry_policy(retries: int) -> dict[str, Any]:
+    """As the product's fallback chains: retry on unavailable-like gRPC codes and on a
+    ``grpc-status: 5`` (NOT_FOUND) header; none when ``retries`` is 0."""
+    if not retries:
+        return {}
+    return {
+        "retry_policy": {
+            "retry_on": "cancelled,deadline-exceeded,internal,resource-exhausted,unavailable,"
+            "reset,connect-failure,retriable-headers",
+            "num_retries": retries,
+            "retriable_headers": [{"name": "grpc-status", "string_match": {"exact": "5"}}],
+        }
+    }
+
+
 def _socket(port: int) -> dict[str, Any]:
     return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
 
@@ -233,7 +257,11 @@ def envoy_config(v: EnvoyVariant, triton_grpc_port: int, model_name: str) -> dic
                                 if v.select
                                 else [],
                             },
-                            "route": {"cluster": "triton", "timeout": "60s"},
+                            "route": {
+                                "cluster": "triton",
+                                "timeout": "60s",
+                                **_retry_policy(v.retries),
+                            },
                         }
                     ],
                 }
@@ -498,11 +526,14 @@ def syscalls_per_request(
     """``strace -c -f`` on the proxy (Triton for the direct path) during one window: system
     calls per request, by name (those at >= 0.05 per request). strace slows the process: the
     counts are what to read, not the timings."""
-    pid = path.pids[0] if path.pids else triton_pids[0]
+    import psutil
+
+    top = psutil.Process(path.pids[0] if path.pids else triton_pids[0])
+    pids = [top.pid, *(c.pid for c in top.children(recursive=True))]  # the front's Envoy too
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "strace.txt"
         tracer = subprocess.Popen(
-            ["strace", "-c", "-f", "-p", str(pid), "-o", str(out)],
+            ["strace", "-c", "-f", *(a for p in pids for a in ("-p", str(p))), "-o", str(out)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
