@@ -270,6 +270,8 @@ class GatewayServer:
             header_timeout_s=o.limits.http_body_timeout,
             default_timeout_s=up.settings.default_timeout_s,
             token=o.security.auth_token,
+            triton_http_port=up.settings.http_port,
+            http_body_limit=o.limits.max_request_bytes,
             tls=(tls.cert, tls.key) if tls is not None else None,
             dns=up.scheme == "triton+dns",
             resolve_interval_s=up.settings.resolve_interval_s,

@@ -34,6 +34,7 @@ from server.catalog import PRECISION_ORDER, Repository
 from server.routing.policies import Router, ShadowPolicy, SplitPolicy
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+INFER_PATH = r"^/v2/models/[A-Za-z0-9_.-]+/infer$"  # (select.lua reads the same)
 ROUTE_HEADER = "x-ps-route"
 PRECISION_HEADER = "x-precision"
 CONTROL_GRPC = "control_grpc"
@@ -50,6 +51,39 @@ FALLBACK = "fallback_from"  # the reply parameter naming the precision routed fi
 HEALTH_INTERVAL_S = 1.0  # replicas' TCP health check
 SPLIT_KEY = "ps.split.{model}.{index}"
 SHADOW_KEY = "ps.shadow.{model}"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """gRPC or HTTP inference: its route-header prefix (select.lua), cluster-name suffix and the
+    match every one of its routes starts from."""
+
+    route: str
+    cluster: str
+    match: tuple[tuple[str, Any], ...]
+    retry_on: str
+    retriable: tuple[dict[str, Any], ...] = ()
+    retriable_codes: tuple[int, ...] = ()
+
+    def name(self, variant: str) -> str:
+        return variant + self.cluster
+
+
+GRPC = Kind(
+    "",
+    "",
+    (("path", MODEL_INFER),),
+    RETRY_ON + ",retriable-headers",
+    ({"name": "grpc-status", "string_match": {"exact": NOT_FOUND}},),
+)
+# HTTP: Triton's 404 (model not found: unloaded) and 503 (unavailable) go to the next attempt
+HTTP = Kind(
+    "h",
+    "_http",
+    (("safe_regex", {"regex": INFER_PATH}),),
+    "connect-failure,reset,refused-stream,retriable-status-codes",
+    retriable_codes=(404, 503),
+)
 
 
 def _type(name: str) -> str:
@@ -111,11 +145,15 @@ class FrontPlan:
     triton: tuple[Endpoint, ...]  # the replicas' gRPC addresses
     variants: dict[str, str]  # Triton-served variant name -> precision
     models: tuple[ModelPlan, ...]
-    body_limit: int  # bytes: the largest valid request + envelope
+    body_limit: int  # bytes: the largest valid request + envelope (gRPC)
     max_streams: int  # concurrent streams per HTTP/2 connection
     header_timeout_s: float  # request headers must arrive within this
     default_timeout_s: float  # a forwarded call without grpc-timeout
     token: str | None = None
+    triton_http_port: int = 0  # the replicas' HTTP port (0: HTTP inference via the control plane)
+    http_body_limit: int = (
+        0  # bytes of an HTTP body (JSON tensors: --max-request-bytes); 0: body_limit
+    )
     tls: tuple[Path, Path] | None = None  # cert, key
     dns: bool = False  # replicas = a name's addresses (STRICT_DNS)
     resolve_interval_s: float = 5.0
@@ -253,8 +291,14 @@ def variant_cluster(plan: FrontPlan, variant: str, precision: str) -> dict[str, 
             _mutation("ps.response", [], response, [_header(PRECISION_HEADER, precision)]),
         ],
     )
+    _balanced(cluster)
+    return cluster
+
+
+def _balanced(cluster: dict[str, Any]) -> None:
+    """Least requests; a replica that refuses connections is taken out at once, and put back by
+    the health check."""
     cluster["lb_policy"] = "LEAST_REQUEST"
-    # a replica that refuses connections is taken out at once, and put back by the health check
     cluster["outlier_detection"] = {
         "split_external_local_origin_errors": True,
         "consecutive_local_origin_failure": 1,
@@ -272,6 +316,23 @@ def variant_cluster(plan: FrontPlan, variant: str, precision: str) -> dict[str, 
             "tcp_health_check": {},
         }
     ]
+
+
+def variant_http_cluster(plan: FrontPlan, variant: str, precision: str) -> dict[str, Any]:
+    """The same variant over Triton's HTTP port: the path rewritten per attempt (rewrite.lua),
+    the ``x-precision`` response header."""
+    request = [_header("x-ps-variant", variant), _header("x-ps-precision", precision)]
+    endpoints = [Endpoint(e.host, plan.triton_http_port) for e in plan.triton]
+    cluster = _cluster(plan, HTTP.name(variant), endpoints, plan.dns)
+    cluster["typed_extension_protocol_options"] = _protocol_options(
+        http2=False,
+        filters=[
+            _mutation("ps.request", request, []),
+            _lua(REWRITE_LUA),
+            _mutation("ps.response", [], [_header(PRECISION_HEADER, precision)]),
+        ],
+    )
+    _balanced(cluster)
     return cluster
 
 
@@ -323,10 +384,10 @@ def control_clusters(plan: FrontPlan) -> list[dict[str, Any]]:
 
 
 # ---- routes ----------------------------------------------------------------------------------
-def _match(route: str | None = None, path: str = MODEL_INFER) -> dict[str, Any]:
-    match: dict[str, Any] = {"path": path}
+def _match(kind: Kind, route: str | None = None) -> dict[str, Any]:
+    match: dict[str, Any] = dict(kind.match)
     if route is not None:
-        match["headers"] = [{"name": ROUTE_HEADER, "string_match": {"exact": route}}]
+        match["headers"] = [{"name": ROUTE_HEADER, "string_match": {"exact": kind.route + route}}]
     return match
 
 
@@ -338,11 +399,10 @@ def _timeouts(plan: FrontPlan) -> dict[str, Any]:
     }
 
 
-def _retry(retries: int, refresh: bool) -> dict[str, Any]:
+def _retry(kind: Kind, retries: int, refresh: bool) -> dict[str, Any]:
     policy: dict[str, Any] = {
-        "retry_on": RETRY_ON + ",retriable-headers",
+        "retry_on": kind.retry_on,
         "num_retries": retries,
-        "retriable_headers": [{"name": "grpc-status", "string_match": {"exact": NOT_FOUND}}],
         "retry_host_predicate": [
             {
                 "name": "envoy.retry_host_predicates.previous_hosts",
@@ -356,6 +416,10 @@ def _retry(retries: int, refresh: bool) -> dict[str, Any]:
         "host_selection_retry_max_attempts": 3,
         "retry_back_off": {"base_interval": "0.001s", "max_interval": "0.010s"},
     }
+    if kind.retriable:
+        policy["retriable_headers"] = list(kind.retriable)
+    if kind.retriable_codes:
+        policy["retriable_status_codes"] = list(kind.retriable_codes)
     if refresh:
         policy["refresh_cluster_on_retry"] = True
     return policy
@@ -380,9 +444,9 @@ def _first(precision: str) -> list[dict[str, Any]]:
     ]
 
 
-def _chain_route(plan: FrontPlan, chain: tuple[str, ...]) -> dict[str, Any]:
+def _chain_route(plan: FrontPlan, kind: Kind, chain: tuple[str, ...]) -> dict[str, Any]:
     """The variants of ``chain`` tried in turn (one priority group per attempt)."""
-    groups = _groups(plan, chain)
+    groups = [kind.name(v) for v in _groups(plan, chain)]
     return {
         "inline_cluster_specifier_plugin": {
             "extension": {
@@ -399,27 +463,27 @@ def _chain_route(plan: FrontPlan, chain: tuple[str, ...]) -> dict[str, Any]:
                 },
             }
         },
-        "retry_policy": _retry(len(groups) - 1, refresh=True),
+        "retry_policy": _retry(kind, len(groups) - 1, refresh=True),
         **_timeouts(plan),
     }
 
 
-def model_routes(plan: FrontPlan, model: ModelPlan) -> list[dict[str, Any]]:
+def model_routes(plan: FrontPlan, model: ModelPlan, kind: Kind = GRPC) -> list[dict[str, Any]]:
     """``m:<model>:<precision>``: that precision's chain; ``m:<model>``: the policy - one route
     per first-attempt precision, matched by a cumulative runtime fraction (the routes share one
     random value per request), each its precision's chain, the last one unconditional."""
     routes = [
         {
-            "name": f"{model.name}:{precision}",
-            "match": _match(f"m:{model.name}:{precision}"),
-            "route": _chain_route(plan, chain),
+            "name": f"{kind.route}{model.name}:{precision}",
+            "match": _match(kind, f"m:{model.name}:{precision}"),
+            "route": _chain_route(plan, kind, chain),
             "request_headers_to_add": _first(precision),
         }
         for precision, chain in model.chains.items()
     ]
     cumulative = 0.0
     for index, (precision, share) in enumerate(model.first):
-        match = _match(f"m:{model.name}")
+        match = _match(kind, f"m:{model.name}")
         last = index == len(model.first) - 1
         if not last:
             cumulative += share
@@ -427,12 +491,12 @@ def model_routes(plan: FrontPlan, model: ModelPlan) -> list[dict[str, Any]]:
                 "default_value": _percent(cumulative),
                 "runtime_key": SPLIT_KEY.format(model=model.name, index=index),
             }
-        action = _chain_route(plan, model.chains[precision])
+        action = _chain_route(plan, kind, model.chains[precision])
         if model.shadow is not None:
             reference, fraction = model.shadow
             action["request_mirror_policies"] = [
                 {
-                    "cluster": reference,
+                    "cluster": kind.name(reference),
                     "runtime_fraction": {
                         "default_value": _percent(fraction),
                         "runtime_key": SHADOW_KEY.format(model=model.name),
@@ -441,7 +505,7 @@ def model_routes(plan: FrontPlan, model: ModelPlan) -> list[dict[str, Any]]:
             ]
         routes.append(
             {
-                "name": f"{model.name}@{precision}",
+                "name": f"{kind.route}{model.name}@{precision}",
                 "match": match,
                 "route": action,
                 "request_headers_to_add": _first(precision),
@@ -458,79 +522,88 @@ def _catalog(plan: FrontPlan) -> dict[str, Any]:
     }
     if plan.token:
         catalog["token"] = plan.token
+    catalog["http"] = bool(plan.triton_http_port)
     return catalog
 
 
-def grpc_routes(plan: FrontPlan) -> dict[str, Any]:
-    lua_off = {
-        LUA: {"@type": _type("envoy.extensions.filters.http.lua.v3.LuaPerRoute"), "disabled": True}
-    }
+LUA_OFF = {
+    LUA: {"@type": _type("envoy.extensions.filters.http.lua.v3.LuaPerRoute"), "disabled": True}
+}
+
+
+def infer_routes(plan: FrontPlan, kind: Kind, control: str) -> list[dict[str, Any]]:
+    """A kind's inference routes: each variant by name, each model's chains and policy, and
+    the rest of its inference to the control plane (``control``); all with select.lua's data."""
     routes: list[dict[str, Any]] = []
+    replicas = len(plan.triton) > 1 or plan.dns
     for variant in plan.variants:
         routes.append(
             {
-                "name": variant,
-                "match": _match(f"v:{variant}"),
+                "name": kind.route + variant,
+                "match": _match(kind, f"v:{variant}"),
                 "route": {
-                    "cluster": variant,
-                    "retry_policy": _retry(2 if len(plan.triton) > 1 or plan.dns else 0, False),
+                    "cluster": kind.name(variant),
+                    "retry_policy": _retry(kind, 2 if replicas else 0, False),
                     **_timeouts(plan),
                 },
             }
         )
     for model in plan.models:
-        routes += model_routes(plan, model)
-    routes.append(  # ModelInfer that Envoy does not route: the control plane decodes it
-        {
-            "name": "infer:control",
-            "match": _match(),
-            "route": {"cluster": CONTROL_GRPC, "timeout": "0s"},
-        }
+        routes += model_routes(plan, model, kind)
+    routes.append(  # inference that Envoy does not route: the control plane decodes it
+        {"name": f"{kind.route}infer:control", "match": _match(kind), "route": _control(control)}
     )
     for route in routes:
         route["metadata"] = {"filter_metadata": {LUA: {"catalog": _catalog(plan)}}}
-    routes.append(
+    return routes
+
+
+def _control(cluster: str) -> dict[str, Any]:
+    return {"cluster": cluster, "timeout": "0s"}
+
+
+def _route_config(
+    plan: FrontPlan, name: str, routes: list[dict[str, Any]], control: str, limit: int
+) -> dict:
+    routes = [
+        *routes,
         {
             "name": "control",
             "match": {"prefix": "/"},
-            "route": {"cluster": CONTROL_GRPC, "timeout": "0s"},
-            "typed_per_filter_config": lua_off,
-        }
-    )
+            "route": _control(control),
+            "typed_per_filter_config": LUA_OFF,
+        },
+    ]
     return {
-        "name": "grpc",
+        "name": name,
         "virtual_hosts": [
             {
                 "name": "gateway",
                 "domains": ["*"],
                 "routes": routes,
-                "request_body_buffer_limit": plan.body_limit,
+                "request_body_buffer_limit": limit,
             }
         ],
     }
+
+
+def grpc_routes(plan: FrontPlan) -> dict[str, Any]:
+    """gRPC: ModelInfer through select.lua and the routes; the rest to the control plane."""
+    routes = infer_routes(plan, GRPC, CONTROL_GRPC)
+    return _route_config(plan, "grpc", routes, CONTROL_GRPC, plan.body_limit)
 
 
 def http_routes(plan: FrontPlan) -> dict[str, Any]:
-    return {
-        "name": "http",
-        "virtual_hosts": [
-            {
-                "name": "gateway",
-                "domains": ["*"],
-                "routes": [
-                    {
-                        "name": "control",
-                        "match": {"prefix": "/"},
-                        "route": {"cluster": CONTROL_HTTP, "timeout": "0s"},
-                    }
-                ],
-            }
-        ],
-    }
+    """HTTP: ``/v2/models/M/infer`` routed as gRPC's ModelInfer when the replicas' HTTP port is
+    known (``?http=PORT``), else (and everything else) to the control plane."""
+    routes = infer_routes(plan, HTTP, CONTROL_HTTP) if plan.triton_http_port else []
+    limit = plan.http_body_limit or plan.body_limit
+    return _route_config(plan, "http", routes, CONTROL_HTTP, limit)
 
 
 # ---- listeners, admin, runtime ---------------------------------------------------------------
 def _hcm(plan: FrontPlan, name: str, routes: dict[str, Any], lua: bool) -> dict[str, Any]:
+    """``lua``: select.lua runs on the listener's inference routes."""
     filters = [_lua(SELECT_LUA)] if lua else []
     filters.append(
         {
@@ -555,7 +628,7 @@ def _hcm(plan: FrontPlan, name: str, routes: dict[str, Any], lua: bool) -> dict[
             "server_header_transformation": "PASS_THROUGH",
         },
     }
-    if lua:  # the gRPC listener
+    if name == "grpc":
         hcm["typed_config"]["local_reply_config"] = {"mappers": [_too_large()]}
     return hcm
 
@@ -616,6 +689,8 @@ def _listener(plan: FrontPlan, name: str, port: int, hcm: dict[str, Any]) -> dic
 def bootstrap(plan: FrontPlan) -> dict[str, Any]:
     """Envoy's whole configuration (static resources, admin, runtime) as data."""
     clusters = [variant_cluster(plan, v, p) for v, p in plan.variants.items()]
+    if plan.triton_http_port:
+        clusters += [variant_http_cluster(plan, v, p) for v, p in plan.variants.items()]
     return {
         "node": {"id": "precision-serve", "cluster": "precision-serve"},
         "admin": {"address": _address("127.0.0.1", plan.admin_port)},
@@ -631,7 +706,10 @@ def bootstrap(plan: FrontPlan) -> dict[str, Any]:
                     plan, "grpc", plan.grpc_port, _hcm(plan, "grpc", grpc_routes(plan), lua=True)
                 ),
                 _listener(
-                    plan, "http", plan.http_port, _hcm(plan, "http", http_routes(plan), lua=False)
+                    plan,
+                    "http",
+                    plan.http_port,
+                    _hcm(plan, "http", http_routes(plan), lua=bool(plan.triton_http_port)),
                 ),
             ],
             "clusters": [*clusters, *control_clusters(plan)],

@@ -39,10 +39,20 @@ local function append(body, suffix)
   return true
 end
 
+-- HTTP: /v2/models/<name>/infer -> /v2/models/<variant>/infer
+local function rewrite_path(headers)
+  local variant = headers:get("x-ps-variant")
+  if variant ~= nil and headers:get("x-ps-name") ~= variant then
+    local path = headers:get(":path")
+    headers:replace(":path", (path:gsub("^/v2/models/[^/]+/", "/v2/models/" .. variant .. "/", 1)))
+  end
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
   local rewrite = headers:get("x-ps-rewrite")
   if rewrite == nil then
+    rewrite_path(headers)
     return
   end
   headers:remove("x-ps-rewrite")

@@ -1,4 +1,5 @@
--- precision-serve's Envoy front, downstream filter on gRPC ModelInfer (server/front/config.py).
+-- precision-serve's Envoy front, downstream filter on gRPC ModelInfer and HTTP /v2/models/M/infer
+-- (server/front/config.py).
 -- Reads the head of the serialised ModelInferRequest (model_name, model_version, the
 -- "precision" parameter; inputs and outputs only to see whether they name shared memory)
 -- without decoding tensors, and sets the header x-ps-route that the route table matches:
@@ -6,6 +7,7 @@
 --   m:<model>:<precision>    a logical model with a requested precision (parameter or header)
 --   m:<model>                a logical model: its policy's routes
 --   python                   everything else: the control plane (the Python gateway)
+-- (HTTP: the same with an "h" in front: hv:, hm:, the HTTP clusters)
 -- The catalog comes from the route's metadata (filter_metadata "envoy.filters.http.lua").
 -- With a token set, the bearer token is checked before the body is read.
 
@@ -109,19 +111,12 @@ local function bearer_ok(handle, token)
   return scheme ~= nil and scheme:lower() == "bearer" and value == token
 end
 
-local function route(handle)
-  local body = handle:body()
-  if body == nil then
-    return "python"
-  end
-  local n = body:length()
-  local name, version, precision = read_head(body:getBytes(0, math.min(n, HEAD_BYTES)))
-  if name == nil or version ~= "" or precision == false then
-    return "python"
-  end
+-- the route of a request for ``name`` with ``precision`` requested (nil: none); ``kind``: ""
+-- for gRPC, "h" for HTTP (their own clusters and routes)
+local function decide(handle, kind, name, precision)
+  handle:headers():replace("x-ps-name", name) -- the variant's own name: no rewrite upstream
   if catalog.variants[name] then
-    handle:headers():replace("x-ps-name", name) -- the variant's own name: no rewrite upstream
-    return "v:" .. name
+    return kind .. "v:" .. name
   end
   local model = catalog.models[name]
   if model == nil then
@@ -131,30 +126,83 @@ local function route(handle)
     precision = handle:headers():get("x-precision")
   end
   if precision == nil or precision == "" then
-    return "m:" .. name
+    return kind .. "m:" .. name
   end
   precision = precision:lower():match("^%s*(.-)%s*$")
   if model[precision] then
-    return "m:" .. name .. ":" .. precision
+    return kind .. "m:" .. name .. ":" .. precision
   end
   return "python"
+end
+
+local function route_grpc(handle)
+  local body = handle:body()
+  if body == nil then
+    return "python"
+  end
+  local n = body:length()
+  local name, version, precision = read_head(body:getBytes(0, math.min(n, HEAD_BYTES)))
+  if name == nil or version ~= "" or precision == false then
+    return "python"
+  end
+  return decide(handle, "", name, precision)
+end
+
+-- HTTP /v2/models/<name>/infer: the JSON part (all of it, or the Inference-Header-Content-Length
+-- bytes before binary tensors) is searched, not parsed: a "precision" or shared-memory
+-- parameter, which only the control plane reads, sends the request there
+local function route_http(handle, path)
+  if not catalog.http then
+    return "python"
+  end
+  local name = path:match("^/v2/models/([%w_.-]+)/infer$")
+  local json_length = tonumber(handle:headers():get("inference-header-content-length") or "")
+  local body = handle:body()
+  if name == nil or body == nil then
+    return "python"
+  end
+  local n = body:length()
+  local json = body:getBytes(0, math.min(json_length or n, n))
+  if json:find('"precision"', 1, true) or json:find("shared_memory", 1, true) then
+    return "python"
+  end
+  return decide(handle, "h", name, nil)
+end
+
+local function refuse(handle, grpc)
+  local message = "missing or wrong bearer token (header 'authorization')"
+  if grpc then
+    handle:respond({
+      [":status"] = "200",
+      ["content-type"] = "application/grpc",
+      ["grpc-status"] = "16",
+      ["grpc-message"] = message,
+    }, "")
+  else
+    handle:respond(
+      { [":status"] = "401", ["content-type"] = "application/json" },
+      '{"error":"' .. message .. '"}'
+    )
+  end
 end
 
 function envoy_on_request(handle)
   if catalog == nil then
     catalog = handle:metadata():get("catalog")
   end
+  local path = handle:headers():get(":path")
+  local grpc = path == "/inference.GRPCInferenceService/ModelInfer"
   local token = catalog.token
   if token ~= nil and token ~= "" and not bearer_ok(handle, token) then
-    handle:respond({
-      [":status"] = "200",
-      ["content-type"] = "application/grpc",
-      ["grpc-status"] = "16",
-      ["grpc-message"] = "missing or wrong bearer token (header 'authorization')",
-    }, "")
+    refuse(handle, grpc)
     return
   end
-  local chosen = route(handle) -- reads the body: header objects taken before it are stale
+  local chosen -- reads the body: header objects taken before it are stale
+  if grpc then
+    chosen = route_grpc(handle)
+  else
+    chosen = route_http(handle, path)
+  end
   handle:headers():replace("x-ps-route", chosen)
   handle:clearRouteCache()
 end

@@ -91,6 +91,9 @@ class UpstreamSettings:
     # gateway is the control plane behind it on loopback, server/front/) or "python" (the
     # gateway itself; ``?front=python``)
     front: str = "envoy"
+    # Triton: the replicas' HTTP port (``?http=PORT``), for Envoy to send HTTP inference straight
+    # to them; 0: HTTP inference goes through the control plane
+    http_port: int = 0
 
 
 @dataclass(frozen=True)

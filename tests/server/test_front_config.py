@@ -85,7 +85,7 @@ def test_bootstrap_round_trips_through_json_and_envoy_validates_it(
             }
         }
     }
-    config = bootstrap(_plan(repository, routing, token="s3cret"))
+    config = bootstrap(_plan(repository, routing, token="s3cret", triton_http_port=8000))
     path = tmp_path / "envoy.json"
     path.write_text(json.dumps(config))
     assert json.loads(path.read_text()) == config
@@ -230,3 +230,27 @@ def test_the_binary_is_the_pinned_wheels() -> None:
         [str(envoy_binary()), "--version"], capture_output=True, text=True, check=True
     ).stdout
     assert "/1.40.0/" in version
+
+
+def test_http_inference_is_routed_in_envoy_when_the_replicas_http_port_is_given(
+    repository: Repository,
+) -> None:
+    config = bootstrap(_plan(repository, {}, triton_http_port=8000))
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    http = clusters["tiny_int8_http"]
+    endpoint = http["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["socket_address"]["port_value"] == 8000
+    options = http["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
+    assert "http_protocol_options" in options["explicit_http_config"]  # Triton's HTTP/1.1
+    routes = _routes(config, "http")
+    (fp16,) = _by_route_header(routes, "hm:tiny:fp16")
+    assert _chain(fp16) == ["tiny_fp16_http", "tiny_fp32_http"]
+    assert fp16["match"]["safe_regex"]["regex"] == "^/v2/models/[A-Za-z0-9_.-]+/infer$"
+    assert fp16["route"]["retry_policy"]["retriable_status_codes"] == [404, 503]
+    assert routes[-1]["route"]["cluster"] == CONTROL_HTTP
+    # without the port: HTTP inference goes to the control plane, as everything else on HTTP
+    assert "tiny_int8_http" not in {
+        c["name"] for c in bootstrap(_plan(repository, {}))["static_resources"]["clusters"]
+    }

@@ -157,6 +157,7 @@ def test_upstream_settings_come_from_the_url_query() -> None:
     assert parse_upstream("embedded?threads=2")[2] == UpstreamSettings(threads=2)
     scheme, address, settings = parse_upstream(
         "triton://a:1,b:2?merge=0&merge_wait_ms=2&cancel=propagate&timeout_s=5&front=python"
+        "&http=8000"
     )
     assert (scheme, address) == ("triton", "a:1,b:2")
     assert settings == UpstreamSettings(
@@ -165,6 +166,7 @@ def test_upstream_settings_come_from_the_url_query() -> None:
         cancel_upstream=True,
         default_timeout_s=5.0,
         front="python",
+        http_port=8000,
     )
     assert parse_upstream("triton://a:1")[2].front == "envoy"  # the default front
     assert parse_upstream("triton+dns://svc:8001?interval=0.5&merge=2")[1:] == (
@@ -189,6 +191,7 @@ def test_upstream_settings_come_from_the_url_query() -> None:
         ("triton+dns://n:1?interval=-1", "interval='-1': must be > 0"),
         ("triton+dns://n:1?cancel=yes", "cancel='yes': must be one of detach, propagate"),
         ("triton://h:1?front=nginx", "front='nginx': must be one of envoy, python"),
+        ("triton://h:1?http=0", "http='0': must be a port number"),
     ],
 )
 def test_bad_upstream_settings_name_the_key_and_value(spec: str, needle: str) -> None:

@@ -59,6 +59,32 @@ def _infer(
     return p["precision"].string_param, p["fallback_from"].string_param, result.as_numpy("logits")
 
 
+def _http_infer(
+    url: str,
+    model: str,
+    headers: dict[str, str] | None = None,
+    binary: bool = True,
+) -> tuple[str, np.ndarray]:
+    """(the x-precision response header, the logits) of an HTTP inference: the body is
+    tritonclient's own (binary tensors or JSON), sent with urllib to see the reply's headers."""
+    t = httpclient.InferInput("x", list(X.shape), "FP32")
+    t.set_data_from_numpy(X, binary_data=binary)
+    body, json_size = httpclient.InferenceServerClient.generate_request_body([t])
+    request = urllib.request.Request(
+        f"http://{url}/v2/models/{model}/infer", data=body, method="POST"
+    )
+    for key, value in (headers or {}).items():
+        request.add_header(key, value)
+    if json_size is not None:
+        request.add_header("Inference-Header-Content-Length", str(json_size))
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        length = reply.headers.get("Inference-Header-Content-Length")
+        result = httpclient.InferenceServerClient.parse_response_body(
+            reply.read(), header_length=int(length) if length else None
+        )
+        return reply.headers.get("x-precision", ""), result.as_numpy("logits")
+
+
 def _routing(tmp_path: Path, routing: dict) -> list[str]:
     path = tmp_path / "routing.yaml"
     path.write_text(yaml.safe_dump(routing))
@@ -70,7 +96,8 @@ def test_every_way_of_asking_for_a_precision_is_routed_in_envoy(
 ) -> None:
     triton = start_triton(tiny_repository, model_control="explicit")
     split = {"models": {"tiny": {"policy": "split", "weights": {"int8": 70, "fp16": 30}}}}
-    args = ["--upstream", f"triton://{triton.grpc_url}", *_routing(tmp_path, split)]
+    upstream = f"triton://{triton.grpc_url}?http={triton.http_port}"  # HTTP inference too
+    args = ["--upstream", upstream, *_routing(tmp_path, split)]
     direct = grpcclient.InferenceServerClient(triton.grpc_url)
     with GatewayProcess(tiny_repository, extra_args=args) as gw:
         client = grpcclient.InferenceServerClient(gw.grpc_url)
@@ -105,6 +132,12 @@ def test_every_way_of_asking_for_a_precision_is_routed_in_envoy(
         precision, fallback_from, out = _infer(client, "tiny", precision="int8")
         assert (precision, fallback_from) == ("fp16", "int8")
         np.testing.assert_array_equal(out, want)
+        http = httpclient.InferenceServerClient(gw.http_url)
+        served, answer = _http_infer(
+            gw.http_url, "tiny", {"x-precision": "int8"}
+        )  # HTTP: 404 -> next
+        assert served == "fp16"
+        np.testing.assert_array_equal(answer, want)
         direct.load_model("tiny_int8")
         assert _infer(client, "tiny", precision="int8")[:2] == ("int8", "")
 
@@ -120,13 +153,19 @@ def test_every_way_of_asking_for_a_precision_is_routed_in_envoy(
         assert bad.value.status() == "StatusCode.NOT_FOUND" and "fp8" in bad.value.message()
         assert _stats(gw)["control_grpc"] - control == 3
 
-        # HTTP reaches the control plane, which serves it through Triton
-        http = httpclient.InferenceServerClient(gw.http_url)
-        t = httpclient.InferInput("x", list(X.shape), "FP32")
-        t.set_data_from_numpy(X)
-        result = http.infer("tiny", [t], headers={"x-precision": "fp16"})
-        np.testing.assert_array_equal(result.as_numpy("logits"), want)
-        assert http.is_server_ready()
+        # HTTP inference in Envoy too (binary tensors and JSON), the rest to the control plane
+        before = _stats(gw)
+        served, answer = _http_infer(gw.http_url, "tiny", {"x-precision": "fp16"})
+        assert served == "fp16"
+        np.testing.assert_array_equal(answer, want)
+        assert _http_infer(gw.http_url, "tiny_int8", binary=False)[0] == "int8"
+        assert _http_infer(gw.http_url, "tiny")[0] == "fp16"  # the runtime split set above
+        after = _stats(gw)
+        assert after["tiny_fp16_http"] - before["tiny_fp16_http"] == 2
+        assert after["tiny_int8_http"] - before["tiny_int8_http"] >= 1
+        assert after["control_http"] == before["control_http"]
+        assert http.is_server_ready() and http.get_model_metadata("tiny")["name"] == "tiny"
+        assert _stats(gw)["control_http"] - after["control_http"] == 2
         client.close()
     direct.close()
 

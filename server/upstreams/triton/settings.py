@@ -26,6 +26,13 @@ def _front(text: str) -> str:
     return text
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 < port <= 65535:
+        raise ValueError("must be a port number, 1..65535")
+    return port
+
+
 def _positive(text: str) -> float:
     return seconds(text, inclusive=False)
 
@@ -37,6 +44,12 @@ KEYS = {
         "envoy: Envoy listens on the public ports and sends inference straight to Triton, the "
         "gateway is the control plane behind it (docs/envoy.md); python: the gateway listens "
         "and forwards every request itself",
+    ),
+    "http": QueryKey(
+        "http_port",
+        _port,
+        "the replicas' HTTP port: with the Envoy front, HTTP inference goes straight to it "
+        "(0: through the gateway, which uses the gRPC port)",
     ),
     "merge": QueryKey(
         "merge_limit",
