@@ -61,7 +61,7 @@ def start_peer_paths(
 
 
 PA_CONCURRENCIES = (4, 16)
-PA_PATHS = ("gateway", "triton", "gateway_triton", "gateway_workers2", "kserve")
+PA_PATHS = ("gateway", "triton", "gateway_triton", "gateway_envoy", "gateway_workers2", "kserve")
 PROFILED_PATHS = ("gateway", "gateway_triton")
 PROFILE_CONCURRENCY = 16
 

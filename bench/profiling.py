@@ -1,7 +1,9 @@
 """What bounds a figure: process CPU time, the gateway's own timing histograms, ONNX Runtime's
 profiler.
 
-- :func:`process_cpu_seconds`: user + system CPU of a process from ``/proc/<pid>/stat``.
+- :func:`process_cpu_seconds`: user + system CPU of a process from ``/proc/<pid>/stat``;
+  :func:`process_tree_cpu_seconds`: the same for a process and all its descendants (the
+  gateway and the Envoy front it supervises).
 - :func:`scrape_histograms`: sum and count of the gateway's request / queue / upstream duration
   histograms (docs/metrics.md); the difference of two scrapes around a window gives the mean time
   a request spent in the gateway, waiting for a batch, and in the engine.
@@ -41,6 +43,38 @@ def process_cpu_seconds(pid: int) -> float | None:
     fields = text.rsplit(")", 1)[1].split()
     ticks = int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int | str) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()
+
+
+def process_tree_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of ``pid`` and every live descendant, in seconds (None when ``pid`` is
+    gone). A descendant that exited between two readings drops out of the sum: read it around
+    windows in which the tree does not change."""
+    children: dict[int, list[int]] = defaultdict(list)
+    ticks: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _stat_fields(entry)
+        if fields is None:
+            continue
+        children[int(fields[1])].append(int(entry))  # field 4 of proc(5): the parent
+        ticks[int(entry)] = int(fields[11]) + int(fields[12])
+    if pid not in ticks:
+        return None
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += ticks.get(p, 0)
+        todo.extend(children.get(p, []))
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 # rows per engine run (embedded) and requests per merged upstream call (Triton pass-through)

@@ -200,8 +200,9 @@ def _serving(s: dict[str, Any]) -> list[str]:
     lines = [
         "## 2. Serving overhead",
         "",
-        "Same variant, same input row (batch 1 per request), the four serving paths, a bare "
-        "gRPC echo (the floor of one Python gRPC hop), KServe's ModelServer (the peer), the "
+        "Same variant, same input row (batch 1 per request), the four serving paths (a)-(d) and "
+        "(l), the gateway -> Triton through its Envoy front, a bare gRPC echo (the floor of one "
+        "Python gRPC hop), KServe's ModelServer (the peer), the "
         "gateway with `--workers 2` (when its CLI has the option) and the bare servers (h)-(k) "
         "(`lab/floors/bare_server.py`: the same engine behind nothing but parse, run, reply - no "
         "checks, routing, metrics or batching - on grpc.aio and on grpc's sync server, a "
@@ -213,8 +214,9 @@ def _serving(s: dict[str, Any]) -> list[str]:
         "sending one pre-serialised `ModelInferRequest` for (b)-(k), in the bench process on the "
         "same 2 cores as the servers. *Server CPU*: user+system time of the serving process "
         "(`/proc/<pid>/stat`) per request - the gateway's process includes its engine run; for "
-        "(a) the bench process; not shown for Triton, whose model runs in separate stub "
-        "processes, nor for (g), whose workers are separate processes.",
+        "(l) the gateway's process tree, its Envoy front included (what sits between client and "
+        "Triton); for (a) the bench process; not shown for Triton, whose model runs in separate "
+        "stub processes, nor for (g), whose workers are separate processes.",
         "",
     ]
     for name, v in s["variants"].items():
@@ -224,6 +226,7 @@ def _serving(s: dict[str, Any]) -> list[str]:
             "c1 p99 ms",
             *[f"c{c} req/s" for c in cs],
             "server CPU ms/req (c1)",
+            f"server CPU ms/req (c{cs[-1]})",
             "answer check",
         ]
         body = []
@@ -231,7 +234,7 @@ def _serving(s: dict[str, Any]) -> list[str]:
             per = v["paths"].get(p)
             if per is None:
                 why = s.get("path_errors", {}).get(p, "not run")
-                body.append([PATH_LABELS[p], "—", "—", *["—" for _ in cs], "—", why[:120]])
+                body.append([PATH_LABELS[p], "—", "—", *["—" for _ in cs], "—", "—", why[:120]])
                 continue
             check = v["answer_checks"].get(p)
             if check is None:
@@ -249,12 +252,17 @@ def _serving(s: dict[str, Any]) -> list[str]:
                     _f(per.get("1", {}).get("p99_ms")),
                     *[_f(per.get(c, {}).get("rps"), 1) for c in cs],
                     _f(per.get("1", {}).get("server_cpu_ms_per_request"), 3),
+                    _f(per.get(cs[-1], {}).get("server_cpu_ms_per_request"), 3),
                     ctext,
                 ]
             )
         rat = v["ratios"]
         ratio_rows = []
-        for key, label in (("b_over_a", "(b)/(a)"), ("d_over_c", "(d)/(c)")):
+        for key, label in (
+            ("b_over_a", "(b)/(a)"),
+            ("d_over_c", "(d)/(c)"),
+            ("l_over_c", "(l)/(c)"),
+        ):
             r = rat.get(key, {})
             ratio_rows.append(
                 [
@@ -272,6 +280,7 @@ def _serving(s: dict[str, Any]) -> list[str]:
                 ["ratio", "p50 added at c1, ms", *[f"throughput c{c}" for c in cs]], ratio_rows
             ),
             "",
+            *_envoy_cpu(rat, cs),
             *_per_run(v["paths"], cs),
         ]
         lines += peer_ratios(v, cs)
@@ -283,6 +292,15 @@ def _serving(s: dict[str, Any]) -> list[str]:
     if ceiling:
         lines += _ceiling(ceiling)
     return lines
+
+
+def _envoy_cpu(ratios: dict[str, Any], cs: list[str]) -> list[str]:
+    """The Envoy front's server CPU per request over the Python front's (issue 34)."""
+    cpu = ratios.get("l_over_d_server_cpu")
+    if not cpu:
+        return []
+    cells = "; ".join(f"c{c} {_f(cpu.get(f'c{c}'), 3)}" for c in cs if f"c{c}" in cpu)
+    return [f"Server CPU per request, (l) Envoy front / (d) Python front: {cells}.", ""]
 
 
 def _per_run(paths: dict[str, Any], cs: list[str]) -> list[str]:

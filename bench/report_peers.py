@@ -21,6 +21,8 @@ PEER_RATIOS = (
     ("(b)/(f) gateway / KServe", "gateway", "kserve"),
     ("(b)/(c) gateway / Triton direct", "gateway", "triton"),
     ("(d)/(c) gateway -> Triton / Triton direct", "gateway_triton", "triton"),
+    ("(l)/(c) gateway, Envoy front -> Triton / Triton direct", "gateway_envoy", "triton"),
+    ("(l)/(d) gateway, Envoy front / Python front", "gateway_envoy", "gateway_triton"),
     ("(g)/(b) gateway --workers 2 / gateway", "gateway_workers2", "gateway"),
     ("(h)/(f) bare grpc.aio server / KServe", "bare_aio", "kserve"),
     ("(h)/(c) bare grpc.aio server / Triton direct", "bare_aio", "triton"),

@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="engine threads in the serving paths (default: --threads)",
     )
-    p.add_argument("--no-triton", action="store_true", help="skip paths (c) and (d)")
+    p.add_argument(
+        "--no-triton", action="store_true", help="skip the paths to Triton: (c), (d), (j)-(l)"
+    )
     p.add_argument("--no-serving", action="store_true", help="engine level only")
     p.add_argument("--rebuild", action="store_true", help="call the builder even if built")
     p.add_argument("--quick", action="store_true", help="smoke run: digits, short windows")

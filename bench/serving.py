@@ -7,7 +7,8 @@ The same variant and the same input rows through four paths:
 (``server.runtime.runner.GatewayProcess``); - (c) ``triton``: a local Triton server
 (``server.launcher.tritonserver.TritonServer``, its python
   backend running the same engine);
-- (d) ``gateway_triton``: the gateway with ``--upstream triton://`` that Triton;
+- (d) ``gateway_triton``: the gateway with ``--upstream triton://...?front=python`` to that
+  Triton: the Python pass-through;
 - (e) ``echo``: a bare grpc.aio server answering at once (:mod:`lab.floors.echo_server`), no model:
   the floor of one Python gRPC hop on this host at this moment;
 - (f) ``kserve``: KServe's Python ``ModelServer`` running the same file, and (g)
@@ -16,7 +17,10 @@ The same variant and the same input rows through four paths:
   grpc.aio and on grpc's sync server, (j) ``bare_forward``: a grpc.aio server passing the bytes to
   that Triton, and (k) ``bare_forward_http``: the same over Triton's HTTP port on raw sockets
   (:mod:`lab.floors.bare_server`, :mod:`lab.floors.http_forward`): the floors with the model, what
-  no handler on those frameworks beats without batching (each on the gateway's loop).
+  no handler on those frameworks beats without batching (each on the gateway's loop);
+- (l) ``gateway_envoy``: the gateway with ``--upstream triton://`` to that Triton and its
+  default front: Envoy (server/front) in the data path, the gateway behind it as the control
+  plane; its CPU is the gateway's process tree (the gateway and its Envoy).
 
 The servers get a repository holding only the measured variants (links to the built ones), so
 neither loads anything else. All four run at once and are measured round-robin - per round, per
@@ -51,7 +55,7 @@ PATH_NAMES: dict[str, tuple[str, str]] = {
     "inprocess": ("(a) in-process engine", ""),
     "gateway": ("(b) gateway", ", embedded upstream"),
     "triton": ("(c) Triton direct", " (python backend)"),
-    "gateway_triton": ("(d) gateway -> Triton", ""),
+    "gateway_triton": ("(d) gateway -> Triton", ", Python front (`?front=python`)"),
     "echo": ("(e) bare gRPC echo", ", no model (floor)"),
     "kserve": ("(f) KServe 0.21 ModelServer", " (same file, ONNX Runtime)"),
     "gateway_workers2": ("(g) gateway --workers 2", ", embedded upstream"),
@@ -59,12 +63,15 @@ PATH_NAMES: dict[str, tuple[str, str]] = {
     "bare_sync": ("(i) bare grpc sync server", ", same engine (parse, run, reply)"),
     "bare_forward": ("(j) bare grpc.aio forwarder", " -> Triton (bytes in, bytes out)"),
     "bare_forward_http": ("(k) bare forwarder over HTTP", " -> Triton's HTTP port (raw sockets)"),
+    "gateway_envoy": ("(l) gateway -> Triton", ", Envoy front (the default)"),
 }
 PATHS = tuple(PATH_NAMES)
 # Paths whose server runs in several processes: no CPU-time figure from one pid.
 MULTIPROCESS = ("triton", "gateway_workers2")
+# Paths whose server CPU is a process tree: the gateway and the Envoy front it supervises.
+PROCESS_TREE = ("gateway_envoy",)
 # Paths that need the local Triton (skipped with --no-triton).
-TRITON_PATHS = ("triton", "gateway_triton", "bare_forward", "bare_forward_http")
+TRITON_PATHS = ("triton", "gateway_triton", "bare_forward", "bare_forward_http", "gateway_envoy")
 SETTLE_SECONDS = 0.1
 
 
@@ -179,8 +186,10 @@ class Servers:
             for path in TRITON_PATHS[1:]:
                 self.errors[path] = "Triton did not start"
             return self
-        up = [*args, "--upstream", f"triton://{triton.grpc_url}"]
+        up = [*args, "--upstream", f"triton://{triton.grpc_url}?front=python"]
         self._start("gateway_triton", lambda: GatewayProcess(self.repository, up, timeout=300))
+        envoy = [*args, "--upstream", f"triton://{triton.grpc_url}"]
+        self._start("gateway_envoy", lambda: GatewayProcess(self.repository, envoy, timeout=300))
         self._start("bare_forward", lambda: BareServer("forward", forward=triton.grpc_url))
         self._start(
             "bare_forward_http", lambda: BareServer("forward-http", forward=triton.http_url)
@@ -257,10 +266,15 @@ def _window(path: str, target: Target, servers: Servers, c: int, w: ServingWindo
     proc = servers.procs.get(path) if path not in MULTIPROCESS else None
     metrics = getattr(proc, "metrics_url", None)  # the gateway's: requests per run
     batches0 = profiling.batch_totals(metrics) if metrics else None
-    cpu0, wall0 = (profiling.process_cpu_seconds(proc.pid) if proc else None), time.perf_counter()
+    cpu_of = (
+        profiling.process_tree_cpu_seconds
+        if path in PROCESS_TREE
+        else profiling.process_cpu_seconds
+    )
+    cpu0, wall0 = (cpu_of(proc.pid) if proc else None), time.perf_counter()
     out = clients.grpc_window(servers.targets[path], target.payload, c, w.seconds, w.warmup)
     wall = time.perf_counter() - wall0
-    cpu1 = profiling.process_cpu_seconds(proc.pid) if proc else None
+    cpu1 = cpu_of(proc.pid) if proc else None
     if batches0 is not None:
         rows, runs = (b - a for a, b in zip(batches0, profiling.batch_totals(metrics), strict=True))
         if runs:  # rows per engine run (embedded) or requests per upstream call (Triton)
@@ -296,6 +310,7 @@ def _ratios(paths: dict[str, dict[str, dict[str, Any]]], concurrencies: tuple[in
     for num, den, label in (
         ("gateway", "inprocess", "b_over_a"),
         ("gateway_triton", "triton", "d_over_c"),
+        ("gateway_envoy", "triton", "l_over_c"),
     ):
         r: dict[str, Any] = {}
         for c in concurrencies:
@@ -306,6 +321,15 @@ def _ratios(paths: dict[str, dict[str, dict[str, Any]]], concurrencies: tuple[in
         if a is not None and b is not None:
             r["p50_added_ms_c1"] = round(b - a, 3)
         out[label] = r
+    # the Envoy front's CPU per request against the Python front's (issue 34: <= 0.4x)
+    cpu = {
+        f"c{c}": round(x / y, 3)
+        for c in concurrencies
+        if (x := get("gateway_envoy", c, "server_cpu_ms_per_request"))
+        and (y := get("gateway_triton", c, "server_cpu_ms_per_request"))
+    }
+    if cpu:
+        out["l_over_d_server_cpu"] = cpu
     a, e = get("gateway", 1, "p50_ms"), get("echo", 1, "p50_ms")
     if a is not None and e is not None:
         out["gateway_minus_echo_p50_ms_c1"] = round(a - e, 3)

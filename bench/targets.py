@@ -285,6 +285,29 @@ SERVING_TARGETS = (
         lambda v: v <= 1.2, _profile_why("gateway_triton"), FORWARD_FLOORS,
     ),
     ServingTarget(
+        "gateway, Envoy front -> Triton / Triton direct throughput, digits INT8, concurrency 16",
+        ">= 0.8x", "(l)/(c)", "gateway_envoy", _over("digits_int8", "triton", 16),
+        lambda v: v >= 0.8, lambda s: _why_envoy(s, "digits_int8"),
+    ),
+    ServingTarget(
+        "gateway, Envoy front -> Triton / Triton direct throughput, digits INT8, concurrency 4",
+        ">= 0.7x", "(l)/(c)", "gateway_envoy", _over("digits_int8", "triton", 4),
+        lambda v: v >= 0.7, lambda s: _why_envoy(s, "digits_int8"),
+    ),
+    ServingTarget(
+        "gateway, Envoy front: CPU per forwarded request / the Python front's, digits INT8, "
+        "concurrency 16",
+        "<= 0.4x", "server CPU ms/req (l)/(d)", "gateway_envoy",
+        _over("digits_int8", "gateway_triton", 16, "server_cpu_ms_per_request"),
+        lambda v: v <= 0.4, lambda s: _why_envoy(s, "digits_int8"),
+    ),
+    ServingTarget(
+        "gateway, Envoy front -> Triton adds at p50 over Triton direct, digits INT8, "
+        "concurrency 1",
+        "<= 1.0 ms", "(l) - (c)", "gateway_envoy", _added("digits_int8", "triton"),
+        lambda v: v <= 1.0, lambda s: _why_envoy(s, "digits_int8"),
+    ),
+    ServingTarget(
         "gateway (embedded) / in-process throughput, resnet50 INT8, concurrency 4",
         ">= 0.95x", "(b)/(a)", "gateway", _over("resnet50_int8", "inprocess", 4),
         lambda v: v >= 0.95, lambda s: _why_batching(s, "resnet50_int8"), EMBEDDED_FLOORS,
@@ -351,6 +374,16 @@ def _why_gateway(serving: dict[str, Any], variant: str) -> str:
         f"gateway a request spends {_ms(g.get('request_ms_mean'))} (engine "
         f"{_ms(g.get('upstream_ms_mean'))}, batch wait {_ms(g.get('queue_ms_mean'))}), the rest "
         "is gRPC transport and grpc.aio's handling around the handler (section 4)"
+    )
+
+
+def _why_envoy(serving: dict[str, Any], variant: str) -> str:
+    cpu = {c: _get(serving, variant, "gateway_envoy", c, "server_cpu_ms_per_request")
+           for c in (1, 16)}  # fmt: skip
+    return (
+        f"the Envoy front's process tree spends {_ms(cpu[1])} of CPU per request at c1 and "
+        f"{_ms(cpu[16])} at c16, on the same 2 cores as the client and Triton; where Envoy's "
+        "time goes: docs/lab/envoy-front.md"
     )
 
 

@@ -102,12 +102,38 @@ def test_clients_against_echo_and_in_process(tiny_repository: Path, tmp_path: Pa
     assert got["p50_ms"] <= got["p99_ms"]
 
 
+def test_process_tree_cpu_counts_the_children() -> None:
+    """The Envoy front's CPU is in a child of the gateway: the tree sum must include it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from bench import profiling
+
+    burn = "import time\nend = time.time() + 10\nwhile time.time() < end: pass"
+    spawn = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn!r}])"
+    parent = subprocess.Popen([sys.executable, "-c", spawn], start_new_session=True)
+    try:
+        time.sleep(2.0)
+        own = profiling.process_cpu_seconds(parent.pid)
+        tree = profiling.process_tree_cpu_seconds(parent.pid)
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)  # the parent and its child
+        parent.wait()
+    assert own is not None and tree is not None
+    assert tree - own >= 0.2, (own, tree)  # the busy child's CPU, even on a loaded host
+    assert profiling.process_tree_cpu_seconds(parent.pid) is None  # gone: no figure
+
+
 def test_ratios_and_targets_from_results() -> None:
     paths = {
         "inprocess": {"1": {"rps": 100.0, "p50_ms": 1.0}, "4": {"rps": 200.0, "p50_ms": 2.0}},
         "gateway": {"1": {"rps": 50.0, "p50_ms": 1.5}, "4": {"rps": 196.0, "p50_ms": 3.0}},
         "triton": {"1": {"rps": 80.0, "p50_ms": 2.0}},
-        "gateway_triton": {"1": {"rps": 40.0, "p50_ms": 4.5}},
+        "gateway_triton": {"1": {"rps": 40.0, "p50_ms": 4.5, "server_cpu_ms_per_request": 0.8}},
+        "gateway_envoy": {"1": {"rps": 70.0, "p50_ms": 2.25, "server_cpu_ms_per_request": 0.2}},
     }
     ratios = _ratios(paths, (1, 4))
     assert ratios["b_over_a"] == {
@@ -116,6 +142,8 @@ def test_ratios_and_targets_from_results() -> None:
         "p50_added_ms_c1": 0.5,
     }
     assert ratios["d_over_c"]["p50_added_ms_c1"] == 2.5
+    assert ratios["l_over_c"] == {"throughput_c1": 0.875, "p50_added_ms_c1": 0.25}
+    assert ratios["l_over_d_server_cpu"] == {"c1": 0.25}
     results = {
         "machine": {"isa_flags": ["avx2"]},
         "serving": {
