@@ -5,6 +5,11 @@ The served interface of a variant comes from its ``config.pbtxt`` (what Triton w
 the manifest supplies the precision, engine, file, speed and quality records. A variant whose
 config cannot be read is kept with ``problem`` set, so it reports unready instead of stopping
 the whole gateway.
+
+A variant has a declared :attr:`Variant.kind`: ``"tensor"`` (one response per request: the
+ONNX/TensorRT models) or ``"llm"`` (a decoder served through onnxruntime-genai: the manifest's
+engine is :data:`LLM_ENGINE`, its ``file`` the genai folder, and its config decoupled). The
+transports and upstreams read the kind; nothing probes for it.
 """
 
 from __future__ import annotations
@@ -32,7 +37,11 @@ from common.model_repository import (
 from server.errors import ConfigError
 
 # Most accurate first: used for defaults and for ordering listings.
-PRECISION_ORDER = ["fp32", "bf16", "fp16", "int8-dynamic", "int8"]
+PRECISION_ORDER = ["fp32", "bf16", "fp16", "int8-dynamic", "int8", "int4"]
+
+LLM_ENGINE = "onnxruntime-genai"  # the manifest engine of decoder LLM variants
+TENSOR = "tensor"  # kinds of variant (Variant.kind)
+LLM = "llm"
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,18 @@ class Variant:
     outputs: list[TensorInfo]
     version: str = "1"
     problem: str | None = None  # why it cannot be served (unreadable config, missing file)
+    kind: str = TENSOR  # TENSOR or LLM (module docstring)
+
+    @property
+    def decoupled(self) -> bool:
+        """Triton's ``model_transaction_policy { decoupled: true }``: many responses per
+        request (the LLM variants)."""
+        return bool(self.config.model_transaction_policy.decoupled)
+
+    @property
+    def openai_name(self) -> str:
+        """The name the OpenAI API lists for the variant: ``model:precision``."""
+        return f"{self.model}:{self.precision}"
 
     @property
     def max_batch_size(self) -> int:
@@ -90,6 +111,11 @@ class Model:
         """The variant whose interface the logical model presents (fp32 when present)."""
         return self.variants[self.precisions()[0]]
 
+    @property
+    def kind(self) -> str:
+        """Its variants' kind (one model's variants are all of one kind: load_repository)."""
+        return self.reference().kind
+
 
 @dataclass
 class Repository:
@@ -101,6 +127,9 @@ class Repository:
 
     def variant(self, name: str) -> Variant | None:
         return next((v for v in self.variants() if v.name == name), None)
+
+    def has_llm(self) -> bool:
+        return any(v.kind == LLM for v in self.variants())
 
 
 def _tensors_from_config(items: list, specs: list[TensorSpec]) -> list[TensorInfo]:
@@ -149,8 +178,14 @@ def _confined(root: Path, manifest: Manifest, record: VariantRecord) -> Path:
     return path
 
 
+def kind_of(record: VariantRecord) -> str:
+    """The kind the manifest declares for a variant: its engine says it."""
+    return LLM if record.engine == LLM_ENGINE else TENSOR
+
+
 def _load_variant(root: Path, manifest: Manifest, record: VariantRecord) -> Variant:
     problem = None
+    kind = kind_of(record)
     path = _confined(root, manifest, record)
     try:
         config = read_config(root / record.triton_name)
@@ -163,7 +198,15 @@ def _load_variant(root: Path, manifest: Manifest, record: VariantRecord) -> Vari
         config = build_model_config(record.triton_name, manifest.inputs, manifest.outputs, serving)
         inputs = _tensors_from_specs(manifest.inputs)
         outputs = _tensors_from_specs(manifest.outputs)
-    if problem is None and not path.is_file():
+    if problem is None and kind == LLM:
+        if not path.is_dir():
+            problem = f"onnxruntime-genai folder {path} is missing"
+        elif not config.model_transaction_policy.decoupled:
+            problem = (
+                f"config of {record.triton_name}: an {LLM_ENGINE} variant needs "
+                "model_transaction_policy { decoupled: true }"
+            )
+    elif problem is None and not path.is_file():
         problem = f"model file {path} is missing"
     return Variant(
         name=record.triton_name,
@@ -176,6 +219,7 @@ def _load_variant(root: Path, manifest: Manifest, record: VariantRecord) -> Vari
         inputs=inputs,
         outputs=outputs,
         problem=problem,
+        kind=kind,
     )
 
 
@@ -195,6 +239,12 @@ def load_repository(root: Path) -> Repository:
         model = Model(name=name, manifest=manifest)
         for record in manifest.variants.values():
             model.variants[record.precision] = _load_variant(root, manifest, record)
+        kinds = sorted({v.kind for v in model.variants.values()})
+        if len(kinds) > 1:
+            raise ConfigError(
+                f"manifest of model {name!r} mixes variant kinds {kinds} (engine "
+                f"{LLM_ENGINE!r} for some variants only)"
+            )
         models[name] = model
     names = [v.name for m in models.values() for v in m.variants.values()]
     clash = sorted(set(names) & set(models))

@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import secrets
 
+from common.llm.errors import ContextLengthError, LlmError, LlmRequestError
+
 log = logging.getLogger(__name__)
 
 
@@ -25,6 +27,10 @@ class GatewayError(Exception):
     # transports count the rest (parse, auth and size errors raised before the core)
     counted: bool = False
     http_status: int | None = None  # an HTTP status other than the code's usual one
+    # what an API with structured errors (OpenAI's) reports beside the message: the request
+    # field at fault and a machine-readable reason ("context_length_exceeded")
+    param: str | None = None
+    reason: str | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -48,6 +54,16 @@ class InvalidVersion(InvalidInput):
     where Triton's routes take digits only (server/dataplane/wording.py)."""
 
     http_status = 404
+
+
+class InvalidGeneration(InvalidInput):
+    """A generation request that cannot run: a field out of range (``param`` names it), a prompt
+    over the model's context (``reason`` = "context_length_exceeded")."""
+
+    def __init__(self, message: str, param: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.reason = reason
 
 
 class PayloadTooLarge(GatewayError):
@@ -105,6 +121,19 @@ class ConfigError(GatewayError):
     code = "FAILED_PRECONDITION"
 
 
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+
+
+def from_llm_error(error: LlmError) -> GatewayError:
+    """The one translation of common.llm's errors: a request error is the client's
+    (INVALID_ARGUMENT, the field named), anything else an engine failure (INTERNAL)."""
+    if isinstance(error, ContextLengthError):
+        return InvalidGeneration(str(error), error.field, CONTEXT_LENGTH_EXCEEDED)
+    if isinstance(error, LlmRequestError):
+        return InvalidGeneration(str(error), error.field)
+    return InternalError(f"{type(error).__name__}: {error}")
+
+
 def client_message(error: BaseException, where: str = "") -> str:
     """What a client is told about ``error``: a gateway error's own message, except for internal
     errors, which get a fresh id that is logged with the full text (and the traceback of an
@@ -126,6 +155,7 @@ __all__ = [
     "DeadlineExceeded",
     "GatewayError",
     "InternalError",
+    "InvalidGeneration",
     "InvalidInput",
     "InvalidVersion",
     "ModelNotFound",
@@ -134,4 +164,5 @@ __all__ = [
     "Unavailable",
     "Unsupported",
     "client_message",
+    "from_llm_error",
 ]

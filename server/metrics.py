@@ -196,3 +196,56 @@ SLO_SHIFTS = Counter(
     "Shifts of the slo mix: up (towards faster variants) or down (towards more accurate).",
     ["model", "direction"],
 )
+
+# ---- decoder LLMs (server/dataplane/generation.py); docs/llm-serving.md ----
+_TTFT_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+_ITL_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+LLM_TTFT = Histogram(
+    "precision_serve_llm_time_to_first_token_seconds",
+    "Time from a generation request's arrival to its first generated text (seconds).",
+    ["model", "precision"],
+    buckets=_TTFT_BUCKETS,
+)
+LLM_ITL = Histogram(
+    "precision_serve_llm_inter_token_latency_seconds",
+    "Time between generated tokens after the first (seconds, per token).",
+    ["model", "precision"],
+    buckets=_ITL_BUCKETS,
+)
+LLM_OUTPUT_TOKENS = Histogram(
+    "precision_serve_llm_output_tokens",
+    "Tokens generated per request.",
+    ["model", "precision"],
+    buckets=_TOKEN_BUCKETS,
+)
+LLM_PROMPT_TOKENS = Histogram(
+    "precision_serve_llm_prompt_tokens",
+    "Prompt tokens per generation request.",
+    ["model", "precision"],
+    buckets=_TOKEN_BUCKETS,
+)
+LLM_FINISHES = Counter(
+    "precision_serve_llm_requests_finished",
+    "Generation requests by how they ended: stop, length or cancelled (client went away).",
+    ["model", "precision", "finish_reason"],
+)
+LLM_ACTIVE_SEQUENCES = Gauge(
+    "precision_serve_llm_active_sequences",
+    "Sequences generating now (embedded upstream), per variant.",
+    ["model", "precision"],
+    multiprocess_mode="livesum",
+)
+LLM_QUEUED = Gauge(
+    "precision_serve_llm_queued_requests",
+    "Generation requests waiting for a free sequence slot (embedded upstream), per variant.",
+    ["model", "precision"],
+    multiprocess_mode="livesum",
+)
+
+llm_ttft = Children(LLM_TTFT)  # (model, precision)
+llm_itl = Children(LLM_ITL)  # (model, precision)
+llm_output_tokens = Children(LLM_OUTPUT_TOKENS)  # (model, precision)
+llm_prompt_tokens = Children(LLM_PROMPT_TOKENS)  # (model, precision)
+llm_finishes = Children(LLM_FINISHES)  # (model, precision, finish_reason)

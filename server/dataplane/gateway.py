@@ -20,7 +20,7 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from server import metrics
-from server.catalog import Model, Repository, TensorInfo, Variant
+from server.catalog import LLM, Model, Repository, TensorInfo, Variant
 from server.dataplane import wording
 from server.dataplane.restricted import Access
 from server.dataplane.shared_memory import SystemSharedMemory
@@ -35,6 +35,7 @@ from server.errors import (
     PayloadTooLarge,
     Unauthenticated,
     Unavailable,
+    Unsupported,
 )
 from server.routing.policies import Decision, Router
 from server.upstreams.base import Upstream, UpstreamUnavailable
@@ -293,6 +294,8 @@ class Gateway:
             target = self.lookup(request.model, request.version)
             model = self.repository.models[target.model] if isinstance(target, Variant) else target
             model_label = model.name
+            if model.kind == LLM:  # Triton refuses one-response calls to decoupled models
+                raise Unsupported(wording.decoupled_refused(request.protocol))
             inflight = metrics.inflight(model_label)
             inflight.inc()
             deadline = self._deadline(request)
@@ -389,6 +392,13 @@ class Gateway:
         metrics.requests(model, "none", protocol, code).inc()
 
     @staticmethod
+    def count_routing(
+        model: Model, target: Model | Variant, decision: Decision, variant: Variant
+    ) -> None:
+        """Count a served request's fallback and routing decision."""
+        Gateway._count_routing(model, target, decision, variant)
+
+    @staticmethod
     def _count_routing(
         model: Model, target: Model | Variant, decision: Decision, variant: Variant
     ) -> None:
@@ -424,6 +434,11 @@ class Gateway:
             deadline = own if deadline is None else min(deadline, own)
         _refuse_past(deadline)
         return deadline
+
+    def decide(self, model: Model, request: InferRequest) -> Decision:
+        """The precision for a request to logical ``model``: the ``precision`` parameter, the
+        ``x-precision`` header, else the model's policy."""
+        return self._decide(model, request)
 
     def _decide(self, model: Model, request: InferRequest) -> Decision:
         requested = request.parameters.get(PRECISION_PARAMETER)
@@ -704,6 +719,9 @@ def _counted_failure(
     error = InternalError(f"{type(e).__name__}: {e}")
     error.counted = True
     return error
+
+
+counted_failure = _counted_failure  # for the generation path (server/dataplane/generation.py)
 
 
 def _fell_back(decision: Decision, variant: Variant) -> str:

@@ -47,6 +47,7 @@ _GRPC_WORDS = (
 _HTTP_SUFFIX = (
     ("/infer", "inference"),
     ("/generate", "inference"),
+    ("/generate_stream", "inference"),
     ("/ready", "health"),
     ("/config", "model-config"),
     ("/stats", "statistics"),
@@ -60,6 +61,8 @@ _HTTP_PREFIX = (
     ("/v2/logging", "logging"),
     ("/v2/models/stats", "statistics"),
     ("/v2/models/", "metadata"),
+    ("/v1/models", "metadata"),  # the OpenAI-compatible API (server/transports/http/openai.py)
+    ("/v1/", "inference"),
 )
 
 

@@ -28,6 +28,14 @@ BATCH_NOTE = (
 MODEL_NOT_READY = "Model version not ready"  # HTTP GET .../ready, not ready or unknown: 400
 
 
+def decoupled_refused(protocol: str) -> str:
+    """One-response inference on a decoupled model (the LLMs): Triton answers UNSUPPORTED
+    (gRPC UNIMPLEMENTED, HTTP 501) in ``src/grpc/infer_handler.cc`` / ``src/http_server.cc``."""
+    if protocol == "http":
+        return "HTTP end point doesn't support models with decoupled transaction policy"
+    return "ModelInfer RPC doesn't support models with decoupled transaction policy"
+
+
 def _request(request_id: str) -> str:
     """The prefix of the errors Triton finds while checking an inference request."""
     return f"[request id: {request_id or '<id_unknown>'}] "

@@ -33,6 +33,10 @@ Contract for implementations:
   - ``forward`` (pass-through): ``async forward(variant, payload, deadline)`` takes the client's
     serialised ModelInferRequest and returns the serialised reply (the gRPC path then skips
     decoding and validation; errors are the upstream's own). Same fallback rules.
+  - ``generate`` (decoder LLM variants, ``Variant.kind == "llm"``): ``async generate(variant,
+    request)`` returns a :class:`server.upstreams.generation.Generation` (see there); raises
+    UpstreamUnavailable as ``infer`` does, ``Unavailable`` when the variant's queue is full,
+    ``InvalidGeneration`` for a request the model cannot take (prompt over its context).
   - ``model_control`` (``--model-control explicit``, server/dataplane/model_control.py):
     ``async load(variant)`` / ``async unload(variant)`` make the variant ready / unready
     (loading one that is loaded is a no-op); without it load/unload answer UNIMPLEMENTED.
@@ -54,6 +58,7 @@ import numpy as np
 from common.plugins import PluginRegistry
 from server.catalog import Repository, Variant
 from server.errors import ConfigError, Unavailable, Unsupported
+from server.upstreams.generation import Generation, GenerationRequest
 
 # Triton pass-through: forwarded calls in flight per variant and ready replica before later requests
 # merge (server/upstreams/triton/merging.py). 1: with a Triton model instance per variant (the
@@ -87,6 +92,11 @@ class UpstreamSettings:
     # ... and how long, once a call ends, the waiting requests wait for more to join them before
     # they go (0: at once; ``?merge_wait_ms=``, server/upstreams/triton/merging.py)
     merge_wait_s: float = 0.0
+    # Embedded LLM variants (server/upstreams/embedded/llm.py): sequences generating at once
+    # per variant, requests waiting for one beyond them, the largest max_tokens a request may ask
+    llm_sequences: int = 2
+    llm_queue: int = 16
+    llm_max_tokens: int = 2048
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,7 @@ class Capabilities:
     honours_deadline: bool = False
     forward: bool = False
     model_control: bool = False
+    generate: bool = False
 
 
 @runtime_checkable
@@ -122,6 +133,8 @@ class Upstream(Protocol):
 
     async def unload(self, variant: Variant) -> None: ...
 
+    async def generate(self, variant: Variant, request: GenerationRequest) -> Generation: ...
+
 
 class UpstreamBase:
     """The optional parts of :class:`Upstream` for an upstream that declares none of them: the
@@ -141,6 +154,9 @@ class UpstreamBase:
 
     async def unload(self, variant: Variant) -> None:
         raise Unsupported(f"upstream {self.name!r} cannot unload models")
+
+    async def generate(self, variant: Variant, request: GenerationRequest) -> Generation:
+        raise Unsupported(f"upstream {self.name!r} does not serve generative (LLM) models")
 
 
 @dataclass(frozen=True)

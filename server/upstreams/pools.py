@@ -23,6 +23,7 @@ from server.upstreams.base import (
     UpstreamSettings,
     create_upstream,
 )
+from server.upstreams.generation import Generation, GenerationRequest
 
 
 class PooledUpstream(UpstreamBase):
@@ -44,6 +45,7 @@ class PooledUpstream(UpstreamBase):
             honours_deadline=all(u.capabilities.honours_deadline for u in members),
             forward=all(u.capabilities.forward for u in members),
             model_control=any(u.capabilities.model_control for u in members),
+            generate=any(u.capabilities.generate for u in members),
         )
 
     def upstream_for(self, variant: Variant) -> Upstream | None:
@@ -87,6 +89,12 @@ class PooledUpstream(UpstreamBase):
         reply = await u.forward(variant, payload, deadline)
         self._observe(u, variant, started)
         return reply
+
+    async def generate(self, variant: Variant, request: GenerationRequest) -> Generation:
+        u = self._require(variant)
+        if not u.capabilities.generate:
+            raise Unsupported(f"upstream {u.name!r} of {variant.name} does not serve LLMs")
+        return await u.generate(variant, request)
 
     @staticmethod
     def _observe(u: Upstream, variant: Variant, started: float) -> None:

@@ -48,6 +48,7 @@ from server.errors import (
     PayloadTooLarge,
     client_message,
 )
+from server.transports.http import generate, openai
 from server.transports.http.limits import CappedSite, off_loop, read_body
 
 log = logging.getLogger(__name__)
@@ -104,15 +105,20 @@ async def _error_middleware(request: web.Request, handler: Any) -> web.StreamRes
     except web.HTTPRequestEntityTooLarge as e:
         error: Exception = PayloadTooLarge(f"request body too large: {e.text}")
     except web.HTTPException as e:
+        if request.path.startswith(openai.PREFIX):
+            body = openai.error_body(e.reason or "error", "invalid_request_error", None, None)
+            return web.json_response(body, status=e.status)
         return _error(e.status, e.reason or "error")
     except (ConnectionError, ClientConnectionResetError) as e:  # the client went away
         log.info("client %s disconnected during %s: %s", request.remote, request.path, e)
         error = ClientDisconnected(f"client disconnected: {e}")
     except Exception as e:  # the server never dies on a request
         error = e
-    if request.path.endswith("/infer"):
+    if request.path.endswith(("/infer", "/generate", "/generate_stream", "completions")):
         _gw(request).count_rejected(request.match_info.get("model", ""), "http", error)
     message = client_message(error, request.path)
+    if request.path.startswith(openai.PREFIX):  # OpenAI's error shape on its endpoints
+        return openai.error_response(error, message)
     if isinstance(error, GatewayError):
         return _error(error.http_status or HTTP_STATUS.get(error.code, 500), message)
     return _error(500, message)
@@ -533,6 +539,8 @@ def make_app(
     r.add_post(shm + "/unregister", shm_unregister)
     r.add_post(shm + "/region/{region}/unregister", shm_unregister)
     r.add_route("*", "/v2/cudasharedmemory/{tail:.*}", cuda_shm)
+    generate.add_routes(app, gateway)  # Triton's generate extension (LLM variants)
+    openai.add_routes(app, gateway)  # the OpenAI-compatible API (LLM variants)
     return app
 
 

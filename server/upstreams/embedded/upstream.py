@@ -8,6 +8,11 @@ instance, so the event loop never blocks; a variant whose worker died for good r
 variant that fails to load stays unready (the core falls back) and its reason is logged. Model
 control (``load`` / ``unload``) opens a variant's sessions or closes them after the requests they
 are running.
+
+Decoder LLM variants (``Variant.kind == "llm"``) get an ``LlmRunner``
+(server/upstreams/embedded/llm.py) instead of sessions and a batcher: onnxruntime-genai
+generators with bounded sequences and queue (``?sequences=``, ``?queue=``, ``?max_tokens=``),
+served through ``generate``.
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
 from common.engines import EngineError, EngineSession, get_engine
-from server.catalog import Repository, Variant
-from server.errors import InvalidInput
+from server.catalog import LLM, Repository, Variant
+from server.errors import InvalidInput, Unsupported
 from server.upstreams.base import (
     Capabilities,
     UpstreamBase,
@@ -29,6 +35,7 @@ from server.upstreams.base import (
     report_ready,
 )
 from server.upstreams.embedded.batching import BatchPolicy, DynamicBatcher
+from server.upstreams.generation import GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +55,15 @@ class EmbeddedUpstream(UpstreamBase):
     name = "embedded"
     # the batcher observes queue/upstream duration and batch size itself, and its timer fails
     # a request at its deadline; load/unload open and close a variant's sessions
-    capabilities = Capabilities(records_timing=True, honours_deadline=True, model_control=True)
+    capabilities = Capabilities(
+        records_timing=True, honours_deadline=True, model_control=True, generate=True
+    )
 
     def __init__(self, address: str, repository: Repository, settings: UpstreamSettings) -> None:
         self._repository = repository
         self._settings = settings
         self._batchers: dict[str, DynamicBatcher] = {}
+        self._llms: dict[str, Any] = {}  # variant name -> LlmRunner (imported when one exists)
         self.problems: dict[str, str] = {}
         # Loading (and warm-up) only; each instance then runs on its own batcher thread.
         self._executor = ThreadPoolExecutor(
@@ -92,6 +102,8 @@ class EmbeddedUpstream(UpstreamBase):
         if variant.problem:
             self._fail(variant, variant.problem)
             return False
+        if variant.kind == LLM:
+            return await self._open_llm(variant)
         loop = asyncio.get_running_loop()
         try:
             sessions = await loop.run_in_executor(self._executor, self._load_sessions, variant)
@@ -116,11 +128,38 @@ class EmbeddedUpstream(UpstreamBase):
         report_ready(self.name, variant, True)
         return True
 
+    async def _open_llm(self, variant: Variant) -> bool:
+        from common.llm import LlmError
+        from server.upstreams.embedded.llm import LlmRunner
+
+        s = self._settings
+        load = lambda: LlmRunner.load(  # noqa: E731
+            variant, s.threads, s.llm_sequences, s.llm_queue, s.llm_max_tokens
+        )
+        try:
+            runner = await asyncio.get_running_loop().run_in_executor(self._executor, load)
+        except (LlmError, ImportError) as e:
+            self._fail(variant, str(e))
+            return False
+        self._llms[variant.name] = runner
+        self.problems.pop(variant.name, None)
+        report_ready(self.name, variant, True)
+        return True
+
+    async def generate(self, variant: Variant, request: GenerationRequest) -> Any:
+        if variant.kind != LLM:
+            raise Unsupported(f"model {variant.name!r} is not a generative (LLM) model")
+        runner = self._llms.get(variant.name)
+        if runner is None:
+            reason = self.problems.get(variant.name, "not loaded")
+            raise UpstreamUnavailable(f"variant {variant.name} is not ready: {reason}")
+        return await runner.generate(request)
+
     # ---- model control (server/dataplane/model_control.py)
     # ----------------------------------------------
     async def load(self, variant: Variant) -> None:
         """Open the variant's sessions (nothing to do when it is loaded)."""
-        if variant.name in self._batchers:
+        if variant.name in self._batchers or variant.name in self._llms:
             return
         if not await self._open(variant):
             raise InvalidInput(
@@ -130,9 +169,12 @@ class EmbeddedUpstream(UpstreamBase):
     async def unload(self, variant: Variant) -> None:
         """Stop routing to the variant; requests it is running finish, then its sessions close."""
         batcher = self._batchers.pop(variant.name, None)
+        runner = self._llms.pop(variant.name, None)
         self._fail(variant, "unloaded")
         if batcher is not None:
             await batcher.close()
+        if runner is not None:
+            await runner.close()
 
     def _fail(self, variant: Variant, reason: str) -> None:
         self.problems[variant.name] = reason
@@ -140,6 +182,8 @@ class EmbeddedUpstream(UpstreamBase):
         report_ready(self.name, variant, False)
 
     def ready(self, variant: Variant) -> bool:
+        if variant.kind == LLM:
+            return variant.name in self._llms
         batcher = self._batchers.get(variant.name)
         return batcher is not None and batcher.alive()
 
@@ -159,4 +203,7 @@ class EmbeddedUpstream(UpstreamBase):
         for batcher in self._batchers.values():
             await batcher.close()
         self._batchers.clear()
+        for runner in self._llms.values():
+            await runner.close()
+        self._llms.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
