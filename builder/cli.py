@@ -22,7 +22,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "model",
-        help="digits | minilm | resnet50 | onnx:PATH | torch:MODULE:FACTORY | hf:FOLDER",
+        help="digits | minilm | resnet50 | smollm2 | onnx:PATH | torch:MODULE:FACTORY | "
+        "hf:FOLDER (an encoder, or a causal LM: docs/llm.md)",
     )
     p.add_argument(
         "--precisions",
@@ -35,7 +36,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--eval-data",
         type=Path,
         help="folder (or file) of .npz/.npy rows, optional 'labels': every quality figure, the "
-        "--accuracy-budget search and the engine choice are measured on it",
+        "--accuracy-budget search and the engine choice are measured on it; for an LLM a UTF-8 "
+        "text file (perplexity, KL and top-1 agreement are measured on it)",
     )
     p.add_argument(
         "--max-shape",
@@ -49,7 +51,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--accuracy-budget",
         type=float,
         help="max loss vs FP32 in points for every quantized precision: the fastest variant "
-        "within it, keeping the worst layers FP32; a variant that misses it is not written",
+        "within it, keeping the worst layers FP32; a variant that misses it is not written "
+        "(LLMs: max perplexity increase over fp32 in percent)",
+    )
+    p.add_argument(
+        "--kl-budget",
+        type=float,
+        help="LLMs: max mean KL divergence (nats) of next-token distributions vs fp32; a "
+        "variant over it is not written",
     )
     p.add_argument(
         "--keep-over-budget",
@@ -101,6 +110,7 @@ def options_from_args(args: argparse.Namespace):
         calibration_samples=args.calibration_samples,
         eval_data=args.eval_data,
         accuracy_budget=args.accuracy_budget,
+        kl_budget=args.kl_budget,
         keep_over_budget=args.keep_over_budget,
         force=args.force,
         measure_speed=not args.no_speed,

@@ -26,6 +26,9 @@ class BuildOptions:
     # accuracy-budget search and the engine-choice gate. None: the source's own set.
     eval_data: Path | None = None
     accuracy_budget: float | None = None  # points of accuracy (see builder.evaluate)
+    # Decoder LLMs: max mean KL(fp32 || variant) of next-token distributions, in nats (their
+    # accuracy_budget is the perplexity increase over fp32 in percent).
+    kl_budget: float | None = None
     # Write a variant that misses the budget anyway (labelled in the manifest and summary).
     keep_over_budget: bool = False
     force: bool = False
@@ -55,6 +58,8 @@ class BuildOptions:
             raise BuildError(f"calibration_samples must be >= 1, got {self.calibration_samples}")
         if self.accuracy_budget is not None and self.accuracy_budget < 0:
             raise BuildError(f"accuracy_budget must be >= 0, got {self.accuracy_budget}")
+        if self.kl_budget is not None and self.kl_budget < 0:
+            raise BuildError(f"kl_budget must be >= 0, got {self.kl_budget}")
         if self.engine is not None and self.engine not in engine_names():
             raise BuildError(f"unknown engine {self.engine!r}; known: {', '.join(engine_names())}")
         if self.target not in TARGETS:

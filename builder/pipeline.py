@@ -21,7 +21,7 @@ from builder.options import BuildOptions
 from builder.precisions import BuildContext, RefusesModels, VariantResult, get_precision
 from builder.prepare import optimize_basic
 from builder.sources import LoadedModel, load_model, preview_model
-from builder.sources.base import Dataset
+from builder.sources.base import Dataset, LlmSource
 from builder.sources.common import with_data_note
 from builder.staging import (
     ensure_writable,
@@ -80,6 +80,11 @@ def build_model(spec: str, options: BuildOptions) -> Manifest:
         problem = check_gpu_available()
         if problem:  # fail before any CPU work
             raise GpuUnavailableError(problem)
+    from builder.sources import llm_source
+
+    llm = llm_source(spec)
+    if llm is not None:  # a decoder LLM (the source declares it): builder/llm
+        return _build_llm(spec, llm, options)
     repo = ensure_writable(options.repository)
     work = staging_dir(repo, "build")
     try:
@@ -88,6 +93,21 @@ def build_model(spec: str, options: BuildOptions) -> Manifest:
         raise BuildError(str(e)) from e
     finally:
         remove_tree(work)
+
+
+def _build_llm(spec: str, found: tuple[LlmSource, str], options: BuildOptions) -> Manifest:
+    from builder.llm.pipeline import build_llm, check_precisions
+
+    if options.target != "cpu":
+        raise BuildError(
+            "decoder LLMs build for CPU here; their GPU precisions (fp16/bf16) need "
+            "onnxruntime-genai's CUDA build (docs/llm.md)"
+        )
+    check_precisions(options.precisions)  # before the source's work
+    source, reference = found
+    model = source.load_llm(reference, ensure_writable(options.repository))
+    model.source = spec
+    return build_llm(model, options)
 
 
 def _check_refusals(plugins: dict[str, object], model: LoadedModel, options: BuildOptions) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from builder.sources.common import DATA_NOTE_PREFIX
-from common.model_repository import Manifest
+from common.model_repository import LLM_TASK, Manifest
 
 
 def _fmt(value: float | None, spec: str, empty: str = "-") -> str:
@@ -84,7 +84,72 @@ def quality_source_line(manifest: Manifest) -> str:
     return f"quality measured on: {'; '.join(parts) or '-'}"
 
 
+def llm_rows(manifest: Manifest) -> list[dict[str, str]]:
+    """One row per decoder-LLM variant: size, quality vs fp32, speed at 1 thread and at the
+    most threads measured."""
+    fp32 = manifest.variants.get("fp32")
+    threads = sorted({s.threads for v in manifest.variants.values() if v.llm for s in v.llm.speed})
+    most = threads[-1] if threads and threads[-1] > 1 else None
+    rows = []
+    for precision, v in manifest.variants.items():
+        llm = v.llm
+        one = llm.speed_at(1) if llm else None
+        row = {
+            "precision": precision,
+            "MB": f"{v.size_bytes / 1e6:.1f}",
+            "size vs fp32": _fmt(v.size_bytes / fp32.size_bytes if fp32 else None, ".2f"),
+            "ppl": _fmt(llm.ppl if llm else None, ".3f"),
+            "ppl vs fp32": _fmt(llm.ppl_ratio if llm else None, ".4f"),
+            "KL": _fmt(llm.kl_mean if llm else None, ".4f"),
+            "top-1 agree": _fmt(100 * llm.top1_agreement if llm else None, ".1f"),
+            "budget": budget_cell(v.details),
+            "TTFT ms": _fmt(one.ttft_ms if one else None, ".0f"),
+            "ITL ms": _fmt(one.itl_ms if one else None, ".1f"),
+            "tok/s": _fmt(one.decode_tok_s if one else None, ".1f"),
+        }
+        if most is not None:
+            many = llm.speed_at(most) if llm else None
+            row[f"tok/s {most}t"] = _fmt(many.decode_tok_s if many else None, ".1f")
+        rows.append(row)
+    return rows
+
+
+def llm_summary(manifest: Manifest) -> str:
+    head = f"{manifest.model} (decoder LLM, source {manifest.source})"
+    lines = [head, format_table(llm_rows(manifest))]
+    info = manifest.llm
+    if info is not None:
+        lines.append(
+            f"quality: vs fp32 on {info.eval_text}, windows of {info.eval_window} tokens "
+            "(ppl: perplexity; KL: mean KL(fp32 || variant) in nats; top-1: same most likely "
+            "next token)"
+        )
+        cpu = manifest.host.get("model", "?")
+        lines.append(
+            f"speed: prompt {info.prompt_tokens} tokens, {info.output_tokens} new tokens, greedy, "
+            f"median of runs; TTFT, ITL and tok/s at 1 thread on {cpu} "
+            f"({manifest.host.get('cores')} cores"
+            + (
+                f", load average up to {manifest.host['load_average']:.2f}: BUSY"
+                if manifest.host.get("busy")
+                else ""
+            )
+            + ")"
+        )
+        if info.reference_note:
+            lines.append(f"note: {info.reference_note}")
+    lines.extend(f"note: {n}" for n in manifest.notes if info is None or n != info.reference_note)
+    lines.extend(
+        f"note: {p} is over budget: {v.details.get('budget_status')}"
+        for p, v in manifest.variants.items()
+        if v.details.get("budget_met") is False
+    )
+    return "\n".join(lines)
+
+
 def summary(manifest: Manifest) -> str:
+    if manifest.task == LLM_TASK:
+        return llm_summary(manifest)
     head = f"{manifest.model} ({manifest.task}, source {manifest.source})"
     lines = [head, format_table(summary_rows(manifest)), quality_source_line(manifest)]
     if not manifest.accuracy_meaningful and not any("not meaningful" in n for n in manifest.notes):

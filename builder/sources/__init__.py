@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from builder.errors import SourceError
-from builder.sources.base import Dataset, LoadedModel, ModelSource
+from builder.sources.base import Dataset, LlmModel, LlmSource, LoadedModel, ModelSource
 from common.plugins import PluginRegistry
 
 _HINT = "install the extra: pip install 'precision-serve[build]'"
@@ -32,6 +32,7 @@ DEMO_SOURCES = PluginRegistry(
         "digits": "builder.sources.demos.digits:DigitsSource",
         "minilm": "builder.sources.demos.minilm:MiniLMSource",
         "resnet50": "builder.sources.demos.resnet50:ResNet50Source",
+        "smollm2": "builder.sources.demos.smollm2:SmolLM2Source",
     },
     missing_hint=_HINT,
 )
@@ -50,8 +51,31 @@ def resolve(spec: str) -> tuple[ModelSource, str]:
     raise SourceError(f"unknown model source {spec!r}; use one of: {known}")
 
 
+def llm_source(spec: str) -> tuple[LlmSource, str] | None:
+    """The decoder-LLM source for ``spec`` and its reference, or None when ``spec`` is not an
+    LLM, as its source's capabilities declare (``hf:`` asks the folder's config.json)."""
+    source, reference = resolve(spec)
+    caps = source.capabilities
+    if not caps.decoder_llm:
+        return None
+    llm: LlmSource = source  # type: ignore[assignment]
+    if caps.onnx and not llm.is_decoder_llm(reference):
+        return None
+    return llm, reference
+
+
+def load_llm(spec: str, workdir: Path) -> LlmModel:
+    found = llm_source(spec)
+    if found is None:
+        raise SourceError(f"model source {spec!r} is not a decoder LLM")
+    source, reference = found
+    return source.load_llm(reference, Path(workdir))
+
+
 def load_model(spec: str, workdir: Path) -> LoadedModel:
     source, reference = resolve(spec)
+    if not source.capabilities.onnx:
+        raise SourceError(f"model source {spec!r} is a decoder LLM (builder/llm builds it)")
     model = source.load(reference, Path(workdir))
     model.source = spec
     return model
@@ -73,7 +97,10 @@ __all__ = [
     "DEMO_SOURCES",
     "PREFIX_SOURCES",
     "Dataset",
+    "LlmModel",
     "LoadedModel",
+    "llm_source",
+    "load_llm",
     "load_model",
     "preview_model",
     "resolve",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -66,7 +66,48 @@ class LoadedModel:
     trainable: Trainable | None = None
 
 
+@dataclass
+class LlmModel:
+    """What a decoder-LLM source produces: a local Hugging Face causal-LM folder that
+    onnxruntime-genai's model builder reads (builder/llm/)."""
+
+    name: str  # logical model name ("smollm2")
+    source: str  # the reference the user gave
+    hf_folder: Path  # config.json, weights, tokenizer (and chat template)
+    architecture: str  # config.json's architectures[0], e.g. "LlamaForCausalLM"
+    default_precisions: list[str] = field(default_factory=lambda: ["fp32", "int8", "int4"])
+    notes: list[str] = field(default_factory=list)
+    # What the fp32 variant is where it is not the original weights (SmolLM2: dequantized Q4_1).
+    reference_note: str = ""
+
+
+@dataclass(frozen=True)
+class SourceCapabilities:
+    """What a source kind declares it produces; builder.sources dispatches on it.
+
+    ``onnx``: ``load`` gives a :class:`LoadedModel` (an FP32 ONNX export plus data).
+    ``decoder_llm``: ``load_llm`` gives an :class:`LlmModel`. A source declaring both
+    (``hf:``) answers ``is_decoder_llm(reference)`` from the reference itself (config.json)."""
+
+    onnx: bool = True
+    decoder_llm: bool = False
+
+
 class ModelSource(Protocol):
     """A source kind. ``reference`` is what follows the prefix (``onnx:`` -> the path)."""
 
+    capabilities: ClassVar[SourceCapabilities]
+
     def load(self, reference: str, workdir: Path) -> LoadedModel: ...
+
+
+class LlmSource(Protocol):
+    """A source kind whose capabilities declare ``decoder_llm``."""
+
+    capabilities: ClassVar[SourceCapabilities]
+
+    def load_llm(self, reference: str, workdir: Path) -> LlmModel: ...
+
+    def is_decoder_llm(self, reference: str) -> bool:
+        """Only asked of sources declaring both capabilities."""
+        ...

@@ -1,4 +1,6 @@
-"""``hf:FOLDER`` — a local Hugging Face text encoder, exported as a sentence-embedding model.
+"""``hf:FOLDER`` — a local Hugging Face text encoder, exported as a sentence-embedding model, or
+a decoder LLM (config.json names a ``*ForCausalLM`` architecture), built by onnxruntime-genai
+(builder/llm/, docs/llm.md).
 
 The folder is loaded with transformers, offline (``local_files_only=True``, ``HF_HUB_OFFLINE=1``).
 The exported graph takes ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the model
@@ -23,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from builder.errors import SourceError
-from builder.sources.base import Dataset, LoadedModel, Trainable
+from builder.sources.base import Dataset, LlmModel, LoadedModel, SourceCapabilities, Trainable
 from builder.sources.common import export_torch_to_onnx, onnx_io_specs, sanitize_name
 from common.model_repository import TensorSpec
 
@@ -102,7 +104,28 @@ def _pooled_encoder(model: Any, input_names: list[str]) -> Any:
 
 
 class HfFolderSource:
-    """Exports a local Hugging Face text encoder folder to ONNX with real-text data."""
+    """Exports a local Hugging Face text encoder folder to ONNX with real-text data; a causal
+    LM folder is handed to the LLM build as it is."""
+
+    capabilities = SourceCapabilities(onnx=True, decoder_llm=True)
+
+    def is_decoder_llm(self, reference: str) -> bool:
+        from builder.sources.causal_lm import is_causal_lm, read_config
+
+        folder = Path(reference).expanduser()
+        return (folder / "config.json").is_file() and is_causal_lm(read_config(folder))
+
+    def load_llm(self, reference: str, workdir: Path) -> LlmModel:
+        from builder.sources.causal_lm import genai_architecture
+
+        folder = Path(reference).expanduser()
+        return LlmModel(
+            name=sanitize_name(folder.name),
+            source=f"hf:{reference}",
+            hf_folder=folder,
+            architecture=genai_architecture(folder),
+            notes=[f"decoder LLM from the Hugging Face folder {folder}"],
+        )
 
     def load(self, reference: str, workdir: Path) -> LoadedModel:
         folder = Path(reference).expanduser()

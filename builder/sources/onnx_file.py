@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from builder.errors import SourceError
-from builder.sources.base import LoadedModel
+from builder.sources.base import LoadedModel, SourceCapabilities
 from builder.sources.common import (
     onnx_io_specs,
     sanitize_name,
@@ -32,6 +32,8 @@ def default_opset(model: object) -> int:
 
 class OnnxFileSource:
     """Reads and checks an ONNX file; data is seeded synthetic unless the user gives some."""
+
+    capabilities = SourceCapabilities()
 
     def load(self, reference: str, workdir: Path) -> LoadedModel:
         import onnx

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import SourceError
-from builder.sources.base import Dataset, LoadedModel, Trainable
+from builder.sources.base import Dataset, LoadedModel, SourceCapabilities, Trainable
 from builder.sources.common import (
     export_torch_to_onnx,
     onnx_io_specs,
@@ -183,6 +183,8 @@ def load_torch_spec(
 
 
 class TorchModuleSource:
+    capabilities = SourceCapabilities()
+
     def load(self, reference: str, workdir: Path) -> LoadedModel:
         module_ref, sep, factory_name = reference.rpartition(":")
         if not sep or not module_ref or not factory_name:

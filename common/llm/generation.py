@@ -131,12 +131,17 @@ class GenaiModel:
             )
 
     # -- generation -------------------------------------------------------------------------
-    def generator(self, prompt: Sequence[int], params: SamplingParams) -> Any:
-        """An onnxruntime-genai ``Generator`` with the prompt appended (the prefill runs here)."""
+    def generator(
+        self, prompt: Sequence[int], params: SamplingParams, ignore_eos: bool = False
+    ) -> Any:
+        """An onnxruntime-genai ``Generator`` with the prompt appended (the prefill runs here).
+        ``ignore_eos``: generate all ``max_tokens`` tokens (the builder's speed runs)."""
         self.check_fits(len(prompt), params.max_tokens)
         og = self._og
         gp = og.GeneratorParams(self._model)
         options: dict[str, Any] = {"max_length": len(prompt) + params.max_tokens}
+        if ignore_eos:
+            options["min_length"] = options["max_length"]
         if params.greedy:
             options["do_sample"] = False
         else:

@@ -23,10 +23,14 @@ from common.model_repository.errors import (
 )
 from common.model_repository.manifest import (
     LABELLED,
+    LLM_TASK,
     QUALITY_SOURCES,
     SCHEMA_VERSION,
     SYNTHETIC,
     UNLABELLED,
+    LlmModelRecord,
+    LlmSpeed,
+    LlmVariantRecord,
     Manifest,
     TensorSpec,
     VariantRecord,
@@ -35,8 +39,10 @@ from common.model_repository.manifest import (
 )
 from common.model_repository.naming import (
     CONFIG_NAME,
+    GENAI_FOLDER,
     MANIFEST_SUFFIX,
     MODEL_FILENAME,
+    PYTHON_MODEL_FILENAME,
     SAMPLES_LABELS_KEY,
     SAMPLES_SUFFIX,
     VERSION,
@@ -56,9 +62,12 @@ from common.model_repository.triton_config import (
 
 __all__ = [
     "CONFIG_NAME",
+    "GENAI_FOLDER",
     "LABELLED",
+    "LLM_TASK",
     "MANIFEST_SUFFIX",
     "MODEL_FILENAME",
+    "PYTHON_MODEL_FILENAME",
     "QUALITY_SOURCES",
     "SAMPLES_LABELS_KEY",
     "SAMPLES_SUFFIX",
@@ -68,6 +77,9 @@ __all__ = [
     "VERSION",
     "ConfigFileError",
     "DtypeError",
+    "LlmModelRecord",
+    "LlmSpeed",
+    "LlmVariantRecord",
     "Manifest",
     "ManifestError",
     "RepositoryError",

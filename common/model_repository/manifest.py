@@ -30,6 +30,9 @@ UNLABELLED = "user data without labels"  # real rows (the user's or a demo's own
 SYNTHETIC = "synthetic"  # seeded noise: agreement on inputs no user sends
 QualitySource = Literal["labelled data", "user data without labels", "synthetic"]
 QUALITY_SOURCES: tuple[str, ...] = (LABELLED, UNLABELLED, SYNTHETIC)
+# Manifest.task of a decoder LLM: its variants are python-backend, decoupled Triton models
+# (naming.GENAI_FOLDER holds the onnxruntime-genai folder), their records carry ``llm``.
+LLM_TASK = "llm"
 
 _STRICT = pydantic.ConfigDict(extra="forbid")
 
@@ -70,6 +73,54 @@ def check_max_shape(name: str, shape: list[int], max_shape: list[int]) -> None:
 
 
 @dataclass(config=_STRICT)
+class LlmSpeed:
+    """A decoder LLM variant's speed on the build host with ``threads`` intra-op threads: the
+    medians of several greedy generations of ``LlmModelRecord.output_tokens`` tokens after a
+    prompt of ``LlmModelRecord.prompt_tokens`` tokens (builder/llm/speed.py)."""
+
+    threads: int
+    ttft_ms: float  # time to first token: the prompt's prefill and the first token
+    itl_ms: float  # inter-token latency: mean time of each later token
+    decode_tok_s: float  # 1000 / itl_ms: decode tokens per second of one sequence
+    runs: int = 1
+
+
+@dataclass(config=_STRICT)
+class LlmVariantRecord:
+    """A decoder LLM variant's quality vs its fp32 variant and its speed (``VariantRecord.llm``).
+
+    Quality is measured on the model's evaluation text (``LlmModelRecord.eval_text``) in
+    windows, from the full next-token distributions: ``ppl`` perplexity of the text,
+    ``ppl_ratio`` ppl / fp32's ppl, ``kl_mean`` mean KL(fp32 || variant) in nats per position,
+    ``top1_agreement`` share of positions whose most likely next token is fp32's."""
+
+    ppl: float
+    ppl_ratio: float = 1.0
+    kl_mean: float = 0.0
+    top1_agreement: float = 1.0
+    eval_tokens: int = 0  # next-token predictions the figures average over
+    speed: list[LlmSpeed] = field(default_factory=list)
+    genai_precision: str = ""  # onnxruntime-genai builder's -p
+    genai_options: dict[str, str] = field(default_factory=dict)  # its --extra_options
+
+    def speed_at(self, threads: int) -> LlmSpeed | None:
+        return next((s for s in self.speed if s.threads == threads), None)
+
+
+@dataclass(config=_STRICT)
+class LlmModelRecord:
+    """What a decoder LLM's figures were measured on (``Manifest.llm``)."""
+
+    architecture: str  # the Hugging Face architecture, e.g. "LlamaForCausalLM"
+    context_length: int
+    eval_text: str  # where the evaluation text came from (the builder's own or --eval-data)
+    eval_window: int = 0  # tokens per evaluation window
+    prompt_tokens: int = 0  # speed: prompt length
+    output_tokens: int = 0  # speed: generated tokens per run
+    reference_note: str = ""  # what fp32 is, where it is not the original weights
+
+
+@dataclass(config=_STRICT)
 class VariantRecord:
     """One built precision variant of a model."""
 
@@ -90,6 +141,8 @@ class VariantRecord:
     # How the variant was made: calibration method/samples, quant types, blocked ops, kept nodes...
     details: dict[str, Any] = field(default_factory=dict)
     build_seconds: float = 0.0
+    # Decoder LLM variants only (Manifest.task "llm"): quality and speed; None otherwise.
+    llm: LlmVariantRecord | None = None
 
     @property
     def accuracy_loss(self) -> float | None:
@@ -101,7 +154,7 @@ class VariantRecord:
 class Manifest:
     model: str
     source: str
-    task: str  # "classification" | "embedding"
+    task: str  # "classification" | "embedding" | "llm" (decoder LLM, python backend)
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     max_batch_size: int
@@ -110,6 +163,12 @@ class Manifest:
     host: dict[str, Any] = field(default_factory=dict)
     variants: dict[str, VariantRecord] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    # Decoder LLMs only: what their quality and speed figures were measured on.
+    llm: LlmModelRecord | None = None
+
+    @property
+    def is_llm(self) -> bool:
+        return self.task == LLM_TASK
 
     def quality_source(self, precision: str) -> str:
         """Where ``precision``'s quality figures came from (one of QUALITY_SOURCES).

@@ -7,6 +7,10 @@
       <model>_<precision>/         one Triton model per variant
         config.pbtxt
         1/model.onnx | model.xml | model.plan
+      <llm>_<precision>/           a decoder LLM's variant (python backend, decoupled)
+        config.pbtxt
+        1/model.py                 common/llm/triton_model.py, copied
+        1/genai/                   the onnxruntime-genai folder
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ SAMPLES_LABELS_KEY = "__labels__"
 CONFIG_NAME = "config.pbtxt"
 VERSION = "1"
 MODEL_FILENAME = "model.onnx"
+PYTHON_MODEL_FILENAME = "model.py"
+GENAI_FOLDER = "genai"
 
 
 def variant_name(model: str, precision: str) -> str:

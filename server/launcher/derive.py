@@ -6,6 +6,10 @@ running :mod:`server.launcher.python_model`: the derived ``config.pbtxt`` is a p
 standard one (same name, inputs, outputs, ``max_batch_size``, dynamic batching, instance groups,
 warm-up) with ``backend: "python"``, no ``platform``, and parameters naming the engine, its
 options and the model file from the manifest. The standard repository is never modified.
+
+A decoder LLM's variants (manifest task ``llm``) are python-backend models already: their config
+is copied as is, with the genai folder's absolute path and the threads in ``parameters``, and
+``model.py`` is the package's common/llm/triton_model.py.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
+from common.llm import triton_model
 from common.model_repository import (
+    LLM_TASK,
     RepositoryError,
     VariantRecord,
     load_manifests,
@@ -28,6 +34,7 @@ from server.launcher import python_model
 from server.launcher.errors import TritonRepositoryError
 
 MODEL_PY = Path(python_model.__file__)
+LLM_MODEL_PY = Path(triton_model.__file__)
 MARKER = ".precision-serve-derived"  # only folders holding it are ever replaced
 
 
@@ -56,6 +63,17 @@ def derive_config(
     }
     for key, value in params.items():
         cfg.parameters[key].string_value = value
+    return cfg
+
+
+def derive_llm_config(
+    standard: mc.ModelConfig, genai_folder: Path, threads: int = 1
+) -> mc.ModelConfig:
+    """An LLM variant's config (python backend, decoupled already) pointing at its folder."""
+    cfg = mc.ModelConfig()
+    cfg.CopyFrom(standard)
+    cfg.parameters[triton_model.PARAM_GENAI_FOLDER].string_value = str(genai_folder.resolve())
+    cfg.parameters[triton_model.PARAM_THREADS].string_value = str(int(threads))
     return cfg
 
 
@@ -103,9 +121,10 @@ def derive_repository(repository: Path, target: Path, threads: int = 1) -> list[
     )
     derived: list[DerivedModel] = []
     for manifest in manifests.values():
+        llm = manifest.task == LLM_TASK
         for record in manifest.variants.values():
             model_file = repository / record.file
-            if not model_file.is_file():
+            if not (model_file.is_dir() if llm else model_file.is_file()):
                 raise TritonRepositoryError(
                     f"variant {record.triton_name}: {model_file} is missing"
                 )
@@ -119,9 +138,12 @@ def derive_repository(repository: Path, target: Path, threads: int = 1) -> list[
                 )
             version = _version_of(record)
             out_dir = target / record.triton_name
-            write_config(out_dir, derive_config(standard, record, model_file, threads))
+            if llm:
+                write_config(out_dir, derive_llm_config(standard, model_file, threads))
+            else:
+                write_config(out_dir, derive_config(standard, record, model_file, threads))
             (out_dir / version).mkdir(parents=True)
-            shutil.copy2(MODEL_PY, out_dir / version / "model.py")
+            shutil.copy2(LLM_MODEL_PY if llm else MODEL_PY, out_dir / version / "model.py")
             derived.append(
                 DerivedModel(record.triton_name, manifest.model, record.precision, version)
             )

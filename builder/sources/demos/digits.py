@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from builder.cache import cache_root
-from builder.sources.base import Dataset, LoadedModel
+from builder.sources.base import Dataset, LoadedModel, SourceCapabilities
 from builder.sources.torch_module import TorchModelSpec, load_torch_spec
 from common.model_repository import TensorSpec
 
@@ -226,6 +226,8 @@ def _cached_or_trained(path: Path, recipe: Recipe, x: np.ndarray, y: np.ndarray)
 
 
 class DigitsSource:
+    capabilities = SourceCapabilities()
+
     def load(self, reference: str, workdir: Path) -> LoadedModel:
         recipe = Recipe()
         x_tr, y_tr, x_te, y_te = load_data(recipe)

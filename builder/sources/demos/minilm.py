@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from builder.errors import SourceError
-from builder.sources.base import LoadedModel
+from builder.sources.base import LoadedModel, SourceCapabilities
 from builder.sources.hf_folder import HfFolderSource
 
 
@@ -22,5 +22,7 @@ def model_folder() -> Path:
 
 
 class MiniLMSource:
+    capabilities = SourceCapabilities()
+
     def load(self, reference: str, workdir: Path) -> LoadedModel:
         return HfFolderSource().load_folder(model_folder(), Path(workdir), "minilm", "minilm")

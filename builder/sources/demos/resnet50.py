@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from builder.sources.base import LoadedModel
+from builder.sources.base import LoadedModel, SourceCapabilities
 from builder.sources.common import synthetic_dataset
 from builder.sources.torch_module import TorchModelSpec, load_torch_spec
 from common.model_repository import TensorSpec
@@ -40,6 +40,8 @@ def build_module() -> object:
 
 
 class ResNet50Source:
+    capabilities = SourceCapabilities()
+
     def load(self, reference: str, workdir: Path) -> LoadedModel:
         inputs = [TensorSpec("pixel_values", "float32", [3, 224, 224])]
         spec = TorchModelSpec(
