@@ -30,8 +30,8 @@ def _entry(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     m = data.get("machine") if isinstance(data, dict) else None
-    if not isinstance(m, dict):
-        return None  # not a results file
+    if not isinstance(m, dict) or data.get("kind") == "llm":
+        return None  # not a results file of bench.run (bench.llm's are listed apart)
     status = [t["status"] for t in evaluate(data)]  # judged again: targets change per class
     counts = ", ".join(f"{status.count(s)} {s}" for s in dict.fromkeys(status))
     return {
@@ -89,6 +89,15 @@ def render_index(folder: Path) -> str:
         )
     if not entries:
         lines.append("| — | no results yet | | | | | |")
+    llm = sorted(folder.glob("llm-*.md"))
+    if llm:
+        lines += [
+            "",
+            "LLM (`python -m bench.llm`, run by `make bench`): our fp32 / int8 / int4 "
+            "SmolLM2-135M (onnxruntime-genai, direct and through the gateway) against llama.cpp "
+            "on GGUF Q8_0 / Q4_K_M: tokens/s, TTFT, ITL and perplexity side by side, per CPU "
+            "class: " + ", ".join(f"[{p.stem.removeprefix('llm-')}]({p.name})" for p in llm) + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 
