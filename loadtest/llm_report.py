@@ -188,8 +188,10 @@ def recommendations(
         if variants.get(p) is not None and variants[p].ppl_ratio is not None
         and variants[p].ppl_ratio <= ppl_budget  # type: ignore[operator]
     ]  # fmt: skip
-    if not variants:
-        lines.append("best within the quality budget: unknown (no manifest to read quality from)")
+    if not any(v.ppl_ratio is not None for v in variants.values()):
+        lines.append(
+            "best within the quality budget: unknown (no manifest, or it records no LLM quality)"
+        )
     elif not within:
         lines.append(
             f"best within the quality budget (ppl ratio <= {ppl_budget:g}): none of "
