@@ -47,8 +47,9 @@ test-lab: install bench-tools
 
 bench: install bench-tools bench-llm-tools
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.llm --repository $(REPO)
 
-bench-quick: install bench-tools bench-llm-tools
+bench-quick: install bench-tools
 	$(BIN)/python -m bench.run --quick
 
 # The soak (docs/loadtest.md, "Soak"): SOAK_MINUTES of paced mixed traffic against one gateway;

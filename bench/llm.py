@@ -110,16 +110,22 @@ class LlamaCpp:
         self.fast = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, **kw)
         self.path, self.n_ctx, self.kw, self.llama_cpp = path, n_ctx, kw, llama_cpp
 
+    def _next(self) -> int:
+        """Greedy: the most likely next token from the last evaluated position's logits."""
+        llm = self.fast
+        logits = self.llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),))))
+
     def time_once(self, prompt: list[int], output_tokens: int) -> tuple[float, float, int]:
         llm = self.fast
         llm.reset()
         start = time.perf_counter()
         llm.eval(prompt)
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = self._next()
         first = time.perf_counter()
         for _ in range(output_tokens - 1):
             llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = self._next()
         return _ms(first, start, time.perf_counter(), output_tokens)
 
     def log_probs(self, windows: list[list[int]]) -> list[np.ndarray]:

@@ -95,8 +95,12 @@ def render_index(folder: Path) -> str:
             "",
             "LLM (`python -m bench.llm`, run by `make bench`): our fp32 / int8 / int4 "
             "SmolLM2-135M (onnxruntime-genai, direct and through the gateway) against llama.cpp "
-            "on GGUF Q8_0 / Q4_K_M: tokens/s, TTFT, ITL and perplexity side by side, per CPU "
-            "class: " + ", ".join(f"[{p.stem.removeprefix('llm-')}]({p.name})" for p in llm) + ".",
+            "on GGUF Q8_0 / Q4_K_M: tokens/s, TTFT, ITL and perplexity side by side. llama.cpp "
+            "comes from `make bench-llm-tools` (llama-cpp-python built from source for this CPU, "
+            "15-20 minutes on 2 cores, into `.cache/bench-tools/llama-cpp-<class>`; `make bench` "
+            "needs it, `make test` and `make test-lab` do not). Per CPU class: "
+            + ", ".join(f"[{p.stem.removeprefix('llm-')}]({p.name})" for p in llm)
+            + ".",
         ]
     return "\n".join(lines) + "\n"
 

@@ -81,7 +81,7 @@ def test_precision_loadtest_streams_every_variant_and_ranks_them(
     metrics = gateway.metrics_url
     rc = main(
         ["--repository", str(tiny_llm_repository), "--model", MODEL, "--target",
-         gateway.http_url, "--metrics-url", metrics, "--users", "1,2", "--duration", "3s",
+         gateway.http_url, "--metrics-url", metrics, "--users", "1", "--duration", "2s",
          "--warmup", "0", "--max-tokens", "16", "--out", str(out)]
     )  # fmt: skip
     printed = capsys.readouterr().out
@@ -89,9 +89,7 @@ def test_precision_loadtest_streams_every_variant_and_ranks_them(
     doc = json.loads((out / "results.json").read_text())
     assert doc["kind"] == "llm"  # from the manifest's task: no --kind given
     steps = doc["steps"]
-    assert [(s["precision"], s["users"]) for s in steps] == [
-        ("fp32", 1), ("fp32", 2), ("int4", 1), ("int4", 2)
-    ]  # fmt: skip
+    assert [(s["precision"], s["users"]) for s in steps] == [("fp32", 1), ("int4", 1)]
     for s in steps:
         assert s["requests"] > 0 and s["failures"] == 0, s
         assert s["tokens_per_s"] > 0 and s["ttft_ms"]["p50"] > 0 and s["itl_ms"]["p50"] > 0
