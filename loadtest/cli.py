@@ -381,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api", choices=["completions", "chat"], default="completions",
                    help="an LLM: the OpenAI API to stream from")  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=64, help="an LLM: tokens per request (64)")
-    p.add_argument("--prompt", help="an LLM: the prompt (default: a fixed English paragraph)")
+    p.add_argument(
+        "--prompt", help="an LLM: the prompt (default: English prose ending mid-sentence)"
+    )
     p.add_argument("--ppl-budget", type=float, default=1.05,
                    help="an LLM: quality budget, perplexity / fp32's (1.05)")  # fmt: skip
     p.add_argument(

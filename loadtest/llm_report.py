@@ -174,13 +174,13 @@ def recommendations(
         + (f" — {top} ties with {', '.join(tied)} (within {TIE_WITHIN:.0%})" if tied else "")
         + (" — client-bound steps included, see above" if bound else "")
     )
+    ttft = [p for p in by_ttft if light[p].ttft_ms["p50"] is not None]  # type: ignore[union-attr]
     lines.append(
         "by time to first token (p50 at the lightest load): "
-        + " < ".join(
-            f"**{p}** {light[p].ttft_ms['p50']:.0f} ms"  # type: ignore[union-attr]
-            for p in by_ttft
-            if light[p].ttft_ms["p50"] is not None  # type: ignore[union-attr]
-        )
+        + " < ".join(f"**{p}** {light[p].ttft_ms['p50']:.0f} ms" for p in ttft)  # type: ignore[union-attr]
+        if ttft
+        else "time to first token: no request produced text (each ended before its first "
+        "token, e.g. at the end of sequence: try another --prompt or --api chat)"
     )
     within = [
         p

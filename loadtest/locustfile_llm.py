@@ -17,7 +17,7 @@ Options (command line, or the environment variable in brackets):
   --precision-via [LOCUST_PRECISION_VIA]  "parameter": model "<model>:<precision>" (default);
                                    "variant": model "<model>_<precision>"
   --api [LOCUST_API]               completions (default) or chat
-  --prompt [LOCUST_PROMPT]         the prompt (default: a fixed English paragraph)
+  --prompt [LOCUST_PROMPT]         the prompt (default: English prose ending mid-sentence)
   --max-tokens [LOCUST_MAX_TOKENS] tokens to generate per request (default 64)
   --temperature [LOCUST_TEMPERATURE]  0 = greedy (default)
   --request-timeout [LOCUST_REQUEST_TIMEOUT]  seconds the socket may stay silent (default 60)
@@ -43,11 +43,12 @@ from locust.env import Environment
 from loadtest.llm_stream import StreamResult, completion_request, stream_completion
 
 POLICY = "policy"
+# Open prose to continue: a completion prompt that ends mid-sentence, so greedy decoding goes on
+# writing (an instruction as a plain completion prompt lets an instruct model end at once).
 DEFAULT_PROMPT = (
     "The history of the printing press begins in the fifteenth century, when movable type "
     "made books cheaper to produce than ever before. Within a few decades, printers in many "
-    "cities were publishing grammars, calendars, sermons and maps. Write a short account of "
-    "how this changed the way people learned to read."
+    "cities were publishing"
 )
 
 _results: list[StreamResult] = []

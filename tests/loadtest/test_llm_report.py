@@ -99,6 +99,9 @@ def test_recommendations_carry_the_quality_cost_and_the_budget() -> None:
     none = recommendations([step("int4", 1, 70.0, 600.0)], VARIANTS, ppl_budget=1.1)[-1]
     assert "none of int4" in none
     assert "unknown" in recommendations(_results(), {}, ppl_budget=1.05)[-1]
+    silent = step("fp32", 1, 0.7, 0.0)
+    silent.ttft_ms = {"p50": None, "p90": None, "p99": None, "mean": None}  # no text at all
+    assert "no request produced text" in recommendations([silent], VARIANTS, 1.05)[2]
 
 
 def test_client_bound_by_locust_cpu() -> None:
