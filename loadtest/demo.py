@@ -114,7 +114,7 @@ def run_llm_demo(
     return outcome
 
 
-DEMO_MODELS = ("digits", "minilm", "resnet50")
+DEMO_MODELS = ("digits", "minilm", "resnet50", "smollm2")  # smollm2: the LLM table (docs/llm.md)
 
 
 def build_demo_models(repository: Path, models: Sequence[str], log: Callable[[str], None]) -> None:

@@ -124,3 +124,33 @@ def tiny_llama_genai(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path)
     from tests.llm import genai_export
 
     return genai_export(tiny_llama, tmp_path_factory.mktemp("tiny_llama_genai") / "fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama (tests/llm.py) built by ``precision-build`` as the LLM ``tinyllm`` into
+    fp32, int8 and int4 (python-backend decoupled Triton models + manifest; genai builds
+    cached): built once per run by the first pytest-xdist worker that asks, into the run's
+    shared temporary folder; the others wait for it (read-only, as tests use it)."""
+    from filelock import FileLock
+
+    from builder.pipeline import BuildOptions, build_model
+    from tests.llm import tiny_llama_hf
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    repo = shared / "tiny_llm_repository"
+    done = shared / "tiny_llm_repository.built"
+    with FileLock(f"{repo}.lock"):
+        if not done.exists():
+            hf = tiny_llama_hf(shared / "tiny_llm_hf" / "tinyllm")
+            with quiet_build_host():
+                build_model(
+                    f"hf:{hf}",
+                    BuildOptions(
+                        repository=repo, precisions=["fp32", "int8", "int4"], progress=False
+                    ),
+                )
+            done.touch()
+    return repo

@@ -175,6 +175,7 @@ PAGE_PARSERS: dict[str, tuple[Callable[[], argparse.ArgumentParser], ...]] = {
     "scale-out.md": GATEWAY,
     "triton.md": (_launcher,),
     "builder.md": (_builder,),
+    "llm.md": (_builder,),
     "models.md": (_builder,),
     "engines.md": (_builder,),
     "gpu.md": (_builder,),

@@ -11,7 +11,11 @@ from pathlib import Path
 import pytest
 
 from common.model_repository import (
+    LLM_TASK,
     SCHEMA_VERSION,
+    LlmModelRecord,
+    LlmSpeed,
+    LlmVariantRecord,
     Manifest,
     ManifestError,
     SchemaVersionError,
@@ -87,6 +91,63 @@ def test_unknown_and_mistyped_fields_are_named(tmp_path: Path) -> None:
     data = _manifest().to_dict()
     data["max_batch_size"] = "many"
     with pytest.raises(ManifestError, match=r"max_batch_size"):
+        load_manifest(_write(tmp_path, data))
+
+
+def _llm_manifest() -> Manifest:
+    m = Manifest(
+        model="tinyllm",
+        source="hf:tinyllm",
+        task=LLM_TASK,
+        inputs=[TensorSpec("text_input", "object", [1])],
+        outputs=[TensorSpec("text_output", "object", [1])],
+        max_batch_size=0,
+        llm=LlmModelRecord(
+            architecture="LlamaForCausalLM", context_length=256, eval_text="own text"
+        ),
+    )
+    m.variants["int4"] = VariantRecord(
+        precision="int4",
+        triton_name="tinyllm_int4",
+        file="tinyllm_int4/1/genai",
+        engine="onnxruntime-genai",
+        llm=LlmVariantRecord(
+            ppl=12.5,
+            ppl_ratio=1.2,
+            kl_mean=0.3,
+            top1_agreement=0.8,
+            speed=[LlmSpeed(threads=1, ttft_ms=600.0, itl_ms=12.5, decode_tok_s=80.0)],
+        ),
+    )
+    return m
+
+
+def test_llm_records_round_trip_and_old_manifests_still_load(tmp_path: Path) -> None:
+    m = _llm_manifest()
+    m.save(tmp_path)
+    back = load_manifest(manifest_path(tmp_path, "tinyllm"))
+    assert back == m and back.is_llm
+    assert back.variants["int4"].llm is not None
+    speed = back.variants["int4"].llm.speed_at(1)
+    assert speed is not None and speed.decode_tok_s == 80.0
+    assert back.variants["int4"].llm.speed_at(2) is None
+    # a manifest written before the llm records existed: no "llm" keys at all
+    old = _manifest().to_dict()
+    del old["llm"]
+    for v in old["variants"].values():
+        del v["llm"]
+    loaded = load_manifest(_write(tmp_path, old))
+    assert loaded.llm is None and loaded.variants["int8"].llm is None and not loaded.is_llm
+
+
+def test_mistyped_llm_fields_are_named(tmp_path: Path) -> None:
+    data = _llm_manifest().to_dict()
+    data["variants"]["int4"]["llm"]["kl_mean"] = "small"
+    with pytest.raises(ManifestError, match=r"variants\.int4\.llm\.kl_mean"):
+        load_manifest(_write(tmp_path, data))
+    data = _llm_manifest().to_dict()
+    data["llm"]["window"] = 5  # not a field
+    with pytest.raises(ManifestError, match=r"llm\.window"):
         load_manifest(_write(tmp_path, data))
 
 

@@ -27,15 +27,25 @@ def _run(onnx_path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
 # ---- registry ------------------------------------------------------------------------------
 
 
+def _has_what_it_declares(source: object) -> None:
+    caps = source.capabilities  # type: ignore[attr-defined]
+    assert caps.onnx or caps.decoder_llm
+    if caps.onnx:
+        assert callable(source.load)  # type: ignore[attr-defined]
+    if caps.decoder_llm:
+        assert callable(source.load_llm)  # type: ignore[attr-defined]
+        assert callable(source.is_decoder_llm)  # type: ignore[attr-defined]
+
+
 def test_registry_resolves_every_source_class() -> None:
     for name in DEMO_SOURCES:
         source, reference = resolve(name)
         assert reference == name
-        assert callable(source.load)
+        _has_what_it_declares(source)
     for prefix in PREFIX_SOURCES:
         source, reference = resolve(f"{prefix}:some/thing")
         assert reference == "some/thing"
-        assert callable(source.load)
+        _has_what_it_declares(source)
 
 
 def test_unknown_source_names_the_choices() -> None:
@@ -49,6 +59,7 @@ def test_source_modules_do_not_import_heavy_packages() -> None:
         "import builder.sources.onnx_file, builder.sources.torch_module\n"
         "import builder.sources.hf_folder, builder.sources.demos.digits\n"
         "import builder.sources.demos.minilm, builder.sources.demos.resnet50\n"
+        "import builder.sources.demos.smollm2, builder.sources.causal_lm, builder.llm.pipeline\n"
         "print(sorted(m for m in ('torch', 'transformers', 'sklearn') if m in sys.modules))\n"
     )
     root = Path(__file__).resolve().parents[1]
