@@ -173,7 +173,7 @@ def test_upstream_settings_come_from_the_url_query() -> None:
 @pytest.mark.parametrize(
     ("spec", "needle"),
     [
-        ("embedded?merge=1", "unknown setting 'merge' (known: threads)"),
+        ("embedded?merge=1", "unknown setting 'merge' (known: threads, sequences, queue, max_"),
         ("embedded?threads", "threads needs a value"),
         ("embedded?threads=1&threads=2", "threads given twice"),
         ("embedded?threads=two", "threads='two': invalid literal"),

@@ -53,6 +53,11 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
+def read_varint_at(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it; InvalidInput when malformed."""
+    return _read_varint(buf, pos)
+
+
 def _read_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
     value, shift = 0, 0
     while True:

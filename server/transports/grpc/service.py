@@ -12,7 +12,7 @@ import functools
 import logging
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
 
 import grpc
@@ -44,9 +44,10 @@ from server.dataplane.shared_memory import (
 )
 from server.dataplane.tensors import WireTensor, datatype_of, encode_raw
 from server.errors import GatewayError, InvalidInput, ModelNotFound, Unsupported, client_message
-from server.transports.grpc.contents import check_sizes, varint, wire_tensors
+from server.transports.grpc import decoupled
+from server.transports.grpc.contents import check_sizes, read_varint_at, varint, wire_tensors
 from server.transports.grpc.fast_lane import FastLane
-from server.transports.grpc.streaming import stream_handler
+from server.transports.grpc.streaming import error_response, stream_handler
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +264,29 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return response.raw + _precision_parameter(response.precision, response.fallback_from)
         return infer_response_bytes(response, in_shm=out_shm)
 
+    def decoupled_stream(self, data: bytes, context: Any) -> AsyncIterator[bytes] | None:
+        """The responses of a ModelStreamInfer request to a decoupled model (an LLM,
+        server/transports/grpc/decoupled.py); None for any other request."""
+        name = _model_name(data)
+        if name is None or not decoupled.is_decoupled(self.gateway, name):
+            return None
+        return self._decoupled(data, context)
+
+    async def _decoupled(self, data: bytes, context: Any) -> AsyncIterator[bytes]:
+        try:
+            self.gateway.admit(grpc_access("ModelStreamInfer"), lambda: _metadata(context))
+            request = pb.ModelInferRequest.FromString(data)
+        except (GatewayError, DecodeError) as e:
+            if isinstance(e, GatewayError):
+                self.gateway.count_rejected("unknown", "grpc", e)
+            message = client_message(e) if isinstance(e, GatewayError) else str(e)
+            yield error_response(data, message)
+            return
+        async for response in decoupled.responses(
+            self.gateway, request, lambda: _metadata(context)
+        ):
+            yield response
+
     def _parse(
         self, data: bytes, context: grpc.aio.ServicerContext
     ) -> tuple[dict[str, str], pb.ModelInferRequest]:
@@ -366,6 +390,18 @@ def _shm_outputs(request: pb.ModelInferRequest, shm: SystemSharedMemory) -> dict
     if not any(o.parameters for o in request.outputs):
         return {}
     return shm.output_refs((o.name, _params(o.parameters)) for o in request.outputs)
+
+
+def _model_name(data: bytes) -> str | None:
+    """A serialised ModelInferRequest's ``model_name`` (field 1, serialised first), read without
+    parsing the message; None when it is not there or not text."""
+    if not data or data[0] != 0x0A:
+        return None
+    try:
+        size, pos = read_varint_at(data, 1)
+        return bytes(data[pos : pos + size]).decode()
+    except (InvalidInput, UnicodeDecodeError):
+        return None
 
 
 def _batch_rows(request: pb.ModelInferRequest) -> int:
@@ -484,7 +520,9 @@ def add_service(server: grpc.aio.Server, servicer: InferenceServicer) -> None:
         _releasing(servicer.ModelInfer), request_deserializer=None, response_serializer=None
     )
     handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
-        stream_handler(servicer.ModelInfer), request_deserializer=None, response_serializer=None
+        stream_handler(servicer.ModelInfer, servicer.decoupled_stream),
+        request_deserializer=None,
+        response_serializer=None,
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)

@@ -14,6 +14,10 @@ are:
 
 With a Triton upstream each request is forwarded on its own (unary ModelInfer to the picked
 replica), so fallback and replica retry work per request as they do for unary calls.
+
+A request to a decoupled model (an LLM, server/transports/grpc/decoupled.py) has many responses:
+they are written as they come, after those of the requests before it (in arrival order, as
+above; its generation runs meanwhile).
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ _INFER_RESPONSE_TAG = b"\x12"  # ModelStreamInferResponse.infer_response: field 
 
 # (serialised ModelInferRequest, per-request context) -> serialised ModelInferResponse
 UnaryInfer = Callable[[bytes, Any], Awaitable[bytes]]
+# (serialised ModelInferRequest, per-request context) -> its serialised
+# ModelStreamInferResponses when it is for a decoupled model, else None
+Decoupled = Callable[[bytes, Any], AsyncIterator[bytes] | None]
+_END = object()
 
 
 class _Failed(Exception):
@@ -92,35 +100,72 @@ async def _answer(infer: UnaryInfer, request: bytes, ctx: _RequestContext) -> by
         return error_response(request, e.details)
 
 
+async def _pump(responses: AsyncIterator[bytes], out: asyncio.Queue[Any]) -> None:
+    """Run a decoupled request's responses into ``out`` (ended by ``_END``)."""
+    try:
+        async for response in responses:
+            await out.put(response)
+    finally:
+        out.put_nowait(_END)
+
+
+class _Pending:
+    """A request of the stream: its task and how its responses are read."""
+
+    def __init__(self, task: asyncio.Future[Any], queue: asyncio.Queue[Any] | None) -> None:
+        self.task = task
+        self.queue = queue
+
+    async def responses(self) -> AsyncIterator[bytes]:
+        if self.queue is None:
+            yield await self.task
+            return
+        while (item := await self.queue.get()) is not _END:
+            yield item
+        await self.task  # an error of the pump ends the RPC with it
+
+
 def stream_handler(
-    infer: UnaryInfer,
+    infer: UnaryInfer, decoupled: Decoupled | None = None
 ) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], AsyncIterator[bytes]]:
-    """The ModelStreamInfer handler (bytes in, bytes out) over a unary ModelInfer handler."""
+    """The ModelStreamInfer handler (bytes in, bytes out) over a unary ModelInfer handler (and
+    the decoupled models' handler)."""
+
+    def start(request: bytes, ctx: _RequestContext) -> _Pending:
+        many = decoupled(request, ctx) if decoupled is not None else None
+        if many is None:
+            return _Pending(asyncio.ensure_future(_answer(infer, request, ctx)), None)
+        queue: asyncio.Queue[Any] = asyncio.Queue(MAX_IN_FLIGHT)
+        return _Pending(asyncio.ensure_future(_pump(many, queue)), queue)
 
     async def model_stream_infer(
         requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         ctx = _RequestContext(context)
-        pending: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(MAX_IN_FLIGHT)
+        pending: asyncio.Queue[_Pending | None] = asyncio.Queue(MAX_IN_FLIGHT)
 
         async def read() -> None:
             try:
                 async for request in requests:
-                    await pending.put(asyncio.ensure_future(_answer(infer, request, ctx)))
+                    await pending.put(start(request, ctx))
             finally:
                 await pending.put(None)
 
         reader = asyncio.ensure_future(read())
+        current: _Pending | None = None
         try:
-            while (task := await pending.get()) is not None:
-                yield await task
+            while (current := await pending.get()) is not None:
+                async for response in current.responses():
+                    yield response
             await reader  # a read error (the client broke the stream) ends the RPC with it
         finally:
             reader.cancel()
+            if current is not None:
+                current.task.cancel()
             while not pending.empty():
                 leftover = pending.get_nowait()
                 if leftover is not None:
-                    leftover.cancel()
+                    leftover.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
 

@@ -112,6 +112,7 @@ class LlmRunner:
         self._queued = metrics.LLM_QUEUED.labels(*labels)
         self._rejections = metrics.QUEUE_REJECTIONS.labels(*labels)
         self._closed = False
+        self._running: set[ThreadGeneration] = set()
 
     @classmethod
     def load(
@@ -165,21 +166,27 @@ class LlmRunner:
         loop = asyncio.get_running_loop()
         generation = ThreadGeneration(loop, self.model, tokens, params)
         self._active.inc()
+        self._running.add(generation)
         try:
             future = loop.run_in_executor(self._executor, generation.run)
         except BaseException:
-            self._release()
+            self._release(generation)
             raise
-        future.add_done_callback(lambda _: self._release())
+        future.add_done_callback(lambda _: self._release(generation))
         return generation
 
-    def _release(self) -> None:
+    def _release(self, generation: ThreadGeneration) -> None:
+        self._running.discard(generation)
         self._active.dec()
         self._slots.release()
 
-    async def close(self) -> None:
-        """Stop admitting; running sequences finish (the caller cancels them if it must)."""
+    async def close(self, cancel: bool = True) -> None:
+        """Stop admitting and wait for the running sequences' threads: stopped at their next
+        token (``cancel``: shutdown, after the gateway's grace let the streams it waited for
+        finish) or run to their end (an unload through model control)."""
         self._closed = True
+        for generation in list(self._running) if cancel else ():
+            generation.cancel()
         await asyncio.get_running_loop().run_in_executor(
             None, lambda: self._executor.shutdown(wait=True)
         )

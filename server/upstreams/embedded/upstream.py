@@ -174,7 +174,7 @@ class EmbeddedUpstream(UpstreamBase):
         if batcher is not None:
             await batcher.close()
         if runner is not None:
-            await runner.close()
+            await runner.close(cancel=False)
 
     def _fail(self, variant: Variant, reason: str) -> None:
         self.problems[variant.name] = reason

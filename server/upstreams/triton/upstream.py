@@ -62,6 +62,7 @@ from server.upstreams.base import (
     forget_ready,
     report_ready,
 )
+from server.upstreams.generation import GenerationRequest
 from server.upstreams.triton.detach import detached
 from server.upstreams.triton.merging import ForwardMerger
 
@@ -171,7 +172,9 @@ class TritonUpstream(UpstreamBase):
     name = "triton"
     # each call's client_timeout is what is left of its deadline; gRPC ModelInfer passes
     # through as bytes; load/unload go to every replica
-    capabilities = Capabilities(honours_deadline=True, forward=True, model_control=True)
+    capabilities = Capabilities(
+        honours_deadline=True, forward=True, model_control=True, generate=True
+    )
 
     def __init__(self, address: str, repository: Repository, settings: UpstreamSettings) -> None:
         self._repository = repository
@@ -499,6 +502,33 @@ class TritonUpstream(UpstreamBase):
         if code == "INVALID_ARGUMENT":
             raise InvalidInput(f"{variant.name}: {message}")
         raise InternalError(f"{variant.name} on Triton {replica.address}: {code}: {message}")
+
+    # ---- LLM generation (server/upstreams/triton/generation.py) -------------------------------
+    async def generate(self, variant: Variant, request: GenerationRequest) -> Any:
+        """A ModelStreamInfer stream on a ready replica; a replica that is down or does not
+        have the variant is marked and one other is tried, as for inference."""
+        from server.upstreams.triton.generation import open_generation
+
+        failed: Replica | None = None
+        for _ in range(2):
+            replica = self._pick(variant, exclude=failed)
+            if replica is None or replica.channel is None:
+                break
+            try:
+                return await open_generation(
+                    replica.channel, variant, request, self._settings.cancel_upstream
+                )
+            except grpc.aio.AioRpcError as e:
+                code, message = e.code().name, e.details() or ""
+                try:
+                    self._mark_failed(replica, variant, code, message)
+                except _ReplicaFailed:
+                    failed = replica
+                    continue
+                raise InternalError(
+                    f"{variant.name} on Triton {replica.address}: {code}: {message}"
+                ) from None
+        raise UpstreamUnavailable(self._unready_reason(variant))
 
     # ---- model control (server/dataplane/model_control.py)
     # ----------------------------------------------
