@@ -168,8 +168,8 @@ def server_view(window: Samples, model: str, precision: str) -> ServerView:
 # ---- decoder LLMs (LLM_CONTRACT names; server/metrics.py) ------------------------------------
 LLM_TTFT = "precision_serve_llm_time_to_first_token_seconds"
 LLM_ITL = "precision_serve_llm_inter_token_latency_seconds"
-LLM_TOKENS = "precision_serve_llm_generated_tokens_total"
-LLM_REQUESTS = "precision_serve_llm_requests_total"
+LLM_TOKENS = "precision_serve_llm_output_tokens_sum"
+LLM_REQUESTS = "precision_serve_llm_requests_finished_total"
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The LLM load test against a real gateway serving the tiny random Llama (fp32 and int4):
+"""The LLM load test against a real gateway serving the tiny random Llama (fp32, int8, int4):
 streamed completions and chat timed by the client agree with the gateway's own metrics, and
 ``precision-loadtest`` (kind read from the manifest) runs Locust steps per precision and writes
 the ranked report."""
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from common.model_repository import load_manifest, manifest_path
 from loadtest import promtext
 from loadtest.cli import main
 from loadtest.llm_stream import completion_request, stream_completion
@@ -89,7 +90,8 @@ def test_precision_loadtest_streams_every_variant_and_ranks_them(
     doc = json.loads((out / "results.json").read_text())
     assert doc["kind"] == "llm"  # from the manifest's task: no --kind given
     steps = doc["steps"]
-    assert [(s["precision"], s["users"]) for s in steps] == [("fp32", 1), ("int4", 1)]
+    built = list(load_manifest(manifest_path(tiny_llm_repository, MODEL)).variants)
+    assert [(s["precision"], s["users"]) for s in steps] == [(p, 1) for p in built]
     for s in steps:
         assert s["requests"] > 0 and s["failures"] == 0, s
         assert s["tokens_per_s"] > 0 and s["ttft_ms"]["p50"] > 0 and s["itl_ms"]["p50"] > 0
@@ -97,7 +99,8 @@ def test_precision_loadtest_streams_every_variant_and_ranks_them(
         assert s["server"]["requests"] == s["requests"], s
         assert s["server"]["generated_tokens"] == s["output_tokens"], s
         assert 0 < s["client_cpu_cores"] < 2
-    assert sorted(doc["ranking"]["tokens_per_s"]) == ["fp32", "int4"]
+    assert sorted(doc["ranking"]["tokens_per_s"]) == sorted(built)
+    assert doc["variants"]["int4"]["ppl_ratio"] is not None  # the builder's quality record
     report = (out / "report.md").read_text()
     assert "bounds these figures" in report and "by output tokens/s:" in report
     assert "by time to first token" in printed

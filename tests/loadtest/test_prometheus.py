@@ -8,8 +8,8 @@ pointed at live servers, scraping every second:
   requests (errors);
 - the Triton panels (``nv_inference_*``): a real Triton (tests/triton's launcher) serving the
   tiny repository, under direct load;
-- the LLM panels (``precision_serve_llm_*``): a gateway serving the tiny random Llama at fp32 and
-  int4, under the project's streaming Locust user (loadtest/locustfile_llm.py) at fp32 plus a
+- the LLM panels (``precision_serve_llm_*``): a gateway serving the tiny random Llama (the suite's
+  LLM), under the project's streaming Locust user (loadtest/locustfile_llm.py) at fp32 plus a
   thread streaming int4.
 Grafana's ``$__rate_interval`` becomes 10s and ``$model`` its "All" value.
 """
@@ -248,7 +248,9 @@ def test_dashboard_llm_queries_return_data(
             missing, up = _data_under_load(prom, exprs, int4, close)
             served = {
                 r["metric"]["precision"]
-                for r in prom.query("sum by (precision) (precision_serve_llm_requests_total)")
+                for r in prom.query(
+                    "sum by (precision) (precision_serve_llm_requests_finished_total)"
+                )
             }
     assert up == {"precision-serve": "up"}
     assert not errors, errors[:3]
