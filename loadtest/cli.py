@@ -271,6 +271,7 @@ def run_llm_loadtest(config: LoadTestConfig, log: Callable[[str], None] = print)
     from loadtest.llm_report import LlmRunInfo, llm_variant_info, write_llm_report
     from loadtest.llm_runner import LlmSettings, LlmStepResult, run_llm_step
 
+    check_precisions(config)
     variants, quality_source = llm_variant_info(config.repository, config.model)
     info = RunInfo(
         model=config.model,

@@ -157,3 +157,19 @@ def test_write_llm_report_writes_tables_json_and_plots(tmp_path: Path) -> None:
         assert paths[name].stat().st_size > 1000 and f"({name}.png)" in report
     assert paths["csv"].read_text().count("\n") == 7
     assert llm_report.server_share(_results()[0]) == 0.95
+
+
+def test_cli_reads_the_kind_from_the_manifest_and_refuses_unbuilt_precisions(
+    tiny_llm_repository: Path, tmp_path: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    from loadtest.cli import build_parser, config_from_args, main
+
+    argv = ["--repository", str(tiny_llm_repository), "--model", "tinyllm", "--out", str(tmp_path)]
+    config = config_from_args(build_parser().parse_args(argv), argv)
+    assert (config.kind, config.precisions) == ("llm", ["fp32", "int8", "int4"])
+    assert config.request_timeout_s == 60.0  # an LLM's stream may stay silent that long
+    assert main([*argv, "--precisions", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("precision-loadtest: error: model 'tinyllm' has no fp16 variant")
+    assert main([*argv, "--schedule", "0:1"]) == 2
+    assert "--schedule is for tensor models" in capsys.readouterr().err
