@@ -370,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     info = machine.describe()
     json_path, md_path = default_paths(info["cpu_class"])
-    json_path, md_path = args.json or json_path, args.markdown or md_path
+    if args.json:
+        json_path, md_path = args.json, args.json.with_suffix(".md")
+    md_path = args.markdown or md_path
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
