@@ -85,7 +85,9 @@ def llm_locust_command(
         "--spawn-rate", str(step.users),
         "--run-time", f"{run_s + RUN_TIME_SLACK_S}s",  # a safety net only: --stop-after ends it
         "--stop-after", str(run_s),
-        "--stop-timeout", str(STOP_TIMEOUT_S),
+        # in-flight streams may finish (a slow variant's 64 tokens can take longer than the
+        # tensor steps' STOP_TIMEOUT_S); none is cut off after the gateway counted it
+        "--stop-timeout", str(max(STOP_TIMEOUT_S, round(s.request_timeout_s))),
         "--host", s.target,
         "--only-summary",
         "--loglevel", "WARNING",
@@ -153,7 +155,7 @@ def run_llm_step(step: Step, s: StepSettings, llm: LlmSettings) -> LlmStepResult
     """Warm up (not counted), scrape, measure, scrape; the result of the measured run."""
     work = Path(s.work_dir) / step.slug
     work.mkdir(parents=True, exist_ok=True)
-    slack = 60 + STOP_TIMEOUT_S + s.request_timeout_s
+    slack = 60 + STOP_TIMEOUT_S + 2 * s.request_timeout_s
     if s.warmup_s > 0:
         cmd = llm_locust_command(step, s, llm, s.warmup_s, work / "warmup", work / "warmup.npz")
         run_locust(cmd, work / "warmup.log", s.warmup_s + slack)
