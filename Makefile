@@ -103,6 +103,8 @@ bench-llm-tools: $(LLAMA_CPP_DIR)/.installed
 $(LLAMA_CPP_DIR)/.installed: | install
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) nice -n 19 $(BIN)/python -m pip install -q --no-deps \
 	  --no-binary=llama-cpp-python --target $(LLAMA_CPP_DIR) "$(LLAMA_CPP)"
+	# its one runtime dependency the venv lacks (numpy, jinja2, typing-extensions are there)
+	$(BIN)/python -m pip install -q --no-deps --target $(LLAMA_CPP_DIR) "diskcache==5.6.3"
 	@echo "$(LLAMA_CPP) $(CPU_CLASS)" > $@
 
 bench-system-deps:
