@@ -338,6 +338,16 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(f"- llama.cpp: not measured ({peer['error']})")
     elif peer:
         lines.append(f"- llama.cpp {peer.get('version')}: GGUFs {peer.get('made_from')}.")
+        k, shipped = ggufs.get("Q4_K_M", {}).get("mb"), ggufs.get("Q4_1 (shipped)", {}).get("mb")
+        if k and shipped and k >= shipped:
+            lines.append(
+                f"- Q4_K_M is {k:.0f} MB, not smaller than the Q4_1 it was made from ({shipped:.0f}"
+                " MB): K-quants work in blocks of 256 values along a row, and most of this "
+                "model's rows (hidden size 576) are not a multiple of 256, so "
+                "`llama_model_quantize` falls back to Q5_0 / Q8_0 / Q6_K for them (it warns: "
+                "'tensor(s) required fallback quantization'). On this model Q4_K_M is a 5-6 "
+                "bit file; our int4 (MatMulNBits, block 32) stays 4-bit."
+            )
     lines += ["", f"Command: `{doc['command']}` ({doc['elapsed_seconds']:.0f} s)", ""]
     return "\n".join(lines)
 
@@ -358,7 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
+    p.add_argument("--render", type=Path, metavar="JSON", help="write the markdown of a saved run")
     args = p.parse_args(argv)
+    if args.render:
+        md = args.markdown or args.render.with_suffix(".md")
+        md.write_text(render(json.loads(args.render.read_text())))
+        return 0
     s = LlmBenchSettings(
         args.repository,
         args.model,
