@@ -200,13 +200,14 @@ def stream_completion(
     result = StreamResult(start=time.time())
     started = time.perf_counter()
     try:
-        conn.request(
-            "POST",
-            path,
-            body=payload,
-            headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
-        )
-        resp = conn.getresponse()
+        try:
+            resp = _send(conn, path, payload)
+        except STALE:
+            # a kept-alive connection the server closed while idle fails on first use: once,
+            # on a fresh connection (as urllib3 does), timed from the second send
+            conn.close()
+            result.start, started = time.time(), time.perf_counter()
+            resp = _send(conn, path, payload)
         if resp.status != 200:
             text = resp.read().decode("utf-8", "replace")
             try:
@@ -223,3 +224,17 @@ def stream_completion(
         conn.close()  # the next request opens a fresh connection
     result.latency_s = time.perf_counter() - started
     return result
+
+
+# How a kept-alive connection that the server closed shows on its next request.
+STALE = (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected)
+
+
+def _send(conn: http.client.HTTPConnection, path: str, payload: bytes) -> http.client.HTTPResponse:
+    conn.request(
+        "POST",
+        path,
+        body=payload,
+        headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+    )
+    return conn.getresponse()

@@ -5,7 +5,10 @@ is in test_llm_loadtest.py."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import socketserver
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from loadtest.llm_stream import (
     completion_request,
     read_stream,
     sse_data,
+    stream_completion,
 )
 
 RECORDED = Path(__file__).resolve().parents[1] / "data" / "loadtest" / "completions_stream.sse"
@@ -107,3 +111,42 @@ def test_completion_request_names_the_variant_as_the_contract_says() -> None:
     assert completion_request("smollm2", None, "Hi", 8)[1]["model"] == "smollm2"
     with pytest.raises(ValueError, match="api must be"):
         completion_request("m", "fp32", "Hi", 8, api="embeddings")
+
+
+class _OneRequestPerConnection(socketserver.BaseRequestHandler):
+    """Answers one request with the recorded stream, keep-alive in its headers, then closes
+    the connection: what a server's idle timeout does to a kept-alive connection."""
+
+    def handle(self) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += self.request.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        sizes = [h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")]
+        length = int(sizes[0].split(b":")[1])
+        while len(body) < length:
+            body += self.request.recv(65536)
+        stream = RECORDED.read_bytes()
+        self.request.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nx-precision: int4\r\n"
+            + f"content-length: {len(stream)}\r\n\r\n".encode()
+            + stream
+        )
+
+
+def test_a_kept_alive_connection_closed_by_the_server_is_reopened_once() -> None:
+    server = socketserver.TCPServer(("127.0.0.1", 0), _OneRequestPerConnection)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+        request = completion_request("tinyllm", "int4", "Hi", 5)
+        first = stream_completion(conn, request, expect_precision="int4")
+        time.sleep(0.2)  # the server has closed its side by now
+        second = stream_completion(conn, request, expect_precision="int4")
+        assert first.ok and second.ok, (first.error, second.error)
+        assert second.completion_tokens == 5 and second.served == "int4"
+        conn.close()
+    finally:
+        server.shutdown()
+        server.server_close()
