@@ -168,6 +168,7 @@ class TritonPythonModel:
                     count += chunk.tokens
                     reason = chunk.finish_reason or reason
                 if reason == "cancelled":
+                    self._cancelled(count)
                     sender.send(flags=final)
                 else:
                     sender.send(self._response("".join(text), reason, len(tokens), count), final)
@@ -180,19 +181,27 @@ class TritonPythonModel:
         """One response per chunk; the last chunk's response carries the final flag."""
         final = self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         pending: Chunk | None = None
+        sent = 0
         for chunk in chunks:
             if pending is not None:
                 sender.send(self._response(prefix + pending.text, "", n_in, pending.tokens))
                 prefix = ""
+                sent += pending.tokens
             pending = chunk
         assert pending is not None  # stream_text always ends with a chunk holding the reason
         if pending.finish_reason == "cancelled":
+            self._cancelled(sent)
             sender.send(flags=final)
             return
         response = self._response(
             prefix + pending.text, pending.finish_reason or "", n_in, pending.tokens
         )
         sender.send(response, flags=final)
+
+    def _cancelled(self, tokens: int) -> None:
+        self._pb.Logger.log_info(
+            f"model {self._name!r}: request cancelled by the client after {tokens} tokens"
+        )
 
     # -- Triton's entry points ---------------------------------------------------------------
     def execute(self, requests: list[Any]) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import queue
+import re
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -103,6 +105,34 @@ def test_triton_streams_the_int4_variant_and_answers_generate(
         server.http_url, "tinyllm_fp32", {"text_input": PROMPT, "max_tokens": 1000}
     )
     assert status == 400 and "maximum context length" in body["error"], body
+    status, body = _generate(
+        server.http_url, "tinyllm_fp32", {"text_input": PROMPT, "max_tokens": 2, "temperature": 0}
+    )
+    assert status == 200 and body["num_output_tokens"] == 2
+
+
+def test_a_cancelled_stream_stops_generating_and_the_model_keeps_serving(
+    tiny_llm_repository: Path, start_triton: StartTriton
+) -> None:
+    server = start_triton(tiny_llm_repository)
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    sampling = {"max_tokens": 200, "temperature": 0}
+    client.async_stream_infer("tinyllm_fp32", _inputs(PROMPT, True, sampling))
+    for _ in range(3):
+        assert responses.get(timeout=60)[1] is None
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    assert server.log_file is not None
+    pattern = re.compile(r"'tinyllm_fp32': request cancelled by the client after (\d+) tokens")
+    deadline = time.monotonic() + 30
+    found = None
+    while found is None and time.monotonic() < deadline:
+        found = pattern.search(server.log_file.read_text(errors="replace"))
+        time.sleep(0.2)
+    assert found is not None, "the model did not see the cancellation"
+    assert 3 <= int(found.group(1)) < 200
     status, body = _generate(
         server.http_url, "tinyllm_fp32", {"text_input": PROMPT, "max_tokens": 2, "temperature": 0}
     )
