@@ -63,17 +63,3 @@ def ort_outputs(repo: Path, precision: str, x: np.ndarray) -> np.ndarray:
 
 def rows(n: int = 3, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, 16)).astype(np.float32)
-
-
-@pytest.fixture(scope="session")
-def llm_repository(
-    tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, tiny_llama_genai: Path
-) -> Path:
-    """The tiny random Llama as an LLM model repository ``tinyllm`` with fp32 and int4
-    variants (tests/server/llm_repo.py; the int4 export takes ~10 s)."""
-    from tests.llm import genai_export
-    from tests.server.llm_repo import write_llm_repository
-
-    int4 = genai_export(tiny_llama, tmp_path_factory.mktemp("tiny_llama_int4") / "int4", "int4")
-    repo = tmp_path_factory.mktemp("llm_repository") / "repo"
-    return write_llm_repository(repo, "tinyllm", {"fp32": tiny_llama_genai, "int4": int4})

@@ -1,5 +1,5 @@
 """An LLM model repository for the gateway tests, laid out as the builder writes one
-(/work LLM contract: ``<model>_<precision>/config.pbtxt`` python backend, decoupled;
+(the layout of docs/llm.md: ``<model>_<precision>/config.pbtxt`` python backend, decoupled;
 ``1/genai/`` the onnxruntime-genai folder; the manifest's engine ``onnxruntime-genai``), from
 the tiny random Llama's genai exports (tests/llm.py). Written with common/model_repository's
 helpers; no Triton python model file (the embedded upstream does not need one)."""

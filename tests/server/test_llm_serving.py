@@ -2,8 +2,9 @@
 official SDK, Triton's generate extension over HTTP, ModelStreamInfer of a decoupled model with
 tritonclient's streaming client, routing by precision, errors, limits and client disconnects.
 
-One gateway process per module on the tiny random Llama (fp32 + int4; its text is gibberish:
-the tests check mechanics, and that greedy decoding gives the same text whichever API asks)."""
+One gateway process per module on the tiny random Llama as ``precision-build`` builds it
+(``tiny_llm_repository``: fp32, int8, int4; its text is gibberish: the tests check mechanics,
+and that greedy decoding gives the same text whichever API asks)."""
 
 from __future__ import annotations
 
@@ -26,19 +27,19 @@ from server.runtime.runner import GatewayProcess
 
 pytestmark = pytest.mark.integration
 
-PRECISIONS = ["fp32", "int4"]
+PRECISIONS = ["fp32", "int8", "int4"]
 MESSAGES = [{"role": "user", "content": "Say something."}]
 SEQUENCES, QUEUE, MAX_TOKENS = 1, 1, 200
 TOKENS = "max_tokens"
 
 
 @pytest.fixture(scope="module")
-def llm_gateway(llm_repository: Path, tmp_path_factory: pytest.TempPathFactory):
+def llm_gateway(tiny_llm_repository: Path, tmp_path_factory: pytest.TempPathFactory):
     routing = tmp_path_factory.mktemp("llm_routing") / "routing.yaml"
     routing.write_text("models:\n  tinyllm:\n    policy: fixed\n    precision: int4\n")
     upstream = f"embedded?threads=1&sequences={SEQUENCES}&queue={QUEUE}&max_tokens={MAX_TOKENS}"
     args = ["--upstream", upstream, "--routing", str(routing)]
-    with GatewayProcess(llm_repository, args) as gw:
+    with GatewayProcess(tiny_llm_repository, args) as gw:
         yield gw
 
 
@@ -110,7 +111,8 @@ def test_openai_sdk_chat_stream_and_not(client: openai.OpenAI, precision: str) -
 
 
 def test_models_lists_logical_and_precision_names(client: openai.OpenAI) -> None:
-    assert [m.id for m in client.models.list()] == ["tinyllm", "tinyllm:fp32", "tinyllm:int4"]
+    names = ["tinyllm", "tinyllm:fp32", "tinyllm:int8", "tinyllm:int4"]
+    assert [m.id for m in client.models.list()] == names
     assert client.models.retrieve("tinyllm:int4").id == "tinyllm:int4"
 
 
@@ -201,24 +203,45 @@ def test_queue_full_is_503_and_the_others_finish(llm_gateway) -> None:
     assert after - before == len(refused)
 
 
-def test_client_disconnect_stops_generation(llm_gateway) -> None:
+def _leave(gw, path: str, body: dict, wait_for_data: bool) -> None:
+    """POST ``body`` on a raw connection and close it: after the first event (a stream), or
+    once the generation holds its sequence slot (an answer that comes at the end)."""
+    data = json.dumps(body).encode()
+    host, port = gw.http_url.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+            + f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
+        seen = b""
+        while wait_for_data and b"data: " not in seen:
+            seen += sock.recv(4096)
+        deadline = time.monotonic() + 20
+        active = "precision_serve_llm_active_sequences"
+        while not wait_for_data and metric(gw, active, precision="fp32") < 1:
+            assert time.monotonic() < deadline, "the generation did not start"
+            time.sleep(0.005)
+
+
+@pytest.mark.parametrize(
+    ("path", "stream"),
+    [
+        ("/v1/completions", True),
+        ("/v1/completions", False),
+        ("/v2/models/tinyllm_fp32/generate", False),
+    ],
+)
+def test_client_disconnect_stops_generation(llm_gateway, path: str, stream: bool) -> None:
     labels = {"model": "tinyllm", "precision": "fp32"}
     cancelled = "precision_serve_llm_requests_finished_total"
     before = metric(llm_gateway, cancelled, **labels, finish_reason="cancelled")
     tokens_before = metric(llm_gateway, "precision_serve_llm_output_tokens_sum", **labels)
-    body = json.dumps(
-        {"model": "tinyllm:fp32", "prompt": "Go", "max_tokens": MAX_TOKENS, "stream": True}
-    ).encode()
-    host, port = llm_gateway.http_url.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(
-            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        seen = b""
-        while b"data: " not in seen:
-            seen += sock.recv(4096)
+    if path.startswith("/v1/"):
+        body = {"model": "tinyllm:fp32", "prompt": "Go", "max_tokens": MAX_TOKENS, "stream": stream}
+    else:
+        body = {"text_input": "Go", "max_tokens": MAX_TOKENS}
+    _leave(llm_gateway, path, body, wait_for_data=stream)
     deadline = time.monotonic() + 20
     while metric(llm_gateway, cancelled, **labels, finish_reason="cancelled") == before:
         assert time.monotonic() < deadline, "the generation was not cancelled"
@@ -301,10 +324,8 @@ def test_tritonclient_grpc_stream_of_a_decoupled_model(llm_gateway, client) -> N
             parameters={"precision": "fp32"},
             enable_empty_final_response=True,
         )
-        streamed = responses("s1")
-        assert len(streamed) >= 3  # pieces, then the empty final response
-        assert streamed[-1].as_numpy("text_output") is None  # the final one is empty
-        pieces = streamed[:-1]
+        pieces = responses("s1")  # the last flagged final, with the last text and the reason
+        assert len(pieces) >= 2
         for r in pieces:
             assert r.get_response().model_name == "tinyllm_fp32"
             assert r.get_response().parameters["precision"].string_param == "fp32"
@@ -317,13 +338,13 @@ def test_tritonclient_grpc_stream_of_a_decoupled_model(llm_gateway, client) -> N
         assert finishes[-1] == same.choices[0].finish_reason and not any(finishes[:-1])
         assert sum(int(r.as_numpy("num_output_tokens")[0]) for r in pieces) == 6
 
-        # not streamed: one response with everything, then the final flag
+        # not streamed: one response with everything, flagged final
         inputs = _inputs("Once", False, max_tokens=6, temperature=0)
         triton.async_stream_infer(
             "tinyllm_fp32", inputs, request_id="s2", enable_empty_final_response=True
         )
         whole = responses("s2")
-        assert len(whole) == 2
+        assert len(whole) == 1
         assert whole[0].as_numpy("text_output")[0].decode() == text
 
         # an error is an in-stream error; the stream goes on
@@ -344,13 +365,13 @@ def test_tritonclient_grpc_stream_of_a_decoupled_model(llm_gateway, client) -> N
 
 
 # ---- a Triton upstream: here the module's gateway stands in for the Triton replica ------------
-def test_triton_upstream_forwards_generation(llm_gateway, llm_repository, client) -> None:
+def test_triton_upstream_forwards_generation(llm_gateway, tiny_llm_repository, client) -> None:
     """A second gateway with ``--upstream triton://<first gateway>``: generation goes over
     ModelStreamInfer of the decoupled model (server/upstreams/triton/generation.py) and gives
     the text, usage and errors the embedded upstream gives. The replica is a gateway, not
     tritonserver (the builder's python-backend model on Triton is not covered here)."""
     spec = f"triton://{llm_gateway.grpc_url}?cancel=propagate"
-    with GatewayProcess(llm_repository, ["--upstream", spec]) as front:
+    with GatewayProcess(tiny_llm_repository, ["--upstream", spec]) as front:
         via = openai.OpenAI(base_url=f"http://{front.http_url}/v1", api_key="x", max_retries=0)
         for model in ("tinyllm:int4", "tinyllm_fp32"):
             direct = client.completions.create(

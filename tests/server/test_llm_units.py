@@ -64,22 +64,18 @@ def test_one_model_cannot_mix_llm_and_tensor_variants(tmp_path: Path) -> None:
         load_repository(repo)
 
 
-def test_generate_body_parameters_win_and_other_keys_are_parameters() -> None:
+def test_generate_body_sampling_tensor_wins_and_other_keys_are_parameters() -> None:
     text, sampling, params, exclude = parse_generate(
         {
             "text_input": "Hi",
-            "sampling_parameters": json.dumps({"max_tokens": 9, "temperature": 0.5}),
-            "parameters": {"temperature": 0, "precision": "int4"},
+            "sampling_parameters": json.dumps({"max_tokens": 9, "temperature": 0}),
+            "parameters": {"temperature": 0.5, "top_p": 0.5, "precision": "int4"},
             "stop": ["\n"],
             "exclude_input_in_output": False,
         }
     )
-    assert (text, sampling.max_tokens, sampling.temperature, sampling.stop) == (
-        "Hi",
-        9,
-        0,
-        ("\n",),
-    )
+    assert (text, sampling.max_tokens, sampling.temperature, sampling.top_p) == ("Hi", 9, 0, 0.5)
+    assert sampling.stop == ("\n",)
     assert params["precision"] == "int4" and exclude is False
 
 

@@ -10,13 +10,14 @@ the sampling fields (``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``sto
 - ``stream`` true: one response per piece of text (``text_output`` the new text,
   ``finish_reason`` "" until the last, ``num_input_tokens``, ``num_output_tokens`` of that
   response); ``stream`` false or absent: one response with the whole text;
-- every response has the parameter ``triton_final_response`` (false on these) and
-  ``precision``; ``model_name`` is the variant that served;
-- the end is an empty response (no outputs, the request's ``id``) with
-  ``triton_final_response`` true, sent only when the request set
+- every response has the parameters ``precision`` and ``triton_final_response``: true on the
+  last one (the one with the finish reason), as Triton flags the responses of the builder's
+  python-backend model (common/llm/triton_model.py sends the final flag with the last text);
+  ``model_name`` is the variant that served;
+- a generation that ends without text to send (the client's stream was cancelled) ends with an
+  empty response flagged final, sent only when the request set
   ``triton_enable_empty_final_response`` (tritonclient's
-  ``async_stream_infer(..., enable_empty_final_response=True)``), as Triton does when the model
-  sends its final flag on its own (the python-backend LLM models do);
+  ``async_stream_infer(..., enable_empty_final_response=True)``), as Triton does;
 - an error (before or during the generation) is Triton's in-stream error: ``error_message`` and
   the request's ``id``; the stream goes on.
 """
@@ -34,7 +35,12 @@ from tritonclient.grpc import service_pb2 as pb
 from common.llm import LlmRequestError, SamplingParams
 from server.catalog import LLM
 from server.dataplane.gateway import PRECISION_PARAMETER, Gateway
-from server.dataplane.generation import GenerateRequest, TextStream, start_generation
+from server.dataplane.generation import (
+    FINISH_CANCELLED,
+    GenerateRequest,
+    TextStream,
+    start_generation,
+)
 from server.dataplane.tensors import decode
 from server.errors import GatewayError, InvalidGeneration, client_message, from_llm_error
 from server.transports.grpc.contents import wire_tensors
@@ -70,11 +76,10 @@ def generation_of(
         if not isinstance(text, str):
             raise InvalidGeneration("input 'text_input' (BYTES [1]) is required", "text_input")
         params = {k: _param(v) for k, v in request.parameters.items()}
-        sampling: dict[str, Any] = {}
+        sampling: dict[str, Any] = dict(params)
         raw = _scalar(arrays, "sampling_parameters", "")
-        if raw:
+        if raw:  # the tensor wins where both name a field (as common/llm/triton_model.py)
             sampling.update(json.loads(raw) if isinstance(raw, str) else {})
-        sampling.update(params)
         if isinstance(sampling.get("stop"), str) and sampling["stop"].startswith("["):
             sampling["stop"] = json.loads(sampling["stop"])  # a list as a string parameter
         values = SamplingParams.from_mapping(sampling)
@@ -95,7 +100,7 @@ def _response(
     r.parameters[FINAL].bool_param = final
     if output is not None:
         content, tokens = output
-        finish = (text.finish_reason or "") if not final else ""
+        finish = (text.finish_reason or "") if final else ""
         for name, datatype, raw in (
             ("text_output", "BYTES", _bytes(content)),
             ("finish_reason", "BYTES", _bytes(finish)),
@@ -146,15 +151,19 @@ async def responses(
         parts = [prefix]
         async with contextlib.aclosing(text.chunks()) as chunks:
             async for chunk in chunks:
+                last = chunk.finish_reason is not None
                 if not stream:
                     parts.append(chunk.text)
-                elif chunk.text or prefix or chunk.finish_reason:
-                    yield _response(request, text, False, (prefix + chunk.text, chunk.tokens))
+                elif (chunk.text or prefix or last) and chunk.finish_reason != FINISH_CANCELLED:
+                    output = (prefix + chunk.text, chunk.tokens)
+                    yield _response(request, text, last, output)
                     prefix = ""
-        if not stream:
-            yield _response(request, text, False, ("".join(parts), text.completion_tokens))
-        if empty_final:
-            yield _response(request, text, True, None)
+        if text.finish_reason == FINISH_CANCELLED:
+            if empty_final:
+                yield _response(request, text, True, None)
+        elif not stream:
+            output = ("".join(parts), text.completion_tokens)
+            yield _response(request, text, True, output)
     except GatewayError as e:
         yield _error(request, client_message(e, "ModelStreamInfer"))
     finally:

@@ -539,8 +539,9 @@ def make_app(
     r.add_post(shm + "/unregister", shm_unregister)
     r.add_post(shm + "/region/{region}/unregister", shm_unregister)
     r.add_route("*", "/v2/cudasharedmemory/{tail:.*}", cuda_shm)
-    generate.add_routes(app, gateway)  # Triton's generate extension (LLM variants)
-    openai.add_routes(app, gateway)  # the OpenAI-compatible API (LLM variants)
+    timeout = app[LIMITS_KEY].body_timeout_s
+    generate.add_routes(app, gateway, timeout)  # Triton's generate extension (LLM variants)
+    openai.add_routes(app, gateway, timeout)  # the OpenAI-compatible API (LLM variants)
     return app
 
 

@@ -5,7 +5,8 @@ per piece of text), over the one generation path (server/dataplane/generation.py
 The body is Triton's: a JSON object whose keys name the model's inputs (``text_input``, and the
 optional ``stream``, ``sampling_parameters`` as a JSON string, ``exclude_input_in_output``),
 ``id``, ``parameters`` (request parameters: the sampling fields ``max_tokens``, ``temperature``,
-``top_p``, ``seed``, ``stop``, and ``precision`` for routing); any other key is a request
+``top_p``, ``seed``, ``stop``, and ``precision`` for routing; where ``sampling_parameters``
+names a field too, it wins, as in the builder's Triton model); any other key is a request
 parameter too, as Triton's generate extension passes it on. The answer holds ``model_name``
 (the variant that served), ``model_version`` and the outputs by name (``text_output``,
 ``finish_reason``, ``num_input_tokens``, ``num_output_tokens``); the ``x-precision`` header
@@ -26,23 +27,28 @@ from common.llm import LlmRequestError, SamplingParams
 from server.dataplane.gateway import PRECISION_HEADER, Gateway
 from server.dataplane.generation import GenerateRequest, TextStream, start_generation
 from server.errors import (
+    ClientDisconnected,
     GatewayError,
     InvalidGeneration,
     InvalidInput,
     client_message,
     from_llm_error,
 )
+from server.transports.http.limits import read_body
+from server.transports.http.openai import client_gone, left
 from server.upstreams.generation import GenerationRequest
 
 log = logging.getLogger(__name__)
 
 INPUTS = ("text_input", "stream", "sampling_parameters", "exclude_input_in_output")
 _GATEWAY = web.AppKey("generate_gateway", Gateway)
+_BODY_TIMEOUT = web.AppKey("generate_body_timeout", float)
 
 
 def parse_generate(doc: dict[str, Any]) -> tuple[str, SamplingParams, dict[str, Any], bool]:
     """(text_input, sampling parameters, request parameters, exclude_input_in_output) of a
-    generate body; sampling fields from ``sampling_parameters`` then ``parameters`` (which win)."""
+    generate body; sampling fields from ``parameters`` and ``sampling_parameters`` (which
+    wins)."""
     text = doc.get("text_input")
     if isinstance(text, list) and len(text) == 1:
         text = text[0]
@@ -52,12 +58,11 @@ def parse_generate(doc: dict[str, Any]) -> tuple[str, SamplingParams, dict[str, 
     if not isinstance(params, dict):
         raise InvalidInput("'parameters' must be an object")
     params = {**{k: v for k, v in doc.items() if k not in (*INPUTS, "id", "parameters")}, **params}
-    sampling: dict[str, Any] = {}
+    sampling: dict[str, Any] = dict(params)
     raw = doc.get("sampling_parameters")
     try:
         if raw is not None:
             sampling.update(_json_object(raw))
-        sampling.update(params)
         values = SamplingParams.from_mapping(sampling)
     except LlmRequestError as e:
         raise from_llm_error(e) from e
@@ -81,8 +86,10 @@ def _json_object(raw: Any) -> dict[str, Any]:
 
 async def _start(request: web.Request) -> tuple[dict[str, Any], TextStream, str]:
     gw = request.app[_GATEWAY]
+    timeout = request.app[_BODY_TIMEOUT]  # the size limit and --http-body-timeout
+    body = await read_body(request, gw.repository, gw.max_request_bytes, timeout)
     try:
-        doc = json.loads(await request.read())
+        doc = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise InvalidInput(f"request is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
@@ -121,6 +128,8 @@ async def generate(request: web.Request) -> web.Response:
     try:
         async with contextlib.aclosing(stream.chunks()) as chunks:
             async for chunk in chunks:
+                if client_gone(request):  # nobody to answer: stop generating
+                    raise left(ClientDisconnected("client disconnected during a generation"))
                 parts.append(chunk.text)
     finally:
         await stream.close()
@@ -158,8 +167,9 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def add_routes(app: web.Application, gateway: Gateway) -> None:
+def add_routes(app: web.Application, gateway: Gateway, body_timeout_s: float) -> None:
     app[_GATEWAY] = gateway
+    app[_BODY_TIMEOUT] = body_timeout_s
     for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         app.router.add_post(prefix + "/generate", generate)
         app.router.add_post(prefix + "/generate_stream", generate_stream)

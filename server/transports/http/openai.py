@@ -30,6 +30,7 @@ from server.catalog import LLM
 from server.dataplane.gateway import PRECISION_HEADER, PRECISION_PARAMETER, Gateway
 from server.dataplane.generation import GenerateRequest, TextStream, start_generation
 from server.errors import (
+    ClientDisconnected,
     GatewayError,
     InvalidGeneration,
     InvalidInput,
@@ -37,6 +38,7 @@ from server.errors import (
     client_message,
     from_llm_error,
 )
+from server.transports.http.limits import read_body
 from server.upstreams.generation import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,7 @@ def error_response(
 
 _GATEWAY = web.AppKey("openai_gateway", Gateway)
 _STARTED = web.AppKey("openai_started", int)
+_BODY_TIMEOUT = web.AppKey("openai_body_timeout", float)
 
 
 def _gw(request: web.Request) -> Gateway:
@@ -134,7 +137,8 @@ def _no_model(name: str) -> str:
 
 # ---- request parsing ----------------------------------------------------------------------------
 async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+    gw = _gw(request)  # the size limit and --http-body-timeout, as for inference
+    raw = await read_body(request, gw.repository, gw.max_request_bytes, request.app[_BODY_TIMEOUT])
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -245,6 +249,8 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
     parts = []
     async with contextlib.aclosing(text.chunks()) as chunks:
         async for chunk in chunks:
+            if client_gone(request):  # nobody to answer: stop generating (closing cancels)
+                raise left(ClientDisconnected("client disconnected during a completion"))
             parts.append(chunk.text)
     return web.json_response(
         shape.whole("".join(parts)), headers={PRECISION_HEADER: text.precision}
@@ -307,6 +313,18 @@ class _Shape:
         return {**self._head(obj), "choices": [], "usage": self.usage()}
 
 
+def client_gone(request: web.Request) -> bool:
+    """The client closed its connection (a non-streamed answer has nowhere to go)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def left(error: ClientDisconnected) -> ClientDisconnected:
+    """``error``, marked counted: the generation path counted the request (CANCELLED)."""
+    error.counted = True
+    return error
+
+
 def _event(doc: dict[str, Any] | str) -> bytes:
     data = doc if isinstance(doc, str) else json.dumps(doc, separators=(",", ":"))
     return b"data: " + data.encode() + b"\n\n"
@@ -354,8 +372,9 @@ async def _stream(
     return response
 
 
-def add_routes(app: web.Application, gateway: Gateway) -> None:
+def add_routes(app: web.Application, gateway: Gateway, body_timeout_s: float) -> None:
     app[_GATEWAY] = gateway
+    app[_BODY_TIMEOUT] = body_timeout_s
     app[_STARTED] = int(time.time())
     r = app.router
     r.add_get("/v1/models", list_models)

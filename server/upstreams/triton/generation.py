@@ -42,7 +42,9 @@ from server.upstreams.generation import GenerationRequest
 MODEL_STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 FINAL = "triton_final_response"
 EMPTY_FINAL = "triton_enable_empty_final_response"
-_FIELD = re.compile(r"^'(\w+)'")
+# common.llm's words name the field first: "'max_tokens' must be ..."; the builder's Triton
+# model puts "model 'NAME': " before them
+_FIELD = re.compile(r"(?:^|: )'(\w+)' ")
 
 
 def stream_request(variant: Variant, request: GenerationRequest) -> bytes:
@@ -73,7 +75,7 @@ def model_error(variant: Variant, message: str) -> GatewayError:
     """A model's in-stream error as the gateway's (module docstring)."""
     if "maximum context length" in message:
         return InvalidGeneration(message, "max_tokens", CONTEXT_LENGTH_EXCEEDED)
-    field = _FIELD.match(message)
+    field = _FIELD.search(message)
     if field:
         return InvalidGeneration(message, field.group(1))
     return InternalError(f"{variant.name}: {message}")
