@@ -1,6 +1,6 @@
 """The LLM benchmark (``make bench`` runs it after :mod:`bench.run`):
 
-    python -m bench.llm [--repository model_repository] [--model smollm2] [--threads 2]
+    python -m bench.llm [--repository model_repository] [--model smollm2] [--threads 1]
         [--rounds 3] [--prompt-tokens 128] [--output-tokens 64] [--json PATH] [--markdown PATH]
 
 Our fp32 / int8 / int4 variants (onnxruntime-genai) of SmolLM2-135M against the peer a user
@@ -56,7 +56,7 @@ class PeerUnavailable(Exception):
 class LlmBenchSettings:
     repository: Path = Path("model_repository")
     model: str = "smollm2"
-    threads: int = 2
+    threads: int = 1
     rounds: int = 3
     prompt_tokens: int = 128
     output_tokens: int = 64
@@ -301,7 +301,7 @@ def render(doc: dict[str, Any]) -> str:
         "this run, not runs).",
         "",
         f"Speed: one greedy sequence, {st['prompt_tokens']}-token prompt, "
-        f"{st['output_tokens']} new tokens, {st['threads']} threads everywhere, medians of "
+        f"{st['output_tokens']} new tokens, {st['threads']} thread(s) everywhere, medians of "
         f"{st['rounds']} round-robin rounds after a warm-up. Quality: "
         f"{doc['results']['eval']['windows']} windows of {doc['results']['eval']['window']} "
         f"tokens of {doc['results']['eval']['text']}, the same token ids for every contender; "
@@ -362,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.llm", description=__doc__.split("\n")[0])
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--threads", type=int, default=2)
+    # 1 by default: llama.cpp's OpenMP workers spin at barriers, and with a second thread on a
+    # shared 2-core host its inter-token latency swung 5-40x between runs (13 ms at 1 thread)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, default=64)
