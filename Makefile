@@ -7,7 +7,7 @@ EXTRAS := build,llm,envoy,openvino,loadtest,triton,bench,dev
 REPO ?= model_repository
 
 .PHONY: install demo test test-lab lint format bench bench-quick bench-tools bench-binaries \
-	bench-system-deps clean system-deps soak
+	bench-system-deps bench-llm-tools clean system-deps soak
 
 install: $(STAMP)
 
@@ -45,8 +45,9 @@ test: install lint
 test-lab: install bench-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS) bench/tests lab/tests
 
-bench: install bench-tools
+bench: install bench-tools bench-llm-tools
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.llm --repository $(REPO)
 
 bench-quick: install bench-tools
 	$(BIN)/python -m bench.run --quick
@@ -87,6 +88,24 @@ $(BENCH_TOOLS)/bin/perf_analyzer:
 $(BENCH_TOOLS)/cuda/.installed:
 	$(BIN)/python -m pip install -q --no-deps --target $(BENCH_TOOLS)/cuda "nvidia-cuda-runtime-cu12>=12,<13"
 	@touch $@
+
+# The LLM peer (docs/benchmarks/README.md, "LLM"): llama.cpp through llama-cpp-python, a source
+# package whose build compiles llama.cpp for this CPU (15-20 minutes on 2 cores), into a --target
+# folder per CPU class so a machine of another class rebuilds instead of running foreign
+# instructions. `make bench` needs it; `make test` and `make test-lab` never build it.
+LLAMA_CPP := llama-cpp-python==0.3.36
+CPU_CLASS := $(shell if grep -qE 'amx_tile|amx_bf16' /proc/cpuinfo; then echo intel-amx; \
+	elif grep -q avx512 /proc/cpuinfo; then echo avx512; else echo avx2; fi)
+LLAMA_CPP_DIR := $(BENCH_TOOLS)/llama-cpp-$(CPU_CLASS)
+
+bench-llm-tools: $(LLAMA_CPP_DIR)/.installed
+
+$(LLAMA_CPP_DIR)/.installed: | install
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) nice -n 19 $(BIN)/python -m pip install -q --no-deps \
+	  --no-binary=llama-cpp-python --target $(LLAMA_CPP_DIR) "$(LLAMA_CPP)"
+	# its one runtime dependency the venv lacks (numpy, jinja2, typing-extensions are there)
+	$(BIN)/python -m pip install -q --no-deps --target $(LLAMA_CPP_DIR) "diskcache==5.6.3"
+	@echo "$(LLAMA_CPP) $(CPU_CLASS)" > $@
 
 bench-system-deps:
 	@if ! ldconfig -p | grep -q 'libb64.so.0d'; then \

@@ -30,8 +30,8 @@ def _entry(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     m = data.get("machine") if isinstance(data, dict) else None
-    if not isinstance(m, dict):
-        return None  # not a results file
+    if not isinstance(m, dict) or data.get("kind") == "llm":
+        return None  # not a results file of bench.run (bench.llm's are listed apart)
     status = [t["status"] for t in evaluate(data)]  # judged again: targets change per class
     counts = ", ".join(f"{status.count(s)} {s}" for s in dict.fromkeys(status))
     return {
@@ -89,6 +89,19 @@ def render_index(folder: Path) -> str:
         )
     if not entries:
         lines.append("| — | no results yet | | | | | |")
+    llm = sorted(folder.glob("llm-*.md"))
+    if llm:
+        lines += [
+            "",
+            "LLM (`python -m bench.llm`, run by `make bench`): our fp32 / int8 / int4 "
+            "SmolLM2-135M (onnxruntime-genai, direct and through the gateway) against llama.cpp "
+            "on GGUF Q8_0 / Q4_K_M: tokens/s, TTFT, ITL and perplexity side by side. llama.cpp "
+            "comes from `make bench-llm-tools` (llama-cpp-python built from source for this CPU, "
+            "15-20 minutes on 2 cores, into `.cache/bench-tools/llama-cpp-<class>`; `make bench` "
+            "needs it, `make test` and `make test-lab` do not). Per CPU class: "
+            + ", ".join(f"[{p.stem.removeprefix('llm-')}]({p.name})" for p in llm)
+            + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 

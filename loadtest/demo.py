@@ -6,7 +6,9 @@
 or ``python -m loadtest.demo`` (what ``make demo`` runs): build the demo models, then load-test
 them; ``--no-build`` load-tests what is already built.
 One gateway (embedded upstream) serves the whole repository; each model gets users 1 and 4 at
-batch 1, 5 s per step after a 1 s warm-up, and its own report folder under ``out``.
+batch 1, 5 s per step after a 1 s warm-up, and its own report folder under ``out``. An LLM
+(its manifest's task says so) gets a short streaming load test instead (:func:`run_llm_demo`:
+one user, 10 s per precision after a 2 s warm-up, 32 tokens per request).
 """
 
 from __future__ import annotations
@@ -16,13 +18,18 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from loadtest.cli import LoadTestConfig, LoadTestOutcome, run_loadtest
+from loadtest.cli import LoadTestConfig, LoadTestOutcome, declared_kind, run_loadtest
 from loadtest.errors import LoadTestError
 
 DEMO_USERS = [1, 4]
 DEMO_DURATION_S = 5
 DEMO_WARMUP_S = 1
+LLM_DEMO_USERS = [1]
+LLM_DEMO_DURATION_S = 10
+LLM_DEMO_WARMUP_S = 2
+LLM_DEMO_MAX_TOKENS = 32
 
 
 def _precisions(repository: Path, model: str) -> list[str]:
@@ -50,6 +57,9 @@ def run_demo(
     log(f"loadtest: starting a gateway on {repository} ...")
     with GatewayProcess(repository) as gw:
         for model in models:
+            if declared_kind(repository, model) == "llm":
+                outcomes[model] = run_llm_demo(gw, repository, model, out, log)
+                continue
             config = LoadTestConfig(
                 model=model,
                 out=out / model,
@@ -72,6 +82,36 @@ def run_demo(
             log(f"report: {outcome.paths['report']}")
             log(f"plots:  {', '.join(str(p) for p in plots)}")
     return outcomes
+
+
+def run_llm_demo(
+    gw: Any, repository: Path, model: str, out: Path, log: Callable[[str], None] = print
+) -> LoadTestOutcome:
+    """A short streaming load test of every built precision of an LLM through ``gw``'s OpenAI
+    API (one user, :data:`LLM_DEMO_DURATION_S` s per precision); prints the ranked table."""
+    precisions = _precisions(repository, model)
+    config = LoadTestConfig(
+        model=model,
+        out=out / model,
+        repository=repository,
+        precisions=precisions,
+        users=list(LLM_DEMO_USERS),
+        duration_s=LLM_DEMO_DURATION_S,
+        warmup_s=LLM_DEMO_WARMUP_S,
+        target=gw.http_url,
+        metrics_url=gw.metrics_url,
+        request_timeout_s=60.0,
+        kind="llm",
+        max_tokens=LLM_DEMO_MAX_TOKENS,
+        command=f"loadtest.demo.run_llm_demo(gw, {str(repository)!r}, {model!r}, {str(out)!r})",
+    )
+    outcome = run_loadtest(config, log=log)
+    log("")
+    log(f"{model}: streaming load test through the gateway's OpenAI API ({', '.join(precisions)})")
+    log(outcome.comparison_table)
+    log("\n".join(f"- {line}" for line in outcome.recommendations))
+    log(f"report: {outcome.paths['report']}")
+    return outcome
 
 
 DEMO_MODELS = ("digits", "minilm", "resnet50", "smollm2")  # smollm2: the LLM table (docs/llm.md)
@@ -99,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--models", default=",".join(DEMO_MODELS), help="demo models to build")
     p.add_argument(
-        "--loadtest-models", default="digits,minilm", help="models to load-test (short steps)"
+        "--loadtest-models",
+        default="digits,minilm,smollm2",
+        help="models to load-test (short steps; an LLM streams)",
     )
     p.add_argument("--out", type=Path, default=Path("reports/demo"))
     p.add_argument("--duration", type=int, default=DEMO_DURATION_S, help="seconds per step")

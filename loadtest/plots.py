@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from loadtest.runner import StepResult
 from loadtest.timeline import Timeline
@@ -148,3 +149,55 @@ def write_timeline_plot(
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small", loc="upper left")
     return _save(fig, path)
+
+
+def write_llm_plots(out: Path, results: Sequence[Any]) -> list[Path]:
+    """An LLM run (loadtest.llm_runner.LlmStepResult): output tokens/s, TTFT and ITL against
+    users per precision, and TTFT p99 against tokens/s (the latency a rate costs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_p: dict[str, list[Any]] = {}
+    for r in results:
+        by_p.setdefault(r.precision, []).append(r)
+    series = {p: sorted(v, key=lambda r: r.users) for p, v in by_p.items()}
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for p, steps in series.items():
+        ax.plot([r.users for r in steps], [r.tokens_per_s for r in steps], "o-", label=p)
+    ax.set(xlabel="concurrent users", ylabel="output tokens / s", title="Tokens/s vs concurrency")
+    _users_axis(ax, results)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    paths.append(_save(fig, out / "tokens_vs_users.png"))
+
+    for key, title, name in (
+        ("ttft_ms", "Time to first token", "ttft_vs_users.png"),
+        ("itl_ms", "Inter-token latency", "itl_vs_users.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for p, steps in series.items():
+            xs = [r.users for r in steps]
+            line = ax.plot(xs, [getattr(r, key)["p50"] for r in steps], "o-", label=f"{p} p50")[0]
+            ax.plot(xs, [getattr(r, key)["p99"] for r in steps], "x--", color=line.get_color(),
+                    label=f"{p} p99")  # fmt: skip
+        ax.set(xlabel="concurrent users", ylabel="ms", title=f"{title} per precision")
+        _users_axis(ax, results)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+        paths.append(_save(fig, out / name))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for p, steps in series.items():
+        xs = [r.tokens_per_s for r in steps]
+        ax.plot(xs, [r.ttft_ms["p99"] for r in steps], "o-", label=p)
+        for r in steps:
+            ax.annotate(f"u{r.users}", (r.tokens_per_s, r.ttft_ms["p99"] or 0), fontsize=7)
+    ax.set(xlabel="output tokens / s", ylabel="TTFT p99 (ms)", title="TTFT p99 vs tokens/s")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    paths.append(_save(fig, out / "ttft_vs_tokens.png"))
+    return paths

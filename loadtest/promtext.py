@@ -163,3 +163,50 @@ def server_view(window: Samples, model: str, precision: str) -> ServerView:
         upstream_mean_ms=_ms(mean(window, UPSTREAM, **sel)),
         batch_mean=mean(window, BATCH, **sel),
     )
+
+
+# ---- decoder LLMs (LLM_CONTRACT names; server/metrics.py) ------------------------------------
+LLM_TTFT = "precision_serve_llm_time_to_first_token_seconds"
+LLM_ITL = "precision_serve_llm_inter_token_latency_seconds"
+LLM_TOKENS = "precision_serve_llm_output_tokens_sum"
+LLM_REQUESTS = "precision_serve_llm_requests_finished_total"
+
+
+@dataclass
+class LlmServerView:
+    """What the gateway recorded for one LLM variant in a window (seconds -> ms).
+
+    ``busy_s``: the sum over requests of TTFT (arrival -> first token, queueing included) plus
+    the sum of every later token's inter-token latency, i.e. the seconds requests spent inside
+    the gateway from arrival to their last token (what :func:`loadtest.llm_report.client_bound`
+    compares with the users' wall-clock time)."""
+
+    requests: int
+    by_finish: dict[str, int]
+    generated_tokens: int
+    ttft_p50_ms: float | None
+    ttft_mean_ms: float | None
+    itl_p50_ms: float | None
+    itl_mean_ms: float | None
+    busy_s: float
+
+    def to_dict(self) -> dict[str, object]:
+        return dict(vars(self))
+
+
+def llm_server_view(window: Samples, model: str, precision: str) -> LlmServerView:
+    sel = {"model": model, "precision": precision}
+    ttft, itl = buckets(window, LLM_TTFT, **sel), buckets(window, LLM_ITL, **sel)
+    busy = total(window, f"{LLM_TTFT}_sum", **sel) + total(window, f"{LLM_ITL}_sum", **sel)
+    return LlmServerView(
+        requests=round(total(window, LLM_REQUESTS, **sel)),
+        by_finish={
+            k: round(v) for k, v in by_label(window, LLM_REQUESTS, "finish_reason", **sel).items()
+        },
+        generated_tokens=round(total(window, LLM_TOKENS, **sel)),
+        ttft_p50_ms=_ms(quantile(0.5, ttft)),
+        ttft_mean_ms=_ms(mean(window, LLM_TTFT, **sel)),
+        itl_p50_ms=_ms(quantile(0.5, itl)),
+        itl_mean_ms=_ms(mean(window, LLM_ITL, **sel)),
+        busy_s=busy,
+    )

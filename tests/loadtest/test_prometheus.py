@@ -7,7 +7,10 @@ pointed at live servers, scraping every second:
   run (the project's locustfile) plus a thread sending policy-routed, int8 and malformed
   requests (errors);
 - the Triton panels (``nv_inference_*``): a real Triton (tests/triton's launcher) serving the
-  tiny repository, under direct load.
+  tiny repository, under direct load;
+- the LLM panels (``precision_serve_llm_*``): a gateway serving the tiny random Llama (the suite's
+  LLM), under the project's streaming Locust user (loadtest/locustfile_llm.py) at fp32 plus a
+  thread streaming int4.
 Grafana's ``$__rate_interval`` becomes 10s and ``$model`` its "All" value.
 """
 
@@ -50,6 +53,10 @@ def concrete(expr: str) -> str:
 
 def is_triton(expr: str) -> bool:
     return "nv_inference_" in expr
+
+
+def is_llm(expr: str) -> bool:
+    return "precision_serve_llm_" in expr
 
 
 def needs_triton_upstream(expr: str) -> bool:
@@ -123,7 +130,11 @@ def test_dashboard_gateway_queries_return_data(
             }
         )
     )
-    exprs = [e for e in dashboard_exprs() if not is_triton(e) and not needs_triton_upstream(e)]
+    exprs = [
+        e
+        for e in dashboard_exprs()
+        if not is_triton(e) and not needs_triton_upstream(e) and not is_llm(e)
+    ]
     x = np.random.default_rng(0).normal(size=(1, 16)).astype(np.float32)
     bad = np.zeros((1, 7), np.float32)  # wrong shape -> INVALID_ARGUMENT, counted as an error
 
@@ -196,6 +207,58 @@ def test_dashboard_triton_queries_return_data(
             missing, up = _data_under_load(prom, exprs, traffic, close)
     assert up == {"triton": "up", "precision-serve": "up"}
     assert not missing, f"Triton dashboard expressions without data: {sorted(missing)}"
+
+
+def test_dashboard_llm_queries_return_data(
+    tiny_llm_repository: Path, tmp_path: Path, prometheus_binary: str
+) -> None:
+    """TTFT, inter-token latency, tokens/s, finish reasons and active sequences per precision,
+    from a gateway streaming the tiny Llama to the LLM Locust user and to a plain client."""
+    import http.client
+
+    from loadtest.llm_runner import LlmSettings, llm_locust_command
+    from loadtest.llm_stream import completion_request, stream_completion
+
+    exprs = [e for e in dashboard_exprs() if is_llm(e)]
+    assert len(exprs) >= 7, exprs
+    with GatewayProcess(tiny_llm_repository) as gw:
+        metrics = gw.metrics_url.removeprefix("http://").removesuffix("/metrics")
+        with PrometheusServer(
+            prometheus_binary, config_from_deploy({"precision-serve": metrics}), tmp_path / "p"
+        ) as prom:
+            settings = StepSettings(
+                model="tinyllm", target=gw.http_url, repository=None, duration_s=40, warmup_s=0
+            )
+            cmd = llm_locust_command(
+                Step("fp32", 1, 1), settings, LlmSettings(max_tokens=16), 40,
+                tmp_path / "locust", tmp_path / "rec.npz",
+            )  # fmt: skip
+            locust = process.start(cmd, log_path=tmp_path / "locust.log")
+            host, port = gw.http_url.rsplit(":", 1)
+            conn = http.client.HTTPConnection(host, int(port), timeout=30)
+            request = completion_request("tinyllm", "int4", "Once upon a time", 16, api="chat")
+            errors: list[str] = []
+
+            def int4() -> None:
+                r = stream_completion(conn, request, expect_precision="int4")
+                if not r.ok:
+                    errors.append(str(r.error))
+
+            def close() -> None:
+                conn.close()
+                process.stop(locust)
+
+            missing, up = _data_under_load(prom, exprs, int4, close)
+            served = {
+                r["metric"]["precision"]
+                for r in prom.query(
+                    "sum by (precision) (precision_serve_llm_requests_finished_total)"
+                )
+            }
+    assert up == {"precision-serve": "up"}
+    assert not errors, errors[:3]
+    assert served == {"fp32", "int4"}
+    assert not missing, f"LLM dashboard expressions without data: {sorted(missing)}"
 
 
 def _every_expr(node: object) -> list[str]:
