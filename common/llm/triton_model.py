@@ -14,6 +14,10 @@ outputs  ``text_output`` BYTES [1], ``finish_reason`` BYTES [1] ("" until the la
 
 Sampling fields may come as request parameters too (Triton's generate extension puts JSON keys
 that are not inputs there); the ``sampling_parameters`` tensor wins where both name a field.
+Chat: a ``messages`` request parameter (a JSON string of OpenAI-style messages, as the gateway's
+Triton upstream sends for ``/v1/chat/completions``) is rendered with the model's own chat
+template and replaces ``text_input``; with ``fit_max_tokens`` true, ``max_tokens`` becomes what
+fits the context after the prompt, at most ``FIT_MAX_TOKENS``.
 Streaming sends one response per chunk of text, the last one flagged final; otherwise one final
 response holds all the text. Each request runs on a thread of its own (at most
 ``precision_serve_max_sequences`` at once, the rest wait), so ``execute`` returns at once; a
@@ -22,6 +26,7 @@ cancelled request stops between two tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +64,10 @@ PARAM_GENAI_FOLDER = "precision_serve_genai_folder"  # default: <version folder>
 PARAM_THREADS = "precision_serve_threads"  # intra-op threads; 0 or absent: ONNX Runtime's
 PARAM_MAX_SEQUENCES = "precision_serve_max_sequences"  # requests generating at once
 DEFAULT_MAX_SEQUENCES = 4
+# request parameters of chat (module docstring)
+PARAM_MESSAGES = "messages"
+PARAM_FIT_MAX_TOKENS = "fit_max_tokens"
+FIT_MAX_TOKENS = 2048  # as the embedded upstream's default limit
 GENAI_FOLDER = "genai"
 
 
@@ -105,7 +114,7 @@ class TritonPythonModel:
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix=self._name)
 
     # -- one request -------------------------------------------------------------------------
-    def _request(self, request: Any) -> tuple[str, bool, bool, SamplingParams]:
+    def _request(self, request: Any) -> tuple[str, bool, bool, SamplingParams, bool]:
         pb = self._pb
         text_tensor = pb.get_input_tensor_by_name(request, TEXT_INPUT)
         if text_tensor is None:
@@ -134,7 +143,17 @@ class TritonPythonModel:
                     f"{SAMPLING_PARAMETERS!r} must be a JSON object", SAMPLING_PARAMETERS
                 )
             values.update(given)
-        return prompt, stream, exclude, SamplingParams.from_mapping(values)
+        messages = values.get(PARAM_MESSAGES)
+        if messages is not None:
+            try:
+                parsed = json.loads(messages) if isinstance(messages, str) else messages
+            except ValueError as e:
+                raise LlmRequestError(f"'messages' is not valid JSON: {e}", "messages") from e
+            if not isinstance(parsed, list):
+                raise LlmRequestError("'messages' must be a list", "messages")
+            prompt = self._model.chat_prompt(parsed)
+        fit = values.get(PARAM_FIT_MAX_TOKENS) is True
+        return prompt, stream, exclude, SamplingParams.from_mapping(values), fit
 
     def _response(self, text: str, finish: str, n_in: int, n_out: int) -> Any:
         pb = self._pb
@@ -154,8 +173,11 @@ class TritonPythonModel:
     def _serve(self, request: Any, sender: Any) -> None:
         final = self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
-            prompt, stream, exclude, params = self._request(request)
+            prompt, stream, exclude, params, fit = self._request(request)
             tokens = self._model.encode(prompt)
+            if fit:
+                room = self._model.context_length - len(tokens)
+                params = dataclasses.replace(params, max_tokens=max(1, min(FIT_MAX_TOKENS, room)))
             self._model.check_fits(len(tokens), params.max_tokens)
             chunks = stream_text(self._model, tokens, params, sender.is_cancelled)
             prefix = "" if exclude else prompt

@@ -11,6 +11,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from common.llm import GenaiModel
 from server.runtime.runner import GatewayProcess
 from tests.triton.conftest import StartTriton
 
@@ -55,3 +56,39 @@ def test_gateway_streams_llm_text_from_triton(
         # the gateway and Triton keep serving
         again = client.completions.create(model="tinyllm", prompt="Once", max_tokens=2)
         assert again.usage.completion_tokens == 2
+        # chat: the messages go to the model, which renders its own chat template
+        messages = [{"role": "user", "content": "Hi there"}]
+        rendered = GenaiModel(tiny_llm_repository / "tinyllm_int4" / "1" / "genai")
+        prompt = rendered.chat_prompt(messages)
+        own_chat = _triton_generate(
+            server.http_url,
+            "tinyllm_int4",
+            {"text_input": prompt, "max_tokens": 6, "temperature": 0},
+        )
+        chat = client.chat.completions.create(
+            model="tinyllm:int4",
+            messages=messages,
+            max_tokens=6,
+            temperature=0,  # type: ignore[arg-type]
+        )
+        assert chat.choices[0].message.content == own_chat["text_output"]
+        assert chat.usage is not None
+        assert chat.usage.prompt_tokens == own_chat["num_input_tokens"]
+        streamed = client.chat.completions.create(
+            model="tinyllm:int4",
+            messages=messages,
+            max_tokens=6,
+            temperature=0,
+            stream=True,  # type: ignore[arg-type]
+        )
+        text = "".join(e.choices[0].delta.content or "" for e in streamed if e.choices)
+        assert text == own_chat["text_output"]
+        # no max_tokens: up to what fits the context, decided where the model is
+        fit = client.chat.completions.create(
+            model="tinyllm:int4",
+            messages=messages,
+            temperature=0,  # type: ignore[arg-type]
+        )
+        assert fit.usage is not None
+        assert fit.usage.completion_tokens > 16  # not the completions default
+        assert fit.usage.prompt_tokens + fit.usage.completion_tokens <= rendered.context_length

@@ -13,13 +13,15 @@ request in the python backend, which stops between tokens when the model checks
 A model's in-stream errors carry no status code: one that names the context length is the
 client's (``context_length_exceeded``), one that names a request field (``'max_tokens' ...``, as
 common.llm words them) is INVALID_ARGUMENT; anything else is an engine failure. Chat messages
-need the model's chat template, which only the model holds there: a chat request through a
-Triton upstream is UNIMPLEMENTED for now (``/v1/completions`` and generate work).
+need the model's chat template, which the model holds there: they go as the ``messages``
+request parameter (JSON), with ``fit_max_tokens`` when the client left ``max_tokens`` out, and
+the model renders them (common/llm/triton_model.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,13 +31,13 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
 from common.llm import Chunk
+from common.llm.triton_model import PARAM_FIT_MAX_TOKENS, PARAM_MESSAGES
 from server.catalog import Variant
 from server.errors import (
     CONTEXT_LENGTH_EXCEEDED,
     GatewayError,
     InternalError,
     InvalidGeneration,
-    Unsupported,
 )
 from server.upstreams.generation import GenerationRequest
 
@@ -49,13 +51,11 @@ _FIELD = re.compile(r"(?:^|: )'(\w+)' ")
 
 def stream_request(variant: Variant, request: GenerationRequest) -> bytes:
     """The serialised ModelInferRequest for one generation."""
-    if request.messages is not None:
-        raise Unsupported(
-            f"chat requests for {variant.name} through a Triton upstream are not implemented "
-            "(the chat template is applied by the embedded upstream); use /v1/completions"
-        )
     r = pb.ModelInferRequest(model_name=variant.name, model_version="")
     r.parameters[EMPTY_FINAL].bool_param = True
+    if request.messages is not None:
+        r.parameters[PARAM_MESSAGES].string_param = json.dumps(list(request.messages))
+        r.parameters[PARAM_FIT_MAX_TOKENS].bool_param = request.fit_max_tokens
     for name, datatype, raw in (
         ("text_input", "BYTES", _bytes(request.prompt or "")),
         ("stream", "BOOL", b"\x01"),
