@@ -291,6 +291,9 @@ class GatewayServer:
         bound = await self.front.start()
         variants = {v.name: (v.model, v.precision) for v in self.gateway.repository.variants()}
         self._collector = EnvoyCollector(self.front, {n: variants[n] for n in plan.variants})
+        upstream = self.gateway.upstream
+        if upstream.capabilities.statistics:  # Triton has seen what Envoy sent it; we have not
+            self.gateway.served_elsewhere = (frozenset(plan.variants), upstream.replica_statistics)
         REGISTRY.register(self._collector)
         splits = [m for m in plan.models if len(m.first) > 1]
         if splits:

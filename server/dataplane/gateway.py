@@ -99,6 +99,24 @@ class VariantStats:
     last_inference_ms: int = 0
 
 
+def from_triton(entries: Iterable[Any], names: Iterable[str]) -> dict[str, VariantStats]:
+    """Triton's ModelStatistics entries (of several replicas) summed per model, for ``names``."""
+    wanted = set(names)
+    out = {name: VariantStats() for name in wanted}
+    for e in entries:
+        if e.name not in wanted:
+            continue
+        s, i = out[e.name], e.inference_stats
+        s.success_count += i.success.count
+        s.success_ns += i.success.ns
+        s.fail_count += i.fail.count
+        s.fail_ns += i.fail.ns
+        s.inference_count += e.inference_count
+        s.execution_count += e.execution_count
+        s.last_inference_ms = max(s.last_inference_ms, e.last_inference)
+    return out
+
+
 def combined(parts: Iterable[VariantStats]) -> VariantStats:
     """The sum of several variants' counters (a logical model's statistics entry)."""
     out = VariantStats()
@@ -155,6 +173,11 @@ class Gateway:
         self._shadow_tasks: set[asyncio.Task] = set()
         # pass-through: the upstream takes serialised requests (server/upstreams/triton/upstream.py)
         self.forwards = upstream.capabilities.forward
+        # (variant names, fetch Triton's statistics entries): set by the app when the Envoy front
+        # sends those variants' inference to the replicas directly (``statistics``)
+        self.served_elsewhere: tuple[frozenset[str], Callable[[], Awaitable[list[Any]]]] | None = (
+            None
+        )
         self._started = False
         self._draining = False
         self.shared_memory = SystemSharedMemory()  # Triton's system shared memory regions
@@ -245,15 +268,22 @@ class Gateway:
             cfg.version_policy.latest.num_versions = 1
         return cfg
 
-    def statistics(self, name: str = "", version: str = "") -> dict[str, VariantStats]:
+    async def statistics(self, name: str = "", version: str = "") -> dict[str, VariantStats]:
         """Triton's entries (server/dataplane/statistics.py): every variant and logical model, one
-        variant's, or a logical model's single entry (counts summed over its variants)."""
+        variant's, or a logical model's single entry (counts summed over its variants). The
+        variants another data plane serves (``served_elsewhere``: the Envoy front sends their
+        inference straight to Triton) report the replicas' own counts, summed, instead of this
+        process's (Triton also counts what this process forwards to it)."""
+        stats = self.stats
+        if self.served_elsewhere is not None:
+            names, fetch = self.served_elsewhere
+            stats = {**self.stats, **from_triton(await fetch(), names)}
 
         def logical(model: Model) -> VariantStats:
-            return combined(self.stats[v.name] for v in model.variants.values())
+            return combined(stats[v.name] for v in model.variants.values())
 
         if not name:
-            out = {v.name: self.stats[v.name] for v in self.repository.variants()}
+            out = {v.name: stats[v.name] for v in self.repository.variants()}
             out.update({m.name: logical(m) for m in self.repository.models.values()})
             return out
         try:
@@ -264,7 +294,7 @@ class Gateway:
             raise InvalidInput(wording.statistics_unknown_model(name)) from None
         if isinstance(target, Model):
             return {target.name: logical(target)}
-        return {target.name: self.stats[target.name]}
+        return {target.name: stats[target.name]}
 
     def index(self) -> list[tuple[str, str, str, str]]:
         """(name, version, state, reason) for logical models and variants."""

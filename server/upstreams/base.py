@@ -115,6 +115,9 @@ class Capabilities:
     forward: bool = False
     model_control: bool = False
     generate: bool = False
+    # it answers ModelStatistics for its variants itself (``replica_statistics``: Triton's own
+    # entries), which a front that bypasses the gateway (the Envoy front) needs
+    statistics: bool = False
 
 
 @runtime_checkable
@@ -142,6 +145,8 @@ class Upstream(Protocol):
 
     async def generate(self, variant: Variant, request: GenerationRequest) -> Generation: ...
 
+    async def replica_statistics(self) -> list[Any]: ...
+
 
 class UpstreamBase:
     """The optional parts of :class:`Upstream` for an upstream that declares none of them: the
@@ -164,6 +169,9 @@ class UpstreamBase:
 
     async def generate(self, variant: Variant, request: GenerationRequest) -> Generation:
         raise Unsupported(f"upstream {self.name!r} does not serve generative (LLM) models")
+
+    async def replica_statistics(self) -> list[Any]:
+        raise Unsupported(f"upstream {self.name!r} keeps no statistics of its own")
 
 
 @dataclass(frozen=True)

@@ -213,6 +213,22 @@ def test_shadow_mirrors_to_the_reference_cluster(
         )
         mirrored = _stats(gw)["tiny_fp32"] - before["tiny_fp32"]
         assert 60 <= mirrored <= 140, mirrored  # about half of 200
+        # the gateway's statistics are Triton's (Envoy sent the requests past the gateway)
+        direct = grpcclient.InferenceServerClient(triton.grpc_url)
+
+        def successes(c: grpcclient.InferenceServerClient, name: str) -> int:
+            (entry,) = c.get_inference_statistics(name).model_stats
+            return entry.inference_stats.success.count
+
+        assert successes(client, "tiny_int8") == successes(direct, "tiny_int8") >= 200
+        assert successes(client, "tiny_fp32") == successes(direct, "tiny_fp32") >= 60
+        assert successes(client, "tiny") == sum(
+            successes(direct, f"tiny_{p}") for p in ("fp32", "fp16", "int8")
+        )
+        with urllib.request.urlopen(f"http://{gw.http_url}/v2/models/tiny_int8/stats") as r:
+            (entry,) = json.loads(r.read())["model_stats"]
+        assert entry["inference_stats"]["success"]["count"] == successes(direct, "tiny_int8")
+        direct.close()
         client.close()
 
 

@@ -216,11 +216,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_handled
     async def ModelStatistics(self, request, context):
+        entries = await self.gateway.statistics(request.name, request.version)
         return pb.ModelStatisticsResponse(
-            model_stats=[
-                statistics.to_proto(name, s)
-                for name, s in self.gateway.statistics(request.name, request.version).items()
-            ]
+            model_stats=[statistics.to_proto(name, s) for name, s in entries.items()]
         )
 
     @_handled

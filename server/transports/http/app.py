@@ -194,7 +194,8 @@ async def model_config(request: web.Request) -> web.Response:
 
 async def model_stats(request: web.Request) -> web.Response:
     gw, name = _gw(request), request.match_info.get("model", "")
-    stats = [statistics.to_json(n, s) for n, s in gw.statistics(name, _version(request)).items()]
+    entries = await gw.statistics(name, _version(request))
+    stats = [statistics.to_json(n, s) for n, s in entries.items()]
     return web.json_response({"model_stats": stats})
 
 

@@ -173,7 +173,7 @@ class TritonUpstream(UpstreamBase):
     # each call's client_timeout is what is left of its deadline; gRPC ModelInfer passes
     # through as bytes; load/unload go to every replica
     capabilities = Capabilities(
-        honours_deadline=True, forward=True, model_control=True, generate=True
+        honours_deadline=True, forward=True, model_control=True, generate=True, statistics=True
     )
 
     def __init__(self, address: str, repository: Repository, settings: UpstreamSettings) -> None:
@@ -537,6 +537,25 @@ class TritonUpstream(UpstreamBase):
 
     async def unload(self, variant: Variant) -> None:
         await self._on_every_replica("unload_model", variant)
+
+    async def replica_statistics(self) -> list[pb.ModelStatistics]:
+        """Every model's ModelStatistics entry from every reachable replica (unsummed); a replica
+        that does not answer within the default timeout is left out. For a front that sends
+        inference to the replicas itself (the Envoy front): only Triton has seen it."""
+        replicas = [r for r in self.replicas if r.client is not None and r.reachable]
+
+        async def one(client: grpcaio.InferenceServerClient) -> list[pb.ModelStatistics]:
+            try:
+                reply = await client.get_inference_statistics(
+                    "", client_timeout=self._settings.default_timeout_s
+                )
+            except InferenceServerException as e:
+                log.warning("statistics of a replica left out: %s", e)
+                return []
+            return list(reply.model_stats)
+
+        parts = await asyncio.gather(*(one(r.client) for r in replicas if r.client is not None))
+        return [entry for part in parts for entry in part]
 
     async def _on_every_replica(self, method: str, variant: Variant) -> None:
         """Triton's load/unload on every replica, then a readiness check of each; an error
