@@ -130,6 +130,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--out", type=Path, default=Path("qat_probe.json"))
+    parser.add_argument(
+        "--skip-analysis", action="store_true", help="no ranges / untrained emulation"
+    )
+    parser.add_argument(
+        "--max-seconds", type=float, help="training bound (default: the build's, 900 s)"
+    )
+    parser.add_argument("--no-range-gradient", action="store_true")
+    parser.add_argument("--token-weight", type=float, help="per-token term (0: none)")
+    parser.add_argument(
+        "--calibration-only", action="store_true", help="train on the calibration rows alone"
+    )
     args = parser.parse_args(argv)
 
     import torch  # noqa: F401  (before onnxruntime: the build's import order)
@@ -146,14 +157,15 @@ def main(argv: list[str] | None = None) -> None:
     batch = 32
     report: dict[str, Any] = {}
     t0 = time.monotonic()
-    r = ranges(model, batch)
-    report["ranges"] = {
-        "layers": len(r),
-        "widened_by_padding_over_1.1x": sum(x["ratio"] > 1.1 for x in r),
-        "largest_ratio": max(r, key=lambda x: x["ratio"]),
-        "largest_inputs": sorted(r, key=lambda x: -x["padded"])[:6],
-    }
-    report["emulated_untrained"] = emulated(model, batch)
+    if not args.skip_analysis:
+        r = ranges(model, batch)
+        report["ranges"] = {
+            "layers": len(r),
+            "widened_by_padding_over_1.1x": sum(x["ratio"] > 1.1 for x in r),
+            "largest_ratio": max(r, key=lambda x: x["ratio"]),
+            "largest_inputs": sorted(r, key=lambda x: -x["padded"])[:6],
+        }
+        report["emulated_untrained"] = emulated(model, batch)
     fp32 = optimize_basic(model.fp32_onnx, work / "fp32.onnx")
     evaluator = Evaluator(model.task, model.evaluation, fp32, 0, batch)
     ptq = work / "ptq.onnx"
@@ -169,15 +181,23 @@ def main(argv: list[str] | None = None) -> None:
             args.steps or qopts.steps,
             qopts.batch_size,
             args.lr or DEFAULT_LR[model.transformer],
-            qopts.max_seconds,
+            args.max_seconds or qopts.max_seconds,
         )
+        if args.no_range_gradient:
+            settings.range_gradient = False
+        if args.token_weight is not None:
+            settings.token_weight = args.token_weight
         quantizer = Quantizer("dynamic", types.activation, types.reduce_range)
         names = model.trainable.input_names
         reference = _outputs(model.trainable.module, model.evaluation, names, batch, False)
         curve: list[dict[str, float]] = []
 
+        hook_cpu = [0.0]
+
         def on_validation(step: int, held_out: float, student: Any) -> None:
+            c0 = time.process_time()
             em = _loss(reference, _outputs(student, model.evaluation, names, batch, False))
+            hook_cpu[0] += time.process_time() - c0
             curve.append({"step": step, "held_out": held_out, "evaluation_emulated": em})
             print(curve[-1], flush=True)
 
@@ -189,8 +209,12 @@ def main(argv: list[str] | None = None) -> None:
             return original(*a, **k, on_validation=on_validation)
 
         qat.train = train
-        data = model.calibration.take(256)
+        data = model.calibration.take(256)  # + the training-only rows, as the build does
+        if model.training is not None and not args.calibration_only:
+            data = data.concat(model.training)
+        cpu0 = time.process_time()  # CPU seconds: the host is shared, wall time is not ours
         onnx_path, record = trained_onnx(model, data, quantizer, settings, True)
+        training_cpu = time.process_time() - cpu0 - hook_cpu[0]
         trained = optimize_basic(onnx_path, work / "trained.onnx")
         qfile = work / "trained-dynamic.onnx"
         quantize_dynamic_int8(preprocess(trained, work / "trained-pre.onnx"), qfile)
@@ -199,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         timer = measured_speedup(fp32, model.evaluation, speed_batch(model))
         report["train"] = {
             "record": record.__dict__,
+            "training_and_export_cpu_seconds": round(training_cpu, 1),
             "curve": curve,
             "trained_fp32_loss": evaluator.quality(trained)["accuracy_loss"],
             "trained_dynamic_int8_loss": evaluator.quality(qfile)["accuracy_loss"],
