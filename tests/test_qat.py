@@ -213,6 +213,18 @@ def _trainable_model(module: object, rows: int = 32, length: int = 12) -> Loaded
     return m
 
 
+def test_training_rows_are_appended_to_the_calibration_rows() -> None:
+    a = Dataset({"x": np.zeros((2, 3))}, np.array([0, 1]), "2 calibration rows")
+    b = Dataset({"x": np.ones((3, 3))}, None, "3 more (training only)")
+    both = a.concat(b)
+    assert len(both) == 5 and both.inputs["x"][2:].sum() == 9
+    assert both.labels is None  # labels only where every row has one
+    assert both.description == "2 calibration rows + 3 more (training only)"
+    assert len(a.concat(a).labels) == 4
+    with pytest.raises(ValueError, match="inputs differ"):
+        a.concat(Dataset({"y": np.zeros((1, 3))}))
+
+
 def test_training_batches_are_padded_as_the_rows_are_served() -> None:
     from builder.qat import Quantizer, TrainingSettings, train
 
