@@ -10,7 +10,9 @@ observer of our own), placed where ONNX Runtime quantizes:
   the host needs ``reduce_range``), the range of the current weights at each step;
 - their input activations: static - per-tensor affine with the min/max seen over the training
   rows (ONNX Runtime's minmax calibration; U8 on x86, S8 elsewhere); dynamic - per-tensor U8
-  affine with the range of each batch, as ``DynamicQuantizeLinear`` computes it at run time;
+  affine with the range of each batch, as ``DynamicQuantizeLinear`` computes it at run time,
+  computed under autograd (``dynamic_range_fq``) so that the loss reaches the outliers that
+  set the range;
 - ``Embedding`` weights (the Gather ONNX Runtime quantizes): per-tensor affine with the
   activation type (ONNX Runtime quantizes a Gather's table as an activation: U8 over [min, max]).
 
@@ -20,7 +22,10 @@ padded positions included; trimming the padding would train against other ranges
 
 The objective: cross-entropy with the labels when the training rows have them (classifiers),
 otherwise distillation to the FP32 module's outputs (1 - cosine for embeddings, KL divergence
-of the softmax for logits; the FP32 outputs are computed once). The module stays in eval mode
+of the softmax for logits; the FP32 outputs are computed once), plus, for sources that declare
+per-token states (``Trainable.token_states``: an encoder's last hidden state), their
+distillation over the real tokens. Sources may give more rows for training only
+(``LoadedModel.training``, disjoint from the evaluation rows). The module stays in eval mode
 (dropout off, batch-norm statistics frozen); gradients pass the rounding straight through.
 A held-out part of the training rows (never the evaluation rows) is scored, fake-quantized,
 before training and every few steps; the weights with the best held-out loss are kept (the
@@ -50,14 +55,14 @@ import numpy as np
 
 from builder.cache import cache_root
 from builder.errors import QuantizationError
-from builder.sources.base import Dataset, LoadedModel
+from builder.sources.base import Dataset, LoadedModel, Trainable
 
 log = logging.getLogger(__name__)
 
 LIBRARY = "torch.ao.quantization FakeQuantize"
 QAT_MODES = ("static", "dynamic")
 DEFAULT_LR = {True: 2e-5, False: 1e-4}  # transformer -> lr
-RECIPE = "qat-v3"  # bump when the training changes what it produces (part of the cache key)
+RECIPE = "qat-v4"  # bump when the training changes what it produces (part of the cache key)
 LOSS_WINDOW = 10  # steps averaged for the loss reported at the start and the end
 HELD_OUT_FRACTION = 1 / 8  # of the training rows, scored to pick the weights kept
 HELD_OUT_MAX = 32  # rows (one evaluation batch: dynamic ranges are per batch)
@@ -80,6 +85,11 @@ class TrainingSettings:
     lr: float
     max_seconds: float
     seed: int = 0
+    # Dynamic INT8: the per-batch range computed under autograd, so the loss reaches the
+    # activations that set it (False: torch.ao's observer, no gradient to the range).
+    range_gradient: bool = True
+    # Weight of the per-token distillation term (sources that declare their token states).
+    token_weight: float = 1.0
 
 
 @dataclass
@@ -182,11 +192,52 @@ def _table_fq(quantizer: Quantizer) -> Any:
     )
 
 
-def _activation_fq(quantizer: Quantizer) -> Any:
+def dynamic_range_fq() -> Any:
+    """Dynamic INT8's activation quantizer with a gradient to its range: per tensor, U8,
+    affine over [min(x, 0), max(x, 0)] of each batch - ``DynamicQuantizeLinear``'s scale and
+    zero point - computed under autograd and applied with torch's learnable fake-quantize
+    kernel (``torch.ao``'s ``_LearnableFakeQuantize`` uses it; LSQ gradients). Rounding passes
+    its gradient straight through; the scale's gradient flows on to the batch's extreme
+    values, so training can shrink the outliers that set the range (an observer takes min/max
+    without autograd: the range then has no gradient). Same forward values as torch.ao's
+    ``FakeQuantize`` with ``MovingAverageMinMaxObserver(averaging_constant=1)``."""
+    import torch
+    from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+
+    class _DynamicRangeFakeQuantize(FakeQuantizeBase):
+        quant_min, quant_max = 0, 255
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("scale", torch.tensor([1.0]))
+            self.register_buffer("zero_point", torch.tensor([0], dtype=torch.int32))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.fake_quant_enabled[0]:
+                return x
+            lo = torch.clamp(x.min(), max=0.0)
+            hi = torch.clamp(x.max(), min=0.0)
+            scale = torch.clamp((hi - lo) / 255.0, min=torch.finfo(torch.float32).eps)
+            zero = torch.clamp(torch.round(-lo / scale), 0, 255).detach()
+            self.scale.copy_(scale.detach().reshape(1))
+            self.zero_point.copy_(zero.reshape(1).to(torch.int32))
+            return torch._fake_quantize_learnable_per_tensor_affine(
+                x, scale.reshape(1), zero.reshape(1), 0, 255, 1.0
+            )
+
+        def calculate_qparams(self, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.scale, self.zero_point
+
+    return _DynamicRangeFakeQuantize()
+
+
+def _activation_fq(quantizer: Quantizer, range_gradient: bool = False) -> Any:
     import torch
     from torch.ao.quantization import FakeQuantize
     from torch.ao.quantization.observer import MinMaxObserver, MovingAverageMinMaxObserver
 
+    if quantizer.mode == "dynamic" and range_gradient:
+        return dynamic_range_fq()
     if quantizer.mode == "dynamic":  # the range of each batch, as DynamicQuantizeLinear
         return FakeQuantize(
             observer=MovingAverageMinMaxObserver,
@@ -224,9 +275,10 @@ class _Parametrized:
         return WeightFakeQuant()
 
 
-def attach_fake_quant(module: Any, quantizer: Quantizer) -> list[Any]:
+def attach_fake_quant(module: Any, quantizer: Quantizer, range_gradient: bool = False) -> list[Any]:
     """Fake-quantize ``module`` in place (weights and the inputs of its Linear/Conv layers);
-    returns the hook handles (``detach_fake_quant`` undoes everything)."""
+    returns the hook handles (``detach_fake_quant`` undoes everything). ``range_gradient``:
+    dynamic activation ranges computed under autograd (``dynamic_range_fq``)."""
     import torch
     from torch.nn.utils import parametrize
 
@@ -236,7 +288,7 @@ def attach_fake_quant(module: Any, quantizer: Quantizer) -> list[Any]:
         if isinstance(m, layers):
             fq = _weight_fq(quantizer.reduce_range and quantizer.mode == "static")
             parametrize.register_parametrization(m, "weight", _Parametrized.make(fq))
-            m.add_module("input_fake_quant", _activation_fq(quantizer))
+            m.add_module("input_fake_quant", _activation_fq(quantizer, range_gradient))
 
             def pre_hook(mod: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
                 return (mod.input_fake_quant(args[0]), *args[1:])
@@ -326,24 +378,34 @@ def train(
         raise QuantizationError(f"{model.source} has no trainable module")
     names = model.trainable.input_names
     objective = objective_for(model, data)
+    loss_fn = _loss_fn(objective)
+    # Held-out rows score closeness to FP32 only (the labels' term would reward moving away).
+    held_fn = _loss_fn(objective.split(" + ", 1)[-1])
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     n = len(data)
     train_idx, held_idx = split_held_out(n, settings.seed)
     started = time.monotonic()  # the FP32 outputs count as training time
+    per_token = settings.token_weight > 0 and model.trainable.token_states is not None
     teacher = copy.deepcopy(model.trainable.module).eval()
-    targets = _teacher_outputs(teacher, data, names, settings.batch_size)
-    del teacher
+    teacher_tokens = _TokenStates(teacher, model.trainable) if per_token else None
+    targets, token_targets = _teacher_outputs(
+        teacher, data, names, settings.batch_size, teacher_tokens
+    )
+    del teacher, teacher_tokens
     student = copy.deepcopy(model.trainable.module).eval()  # eval: no dropout, BN frozen
-    handles = attach_fake_quant(student, quantizer)
+    student_tokens = _TokenStates(student, model.trainable) if per_token else None
+    if student_tokens is not None:
+        objective += (
+            f" + per-token distillation of {model.trainable.token_states}'s states "
+            f"(relative squared error, weight {settings.token_weight:g})"
+        )
+    handles = attach_fake_quant(student, quantizer, settings.range_gradient)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1.0 - s / settings.steps)
     )
-    loss_fn = _loss_fn(objective)
-    # Held-out rows score closeness to FP32 only (the labels' term would reward moving away).
-    held_fn = _loss_fn(objective.split(" + ", 1)[-1])
     labels = None if data.labels is None else torch.from_numpy(np.asarray(data.labels))
 
     def score() -> float:  # fake-quantized, in one batch (the evaluation's per-batch ranges)
@@ -379,8 +441,14 @@ def train(
             idx = rng.choice(
                 train_idx, size=min(settings.batch_size, len(train_idx)), replace=False
             )
-            out = _first(student(*_batch_tensors(data, names, idx)))
+            batch = _batch_tensors(data, names, idx)
+            out = _first(student(*batch))
             loss = loss_fn(out, targets[idx], _labels(labels, idx))
+            if student_tokens is not None:
+                mask = batch[names.index(model.trainable.token_mask)]
+                loss = loss + settings.token_weight * _token_loss(
+                    student_tokens.states, token_targets[idx], mask
+                )
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -399,6 +467,8 @@ def train(
     finally:
         bar.close()
         detach_fake_quant(student, handles)
+        if student_tokens is not None:
+            student_tokens.handle.remove()
     best_step, best_loss = min(held, key=lambda sv: sv[1]) if held else (len(losses), None)
     record = TrainingRecord(
         mode=quantizer.mode,
@@ -424,16 +494,44 @@ def _labels(labels: Any, idx: np.ndarray) -> Any:
     return None if labels is None else labels[idx]
 
 
-def _teacher_outputs(teacher: Any, data: Dataset, names: list[str], batch_size: int) -> Any:
-    """The FP32 module's first output for every row (once: the teacher does not change)."""
+class _TokenStates:
+    """Captures the per-token states a trainable source declares (``Trainable.token_states``:
+    the submodule whose first output is [batch, sequence, hidden]) at each forward."""
+
+    def __init__(self, module: Any, trainable: Trainable) -> None:
+        self.states: Any = None
+        sub = module.get_submodule(trainable.token_states or "")
+        self.handle = sub.register_forward_hook(self._keep)
+
+    def _keep(self, mod: Any, args: Any, out: Any) -> None:
+        self.states = out[0]
+
+
+def _token_loss(student: Any, teacher: Any, mask: Any) -> Any:
+    """Relative squared error of the per-token states over the real (unmasked) tokens."""
+    m = mask.to(student.dtype).unsqueeze(-1)
+    return ((student - teacher) ** 2 * m).sum() / ((teacher**2) * m).sum().clamp(min=1e-12)
+
+
+def _teacher_outputs(
+    teacher: Any,
+    data: Dataset,
+    names: list[str],
+    batch_size: int,
+    tokens: _TokenStates | None = None,
+) -> tuple[Any, Any]:
+    """The FP32 module's first output for every row, and its per-token states when asked
+    (once: the teacher does not change)."""
     import torch
 
-    chunks = []
+    chunks, token_chunks = [], []
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
             idx = np.arange(start, min(start + batch_size, len(data)))
             chunks.append(_first(teacher(*_batch_tensors(data, names, idx))))
-    return torch.cat(chunks)
+            if tokens is not None:
+                token_chunks.append(tokens.states)
+    return torch.cat(chunks), torch.cat(token_chunks) if token_chunks else None
 
 
 def trained_onnx(

@@ -108,6 +108,72 @@ def test_embedding_fake_quant_is_onnxruntime_gather_quantization() -> None:
     np.testing.assert_allclose(emb.weight.detach().numpy(), expected, atol=1e-6)
 
 
+def _dynamic_quantize_linear(x: np.ndarray) -> np.ndarray:
+    """ONNX Runtime's DynamicQuantizeLinear -> DequantizeLinear on ``x`` (what a dynamic INT8
+    MatMul's input becomes)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
+            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+        ],
+        "dql",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x.shape))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def test_dynamic_range_is_onnxruntime_dynamic_quantize_linear_and_has_a_gradient() -> None:
+    import torch
+
+    from builder.qat import Quantizer, attach_fake_quant
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 4)
+    attach_fake_quant(layer, Quantizer("dynamic"), range_gradient=True)
+    x = torch.randn(3, 16)
+    x[1, 5] = 9.0  # an outlier sets the range
+    x.requires_grad_(True)
+    y = layer.input_fake_quant(x)
+    # The same values as ONNX Runtime's run-time quantization of this batch.
+    np.testing.assert_allclose(
+        y.detach().numpy(), _dynamic_quantize_linear(x.detach().numpy()), atol=1e-6
+    )
+    # Pulling the quantized values towards the real ones: rounding alone passes the gradient
+    # straight through (2 (y - x) for every element); the range's own gradient reaches only
+    # the elements that set it (the batch's max and min).
+    target = x.detach()
+    ((y - target) ** 2).sum().backward()
+    straight = 2 * (y - target).detach()
+    extra = (x.grad - straight).abs()
+    lo = int(x.detach().argmin())
+    assert float(extra[1, 5]) > 1e-3 and float(extra.flatten()[lo]) > 1e-3
+    others = torch.ones_like(extra, dtype=torch.bool)
+    others[1, 5] = False
+    others.view(-1)[lo] = False
+    assert float(extra[others].max()) < 1e-6
+
+
+def test_per_token_loss_counts_only_the_real_tokens() -> None:
+    import torch
+
+    from builder.qat import _token_loss
+
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+    student = teacher.clone()
+    student[:, 3:] += 100.0  # the padding: never compared
+    assert float(_token_loss(student, teacher, mask)) == pytest.approx(0.0)
+    student[0, 1] += 1.0
+    assert float(_token_loss(student, teacher, mask)) > 0.0
+
+
 # ---- training ------------------------------------------------------------------------------
 class _MaskedMean:
     """A tiny mask-aware encoder (embedding -> linear -> mean over the mask) that records the
@@ -145,6 +211,18 @@ def _trainable_model(module: object, rows: int = 32, length: int = 12) -> Loaded
     m.task, m.calibration = "embedding", data
     m.trainable = Trainable(module, ["input_ids", "attention_mask"], lambda mod, path: None)
     return m
+
+
+def test_training_rows_are_appended_to_the_calibration_rows() -> None:
+    a = Dataset({"x": np.zeros((2, 3))}, np.array([0, 1]), "2 calibration rows")
+    b = Dataset({"x": np.ones((3, 3))}, None, "3 more (training only)")
+    both = a.concat(b)
+    assert len(both) == 5 and both.inputs["x"][2:].sum() == 9
+    assert both.labels is None  # labels only where every row has one
+    assert both.description == "2 calibration rows + 3 more (training only)"
+    assert len(a.concat(a).labels) == 4
+    with pytest.raises(ValueError, match="inputs differ"):
+        a.concat(Dataset({"y": np.zeros((1, 3))}))
 
 
 def test_training_batches_are_padded_as_the_rows_are_served() -> None:

@@ -276,13 +276,17 @@ def test_hf_source_rejects_a_folder_without_config(tmp_path: Path) -> None:
 
 
 def test_doc_sentences_are_disjoint_and_deterministic() -> None:
-    from builder.sources.hf_folder import split_sentences
+    from builder.sources.hf_folder import doc_sentences, split_sentences, training_sentences
 
     calibration, evaluation = split_sentences()
     assert (len(calibration), len(evaluation)) == (256, 200)
     assert not set(calibration) & set(evaluation)
     assert all(s[0].isupper() and s.endswith(".") for s in calibration + evaluation)
     assert split_sentences() == (calibration, evaluation)
+    # The rest is QAT's extra training text: never an evaluation sentence.
+    training = training_sentences()
+    assert len(training) == len(doc_sentences()) - 456 > 0
+    assert not set(training) & set(evaluation) and not set(training) & set(calibration)
 
 
 @pytest.mark.slow
@@ -299,8 +303,17 @@ def test_hf_source_exports_minilm_embeddings(tmp_path: Path) -> None:
     assert model.outputs == [TensorSpec("embeddings", "float32", [384])]
     assert model.calibration.inputs["input_ids"].shape == (256, 128)
     assert model.evaluation.inputs["input_ids"].shape == (200, 128)
-    # Sequence length is dynamic, and padding does not change the pooled embedding.
     feeds = model.evaluation.take(4).inputs
+    import torch
+
+    # QAT's extra rows and per-token states.
+    assert model.training is not None and model.training.inputs["input_ids"].shape[1] == 128
+    trainable = model.trainable
+    assert trainable is not None and trainable.token_mask == "attention_mask"
+    encoder = trainable.module.get_submodule(trainable.token_states)
+    states = encoder(**{k: torch.from_numpy(v[:2]) for k, v in feeds.items()})[0]
+    assert tuple(states.shape) == (2, 128, 384)
+    # Sequence length is dynamic, and padding does not change the pooled embedding.
     (padded,) = _run(model.fp32_onnx, feeds)
     (short,) = _run(model.fp32_onnx, {k: v[:, :64] for k, v in feeds.items()})
     assert padded.shape == (4, 384)

@@ -64,6 +64,9 @@ class QatInt8:
             raise QuantizationError(
                 "no training data: the model source provided no calibration rows"
             )
+        calibration = data  # static calibration: the calibration rows only
+        if ctx.model.training is not None:  # more rows for training, disjoint from evaluation
+            data = data.concat(ctx.model.training)
         types = host_quant_types()
         lr = qopts.lr or training.DEFAULT_LR[ctx.model.transformer]
         settings = training.TrainingSettings(qopts.steps, qopts.batch_size, lr, qopts.max_seconds)
@@ -76,11 +79,11 @@ class QatInt8:
             def static(exclude: list[str], path: Path) -> None:
                 from builder.calibration import cache_key
 
-                key = cache_key(pre, data, opts.calibration_method)
+                key = cache_key(pre, calibration, opts.calibration_method)
                 quantize_static_qdq(
                     pre,
                     path,
-                    data,
+                    calibration,
                     method=opts.calibration_method,
                     activation_type=types.activation,
                     weight_type=types.weight,

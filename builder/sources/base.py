@@ -32,6 +32,18 @@ class Dataset:
         labels = None if self.labels is None else self.labels[:n]
         return Dataset({k: v[:n] for k, v in self.inputs.items()}, labels, self.description)
 
+    def concat(self, other: Dataset) -> Dataset:
+        """These rows, then ``other``'s (same inputs; labels only when both have them)."""
+        if set(self.inputs) != set(other.inputs):
+            raise ValueError(f"inputs differ: {sorted(self.inputs)} vs {sorted(other.inputs)}")
+        labels = (
+            None
+            if self.labels is None or other.labels is None
+            else np.concatenate([self.labels, other.labels])
+        )
+        inputs = {k: np.concatenate([v, other.inputs[k]]) for k, v in self.inputs.items()}
+        return Dataset(inputs, labels, f"{self.description} + {other.description}")
+
 
 @dataclass
 class Trainable:
@@ -43,6 +55,10 @@ class Trainable:
     module: Any  # torch.nn.Module
     input_names: list[str]
     export: Callable[[Any, Path], None]
+    # Per-token states for distillation (encoders): the dotted name of the submodule whose
+    # first output is [batch, sequence, hidden], and the input that masks the padding.
+    token_states: str | None = None
+    token_mask: str | None = None
 
 
 @dataclass
@@ -64,6 +80,9 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     # The trainable module (torch: and hf: sources and their demos); None: cannot be trained.
     trainable: Trainable | None = None
+    # More rows for quantization-aware training only, disjoint from ``evaluation`` (after the
+    # calibration rows): None when the source has none.
+    training: Dataset | None = None
 
 
 @dataclass

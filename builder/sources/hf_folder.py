@@ -77,6 +77,19 @@ def split_sentences(
     return picked[:n_calibration], picked[n_calibration : n_calibration + n_evaluation]
 
 
+def training_sentences(
+    n_calibration: int = CALIBRATION_SENTENCES,
+    n_evaluation: int = EVALUATION_SENTENCES,
+    seed: int = 0,
+) -> list[str]:
+    """The sentences ``split_sentences`` leaves over (after its calibration and evaluation
+    ones, in the same shuffled order): more text for quantization-aware training, disjoint
+    from the evaluation sentences."""
+    sentences = doc_sentences()
+    order = np.random.default_rng(seed).permutation(len(sentences))
+    return [sentences[i] for i in order[n_calibration + n_evaluation :]]
+
+
 def _offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -158,6 +171,9 @@ class HfFolderSource:
         calibration_text, evaluation_text = split_sentences()
         calibration = self._tokenize(tokenizer, calibration_text, input_names, "pydoc sentences")
         evaluation = self._tokenize(tokenizer, evaluation_text, input_names, "pydoc sentences")
+        training = self._tokenize(
+            tokenizer, training_sentences(), input_names, "more pydoc sentences (training only)"
+        )
 
         wrapper = _pooled_encoder(model, input_names)
         example = {n: v[:2, :16] for n, v in evaluation.inputs.items()}
@@ -189,7 +205,8 @@ class HfFolderSource:
             transformer=True,
             default_precisions=["fp32", "fp16", "bf16", "int8-dynamic"],
             max_batch_size=32,
-            trainable=Trainable(wrapper, input_names, export),
+            trainable=Trainable(wrapper, input_names, export, "encoder", "attention_mask"),
+            training=training,
             notes=[
                 f"exported from {folder} (mean pooling + L2 normalisation) to ONNX opset 17 "
                 f"in {seconds:.1f} s",
