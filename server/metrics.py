@@ -11,7 +11,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-_LATENCY_BUCKETS = (
+LATENCY_BUCKETS = (
     0.0005,
     0.001,
     0.002,
@@ -37,19 +37,19 @@ REQUEST_DURATION = Histogram(
     "precision_serve_request_duration_seconds",
     "End-to-end inference time inside the gateway (seconds).",
     ["model", "precision"],
-    buckets=_LATENCY_BUCKETS,
+    buckets=LATENCY_BUCKETS,
 )
 QUEUE_DURATION = Histogram(
     "precision_serve_queue_duration_seconds",
     "Time a request waited for a batch or a free worker (seconds).",
     ["model", "precision"],
-    buckets=_LATENCY_BUCKETS,
+    buckets=LATENCY_BUCKETS,
 )
 UPSTREAM_DURATION = Histogram(
     "precision_serve_upstream_duration_seconds",
     "Time of the engine run / upstream call that served a request (seconds).",
     ["model", "precision"],
-    buckets=_LATENCY_BUCKETS,
+    buckets=LATENCY_BUCKETS,
 )
 INFLIGHT = Gauge(
     "precision_serve_inflight_requests",

@@ -31,6 +31,7 @@ from typing import Any
 from tritonclient.grpc import service_pb2 as pb
 
 from server.catalog import PRECISION_ORDER, Repository
+from server.metrics import LATENCY_BUCKETS
 from server.routing.policies import Router, ShadowPolicy, SplitPolicy
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -293,6 +294,33 @@ def variant_cluster(plan: FrontPlan, variant: str, precision: str) -> dict[str, 
     )
     _balanced(cluster)
     return cluster
+
+
+# gRPC calls by grpc-status, on the route's cluster (the routed variant; after select.lua, which
+# sets the route): cluster.<variant>.grpc.inference.GRPCInferenceService.ModelInfer.<code>.
+# Envoy's router counts every gRPC reply as a 200, whatever Triton said in the trailers; this
+# filter is downstream only (not per attempt), so a fallback counts on the first precision
+_GRPC_STATS = {
+    "name": "envoy.filters.http.grpc_stats",
+    "typed_config": {
+        "@type": _type("envoy.extensions.filters.http.grpc_stats.v3.FilterConfig"),
+        "stats_for_all_methods": True,
+    },
+}
+
+
+def stats_config() -> dict[str, Any]:
+    """The clusters' ``upstream_rq_time`` histograms (milliseconds) with the project's latency
+    buckets (server/metrics.py, docs/metrics.md), so the gateway re-exports them unchanged."""
+    buckets = [round(b * 1000, 3) for b in LATENCY_BUCKETS]
+    return {
+        "histogram_bucket_settings": [
+            {
+                "match": {"safe_regex": {"regex": r"^cluster\..*\.upstream_rq_time$"}},
+                "buckets": buckets,
+            }
+        ]
+    }
 
 
 def _balanced(cluster: dict[str, Any]) -> None:
@@ -604,6 +632,8 @@ def http_routes(plan: FrontPlan) -> dict[str, Any]:
 def _hcm(plan: FrontPlan, name: str, routes: dict[str, Any], lua: bool) -> dict[str, Any]:
     """``lua``: select.lua runs on the listener's inference routes."""
     filters = [_lua(SELECT_LUA)] if lua else []
+    if name == "grpc":
+        filters.append(_GRPC_STATS)
     filters.append(
         {
             "name": "envoy.filters.http.router",
@@ -693,6 +723,7 @@ def bootstrap(plan: FrontPlan) -> dict[str, Any]:
     return {
         "node": {"id": "precision-serve", "cluster": "precision-serve"},
         "admin": {"address": _address("127.0.0.1", plan.admin_port)},
+        "stats_config": stats_config(),
         "layered_runtime": {
             "layers": [
                 {"name": "static", "static_layer": {}},

@@ -249,6 +249,13 @@ class EnvoyFront:
                 out[stat["name"]] = int(stat["value"])
         return out
 
+    def prometheus_stats(self, filter_regex: str) -> str:
+        """``/stats/prometheus`` (Prometheus text: counters and histograms with their buckets),
+        only the stats whose Envoy name matches ``filter_regex``."""
+        query = urllib.parse.urlencode({"filter": filter_regex, "usedonly": ""})
+        _, body = _get(f"{self.admin_url}/stats/prometheus?{query}")
+        return body.decode()
+
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")

@@ -59,6 +59,11 @@ def is_llm(expr: str) -> bool:
     return "precision_serve_llm_" in expr
 
 
+def reads_envoy(expr: str) -> bool:
+    """A panel that also reads the Envoy front's series (docs/envoy.md)."""
+    return "precision_serve_envoy_" in expr
+
+
 def needs_triton_upstream(expr: str) -> bool:
     """A gateway series only a Triton upstream produces (requests per forwarded call)."""
     return "precision_serve_upstream_call_requests" in expr
@@ -259,6 +264,49 @@ def test_dashboard_llm_queries_return_data(
     assert not errors, errors[:3]
     assert served == {"fp32", "int4"}
     assert not missing, f"LLM dashboard expressions without data: {sorted(missing)}"
+
+
+def test_dashboard_envoy_front_queries_return_data(
+    tiny_repository: Path, tmp_path: Path, prometheus_binary: str, start_triton
+) -> None:  # type: ignore[no-untyped-def]
+    """The Envoy front (the default with Triton upstreams): inference never reaches the gateway's
+    own request series, and the traffic, latency and error panels show it from Envoy's stats."""
+    exprs = [e for e in dashboard_exprs() if reads_envoy(e)]
+    assert len(exprs) >= 5, exprs  # request rate, p50/p95/p99, error share, errors by status
+    triton = start_triton(tiny_repository)
+    x = np.random.default_rng(2).normal(size=(2, 16)).astype(np.float32)
+    bad = np.zeros((1, 7), np.float32)  # wrong shape: Triton's INVALID_ARGUMENT through Envoy
+    args = ["--upstream", f"triton://{triton.grpc_url}"]
+    with GatewayProcess(tiny_repository, args) as gw:
+        assert "envoy_admin_port" in gw.ports  # the Envoy front runs
+        targets = {
+            "precision-serve": gw.metrics_url.removeprefix("http://").removesuffix("/metrics")
+        }
+        with PrometheusServer(
+            prometheus_binary, config_from_deploy(targets), tmp_path / "p"
+        ) as prom:
+            client = grpcclient.InferenceServerClient(gw.grpc_url)
+            rejected: list[str] = []
+
+            def traffic() -> None:
+                for precision in ("fp32", "int8"):
+                    _infer(client, "tiny", x, parameters={"precision": precision})
+                try:
+                    _infer(client, "tiny_fp16", bad)
+                    rejected.append("accepted")
+                except InferenceServerException as e:
+                    rejected.append(str(e.status()))
+
+            missing, up = _data_under_load(prom, exprs, traffic, client.close)
+            # what the panels show came from Envoy: the gateway counted none of it itself
+            own = prom.query('sum(precision_serve_requests_total{model="tiny"})')
+            by_code = prom.query("sum by (precision, code) (precision_serve_envoy_responses_total)")
+    assert up == {"precision-serve": "up"}
+    assert rejected and set(rejected) == {"StatusCode.INVALID_ARGUMENT"}, set(rejected)
+    assert not missing, f"Envoy-front dashboard expressions without data: {sorted(missing)}"
+    assert not own or float(own[0]["value"][1]) == 0, own
+    codes = {(r["metric"]["precision"], r["metric"]["code"]) for r in by_code}
+    assert {("fp32", "ok"), ("int8", "ok"), ("fp16", "INVALID_ARGUMENT")} <= codes, codes
 
 
 def _every_expr(node: object) -> list[str]:
