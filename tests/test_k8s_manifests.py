@@ -43,6 +43,14 @@ KSERVE_SCHEMAS = {
     ("serving.kserve.io/v1alpha1", "ClusterServingRuntime"): "clusterservingruntimes.v1alpha1.json",
     ("serving.kserve.io/v1beta1", "InferenceService"): "inferenceservices.v1beta1.json",
 }
+# Gateway API's HTTPRoute CRD (v1.6.1, standard channel), for the example in deploy/k8s/gateway-api
+GATEWAY_API_SCHEMAS = {
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): Path(__file__).parent
+    / "data"
+    / "gateway-api"
+    / "httproutes.v1.json",
+}
+GATEWAY_API_EXAMPLE = ROOT / "deploy" / "k8s" / "gateway-api" / "digits-httproute.yaml"
 # The Kubernetes release the built-in kinds are validated against (kubectl here is 1.32 too).
 K8S_VERSION = "1.32.0"
 ADAPTER_VALUES = K8S / "monitoring" / "prometheus-adapter-values.yaml"
@@ -209,6 +217,9 @@ def close_schema(schema: Any) -> Any:
 
 def _schema(doc: Doc, closed: bool = True) -> dict[str, Any]:
     key = (doc["apiVersion"], doc["kind"])
+    if key in GATEWAY_API_SCHEMAS:
+        schema = json.loads(GATEWAY_API_SCHEMAS[key].read_text())
+        return close_schema(schema) if closed else schema
     assert key in KSERVE_SCHEMAS, f"no CRD schema in tests/data/kserve for {key}"
     schema = json.loads((KSERVE_DATA / KSERVE_SCHEMAS[key]).read_text())
     return close_schema(schema) if closed else schema
@@ -358,6 +369,26 @@ def test_gateway_upstream_names_headless_pool_services(
         assert port_map(triton)["grpc"] == port
 
 
+def test_the_cpu_gateway_runs_envoy_in_front_of_the_triton_pods(
+    rendered: dict[str, list[Doc]],
+) -> None:
+    """cpu: the Envoy front (the default) with DNS-discovered replicas and HTTP inference sent to
+    the Triton pods' HTTP port; gpu and kserve: pools that serve different variants stay on the
+    Python front, which picks a replica per variant."""
+    docs = rendered["cpu"]
+    upstream = gateway_args(docs).upstream
+    assert upstream.settings.front == "envoy"
+    assert upstream.spec.startswith("triton+dns://")  # Envoy STRICT_DNS clusters
+    ((host, _),) = upstream_addresses(upstream.spec)
+    (triton,) = find(docs, "Deployment", host)["spec"]["template"]["spec"]["containers"]
+    assert upstream.settings.http_port == port_map(triton)["http"]
+    assert f"--http-port={port_map(triton)['http']}" in triton["args"]
+    (gateway,) = find(docs, "Deployment", "gateway")["spec"]["template"]["spec"]["containers"]
+    assert any(m["mountPath"] == "/tmp" for m in gateway["volumeMounts"])  # Envoy's config folder
+    for overlay in ("gpu", "kserve"):
+        assert gateway_args(rendered[overlay]).upstream.settings.front == "python", overlay
+
+
 def test_kserve_gateway_upstream_names_the_predictors(rendered: dict[str, list[Doc]]) -> None:
     docs = rendered["kserve"]
     runtime = find(docs, "ClusterServingRuntime", "precision-serve-triton")
@@ -371,6 +402,44 @@ def test_kserve_gateway_upstream_names_the_predictors(rendered: dict[str, list[D
     for name in isvcs:
         model = find(docs, "InferenceService", name)["spec"]["predictor"]["model"]
         assert model["runtime"] == runtime["metadata"]["name"]
+
+
+def test_gateway_api_example_validates_and_maps_the_routes(rendered: dict[str, list[Doc]]) -> None:
+    """deploy/k8s/gateway-api: the Services validate as Kubernetes 1.32 objects, the HTTPRoute
+    against Gateway API's CRD schema (closed: an unknown field fails; its CEL rules are not run
+    here); each backend is a Service over the CPU pool's pods whose URLRewrite names the variant
+    of that Service's precision, and the split's weights add up to 100."""
+    docs = [d for d in yaml.safe_load_all(GATEWAY_API_EXAMPLE.read_text()) if d]
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    (route,) = [d for d in docs if d["kind"] == "HTTPRoute"]
+    assert validate_builtin(list(services.values())) == 2
+    assert kserve_errors(route) == []
+    wrong = copy.deepcopy(route)
+    wrong["spec"]["rules"][0]["backendRefs"][0]["wieght"] = 1
+    assert any("wieght" in e for e in kserve_errors(wrong))
+
+    pool = find(rendered["cpu"], "Deployment", "triton-cpu")["spec"]["template"]
+    (triton,) = pool["spec"]["containers"]
+    for service in services.values():
+        assert service["spec"]["selector"].items() <= pool["metadata"]["labels"].items()
+        (port,) = service["spec"]["ports"]
+        assert port["targetPort"] == "http" and port["port"] == port_map(triton)["http"]
+    asked, split = route["spec"]["rules"][:-1], route["spec"]["rules"][-1]
+    for rule in route["spec"]["rules"]:
+        (match,) = rule["matches"]
+        assert match["path"] == {"type": "PathPrefix", "value": "/v2/models/digits"}
+        for ref in rule["backendRefs"]:
+            precision = services[ref["name"]]["metadata"]["labels"]["precision-serve/precision"]
+            (rewrite,) = ref["filters"]
+            assert rewrite["urlRewrite"]["path"]["replacePrefixMatch"] == (
+                f"/v2/models/digits_{precision}"
+            )
+    for rule in asked:
+        (header,) = rule["matches"][0]["headers"]
+        (ref,) = rule["backendRefs"]
+        precision = services[ref["name"]]["metadata"]["labels"]["precision-serve/precision"]
+        assert header == {"type": "Exact", "name": "x-precision", "value": precision}
+    assert sum(ref["weight"] for ref in split["backendRefs"]) == 100
 
 
 # ---- Triton pods -------------------------------------------------------------------------------
@@ -484,6 +553,10 @@ def test_every_hpa_metric_has_an_adapter_rule_on_real_series(
     assert series_name(gateway) == metrics.INFLIGHT._name
     assert metrics.INFLIGHT._type == "gauge"
     assert "precision_serve_inflight_requests{<<.LabelMatchers>>}" in gateway["metricsQuery"]
+    # ... and the Envoy front's attempts in flight (server/front/metrics.py exports them)
+    envoy = "precision_serve_envoy_upstream_active_requests"
+    assert f"{envoy}{{<<.LabelMatchers>>}}" in gateway["metricsQuery"]
+    assert f'"{envoy}"' in (ROOT / "server" / "front" / "metrics.py").read_text()
 
     # Triton's series: names a live Triton exports (the dashboard's, checked against one).
     triton = rules["avg_time_queue_us"]
@@ -550,7 +623,8 @@ def test_adapter_queries_compute_what_the_hpas_expect(tmp_path: Path) -> None:
     rules = adapter_rules()
     (tmp_path / "empty.yml").write_text("groups: []\n")
     # Pod a: model m1 queues 2000 us per request (4 requests a minute), model m2 loaded but idle.
-    # Gateway pod a has 3 + 2 requests in flight; gateway pod b has served nothing yet (only `up`).
+    # Gateway pod a has 3 + 2 requests in flight; gateway pod b has served nothing yet (only `up`);
+    # gateway pod c runs the Envoy front: 1 in the control plane, Envoy 4 + 2 to Triton.
     series = [
         ('nv_inference_queue_duration_us{namespace="ns",pod="a",model="m1"}', "0+2000x8"),
         ('nv_inference_request_success{namespace="ns",pod="a",model="m1"}', "0+1x8"),
@@ -560,6 +634,18 @@ def test_adapter_queries_compute_what_the_hpas_expect(tmp_path: Path) -> None:
         ('precision_serve_inflight_requests{namespace="ns",pod="a",model="m2"}', "2x8"),
         ('up{namespace="ns",pod="a"}', "1x8"),
         ('up{namespace="ns",pod="b"}', "1x8"),
+        ('precision_serve_inflight_requests{namespace="ns",pod="c",model="m1"}', "1x8"),
+        (
+            'precision_serve_envoy_upstream_active_requests{namespace="ns",pod="c",model="m1",'
+            'precision="int8",protocol="grpc"}',
+            "4x8",
+        ),
+        (
+            'precision_serve_envoy_upstream_active_requests{namespace="ns",pod="c",model="m1",'
+            'precision="fp32",protocol="http"}',
+            "2x8",
+        ),
+        ('up{namespace="ns",pod="c"}', "1x8"),
     ]
     tests = {
         "rule_files": ["empty.yml"],
@@ -580,11 +666,12 @@ def test_adapter_queries_compute_what_the_hpas_expect(tmp_path: Path) -> None:
                         "exp_samples": [{"labels": '{pod="a"}', "value": 800}],
                     },
                     {
-                        "expr": adapter_query(rules["precision_serve_inflight_requests"], "a|b"),
+                        "expr": adapter_query(rules["precision_serve_inflight_requests"], "a|b|c"),
                         "eval_time": "2m",
                         "exp_samples": [
                             {"labels": '{pod="a"}', "value": 5},
                             {"labels": '{pod="b"}', "value": 0},
+                            {"labels": '{pod="c"}', "value": 7},
                         ],
                     },
                 ],

@@ -170,6 +170,8 @@ class Gateway:
         self.stats: dict[str, VariantStats] = {
             v.name: VariantStats() for v in repository.variants()
         }
+        for name in repository.models:  # exported at 0 from start-up (the HPA's series)
+            metrics.inflight(name)
         self._shadow_tasks: set[asyncio.Task] = set()
         # pass-through: the upstream takes serialised requests (server/upstreams/triton/upstream.py)
         self.forwards = upstream.capabilities.forward

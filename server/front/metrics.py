@@ -9,6 +9,8 @@ them under the project's names (docs/metrics.md):
   to Triton (``cluster.<variant>.upstream_rq_total``; ``protocol`` grpc or http);
 - ``precision_serve_envoy_upstream_retries_total{...}``: of those, the retries (a fallback to
   the next precision, or another replica);
+- ``precision_serve_envoy_upstream_active_requests{...}``: attempts in flight to Triton now
+  (``upstream_rq_active``; with the gateway's own in-flight gauge, what its HPA scales on);
 - ``precision_serve_envoy_responses_total{model, precision, protocol, code}``: replies by
   ``code``, ``ok`` or the gRPC status code name as in ``precision_serve_requests_total``'s
   ``status`` (gRPC: the grpc_stats filter's per-status counters on the routed variant's
@@ -28,7 +30,12 @@ import re
 from collections.abc import Iterator
 
 import grpc
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -37,7 +44,7 @@ from server.front.config import HTTP
 from server.front.supervisor import EnvoyError, EnvoyFront
 from server.transports.http.app import HTTP_STATUS
 
-_STATS = r"^cluster\.[^.]+\.(upstream_rq_(total|retry|time|\d\d\d)|grpc\..*ModelInfer\.\d+)$"
+_STATS = r"^cluster\.[^.]+\.(upstream_rq_(total|retry|time|active|\d\d\d)|grpc\..*ModelInfer\.\d+)$"
 _GRPC_CODE = re.compile(r"^envoy_cluster_grpc_ModelInfer_(\d+)$")
 _GRPC_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 _GRPC_NAMES[0] = "ok"
@@ -89,6 +96,11 @@ class EnvoyCollector(Collector):
             "Of those, retries: the next precision of a chain, or another replica.",
             labels=labels,
         )
+        active = GaugeMetricFamily(
+            "precision_serve_envoy_upstream_active_requests",
+            "Attempts Envoy has in flight to Triton now, per variant cluster.",
+            labels=labels,
+        )
         responses = CounterMetricFamily(
             "precision_serve_envoy_responses",
             "Replies through the Envoy front by code (ok or the gRPC status code name).",
@@ -116,6 +128,8 @@ class EnvoyCollector(Collector):
                         counts[(*values, code)] = counts.get((*values, code), 0.0) + value
                 elif name == "envoy_cluster_upstream_rq":
                     requests.add_metric(list(values), value)
+                elif name == "envoy_cluster_upstream_rq_active":
+                    active.add_metric(list(values), value)
                 elif name == "envoy_cluster_upstream_rq_retry":
                     retries.add_metric(list(values), value)
                 elif (match := _GRPC_CODE.match(name)) and values[2] == "grpc":
@@ -133,5 +147,6 @@ class EnvoyCollector(Collector):
             duration.add_metric(list(values), cumulative, sums.get(values, 0.0))
         yield requests
         yield retries
+        yield active
         yield responses
         yield duration

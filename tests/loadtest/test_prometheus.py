@@ -301,10 +301,19 @@ def test_dashboard_envoy_front_queries_return_data(
             # what the panels show came from Envoy: the gateway counted none of it itself
             own = prom.query('sum(precision_serve_requests_total{model="tiny"})')
             by_code = prom.query("sum by (precision, code) (precision_serve_envoy_responses_total)")
+            # the series the gateway's HPA reads (deploy/k8s/monitoring): both exported at rest
+            hpa = {
+                name: prom.query(f'{name}{{model="tiny"}}')
+                for name in (
+                    "precision_serve_inflight_requests",
+                    "precision_serve_envoy_upstream_active_requests",
+                )
+            }
     assert up == {"precision-serve": "up"}
     assert rejected and set(rejected) == {"StatusCode.INVALID_ARGUMENT"}, set(rejected)
     assert not missing, f"Envoy-front dashboard expressions without data: {sorted(missing)}"
     assert not own or float(own[0]["value"][1]) == 0, own
+    assert all(hpa.values()), hpa
     codes = {(r["metric"]["precision"], r["metric"]["code"]) for r in by_code}
     assert {("fp32", "ok"), ("int8", "ok"), ("fp16", "INVALID_ARGUMENT")} <= codes, codes
 
