@@ -228,28 +228,7 @@ def run_loadtest(config: LoadTestConfig, log: Callable[[str], None] = print) -> 
     config.out.mkdir(parents=True, exist_ok=True)
     results: list[StepResult] = []
     with ExitStack() as stack:
-        target, metrics_url = config.target, config.metrics_url
-        if target is None:
-            from server.runtime.runner import GatewayProcess
-
-            log(f"starting a gateway on {config.repository} ...")
-            gw = stack.enter_context(GatewayProcess(config.repository, config.gateway_args))  # type: ignore[arg-type]
-            target = gw.grpc_url
-            metrics_url = metrics_url or gw.metrics_url
-            info.target = f"{target} (gateway started by precision-loadtest)"
-        elif metrics_url is None:
-            metrics_url = f"http://{target.rsplit(':', 1)[0]}:8002/metrics"
-        settings = StepSettings(
-            model=config.model,
-            target=target,
-            repository=config.repository,
-            duration_s=config.duration_s,
-            warmup_s=config.warmup_s,
-            precision_via=config.precision_via,
-            metrics_url=metrics_url if config.scrape_metrics else None,
-            request_timeout_s=config.request_timeout_s,
-            work_dir=config.out / "steps",
-        )
+        settings = _step_settings(config, info, stack, log, http=False)
         steps = config.steps
         for i, step in enumerate(steps, 1):
             started = time.perf_counter()
@@ -263,6 +242,39 @@ def run_loadtest(config: LoadTestConfig, log: Callable[[str], None] = print) -> 
             )
     paths = write_report(config.out, results, info)
     return LoadTestOutcome(results, paths, info)
+
+
+def _step_settings(
+    config: LoadTestConfig,
+    info: RunInfo,
+    stack: ExitStack,
+    log: Callable[[str], None],
+    http: bool,
+) -> StepSettings:
+    """The steps' settings against ``--target``, or against a gateway started here (kept open by
+    ``stack``); ``http``: the steps speak HTTP (an LLM's OpenAI API), else gRPC."""
+    target, metrics_url = config.target, config.metrics_url
+    if target is None:
+        from server.runtime.runner import GatewayProcess
+
+        log(f"starting a gateway on {config.repository} ...")
+        gw = stack.enter_context(GatewayProcess(config.repository, config.gateway_args))  # type: ignore[arg-type]
+        target = gw.http_url if http else gw.grpc_url
+        metrics_url = metrics_url or gw.metrics_url
+        info.target = f"{target} (gateway started by precision-loadtest)"
+    elif metrics_url is None:
+        metrics_url = f"http://{target.rsplit(':', 1)[0]}:8002/metrics"
+    return StepSettings(
+        model=config.model,
+        target=target,
+        repository=config.repository,
+        duration_s=config.duration_s,
+        warmup_s=config.warmup_s,
+        precision_via=config.precision_via,
+        metrics_url=metrics_url if config.scrape_metrics else None,
+        request_timeout_s=config.request_timeout_s,
+        work_dir=config.out / "steps",
+    )
 
 
 def run_llm_loadtest(config: LoadTestConfig, log: Callable[[str], None] = print) -> LoadTestOutcome:
@@ -287,28 +299,7 @@ def run_llm_loadtest(config: LoadTestConfig, log: Callable[[str], None] = print)
     config.out.mkdir(parents=True, exist_ok=True)
     results: list[LlmStepResult] = []
     with ExitStack() as stack:
-        target, metrics_url = config.target, config.metrics_url
-        if target is None:
-            from server.runtime.runner import GatewayProcess
-
-            log(f"starting a gateway on {config.repository} ...")
-            gw = stack.enter_context(GatewayProcess(config.repository, config.gateway_args))  # type: ignore[arg-type]
-            target = gw.http_url
-            metrics_url = metrics_url or gw.metrics_url
-            info.target = f"{target} (gateway started by precision-loadtest)"
-        elif metrics_url is None:
-            metrics_url = f"http://{target.rsplit(':', 1)[0]}:8002/metrics"
-        settings = StepSettings(
-            model=config.model,
-            target=target,
-            repository=config.repository,
-            duration_s=config.duration_s,
-            warmup_s=config.warmup_s,
-            precision_via=config.precision_via,
-            metrics_url=metrics_url if config.scrape_metrics else None,
-            request_timeout_s=config.request_timeout_s,
-            work_dir=config.out / "steps",
-        )
+        settings = _step_settings(config, info, stack, log, http=True)
         steps = [Step(p, u, 1) for p in config.precisions for u in config.users]
         for i, step in enumerate(steps, 1):
             started = time.perf_counter()

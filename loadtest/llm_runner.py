@@ -18,7 +18,7 @@ from loadtest.runner import (
     StepSettings,
     _locust_errors,
     locust_prefix,
-    run_locust,
+    measure_step,
 )
 
 LOCUSTFILE_LLM = Path(__file__).with_name("locustfile_llm.py")
@@ -144,40 +144,18 @@ def summarise_llm(step: Step, record: Path, csv_prefix: Path) -> LlmStepResult:
     )
 
 
-def _count(record: Path) -> int:
-    if not record.is_file():
-        return 0
-    with np.load(record) as d:
-        return int(d["ok"].size)
-
-
 def run_llm_step(step: Step, s: StepSettings, llm: LlmSettings) -> LlmStepResult:
     """Warm up (not counted), scrape, measure, scrape; the result of the measured run."""
-    work = Path(s.work_dir) / step.slug
-    work.mkdir(parents=True, exist_ok=True)
-    slack = 60 + STOP_TIMEOUT_S + 2 * s.request_timeout_s
-    if s.warmup_s > 0:
-        cmd = llm_locust_command(step, s, llm, s.warmup_s, work / "warmup", work / "warmup.npz")
-        run_locust(cmd, work / "warmup.log", s.warmup_s + slack)
-    before = after = None
-    note = ""
-    if s.metrics_url:
-        try:
-            before = promtext.scrape(s.metrics_url)
-        except promtext.ScrapeError as e:
-            note = str(e)
-    record = work / "record.npz"
-    cmd = llm_locust_command(step, s, llm, s.duration_s, work / "locust", record)
-    run_locust(cmd, work / "locust.log", s.duration_s + slack)
-    if before is not None:
-        try:
-            after = promtext.scrape(s.metrics_url)  # type: ignore[arg-type]
-        except promtext.ScrapeError as e:
-            note = str(e)
-    result = summarise_llm(step, record, work / "locust")
-    result.warmup_requests = _count(work / "warmup.npz")
-    if before is not None and after is not None:
-        window = promtext.delta(before, after)
-        result.server = promtext.llm_server_view(window, s.model, step.precision).to_dict()
-    result.server_note = note if s.metrics_url else "no metrics endpoint given"
+    measured = measure_step(
+        step,
+        s,
+        lambda seconds, prefix, record: llm_locust_command(step, s, llm, seconds, prefix, record),
+        60 + STOP_TIMEOUT_S + 2 * s.request_timeout_s,
+    )
+    result = summarise_llm(step, measured.record, measured.work / "locust")
+    result.warmup_requests = measured.warmup_requests
+    if measured.window is not None:
+        view = promtext.llm_server_view(measured.window, s.model, step.precision)
+        result.server = view.to_dict()
+    result.server_note = measured.note
     return result

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -198,13 +199,32 @@ def summarise(step: Step, record: Path, csv_prefix: Path) -> StepResult:
     )
 
 
-def run_step(step: Step, s: StepSettings) -> StepResult:
-    """Warm up (not counted), scrape, measure, scrape; the result of the measured run."""
+@dataclass
+class Measured:
+    """Where a step's measured run left its files, and the server's view of its window."""
+
+    work: Path  # the step's folder: record.npz, locust_*.csv, warmup.npz
+    window: promtext.Samples | None  # /metrics after minus before; None: not scraped
+    note: str  # why the server's view is missing, if it is
+
+    @property
+    def record(self) -> Path:
+        return self.work / "record.npz"
+
+    @property
+    def warmup_requests(self) -> int:
+        return _count(self.work / "warmup.npz")
+
+
+def measure_step(
+    step: Step, s: StepSettings, command: Callable[[float, Path, Path], list[str]], slack: float
+) -> Measured:
+    """Warm up (not counted), scrape, measure, scrape. ``command(seconds, csv prefix, record)``
+    is the Locust command line of a run; ``slack``: seconds a run may take beyond its length."""
     work = Path(s.work_dir) / step.slug
     work.mkdir(parents=True, exist_ok=True)
-    slack = 60 + STOP_TIMEOUT_S
     if s.warmup_s > 0:
-        cmd = locust_command(step, s, s.warmup_s, work / "warmup", work / "warmup.npz")
+        cmd = command(s.warmup_s, work / "warmup", work / "warmup.npz")
         run_locust(cmd, work / "warmup.log", s.warmup_s + slack)
     before = after = None
     note = ""
@@ -213,18 +233,31 @@ def run_step(step: Step, s: StepSettings) -> StepResult:
             before = promtext.scrape(s.metrics_url)
         except promtext.ScrapeError as e:
             note = str(e)
-    record = work / "record.npz"
-    cmd = locust_command(step, s, s.duration_s, work / "locust", record)
-    run_locust(cmd, work / "locust.log", s.duration_s + slack)
+    run_locust(
+        command(s.duration_s, work / "locust", work / "record.npz"),
+        work / "locust.log",
+        s.duration_s + slack,
+    )
     if before is not None:
         try:
             after = promtext.scrape(s.metrics_url)  # type: ignore[arg-type]
         except promtext.ScrapeError as e:
             note = str(e)
-    result = summarise(step, record, work / "locust")
-    result.warmup_requests = _count(work / "warmup.npz")
-    if before is not None and after is not None:
-        window = promtext.delta(before, after)
-        result.server = promtext.server_view(window, s.model, step.precision).to_dict()
-    result.server_note = note if s.metrics_url else "no metrics endpoint given"
+    window = promtext.delta(before, after) if before is not None and after is not None else None
+    return Measured(work, window, note if s.metrics_url else "no metrics endpoint given")
+
+
+def run_step(step: Step, s: StepSettings) -> StepResult:
+    """Warm up (not counted), scrape, measure, scrape; the result of the measured run."""
+    measured = measure_step(
+        step,
+        s,
+        lambda seconds, prefix, record: locust_command(step, s, seconds, prefix, record),
+        60 + STOP_TIMEOUT_S,
+    )
+    result = summarise(step, measured.record, measured.work / "locust")
+    result.warmup_requests = measured.warmup_requests
+    if measured.window is not None:
+        result.server = promtext.server_view(measured.window, s.model, step.precision).to_dict()
+    result.server_note = measured.note
     return result
