@@ -1,9 +1,9 @@
 """NVIDIA's perf_analyzer, unchanged, through the Envoy front (``--upstream
-triton://…?front=envoy``) to a real Triton: gRPC and HTTP inference on a variant and on a
-logical model, ``--streaming`` and ``--shared-memory system`` (these two reach the control plane
-behind Envoy). Each run must end without an error, and Triton must have served the requests
-without a failure; for plain gRPC, Envoy's own counter for the variant's cluster shows the
-requests went client -> Envoy -> Triton, not through Python."""
+triton://…?front=envoy``) to a real Triton: gRPC and HTTP inference on a variant and on a logical model,
+``--streaming`` and ``--shared-memory system`` (these two reach the control plane behind
+Envoy). Each run must end without an error, and Triton must have served the requests without a
+failure; for plain gRPC, Envoy's own counter for the variant's cluster shows the requests went
+client -> Envoy -> Triton, not through Python."""
 
 from __future__ import annotations
 
