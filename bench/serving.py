@@ -18,9 +18,9 @@ The same variant and the same input rows through four paths:
   that Triton, and (k) ``bare_forward_http``: the same over Triton's HTTP port on raw sockets
   (:mod:`lab.floors.bare_server`, :mod:`lab.floors.http_forward`): the floors with the model, what
   no handler on those frameworks beats without batching (each on the gateway's loop);
-- (l) ``gateway_envoy``: the gateway with ``--upstream triton://…?front=envoy`` to that Triton:
-  Envoy (server/front) in the data path, the gateway behind it as the control plane; its CPU is
-  the gateway's process tree (the gateway and its Envoy).
+- (l) ``gateway_envoy``: the gateway with ``--upstream triton://`` to that Triton and its
+  default front: Envoy (server/front) in the data path, the gateway behind it as the control
+  plane; its CPU is the gateway's process tree (the gateway and its Envoy).
 
 The servers get a repository holding only the measured variants (links to the built ones), so
 neither loads anything else. All four run at once and are measured round-robin - per round, per
@@ -188,7 +188,7 @@ class Servers:
             return self
         up = [*args, "--upstream", f"triton://{triton.grpc_url}?front=python"]
         self._start("gateway_triton", lambda: GatewayProcess(self.repository, up, timeout=300))
-        envoy = [*args, "--upstream", f"triton://{triton.grpc_url}?front=envoy"]
+        envoy = [*args, "--upstream", f"triton://{triton.grpc_url}"]
         self._start("gateway_envoy", lambda: GatewayProcess(self.repository, envoy, timeout=300))
         self._start("bare_forward", lambda: BareServer("forward", forward=triton.grpc_url))
         self._start(

@@ -155,7 +155,7 @@ class GatewayServer:
         self.control = ModelControl(self.gateway, options.security.model_control)
         self.router = router
         # Envoy on the public gRPC/HTTP ports, this process behind it on loopback (docs/envoy.md):
-        # for Triton upstreams with ``?front=envoy``; not with precision pools or --workers
+        # for Triton upstreams unless ``?front=python``; not with precision pools or --workers
         self.front: EnvoyFront | None = None
         self._weights: asyncio.Task | None = None
         self._collector: EnvoyCollector | None = None

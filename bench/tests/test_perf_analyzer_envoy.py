@@ -1,5 +1,5 @@
-"""NVIDIA's perf_analyzer, unchanged, through the Envoy front (``--upstream
-triton://…?front=envoy``) to a real Triton: gRPC and HTTP inference on a variant and on a logical model,
+"""NVIDIA's perf_analyzer, unchanged, through the Envoy front (``--upstream triton://…``, the
+default front) to a real Triton: gRPC and HTTP inference on a variant and on a logical model,
 ``--streaming`` and ``--shared-memory system`` (these two reach the control plane behind
 Envoy). Each run must end without an error, and Triton must have served the requests without a
 failure; for plain gRPC, Envoy's own counter for the variant's cluster shows the requests went
@@ -46,7 +46,7 @@ def test_perf_analyzer_through_the_envoy_front(
         skip_or_fail(str(e))
         raise
     triton = start_triton(tiny_repository)
-    upstream = f"triton://{triton.grpc_url}?http={triton.http_port}&front=envoy"
+    upstream = f"triton://{triton.grpc_url}?http={triton.http_port}"
     runs = [
         ("grpc", "tiny_int8", []),
         ("grpc", "tiny", []),

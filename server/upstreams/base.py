@@ -97,10 +97,10 @@ class UpstreamSettings:
     llm_sequences: int = 2
     llm_queue: int = 16
     llm_max_tokens: int = 2048
-    # Triton: what listens on the public ports - "python" (the gateway itself) or "envoy"
-    # (``?front=envoy``: Envoy forwards inference to Triton, the gateway is the control plane
-    # behind it on loopback, server/front/; not the default yet: docs/envoy.md says why)
-    front: str = "python"
+    # Triton: what listens on the public ports - "envoy" (Envoy forwards inference to Triton, the
+    # gateway is the control plane behind it on loopback, server/front/) or "python" (the
+    # gateway itself; ``?front=python``)
+    front: str = "envoy"
     # Triton: the replicas' HTTP port (``?http=PORT``), for Envoy to send HTTP inference straight
     # to them; 0: HTTP inference goes through the control plane
     http_port: int = 0

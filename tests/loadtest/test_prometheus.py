@@ -276,7 +276,7 @@ def test_dashboard_envoy_front_queries_return_data(
     triton = start_triton(tiny_repository)
     x = np.random.default_rng(2).normal(size=(2, 16)).astype(np.float32)
     bad = np.zeros((1, 7), np.float32)  # wrong shape: Triton's INVALID_ARGUMENT through Envoy
-    args = ["--upstream", f"triton://{triton.grpc_url}?front=envoy"]
+    args = ["--upstream", f"triton://{triton.grpc_url}"]
     with GatewayProcess(tiny_repository, args) as gw:
         assert "envoy_admin_port" in gw.ports  # the Envoy front runs
         targets = {

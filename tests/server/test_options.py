@@ -168,7 +168,7 @@ def test_upstream_settings_come_from_the_url_query() -> None:
         front="python",
         http_port=8000,
     )
-    assert parse_upstream("triton://a:1")[2].front == "python"  # the default front
+    assert parse_upstream("triton://a:1")[2].front == "envoy"  # the default front
     assert parse_upstream("triton+dns://svc:8001?interval=0.5&merge=2")[1:] == (
         "svc:8001",
         UpstreamSettings(resolve_interval_s=0.5, merge_limit=2),

@@ -1,4 +1,4 @@
-"""Envoy in front of a real Triton (``--upstream triton://...?front=envoy``): inference goes
+"""Envoy in front of a real Triton (``--upstream triton://...``, the default front): inference goes
 client -> Envoy -> Triton, everything else to the gateway behind it (the control plane).
 
 Where a request went is read from Envoy's own counters (clusters named after the variants, and
@@ -112,9 +112,7 @@ def test_every_way_of_asking_for_a_precision_is_routed_in_envoy(
 ) -> None:
     triton = start_triton(tiny_repository, model_control="explicit")
     split = {"models": {"tiny": {"policy": "split", "weights": {"int8": 70, "fp16": 30}}}}
-    upstream = (
-        f"triton://{triton.grpc_url}?http={triton.http_port}&front=envoy"  # HTTP inference too
-    )
+    upstream = f"triton://{triton.grpc_url}?http={triton.http_port}"  # HTTP inference too
     args = ["--upstream", upstream, *_routing(tmp_path, split)]
     direct = grpcclient.InferenceServerClient(triton.grpc_url)
     with GatewayProcess(tiny_repository, extra_args=args) as gw:
@@ -203,7 +201,7 @@ def test_shadow_mirrors_to_the_reference_cluster(
     shadow = {
         "models": {"tiny": {"policy": "shadow", "precision": "int8", "shadow": {"fraction": 0.5}}}
     }
-    args = ["--upstream", f"triton://{triton.grpc_url}?front=envoy", *_routing(tmp_path, shadow)]
+    args = ["--upstream", f"triton://{triton.grpc_url}", *_routing(tmp_path, shadow)]
     with GatewayProcess(tiny_repository, extra_args=args) as gw:
         client = grpcclient.InferenceServerClient(gw.grpc_url)
         before = _stats(gw)
@@ -240,12 +238,7 @@ def test_the_token_is_checked_in_envoy_before_the_body(
     triton = start_triton(tiny_repository)
     token = tmp_path / "token"
     token.write_text("s3cret\n")
-    args = [
-        "--upstream",
-        f"triton://{triton.grpc_url}?front=envoy",
-        "--auth-token-file",
-        str(token),
-    ]
+    args = ["--upstream", f"triton://{triton.grpc_url}", "--auth-token-file", str(token)]
     with GatewayProcess(tiny_repository, extra_args=args) as gw:
         client = grpcclient.InferenceServerClient(gw.grpc_url)
         before = _stats(gw)
@@ -275,7 +268,7 @@ def test_a_crashed_envoy_is_started_again_on_the_same_ports(
 ) -> None:
     triton = start_triton(tiny_repository)
     with GatewayProcess(
-        tiny_repository, extra_args=["--upstream", f"triton://{triton.grpc_url}?front=envoy"]
+        tiny_repository, extra_args=["--upstream", f"triton://{triton.grpc_url}"]
     ) as gw:
         client = grpcclient.InferenceServerClient(gw.grpc_url)
         assert _infer(client, "tiny_fp16")[0] == "fp16"
@@ -312,7 +305,7 @@ def test_a_60_mb_request_is_refused_in_envoy_and_health_still_answers(
 
     triton = start_triton(tiny_repository)
     with GatewayProcess(
-        tiny_repository, extra_args=["--upstream", f"triton://{triton.grpc_url}?front=envoy"]
+        tiny_repository, extra_args=["--upstream", f"triton://{triton.grpc_url}"]
     ) as gw:
         before = _stats(gw)
         options = [("grpc.max_send_message_length", -1)]
@@ -343,7 +336,7 @@ def test_nvidia_example_clients_through_the_envoy_front(
     from tests.server.test_nvidia_examples import run_checks
 
     triton = start_triton(tiny_repository, model_control="explicit")
-    args = ["--upstream", f"triton://{triton.grpc_url}?front=envoy", "--model-control", "explicit"]
+    args = ["--upstream", f"triton://{triton.grpc_url}", "--model-control", "explicit"]
     with GatewayProcess(tiny_repository, extra_args=args) as gw:
         assert "envoy_admin_port" in gw.ports
         grpc = grpcclient.InferenceServerClient(gw.grpc_url)
@@ -383,7 +376,7 @@ def test_envoy_goes_when_the_gateway_is_killed(
     """No Envoy is left holding the ports after a SIGKILLed gateway (parent-death signal)."""
     triton = start_triton(tiny_repository)
     with GatewayProcess(
-        tiny_repository, extra_args=["--upstream", f"triton://{triton.grpc_url}?front=envoy"]
+        tiny_repository, extra_args=["--upstream", f"triton://{triton.grpc_url}"]
     ) as gw:
         (envoy,) = _children(gw.pid)
         os.kill(gw.pid, signal.SIGKILL)
@@ -403,7 +396,7 @@ def test_a_split_follows_the_variants_readiness(
     and moves the split's first attempts away from it in Envoy; back when it is ready."""
     triton = start_triton(tiny_repository, model_control="explicit")
     split = {"models": {"tiny": {"policy": "split", "weights": {"int8": 50, "fp16": 50}}}}
-    args = ["--upstream", f"triton://{triton.grpc_url}?front=envoy", *_routing(tmp_path, split)]
+    args = ["--upstream", f"triton://{triton.grpc_url}", *_routing(tmp_path, split)]
     direct = grpcclient.InferenceServerClient(triton.grpc_url)
     with GatewayProcess(tiny_repository, extra_args=args) as gw:
         client = grpcclient.InferenceServerClient(gw.grpc_url)
