@@ -175,8 +175,16 @@ def test_two_replicas_retry_each_precision_on_another_replica_first(
     repository: Repository,
 ) -> None:
     plan = _plan(repository, {}, triton=triton_endpoints("127.0.0.1:1,127.0.0.2:1"))
-    (fp16,) = _by_route_header(_routes(bootstrap(plan)), "m:tiny:fp16")
+    config = bootstrap(plan)
+    (fp16,) = _by_route_header(_routes(config), "m:tiny:fp16")
     assert _chain(fp16) == ["tiny_fp16", "tiny_fp16", "tiny_fp32", "tiny_fp32"]
+    # a dead replica must not attract the retries (least-request would pick it: it holds no
+    # requests), and every request of a killed replica may need its retry at once
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"].startswith("tiny_"):
+            assert cluster["lb_policy"] == "ROUND_ROBIN"
+            (limits,) = cluster["circuit_breakers"]["thresholds"]
+            assert limits["max_retries"] >= 1024
 
 
 def test_split_is_cumulative_runtime_fractions_and_shadow_a_mirror(
