@@ -40,6 +40,7 @@ from server.front.config import (
     triton_endpoints,
 )
 from server.front.metrics import EnvoyCollector
+from server.front.pools import PoolPlan, plan_pools
 from server.front.supervisor import EnvoyError, EnvoyFront
 from server.routing.options import RoutingOptions
 from server.routing.policies import Router, load_routing
@@ -155,16 +156,23 @@ class GatewayServer:
         self.control = ModelControl(self.gateway, options.security.model_control)
         self.router = router
         # Envoy on the public gRPC/HTTP ports, this process behind it on loopback (docs/envoy.md):
-        # for Triton upstreams unless ``?front=python``; not with precision pools or --workers
+        # for Triton upstreams (precision pools: each variant's clusters hold its pool's
+        # replicas, server/front/pools.py) unless ``?front=python``; not with --workers
         self.front: EnvoyFront | None = None
         self._weights: asyncio.Task | None = None
         self._collector: EnvoyCollector | None = None
-        self.envoy = (
-            up.scheme in ENVOY_SCHEMES
-            and up.settings.front == "envoy"
-            and not routing.pools
-            and not options.worker
-        )
+        self.pools: PoolPlan | None = None
+        if routing.pools:
+            self.pools = plan_pools(
+                up.spec,
+                routing.pools,
+                routing.pool_assignment(repository),
+                served_variants(repository),
+            )
+            front = self.pools.front
+        else:
+            front = up.settings.front if up.scheme in ENVOY_SCHEMES else ""
+        self.envoy = front == "envoy" and not options.worker
         self.ports: dict[str, int] = {}
         self._grpc: grpc.aio.Server | None = None
         self._runners: list[web.AppRunner] = []
@@ -262,6 +270,11 @@ class GatewayServer:
         o, up = self.options, self.options.upstream
         repository = self.gateway.repository
         variants = served_variants(repository)
+        elsewhere: frozenset[str] = frozenset()
+        pools = {}
+        if self.pools is not None:  # only the variants of Triton pools, each to its replicas
+            pools, elsewhere = self.pools.replicas, self.pools.elsewhere
+            variants = {n: p for n, p in variants.items() if n in pools}
         tls = o.listen.tls
         return FrontPlan(
             host=o.listen.host,
@@ -271,7 +284,7 @@ class GatewayServer:
             control_http_port=self.ports["http_port"],
             triton=triton_endpoints(up.address),
             variants=variants,
-            models=tuple(plan_models(repository, self.router, variants)),
+            models=tuple(plan_models(repository, self.router, variants, elsewhere)),
             body_limit=body_limit,
             max_streams=max_streams,
             header_timeout_s=o.limits.http_body_timeout,
@@ -282,6 +295,7 @@ class GatewayServer:
             tls=(tls.cert, tls.key) if tls is not None else None,
             dns=up.scheme == "triton+dns",
             resolve_interval_s=up.settings.resolve_interval_s,
+            pools=pools,
         )
 
     async def _start_envoy(self, body_limit: int, max_streams: int) -> None:

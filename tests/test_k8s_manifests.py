@@ -29,8 +29,11 @@ import pytest
 import yaml
 
 from server import metrics
+from server.catalog import PRECISION_ORDER
+from server.front.pools import plan_pools
 from server.launcher.distribution import find_distribution
 from server.launcher.errors import TritonNotInstalled
+from server.routing.policies import RoutingConfig, parse_routing
 from server.runtime.options import parse
 from server.transports.options import Ports
 from tests.helpers import skip_or_fail
@@ -119,9 +122,13 @@ def test_every_overlay_renders_the_pieces_it_promises(rendered: dict[str, list[D
     def pools(*names: str) -> set[tuple[str, str]]:
         return {(k, n.format(p=p)) for p in names for k, n in pool}
 
+    def rendered_kinds(overlay: str) -> set[tuple[str, str]]:
+        """(the routing file's ConfigMap: gateway_routing below)"""
+        return {k for k in kinds(rendered[overlay]) if k[0] != "ConfigMap"}
+
     assert kinds(rendered["cpu"]) == gateway | pools("cpu")
-    assert kinds(rendered["gpu"]) == gateway | pools("cpu", "gpu")
-    assert kinds(rendered["kserve"]) == gateway | {
+    assert rendered_kinds("gpu") == gateway | pools("cpu", "gpu")
+    assert rendered_kinds("kserve") == gateway | {
         ("ClusterServingRuntime", "precision-serve-triton"),
         ("InferenceService", "triton-cpu"),
         ("InferenceService", "triton-gpu"),
@@ -284,6 +291,27 @@ def gateway_args(docs: list[Doc]) -> Any:
     return parse(container["args"])
 
 
+def gateway_routing(docs: list[Doc]) -> RoutingConfig | None:
+    """The routing file the gateway's ``--routing`` names, read (and parsed as the gateway
+    parses it) from the ConfigMap mounted at its folder; None without ``--routing``."""
+    path = gateway_args(docs).routing.routing
+    if path is None:
+        return None
+    pod = find(docs, "Deployment", "gateway")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    config_map = find(docs, "ConfigMap", volume["configMap"]["name"])
+    return parse_routing(yaml.safe_load(config_map["data"][path.name]), str(path))
+
+
+def upstream_specs(docs: list[Doc]) -> list[str]:
+    """The gateway's --upstream and its routing file's pools."""
+    routing = gateway_routing(docs)
+    pools = list(routing.pools.values()) if routing is not None else []
+    return [gateway_args(docs).upstream.spec, *pools]
+
+
 def port_map(container: Doc) -> dict[str, int]:
     return {p["name"]: p["containerPort"] for p in container["ports"]}
 
@@ -353,7 +381,7 @@ def test_gateway_upstream_names_headless_pool_services(
     rendered: dict[str, list[Doc]], overlay: str
 ) -> None:
     docs = rendered[overlay]
-    addresses = list(upstream_addresses(gateway_args(docs).upstream.spec))
+    addresses = [a for spec in upstream_specs(docs) for a in upstream_addresses(spec)]
     pools = sorted(d["metadata"]["name"] for d in docs if d["kind"] == "Deployment")
     assert sorted(host for host, _ in addresses) == [p for p in pools if p != "gateway"]
     for host, port in addresses:
@@ -373,8 +401,7 @@ def test_the_cpu_gateway_runs_envoy_in_front_of_the_triton_pods(
     rendered: dict[str, list[Doc]],
 ) -> None:
     """cpu: the Envoy front (the default) with DNS-discovered replicas and HTTP inference sent to
-    the Triton pods' HTTP port; gpu and kserve: pools that serve different variants stay on the
-    Python front, which picks a replica per variant."""
+    the Triton pods' HTTP port (gpu and kserve: the test below)."""
     docs = rendered["cpu"]
     upstream = gateway_args(docs).upstream
     assert upstream.settings.front == "envoy"
@@ -385,8 +412,55 @@ def test_the_cpu_gateway_runs_envoy_in_front_of_the_triton_pods(
     assert f"--http-port={port_map(triton)['http']}" in triton["args"]
     (gateway,) = find(docs, "Deployment", "gateway")["spec"]["template"]["spec"]["containers"]
     assert any(m["mountPath"] == "/tmp" for m in gateway["volumeMounts"])  # Envoy's config folder
-    for overlay in ("gpu", "kserve"):
-        assert gateway_args(rendered[overlay]).upstream.settings.front == "python", overlay
+
+
+def loaded_models(docs: list[Doc], host: str) -> tuple[set[str], int]:
+    """The models the pods behind Service ``host`` load (--load-model) and their HTTP port: a
+    Triton Deployment's, or a KServe predictor's (``<isvc>-predictor``: the runtime's ports)."""
+    isvc = host.removesuffix("-predictor")
+    if host != isvc:
+        model = find(docs, "InferenceService", isvc)["spec"]["predictor"]["model"]
+        runtime = find(docs, "ClusterServingRuntime", model["runtime"])
+        (container,) = runtime["spec"]["containers"]
+        args = model["args"]
+    else:
+        (container,) = find(docs, "Deployment", host)["spec"]["template"]["spec"]["containers"]
+        args = container["args"]
+    loaded = {a.split("=", 1)[1] for a in args if a.startswith("--load-model=")}
+    return loaded, port_map(container)["http"]
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "kserve"])
+def test_pools_run_the_envoy_front_with_each_variant_on_the_pods_that_load_it(
+    rendered: dict[str, list[Doc]], overlay: str
+) -> None:
+    """gpu and kserve: two pools that load different variants. The routing file's precision
+    pools put each variant on the pods that load it, so the Envoy front (server/front/pools.py,
+    as the gateway plans it) runs with every variant's clusters on its own pool's pods, found
+    by DNS, HTTP inference on their HTTP port; nothing is left to the control plane."""
+    docs = rendered[overlay]
+    routing = gateway_routing(docs)
+    assert routing is not None and routing.pools, overlay
+    hosts = {host for spec in upstream_specs(docs) for host, _ in upstream_addresses(spec)}
+    loaded = {host: loaded_models(docs, host) for host in hosts}
+    variants = {
+        name
+        for models, _ in loaded.values()
+        for name in models
+        if name.removeprefix("digits_") in PRECISION_ORDER
+    }
+    assert {"digits_fp16", "digits_int8", "digits_fp32"} <= variants
+    pools = routing.for_model("digits").precision_pools
+    assignment = {f"digits_{p}": pool for p, pool in pools.items()}
+    plan = plan_pools(gateway_args(docs).upstream.spec, routing.pools, assignment, variants)
+    assert plan.front == "envoy" and plan.elsewhere == frozenset()
+    assert set(plan.replicas) == variants
+    for variant, replicas in plan.replicas.items():
+        (endpoint,) = replicas.endpoints
+        assert replicas.dns, variant  # STRICT_DNS: every pod a replica
+        models, http_port = loaded[endpoint.host]
+        assert variant in models, (variant, endpoint.host)
+        assert replicas.http_port == http_port
 
 
 def test_kserve_gateway_upstream_names_the_predictors(rendered: dict[str, list[Doc]]) -> None:
@@ -396,7 +470,7 @@ def test_kserve_gateway_upstream_names_the_predictors(rendered: dict[str, list[D
     grpc_port = port_map(container)["h2c"]
     assert f"--grpc-port={grpc_port}" in container["args"]
     isvcs = sorted(d["metadata"]["name"] for d in docs if d["kind"] == "InferenceService")
-    addresses = list(upstream_addresses(gateway_args(docs).upstream.spec))
+    addresses = [a for spec in upstream_specs(docs) for a in upstream_addresses(spec)]
     assert sorted(host for host, _ in addresses) == [f"{name}-predictor" for name in isvcs]
     assert {port for _, port in addresses} == {grpc_port}
     for name in isvcs:

@@ -13,7 +13,8 @@ What the bootstrap holds:
   ``priority_group`` fallback chain, shadow as ``request_mirror_policies``) or, for everything
   else, to the control plane (the Python gateway on loopback);
 - listener ``http`` (the public HTTP port): everything to the control plane (this pass);
-- one cluster per Triton-served variant, named after it (``digits_int8``), whose upstream
+- one cluster per Triton-served variant, named after it (``digits_int8``), holding the replicas
+  that serve it (with precision pools: its pool's, ``FrontPlan.pools``), whose upstream
   filters rewrite ``model_name`` per attempt and add ``parameters["precision"]`` to the reply;
 - clusters ``control_grpc`` / ``control_http``: the gateway behind Envoy;
 - admin on loopback only; ``layered_runtime`` with an admin layer (weights and the shadow
@@ -123,6 +124,23 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class Replicas:
+    """The Triton replicas a variant's clusters hold, with the front settings of the upstream
+    URL that names them (``--upstream`` or, with precision pools, the variant's pool)."""
+
+    endpoints: tuple[Endpoint, ...]  # gRPC addresses
+    dns: bool = False  # endpoints = a name's addresses (STRICT_DNS)
+    resolve_interval_s: float = 5.0
+    http_port: int = 0  # 0: HTTP inference via the control plane
+    timeout_s: float = 30.0  # a forwarded call without grpc-timeout
+
+    @property
+    def several(self) -> bool:
+        """More than one replica (or a name that may resolve to several)."""
+        return len(self.endpoints) > 1 or self.dns
+
+
+@dataclass(frozen=True)
 class ModelPlan:
     """A logical model's routes: ``first`` = (precision, share) of first attempts (the policy),
     ``chains`` = precision -> the variants tried in turn from it (the fallback chain),
@@ -162,22 +180,52 @@ class FrontPlan:
     admin_port: int = 0
     idle_timeout_s: float = 3600.0
     extra: dict[str, Any] = field(default_factory=dict)
+    # precision pools: variant -> its pool's replicas (a variant not listed: ``triton`` & co.)
+    pools: dict[str, Replicas] = field(default_factory=dict)
+
+    def replicas(self, variant: str) -> Replicas:
+        """Where ``variant``'s requests go: its pool's replicas, else the ``--upstream``'s."""
+        found = self.pools.get(variant)
+        if found is not None:
+            return found
+        return Replicas(
+            self.triton,
+            self.dns,
+            self.resolve_interval_s,
+            self.triton_http_port,
+            self.default_timeout_s,
+        )
+
+    @property
+    def http(self) -> bool:
+        """HTTP inference in Envoy: the replicas' HTTP port is known (for every variant)."""
+        if not self.pools:
+            return bool(self.triton_http_port)
+        return bool(self.variants) and all(self.replicas(v).http_port for v in self.variants)
 
 
-def plan_models(repository: Repository, router: Router, served: Iterable[str]) -> list[ModelPlan]:
+def plan_models(
+    repository: Repository, router: Router, served: Iterable[str], elsewhere: Iterable[str] = ()
+) -> list[ModelPlan]:
     """Each logical model's first attempts, fallback chains and shadow, from its policy. Only
     Triton-served variants (``served``) are routed; a policy whose precision is not served
-    leaves the model to the control plane (no routes: ``select.lua`` sends it to Python)."""
-    served = set(served)
+    leaves the model to the control plane (no routes: ``select.lua`` sends it to Python). A
+    chain that reaches a variant of ``elsewhere`` (served by another upstream of the control
+    plane: an embedded precision pool) is left to the control plane too, so its fallback is
+    Python's; a variant neither served nor elsewhere (a broken config) is skipped, as Python
+    skips it (never ready)."""
+    served, elsewhere = set(served), set(elsewhere)
     plans = []
     for name, model in repository.models.items():
         by_precision = {p: v.name for p, v in model.variants.items() if v.name in served}
-        if not by_precision:
+        away = {p for p, v in model.variants.items() if v.name in elsewhere}
+        chains = {}
+        for p in by_precision:
+            candidates = router.candidates(name, p)
+            if not away.intersection(candidates):
+                chains[p] = tuple(by_precision[c] for c in candidates if c in by_precision)
+        if not chains:
             continue
-        chains = {
-            p: tuple(by_precision[c] for c in router.candidates(name, p) if c in by_precision)
-            for p in by_precision
-        }
         policy = router.policies[name]
         if isinstance(policy, SplitPolicy):
             shares, low = {}, 0.0
@@ -187,7 +235,7 @@ def plan_models(repository: Repository, router: Router, served: Iterable[str]) -
             first = [(p, shares[p]) for p in ordered(shares)]
         else:  # fixed, auto, shadow, slo: one precision (slo's weights: the control plane)
             first = [(policy.default_precision, 1.0)]
-        if any(p not in by_precision for p, _ in first):
+        if any(p not in chains for p, _ in first):
             continue
         shadow = None
         if isinstance(policy, ShadowPolicy) and policy.fraction > 0:
@@ -282,7 +330,8 @@ def variant_cluster(plan: FrontPlan, variant: str, precision: str) -> dict[str, 
         _header(PRECISION_HEADER, precision),
         _header("x-ps-reply", reply_suffix(precision).hex()),
     ]
-    cluster = _cluster(plan, variant, plan.triton, plan.dns)
+    replicas = plan.replicas(variant)
+    cluster = _cluster(plan, variant, replicas.endpoints, replicas.dns, replicas.resolve_interval_s)
     cluster["typed_extension_protocol_options"] = _protocol_options(
         http2=True,
         filters=[
@@ -356,8 +405,11 @@ def variant_http_cluster(plan: FrontPlan, variant: str, precision: str) -> dict[
     """The same variant over Triton's HTTP port: the path rewritten per attempt (rewrite.lua),
     the ``x-precision`` response header."""
     request = [_header("x-ps-variant", variant), _header("x-ps-precision", precision)]
-    endpoints = [Endpoint(e.host, plan.triton_http_port) for e in plan.triton]
-    cluster = _cluster(plan, HTTP.name(variant), endpoints, plan.dns)
+    replicas = plan.replicas(variant)
+    endpoints = [Endpoint(e.host, replicas.http_port) for e in replicas.endpoints]
+    cluster = _cluster(
+        plan, HTTP.name(variant), endpoints, replicas.dns, replicas.resolve_interval_s
+    )
     cluster["typed_extension_protocol_options"] = _protocol_options(
         http2=False,
         filters=[
@@ -391,7 +443,11 @@ def _protocol_options(http2: bool, filters: list[dict[str, Any]] | None = None) 
 
 
 def _cluster(
-    plan: FrontPlan, name: str, endpoints: Iterable[Endpoint], dns: bool = False
+    plan: FrontPlan,
+    name: str,
+    endpoints: Iterable[Endpoint],
+    dns: bool = False,
+    interval_s: float | None = None,
 ) -> dict[str, Any]:
     endpoints = list(endpoints)
     cluster: dict[str, Any] = {
@@ -401,8 +457,12 @@ def _cluster(
     }
     if dns or not all(e.is_ip for e in endpoints):
         cluster["type"] = "STRICT_DNS"
-        cluster["dns_refresh_rate"] = _duration(plan.resolve_interval_s)
+        cluster["dns_refresh_rate"] = _duration(interval_s or plan.resolve_interval_s)
         cluster["respect_dns_ttl"] = False
+        # every A and AAAA address is a replica, as for triton+dns in Python (Envoy's default,
+        # AUTO, takes the AAAA answer alone when there is one: localhost would be ::1 only);
+        # the health check keeps out an address nothing listens on
+        cluster["dns_lookup_family"] = "ALL"
     else:
         cluster["type"] = "STATIC"
     return cluster
@@ -425,10 +485,12 @@ def _match(kind: Kind, route: str | None = None) -> dict[str, Any]:
     return match
 
 
-def _timeouts(plan: FrontPlan) -> dict[str, Any]:
-    """A call's deadline: its grpc-timeout, else the upstream's default."""
+def _timeouts(plan: FrontPlan, variants: Iterable[str]) -> dict[str, Any]:
+    """A call's deadline: its grpc-timeout, else the upstream's default (the longest of the
+    pools a chain crosses)."""
+    seconds = max(plan.replicas(v).timeout_s for v in variants)
     return {
-        "timeout": _duration(plan.default_timeout_s),
+        "timeout": _duration(seconds),
         "max_stream_duration": {"grpc_timeout_header_max": "0s"},
     }
 
@@ -462,8 +524,7 @@ def _retry(kind: Kind, retries: int, refresh: bool) -> dict[str, Any]:
 def _groups(plan: FrontPlan, chain: tuple[str, ...]) -> list[str]:
     """The clusters tried in turn: each precision once per replica (at most twice), so an
     unavailable replica is retried on another before the next precision."""
-    tries = 1 if len(plan.triton) == 1 and not plan.dns else 2
-    return [variant for variant in chain for _ in range(tries)]
+    return [v for v in chain for _ in range(2 if plan.replicas(v).several else 1)]
 
 
 def _first(precision: str) -> list[dict[str, Any]]:
@@ -484,7 +545,7 @@ def _chain_route(plan: FrontPlan, kind: Kind, chain: tuple[str, ...]) -> dict[st
     keep the body for a replay: ~0.025 ms of CPU per request, measured)."""
     groups = [kind.name(v) for v in _groups(plan, chain)]
     if len(groups) == 1:
-        return {"cluster": groups[0], **_timeouts(plan)}
+        return {"cluster": groups[0], **_timeouts(plan, chain)}
     return {
         "inline_cluster_specifier_plugin": {
             "extension": {
@@ -502,7 +563,7 @@ def _chain_route(plan: FrontPlan, kind: Kind, chain: tuple[str, ...]) -> dict[st
             }
         },
         "retry_policy": _retry(kind, len(groups) - 1, refresh=True),
-        **_timeouts(plan),
+        **_timeouts(plan, chain),
     }
 
 
@@ -560,7 +621,7 @@ def _catalog(plan: FrontPlan) -> dict[str, Any]:
     }
     if plan.token:
         catalog["token"] = plan.token
-    catalog["http"] = bool(plan.triton_http_port)
+    catalog["http"] = plan.http
     return catalog
 
 
@@ -573,10 +634,9 @@ def infer_routes(plan: FrontPlan, kind: Kind, control: str) -> list[dict[str, An
     """A kind's inference routes: each variant by name, each model's chains and policy, and
     the rest of its inference to the control plane (``control``); all with select.lua's data."""
     routes: list[dict[str, Any]] = []
-    replicas = len(plan.triton) > 1 or plan.dns
     for variant in plan.variants:
-        action: dict[str, Any] = {"cluster": kind.name(variant), **_timeouts(plan)}
-        if replicas:  # another replica when one is gone (one replica: no retry policy at all)
+        action: dict[str, Any] = {"cluster": kind.name(variant), **_timeouts(plan, [variant])}
+        if plan.replicas(variant).several:  # another replica when one is gone (else no retry)
             action["retry_policy"] = _retry(kind, 2, False)
         routes.append(
             {"name": kind.route + variant, "match": _match(kind, f"v:{variant}"), "route": action}
@@ -629,7 +689,7 @@ def grpc_routes(plan: FrontPlan) -> dict[str, Any]:
 def http_routes(plan: FrontPlan) -> dict[str, Any]:
     """HTTP: ``/v2/models/M/infer`` routed as gRPC's ModelInfer when the replicas' HTTP port is
     known (``?http=PORT``), else (and everything else) to the control plane."""
-    routes = infer_routes(plan, HTTP, CONTROL_HTTP) if plan.triton_http_port else []
+    routes = infer_routes(plan, HTTP, CONTROL_HTTP) if plan.http else []
     limit = plan.http_body_limit or plan.body_limit
     return _route_config(plan, "http", routes, CONTROL_HTTP, limit)
 
@@ -724,7 +784,7 @@ def _listener(plan: FrontPlan, name: str, port: int, hcm: dict[str, Any]) -> dic
 def bootstrap(plan: FrontPlan) -> dict[str, Any]:
     """Envoy's whole configuration (static resources, admin, runtime) as data."""
     clusters = [variant_cluster(plan, v, p) for v, p in plan.variants.items()]
-    if plan.triton_http_port:
+    if plan.http:
         clusters += [variant_http_cluster(plan, v, p) for v, p in plan.variants.items()]
     return {
         "node": {"id": "precision-serve", "cluster": "precision-serve"},
@@ -745,7 +805,7 @@ def bootstrap(plan: FrontPlan) -> dict[str, Any]:
                     plan,
                     "http",
                     plan.http_port,
-                    _hcm(plan, "http", http_routes(plan), lua=bool(plan.triton_http_port)),
+                    _hcm(plan, "http", http_routes(plan), lua=plan.http),
                 ),
             ],
             "clusters": [*clusters, *control_clusters(plan)],

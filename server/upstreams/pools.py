@@ -9,7 +9,9 @@ model's fallback chain crosses pools when one is down.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
 
 import numpy as np
 
@@ -46,6 +48,7 @@ class PooledUpstream(UpstreamBase):
             forward=all(u.capabilities.forward for u in members),
             model_control=any(u.capabilities.model_control for u in members),
             generate=any(u.capabilities.generate for u in members),
+            statistics=any(u.capabilities.statistics for u in members),
         )
 
     def upstream_for(self, variant: Variant) -> Upstream | None:
@@ -103,6 +106,25 @@ class PooledUpstream(UpstreamBase):
             metrics.upstream_duration(variant.model, variant.precision).observe(
                 time.monotonic() - started
             )
+
+    async def replica_statistics(self) -> list[Any]:
+        """Triton's statistics entries of each pool's own variants (a pool's Triton may have
+        more models loaded: their counts are not the pool's), from the pools that keep them."""
+        owners: list[tuple[Upstream, set[str]]] = [
+            (u, {v for v, pool in self.assignment.items() if pool == name})
+            for name, u in self.pools.items()
+        ]
+        if self.default is not None:
+            owners.append((self.default, set()))
+        owners = [(u, names) for u, names in owners if u.capabilities.statistics]
+        parts = await asyncio.gather(*(u.replica_statistics() for u, _ in owners))
+        out = []
+        for (u, names), entries in zip(owners, parts, strict=True):
+            if u is self.default:
+                out += [e for e in entries if e.name not in self.assignment]
+            else:
+                out += [e for e in entries if e.name in names]
+        return out
 
     async def load(self, variant: Variant) -> None:
         await self._control("load", variant)

@@ -116,10 +116,11 @@ def test_one_logical_model_spans_two_pools_and_falls_back_across_them(
     routing.write_text(
         yaml.safe_dump(
             {
+                # the Python front (the Envoy front: tests/triton/test_envoy_pools.py)
                 "pools": {
-                    "cpu": f"triton://{cpu.grpc_url}",
+                    "cpu": f"triton://{cpu.grpc_url}?front=python",
                     # the real resolver: localhost -> 127.0.0.1 (and ::1, unready: skipped)
-                    "gpu": f"triton+dns://localhost:{gpu.grpc_port}?interval=1",
+                    "gpu": f"triton+dns://localhost:{gpu.grpc_port}?interval=1&front=python",
                 },
                 "models": {
                     "tiny": {"precision_pools": {"int8": "cpu", "fp16": "gpu", "fp32": "gpu"}}
@@ -144,6 +145,7 @@ def test_one_logical_model_spans_two_pools_and_falls_back_across_them(
         }
 
     with GatewayProcess(tiny_repository, extra_args=["--routing", str(routing)]) as gw:
+        assert "envoy_admin_port" not in gw.ports  # the gateway forwards itself
         client = grpcclient.InferenceServerClient(gw.grpc_url)
         before = counts()  # (Triton's own start-up may have run some)
         assert [served(client, p) for p in ("int8", "fp16", "fp32")] == ["int8", "fp16", "fp32"]
