@@ -188,7 +188,7 @@ class Servers:
             return self
         up = [*args, "--upstream", f"triton://{triton.grpc_url}?front=python"]
         self._start("gateway_triton", lambda: GatewayProcess(self.repository, up, timeout=300))
-        envoy = [*args, "--upstream", f"triton://{triton.grpc_url}"]
+        envoy = [*args, "--upstream", f"triton://{triton.grpc_url}?front=envoy"]
         self._start("gateway_envoy", lambda: GatewayProcess(self.repository, envoy, timeout=300))
         self._start("bare_forward", lambda: BareServer("forward", forward=triton.grpc_url))
         self._start(

@@ -668,7 +668,8 @@ def started(args: argparse.Namespace, work: Path, log: Any) -> Iterator[tuple[li
             paths.append(Path_("gateway", gw.grpc_url, direct, [gw.pid]))
             log(f"gateway (Python pass-through) ready at {gw.grpc_url}")
         if args.front:
-            gw_args = ["--upstream", f"triton://{triton.grpc_url}", "--log-level", "ERROR"]
+            url = f"triton://{triton.grpc_url}?front=envoy"
+            gw_args = ["--upstream", url, "--log-level", "ERROR"]
             fr = stack.enter_context(GatewayProcess(args.repository, gw_args, timeout=300))
             by_model = request_bytes(args.model, image, args.precision)
             paths.append(Path_("front", fr.grpc_url, by_model, [fr.pid]))

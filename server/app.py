@@ -53,6 +53,8 @@ from server.transports.request_bounds import concurrent_rpcs, payload_limit, req
 from server.upstreams.base import Upstream, create_upstream
 from server.upstreams.options import UpstreamOptions
 from server.upstreams.pools import create_pooled_upstream
+from server.upstreams.triton.detach import FIXED_IN as CANCEL_FIXED_IN
+from server.upstreams.triton.detach import crashes_on_cancel
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +174,9 @@ class GatewayServer:
             front = self.pools.front
         else:
             front = up.settings.front if up.scheme in ENVOY_SCHEMES else ""
-        self.envoy = front == "envoy" and not options.worker
+        # "auto": Envoy, unless start() finds a replica that crashes on cancels (_envoy_is_safe)
+        self._front_setting = front
+        self.envoy = front in ("envoy", "auto") and not options.worker
         self.ports: dict[str, int] = {}
         self._grpc: grpc.aio.Server | None = None
         self._runners: list[web.AppRunner] = []
@@ -212,11 +216,13 @@ class GatewayServer:
     async def start(self) -> dict[str, int]:
         o, listen, limits = self.options, self.options.listen, self.options.limits
         grpc_tls, http_tls = self._tls()
+        await self.gateway.start()
+        if self.envoy and self._front_setting == "auto":
+            self.envoy = await self._envoy_is_safe()
         # behind Envoy: loopback, OS-picked ports, plain (Envoy terminates TLS)
         host, grpc_port, http_port = listen.host, listen.grpc_port, listen.http_port
         if self.envoy:
             host, grpc_port, http_port, grpc_tls, http_tls = LOOPBACK, 0, 0, None, None
-        await self.gateway.start()
         try:
             limit = self.grpc_payload_limit()
             calls = limits.grpc_max_concurrent_rpcs
@@ -264,6 +270,29 @@ class GatewayServer:
                 raise ConfigError(f"cannot write --ready-file: {e}") from e
         log.info("precision-serve ready: %s", self.ports)
         return self.ports
+
+    async def _envoy_is_safe(self) -> bool:
+        """``?front=auto``: Envoy passes a client's cancellation (or an expired deadline) on to
+        Triton, which it cannot detach; tritonserver < 2.53 can crash on such a call
+        (server/upstreams/triton/detach.py). With ``cancel=detach`` (the default) and such a
+        replica reachable, the Python front runs instead; ``?front=envoy`` or
+        ``?cancel=propagate`` keep Envoy."""
+        settings = self.options.upstream.settings
+        if settings.cancel_upstream:
+            return True
+        versions = await self.gateway.upstream.server_versions()
+        old = {a: v for a, v in versions.items() if crashes_on_cancel(v)}
+        if not old:
+            return True
+        listed = ", ".join(f"{a} ({v})" for a, v in sorted(old.items()))
+        log.warning(
+            "front=auto: the Python front, not Envoy: tritonserver < %s can crash when a call is "
+            "cancelled, and Envoy passes cancellations on (%s); ?front=envoy or "
+            "?cancel=propagate keeps Envoy (docs/envoy.md)",
+            ".".join(map(str, CANCEL_FIXED_IN)),
+            listed,
+        )
+        return False
 
     def front_plan(self, body_limit: int, max_streams: int) -> FrontPlan:
         """What Envoy's configuration is made from (server/front/config.py)."""

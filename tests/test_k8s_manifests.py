@@ -560,7 +560,7 @@ def triton_args(docs: list[Doc]) -> list[str]:
 
 def test_triton_flags_exist_in_tritonserver(rendered: dict[str, list[Doc]]) -> None:
     """Each flag is one that `tritonserver --help` lists (the binary of the nvidia-pytriton wheel,
-    Triton 2.5x like the NGC 24.10 image the manifests run)."""
+    Triton 2.51; the manifests run NGC 24.12, Triton 2.53)."""
     try:
         dist = find_distribution()
     except TritonNotInstalled as e:

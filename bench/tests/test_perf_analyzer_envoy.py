@@ -46,7 +46,7 @@ def test_perf_analyzer_through_the_envoy_front(
         skip_or_fail(str(e))
         raise
     triton = start_triton(tiny_repository)
-    upstream = f"triton://{triton.grpc_url}?http={triton.http_port}"
+    upstream = f"triton://{triton.grpc_url}?http={triton.http_port}&front=envoy"
     runs = [
         ("grpc", "tiny_int8", []),
         ("grpc", "tiny", []),

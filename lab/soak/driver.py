@@ -68,6 +68,9 @@ class SoakOptions:
     minutes: float = 30.0
     model: str = "digits"
     upstream: str = "embedded"  # embedded | triton
+    # triton: the gateway's front (auto: Envoy unless the replicas' tritonserver crashes on
+    # cancelled calls, as nvidia-pytriton's 2.51 does - then the Python front, which detaches)
+    front: str = "auto"
     load: float = 0.8  # fraction of the measured capacity
     capacity_s: float = 0.0  # 0: 10 % of the soak, within 5..20 s
     concurrency: int = 8
@@ -87,6 +90,8 @@ class SoakOptions:
             raise ConfigError(f"--minutes must be > 0, got {self.minutes}")
         if self.upstream not in ("embedded", "triton"):
             raise ConfigError(f"--upstream must be embedded or triton, got {self.upstream!r}")
+        if self.front not in ("auto", "envoy", "python"):
+            raise ConfigError(f"--front must be auto, envoy or python, got {self.front!r}")
         if not 0 < self.load <= 1:
             raise ConfigError(f"--load must be in (0, 1], got {self.load}")
         if not 0 <= self.attack_fraction + self.cancel_fraction < 0.5:
@@ -256,7 +261,8 @@ def paced_phase(
 def gateway_args(opts: SoakOptions, replicas: Sequence[Any] | None) -> list[str]:
     args = ["--log-level", "ERROR", *opts.gateway_args]
     if replicas:
-        args += ["--upstream", "triton://" + ",".join(r.grpc_url for r in replicas)]
+        url = "triton://" + ",".join(r.grpc_url for r in replicas)
+        args += ["--upstream", url if opts.front == "auto" else f"{url}?front={opts.front}"]
     return args
 
 
@@ -386,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=30.0, help="length of the paced soak")
     p.add_argument("--model", default="digits", help="logical model (every precision is sent)")
     p.add_argument("--upstream", choices=("embedded", "triton"), default="embedded")
+    p.add_argument(
+        "--front",
+        choices=("auto", "envoy", "python"),
+        default="auto",
+        help="triton: the gateway's front (the upstream URL's ?front=)",
+    )
     p.add_argument("--load", type=float, default=0.8, help="fraction of the measured capacity")
     p.add_argument(
         "--capacity-seconds", type=float, default=0.0, help="0: 10 %% of the soak, 5-20 s"
@@ -412,6 +424,7 @@ def options_from(args: argparse.Namespace) -> SoakOptions:
         minutes=args.minutes,
         model=args.model,
         upstream=args.upstream,
+        front=args.front,
         load=args.load,
         capacity_s=args.capacity_seconds,
         concurrency=args.concurrency,

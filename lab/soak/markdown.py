@@ -23,7 +23,9 @@ def _header(r: dict[str, Any]) -> list[str]:
     m, o = r["machine"], r["options"]
     verdict = "PASSED" if r["passed"] else "FAILED"
     return [
-        f"# Soak: {o['model']} on the {o['upstream']} upstream, {o['minutes']} min: {verdict}",
+        f"# Soak: {o['model']} on the {o['upstream']} upstream"
+        + (f" (front {o['front']})" if o["upstream"] == "triton" and o.get("front") else "")
+        + f", {o['minutes']} min: {verdict}",
         "",
         f"Machine: {m.get('hostname')} ({m.get('model')}, {m.get('cores')} cores, "
         f"flags {', '.join(m.get('flags', []))}); load average at the start "

@@ -37,7 +37,9 @@ def run_soak(repo: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[
     return subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
 
 
-def check_report(done: subprocess.CompletedProcess[str], out: Path, repo: Path) -> dict:
+def check_report(
+    done: subprocess.CompletedProcess[str], out: Path, repo: Path, cancels: bool = True
+) -> dict:
     assert done.returncode in (0, 1), done.stderr[-3000:]
     report = json.loads((out / "soak.json").read_text())
     valid = report["valid"]
@@ -68,7 +70,8 @@ def check_report(done: subprocess.CompletedProcess[str], out: Path, repo: Path) 
     kinds = report["malformed"]["by_kind"]
     assert report["malformed"]["sent"] > 0 and any(k.startswith("http") for k in kinds)
     assert any(k.startswith("grpc") for k in kinds)
-    assert report["cancellations"]["sent"] > 0 and report["slow_clients"]["started"] >= 2
+    assert (report["cancellations"]["sent"] > 0) == cancels
+    assert report["slow_clients"]["started"] >= 2
     assert len(report["in_flight"]) == 4 and report["rejected_big"]["answered"] >= 1
     assert report["final_request"] == "ok" and report["gateway_exit_code"] == 0
     md = (out / "soak.md").read_text()
@@ -78,11 +81,24 @@ def check_report(done: subprocess.CompletedProcess[str], out: Path, repo: Path) 
     return report
 
 
+# auto: nvidia-pytriton's tritonserver 2.51 crashes on cancelled calls, so the gateway takes the
+# Python front (which detaches them) and the soak keeps its cancellations; envoy: the Envoy front
+# passes cancellations on, which that Triton does not survive (docs/envoy.md), so none are sent
+@pytest.mark.parametrize(
+    ("front", "extra"), [("auto", ()), ("envoy", ("--cancel-fraction", "0"))], ids=["auto", "envoy"]
+)
 def test_short_soak_with_a_triton_replica_killed_loses_no_valid_request(
-    digits_repository: Path, tmp_path: Path, triton_distribution: object
+    digits_repository: Path,
+    tmp_path: Path,
+    triton_distribution: object,
+    front: str,
+    extra: tuple[str, ...],
 ) -> None:
-    done = run_soak(digits_repository, tmp_path / "soak", "--upstream", "triton")
-    report = check_report(done, tmp_path / "soak", digits_repository)
+    done = run_soak(
+        digits_repository, tmp_path / "soak", "--upstream", "triton", "--front", front, *extra
+    )
+    report = check_report(done, tmp_path / "soak", digits_repository, cancels=not extra)
+    assert report["options"]["front"] == front
     triton = report["triton"]
     assert 10 <= triton["killed_at"] <= 20, triton  # halfway through the 30 s paced phase
     assert "restarted_at" in triton, triton  # started again on the same ports

@@ -25,8 +25,9 @@ UPSTREAM = "--upstream"  # the name the default upstream goes by in messages
 
 @dataclass(frozen=True)
 class PoolPlan:
-    """``front``: "envoy", "python" or "" (no Triton upstream at all); ``replicas``: variant ->
-    its Triton replicas; ``elsewhere``: variants another upstream serves (the control plane)."""
+    """``front``: "auto", "envoy", "python" or "" (no Triton upstream at all); ``replicas``:
+    variant -> its Triton replicas; ``elsewhere``: variants another upstream serves (the control
+    plane)."""
 
     front: str
     replicas: dict[str, Replicas]

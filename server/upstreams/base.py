@@ -99,8 +99,10 @@ class UpstreamSettings:
     llm_max_tokens: int = 2048
     # Triton: what listens on the public ports - "envoy" (Envoy forwards inference to Triton, the
     # gateway is the control plane behind it on loopback, server/front/) or "python" (the
-    # gateway itself; ``?front=python``)
-    front: str = "envoy"
+    # gateway itself; ``?front=python``); "auto": Envoy unless a replica runs a tritonserver that
+    # crashes on cancelled calls while cancellations are detached (server/app.py
+    # ``choose_front``)
+    front: str = "auto"
     # Triton: the replicas' HTTP port (``?http=PORT``), for Envoy to send HTTP inference straight
     # to them; 0: HTTP inference goes through the control plane
     http_port: int = 0
@@ -147,6 +149,8 @@ class Upstream(Protocol):
 
     async def replica_statistics(self) -> list[Any]: ...
 
+    async def server_versions(self) -> dict[str, str]: ...
+
 
 class UpstreamBase:
     """The optional parts of :class:`Upstream` for an upstream that declares none of them: the
@@ -172,6 +176,10 @@ class UpstreamBase:
 
     async def replica_statistics(self) -> list[Any]:
         raise Unsupported(f"upstream {self.name!r} keeps no statistics of its own")
+
+    async def server_versions(self) -> dict[str, str]:
+        """The version of the inference server behind each reachable replica (none here)."""
+        return {}
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,12 @@ class PooledUpstream(UpstreamBase):
                 out += [e for e in entries if e.name in names]
         return out
 
+    async def server_versions(self) -> dict[str, str]:
+        """Every pool's replicas' server versions, by address."""
+        upstreams = [*self.pools.values(), *([self.default] if self.default else [])]
+        parts = await asyncio.gather(*(u.server_versions() for u in upstreams))
+        return {a: v for part in parts for a, v in part.items()}
+
     async def load(self, variant: Variant) -> None:
         await self._control("load", variant)
 

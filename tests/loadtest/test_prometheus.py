@@ -269,14 +269,14 @@ def test_dashboard_llm_queries_return_data(
 def test_dashboard_envoy_front_queries_return_data(
     tiny_repository: Path, tmp_path: Path, prometheus_binary: str, start_triton
 ) -> None:  # type: ignore[no-untyped-def]
-    """The Envoy front (the default with Triton upstreams): inference never reaches the gateway's
+    """The Envoy front: inference never reaches the gateway's
     own request series, and the traffic, latency and error panels show it from Envoy's stats."""
     exprs = [e for e in dashboard_exprs() if reads_envoy(e)]
     assert len(exprs) >= 5, exprs  # request rate, p50/p95/p99, error share, errors by status
     triton = start_triton(tiny_repository)
     x = np.random.default_rng(2).normal(size=(2, 16)).astype(np.float32)
     bad = np.zeros((1, 7), np.float32)  # wrong shape: Triton's INVALID_ARGUMENT through Envoy
-    args = ["--upstream", f"triton://{triton.grpc_url}"]
+    args = ["--upstream", f"triton://{triton.grpc_url}?front=envoy"]
     with GatewayProcess(tiny_repository, args) as gw:
         assert "envoy_admin_port" in gw.ports  # the Envoy front runs
         targets = {

@@ -168,7 +168,7 @@ def test_upstream_settings_come_from_the_url_query() -> None:
         front="python",
         http_port=8000,
     )
-    assert parse_upstream("triton://a:1")[2].front == "envoy"  # the default front
+    assert parse_upstream("triton://a:1")[2].front == "auto"  # the default front
     assert parse_upstream("triton+dns://svc:8001?interval=0.5&merge=2")[1:] == (
         "svc:8001",
         UpstreamSettings(resolve_interval_s=0.5, merge_limit=2),
@@ -190,7 +190,7 @@ def test_upstream_settings_come_from_the_url_query() -> None:
         ("triton://h:1?merge_wait_ms=inf", "merge_wait_ms='inf': must be >= 0"),
         ("triton+dns://n:1?interval=-1", "interval='-1': must be > 0"),
         ("triton+dns://n:1?cancel=yes", "cancel='yes': must be one of detach, propagate"),
-        ("triton://h:1?front=nginx", "front='nginx': must be one of envoy, python"),
+        ("triton://h:1?front=nginx", "front='nginx': must be one of auto, envoy, python"),
         ("triton://h:1?http=0", "http='0': must be a port number"),
     ],
 )

@@ -33,7 +33,7 @@ def test_streaming_and_model_control_through_a_triton_upstream(
     tiny_repository: Path, start_triton: StartTriton
 ) -> None:
     triton = start_triton(tiny_repository, model_control="explicit")
-    args = ["--upstream", f"triton://{triton.grpc_url}", "--model-control", "explicit"]
+    args = ["--upstream", f"triton://{triton.grpc_url}?front=envoy", "--model-control", "explicit"]
     with GatewayProcess(tiny_repository, extra_args=args) as gw:
         client = grpcclient.InferenceServerClient(gw.grpc_url)
         replica = grpcclient.InferenceServerClient(triton.grpc_url)

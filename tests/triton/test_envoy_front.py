@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 from common.process import wait_ready
 from server.front.config import split_runtime
 from server.runtime.runner import GatewayProcess
+from server.upstreams.triton.detach import crashes_on_cancel
 from tests.triton.conftest import StartTriton
 
 pytestmark = pytest.mark.integration
@@ -112,7 +113,8 @@ def test_every_way_of_asking_for_a_precision_is_routed_in_envoy(
 ) -> None:
     triton = start_triton(tiny_repository, model_control="explicit")
     split = {"models": {"tiny": {"policy": "split", "weights": {"int8": 70, "fp16": 30}}}}
-    upstream = f"triton://{triton.grpc_url}?http={triton.http_port}"  # HTTP inference too
+    # HTTP inference too
+    upstream = f"triton://{triton.grpc_url}?http={triton.http_port}&front=envoy"
     args = ["--upstream", upstream, *_routing(tmp_path, split)]
     direct = grpcclient.InferenceServerClient(triton.grpc_url)
     with GatewayProcess(tiny_repository, extra_args=args) as gw:
@@ -201,7 +203,7 @@ def test_shadow_mirrors_to_the_reference_cluster(
     shadow = {
         "models": {"tiny": {"policy": "shadow", "precision": "int8", "shadow": {"fraction": 0.5}}}
     }
-    args = ["--upstream", f"triton://{triton.grpc_url}", *_routing(tmp_path, shadow)]
+    args = ["--upstream", f"triton://{triton.grpc_url}?front=envoy", *_routing(tmp_path, shadow)]
     with GatewayProcess(tiny_repository, extra_args=args) as gw:
         client = grpcclient.InferenceServerClient(gw.grpc_url)
         before = _stats(gw)
@@ -238,7 +240,8 @@ def test_the_token_is_checked_in_envoy_before_the_body(
     triton = start_triton(tiny_repository)
     token = tmp_path / "token"
     token.write_text("s3cret\n")
-    args = ["--upstream", f"triton://{triton.grpc_url}", "--auth-token-file", str(token)]
+    url = f"triton://{triton.grpc_url}?front=envoy"
+    args = ["--upstream", url, "--auth-token-file", str(token)]
     with GatewayProcess(tiny_repository, extra_args=args) as gw:
         client = grpcclient.InferenceServerClient(gw.grpc_url)
         before = _stats(gw)
@@ -268,7 +271,7 @@ def test_a_crashed_envoy_is_started_again_on_the_same_ports(
 ) -> None:
     triton = start_triton(tiny_repository)
     with GatewayProcess(
-        tiny_repository, extra_args=["--upstream", f"triton://{triton.grpc_url}"]
+        tiny_repository, extra_args=["--upstream", f"triton://{triton.grpc_url}?front=envoy"]
     ) as gw:
         client = grpcclient.InferenceServerClient(gw.grpc_url)
         assert _infer(client, "tiny_fp16")[0] == "fp16"
@@ -297,6 +300,36 @@ def test_python_front_on_request(tiny_repository: Path, start_triton: StartTrito
         client.close()
 
 
+def test_auto_front_keeps_python_in_front_of_a_triton_that_crashes_on_cancels(
+    tiny_repository: Path, start_triton: StartTriton
+) -> None:
+    """The default ``front=auto``: nvidia-pytriton's tritonserver (2.51) can crash when a call
+    is cancelled and Envoy passes cancellations on, so the Python front (which detaches them)
+    runs and says why; ``cancel=propagate`` accepts cancellations, so Envoy runs."""
+    triton = start_triton(tiny_repository)
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    version = client.get_server_metadata().version
+    client.close()
+    assert crashes_on_cancel(version), version  # the Triton these tests run
+    for query, envoy in (("", False), ("?cancel=propagate", True)):
+        args = ["--upstream", f"triton://{triton.grpc_url}{query}"]
+        with GatewayProcess(tiny_repository, extra_args=args) as gw:
+            assert ("envoy_admin_port" in gw.ports) == envoy, query
+            assert bool(_children(gw.pid)) == envoy, query
+            said = "tritonserver < 2.53 can crash when a call is cancelled" in gw.log()
+            assert said != envoy, query
+            assert f"{triton.grpc_url} ({version})" in gw.log() or envoy
+            c = grpcclient.InferenceServerClient(gw.grpc_url)
+            assert _infer(c, "tiny", precision="int8")[0] == "int8"
+            c.close()
+
+
+def test_crashes_on_cancel_by_version() -> None:
+    assert crashes_on_cancel("2.51.0") and crashes_on_cancel("2.52.1")
+    assert not crashes_on_cancel("2.53.0") and not crashes_on_cancel("2.61.0")
+    assert not crashes_on_cancel("3.0") and not crashes_on_cancel("kserve")
+
+
 def test_a_60_mb_request_is_refused_in_envoy_and_health_still_answers(
     tiny_repository: Path, start_triton: StartTriton
 ) -> None:
@@ -305,7 +338,7 @@ def test_a_60_mb_request_is_refused_in_envoy_and_health_still_answers(
 
     triton = start_triton(tiny_repository)
     with GatewayProcess(
-        tiny_repository, extra_args=["--upstream", f"triton://{triton.grpc_url}"]
+        tiny_repository, extra_args=["--upstream", f"triton://{triton.grpc_url}?front=envoy"]
     ) as gw:
         before = _stats(gw)
         options = [("grpc.max_send_message_length", -1)]
@@ -336,7 +369,7 @@ def test_nvidia_example_clients_through_the_envoy_front(
     from tests.server.test_nvidia_examples import run_checks
 
     triton = start_triton(tiny_repository, model_control="explicit")
-    args = ["--upstream", f"triton://{triton.grpc_url}", "--model-control", "explicit"]
+    args = ["--upstream", f"triton://{triton.grpc_url}?front=envoy", "--model-control", "explicit"]
     with GatewayProcess(tiny_repository, extra_args=args) as gw:
         assert "envoy_admin_port" in gw.ports
         grpc = grpcclient.InferenceServerClient(gw.grpc_url)
@@ -376,7 +409,7 @@ def test_envoy_goes_when_the_gateway_is_killed(
     """No Envoy is left holding the ports after a SIGKILLed gateway (parent-death signal)."""
     triton = start_triton(tiny_repository)
     with GatewayProcess(
-        tiny_repository, extra_args=["--upstream", f"triton://{triton.grpc_url}"]
+        tiny_repository, extra_args=["--upstream", f"triton://{triton.grpc_url}?front=envoy"]
     ) as gw:
         (envoy,) = _children(gw.pid)
         os.kill(gw.pid, signal.SIGKILL)
@@ -396,7 +429,7 @@ def test_a_split_follows_the_variants_readiness(
     and moves the split's first attempts away from it in Envoy; back when it is ready."""
     triton = start_triton(tiny_repository, model_control="explicit")
     split = {"models": {"tiny": {"policy": "split", "weights": {"int8": 50, "fp16": 50}}}}
-    args = ["--upstream", f"triton://{triton.grpc_url}", *_routing(tmp_path, split)]
+    args = ["--upstream", f"triton://{triton.grpc_url}?front=envoy", *_routing(tmp_path, split)]
     direct = grpcclient.InferenceServerClient(triton.grpc_url)
     with GatewayProcess(tiny_repository, extra_args=args) as gw:
         client = grpcclient.InferenceServerClient(gw.grpc_url)

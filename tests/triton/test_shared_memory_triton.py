@@ -24,7 +24,7 @@ def test_shared_memory_through_a_triton_upstream(
     tiny_repository: Path, start_triton: StartTriton
 ) -> None:
     triton = start_triton(tiny_repository)
-    args = ["--upstream", f"triton://{triton.grpc_url}"]
+    args = ["--upstream", f"triton://{triton.grpc_url}?front=envoy"]
     x = rows(3, seed=11)
     key = f"/ps_test_triton_{uuid.uuid4().hex[:8]}"
     handle = shm.create_shared_memory_region("t_io", key, 512, create_only=True)

@@ -22,6 +22,20 @@ from server.errors import DeadlineExceeded
 
 _T = TypeVar("_T")
 MODES = ("detach", "propagate")
+# the first tritonserver release without the crash (r24.12, PR #7840)
+FIXED_IN = (2, 53)
+
+
+def crashes_on_cancel(version: str) -> bool:
+    """Whether a tritonserver of ``version`` (ServerMetadata's, ``2.51.0``) has the crash on
+    cancelled calls. A version that does not parse is taken as fixed (newer servers, other
+    KServe-v2 servers)."""
+    parts = version.strip().split(".")
+    try:
+        major, minor = int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return False
+    return (major, minor) < FIXED_IN
 
 
 def _expire(proxy: asyncio.Future, what: str) -> None:

@@ -17,7 +17,7 @@ def _merge_wait(text: str) -> float:
     return seconds(text) / 1e3
 
 
-FRONTS = ("envoy", "python")
+FRONTS = ("auto", "envoy", "python")
 
 
 def _front(text: str) -> str:
@@ -43,7 +43,8 @@ KEYS = {
         _front,
         "envoy: Envoy listens on the public ports and sends inference straight to Triton, the "
         "gateway is the control plane behind it (docs/envoy.md); python: the gateway listens "
-        "and forwards every request itself",
+        "and forwards every request itself; auto: envoy, unless a replica runs tritonserver < "
+        "2.53 (it can crash on cancelled calls, which Envoy passes on) and cancel=detach",
     ),
     "http": QueryKey(
         "http_port",

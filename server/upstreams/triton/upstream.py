@@ -557,6 +557,24 @@ class TritonUpstream(UpstreamBase):
         parts = await asyncio.gather(*(one(r.client) for r in replicas if r.client is not None))
         return [entry for part in parts for entry in part]
 
+    async def server_versions(self) -> dict[str, str]:
+        """Each reachable replica's tritonserver version (ServerMetadata), by address; a replica
+        that does not answer within the default timeout is left out."""
+        replicas = [r for r in self.replicas if r.client is not None and r.reachable]
+
+        async def one(client: grpcaio.InferenceServerClient) -> str | None:
+            try:
+                reply = await client.get_server_metadata(
+                    client_timeout=self._settings.default_timeout_s
+                )
+            except InferenceServerException as e:
+                log.warning("server metadata of a replica left out: %s", e)
+                return None
+            return str(reply.version)
+
+        found = await asyncio.gather(*(one(r.client) for r in replicas if r.client is not None))
+        return {r.address: v for r, v in zip(replicas, found, strict=True) if v is not None}
+
     async def _on_every_replica(self, method: str, variant: Variant) -> None:
         """Triton's load/unload on every replica, then a readiness check of each; an error
         names the replicas that refused (the others have done it)."""
