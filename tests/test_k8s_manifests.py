@@ -104,6 +104,26 @@ def kinds(docs: list[Doc]) -> set[tuple[str, str]]:
     return {(d["kind"], d["metadata"]["name"]) for d in docs}
 
 
+def _image_strings(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        return [s for k, v in node.items() for s in ([v] if k == "image" else _image_strings(v))]
+    if isinstance(node, list):
+        return [s for v in node for s in _image_strings(v)]
+    return []
+
+
+def test_triton_images_survive_cancels(rendered: dict[str, list[Doc]]) -> None:
+    """Every tritonserver image is NGC 24.12 (Triton 2.53) or later: older ones can crash on
+    the cancelled calls the Envoy front passes on, and the gateway's front=auto would then keep
+    the Python front (docs/envoy.md)."""
+    for overlay, docs in rendered.items():
+        images = [i for d in docs for i in _image_strings(d) if "tritonserver" in str(i)]
+        assert images, overlay
+        for image in images:
+            year, month = (int(x) for x in str(image).rpartition(":")[2].split("-")[0].split("."))
+            assert (year, month) >= (24, 12), (overlay, image)
+
+
 def test_every_overlay_renders_the_pieces_it_promises(rendered: dict[str, list[Doc]]) -> None:
     gateway = {
         ("Deployment", "gateway"),
@@ -404,7 +424,7 @@ def test_the_cpu_gateway_runs_envoy_in_front_of_the_triton_pods(
     the Triton pods' HTTP port (gpu and kserve: the test below)."""
     docs = rendered["cpu"]
     upstream = gateway_args(docs).upstream
-    assert upstream.settings.front == "envoy"
+    assert upstream.settings.front == "auto"  # Envoy: 24.12 images (test_triton_images_...)
     assert upstream.spec.startswith("triton+dns://")  # Envoy STRICT_DNS clusters
     ((host, _),) = upstream_addresses(upstream.spec)
     (triton,) = find(docs, "Deployment", host)["spec"]["template"]["spec"]["containers"]
@@ -453,7 +473,8 @@ def test_pools_run_the_envoy_front_with_each_variant_on_the_pods_that_load_it(
     pools = routing.for_model("digits").precision_pools
     assignment = {f"digits_{p}": pool for p, pool in pools.items()}
     plan = plan_pools(gateway_args(docs).upstream.spec, routing.pools, assignment, variants)
-    assert plan.front == "envoy" and plan.elsewhere == frozenset()
+    # front=auto: Envoy, as the Tritons are cancel-safe (test_triton_images_survive_cancels)
+    assert plan.front == "auto" and plan.elsewhere == frozenset()
     assert set(plan.replicas) == variants
     for variant, replicas in plan.replicas.items():
         (endpoint,) = replicas.endpoints

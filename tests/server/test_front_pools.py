@@ -113,7 +113,7 @@ def test_each_variant_goes_to_its_pools_replicas_with_that_urls_settings(
         30.0,
     )
     assert [(x.host, x.port) for x in gpu.endpoints] == [("triton-gpu", 9001)]
-    assert pools.front == "envoy" and pools.elsewhere == frozenset()
+    assert pools.front == "auto" and pools.elsewhere == frozenset()
 
     config = json.loads(json.dumps(bootstrap(_plan(repository, TWO_POOLS))))
     clusters = _clusters(config)
@@ -186,7 +186,7 @@ def test_what_one_envoy_cannot_do_is_refused_in_one_line(repository: Repository)
     with pytest.raises(ConfigError) as front:
         _pools(repository, mixed_front, "embedded")
     message = str(front.value)
-    assert "front=envoy (gpu)" in message and "front=python (cpu)" in message
+    assert "front=auto (gpu)" in message and "front=python (cpu)" in message
     assert "\n" not in message
     # the --upstream counts too when it is a Triton URL
     with pytest.raises(ConfigError, match=r"front=python \(--upstream\)"):

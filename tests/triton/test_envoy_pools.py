@@ -36,9 +36,10 @@ def test_each_pool_serves_its_precisions_through_envoy_and_the_chain_crosses_poo
             {
                 "pools": {
                     # each pool's own HTTP port: HTTP inference in Envoy too
-                    "a": f"triton://{a.grpc_url}?http={a.http_port}",
+                    "a": f"triton://{a.grpc_url}?http={a.http_port}&front=envoy",
                     # localhost: 127.0.0.1 and ::1 (nothing there: kept out by the health check)
-                    "b": f"triton+dns://localhost:{b.grpc_port}?interval=1&http={b.http_port}",
+                    "b": f"triton+dns://localhost:{b.grpc_port}?interval=1&http={b.http_port}"
+                    "&front=envoy",
                 },
                 "models": {
                     "tiny": {
