@@ -6,13 +6,12 @@ holding only the one variant measured; ``--env LABEL:NAME=VALUE`` adds an enviro
 All gateways run at once; every round measures each of them at every concurrency, the order
 rotating, with the benchmark's closed-loop grpc.aio client (one pre-serialised request). Printed
 per gateway and concurrency: medians over rounds of req/s, p50, the gateway process's CPU per
-request, engine runs' rows (``precision_serve_batch_size``) or requests per forwarded call
-(``precision_serve_upstream_call_requests``) and the client's CPU per
-request. ``--triton`` also starts Triton (``precision-serve triton start``'s launcher) on that
-repository, measures it directly as the contender ``triton``, and replaces ``{triton}`` in the
-gateways' ARGS with its gRPC address (``--upstream triton://{triton}``). This is how the
-fast-path rows of docs/gateway.md were measured; it is a development tool, not part of
-``make bench``.
+request, engine runs' rows (``precision_serve_batch_size``; nan for a Triton upstream, which
+runs no engine of its own) and the client's CPU per request. ``--triton`` also starts Triton
+(``precision-serve triton start``'s launcher) on that repository, measures it directly as the
+contender ``triton``, and replaces ``{triton}`` in the gateways' ARGS with its gRPC address
+(``--upstream triton://{triton}``). This is how the fast-path rows of docs/gateway.md were
+measured; it is a development tool, not part of ``make bench``.
 """
 
 from __future__ import annotations
@@ -93,7 +92,7 @@ def _window(server: Any, payload: bytes, c: int, seconds: float) -> dict[str, fl
         "rps": out["rps"],
         "p50_ms": out["p50_ms"] or 0.0,
         "cpu_ms": 1000 * cpu / n,
-        "per_run": (rows1 - rows0) / max(1.0, runs1 - runs0) if ours else nan,
+        "per_run": (rows1 - rows0) / (runs1 - runs0) if ours and runs1 > runs0 else nan,
         "client_cpu_ms": out["client_cpu_ms_per_request"] or 0.0,
         "errors": out["errors"],
     }

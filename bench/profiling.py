@@ -7,9 +7,8 @@ profiler.
 - :func:`scrape_histograms`: sum and count of the gateway's request / queue / upstream duration
   histograms (docs/metrics.md); the difference of two scrapes around a window gives the mean time
   a request spent in the gateway, waiting for a batch, and in the engine.
-- :func:`batch_totals`: rows and runs of the gateway's engine batches and merged upstream calls;
-  the difference of two scrapes around a window gives the requests per run (1: inline, or no
-  merging).
+- :func:`batch_totals`: rows and runs of the gateway's engine batches (embedded upstream); the
+  difference of two scrapes around a window gives the requests per run (1: inline).
 - :func:`ort_op_profile`: ONNX Runtime's own profiler (``enable_profiling``) over a few runs,
   summed by operator type: where the engine's time goes.
 """
@@ -77,8 +76,8 @@ def process_tree_cpu_seconds(pid: int) -> float | None:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-# rows per engine run (embedded) and requests per merged upstream call (Triton pass-through)
-BATCH_METRICS = ("precision_serve_batch_size", "precision_serve_upstream_call_requests")
+# rows per engine run (embedded)
+BATCH_METRICS = ("precision_serve_batch_size",)
 
 
 def batch_totals(metrics_url: str) -> tuple[float, float]:

@@ -305,7 +305,8 @@ def _envoy_cpu(ratios: dict[str, Any], cs: list[str]) -> list[str]:
 
 def _per_run(paths: dict[str, Any], cs: list[str]) -> list[str]:
     """How the gateway ran each window: requests per engine run (embedded: 1 is inline, more
-    is the batcher's batching mode) or per upstream call (Triton: merged calls), per round."""
+    is the batcher's batching mode), per round. (Results from before request merging was
+    removed also hold the Triton pass-through's requests per call.)"""
     parts = []
     for p in ("gateway", "gateway_triton"):
         cells = []

@@ -277,7 +277,7 @@ def _window(path: str, target: Target, servers: Servers, c: int, w: ServingWindo
     cpu1 = cpu_of(proc.pid) if proc else None
     if batches0 is not None:
         rows, runs = (b - a for a, b in zip(batches0, profiling.batch_totals(metrics), strict=True))
-        if runs:  # rows per engine run (embedded) or requests per upstream call (Triton)
+        if runs:  # rows per engine run (embedded)
             out["requests_per_run"] = round(rows / runs, 2)
     if cpu0 is not None and cpu1 is not None and out["requests"]:
         # the warm-up ran too: count the measured window's share of the wall time

@@ -63,12 +63,6 @@ BATCH_SIZE = Histogram(
     ["model", "precision"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
-UPSTREAM_CALL_REQUESTS = Histogram(
-    "precision_serve_upstream_call_requests",
-    "Requests carried per forwarded Triton call (1: alone; more: merged into one call).",
-    ["model", "precision"],
-    buckets=(1, 2, 4, 8, 16, 32, 64),
-)
 FALLBACKS = Counter(
     "precision_serve_fallbacks",
     "Requests served by another precision because the chosen one was not ready/unavailable.",
@@ -154,7 +148,6 @@ queue_duration = Children(QUEUE_DURATION)  # (model, precision)
 upstream_duration = Children(UPSTREAM_DURATION)  # (model, precision)
 inflight = Children(INFLIGHT)  # (model,)
 batch_size = Children(BATCH_SIZE)  # (model, precision)
-upstream_call_requests = Children(UPSTREAM_CALL_REQUESTS)  # (model, precision)
 routing_decisions = Children(ROUTING_DECISIONS)  # (model, precision, policy)
 variant_speed = Children(VARIANT_SPEED)  # (model, precision, source)
 variant_latency = Children(VARIANT_LATENCY)  # (model, precision, source)

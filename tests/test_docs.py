@@ -240,14 +240,14 @@ def test_option_defaults_stated_in_the_manual_match_the_code(name: str) -> None:
 def test_the_default_checker_sees_the_forms_it_checks() -> None:
     text = (
         "[--grpc-port 8001] [--upstream embedded | triton://H:P] "
-        "(`--triton-merge N`, default 1; x) "
+        "(`--workers N`, default 1; x) "
         "`--message-limit models`, the default. `--retime auto` (default) `--load` (0.8) "
         "`--attack-fraction` (5 %) `--drain-seconds` (default 5) `--metrics-url` (default: port "
         "8002) `--capacity-seconds`, default 10 % of the soak `--int4-block-size` 32 (default), 64"
     )
     assert set(_stated_defaults(text)) == {
         ("--grpc-port", "8001", False),
-        ("--triton-merge", "1", False),
+        ("--workers", "1", False),
         ("--message-limit", "models", False),
         ("--retime", "auto", False),
         ("--load", "0.8", False),
@@ -269,16 +269,6 @@ def _triton_default(key: str) -> str:
     return KEYS[key].format(getattr(settings, KEYS[key].field))
 
 
-def test_triton_merge_default_sentence() -> None:
-    from server.upstreams.base import DEFAULT_MERGE_LIMIT, UpstreamSettings
-
-    assert UpstreamSettings().merge_limit == DEFAULT_MERGE_LIMIT
-    assert _triton_default("merge") == str(DEFAULT_MERGE_LIMIT)
-    text = _page("upstreams.md")
-    assert f"(`triton://…?merge=N`, default {DEFAULT_MERGE_LIMIT};" in text
-    assert f"hence the default of {DEFAULT_MERGE_LIMIT}." in text
-
-
 def test_triton_upstream_defaults_in_prose() -> None:
     from server.upstreams.base import UpstreamSettings
 
@@ -288,9 +278,6 @@ def test_triton_upstream_defaults_in_prose() -> None:
     assert f"every {s.resolve_interval_s:g} seconds (`?interval=2` in the URL overrides it)" in text
     assert f"`{_triton_default('cancel')}` is the default" in text
     assert _triton_default("cancel") == "detach"
-    assert "Off by default." in _page("lab/triton-merging.md")
-    assert f"`?merge_wait_ms=MS` (default {_triton_default('merge_wait_ms')})" in text
-    assert _triton_default("merge_wait_ms") == "0"
 
 
 def test_grpc_concurrent_calls_auto_in_prose() -> None:

@@ -3,7 +3,7 @@
 An upstream is chosen with ``--upstream``: ``embedded``, ``triton://HOST:PORT[,HOST:PORT...]`` or
 ``triton+dns://NAME:PORT`` (replicas = NAME's addresses, re-resolved), each optionally followed by
 ``?KEY=VALUE&...``: the settings that belong to that upstream (``embedded?threads=1``,
-``triton://h:8001?merge=0&cancel=propagate``). The scheme picks a registry entry (name ->
+``triton://h:8001?cancel=propagate&timeout_s=5``). The scheme picks a registry entry (name ->
 "module:attribute", imported lazily); the class is constructed as ``cls(address, repository,
 settings)`` where ``address`` is the text between ``scheme://`` and ``?`` ("" for ``embedded``)
 and ``settings`` the :class:`UpstreamSettings` its query made (:class:`UpstreamQuery`, declared
@@ -60,12 +60,6 @@ from server.catalog import Repository, Variant
 from server.errors import ConfigError, Unavailable, Unsupported
 from server.upstreams.generation import Generation, GenerationRequest
 
-# Triton pass-through: forwarded calls in flight per variant and ready replica before later requests
-# merge (server/upstreams/triton/merging.py). 1: with a Triton model instance per variant (the
-# builder's configs), a second call in flight only waits in Triton's queue and goes out smaller;
-# against 2, c16 951 vs 728 and c32 1310 vs 958 req/s in one `bench.ab` run (docs/triton.md).
-DEFAULT_MERGE_LIMIT = 1
-
 
 class UpstreamUnavailable(Unavailable):
     """The variant cannot serve right now; the core tries the next one in the fallback chain."""
@@ -86,12 +80,6 @@ class UpstreamSettings:
     # Triton: cancel a call when its client cancels or its deadline passes (False: let it run to its
     # end, server/upstreams/triton/detach.py - tritonserver < 2.53 can crash on cancellations).
     cancel_upstream: bool = False
-    # Triton pass-through: forwarded calls in flight per variant and ready replica before later
-    # requests merge into one call (server/upstreams/triton/merging.py); 0: never merge.
-    merge_limit: int = DEFAULT_MERGE_LIMIT
-    # ... and how long, once a call ends, the waiting requests wait for more to join them before
-    # they go (0: at once; ``?merge_wait_ms=``, server/upstreams/triton/merging.py)
-    merge_wait_s: float = 0.0
     # Embedded LLM variants (server/upstreams/embedded/llm.py): sequences generating at once
     # per variant, requests waiting for one beyond them, the largest max_tokens a request may ask
     llm_sequences: int = 2
@@ -194,15 +182,20 @@ class QueryKey:
 
 @dataclass(frozen=True)
 class UpstreamQuery:
-    """The query keys an upstream takes (none for a plug-in that declares no query)."""
+    """The query keys an upstream takes (none for a plug-in that declares no query), and the
+    keys it no longer takes: ``removed`` maps each to why (its error says so)."""
 
     keys: Mapping[str, QueryKey]
+    removed: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def apply(self, spec: str, query: str, settings: UpstreamSettings) -> UpstreamSettings:
         changes: dict[str, Any] = {}
         known = ", ".join(self.keys) or "none"
         for item in filter(None, query.split("&")):
             key, eq, value = item.partition("=")
+            if key in self.removed:
+                why = self.removed[key]
+                raise ConfigError(f"upstream {spec!r}: setting {key!r} was removed: {why}")
             if key not in self.keys:
                 raise ConfigError(f"upstream {spec!r}: unknown setting {key!r} (known: {known})")
             if not eq:
@@ -280,7 +273,7 @@ def upstream_schemes() -> list[str]:
 
 
 def parse_upstream_spec(spec: str) -> tuple[str, str]:
-    """``"embedded"`` -> ("embedded", ""); ``"triton://h:1,h:2?merge=0"`` -> ("triton",
+    """``"embedded"`` -> ("embedded", ""); ``"triton://h:1,h:2?timeout_s=5"`` -> ("triton",
     "h:1,h:2") (the query: :func:`parse_upstream`)."""
     scheme, sep, address = spec.partition("?")[0].partition("://")
     scheme = scheme.strip().lower()

@@ -64,11 +64,6 @@ def reads_envoy(expr: str) -> bool:
     return "precision_serve_envoy_" in expr
 
 
-def needs_triton_upstream(expr: str) -> bool:
-    """A gateway series only a Triton upstream produces (requests per forwarded call)."""
-    return "precision_serve_upstream_call_requests" in expr
-
-
 def _infer(client: grpcclient.InferenceServerClient, model: str, x: np.ndarray, **kw) -> None:  # type: ignore[no-untyped-def]
     t = grpcclient.InferInput("x", list(x.shape), "FP32")
     t.set_data_from_numpy(x)
@@ -135,11 +130,7 @@ def test_dashboard_gateway_queries_return_data(
             }
         )
     )
-    exprs = [
-        e
-        for e in dashboard_exprs()
-        if not is_triton(e) and not needs_triton_upstream(e) and not is_llm(e)
-    ]
+    exprs = [e for e in dashboard_exprs() if not is_triton(e) and not is_llm(e)]
     x = np.random.default_rng(0).normal(size=(1, 16)).astype(np.float32)
     bad = np.zeros((1, 7), np.float32)  # wrong shape -> INVALID_ARGUMENT, counted as an error
 
@@ -179,38 +170,21 @@ def test_dashboard_gateway_queries_return_data(
 def test_dashboard_triton_queries_return_data(
     tiny_repository: Path, tmp_path: Path, prometheus_binary: str, start_triton
 ) -> None:  # type: ignore[no-untyped-def]
-    """Triton's own panels (Triton scraped), and the gateway's Triton-upstream series (a gateway
-    forwarding to that Triton, scraped too)."""
-    exprs = [e for e in dashboard_exprs() if is_triton(e) or needs_triton_upstream(e)]
-    assert any(map(is_triton, exprs)), "the dashboard has no Triton (nv_inference_*) panel"
+    """Triton's own panels (Triton scraped, under direct load)."""
+    exprs = [e for e in dashboard_exprs() if is_triton(e)]
+    assert exprs, "the dashboard has no Triton (nv_inference_*) panel"
     triton = start_triton(tiny_repository)
     x = np.random.default_rng(1).normal(size=(2, 16)).astype(np.float32)
-    # the gateway's Triton-upstream panels show the Python front's forwarding (its merging);
-    # through the Envoy front (docs/envoy.md) those series stay empty: Envoy's own stats are
-    # not on the dashboards yet
-    args = ["--upstream", f"triton://{triton.grpc_url}?front=python"]
-    with GatewayProcess(tiny_repository, args) as gw:
-        targets = {
-            "triton": triton.metrics_url.removeprefix("http://").removesuffix("/metrics"),
-            "precision-serve": gw.metrics_url.removeprefix("http://").removesuffix("/metrics"),
-        }
-        with PrometheusServer(
-            prometheus_binary, config_from_deploy(targets), tmp_path / "p"
-        ) as prom:
-            client = grpcclient.InferenceServerClient(triton.grpc_url)
-            via_gateway = grpcclient.InferenceServerClient(gw.grpc_url)
+    targets = {"triton": triton.metrics_url.removeprefix("http://").removesuffix("/metrics")}
+    with PrometheusServer(prometheus_binary, config_from_deploy(targets), tmp_path / "p") as prom:
+        client = grpcclient.InferenceServerClient(triton.grpc_url)
 
-            def traffic() -> None:
-                for precision in ("fp32", "int8"):
-                    _infer(client, f"tiny_{precision}", x)
-                    _infer(via_gateway, "tiny", x, parameters={"precision": precision})
+        def traffic() -> None:
+            for precision in ("fp32", "int8"):
+                _infer(client, f"tiny_{precision}", x)
 
-            def close() -> None:
-                client.close()
-                via_gateway.close()
-
-            missing, up = _data_under_load(prom, exprs, traffic, close)
-    assert up == {"triton": "up", "precision-serve": "up"}
+        missing, up = _data_under_load(prom, exprs, traffic, client.close)
+    assert up == {"triton": "up"}
     assert not missing, f"Triton dashboard expressions without data: {sorted(missing)}"
 
 

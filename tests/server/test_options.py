@@ -61,7 +61,7 @@ def _non_defaults(tmp_path: Path) -> list[str]:
         "--restricted-api", "metadata,health",
         "--model-control", "explicit",
         "--upstream",
-        "triton://h:1,h:2?merge=3&merge_wait_ms=1.5&cancel=propagate&timeout_s=9&front=python",
+        "triton://h:1,h:2?cancel=propagate&timeout_s=9&front=python",
         "--repository", str(tmp_path / "repo"),
         "--routing", str(tmp_path / "r.yaml"),
         "--retime", "never",
@@ -156,22 +156,19 @@ def test_upstream_settings_come_from_the_url_query() -> None:
     assert parse_upstream("embedded") == ("embedded", "", UpstreamSettings())
     assert parse_upstream("embedded?threads=2")[2] == UpstreamSettings(threads=2)
     scheme, address, settings = parse_upstream(
-        "triton://a:1,b:2?merge=0&merge_wait_ms=2&cancel=propagate&timeout_s=5&front=python"
-        "&http=8000"
+        "triton://a:1,b:2?cancel=propagate&timeout_s=5&front=python&http=8000"
     )
     assert (scheme, address) == ("triton", "a:1,b:2")
     assert settings == UpstreamSettings(
-        merge_limit=0,
-        merge_wait_s=0.002,
         cancel_upstream=True,
         default_timeout_s=5.0,
         front="python",
         http_port=8000,
     )
     assert parse_upstream("triton://a:1")[2].front == "auto"  # the default front
-    assert parse_upstream("triton+dns://svc:8001?interval=0.5&merge=2")[1:] == (
+    assert parse_upstream("triton+dns://svc:8001?interval=0.5&timeout_s=2")[1:] == (
         "svc:8001",
-        UpstreamSettings(resolve_interval_s=0.5, merge_limit=2),
+        UpstreamSettings(resolve_interval_s=0.5, default_timeout_s=2.0),
     )
     # the spec's settings replace the given ones, the rest stay
     base = UpstreamSettings(threads=3, max_workers=4)
@@ -187,7 +184,10 @@ def test_upstream_settings_come_from_the_url_query() -> None:
         ("embedded?threads=two", "threads='two': invalid literal"),
         ("triton://h:1?interval=1", "unknown setting 'interval'"),
         ("triton://h:1?timeout_s=0", "timeout_s='0': must be > 0"),
-        ("triton://h:1?merge_wait_ms=inf", "merge_wait_ms='inf': must be >= 0"),
+        ("triton://h:1?timeout_s=inf", "timeout_s='inf': must be > 0"),
+        # request merging's keys (removed): the error names the key and why it is gone
+        ("triton://h:1?merge=1", "setting 'merge' was removed: the gateway no longer merges"),
+        ("triton+dns://n:1?merge_wait_ms=1", "setting 'merge_wait_ms' was removed: the gateway"),
         ("triton+dns://n:1?interval=-1", "interval='-1': must be > 0"),
         ("triton+dns://n:1?cancel=yes", "cancel='yes': must be one of detach, propagate"),
         ("triton://h:1?front=nginx", "front='nginx': must be one of auto, envoy, python"),

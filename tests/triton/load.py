@@ -15,9 +15,8 @@ __all__ = ["Load", "rows_served", "successes"]
 
 
 def rows_served(url: str, model: str) -> int:
-    """Rows Triton inferred for ``model`` (``inference_count``): what a replica served when the
-    gateway merges concurrent requests into one Triton request
-    (server/upstreams/triton/merging.py)."""
+    """Rows Triton inferred for ``model`` (``inference_count``: at least one per request it
+    served)."""
     with grpcclient.InferenceServerClient(url) as client:
         stats = client.get_inference_statistics(model)
     return sum(s.inference_count for s in stats.model_stats)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from server.upstreams.base import QueryKey, UpstreamQuery, count, seconds
+from server.upstreams.base import QueryKey, UpstreamQuery, seconds
 from server.upstreams.triton.detach import MODES as CANCEL_MODES
 
 
@@ -11,10 +11,6 @@ def _cancel(text: str) -> bool:
     if text not in CANCEL_MODES:
         raise ValueError(f"must be one of {', '.join(CANCEL_MODES)}")
     return text == "propagate"
-
-
-def _merge_wait(text: str) -> float:
-    return seconds(text) / 1e3
 
 
 FRONTS = ("auto", "envoy", "python")
@@ -52,19 +48,6 @@ KEYS = {
         "the replicas' HTTP port: with the Envoy front, HTTP inference goes straight to it "
         "(0: through the gateway, which uses the gRPC port)",
     ),
-    "merge": QueryKey(
-        "merge_limit",
-        count,
-        "pass-through: with N forwarded calls per variant and replica in flight, later requests "
-        "wait and go merged into one call (0: never merge; server/upstreams/triton/merging.py)",
-    ),
-    "merge_wait_ms": QueryKey(
-        "merge_wait_s",
-        _merge_wait,
-        "once a call ends, the requests waiting to merge wait this many milliseconds more for "
-        "others to join them (0: they go at once; uvloop's timers count whole milliseconds)",
-        lambda s: f"{s * 1e3:g}",
-    ),
     "cancel": QueryKey(
         "cancel_upstream",
         _cancel,
@@ -79,7 +62,13 @@ KEYS = {
         lambda s: f"{s:g}",
     ),
 }
-QUERY = UpstreamQuery(KEYS)
+# keys of earlier versions, refused with the reason
+_MERGING_REMOVED = (
+    "the gateway no longer merges forwarded requests; Triton's own dynamic batcher batches "
+    "(docs/upstreams.md)"
+)
+REMOVED = {"merge": _MERGING_REMOVED, "merge_wait_ms": _MERGING_REMOVED}
+QUERY = UpstreamQuery(KEYS, REMOVED)
 DNS_QUERY = UpstreamQuery(
     {
         **KEYS,
@@ -89,5 +78,6 @@ DNS_QUERY = UpstreamQuery(
             "seconds between resolutions of NAME (each answer is the replica set)",
             lambda s: f"{s:g}",
         ),
-    }
+    },
+    REMOVED,
 )

@@ -24,9 +24,8 @@
   own bytes with the variant's name appended as a second ``model_name`` field (protobuf keeps
   the last value of a scalar field), on a raw grpc.aio channel per replica; Triton's reply bytes
   come back as they are. Statuses other than the replica/variant failures above are Triton's
-  own, code and message unchanged (:class:`UpstreamStatus`). Under load, concurrent forwarded
-  calls for one variant are merged into one Triton call (server/upstreams/triton/merging.py,
-  ``--triton-merge``).
+  own, code and message unchanged (:class:`UpstreamStatus`). Each request is its own Triton
+  call: Triton's dynamic batcher batches.
 - Model control (``--model-control explicit``): :meth:`TritonUpstream.load` / ``unload`` call
   Triton's own load/unload on every replica (started with ``--model-control-mode=explicit``,
   serving the same repository) and re-check their readiness at once.
@@ -64,7 +63,6 @@ from server.upstreams.base import (
 )
 from server.upstreams.generation import GenerationRequest
 from server.upstreams.triton.detach import detached
-from server.upstreams.triton.merging import ForwardMerger
 
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)
@@ -185,11 +183,6 @@ class TritonUpstream(UpstreamBase):
         self._kick = asyncio.Event()
         self._closing: set[asyncio.Task] = set()  # channels of left replicas being closed
         self.check_interval = CHECK_INTERVAL_S
-        # concurrent forwarded calls for a variant merge into one
-        # (server/upstreams/triton/merging.py)
-        self._merger = ForwardMerger(
-            self._forward_alone, self._ready_count, settings.merge_limit, settings.merge_wait_s
-        )
 
     def _initial_replicas(self, address: str) -> list[str]:
         return parse_replicas(address)
@@ -228,7 +221,6 @@ class TritonUpstream(UpstreamBase):
                 await channel.close()
 
     async def close(self) -> None:
-        await self._merger.close()
         if self._checker is not None:
             self._checker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -361,16 +353,7 @@ class TritonUpstream(UpstreamBase):
         )
 
     async def forward(self, variant: Variant, payload: bytes, deadline: float | None) -> bytes:
-        """A serialised ModelInferRequest for ``variant`` -> Triton's serialised reply (alone, or
-        merged with concurrent ones: server/upstreams/triton/merging.py)."""
-        return await self._merger.forward(variant, payload, deadline)
-
-    def _ready_count(self, variant: Variant) -> int:
-        return sum(r.ready_for(variant.name) for r in self.replicas)
-
-    async def _forward_alone(
-        self, variant: Variant, payload: bytes, deadline: float | None
-    ) -> bytes:
+        """A serialised ModelInferRequest for ``variant`` -> Triton's serialised reply."""
         request = payload + model_name_field(variant.name)
         return await self._with_retry(
             variant, lambda replica: self._forward(replica, variant, request, deadline)
