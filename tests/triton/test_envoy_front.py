@@ -179,10 +179,14 @@ def test_every_way_of_asking_for_a_precision_is_routed_in_envoy(
         assert served == "fp16"
         np.testing.assert_array_equal(answer, want)
         assert _http_infer(gw.http_url, "tiny_int8", binary=False)[0] == "int8"
-        assert _http_infer(gw.http_url, "tiny")[0] == "fp16"  # the runtime split set above
+        # the split: all fp16 as set above, or 70/30 again if the readiness follower saw int8
+        # unloaded and loaded (it restores the routing file's split then)
+        by_split = _http_infer(gw.http_url, "tiny")[0]
+        assert by_split in ("int8", "fp16")
         after = _stats(gw)
-        assert after["tiny_fp16_http"] - before["tiny_fp16_http"] == 2
-        assert after["tiny_int8_http"] - before["tiny_int8_http"] >= 1
+        fp16, int8 = (after[f"tiny_{p}_http"] - before[f"tiny_{p}_http"] for p in ("fp16", "int8"))
+        want = 2 if by_split == "fp16" else 1
+        assert fp16 == want and int8 >= 3 - want, (fp16, int8)
         assert after["control_http"] == before["control_http"]
         assert http.is_server_ready() and http.get_model_metadata("tiny")["name"] == "tiny"
         assert _stats(gw)["control_http"] - after["control_http"] == 2
