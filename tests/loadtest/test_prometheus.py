@@ -269,8 +269,14 @@ def test_dashboard_llm_queries_return_data(
     assert not missing, f"LLM dashboard expressions without data: {sorted(missing)}"
 
 
-def is_shadow(expr: str) -> bool:
-    return "precision_serve_shadow_" in expr
+# panels that must show Envoy-routed requests too (with the traffic, latency and error panels,
+# which read the precision_serve_envoy_* series)
+ENVOY_PANELS = ("Routing split", "Fallbacks", "Shadow top-1 agreement", "Shadow cosine (p50)")
+
+
+def panel_exprs(titles: tuple[str, ...]) -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in dash["panels"] if p["title"] in titles for t in p["targets"]]
 
 
 def test_dashboard_envoy_front_queries_return_data(
@@ -279,7 +285,9 @@ def test_dashboard_envoy_front_queries_return_data(
     """The Envoy front (the default with Triton upstreams): inference never reaches the gateway's
     own request series; the traffic, latency, error, routing and fallback panels show it from
     Envoy's stats, the shadow panels from the samples Envoy mirrors to the control plane."""
-    exprs = [e for e in dashboard_exprs() if reads_envoy(e) or is_shadow(e)]
+    panels = panel_exprs(ENVOY_PANELS)
+    assert len(panels) == len(ENVOY_PANELS), panels
+    exprs = sorted({e for e in dashboard_exprs() if reads_envoy(e)} | set(panels))
     # request rate, p50/p95/p99, error share, errors by status, routing, fallbacks, 2 shadow
     assert len(exprs) >= 9, exprs
     triton = start_triton(tiny_repository, model_control="explicit")
