@@ -659,20 +659,17 @@ class Gateway:
         token = self.shadow_token
         return bool(token and value) and hmac.compare_digest(str(value).encode(), token.encode())
 
-    async def shadow_sample(self, parse: Callable[[], Awaitable[InferRequest]]) -> None:
+    async def shadow_sample(
+        self, model_name: str | None, parse: Callable[[], Awaitable[InferRequest]]
+    ) -> None:
         """A request Envoy mirrored to the control plane (a shadow model's sampled fraction,
-        docs/envoy.md), ``parse``d by its transport: run on the served precision and on the
-        reference in the background, their agreement recorded as on the Python path. Not a
-        client's request: nothing in the request metrics, no routing decision; returns at once
-        and never raises (a sample that cannot run is counted as dropped)."""
-        try:
-            request = await parse()
-        except Exception as e:  # the client got Triton's answer to the same bytes
-            log.debug("shadow sample refused: %s", e)
-            _dropped("unknown", "invalid")
-            return
-        model = self.repository.models.get(request.model)
-        policy = self.router.policies.get(request.model) if model is not None else None
+        docs/envoy.md) for ``model_name``, ``parse``d by its transport (only when it will be
+        compared: a sample beyond the limit costs no decoding): run on the served precision
+        and on the reference in the background, their agreement recorded as on the Python path.
+        Not a client's request: nothing in the request metrics, no routing decision; returns at
+        once and never raises (a sample that cannot run is counted as dropped)."""
+        model = self.repository.models.get(model_name or "")
+        policy = self.router.policies.get(model.name) if model is not None else None
         if model is None or not isinstance(policy, ShadowPolicy):
             _dropped(model.name if model is not None else "unknown", "invalid")
             return
@@ -681,9 +678,12 @@ class Gateway:
             return
         served, ref = model.variants[policy.precision], model.variants[policy.reference]
         try:
+            request = await parse()
+            if request.model != model.name:
+                raise InvalidInput(f"the sample names {request.model!r}, not {model.name!r}")
             self._check_size(request)
             arrays = self._validate(served, request)
-        except GatewayError as e:
+        except Exception as e:  # the client got Triton's answer to the same bytes
             log.debug("shadow sample of %s refused: %s", model.name, e)
             _dropped(model.name, "invalid")
             return

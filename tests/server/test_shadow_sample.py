@@ -142,7 +142,7 @@ def test_a_sample_runs_both_precisions_and_records_agreement_not_a_request(
     agree, disagree, clients = _compared("true"), _compared("false"), _client_series()
 
     async def run() -> None:
-        await gateway.shadow_sample(_parsed(_request()))
+        await gateway.shadow_sample("tiny", _parsed(_request()))
         await _settle(gateway)
 
     asyncio.run(run())
@@ -160,11 +160,18 @@ def test_samples_beyond_the_limit_are_dropped_and_none_is_waited_for(
     upstream.hold.clear()  # every upstream call waits: the comparisons stay in flight
 
     async def run() -> None:
+        parsed = []
+
+        async def parse() -> InferRequest:
+            parsed.append(1)
+            return _request()
+
         for _ in range(MAX_SHADOW_TASKS + 5):  # each handed over at once, however slow Triton
-            await asyncio.wait_for(gateway.shadow_sample(_parsed(_request())), 1)
+            await asyncio.wait_for(gateway.shadow_sample("tiny", parse), 1)
         await asyncio.sleep(0.05)
         assert len(gateway._shadow_tasks) == MAX_SHADOW_TASKS
         assert _dropped("busy") - busy == 5
+        assert len(parsed) == MAX_SHADOW_TASKS  # a sample dropped is not even decoded
         upstream.hold.set()
         await _settle(gateway)
 
@@ -179,27 +186,32 @@ def test_a_failing_or_unready_reference_is_counted_and_compares_nothing(
     before = {r: _dropped(r) for r in ("failed", "unready", "invalid")}
     compared = _compared("true") + _compared("false")
 
+    unknown = _dropped("invalid", "unknown")
+
     async def run() -> None:
         upstream.failing.add("tiny_fp32")
-        await gateway.shadow_sample(_parsed(_request()))
+        await gateway.shadow_sample("tiny", _parsed(_request()))
         await _settle(gateway)
         upstream.failing.clear()
         upstream.unready.add("tiny_fp32")
-        await gateway.shadow_sample(_parsed(_request()))
+        await gateway.shadow_sample("tiny", _parsed(_request()))
         await _settle(gateway)
         upstream.unready.clear()
         # what the served variant refuses (a wrong shape), and a body that did not parse
-        await gateway.shadow_sample(_parsed(_request(x=np.zeros((1, 7), np.float32))))
+        await gateway.shadow_sample("tiny", _parsed(_request(x=np.zeros((1, 7), np.float32))))
 
         async def broken() -> InferRequest:
             raise InvalidInput("malformed ModelInferRequest")
 
-        await gateway.shadow_sample(broken)
+        await gateway.shadow_sample("tiny", broken)
+        # no model name in the body, an unknown model
+        await gateway.shadow_sample(None, broken)
+        await gateway.shadow_sample("nope", _parsed(_request("nope")))
 
     asyncio.run(run())
     after = {r: _dropped(r) for r in before}
-    assert {r: after[r] - before[r] for r in before} == {"failed": 1, "unready": 1, "invalid": 1}
-    assert _dropped("invalid", "unknown") >= 1
+    assert {r: after[r] - before[r] for r in before} == {"failed": 1, "unready": 1, "invalid": 2}
+    assert _dropped("invalid", "unknown") - unknown == 2
     assert _compared("true") + _compared("false") == compared
 
 
@@ -208,7 +220,7 @@ def test_a_model_without_the_shadow_policy_is_not_sampled(repository: Repository
     invalid = _dropped("invalid")
 
     async def run() -> None:
-        await gateway.shadow_sample(_parsed(_request()))
+        await gateway.shadow_sample("tiny", _parsed(_request()))
         await _settle(gateway)
 
     asyncio.run(run())

@@ -286,7 +286,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 protocol="grpc",
             )
 
-        await self.gateway.shadow_sample(parse)
+        await self.gateway.shadow_sample(_model_name(data), parse)
         return True
 
     def decoupled_stream(self, data: bytes, context: Any) -> AsyncIterator[bytes] | None:

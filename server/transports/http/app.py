@@ -466,7 +466,7 @@ async def _shadow(request: web.Request, gw: Gateway, limits: HttpLimits) -> web.
             protocol="http",
         )
 
-    await gw.shadow_sample(parse)
+    await gw.shadow_sample(request.match_info["model"], parse)
     return web.json_response({})
 
 
