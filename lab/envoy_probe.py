@@ -76,6 +76,7 @@ class EnvoyVariant:
     cpus: str | None = None  # taskset -c CPUS (pinning)
     access_log: bool = False  # a stdout access log (the default config has none)
     retries: int = 0  # route retry_policy num_retries (the body is then kept for a replay)
+    route_stats: bool = False  # the route's own stats (Route.stat_prefix, as the front's models)
 
     @property
     def rewrites(self) -> bool:
@@ -108,6 +109,14 @@ VARIANTS: dict[str, EnvoyVariant] = {
             reply=True,
             select=True,
             retries=1,
+        ),
+        replace(
+            _BASE,
+            name="w1-select-lua-reply-stats",
+            rewrite="upstream",
+            reply=True,
+            select=True,
+            route_stats=True,
         ),
         replace(_BASE, name="w1-lean", lean=True, stats_flush_s=60.0),
         replace(_BASE, name="w1-lua-lean", rewrite="upstream", lean=True, stats_flush_s=60.0),
@@ -257,6 +266,7 @@ def envoy_config(v: EnvoyVariant, triton_grpc_port: int, model_name: str) -> dic
                                 if v.select
                                 else [],
                             },
+                            **({"stat_prefix": "ps:grpc:probe@int8"} if v.route_stats else {}),
                             "route": {
                                 "cluster": "triton",
                                 "timeout": "60s",

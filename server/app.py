@@ -331,9 +331,13 @@ class GatewayServer:
         """Envoy on the public ports in front of Triton and of this process (now on loopback)."""
         plan = self.front_plan(body_limit, max_streams)
         self.front = EnvoyFront(bootstrap(plan))
+        self.gateway.shadow_token = plan.shadow_token  # marks the samples Envoy mirrors here
         bound = await self.front.start()
         variants = {v.name: (v.model, v.precision) for v in self.gateway.repository.variants()}
-        self._collector = EnvoyCollector(self.front, {n: variants[n] for n in plan.variants})
+        policies = {name: policy.name for name, policy in self.router.policies.items()}
+        self._collector = EnvoyCollector(
+            self.front, {n: variants[n] for n in plan.variants}, policies
+        )
         upstream = self.gateway.upstream
         if upstream.capabilities.statistics:  # Triton has seen what Envoy sent it; we have not
             self.gateway.served_elsewhere = (frozenset(plan.variants), upstream.replica_statistics)

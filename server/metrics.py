@@ -84,6 +84,11 @@ SHADOW_COSINE = Histogram(
     ["model", "precision", "reference"],
     buckets=(0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999, 1.0),
 )
+SHADOW_DROPPED = Counter(
+    "precision_serve_shadow_dropped",
+    "Shadow samples not compared, by reason: busy (too many in flight), unready, failed, invalid.",
+    ["model", "reason"],
+)
 QUEUE_REJECTIONS = Counter(
     "precision_serve_queue_rejections",
     "Requests refused because a variant's batcher queue was full (max_queue_size).",

@@ -12,7 +12,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -37,7 +37,7 @@ from server.errors import (
     Unavailable,
     Unsupported,
 )
-from server.routing.policies import Decision, Router
+from server.routing.policies import Decision, Router, ShadowPolicy
 from server.upstreams.base import Upstream, UpstreamUnavailable
 
 _T = TypeVar("_T")
@@ -48,7 +48,8 @@ FALLBACK_PARAMETER = "fallback_from"  # response parameter: the precision that w
 PRECISION_HEADER = "x-precision"
 REQUEST_KEY = "x-request-key"
 TIMEOUT_PARAMETER = "timeout"  # microseconds, as tritonclient's ``timeout=`` sends it
-MAX_SHADOW_TASKS = 8
+MAX_SHADOW_TASKS = 8  # shadow comparisons in flight; samples beyond are dropped (counted)
+SHADOW_HEADER = "x-ps-shadow"  # on a sample the Envoy front mirrored (its value: shadow_token)
 
 
 @dataclass
@@ -173,6 +174,8 @@ class Gateway:
         for name in repository.models:  # exported at 0 from start-up (the HPA's series)
             metrics.inflight(name)
         self._shadow_tasks: set[asyncio.Task] = set()
+        # the Envoy front's mark on the samples it mirrors here (``is_shadow``); None: no front
+        self.shadow_token: str | None = None
         # pass-through: the upstream takes serialised requests (server/upstreams/triton/upstream.py)
         self.forwards = upstream.capabilities.forward
         # (variant names, fetch Triton's statistics entries): set by the app when the Envoy front
@@ -645,6 +648,47 @@ class Gateway:
         s.last_inference_ms = int(time.time() * 1000)
 
     # ---- shadow traffic -----------------------------------------------------------------------
+    # Two ways in, one comparison: the Python front samples in ``infer`` (the served answer is
+    # at hand: the reference runs once more); behind the Envoy front, Envoy mirrors the sampled
+    # fraction here (``shadow_sample``: Envoy drops a mirror's reply, so the served precision
+    # runs again too). At most MAX_SHADOW_TASKS comparisons in flight; each sample left out is
+    # counted (precision_serve_shadow_dropped_total) and never touches the served request.
+    def is_shadow(self, value: str | None) -> bool:
+        """True when ``value`` (the x-ps-shadow header of a call) marks a sample Envoy mirrored
+        here: the secret the front put on its mirror cluster (set only with the Envoy front)."""
+        token = self.shadow_token
+        return bool(token and value) and hmac.compare_digest(str(value).encode(), token.encode())
+
+    async def shadow_sample(
+        self, model_name: str | None, parse: Callable[[], Awaitable[InferRequest]]
+    ) -> None:
+        """A request Envoy mirrored to the control plane (a shadow model's sampled fraction,
+        docs/envoy.md) for ``model_name``, ``parse``d by its transport (only when it will be
+        compared: a sample beyond the limit costs no decoding): run on the served precision
+        and on the reference in the background, their agreement recorded as on the Python path.
+        Not a client's request: nothing in the request metrics, no routing decision; returns at
+        once and never raises (a sample that cannot run is counted as dropped)."""
+        model = self.repository.models.get(model_name or "")
+        policy = self.router.policies.get(model.name) if model is not None else None
+        if model is None or not isinstance(policy, ShadowPolicy):
+            _dropped(model.name if model is not None else "unknown", "invalid")
+            return
+        if len(self._shadow_tasks) >= MAX_SHADOW_TASKS:
+            _dropped(model.name, "busy")
+            return
+        served, ref = model.variants[policy.precision], model.variants[policy.reference]
+        try:
+            request = await parse()
+            if request.model != model.name:
+                raise InvalidInput(f"the sample names {request.model!r}, not {model.name!r}")
+            self._check_size(request)
+            arrays = self._validate(served, request)
+        except Exception as e:  # the client got Triton's answer to the same bytes
+            log.debug("shadow sample of %s refused: %s", model.name, e)
+            _dropped(model.name, "invalid")
+            return
+        self._start_shadow(self._compare(served, ref, arrays, None))
+
     def _mirror(
         self,
         model: Model,
@@ -653,10 +697,15 @@ class Gateway:
         arrays: dict[str, np.ndarray],
         outputs: dict[str, np.ndarray],
     ) -> None:
-        if reference == served.precision or len(self._shadow_tasks) >= MAX_SHADOW_TASKS:
+        if reference == served.precision:
             return
-        ref = model.variants[reference]
-        task = asyncio.get_running_loop().create_task(self._compare(served, ref, arrays, outputs))
+        if len(self._shadow_tasks) >= MAX_SHADOW_TASKS:
+            _dropped(model.name, "busy")
+            return
+        self._start_shadow(self._compare(served, model.variants[reference], arrays, outputs))
+
+    def _start_shadow(self, comparison: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(comparison)
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
 
@@ -665,12 +714,21 @@ class Gateway:
         served: Variant,
         ref: Variant,
         arrays: dict[str, np.ndarray],
-        outputs: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray] | None,
     ) -> None:
+        """``ref`` on ``arrays`` against ``outputs`` (the served answer), or, when None (a
+        sample Envoy mirrored), against ``served`` run on them here as well."""
         try:
-            if not self.upstream.ready(ref):
+            if not self.upstream.ready(ref) or not self.upstream.ready(served):
+                _dropped(served.model, "unready")
                 return
-            ref_out = await self.upstream.infer(ref, arrays, None)
+            if outputs is None:
+                outputs, ref_out = await asyncio.gather(
+                    self.upstream.infer(served, arrays, None),
+                    self.upstream.infer(ref, arrays, None),
+                )
+            else:
+                ref_out = await self.upstream.infer(ref, arrays, None)
             name = served.outputs[0].name
             agree, cosines = compare_outputs(
                 outputs[name], ref_out[name], served.max_batch_size > 0
@@ -679,12 +737,17 @@ class Gateway:
             raise
         except Exception as e:  # the shadow never affects served traffic
             log.debug("shadow comparison %s vs %s failed: %s", served.name, ref.name, e)
+            _dropped(served.model, "failed")
             return
         labels = {"model": served.model, "precision": served.precision, "reference": ref.precision}
         for a in agree:
             metrics.SHADOW_COMPARISONS.labels(**labels, top1_agree=str(a).lower()).inc()
         for c in cosines:
             metrics.SHADOW_COSINE.labels(**labels).observe(c)
+
+
+def _dropped(model: str, reason: str) -> None:
+    metrics.SHADOW_DROPPED.labels(model=model, reason=reason).inc()
 
 
 def _check_version(name: str, version: str) -> None:

@@ -10,13 +10,15 @@ What the bootstrap holds:
 - listener ``grpc`` (the public gRPC port): ModelInfer goes through ``select.lua``, which reads
   the head of the message and sets ``x-ps-route``; the routes then send it to a variant's
   cluster (``v:``), through a model's policy (``m:``: runtime-fraction routes, each a
-  ``priority_group`` fallback chain, shadow as ``request_mirror_policies``) or, for everything
-  else, to the control plane (the Python gateway on loopback);
+  ``priority_group`` fallback chain, shadow as ``request_mirror_policies`` to the control plane,
+  which compares) or, for everything else, to the control plane (the Python gateway on
+  loopback);
 - listener ``http`` (the public HTTP port): everything to the control plane (this pass);
 - one cluster per Triton-served variant, named after it (``digits_int8``), holding the replicas
   that serve it (with precision pools: its pool's, ``FrontPlan.pools``), whose upstream
   filters rewrite ``model_name`` per attempt and add ``parameters["precision"]`` to the reply;
-- clusters ``control_grpc`` / ``control_http``: the gateway behind Envoy;
+- clusters ``control_grpc`` / ``control_http``: the gateway behind Envoy; ``control_shadow``
+  (``_http``): the same, for the mirrored shadow samples, marked with ``x-ps-shadow``;
 - admin on loopback only; ``layered_runtime`` with an admin layer (weights and the shadow
   fraction are runtime keys the control plane sets with ``/runtime_modify``).
 """
@@ -24,6 +26,8 @@ What the bootstrap holds:
 from __future__ import annotations
 
 import ipaddress
+import re
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +45,10 @@ ROUTE_HEADER = "x-ps-route"
 PRECISION_HEADER = "x-precision"
 CONTROL_GRPC = "control_grpc"
 CONTROL_HTTP = "control_http"
+# shadow samples: Envoy mirrors them to the control plane through this cluster (HTTP: + "_http"),
+# which marks them with SHADOW_HEADER = the plan's shadow_token (server/dataplane/gateway.py)
+CONTROL_SHADOW = "control_shadow"
+SHADOW_HEADER = "x-ps-shadow"
 HERE = Path(__file__).resolve().parent
 SELECT_LUA = HERE / "select.lua"
 REWRITE_LUA = HERE / "rewrite.lua"
@@ -66,9 +74,15 @@ class Kind:
     retry_on: str
     retriable: tuple[dict[str, Any], ...] = ()
     retriable_codes: tuple[int, ...] = ()
+    protocol: str = "grpc"  # the label of its series (server/front/metrics.py)
 
     def name(self, variant: str) -> str:
         return variant + self.cluster
+
+    def stat_prefix(self, model: str, precision: str, policy: bool) -> str:
+        """A model route's stats (``vhost.gateway.route.<this>.*``, read back by
+        :func:`route_of`): ``@`` where the policy routed, ``:`` where the client asked."""
+        return f"ps:{self.protocol}:{model}{'@' if policy else ':'}{precision}"
 
 
 GRPC = Kind(
@@ -85,7 +99,25 @@ HTTP = Kind(
     (("safe_regex", {"regex": INFER_PATH}),),
     "connect-failure,reset,refused-stream,retriable-status-codes",
     retriable_codes=(404, 503),
+    protocol="http",
 )
+# a model route's attempts and retries: Envoy's per-route stats (Route.stat_prefix,
+# Kind.stat_prefix); its requests = attempts - retries
+_ROUTE_STAT = re.compile(
+    r"^vhost\.gateway\.route\.ps:(grpc|http):(.+)([@:])([^@:]+)\.upstream_rq_(total|retry)$"
+)
+ROUTE_STATS = r"^vhost\.gateway\.route\.ps:.*\.upstream_rq_(total|retry)$"
+
+
+def route_of(stat: str) -> tuple[str, str, str, bool, str] | None:
+    """(protocol, model, precision, routed by the policy, ``total`` or ``retry``) of a model
+    route's counter (``vhost.gateway.route.<Kind.stat_prefix>.upstream_rq_<total|retry>``: its
+    attempts or retries), else None."""
+    match = _ROUTE_STAT.match(stat)
+    if match is None:
+        return None
+    protocol, model, sep, precision, counter = match.groups()
+    return protocol, model, precision, sep == "@", counter
 
 
 def _type(name: str) -> str:
@@ -179,6 +211,9 @@ class FrontPlan:
     control_host: str = "127.0.0.1"
     admin_port: int = 0
     idle_timeout_s: float = 3600.0
+    # the mark on mirrored shadow samples (x-ps-shadow): a secret of this plan, so a client
+    # cannot pass its own requests off as samples (the control plane checks it)
+    shadow_token: str = field(default_factory=lambda: secrets.token_hex(16))
     extra: dict[str, Any] = field(default_factory=dict)
     # precision pools: variant -> its pool's replicas (a variant not listed: ``triton`` & co.)
     pools: dict[str, Replicas] = field(default_factory=dict)
@@ -474,7 +509,23 @@ def control_clusters(plan: FrontPlan) -> list[dict[str, Any]]:
     grpc["typed_extension_protocol_options"] = _protocol_options(http2=True)
     http = _cluster(plan, CONTROL_HTTP, [Endpoint(plan.control_host, plan.control_http_port)])
     http["typed_extension_protocol_options"] = _protocol_options(http2=False)
-    return [grpc, http]
+    clusters = [grpc, http]
+    if any(m.shadow for m in plan.models):
+        clusters.append(shadow_cluster(plan, GRPC))
+        if plan.triton_http_port:
+            clusters.append(shadow_cluster(plan, HTTP))
+    return clusters
+
+
+def shadow_cluster(plan: FrontPlan, kind: Kind) -> dict[str, Any]:
+    """Where Envoy mirrors a shadow model's sampled requests: the control plane, which runs them
+    on the served precision and the reference and compares (Envoy drops a mirror's reply, so it
+    cannot compare itself); an upstream header mutation marks them with the plan's token."""
+    port = plan.control_grpc_port if kind is GRPC else plan.control_http_port
+    cluster = _cluster(plan, kind.name(CONTROL_SHADOW), [Endpoint(plan.control_host, port)])
+    mark = _mutation("ps.shadow", [_header(SHADOW_HEADER, plan.shadow_token)], [])
+    cluster["typed_extension_protocol_options"] = _protocol_options(kind is GRPC, [mark])
+    return cluster
 
 
 # ---- routes ----------------------------------------------------------------------------------
@@ -577,6 +628,7 @@ def model_routes(plan: FrontPlan, model: ModelPlan, kind: Kind = GRPC) -> list[d
             "match": _match(kind, f"m:{model.name}:{precision}"),
             "route": _chain_route(plan, kind, chain),
             "request_headers_to_add": _first(precision),
+            "stat_prefix": kind.stat_prefix(model.name, precision, policy=False),
         }
         for precision, chain in model.chains.items()
     ]
@@ -591,11 +643,13 @@ def model_routes(plan: FrontPlan, model: ModelPlan, kind: Kind = GRPC) -> list[d
                 "runtime_key": SPLIT_KEY.format(model=model.name, index=index),
             }
         action = _chain_route(plan, kind, model.chains[precision])
-        if model.shadow is not None:
-            reference, fraction = model.shadow
+        if model.shadow is not None:  # sampled by the control plane (shadow_cluster)
+            _, fraction = model.shadow
             action["request_mirror_policies"] = [
                 {
-                    "cluster": kind.name(reference),
+                    "cluster": kind.name(CONTROL_SHADOW),
+                    # the client's authority unchanged (x-ps-shadow marks the sample)
+                    "disable_shadow_host_suffix_append": True,
                     "runtime_fraction": {
                         "default_value": _percent(fraction),
                         "runtime_key": SHADOW_KEY.format(model=model.name),
@@ -608,6 +662,7 @@ def model_routes(plan: FrontPlan, model: ModelPlan, kind: Kind = GRPC) -> list[d
                 "match": match,
                 "route": action,
                 "request_headers_to_add": _first(precision),
+                "stat_prefix": kind.stat_prefix(model.name, precision, policy=True),
             }
         )
     return routes

@@ -17,7 +17,12 @@ them under the project's names (docs/metrics.md):
   cluster; HTTP: the cluster's per-attempt HTTP codes, mapped as the gateway maps its errors);
 - ``precision_serve_envoy_upstream_duration_seconds{model, precision, protocol}``: Envoy's
   ``upstream_rq_time`` histogram per attempt (Envoy counts milliseconds; the front configures
-  the project's latency buckets, server/front/config.py ``stats_config``).
+  the project's latency buckets, server/front/config.py ``stats_config``);
+- ``precision_serve_envoy_routed_requests_total{model, precision, protocol, policy}``: requests
+  to a logical model by the precision Envoy routed them to first and why: the model's policy
+  name, or ``request`` when the client asked for the precision (parameter or header); from
+  the model routes' own stats (``vhost.gateway.route.ps:...``, config.py ``Kind.stat_prefix``:
+  Envoy counts a route's attempts; less its retries, each request once).
 
 The label ``code`` (not ``status``) and the extra ``protocol`` on the histogram keep these series
 apart from the gateway's own, so dashboards can ``or`` the two without a label clash.
@@ -40,7 +45,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from server.front.config import HTTP
+from server.front.config import HTTP, ROUTE_STATS, route_of
 from server.front.supervisor import EnvoyError, EnvoyFront
 from server.transports.http.app import HTTP_STATUS
 
@@ -67,9 +72,16 @@ def grpc_code_name(code: int) -> str:
 
 
 class EnvoyCollector(Collector):
-    def __init__(self, front: EnvoyFront, variants: dict[str, tuple[str, str]]) -> None:
-        """``variants``: Triton-served variant name -> (model, precision)."""
+    def __init__(
+        self,
+        front: EnvoyFront,
+        variants: dict[str, tuple[str, str]],
+        policies: dict[str, str] | None = None,
+    ) -> None:
+        """``variants``: Triton-served variant name -> (model, precision); ``policies``:
+        logical model -> its policy's name."""
         self.front = front
+        self.policies = dict(policies or {})
         self.clusters: dict[str, tuple[str, str, str]] = {}
         for name, (model, precision) in variants.items():
             self.clusters[name] = (model, precision, "grpc")
@@ -83,6 +95,7 @@ class EnvoyCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         try:
             text = self.front.prometheus_stats(_STATS)
+            routes = self.front.stats(ROUTE_STATS)
         except (OSError, ValueError, EnvoyError):
             return
         labels = ["model", "precision", "protocol"]
@@ -145,8 +158,30 @@ class EnvoyCollector(Collector):
             responses.add_metric(list(key), value)
         for values, cumulative in buckets.items():
             duration.add_metric(list(values), cumulative, sums.get(values, 0.0))
+        yield self._routed(routes)
         yield requests
         yield retries
         yield active
         yield responses
         yield duration
+
+    def _routed(self, routes: dict[str, int]) -> Metric:
+        """The model routes' requests (their attempts less their retries, ``route_of``) by model,
+        precision, protocol and policy."""
+        routed = CounterMetricFamily(
+            "precision_serve_envoy_routed_requests",
+            "Requests to a logical model by the precision Envoy routed them to first, and why "
+            "(the policy's name, or request when the client asked).",
+            labels=["model", "precision", "protocol", "policy"],
+        )
+        requests: dict[tuple[str, str, str, str], float] = {}
+        for stat, value in routes.items():
+            if (route := route_of(stat)) is not None:
+                protocol, model, precision, by_policy, counter = route
+                policy = self.policies.get(model, "policy") if by_policy else "request"
+                key = (model, precision, protocol, policy)
+                # attempts - retries: each request's first attempt
+                requests[key] = requests.get(key, 0.0) + (value if counter == "total" else -value)
+        for key, value in requests.items():
+            routed.add_metric(list(key), value)
+        return routed

@@ -8,6 +8,9 @@ pointed at live servers, scraping every second:
   requests (errors);
 - the Triton panels (``nv_inference_*``): a real Triton (tests/triton's launcher) serving the
   tiny repository, under direct load;
+- the Envoy front's panels (``precision_serve_envoy_*`` and the shadow panels): a gateway with
+  the Envoy front in front of a real Triton whose int8 is unloaded, with a shadow policy (Envoy
+  mirrors every request to the control plane, which compares), under direct load;
 - the LLM panels (``precision_serve_llm_*``): a gateway serving the tiny random Llama (the suite's
   LLM), under the project's streaming Locust user (loadtest/locustfile_llm.py) at fp32 plus a
   thread streaming int4.
@@ -240,17 +243,40 @@ def test_dashboard_llm_queries_return_data(
     assert not missing, f"LLM dashboard expressions without data: {sorted(missing)}"
 
 
+# panels that must show Envoy-routed requests too (with the traffic, latency and error panels,
+# which read the precision_serve_envoy_* series)
+ENVOY_PANELS = ("Routing split", "Fallbacks", "Shadow top-1 agreement", "Shadow cosine (p50)")
+
+
+def panel_exprs(titles: tuple[str, ...]) -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in dash["panels"] if p["title"] in titles for t in p["targets"]]
+
+
 def test_dashboard_envoy_front_queries_return_data(
     tiny_repository: Path, tmp_path: Path, prometheus_binary: str, start_triton
 ) -> None:  # type: ignore[no-untyped-def]
     """The Envoy front: inference never reaches the gateway's
-    own request series, and the traffic, latency and error panels show it from Envoy's stats."""
-    exprs = [e for e in dashboard_exprs() if reads_envoy(e)]
-    assert len(exprs) >= 5, exprs  # request rate, p50/p95/p99, error share, errors by status
-    triton = start_triton(tiny_repository)
+    own request series; the traffic, latency, error, routing and fallback panels show it from
+    Envoy's stats, the shadow panels from the samples Envoy mirrors to the control plane."""
+    panels = panel_exprs(ENVOY_PANELS)
+    assert len(panels) == len(ENVOY_PANELS), panels
+    exprs = sorted({e for e in dashboard_exprs() if reads_envoy(e)} | set(panels))
+    # request rate, p50/p95/p99, error share, errors by status, routing, fallbacks, 2 shadow
+    assert len(exprs) >= 9, exprs
+    triton = start_triton(tiny_repository, model_control="explicit")
+    direct = grpcclient.InferenceServerClient(triton.grpc_url)
+    direct.unload_model("tiny_int8")  # int8 requests: NOT_FOUND from Triton, retried on fp16
     x = np.random.default_rng(2).normal(size=(2, 16)).astype(np.float32)
     bad = np.zeros((1, 7), np.float32)  # wrong shape: Triton's INVALID_ARGUMENT through Envoy
-    args = ["--upstream", f"triton://{triton.grpc_url}?front=envoy"]
+    routing = tmp_path / "routing.yaml"
+    shadow = {"reference": "fp32", "fraction": 1.0}
+    routing.write_text(
+        yaml.safe_dump(
+            {"models": {"tiny": {"policy": "shadow", "precision": "fp16", "shadow": shadow}}}
+        )
+    )
+    args = ["--upstream", f"triton://{triton.grpc_url}?front=envoy", "--routing", str(routing)]
     with GatewayProcess(tiny_repository, args) as gw:
         assert "envoy_admin_port" in gw.ports  # the Envoy front runs
         targets = {
@@ -263,6 +289,7 @@ def test_dashboard_envoy_front_queries_return_data(
             rejected: list[str] = []
 
             def traffic() -> None:
+                _infer(client, "tiny", x)  # the shadow policy: fp16 served, fp32 compared
                 for precision in ("fp32", "int8"):
                     _infer(client, "tiny", x, parameters={"precision": precision})
                 try:
@@ -275,6 +302,12 @@ def test_dashboard_envoy_front_queries_return_data(
             # what the panels show came from Envoy: the gateway counted none of it itself
             own = prom.query('sum(precision_serve_requests_total{model="tiny"})')
             by_code = prom.query("sum by (precision, code) (precision_serve_envoy_responses_total)")
+            routed = prom.query(
+                "sum by (precision, policy) (precision_serve_envoy_routed_requests_total)"
+            )
+            retried = prom.query(
+                "sum by (precision) (precision_serve_envoy_upstream_retries_total)"
+            )
             # the series the gateway's HPA reads (deploy/k8s/monitoring): both exported at rest
             hpa = {
                 name: prom.query(f'{name}{{model="tiny"}}')
@@ -283,13 +316,22 @@ def test_dashboard_envoy_front_queries_return_data(
                     "precision_serve_envoy_upstream_active_requests",
                 )
             }
+    direct.close()
     assert up == {"precision-serve": "up"}
     assert rejected and set(rejected) == {"StatusCode.INVALID_ARGUMENT"}, set(rejected)
     assert not missing, f"Envoy-front dashboard expressions without data: {sorted(missing)}"
     assert not own or float(own[0]["value"][1]) == 0, own
     assert all(hpa.values()), hpa
     codes = {(r["metric"]["precision"], r["metric"]["code"]) for r in by_code}
-    assert {("fp32", "ok"), ("int8", "ok"), ("fp16", "INVALID_ARGUMENT")} <= codes, codes
+    assert {("fp16", "ok"), ("fp32", "ok"), ("int8", "ok"), ("fp16", "INVALID_ARGUMENT")} <= codes
+    policies = {
+        (r["metric"]["precision"], r["metric"]["policy"])
+        for r in routed
+        if float(r["value"][1]) > 0  # every model route is exported, from 0
+    }
+    assert policies == {("fp16", "shadow"), ("fp32", "request"), ("int8", "request")}, policies
+    retries = {r["metric"]["precision"]: float(r["value"][1]) for r in retried}
+    assert retries.get("fp16", 0) > 0 and not retries.get("int8"), retries
 
 
 def _every_expr(node: object) -> list[str]:

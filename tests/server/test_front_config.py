@@ -14,13 +14,16 @@ from server.catalog import Repository, load_repository
 from server.front.config import (
     CONTROL_GRPC,
     CONTROL_HTTP,
+    CONTROL_SHADOW,
     MODEL_INFER,
+    SHADOW_HEADER,
     FrontPlan,
     bootstrap,
     plan_models,
     ready_weights,
     reply_suffix,
     request_suffix,
+    route_of,
     served_variants,
     split_runtime,
     triton_endpoints,
@@ -187,7 +190,7 @@ def test_two_replicas_retry_each_precision_on_another_replica_first(
             assert limits["max_retries"] >= 1024
 
 
-def test_split_is_cumulative_runtime_fractions_and_shadow_a_mirror(
+def test_split_is_cumulative_runtime_fractions(
     repository: Repository,
 ) -> None:
     routing = {
@@ -220,11 +223,75 @@ def test_split_is_cumulative_runtime_fractions_and_shadow_a_mirror(
     }
     assert ready_weights(model, set()) == ready_weights(model, {"fp32", "fp16", "int8"})
 
+
+def test_shadow_mirrors_to_the_control_plane_marked_with_the_plans_token(
+    repository: Repository, tmp_path: Path
+) -> None:
+    """Envoy drops a mirror's reply, so the sampled fraction goes to the control plane (which
+    runs the served precision and the reference and compares), marked as a sample."""
     shadow = {"models": {"tiny": {"policy": "shadow", "precision": "int8"}}}
-    (route,) = _by_route_header(_routes(bootstrap(_plan(repository, shadow))), "m:tiny")
-    (mirror,) = route["route"]["request_mirror_policies"]
-    assert mirror["cluster"] == "tiny_fp32"
-    assert mirror["runtime_fraction"]["default_value"]["numerator"] == 10  # the default 0.1
+    plan = _plan(repository, shadow, triton_http_port=8000)
+    config = bootstrap(plan)
+    for listener, cluster, port in (
+        ("grpc", CONTROL_SHADOW, 40001),
+        ("http", CONTROL_SHADOW + "_http", 40000),
+    ):
+        (route,) = _by_route_header(
+            _routes(config, listener), "m:tiny" if listener == "grpc" else "hm:tiny"
+        )
+        (mirror,) = route["route"]["request_mirror_policies"]
+        assert mirror["cluster"] == cluster
+        assert mirror["runtime_fraction"]["default_value"]["numerator"] == 10  # the default 0.1
+        assert mirror["runtime_fraction"]["runtime_key"] == "ps.shadow.tiny"
+        (found,) = [c for c in config["static_resources"]["clusters"] if c["name"] == cluster]
+        endpoint = found["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        assert endpoint["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": port}
+        options = found["typed_extension_protocol_options"][
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        ]
+        (mark,) = options["http_filters"][0]["typed_config"]["mutations"]["request_mutations"]
+        assert mark["append"]["header"] == {"key": SHADOW_HEADER, "value": plan.shadow_token}
+    # a secret per plan (a client cannot pass its requests off as samples)
+    assert (
+        len(plan.shadow_token) >= 32 and plan.shadow_token != _plan(repository, shadow).shadow_token
+    )
+    path = tmp_path / "envoy.json"
+    path.write_text(json.dumps(config))
+    assert validate(path) == ""
+    # no shadow model: no shadow cluster
+    names = {c["name"] for c in bootstrap(_plan(repository, {}))["static_resources"]["clusters"]}
+    assert not any(n.startswith(CONTROL_SHADOW) for n in names)
+
+
+def test_model_routes_count_their_requests_by_policy_or_request(repository: Repository) -> None:
+    """Each model route has Envoy's per-route stats, named so that the collector reads back the
+    protocol, the model, the precision and whether the policy or the client chose it."""
+    routing = {"models": {"tiny": {"policy": "split", "weights": {"int8": 50, "fp16": 50}}}}
+    config = bootstrap(_plan(repository, routing, triton_http_port=8000))
+    found = {}
+    for listener in ("grpc", "http"):
+        for route in _routes(config, listener):
+            if "stat_prefix" in route:
+                stat = f"vhost.gateway.route.{route['stat_prefix']}.upstream_rq_total"
+                found[route["name"]] = route_of(stat)
+    assert found == {
+        "tiny@fp16": ("grpc", "tiny", "fp16", True, "total"),
+        "tiny@int8": ("grpc", "tiny", "int8", True, "total"),
+        **{f"tiny:{p}": ("grpc", "tiny", p, False, "total") for p in ("fp32", "fp16", "int8")},
+        "htiny@fp16": ("http", "tiny", "fp16", True, "total"),
+        "htiny@int8": ("http", "tiny", "int8", True, "total"),
+        **{f"htiny:{p}": ("http", "tiny", p, False, "total") for p in ("fp32", "fp16", "int8")},
+    }
+    # a model name with dots and dashes reads back whole; other stats are not a route's
+    assert route_of("vhost.gateway.route.ps:http:my.model-2:int8.upstream_rq_retry") == (
+        "http",
+        "my.model-2",
+        "int8",
+        False,
+        "retry",
+    )
+    assert route_of("vhost.gateway.route.ps:grpc:tiny@int8.upstream_rq_time") is None
+    assert route_of("cluster.tiny_int8.upstream_rq_total") is None
 
 
 def test_limits_timeouts_tls_and_the_token(repository: Repository, tmp_path: Path) -> None:

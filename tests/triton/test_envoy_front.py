@@ -1,4 +1,4 @@
-"""Envoy in front of a real Triton (``--upstream triton://...``, the default front): inference goes
+"""Envoy in front of a real Triton (``--upstream triton://...?front=envoy``): inference goes
 client -> Envoy -> Triton, everything else to the gateway behind it (the control plane).
 
 Where a request went is read from Envoy's own counters (clusters named after the variants, and
@@ -149,9 +149,13 @@ def test_every_way_of_asking_for_a_precision_is_routed_in_envoy(
         # to the next precision's cluster (with its own model_name), and the reply says so
         direct.unload_model("tiny_int8")
         wait_ready(lambda: not direct.is_model_ready("tiny_int8"), 15, "tiny_int8 unloaded")
+        routed = {"model": "tiny", "precision": "int8", "protocol": "grpc", "policy": "request"}
+        asked = _series(gw, "precision_serve_envoy_routed_requests_total", **routed)
         precision, fallback_from, out = _infer(client, "tiny", precision="int8")
         assert (precision, fallback_from) == ("fp16", "int8")
         np.testing.assert_array_equal(out, want)
+        # one request routed to int8 by the client's ask, however many attempts it took
+        assert _series(gw, "precision_serve_envoy_routed_requests_total", **routed) == asked + 1
         http = httpclient.InferenceServerClient(gw.http_url)
         served, answer = _http_infer(
             gw.http_url, "tiny", {"x-precision": "int8"}
@@ -200,42 +204,130 @@ def _input() -> grpcclient.InferInput:
     return t
 
 
-def test_shadow_mirrors_to_the_reference_cluster(
+def _series(gw: GatewayProcess, name: str, **labels: str) -> float:
+    """The sum of the gateway's ``name`` samples whose labels include ``labels``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(gw.metrics_url, timeout=5).read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+def _successes(c: grpcclient.InferenceServerClient, name: str) -> int:
+    (entry,) = c.get_inference_statistics(name).model_stats
+    return entry.inference_stats.success.count
+
+
+SHADOW = {
+    "models": {"tiny": {"policy": "shadow", "precision": "int8", "shadow": {"fraction": 1.0}}}
+}
+COMPARED = {"model": "tiny", "precision": "int8", "reference": "fp32"}
+
+
+def test_shadow_agreement_is_sampled_by_the_control_plane(
     tiny_repository: Path, start_triton: StartTriton, tmp_path: Path
 ) -> None:
+    """Envoy mirrors the sampled fraction to the control plane, which runs it on the served
+    precision and on the reference in Triton and records the agreement; clients get the served
+    precision's answer from Triton through Envoy, and nothing counts twice."""
     triton = start_triton(tiny_repository)
-    shadow = {
-        "models": {"tiny": {"policy": "shadow", "precision": "int8", "shadow": {"fraction": 0.5}}}
-    }
-    args = ["--upstream", f"triton://{triton.grpc_url}?front=envoy", *_routing(tmp_path, shadow)]
-    with GatewayProcess(tiny_repository, extra_args=args) as gw:
+    upstream = f"triton://{triton.grpc_url}?http={triton.http_port}&front=envoy"  # HTTP too
+    direct = grpcclient.InferenceServerClient(triton.grpc_url)
+    served = direct.infer("tiny_int8", [_input()]).as_numpy("logits")
+    reference = direct.infer("tiny_fp32", [_input()]).as_numpy("logits")
+    agreeing_rows = int(np.sum(np.argmax(served, 1) == np.argmax(reference, 1)))
+    n = 20
+    with GatewayProcess(
+        tiny_repository, ["--upstream", upstream, *_routing(tmp_path, SHADOW)]
+    ) as gw:
         client = grpcclient.InferenceServerClient(gw.grpc_url)
         before = _stats(gw)
-        assert {_infer(client, "tiny")[0] for _ in range(200)} == {"int8"}
-        wait_ready(
-            lambda: _stats(gw)["tiny_fp32"] - before["tiny_fp32"] >= 60,
-            10,
-            "mirrored requests on tiny_fp32",
-        )
-        mirrored = _stats(gw)["tiny_fp32"] - before["tiny_fp32"]
-        assert 60 <= mirrored <= 140, mirrored  # about half of 200
-        # the gateway's statistics are Triton's (Envoy sent the requests past the gateway)
-        direct = grpcclient.InferenceServerClient(triton.grpc_url)
+        runs = {v: _successes(direct, v) for v in ("tiny_int8", "tiny_fp32")}
+        for _ in range(n):
+            precision, fallback_from, out = _infer(client, "tiny")
+            assert (precision, fallback_from) == ("int8", "")
+            np.testing.assert_array_equal(out, served)  # the served precision's answer
+        precision, out = _http_infer(gw.http_url, "tiny")
+        assert precision == "int8"
+        np.testing.assert_array_equal(out, served)
 
-        def successes(c: grpcclient.InferenceServerClient, name: str) -> int:
-            (entry,) = c.get_inference_statistics(name).model_stats
-            return entry.inference_stats.success.count
+        def samples() -> tuple[float, float]:
+            rows = _series(gw, "precision_serve_shadow_comparisons_total", **COMPARED)
+            return rows / len(X), _series(gw, "precision_serve_shadow_dropped_total", model="tiny")
 
-        assert successes(client, "tiny_int8") == successes(direct, "tiny_int8") >= 200
-        assert successes(client, "tiny_fp32") == successes(direct, "tiny_fp32") >= 60
-        assert successes(client, "tiny") == sum(
-            successes(direct, f"tiny_{p}") for p in ("fp32", "fp16", "int8")
+        wait_ready(lambda: sum(samples()) >= n + 1, 20, "every mirrored sample compared or dropped")
+        compared, dropped = samples()
+        after = _stats(gw)
+        # a sample more than 8 in flight is dropped (counted); one at a time, most are compared
+        assert compared + dropped == n + 1 and compared >= n / 2, (compared, dropped)
+        agreeing = _series(
+            gw, "precision_serve_shadow_comparisons_total", **COMPARED, top1_agree="true"
         )
-        with urllib.request.urlopen(f"http://{gw.http_url}/v2/models/tiny_int8/stats") as r:
-            (entry,) = json.loads(r.read())["model_stats"]
-        assert entry["inference_stats"]["success"]["count"] == successes(direct, "tiny_int8")
-        direct.close()
+        assert agreeing == compared * agreeing_rows  # the same inputs each time
+        assert _series(gw, "precision_serve_shadow_cosine_count", **COMPARED) == compared * len(X)
+        # the mirrors went to the control plane (gRPC and HTTP), none to Triton's fp32 directly,
+        # and no client request reached the control plane or its request metrics
+        assert after["control_shadow"] - before.get("control_shadow", 0) == n
+        assert after["control_shadow_http"] - before.get("control_shadow_http", 0) == 1
+        assert after["control_grpc"] == before["control_grpc"]
+        assert after["tiny_fp32"] == before["tiny_fp32"]
+        for name in ("precision_serve_requests_total", "precision_serve_routing_decisions_total"):
+            assert _series(gw, name, model="tiny") == 0, name
+        # Envoy's own count of what its shadow policy routed (the routing panel's series)
+        routed = {
+            protocol: _series(
+                gw,
+                "precision_serve_envoy_routed_requests_total",
+                model="tiny",
+                precision="int8",
+                protocol=protocol,
+                policy="shadow",
+            )
+            for protocol in ("grpc", "http")
+        }
+        assert routed == {"grpc": n, "http": 1}, routed
+        # the cost: each compared sample ran the served precision once more and the reference
+        assert _successes(direct, "tiny_int8") - runs["tiny_int8"] == (n + 1) + compared
+        assert _successes(direct, "tiny_fp32") - runs["tiny_fp32"] == compared
         client.close()
+    direct.close()
+
+
+def test_a_failing_reference_never_affects_clients(
+    tiny_repository: Path, start_triton: StartTriton, tmp_path: Path
+) -> None:
+    """The reference unloaded in Triton: every sample fails in the control plane (counted as
+    dropped, nothing compared), and clients get the served precision as before."""
+    triton = start_triton(tiny_repository, model_control="explicit")
+    direct = grpcclient.InferenceServerClient(triton.grpc_url)
+    served = direct.infer("tiny_int8", [_input()]).as_numpy("logits")
+    args = ["--upstream", f"triton://{triton.grpc_url}?front=envoy", *_routing(tmp_path, SHADOW)]
+    n = 20
+    with GatewayProcess(tiny_repository, extra_args=args) as gw:
+        client = grpcclient.InferenceServerClient(gw.grpc_url)
+        direct.unload_model("tiny_fp32")
+        wait_ready(lambda: not direct.is_model_ready("tiny_fp32"), 15, "tiny_fp32 unloaded")
+        for _ in range(n):
+            precision, fallback_from, out = _infer(client, "tiny")
+            assert (precision, fallback_from) == ("int8", "")
+            np.testing.assert_array_equal(out, served)
+
+        def dropped() -> float:
+            return sum(
+                _series(gw, "precision_serve_shadow_dropped_total", model="tiny", reason=r)
+                for r in ("unready", "failed", "busy")
+            )
+
+        wait_ready(lambda: dropped() >= n, 20, "every sample dropped")
+        assert dropped() == n
+        assert _series(gw, "precision_serve_shadow_comparisons_total", model="tiny") == 0
+        assert _series(gw, "precision_serve_requests_total", model="tiny") == 0
+        client.close()
+    direct.close()
 
 
 def test_the_token_is_checked_in_envoy_before_the_body(

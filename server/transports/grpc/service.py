@@ -28,6 +28,7 @@ from server.dataplane.extensions import EXTENSIONS, SERVER_NAME, server_version
 from server.dataplane.gateway import (
     FALLBACK_PARAMETER,
     PRECISION_HEADER,
+    SHADOW_HEADER,
     Gateway,
     InferRequest,
     InferResponse,
@@ -249,6 +250,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         pass-through upstream the request's bytes go on as they are, and so do the reply's.
         The token is checked (by :func:`_handled`) before the payload is parsed (registered
         through :func:`_releasing`)."""
+        if self.gateway.shadow_token is not None and await self._shadow(data, context):
+            return b""  # an empty ModelInferResponse: Envoy drops a mirror's reply
         shm = self.gateway.shared_memory
         # refused before the core saw it: counted by _handled (Gateway.count_rejected)
         headers, request = self._parse(data, context)
@@ -261,6 +264,30 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if response.raw is not None:
             return response.raw + _precision_parameter(response.precision, response.fallback_from)
         return infer_response_bytes(response, in_shm=out_shm)
+
+    async def _shadow(self, data: bytes, context: grpc.aio.ServicerContext) -> bool:
+        """A sample the Envoy front mirrored here (its x-ps-shadow mark): handed to the core's
+        shadow comparison (Gateway.shadow_sample), never counted as a request; False for
+        any other call."""
+        headers = _metadata(context)
+        if not self.gateway.is_shadow(headers.get(SHADOW_HEADER)):
+            return False
+
+        async def parse() -> InferRequest:
+            _, request = self._parse(data, context)
+            params = request.parameters
+            return InferRequest(
+                model=request.model_name,
+                version=request.model_version,
+                id=request.id,
+                inputs=_wire_tensors(request),
+                parameters={k: _param_value(v) for k, v in params.items()} if params else {},
+                headers=headers,
+                protocol="grpc",
+            )
+
+        await self.gateway.shadow_sample(_model_name(data), parse)
+        return True
 
     def decoupled_stream(self, data: bytes, context: Any) -> AsyncIterator[bytes] | None:
         """The responses of a ModelStreamInfer request to a decoupled model (an LLM,

@@ -25,6 +25,7 @@ from server.dataplane.extensions import EXTENSIONS, SERVER_NAME, server_version
 from server.dataplane.gateway import (
     FALLBACK_PARAMETER,
     PRECISION_HEADER,
+    SHADOW_HEADER,
     Gateway,
     InferRequest,
     InferResponse,
@@ -416,6 +417,8 @@ def _render(
 async def infer(request: web.Request) -> web.Response:
     gw = _gw(request)
     limits: HttpLimits = request.app[LIMITS_KEY]
+    if gw.shadow_token is not None and gw.is_shadow(request.headers.get(SHADOW_HEADER)):
+        return await _shadow(request, gw, limits)
     body = await read_body(request, gw.repository, gw.max_request_bytes, limits.body_timeout_s)
     doc, inputs = await off_loop(
         len(body), parse_infer_body, body, request.headers.get(HEADER_LENGTH)
@@ -440,6 +443,31 @@ async def infer(request: web.Request) -> web.Response:
     )
     gw.shared_memory.write_outputs(response.outputs, out_shm)
     return _render(response, bool(params.get("binary_data_output")), binary_outputs, out_shm)
+
+
+async def _shadow(request: web.Request, gw: Gateway, limits: HttpLimits) -> web.Response:
+    """A sample the Envoy front mirrored here (its x-ps-shadow mark): handed to the core's
+    shadow comparison (Gateway.shadow_sample), never counted as a request; an empty reply
+    (Envoy drops it)."""
+
+    async def parse() -> InferRequest:
+        body = await read_body(request, gw.repository, gw.max_request_bytes, limits.body_timeout_s)
+        doc, inputs = await off_loop(
+            len(body), parse_infer_body, body, request.headers.get(HEADER_LENGTH)
+        )
+        params = doc.get("parameters") or {}
+        return InferRequest(
+            model=request.match_info["model"],
+            version=_version(request),
+            # shared-memory requests are never mirrored (select.lua leaves them to Python)
+            inputs=[t for t in inputs if not isinstance(t, InShm)],
+            parameters=params if isinstance(params, dict) else {},
+            headers=_headers(request),
+            protocol="http",
+        )
+
+    await gw.shadow_sample(request.match_info["model"], parse)
+    return web.json_response({})
 
 
 # ---- system shared memory (server/dataplane/shared_memory.py); CUDA shared memory: 501
