@@ -41,10 +41,12 @@ from server.front.config import (
 )
 from server.front.metrics import EnvoyCollector
 from server.front.pools import PoolPlan, plan_pools
+from server.front.slo import EnvoySlo
 from server.front.supervisor import EnvoyError, EnvoyFront
 from server.routing.options import RoutingOptions
 from server.routing.policies import Router, load_routing
 from server.routing.retime import retime_repository
+from server.routing.slo import SloPolicy
 from server.transports.grpc.service import ENVELOPE_BYTES, start_grpc_server
 from server.transports.http.app import start_http_server
 from server.transports.http.limits import shutdown_parsers
@@ -162,6 +164,7 @@ class GatewayServer:
         # replicas, server/front/pools.py) unless ``?front=python``; not with --workers
         self.front: EnvoyFront | None = None
         self._weights: asyncio.Task | None = None
+        self._slo: EnvoySlo | None = None  # slo models routed in Envoy: their control loop
         self._collector: EnvoyCollector | None = None
         self.pools: PoolPlan | None = None
         if routing.pools:
@@ -342,14 +345,28 @@ class GatewayServer:
         if upstream.capabilities.statistics:  # Triton has seen what Envoy sent it; we have not
             self.gateway.served_elsewhere = (frozenset(plan.variants), upstream.replica_statistics)
         REGISTRY.register(self._collector)
-        splits = [m for m in plan.models if len(m.first) > 1]
+        splits = [m for m in plan.models if len(m.first) > 1 and not m.slo]
         if splits:
             self._weights = asyncio.create_task(self._follow_readiness(splits))
+        policies = self.router.policies
+        slo = [
+            (m, policy)
+            for m in plan.models
+            if m.slo and isinstance(policy := policies[m.name], SloPolicy)
+        ]
+        if slo:  # Envoy's stats feed the controllers, their mixes set the weights
+            self._slo = EnvoySlo(self.front, slo, self._ready_precisions)
+            self._slo.start()
         self.ports["control_grpc_port"] = self.ports["grpc_port"]
         self.ports["control_http_port"] = self.ports["http_port"]
         self.ports["grpc_port"], self.ports["http_port"] = bound["grpc"], bound["http"]
         self.ports["envoy_admin_port"] = int(self.front.admin_url.rpartition(":")[2])
         log.info("Envoy in front: gRPC %d, HTTP %d", bound["grpc"], bound["http"])
+
+    def _ready_precisions(self, model: str) -> set[str]:
+        """The precisions of ``model`` whose variant is ready on some replica."""
+        variants = self.gateway.repository.models[model].variants
+        return {p for p, v in variants.items() if self.gateway.upstream.ready(v)}
 
     async def _follow_readiness(self, models: list[ModelPlan]) -> None:
         """Health-driven weights: a split's precision whose variant Triton reports unready on
@@ -397,6 +414,8 @@ class GatewayServer:
             await asyncio.sleep(drain_s)
         if self._weights is not None:
             self._weights.cancel()
+        if self._slo is not None:
+            await self._slo.stop()
         if self._collector is not None:
             REGISTRY.unregister(self._collector)
             self._collector = None

@@ -38,6 +38,7 @@ from tritonclient.grpc import service_pb2 as pb
 from server.catalog import PRECISION_ORDER, Repository
 from server.metrics import LATENCY_BUCKETS
 from server.routing.policies import Router, ShadowPolicy, SplitPolicy
+from server.routing.slo import SloPolicy
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 INFER_PATH = r"^/v2/models/[A-Za-z0-9_.-]+/infer$"  # (select.lua reads the same)
@@ -61,6 +62,10 @@ FALLBACK = "fallback_from"  # the reply parameter naming the precision routed fi
 HEALTH_INTERVAL_S = 1.0  # replicas' TCP health check
 SPLIT_KEY = "ps.split.{model}.{index}"
 SHADOW_KEY = "ps.shadow.{model}"
+# Envoy merges its workers' histograms into what /stats shows at each stats flush (default 5 s):
+# with an slo model routed in Envoy it flushes this often, so the slo loop's windows see their
+# latencies (server/front/slo.py)
+SLO_FLUSH_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -176,12 +181,14 @@ class Replicas:
 class ModelPlan:
     """A logical model's routes: ``first`` = (precision, share) of first attempts (the policy),
     ``chains`` = precision -> the variants tried in turn from it (the fallback chain),
-    ``shadow`` = (reference variant, fraction) mirrored, or None."""
+    ``shadow`` = (reference variant, fraction) mirrored, or None; ``slo``: the shares of
+    ``first`` are the slo controller's, set at run time (server/front/slo.py)."""
 
     name: str
     first: tuple[tuple[str, float], ...]
     chains: dict[str, tuple[str, ...]]
     shadow: tuple[str, float] | None = None
+    slo: bool = False
 
 
 @dataclass(frozen=True)
@@ -262,13 +269,17 @@ def plan_models(
         if not chains:
             continue
         policy = router.policies[name]
+        slo = isinstance(policy, SloPolicy) and len(policy.controller.rungs) > 1
         if isinstance(policy, SplitPolicy):
             shares, low = {}, 0.0
             for bound, precision in policy.cumulative:
                 shares[precision] = bound - low
                 low = bound
             first = [(p, shares[p]) for p in ordered(shares)]
-        else:  # fixed, auto, shadow, slo: one precision (slo's weights: the control plane)
+        elif slo:  # one route per rung of the ladder, weighted by the controller's mix
+            shares = policy.controller.shares()
+            first = [(p, shares[p]) for p in ordered(shares)]
+        else:  # fixed, auto, shadow, slo with one rung: one precision
             first = [(policy.default_precision, 1.0)]
         if any(p not in chains for p, _ in first):
             continue
@@ -276,7 +287,7 @@ def plan_models(
         if isinstance(policy, ShadowPolicy) and policy.fraction > 0:
             reference = by_precision.get(policy.reference)
             shadow = (reference, policy.fraction) if reference else None
-        plans.append(ModelPlan(name, tuple(first), chains, shadow))
+        plans.append(ModelPlan(name, tuple(first), chains, shadow, slo))
     return plans
 
 
@@ -841,10 +852,13 @@ def bootstrap(plan: FrontPlan) -> dict[str, Any]:
     clusters = [variant_cluster(plan, v, p) for v, p in plan.variants.items()]
     if plan.http:
         clusters += [variant_http_cluster(plan, v, p) for v, p in plan.variants.items()]
+    slo = any(m.slo for m in plan.models)
+    flush = {"stats_flush_interval": _duration(SLO_FLUSH_S)} if slo else {}
     return {
         "node": {"id": "precision-serve", "cluster": "precision-serve"},
         "admin": {"address": _address("127.0.0.1", plan.admin_port)},
         "stats_config": stats_config(),
+        **flush,
         "layered_runtime": {
             "layers": [
                 {"name": "static", "static_layer": {}},

@@ -249,6 +249,15 @@ class EnvoyFront:
                 out[stat["name"]] = int(stat["value"])
         return out
 
+    def stats_document(self, filter_regex: str, histogram_buckets: str = "") -> dict[str, Any]:
+        """``/stats?format=json`` as Envoy writes it, histograms included (``histogram_buckets``:
+        Envoy's ``cumulative``, ``disjoint`` or ``detailed``; "": its quantiles)."""
+        params = {"format": "json", "filter": filter_regex}
+        if histogram_buckets:
+            params["histogram_buckets"] = histogram_buckets
+        _, body = _get(f"{self.admin_url}/stats?{urllib.parse.urlencode(params)}")
+        return json.loads(body)
+
     def prometheus_stats(self, filter_regex: str) -> str:
         """``/stats/prometheus`` (Prometheus text: counters and histograms with their buckets),
         only the stats whose Envoy name matches ``filter_regex``."""

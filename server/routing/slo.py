@@ -14,7 +14,9 @@ policy counts its own in-flight requests and arrivals. Completions close **windo
 ``window_requests`` completions, or at the first completion ``window_s`` after the window
 opened - no timer runs); each window estimates p99 as the larger of the window's observed p99
 and in-flight / throughput (Little's law: what a request arriving now waits, which rises before
-the observed latencies do), and measures the arrival rate.
+the observed latencies do), and measures the arrival rate. Through the Envoy front, where the
+gateway sees none of these requests, the windows come from Envoy's per-cluster stats instead
+(server/front/slo.py) and go to the same decision (:meth:`SloController.close_window`).
 
 Shifting to faster rungs reacts in proportion to the overload: ``up_windows`` consecutive
 windows above ``shift_up_above`` x objective, or a single one above ``fast_shift_above``, move
@@ -242,23 +244,35 @@ class SloController:
             self._latencies.append(seconds)
         now = self.clock()
         n = len(self._latencies)
-        if n == 0 or (
-            n < self.settings.window_requests and now - self._opened < self.settings.window_s
-        ):
+        if not self.window_due(n, now - self._opened):
             return None
-        elapsed = max(now - self._opened, 1e-9)
         self._latencies.sort()
         p99 = self._latencies[max(0, math.ceil(0.99 * n) - 1)]
-        estimate = max(p99, self.inflight * elapsed / n)  # Little: in flight / throughput
-        rate = self._arrivals / elapsed
+        arrivals, elapsed = self._arrivals, now - self._opened
         self._latencies = []
         self._arrivals = 0
         self._opened = now
+        return self.close_window(n, p99, self.inflight, elapsed, arrivals)
+
+    def window_due(self, completions: int, elapsed_s: float) -> bool:
+        """Whether a window with ``completions`` counted, open for ``elapsed_s``, closes now:
+        after ``window_requests`` completions, or at the first one ``window_s`` after it opened."""
+        s = self.settings
+        return completions > 0 and (completions >= s.window_requests or elapsed_s >= s.window_s)
+
+    def close_window(
+        self, requests: int, p99_s: float, inflight: int, elapsed_s: float, arrivals: int
+    ) -> Window:
+        """Decide on one closed window: ``requests`` completions whose p99 was ``p99_s``,
+        ``inflight`` requests still running at its end, ``arrivals`` in its ``elapsed_s``. Fed by
+        :meth:`observe` (per request) or by the Envoy front's stats (server/front/slo.py)."""
+        elapsed = max(elapsed_s, 1e-9)
+        estimate = max(p99_s, inflight * elapsed / max(requests, 1))  # Little: in flight / thpt
         self.windows += 1
-        action = self._decide(estimate / self.settings.p99_s, rate)
+        action = self._decide(estimate / self.settings.p99_s, arrivals / elapsed)
         smoothed = self._rate or 0.0
         self.last = Window(
-            n, p99, estimate, self.inflight, action, self.level, smoothed, self.limit
+            requests, p99_s, estimate, inflight, action, self.level, smoothed, self.limit
         )
         return self.last
 
@@ -368,13 +382,23 @@ class SloPolicy(PolicyBase):
 
     def choose(self, ctx: RouteContext) -> Decision:
         x = key_fraction(ctx.key) if ctx.key else ctx.rng.random()
-        self.controller.started()
+        if self.learns:
+            self.controller.started()
         return Decision(self.controller.pick(x), self.name)
 
     def observe(self, precision: str, seconds: float, counts: bool) -> None:
         window = self.controller.observe(seconds, counts)
-        if window is None:
-            return
+        if window is not None:
+            self.report(window)
+
+    def fed_elsewhere(self) -> None:
+        """The windows come from another data plane (the Envoy front's stats,
+        server/front/slo.py): requests this process routes still follow the mix but no longer
+        feed it (``learns`` off: the gateway stops reporting them)."""
+        self.learns = False
+
+    def report(self, window: Window) -> None:
+        """A closed window: the estimate and, after a shift, the mix to Prometheus and the log."""
         metrics.SLO_ESTIMATED_P99.labels(model=self.model).set(window.estimate_s)
         if window.action != "hold":
             metrics.SLO_SHIFTS.labels(model=self.model, direction=window.action).inc()
