@@ -11,7 +11,7 @@ from pathlib import Path
 
 from builder.calibration import METHODS
 from builder.errors import USER_ERRORS
-from builder.precisions import int4_options, qat_options
+from builder.precisions import int4_options, qat_options, smoothing_options
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -73,6 +73,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     int4_options.add_arguments(p)
     qat_options.add_arguments(p)
+    smoothing_options.add_arguments(p)
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--force", action="store_true", help="rebuild variants that already exist")
     p.add_argument("--engine", help="run every variant on this engine (default: measured)")
@@ -126,6 +127,7 @@ def options_from_args(args: argparse.Namespace):
             "int8_format": args.int8_format,
             **int4_options.extra_from_args(args),
             **qat_options.extra_from_args(args),
+            **smoothing_options.extra_from_args(args),
         },
     )
 

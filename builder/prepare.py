@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from builder.errors import QuantizationError
+
 log = logging.getLogger(__name__)
 
 
@@ -45,3 +47,15 @@ def optimize_basic(src: Path, dst: Path) -> Path:
         log.warning("basic graph optimisation failed, using the model as exported: %s", e)
         return src
     return dst if dst.is_file() else src
+
+
+def preprocess(fp32_path: Path, out_path: Path) -> Path:
+    """Shape inference + optimisation before quantization (symbolic shapes skipped: they fail
+    on transformer exports)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=True)
+    except Exception as e:
+        raise QuantizationError(f"quantization pre-processing failed: {e}") from e
+    return out_path

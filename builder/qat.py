@@ -40,6 +40,7 @@ source's FP32 file, the training rows and the settings: an unchanged build reuse
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -62,7 +63,9 @@ log = logging.getLogger(__name__)
 LIBRARY = "torch.ao.quantization FakeQuantize"
 QAT_MODES = ("static", "dynamic")
 DEFAULT_LR = {True: 2e-5, False: 1e-4}  # transformer -> lr
-RECIPE = "qat-v4"  # bump when the training changes what it produces (part of the cache key)
+# Bump when the training changes what it produces (part of the cache key). v5: training starts
+# from the SmoothQuant-rescaled module when one is chosen.
+RECIPE = "qat-v5"
 LOSS_WINDOW = 10  # steps averaged for the loss reported at the start and the end
 HELD_OUT_FRACTION = 1 / 8  # of the training rows, scored to pick the weights kept
 HELD_OUT_MAX = 32  # rows (one evaluation batch: dynamic ranges are per batch)
@@ -90,6 +93,72 @@ class TrainingSettings:
     range_gradient: bool = True
     # Weight of the per-token distillation term (sources that declare their token states).
     token_weight: float = 1.0
+    # The SmoothQuant rescaling trained with ("alpha:hash of the scales"; None: none).
+    smoothing: str | None = None
+
+
+@dataclass
+class LinearScales:
+    """SmoothQuant scales for the source module's Linears (``builder.smoothquant``): each
+    Linear's input is divided by ``scales[name]`` and its weight's input columns multiplied by
+    it while training; the trained module is handed back unscaled (the export is rescaled on
+    the ONNX graph with the same scales)."""
+
+    alpha: float
+    key: str
+    scales: dict[str, np.ndarray]
+
+
+def linear_scales(module: Any, by_weight: dict[bytes, np.ndarray]) -> dict[str, np.ndarray]:
+    """The scale of each ``torch.nn.Linear`` of ``module`` whose weight (as the exported
+    [in, out] matrix) is a key of ``by_weight`` (``builder.smoothquant.weight_scales``)."""
+    import torch
+
+    from builder.smoothquant import digest
+
+    out = {}
+    for name, m in module.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            s = by_weight.get(digest(m.weight.detach().numpy().T))
+            if s is not None and s.shape[0] == m.in_features:
+                out[name] = s
+    return out
+
+
+def _smooth_linears(module: Any, scales: dict[str, np.ndarray]) -> list[tuple[Any, str, Any]]:
+    """Rescale ``module``'s Linears in place (x / s in, weight columns x s): same function."""
+    import torch
+
+    class Smoothed(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Linear, s: torch.Tensor) -> None:
+            super().__init__()
+            self.register_buffer("inverse_scale", 1.0 / s)
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x * self.inverse_scale)
+
+    done = []
+    for name, s in scales.items():
+        inner = module.get_submodule(name)
+        st = torch.from_numpy(np.asarray(s, np.float32))
+        with torch.no_grad():
+            inner.weight.mul_(st[None, :])
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name)
+        setattr(parent, child, Smoothed(inner, st))
+        done.append((parent, child, st))
+    return done
+
+
+def _unsmooth_linears(done: list[tuple[Any, str, Any]]) -> None:
+    import torch
+
+    for parent, child, st in done:
+        inner = getattr(parent, child).inner
+        with torch.no_grad():
+            inner.weight.div_(st[None, :])
+        setattr(parent, child, inner)
 
 
 @dataclass
@@ -108,6 +177,9 @@ class TrainingRecord:
     train_loss_end: float
     stopped_at_time_bound: bool
     held_out_rows: int = 0
+    # CPU seconds of this process over the training (threads included): a shared host
+    # stretches wall time, not this.
+    cpu_seconds: float | None = None
     held_out_loss_start: float | None = None  # fake-quantized, before training
     held_out_loss_best: float | None = None
     best_step: int = 0  # the step whose weights were kept (0: the original weights)
@@ -366,11 +438,13 @@ def train(
     settings: TrainingSettings,
     progress: bool = True,
     on_validation: Any = None,
+    smoothing: LinearScales | None = None,
 ) -> tuple[Any, TrainingRecord]:
     """Fine-tune a copy of the source's module with ``quantizer`` emulated; returns the module
     with the best held-out loss (fake quantization removed) and what happened.
     ``on_validation(step, held_out_loss, module)``, if given, is called at each scoring (the
-    module still fake-quantized: a lab hook)."""
+    module still fake-quantized: a lab hook). ``smoothing``: trained rescaled (SmoothQuant),
+    handed back unscaled."""
     import torch
     from tqdm.auto import tqdm
 
@@ -386,6 +460,7 @@ def train(
     n = len(data)
     train_idx, held_idx = split_held_out(n, settings.seed)
     started = time.monotonic()  # the FP32 outputs count as training time
+    cpu_started = time.process_time()
     per_token = settings.token_weight > 0 and model.trainable.token_states is not None
     teacher = copy.deepcopy(model.trainable.module).eval()
     teacher_tokens = _TokenStates(teacher, model.trainable) if per_token else None
@@ -394,6 +469,7 @@ def train(
     )
     del teacher, teacher_tokens
     student = copy.deepcopy(model.trainable.module).eval()  # eval: no dropout, BN frozen
+    smoothed = _smooth_linears(student, smoothing.scales) if smoothing else []
     student_tokens = _TokenStates(student, model.trainable) if per_token else None
     if student_tokens is not None:
         objective += (
@@ -467,6 +543,7 @@ def train(
     finally:
         bar.close()
         detach_fake_quant(student, handles)
+        _unsmooth_linears(smoothed)
         if student_tokens is not None:
             student_tokens.handle.remove()
     best_step, best_loss = min(held, key=lambda sv: sv[1]) if held else (len(losses), None)
@@ -483,10 +560,16 @@ def train(
         train_loss_end=float(np.mean(losses[-LOSS_WINDOW:])),
         stopped_at_time_bound=stopped,
         held_out_rows=len(held_idx),
+        cpu_seconds=round(time.process_time() - cpu_started, 1),
         held_out_loss_start=held[0][1] if held else None,
         held_out_loss_best=best_loss,
         best_step=best_step,
     )
+    if smoothing is not None:
+        record.notes.append(
+            f"started from the SmoothQuant-rescaled module (alpha {smoothing.alpha:g}, "
+            f"{len(smoothed)} Linears)"
+        )
     return student.eval(), record
 
 
@@ -540,11 +623,15 @@ def trained_onnx(
     quantizer: Quantizer,
     settings: TrainingSettings,
     progress: bool = True,
+    smoothing: LinearScales | None = None,
 ) -> tuple[Path, TrainingRecord]:
-    """The trained module exported to FP32 ONNX: from the cache when the source, the training
-    rows and the settings are unchanged, else trained now and cached."""
+    """The trained module exported to FP32 ONNX (unscaled: ``smoothing``'s scales are applied
+    on the ONNX graph after): from the cache when the source, the training rows and the
+    settings are unchanged, else trained now and cached."""
     if model.trainable is None:
         raise QuantizationError(f"{model.source} has no trainable module")
+    if smoothing is not None:  # part of the cache key
+        settings = dataclasses.replace(settings, smoothing=f"{smoothing.alpha:g}:{smoothing.key}")
     key = cache_key(model, data, quantizer, settings)
     folder = qat_cache_dir(model.name)
     onnx_path, record_path = (
@@ -558,7 +645,7 @@ def trained_onnx(
             return onnx_path, record
         except (TypeError, ValueError) as e:
             log.warning("ignoring unreadable QAT cache entry %s: %s", record_path, e)
-    module, record = train(model, data, quantizer, settings, progress)
+    module, record = train(model, data, quantizer, settings, progress, smoothing=smoothing)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".qat-", dir=folder))
     try:

@@ -17,12 +17,26 @@ def budget_cell(details: dict) -> str:
     return "met" if details.get("budget_met") is not False else "NOT MET"
 
 
+def smooth_cell(details: dict) -> str:
+    """The SmoothQuant alpha an INT8 variant was rescaled with ('-': none)."""
+    sq = details.get("smoothquant")
+    alpha = sq.get("alpha") if isinstance(sq, dict) else None
+    return "-" if alpha is None else f"{alpha:g}"
+
+
 def qat_line(precision: str, details: dict) -> str | None:
     """How a quantization-aware-trained variant was made, for the summary (None otherwise)."""
     q = details.get("qat")
     if not isinstance(q, dict):
         return None
     reused = ", trained result reused from the cache" if q.get("cache_hit") else ""
+    cpu = f" ({q['cpu_seconds']} CPU-s)" if q.get("cpu_seconds") is not None else ""
+    sq = details.get("smoothquant") or {}
+    start = (
+        f", from the SmoothQuant-rescaled model (alpha {sq['alpha']:g})"
+        if sq.get("alpha") is not None
+        else ""
+    )
     kept = (
         f", weights of step {q.get('best_step')} kept (best on {q['held_out_rows']} held-out rows)"
         if q.get("held_out_rows")
@@ -31,7 +45,8 @@ def qat_line(precision: str, details: dict) -> str | None:
     return (
         f"{precision} is quantization-aware trained ({q.get('mode')} INT8, {q.get('steps')} "
         f"steps of {q.get('batch_size')} on {q.get('data')}, {q.get('objective')}, "
-        f"{q.get('seconds')} s{kept}{reused}): loss vs fp32 {q.get('accuracy_loss_before')} pts "
+        f"{q.get('seconds')} s{cpu}{start}{kept}{reused}): "
+        f"loss vs fp32 {q.get('accuracy_loss_before')} pts "
         f"post-training -> {_fmt(details.get('accuracy_loss'), '.3g')} pts"
     )
 
@@ -54,6 +69,7 @@ def summary_rows(manifest: Manifest) -> list[dict[str, str]]:
                 "cosine mean": _fmt(q.get("cosine_mean"), ".4f"),
                 "loss (pts)": _fmt(v.details.get("accuracy_loss"), ".2f"),
                 "kept fp32": str(len(v.details.get("fp32_kept_nodes", []))),
+                "smooth a": smooth_cell(v.details),
                 "budget": budget_cell(v.details),
                 "b1 ms": _fmt(v.speed.get("latency_ms_p50"), ".2f"),
                 "items/s": _fmt(v.speed.get("throughput"), ".0f"),

@@ -177,7 +177,11 @@ def test_budget_keeps_the_sensitive_matmul_in_fp32(
     assert loose.variants[precision].details["fp32_kept_nodes"] == []
 
     repo = tmp_path / "tight"
-    tight = _build(sensitive_onnx, repo, precisions=["fp32", precision], accuracy_budget=1.0)
+    # SmoothQuant off: the keep-FP32 search alone (with it, see below).
+    off = {"smoothquant": {"alphas": ()}}
+    tight = _build(
+        sensitive_onnx, repo, precisions=["fp32", precision], accuracy_budget=1.0, extra=off
+    )
     d = tight.variants[precision].details
     assert d["budget_met"] is True, d["budget_status"]
     assert d["fp32_kept_nodes"] == [SENSITIVE]
@@ -186,6 +190,20 @@ def test_budget_keeps_the_sensitive_matmul_in_fp32(
     assert d["worst_nodes"][0]["node"] == SENSITIVE
     recorded = load_manifest(repo / "sensitive.manifest.json").variants[precision]
     assert recorded.details["fp32_kept_nodes"] == [SENSITIVE]
+    # With SmoothQuant (the default): the outlier row's range moves into the weights and the
+    # budget is met with nothing kept FP32.
+    smoothed = (
+        _build(
+            sensitive_onnx,
+            tmp_path / "smoothed",
+            precisions=["fp32", precision],
+            accuracy_budget=1.0,
+        )
+        .variants[precision]
+        .details
+    )
+    assert smoothed["budget_met"] is True and smoothed["fp32_kept_nodes"] == []
+    assert smoothed["smoothquant"]["alpha"] is not None
 
 
 def _slow_timer(reference, model, options):
@@ -197,7 +215,12 @@ def test_slower_than_fp32_variant_is_not_written_unless_kept(
 ) -> None:
     monkeypatch.setattr(pipeline, "_lazy_speedup", _slow_timer)
     repo = tmp_path / "repo"
-    opts = {"precisions": ["fp32", "int8-dynamic"], "accuracy_budget": 0.5, "measure_speed": True}
+    opts = {
+        "precisions": ["fp32", "int8-dynamic"],
+        "accuracy_budget": 0.5,
+        "measure_speed": True,
+        "extra": {"smoothquant": {"alphas": ()}},  # rescaled, it would meet 0.5 (slowly)
+    }
     m = _build(sensitive_onnx, repo, **opts)
     assert "int8-dynamic" not in m.variants
     assert not (repo / "sensitive_int8-dynamic").exists()

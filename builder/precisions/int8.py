@@ -21,7 +21,8 @@ from builder import hostinfo
 from builder.calibration import DatasetReader, cache_key, ort_method
 from builder.errors import QuantizationError
 from builder.precisions.base import BuildContext, VariantResult
-from builder.precisions.budgeted import build_within_budget
+from builder.precisions.budgeted import QuantizeFn, build_within_budget
+from builder.prepare import preprocess  # noqa: F401  (re-exported: the GPU target, the lab)
 from builder.sources.base import Dataset, LoadedModel
 
 log = logging.getLogger(__name__)
@@ -70,18 +71,6 @@ def check_quantizable(model_path: Path) -> None:
                 f"node {node.name or '<unnamed>'!r} uses op {node.domain}::{node.op_type}, "
                 "which ONNX Runtime cannot quantize"
             )
-
-
-def preprocess(fp32_path: Path, out_path: Path) -> Path:
-    """Shape inference + optimisation before quantization (symbolic shapes skipped: they fail
-    on transformer exports)."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    try:
-        quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=True)
-    except Exception as e:
-        raise QuantizationError(f"quantization pre-processing failed: {e}") from e
-    return out_path
 
 
 def quantize_static_qdq(
@@ -149,36 +138,52 @@ class StaticInt8:
         return None
 
     def build(self, ctx: BuildContext, out_path: Path) -> VariantResult:
+        from builder.precisions.smoothing import choose_smoothing
+        from builder.smoothquant import smoothing_nodes
+
         opts = ctx.options
         quant_format = str(opts.extra.get("int8_format", "QDQ"))
         check_quantizable(ctx.fp32_path)
-        pre = preprocess(ctx.fp32_path, ctx.work_dir / "int8_pre.onnx")
         calib = ctx.model.calibration.take(opts.calibration_samples)
         if len(calib) == 0:
             raise QuantizationError("no calibration data: the model source provided none")
         types = host_quant_types()
-        key = cache_key(pre, calib, opts.calibration_method)
-        cache_path = ctx.cache_dir / f"{opts.calibration_method}-{key}.json"
-        cache_hit = cache_path.is_file()
         batch = 1 if ctx.model.max_batch_size == 0 else 8
 
-        def quantize(exclude: list[str], path: Path) -> None:
-            quantize_static_qdq(
-                pre,
-                path,
-                calib,
-                method=opts.calibration_method,
-                activation_type=types.activation,
-                weight_type=types.weight,
-                per_channel=True,
-                reduce_range=types.reduce_range,
-                nodes_to_exclude=exclude,
-                cache_path=cache_path,
-                calibration_batch=batch,
-                quant_format=quant_format,
-            )
+        def cache_for(pre: Path) -> Path:
+            key = cache_key(pre, calib, opts.calibration_method)
+            return ctx.cache_dir / f"{opts.calibration_method}-{key}.json"
 
-        outcome, diagnostics = build_within_budget(ctx, out_path, pre, quantize, diagnose=True)
+        def quantizer_for(pre: Path) -> QuantizeFn:
+            # SmoothQuant's Muls stay FP32: quantizing their input would quantize the
+            # unsmoothed range (the MatMul after each still gets its QDQ input).
+            smoothing = smoothing_nodes(pre)
+
+            def quantize(exclude: list[str], path: Path) -> None:
+                quantize_static_qdq(
+                    pre,
+                    path,
+                    calib,
+                    method=opts.calibration_method,
+                    activation_type=types.activation,
+                    weight_type=types.weight,
+                    per_channel=True,
+                    reduce_range=types.reduce_range,
+                    nodes_to_exclude=[*exclude, *smoothing],
+                    cache_path=cache_for(pre),
+                    calibration_batch=batch,
+                    quant_format=quant_format,
+                )
+
+            return quantize
+
+        choice = choose_smoothing(ctx, "int8", quantizer_for)
+        pre = choice.pre
+        cache_path = cache_for(pre)
+        cache_hit = cache_path.is_file() and not choice.tried
+        outcome, diagnostics = build_within_budget(
+            ctx, out_path, pre, quantizer_for(pre), diagnose=True, nodes=keepable(pre)
+        )
         return VariantResult(
             out_path,
             details={
@@ -193,7 +198,20 @@ class StaticInt8:
                 "calibration_data": calib.description or "model source",
                 "calibration_cache": cache_path.name,
                 "calibration_cache_hit": cache_hit,
+                **choice.details(),
                 **diagnostics,
                 **outcome.details(),
             },
         )
+
+
+def keepable(pre: Path) -> list[str] | None:
+    """The nodes the budget search may keep FP32 in a statically quantized ``pre``: every one
+    but SmoothQuant's Muls, which stay FP32 anyway (None: no Muls, any node)."""
+    import onnx
+
+    from builder.smoothquant import smoothing_nodes
+
+    model = onnx.load(str(pre), load_external_data=False)
+    skip = set(smoothing_nodes(model))
+    return [n.name for n in model.graph.node if n.name not in skip] if skip else None

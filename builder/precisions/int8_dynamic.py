@@ -9,8 +9,8 @@ from pathlib import Path
 
 from builder.errors import QuantizationError
 from builder.precisions.base import BuildContext, VariantResult
-from builder.precisions.budgeted import build_within_budget
-from builder.precisions.int8 import check_quantizable, preprocess
+from builder.precisions.budgeted import QuantizeFn, build_within_budget
+from builder.precisions.int8 import check_quantizable
 from builder.sources.base import LoadedModel
 
 # The ops quantize_dynamic quantizes by default: the only ones worth keeping in FP32.
@@ -24,13 +24,17 @@ class DynamicInt8:
         return None
 
     def build(self, ctx: BuildContext, out_path: Path) -> VariantResult:
+        from builder.precisions.smoothing import choose_smoothing
+
         check_quantizable(ctx.fp32_path)
-        pre = preprocess(ctx.fp32_path, ctx.work_dir / "int8_dynamic_pre.onnx")
 
-        def quantize(exclude: list[str], path: Path) -> None:
-            quantize_dynamic_int8(pre, path, exclude)
+        def quantizer_for(pre: Path) -> QuantizeFn:
+            return lambda exclude, path: quantize_dynamic_int8(pre, path, exclude)
 
-        outcome, diagnostics = build_within_budget(ctx, out_path, pre, quantize, DYNAMIC_OPS)
+        choice = choose_smoothing(ctx, "int8_dynamic", quantizer_for)
+        outcome, diagnostics = build_within_budget(
+            ctx, out_path, choice.pre, quantizer_for(choice.pre), DYNAMIC_OPS
+        )
         return VariantResult(
             out_path,
             details={
@@ -38,6 +42,7 @@ class DynamicInt8:
                 "weight_type": "QInt8",
                 "per_channel": True,
                 "activations": "runtime U8",
+                **choice.details(),
                 **diagnostics,
                 **outcome.details(),
             },

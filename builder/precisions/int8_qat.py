@@ -31,6 +31,7 @@ from builder.precisions.int8 import (
 )
 from builder.precisions.int8_dynamic import DYNAMIC_OPS, quantize_dynamic_int8
 from builder.precisions.qat_options import QatOptions
+from builder.smoothquant import smoothing_nodes
 from builder.sources.base import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -88,26 +89,25 @@ class QatInt8:
                     activation_type=types.activation,
                     weight_type=types.weight,
                     reduce_range=types.reduce_range,
-                    nodes_to_exclude=exclude,
+                    nodes_to_exclude=[*exclude, *smoothing_nodes(pre)],
                     cache_path=ctx.cache_dir / f"{opts.calibration_method}-{key}.json",
                     calibration_batch=batch,
                 )
 
             return static
 
-        # Post-training first: each mode's loss (and speed, where measured) before any training.
-        fp32_pre = preprocess(ctx.fp32_path, ctx.work_dir / "qat_fp32_pre.onnx")
+        # Post-training first: each mode's loss (and speed, where measured) before any training,
+        # with the SmoothQuant alpha chosen for it (training starts from that rescaling).
         modes = list(training.QAT_MODES) if qopts.mode == "auto" else [qopts.mode]
-        before: dict[str, dict[str, Any]] = {}
-        for mode in modes:
-            path = ctx.work_dir / f"ptq-{mode}.onnx"
-            quantizer_fn(mode, fp32_pre)([], path)
-            loss = float(ctx.evaluator.quality(path)["accuracy_loss"] or 0.0)
-            speed = ctx.speedup(path) if ctx.speedup and opts.measure_speed else None
-            before[mode] = {
-                "accuracy_loss": round(loss, 4),
-                "speedup_vs_fp32": speed and round(speed, 3),
+        choices = {m: _post_training(ctx, m, quantizer_fn) for m in modes}
+        before = {
+            m: {
+                "accuracy_loss": round(c.chosen.loss or 0.0, 4),
+                "speedup_vs_fp32": c.chosen.speedup and round(c.chosen.speedup, 3),
+                "smoothquant_alpha": c.alpha,
             }
+            for m, c in choices.items()
+        }
         if qopts.mode == "auto":
             if all(b["speedup_vs_fp32"] is not None for b in before.values()):
                 modes.sort(key=lambda m: -before[m]["speedup_vs_fp32"])
@@ -128,10 +128,14 @@ class QatInt8:
                 )
                 continue
             quantizer = training.Quantizer(mode, types.activation, types.reduce_range)
+            smoothing = choices[mode].chosen.smoothing
+            scales = _linear_scales(ctx.fp32_path, ctx.model.trainable.module, smoothing)
             onnx_path, record = training.trained_onnx(
-                ctx.model, data, quantizer, settings, opts.progress
+                ctx.model, data, quantizer, settings, opts.progress, scales
             )
             trained = optimize_basic(onnx_path, ctx.work_dir / f"qat-{mode}-optimized.onnx")
+            if smoothing is not None:  # the training's rescaling, on the exported graph
+                trained = _rescaled(ctx, trained, smoothing, mode)
             pre = preprocess(trained, ctx.work_dir / f"qat-{mode}-pre.onnx")
             mode_out = ctx.work_dir / f"qat-{mode}.onnx"
             outcome, diagnostics = build_within_budget(
@@ -166,6 +170,7 @@ class QatInt8:
             "per_channel": True,
             "qat": {**record, "accuracy_loss_before": before[mode]["accuracy_loss"]},
             "qat_tried": tried,
+            **choices[mode].details(),
             "qat_seconds": round(time.monotonic() - started, 1),
             **diagnostics,
             **outcome.details(),
@@ -175,3 +180,47 @@ class QatInt8:
         else:
             details["activations"] = "runtime U8"
         return VariantResult(out_path, details=details)
+
+
+def _post_training(ctx: BuildContext, mode: str, quantizer_fn: Any) -> Any:
+    """The mode's post-training variant, fully quantized, with the SmoothQuant alpha chosen for
+    it (``builder.precisions.smoothing``): its loss and speed, and the float file."""
+    from builder.precisions.smoothing import choose_smoothing
+
+    choice = choose_smoothing(ctx, f"qat_{mode}", lambda pre: quantizer_fn(mode, pre), True)
+    chosen = choice.chosen
+    if chosen.loss is None:  # no alphas tried (--smoothquant-alphas none): measured here
+        path = ctx.work_dir / f"ptq-{mode}.onnx"
+        quantizer_fn(mode, chosen.pre)([], path)
+        chosen.loss = float(ctx.evaluator.quality(path)["accuracy_loss"] or 0.0)
+        if ctx.speedup and ctx.options.measure_speed:
+            chosen.speedup = ctx.speedup(path)
+    return choice
+
+
+def _linear_scales(fp32: Path, module: Any, smoothing: Any) -> Any:
+    """The chosen SmoothQuant scales for the source module's Linears (None: no rescaling)."""
+    if smoothing is None:
+        return None
+    from builder import qat as training
+    from builder.smoothquant import weight_scales
+
+    scales = training.linear_scales(module, weight_scales(fp32, smoothing.scales))
+    return training.LinearScales(smoothing.alpha, smoothing.key(), scales)
+
+
+def _rescaled(ctx: BuildContext, trained: Path, smoothing: Any, mode: str) -> Path:
+    """The trained export rescaled with the scales it was trained with (found by the activation
+    tensor names, which an export of the same module repeats)."""
+    from builder.smoothquant import smooth
+
+    out = ctx.work_dir / f"qat-{mode}-smoothed.onnx"
+    batch = 1 if ctx.model.max_batch_size == 0 else 8
+    data = ctx.model.calibration.take(ctx.options.calibration_samples)
+    record = smooth(trained, out, smoothing.alpha, data, batch, scales=smoothing.scales)
+    if record.groups != smoothing.groups:
+        raise QuantizationError(
+            f"int8-qat: the trained export has {record.groups} of the "
+            f"{smoothing.groups} rescaled inputs the training used"
+        )
+    return out
