@@ -42,7 +42,7 @@ from server.front.config import (
 from server.front.metrics import EnvoyCollector
 from server.front.pools import PoolPlan, plan_pools
 from server.front.slo import EnvoySlo
-from server.front.supervisor import EnvoyError, EnvoyFront
+from server.front.supervisor import EnvoyError, EnvoyFront, envoy_binary
 from server.routing.options import RoutingOptions
 from server.routing.policies import Router, load_routing
 from server.routing.retime import retime_repository
@@ -177,7 +177,7 @@ class GatewayServer:
             front = self.pools.front
         else:
             front = up.settings.front if up.scheme in ENVOY_SCHEMES else ""
-        # "auto": Envoy, unless start() finds a replica that crashes on cancels (_envoy_is_safe)
+        # "auto": Envoy, unless start() finds it missing or a replica that crashes on cancels
         self._front_setting = front
         self.envoy = front in ("envoy", "auto") and not options.worker
         self.ports: dict[str, int] = {}
@@ -221,7 +221,7 @@ class GatewayServer:
         grpc_tls, http_tls = self._tls()
         await self.gateway.start()
         if self.envoy and self._front_setting == "auto":
-            self.envoy = await self._envoy_is_safe()
+            self.envoy = await self._auto_front_is_envoy()
         # behind Envoy: loopback, OS-picked ports, plain (Envoy terminates TLS)
         host, grpc_port, http_port = listen.host, listen.grpc_port, listen.http_port
         if self.envoy:
@@ -274,12 +274,17 @@ class GatewayServer:
         log.info("precision-serve ready: %s", self.ports)
         return self.ports
 
-    async def _envoy_is_safe(self) -> bool:
-        """``?front=auto``: Envoy passes a client's cancellation (or an expired deadline) on to
-        Triton, which it cannot detach; tritonserver < 2.53 can crash on such a call
-        (server/upstreams/triton/detach.py). With ``cancel=detach`` (the default) and such a
-        replica reachable, the Python front runs instead; ``?front=envoy`` or
-        ``?cancel=propagate`` keep Envoy."""
+    async def _auto_front_is_envoy(self) -> bool:
+        """``?front=auto``: the Python front when Envoy is not installed (the ``envoy`` extra),
+        or when a reachable replica's tritonserver (< 2.53) can crash on a cancelled call:
+        Envoy passes a client's cancellation (or an expired deadline) on to Triton and cannot
+        detach it (server/upstreams/triton/detach.py). ``?cancel=propagate`` says cancellations
+        are fine; ``?front=envoy`` skips this choice."""
+        try:
+            envoy_binary()
+        except EnvoyError as e:
+            log.warning("front=auto: the Python front, not Envoy: %s", e)
+            return False
         settings = self.options.upstream.settings
         if settings.cancel_upstream:
             return True

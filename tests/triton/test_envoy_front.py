@@ -420,6 +420,33 @@ def test_auto_front_keeps_python_in_front_of_a_triton_that_crashes_on_cancels(
             c.close()
 
 
+def test_auto_front_without_envoy_installed_keeps_python(
+    tiny_repository: Path, start_triton: StartTriton, tmp_path: Path
+) -> None:
+    """``front=auto`` with Envoy not installed (an ``envoy`` module that cannot be imported
+    shadows the wheel's): the Python front serves and the log says why; ``front=envoy`` refuses
+    to start."""
+    fake = tmp_path / "no_envoy"
+    fake.mkdir()
+    (fake / "envoy.py").write_text('raise ImportError("no envoy here (test)")\n')
+    triton = start_triton(tiny_repository)
+    env = {"PYTHONPATH": str(fake)}
+    args = ["--upstream", f"triton://{triton.grpc_url}?cancel=propagate"]
+    with GatewayProcess(tiny_repository, extra_args=args, env=env) as gw:
+        assert "envoy_admin_port" not in gw.ports and _children(gw.pid) == []
+        assert "front=auto: the Python front, not Envoy" in gw.log()
+        assert "precision-serve[envoy]" in gw.log()
+        client = grpcclient.InferenceServerClient(gw.grpc_url)
+        assert _infer(client, "tiny", precision="int8")[0] == "int8"
+        client.close()
+    forced = ["--upstream", f"triton://{triton.grpc_url}?front=envoy"]
+    with (
+        pytest.raises(RuntimeError, match=r"precision-serve\[envoy\]"),
+        GatewayProcess(tiny_repository, extra_args=forced, env=env, timeout=60),
+    ):
+        pass
+
+
 def test_crashes_on_cancel_by_version() -> None:
     assert crashes_on_cancel("2.51.0") and crashes_on_cancel("2.52.1")
     assert not crashes_on_cancel("2.53.0") and not crashes_on_cancel("2.61.0")
