@@ -521,42 +521,41 @@ class TritonUpstream(UpstreamBase):
     async def unload(self, variant: Variant) -> None:
         await self._on_every_replica("unload_model", variant)
 
-    async def replica_statistics(self) -> list[pb.ModelStatistics]:
-        """Every model's ModelStatistics entry from every reachable replica (unsummed); a replica
-        that does not answer within the default timeout is left out. For a front that sends
-        inference to the replicas itself (the Envoy front): only Triton has seen it."""
+    async def _ask_reachable(
+        self, ask: Callable[[grpcaio.InferenceServerClient], Awaitable[_T]], what: str
+    ) -> dict[str, _T]:
+        """``ask(client)`` of every reachable replica at once, by address in replica order; a
+        replica that does not answer within the default timeout is left out (logged, naming
+        ``what``)."""
         replicas = [r for r in self.replicas if r.client is not None and r.reachable]
+        answers: dict[str, _T] = {}
 
-        async def one(client: grpcaio.InferenceServerClient) -> list[pb.ModelStatistics]:
+        async def one(replica: Replica, client: grpcaio.InferenceServerClient) -> None:
             try:
-                reply = await client.get_inference_statistics(
-                    "", client_timeout=self._settings.default_timeout_s
-                )
+                answers[replica.address] = await ask(client)
             except InferenceServerException as e:
-                log.warning("statistics of a replica left out: %s", e)
-                return []
-            return list(reply.model_stats)
+                log.warning("%s of a replica left out: %s", what, e)
 
-        parts = await asyncio.gather(*(one(r.client) for r in replicas if r.client is not None))
-        return [entry for part in parts for entry in part]
+        await asyncio.gather(*(one(r, r.client) for r in replicas if r.client is not None))
+        return {r.address: answers[r.address] for r in replicas if r.address in answers}
+
+    async def replica_statistics(self) -> list[pb.ModelStatistics]:
+        """Every model's ModelStatistics entry from every reachable replica (unsummed). For a
+        front that sends inference to the replicas itself (the Envoy front): only Triton has
+        seen it."""
+        timeout = self._settings.default_timeout_s
+        parts = await self._ask_reachable(
+            lambda c: c.get_inference_statistics("", client_timeout=timeout), "statistics"
+        )
+        return [entry for reply in parts.values() for entry in reply.model_stats]
 
     async def server_versions(self) -> dict[str, str]:
-        """Each reachable replica's tritonserver version (ServerMetadata), by address; a replica
-        that does not answer within the default timeout is left out."""
-        replicas = [r for r in self.replicas if r.client is not None and r.reachable]
-
-        async def one(client: grpcaio.InferenceServerClient) -> str | None:
-            try:
-                reply = await client.get_server_metadata(
-                    client_timeout=self._settings.default_timeout_s
-                )
-            except InferenceServerException as e:
-                log.warning("server metadata of a replica left out: %s", e)
-                return None
-            return str(reply.version)
-
-        found = await asyncio.gather(*(one(r.client) for r in replicas if r.client is not None))
-        return {r.address: v for r, v in zip(replicas, found, strict=True) if v is not None}
+        """Each reachable replica's tritonserver version (ServerMetadata), by address."""
+        timeout = self._settings.default_timeout_s
+        found = await self._ask_reachable(
+            lambda c: c.get_server_metadata(client_timeout=timeout), "server metadata"
+        )
+        return {address: str(reply.version) for address, reply in found.items()}
 
     async def _on_every_replica(self, method: str, variant: Variant) -> None:
         """Triton's load/unload on every replica, then a readiness check of each; an error
