@@ -18,9 +18,11 @@ The same variant and the same input rows through four paths:
   that Triton, and (k) ``bare_forward_http``: the same over Triton's HTTP port on raw sockets
   (:mod:`lab.floors.bare_server`, :mod:`lab.floors.http_forward`): the floors with the model, what
   no handler on those frameworks beats without batching (each on the gateway's loop);
-- (l) ``gateway_envoy``: the gateway with ``--upstream triton://`` to that Triton and its
-  default front: Envoy (server/front) in the data path, the gateway behind it as the control
-  plane; its CPU is the gateway's process tree (the gateway and its Envoy).
+- (l) ``gateway_envoy``: the gateway with ``--upstream triton://...?front=envoy`` to that Triton:
+  Envoy (server/front) in the data path, the gateway behind it as the control plane; its CPU is
+  the gateway's process tree (the gateway and its Envoy). ``front=envoy`` is named because the
+  default, ``auto``, keeps the Python front ahead of a Triton older than 2.53 (pytriton's 2.51
+  here), which crashes on the stream resets Envoy sends for cancelled calls.
 
 The servers get a repository holding only the measured variants (links to the built ones), so
 neither loads anything else. All four run at once and are measured round-robin - per round, per
@@ -63,7 +65,7 @@ PATH_NAMES: dict[str, tuple[str, str]] = {
     "bare_sync": ("(i) bare grpc sync server", ", same engine (parse, run, reply)"),
     "bare_forward": ("(j) bare grpc.aio forwarder", " -> Triton (bytes in, bytes out)"),
     "bare_forward_http": ("(k) bare forwarder over HTTP", " -> Triton's HTTP port (raw sockets)"),
-    "gateway_envoy": ("(l) gateway -> Triton", ", Envoy front (the default)"),
+    "gateway_envoy": ("(l) gateway -> Triton", ", Envoy front (front=envoy)"),
 }
 PATHS = tuple(PATH_NAMES)
 # Paths whose server runs in several processes: no CPU-time figure from one pid.
