@@ -41,7 +41,7 @@ class VariantResult:
 class Precision(Protocol):
     name: str
 
-    def skip_reason(self, model: LoadedModel, options: BuildOptions | None = None) -> str | None:
+    def skip_reason(self, model: LoadedModel, options: BuildOptions) -> str | None:
         """Why this precision cannot be built for ``model`` on this host with ``options``
         (None: it can). The skip is recorded as a note in the manifest."""
         ...

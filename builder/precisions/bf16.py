@@ -39,19 +39,21 @@ def openvino_missing() -> str | None:
 class BF16:
     name = "bf16"
 
-    def skip_reason(self, model: LoadedModel, options: BuildOptions | None = None) -> str | None:
+    def skip_reason(self, model: LoadedModel, options: BuildOptions) -> str | None:
         if not hostinfo.supports_bf16():
             return NO_NATIVE_BF16
-        if options is not None and options.engine and options.engine != ENGINE:
+        if options.engine and options.engine != ENGINE:
             return f"BF16 runs on the {ENGINE} engine only; --engine {options.engine} excludes it"
         return openvino_missing()
 
     def build(self, ctx: BuildContext, out_path: Path) -> VariantResult:
         from common.engines import get_engine
+        from common.engines.openvino_engine import OpenVinoSession
 
         shutil.copyfile(ctx.fp32_path, out_path)
         session = get_engine(ENGINE).load(out_path, ENGINE_OPTIONS, ctx.options.threads)
-        effective = str(getattr(session, "effective_precision", "unknown"))
+        assert isinstance(session, OpenVinoSession)  # ENGINE is openvino
+        effective = str(session.effective_precision)
         return VariantResult(
             out_path,
             engine=ENGINE,

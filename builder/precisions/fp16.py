@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from builder.errors import QuantizationError
+from builder.options import BuildOptions
 from builder.precisions.base import BuildContext, VariantResult
 from builder.sources.base import LoadedModel
 
@@ -55,7 +56,7 @@ def overflowing_nodes(model) -> list[str]:
 class FP16:
     name = "fp16"
 
-    def skip_reason(self, model: LoadedModel, options: object = None) -> str | None:
+    def skip_reason(self, model: LoadedModel, options: BuildOptions) -> str | None:
         return None
 
     def _convert(self, src: Path, dst: Path, op_block: list[str], node_block: list[str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from builder.options import BuildOptions
 from builder.precisions.base import BuildContext, VariantResult
 from builder.sources.base import LoadedModel
 
@@ -12,7 +13,7 @@ from builder.sources.base import LoadedModel
 class FP32:
     name = "fp32"
 
-    def skip_reason(self, model: LoadedModel, options: object = None) -> str | None:
+    def skip_reason(self, model: LoadedModel, options: BuildOptions) -> str | None:
         return None
 
     def build(self, ctx: BuildContext, out_path: Path) -> VariantResult:

@@ -32,7 +32,7 @@ CALIBRATION_ROWS = 32  # gptq's calibration rows (its Hessians grow with them)
 class Int4:
     name = "int4"
 
-    def skip_reason(self, model: LoadedModel, options: object = None) -> str | None:
+    def skip_reason(self, model: LoadedModel, options: BuildOptions) -> str | None:
         return None
 
     def refusal(self, model: LoadedModel, options: BuildOptions) -> str | None:

@@ -20,6 +20,7 @@ from typing import Any
 from builder import hostinfo
 from builder.calibration import DatasetReader, cache_key, ort_method
 from builder.errors import QuantizationError
+from builder.options import BuildOptions
 from builder.precisions.base import BuildContext, VariantResult
 from builder.precisions.budgeted import QuantizeFn, build_within_budget
 from builder.prepare import preprocess  # noqa: F401  (re-exported: the GPU target, the lab)
@@ -132,8 +133,8 @@ def quantize_static_qdq(
 class StaticInt8:
     name = "int8"
 
-    def skip_reason(self, model: LoadedModel, options: object = None) -> str | None:
-        if model.transformer and getattr(options, "accuracy_budget", None) is None:
+    def skip_reason(self, model: LoadedModel, options: BuildOptions) -> str | None:
+        if model.transformer and options.accuracy_budget is None:
             return TRANSFORMER_NEEDS_BUDGET
         return None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from builder.errors import QuantizationError
+from builder.options import BuildOptions
 from builder.precisions.base import BuildContext, VariantResult
 from builder.precisions.budgeted import QuantizeFn, build_within_budget
 from builder.precisions.int8 import check_quantizable
@@ -20,7 +21,7 @@ DYNAMIC_OPS = ("MatMul", "Gemm", "Gather", "Attention", "LSTM", "EmbedLayerNorma
 class DynamicInt8:
     name = "int8-dynamic"
 
-    def skip_reason(self, model: LoadedModel, options: object = None) -> str | None:
+    def skip_reason(self, model: LoadedModel, options: BuildOptions) -> str | None:
         return None
 
     def build(self, ctx: BuildContext, out_path: Path) -> VariantResult:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import QuantizationError
+from builder.options import BuildOptions
 from builder.precisions.base import BuildContext, VariantResult
 from builder.precisions.budgeted import build_within_budget
 from builder.precisions.int8 import (
@@ -45,8 +46,8 @@ NOT_TRAINABLE = (
 class QatInt8:
     name = "int8-qat"
 
-    def skip_reason(self, model: LoadedModel, options: Any = None) -> str | None:
-        qat = QatOptions.from_extra(getattr(options, "extra", {}) or {})
+    def skip_reason(self, model: LoadedModel, options: BuildOptions) -> str | None:
+        qat = QatOptions.from_extra(options.extra)
         if qat.when == "never":
             return "--qat never"
         if model.trainable is None:

@@ -7,9 +7,17 @@ Each entry is ``module:attribute`` and is imported only when used, so the heavy 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 from builder.errors import SourceError
-from builder.sources.base import Dataset, LlmModel, LlmSource, LoadedModel, ModelSource
+from builder.sources.base import (
+    Dataset,
+    LlmModel,
+    LlmSource,
+    LoadedModel,
+    ModelSource,
+    PreviewSource,
+)
 from common.plugins import PluginRegistry
 
 _HINT = "install the extra: pip install 'precision-serve[build]'"
@@ -82,13 +90,12 @@ def load_model(spec: str, workdir: Path) -> LoadedModel:
 
 
 def preview_model(spec: str, workdir: Path) -> LoadedModel | None:
-    """The model's graph without the source's costly work (training), for the sources that
-    offer one (a ``preview`` method; the digits demo): enough for a precision's refusal."""
+    """The model's graph without the source's costly work (training), for the sources whose
+    capabilities declare one (the digits demo): enough for a precision's refusal."""
     source, reference = resolve(spec)
-    preview = getattr(source, "preview", None)
-    if preview is None:
+    if not source.capabilities.preview:
         return None
-    model = preview(reference, Path(workdir))
+    model = cast(PreviewSource, source).preview(reference, Path(workdir))
     model.source = spec
     return model
 

@@ -106,10 +106,13 @@ class SourceCapabilities:
 
     ``onnx``: ``load`` gives a :class:`LoadedModel` (an FP32 ONNX export plus data).
     ``decoder_llm``: ``load_llm`` gives an :class:`LlmModel`. A source declaring both
-    (``hf:``) answers ``is_decoder_llm(reference)`` from the reference itself (config.json)."""
+    (``hf:``) answers ``is_decoder_llm(reference)`` from the reference itself (config.json).
+    ``preview``: ``preview`` gives the model's graph without the source's costly work
+    (training; the digits demo), enough for a precision to decide it refuses the model."""
 
     onnx: bool = True
     decoder_llm: bool = False
+    preview: bool = False
 
 
 class ModelSource(Protocol):
@@ -118,6 +121,14 @@ class ModelSource(Protocol):
     capabilities: ClassVar[SourceCapabilities]
 
     def load(self, reference: str, workdir: Path) -> LoadedModel: ...
+
+
+class PreviewSource(Protocol):
+    """A source kind whose capabilities declare ``preview``."""
+
+    capabilities: ClassVar[SourceCapabilities]
+
+    def preview(self, reference: str, workdir: Path) -> LoadedModel: ...
 
 
 class LlmSource(Protocol):

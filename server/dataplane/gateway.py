@@ -418,7 +418,7 @@ class Gateway:
     def count_rejected(self, model: str, protocol: str, error: BaseException) -> None:
         """Count an inference call that a transport rejected before the core saw it (a parse,
         auth or size error): ``precision_serve_requests_total`` then counts every call."""
-        if getattr(error, "counted", False):
+        if isinstance(error, GatewayError) and error.counted:
             return
         code = error.code if isinstance(error, GatewayError) else "INTERNAL"
         if model not in self.repository.models:

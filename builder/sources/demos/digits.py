@@ -226,7 +226,7 @@ def _cached_or_trained(path: Path, recipe: Recipe, x: np.ndarray, y: np.ndarray)
 
 
 class DigitsSource:
-    capabilities = SourceCapabilities()
+    capabilities = SourceCapabilities(preview=True)
 
     def load(self, reference: str, workdir: Path) -> LoadedModel:
         recipe = Recipe()
