@@ -41,7 +41,7 @@ from server.routing.policies import Router, ShadowPolicy, SplitPolicy
 from server.routing.slo import SloPolicy
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
-INFER_PATH = r"^/v2/models/[A-Za-z0-9_.-]+/infer$"  # (select.lua reads the same)
+INFER_PATH = r"^/v2/models/[A-Za-z0-9_.-]+(/versions/1)?/infer$"  # (select.lua reads the same)
 ROUTE_HEADER = "x-ps-route"
 PRECISION_HEADER = "x-precision"
 CONTROL_GRPC = "control_grpc"

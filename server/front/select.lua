@@ -142,13 +142,15 @@ local function route_grpc(handle)
   end
   local n = body:length()
   local name, version, precision = read_head(body:getBytes(0, math.min(n, HEAD_BYTES)))
-  if name == nil or version ~= "" or precision == false then
+  -- every model has the one version "1" (as the control plane answers): perf_analyzer's -x 1,
+  -- a client's explicit version, go the same way; any other version: Triton's error, from Python
+  if name == nil or (version ~= "" and version ~= "1") or precision == false then
     return "python"
   end
   return decide(handle, "", name, precision)
 end
 
--- HTTP /v2/models/<name>/infer: the JSON part (all of it, or the Inference-Header-Content-Length
+-- HTTP /v2/models/<name>[/versions/1]/infer: the JSON part (all of it, or the Inference-Header-Content-Length
 -- bytes before binary tensors) is searched, not parsed: a "precision" or shared-memory
 -- parameter, which only the control plane reads, sends the request there
 local function route_http(handle, path)
@@ -156,6 +158,7 @@ local function route_http(handle, path)
     return "python"
   end
   local name = path:match("^/v2/models/([%w_.-]+)/infer$")
+    or path:match("^/v2/models/([%w_.-]+)/versions/1/infer$")
   local json_length = tonumber(handle:headers():get("inference-header-content-length") or "")
   local body = handle:body()
   if name == nil or body == nil then

@@ -67,11 +67,14 @@ def _infer(
     model: str,
     precision: str | None = None,
     headers: dict[str, str] | None = None,
+    version: str = "",
 ) -> tuple[str, str, np.ndarray]:
     t = grpcclient.InferInput("x", list(X.shape), "FP32")
     t.set_data_from_numpy(X)
     params = {"precision": precision} if precision else None
-    result = client.infer(model, [t], parameters=params, headers=headers, client_timeout=30)
+    result = client.infer(
+        model, [t], version, parameters=params, headers=headers, client_timeout=30
+    )
     p = result.get_response().parameters
     return p["precision"].string_param, p["fallback_from"].string_param, result.as_numpy("logits")
 
@@ -81,6 +84,7 @@ def _http_infer(
     model: str,
     headers: dict[str, str] | None = None,
     binary: bool = True,
+    version: str = "",
 ) -> tuple[str, np.ndarray]:
     """(the x-precision response header, the logits) of an HTTP inference: the body is
     tritonclient's own (binary tensors or JSON), sent with urllib to see the reply's headers."""
@@ -88,7 +92,9 @@ def _http_infer(
     t.set_data_from_numpy(X, binary_data=binary)
     body, json_size = httpclient.InferenceServerClient.generate_request_body([t])
     request = urllib.request.Request(
-        f"http://{url}/v2/models/{model}/infer", data=body, method="POST"
+        f"http://{url}/v2/models/{model}{f'/versions/{version}' if version else ''}/infer",
+        data=body,
+        method="POST",
     )
     for key, value in (headers or {}).items():
         request.add_header(key, value)
@@ -127,11 +133,14 @@ def test_every_way_of_asking_for_a_precision_is_routed_in_envoy(
         assert precision == "fp16"
         want = direct.infer("tiny_fp16", [_input()]).as_numpy("logits")
         np.testing.assert_array_equal(out, want)  # Triton's own answer, bytes unchanged
+        # with the one version, "1" (perf_analyzer's -x 1), all the same
+        assert _infer(client, "tiny_int8", version="1")[:2] == ("int8", "")
+        assert _infer(client, "tiny", precision="fp16", version="1")[:2] == ("fp16", "")
         after = _stats(gw)
         assert {v: after[v] - before[v] for v in ("tiny_int8", "tiny_fp32", "tiny_fp16")} == {
-            "tiny_int8": 1,
+            "tiny_int8": 2,
             "tiny_fp32": 1,
-            "tiny_fp16": 1,
+            "tiny_fp16": 2,
         }
         assert after["control_grpc"] == before["control_grpc"]  # Python saw none of them
         # ... and the gateway's /metrics shows Envoy's counts under the project's names
@@ -175,7 +184,11 @@ def test_every_way_of_asking_for_a_precision_is_routed_in_envoy(
         with pytest.raises(InferenceServerException) as bad:
             _infer(client, "tiny", precision="fp8")
         assert bad.value.status() == "StatusCode.NOT_FOUND" and "fp8" in bad.value.message()
-        assert _stats(gw)["control_grpc"] - control == 3
+        with pytest.raises(InferenceServerException) as version:
+            _infer(client, "tiny_int8", version="2")
+        assert version.value.status() == "StatusCode.NOT_FOUND"
+        assert "'tiny_int8' version 2 is not found" in version.value.message()
+        assert _stats(gw)["control_grpc"] - control == 4
 
         # HTTP inference in Envoy too (binary tensors and JSON), the rest to the control plane
         before = _stats(gw)
@@ -183,6 +196,7 @@ def test_every_way_of_asking_for_a_precision_is_routed_in_envoy(
         assert served == "fp16"
         np.testing.assert_array_equal(answer, want)
         assert _http_infer(gw.http_url, "tiny_int8", binary=False)[0] == "int8"
+        assert _http_infer(gw.http_url, "tiny_int8", version="1")[0] == "int8"
         # the split: all fp16 as set above, or 70/30 again if the readiness follower saw int8
         # unloaded and loaded (it restores the routing file's split then)
         by_split = _http_infer(gw.http_url, "tiny")[0]
@@ -190,7 +204,7 @@ def test_every_way_of_asking_for_a_precision_is_routed_in_envoy(
         after = _stats(gw)
         fp16, int8 = (after[f"tiny_{p}_http"] - before[f"tiny_{p}_http"] for p in ("fp16", "int8"))
         want = 2 if by_split == "fp16" else 1
-        assert fp16 == want and int8 >= 3 - want, (fp16, int8)
+        assert fp16 == want and int8 >= 4 - want, (fp16, int8)
         assert after["control_http"] == before["control_http"]
         assert http.is_server_ready() and http.get_model_metadata("tiny")["name"] == "tiny"
         assert _stats(gw)["control_http"] - after["control_http"] == 2
