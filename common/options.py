@@ -29,6 +29,9 @@ class Option:
     choices: Sequence[str] | None = None
     default_text: str | None = None  # the default as the reference shows it (else ``format``)
     name: str | None = None  # the flag's name when it is not the field's
+    # internal: parsed and written back by to_argv (a supervisor -> its processes), but not
+    # shown by --help nor in the reference
+    hidden: bool = False
 
 
 def option(
@@ -41,11 +44,12 @@ def option(
     choices: Sequence[str] | None = None,
     default_text: str | None = None,
     name: str | None = None,
+    hidden: bool = False,
     default_factory: Callable[[], Any] | Any = dataclasses.MISSING,
 ) -> Any:
     """A dataclass field that is also the option ``--FIELD-NAME`` (or ``--NAME``; no default:
-    required)."""
-    meta = {_KEY: Option(help, parse, format, metavar, choices, default_text, name)}
+    required; ``hidden``: internal, left out of ``--help`` and the reference)."""
+    meta = {_KEY: Option(help, parse, format, metavar, choices, default_text, name, hidden)}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -112,6 +116,8 @@ def add_group(parser: argparse.ArgumentParser, cls: type[OptionGroup]) -> None:
             kwargs["required"] = True
         else:
             kwargs["default"] = argparse.SUPPRESS  # absent: the dataclass's own default
+        if o.hidden:
+            kwargs["help"] = argparse.SUPPRESS
         group.add_argument(flag(f), **kwargs)
 
 
@@ -167,6 +173,8 @@ def markdown(groups: Iterable[type[OptionGroup]], title: str, intro: str = "") -
         lines += [f"## {cls.group}", "", " ".join((cls.__doc__ or "").split()), ""]
         lines += ["| option | default | meaning |", "|---|---|---|"]
         for f, o in options(cls):
+            if o.hidden:
+                continue
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
             default = "required" if required else f"`{describe_default(f, o)}`"
             metavar = o.metavar or ("|".join(o.choices) if o.choices else f.name.upper())

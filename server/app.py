@@ -15,12 +15,13 @@ import math
 import os
 import signal
 import ssl
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 from common.model_repository import RepositoryError, atomic_write_text
 from common.options import parse_pairs
@@ -40,7 +41,7 @@ from server.front.config import (
     triton_endpoints,
 )
 from server.front.metrics import EnvoyCollector
-from server.front.pools import PoolPlan, plan_pools
+from server.front.pools import PoolPlan, plan_pools, pools_front
 from server.front.slo import EnvoySlo
 from server.front.supervisor import EnvoyError, EnvoyFront, envoy_binary
 from server.routing.options import RoutingOptions
@@ -95,6 +96,50 @@ class Shutdown:
         return f"drain={self.drain_s:g},grace={self.grace_s:g}"
 
 
+@dataclass(frozen=True)
+class FrontWorker:
+    """A ``--workers`` process's part in the Envoy front (server/runtime/workers.py): the first
+    worker gets ``peers``, the loopback (gRPC, HTTP) ports of the others' control planes, which
+    its Envoy sends control requests to along with its own; a ``peer`` is such a control plane
+    (it reports the replicas' statistics for the variants Envoy serves, as the first does)."""
+
+    peers: tuple[tuple[int, int], ...] = ()
+    peer: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> FrontWorker:
+        """``"first=GRPC:HTTP,GRPC:HTTP"`` or ``"peer"``."""
+        if text.strip() == "peer":
+            return cls(peer=True)
+        key, eq, listed = text.partition("=")
+        if key.strip() != "first" or not eq:
+            raise ConfigError(f"front worker: {text!r} is not first=GRPC:HTTP,... nor peer")
+        ports = []
+        for item in filter(None, (part.strip() for part in listed.split(","))):
+            grpc_port, colon, http_port = item.partition(":")
+            try:
+                pair = (int(grpc_port), int(http_port)) if colon else None
+            except ValueError:
+                pair = None
+            if pair is None or not all(0 < p < 65536 for p in pair):
+                raise ConfigError(f"front worker: {item!r} is not GRPC_PORT:HTTP_PORT")
+            ports.append(pair)
+        return cls(tuple(ports))
+
+    def __str__(self) -> str:
+        if self.peer:
+            return "peer"
+        return "first=" + ",".join(f"{g}:{h}" for g, h in self.peers) if self.peers else ""
+
+
+def front_setting(upstream: UpstreamOptions, pools: Mapping[str, str]) -> str:
+    """The front the upstream URLs ask for (``?front=``: auto, envoy or python; with precision
+    pools, the one their Triton URLs agree on); "" without a Triton upstream."""
+    if pools:
+        return pools_front(upstream.spec, pools)
+    return upstream.settings.front if upstream.scheme in ENVOY_SCHEMES else ""
+
+
 @dataclass
 class ServeOptions:
     """One gateway process: the option groups (server/cli.py builds them from the command line)
@@ -111,6 +156,8 @@ class ServeOptions:
     # started by ``--workers`` (server/runtime/workers.py): bind the shared ports with SO_REUSEPORT
     # and leave /metrics to the supervisor
     worker: bool = False
+    # --workers with the Envoy front: the first worker (the others' control ports) or a peer
+    front_worker: FrontWorker = field(default_factory=FrontWorker)
 
     @property
     def threads(self) -> int:
@@ -161,7 +208,7 @@ class GatewayServer:
         self.router = router
         # Envoy on the public gRPC/HTTP ports, this process behind it on loopback (docs/envoy.md):
         # for Triton upstreams (precision pools: each variant's clusters hold its pool's
-        # replicas, server/front/pools.py) unless ``?front=python``; not with --workers
+        # replicas, server/front/pools.py) unless ``?front=python``
         self.front: EnvoyFront | None = None
         self._weights: asyncio.Task | None = None
         self._slo: EnvoySlo | None = None  # slo models routed in Envoy: their control loop
@@ -174,12 +221,14 @@ class GatewayServer:
                 routing.pool_assignment(repository),
                 served_variants(repository),
             )
-            front = self.pools.front
-        else:
-            front = up.settings.front if up.scheme in ENVOY_SCHEMES else ""
-        # "auto": Envoy, unless start() finds it missing or a replica that crashes on cancels
+        front = front_setting(up, routing.pools)
+        # "auto": Envoy, unless start() finds it missing or a replica that crashes on cancels;
+        # of the --workers, the first one runs Envoy (the supervisor gives it the others'
+        # control ports), the others are its control planes or, with the Python front, peers
         self._front_setting = front
-        self.envoy = front in ("envoy", "auto") and not options.worker
+        self.envoy = front in ("envoy", "auto") and (
+            not options.worker or bool(options.front_worker.peers)
+        )
         self.ports: dict[str, int] = {}
         self._grpc: grpc.aio.Server | None = None
         self._runners: list[web.AppRunner] = []
@@ -220,6 +269,8 @@ class GatewayServer:
         o, listen, limits = self.options, self.options.listen, self.options.limits
         grpc_tls, http_tls = self._tls()
         await self.gateway.start()
+        if o.worker and o.front_worker.peer:  # behind the first worker's Envoy
+            self._served_elsewhere(self._front_variants())
         if self.envoy and self._front_setting == "auto":
             self.envoy = await self._auto_front_is_envoy()
         # behind Envoy: loopback, OS-picked ports, plain (Envoy terminates TLS)
@@ -265,10 +316,10 @@ class GatewayServer:
         if self.envoy:
             await self._start_envoy(limit + ENVELOPE_BYTES, calls or 0)
         if o.ready_file is not None:
+            front = "envoy" if self.envoy else "python"
+            doc = {**self.ports, "pid": os.getpid(), "front": front}
             try:
-                atomic_write_text(
-                    Path(o.ready_file), json.dumps({**self.ports, "pid": os.getpid()})
-                )
+                atomic_write_text(Path(o.ready_file), json.dumps(doc))
             except RepositoryError as e:
                 raise ConfigError(f"cannot write --ready-file: {e}") from e
         log.info("precision-serve ready: %s", self.ports)
@@ -306,12 +357,11 @@ class GatewayServer:
         """What Envoy's configuration is made from (server/front/config.py)."""
         o, up = self.options, self.options.upstream
         repository = self.gateway.repository
-        variants = served_variants(repository)
+        variants = self._front_variants()
         elsewhere: frozenset[str] = frozenset()
         pools = {}
-        if self.pools is not None:  # only the variants of Triton pools, each to its replicas
+        if self.pools is not None:  # each Triton pool's variants to its replicas
             pools, elsewhere = self.pools.replicas, self.pools.elsewhere
-            variants = {n: p for n, p in variants.items() if n in pools}
         tls = o.listen.tls
         return FrontPlan(
             host=o.listen.host,
@@ -332,8 +382,25 @@ class GatewayServer:
             tls=(tls.cert, tls.key) if tls is not None else None,
             dns=up.scheme == "triton+dns",
             resolve_interval_s=up.settings.resolve_interval_s,
+            control_peers=o.front_worker.peers if o.worker else (),
+            reuse_port=o.worker,
             pools=pools,
         )
+
+    def _front_variants(self) -> dict[str, str]:
+        """The variants Envoy sends to Triton (name -> precision): with precision pools, only
+        the Triton pools' ones."""
+        variants = served_variants(self.gateway.repository)
+        if self.pools is not None:
+            variants = {n: p for n, p in variants.items() if n in self.pools.replicas}
+        return variants
+
+    def _served_elsewhere(self, variants: Iterable[str]) -> None:
+        """Triton has seen what Envoy sent it for ``variants``; this process has not: statistics
+        report the replicas' counts for them."""
+        upstream = self.gateway.upstream
+        if upstream.capabilities.statistics:
+            self.gateway.served_elsewhere = (frozenset(variants), upstream.replica_statistics)
 
     async def _start_envoy(self, body_limit: int, max_streams: int) -> None:
         """Envoy on the public ports in front of Triton and of this process (now on loopback)."""
@@ -346,10 +413,11 @@ class GatewayServer:
         self._collector = EnvoyCollector(
             self.front, {n: variants[n] for n in plan.variants}, policies
         )
-        upstream = self.gateway.upstream
-        if upstream.capabilities.statistics:  # Triton has seen what Envoy sent it; we have not
-            self.gateway.served_elsewhere = (frozenset(plan.variants), upstream.replica_statistics)
-        REGISTRY.register(self._collector)
+        self._served_elsewhere(plan.variants)
+        if self.options.worker:  # the supervisor's /metrics adds these families (not multiprocess)
+            await self._serve_envoy_metrics(self._collector)
+        else:
+            REGISTRY.register(self._collector)
         splits = [m for m in plan.models if len(m.first) > 1 and not m.slo]
         if splits:
             self._weights = asyncio.create_task(self._follow_readiness(splits))
@@ -408,6 +476,25 @@ class GatewayServer:
         self._runners.append(runner)
         self.ports["metrics_port"] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
+    async def _serve_envoy_metrics(self, collector: EnvoyCollector) -> None:
+        """A worker's Envoy families on a loopback port of their own (``envoy_metrics_port``):
+        a registry with only the collector, read at scrape time like the gateway's own."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(collector)
+
+        async def metrics(request: web.Request) -> web.Response:
+            body = await asyncio.to_thread(generate_latest, registry)
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, LOOPBACK, 0)
+        await site.start()
+        self._runners.append(runner)
+        self.ports["envoy_metrics_port"] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
     async def stop(self) -> None:
         """Not ready at once; keep serving for the drain delay (a load balancer sees the 503 and
         moves away); then stop accepting, let in-flight requests finish within the grace
@@ -422,7 +509,8 @@ class GatewayServer:
         if self._slo is not None:
             await self._slo.stop()
         if self._collector is not None:
-            REGISTRY.unregister(self._collector)
+            if not self.options.worker:
+                REGISTRY.unregister(self._collector)
             self._collector = None
         if self.front is not None:  # no new requests; those in flight get the grace period
             await self.front.drain(self.options.shutdown.grace_s)

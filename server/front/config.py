@@ -17,8 +17,9 @@ What the bootstrap holds:
 - one cluster per Triton-served variant, named after it (``digits_int8``), holding the replicas
   that serve it (with precision pools: its pool's, ``FrontPlan.pools``), whose upstream
   filters rewrite ``model_name`` per attempt and add ``parameters["precision"]`` to the reply;
-- clusters ``control_grpc`` / ``control_http``: the gateway behind Envoy; ``control_shadow``
-  (``_http``): the same, for the mirrored shadow samples, marked with ``x-ps-shadow``;
+- clusters ``control_grpc`` / ``control_http``: the gateway behind Envoy (``--workers N``:
+  every worker's control plane); ``control_shadow`` (``_http``): the gateway that runs Envoy,
+  for the mirrored shadow samples, marked with ``x-ps-shadow``;
 - admin on loopback only; ``layered_runtime`` with an admin layer (weights and the shadow
   fraction are runtime keys the control plane sets with ``/runtime_modify``).
 """
@@ -216,6 +217,11 @@ class FrontPlan:
     dns: bool = False  # replicas = a name's addresses (STRICT_DNS)
     resolve_interval_s: float = 5.0
     control_host: str = "127.0.0.1"
+    # ``--workers N``: the other workers' control planes, (gRPC, HTTP) ports on control_host;
+    # the control clusters spread over them and this one (the shadow cluster stays here)
+    control_peers: tuple[tuple[int, int], ...] = ()
+    # the listeners share their ports with the --workers supervisor's held reservation
+    reuse_port: bool = False
     admin_port: int = 0
     idle_timeout_s: float = 3600.0
     # the mark on mirrored shadow samples (x-ps-shadow): a secret of this plan, so a client
@@ -515,10 +521,12 @@ def _cluster(
 
 
 def control_clusters(plan: FrontPlan) -> list[dict[str, Any]]:
-    """The Python gateway behind Envoy: gRPC over HTTP/2, HTTP over HTTP/1.1."""
-    grpc = _cluster(plan, CONTROL_GRPC, [Endpoint(plan.control_host, plan.control_grpc_port)])
+    """The Python gateway behind Envoy: gRPC over HTTP/2, HTTP over HTTP/1.1; with ``--workers
+    N``, every worker's control plane (round robin, Envoy's default)."""
+    ports = [(plan.control_grpc_port, plan.control_http_port), *plan.control_peers]
+    grpc = _cluster(plan, CONTROL_GRPC, [Endpoint(plan.control_host, g) for g, _ in ports])
     grpc["typed_extension_protocol_options"] = _protocol_options(http2=True)
-    http = _cluster(plan, CONTROL_HTTP, [Endpoint(plan.control_host, plan.control_http_port)])
+    http = _cluster(plan, CONTROL_HTTP, [Endpoint(plan.control_host, h) for _, h in ports])
     http["typed_extension_protocol_options"] = _protocol_options(http2=False)
     clusters = [grpc, http]
     if any(m.shadow for m in plan.models):
@@ -839,12 +847,15 @@ def _listener(plan: FrontPlan, name: str, port: int, hcm: dict[str, Any]) -> dic
     chain: dict[str, Any] = {"filters": [hcm]}
     if plan.tls is not None:
         chain["transport_socket"] = _tls(plan)
-    return {
+    listener = {
         "name": name,
         "address": _address(plan.host, port),
         "per_connection_buffer_limit_bytes": 1024 * 1024,
         "filter_chains": [chain],
     }
+    if plan.reuse_port:  # Envoy's default on Linux, said out loud where it is needed
+        listener["enable_reuse_port"] = True
+    return listener
 
 
 def bootstrap(plan: FrontPlan) -> dict[str, Any]:

@@ -61,20 +61,12 @@ def plan_pools(
 ) -> PoolPlan:
     """``pools``: pool name -> upstream URL; ``assignment``: variant -> pool name (the rest go
     to ``default_spec``, the ``--upstream``); ``variants``: every variant's name."""
-    specs = {**pools, **({UPSTREAM: default_spec} if default_spec is not None else {})}
+    front = pools_front(default_spec, pools)
     triton: dict[str, Replicas] = {}
-    fronts: dict[str, set[str]] = {}
-    for name, spec in specs.items():
+    for name, spec in _specs(default_spec, pools).items():
         found = _triton(spec)
         if found is not None:
             triton[name] = found[0]
-            fronts.setdefault(found[1], set()).add(name)
-    if len(fronts) > 1:
-        raise ConfigError(
-            "precision pools: one front listens for every pool, but the Triton URLs name "
-            + "; ".join(f"front={f} ({_names(n)})" for f, n in sorted(fronts.items()))
-            + ": give them all the same ?front="
-        )
     replicas: dict[str, Replicas] = {}
     elsewhere: set[str] = set()
     used: set[str] = set()
@@ -92,4 +84,25 @@ def plan_pools(
             f"gives its HTTP port (?http= on {_names(with_http)}, not on "
             f"{_names(used - with_http)}): give it to all of them or to none"
         )
-    return PoolPlan(next(iter(fronts), ""), replicas, frozenset(elsewhere))
+    return PoolPlan(front, replicas, frozenset(elsewhere))
+
+
+def _specs(default_spec: str | None, pools: Mapping[str, str]) -> dict[str, str]:
+    return {**pools, **({UPSTREAM: default_spec} if default_spec is not None else {})}
+
+
+def pools_front(default_spec: str | None, pools: Mapping[str, str]) -> str:
+    """The ``?front=`` the Triton URLs of ``pools`` and ``--upstream`` agree on ("" when none is
+    a Triton URL); ConfigError when they differ (one front listens for every pool)."""
+    fronts: dict[str, set[str]] = {}
+    for name, spec in _specs(default_spec, pools).items():
+        found = _triton(spec)
+        if found is not None:
+            fronts.setdefault(found[1], set()).add(name)
+    if len(fronts) > 1:
+        raise ConfigError(
+            "precision pools: one front listens for every pool, but the Triton URLs name "
+            + "; ".join(f"front={f} ({_names(n)})" for f, n in sorted(fronts.items()))
+            + ": give them all the same ?front="
+        )
+    return next(iter(fronts), "")

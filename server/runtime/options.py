@@ -3,7 +3,7 @@
 Each group is declared once, by the package that owns it (common/options.py turns the dataclasses
 into argparse groups, argument lists and docs/options.md). :class:`CommandLine` holds one instance
 of each; ``precision-serve`` (server/cli.py) and the ``--workers`` supervisor's workers
-(server/runtime/worker.py) parse the same :func:`build_parser`, and the supervisor hands its
+(server/runtime/process.py) parse the same :func:`build_parser`, and the supervisor hands its
 options to the workers as :meth:`CommandLine.argv` - no second list of options anywhere.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 
 from common.options import add_group, from_namespace, markdown, option, to_argv
-from server.app import ServeOptions, Shutdown
+from server.app import FrontWorker, ServeOptions, Shutdown
 from server.dataplane.security import SecurityOptions
 from server.errors import ConfigError
 from server.routing.options import RoutingOptions
@@ -62,6 +62,16 @@ class ProcessOptions:
         help="on SIGTERM: S seconds of 'not ready' with the listeners still open (load balancers "
         "move away), then S seconds for requests in flight to finish; a key left out keeps its "
         "default",
+    )
+    # internal: the --workers supervisor tells each worker its part in the Envoy front
+    # (server/runtime/workers.py); not in --help nor docs/options.md
+    front_worker: FrontWorker = option(
+        default_factory=FrontWorker,
+        parse=FrontWorker.parse,
+        metavar="first=GRPC:HTTP,...|peer",
+        help="this worker's part in the Envoy front: the first (the others' control ports) or a "
+        "peer behind its Envoy",
+        hidden=True,
     )
 
     def __post_init__(self) -> None:
@@ -116,6 +126,7 @@ class CommandLine:
             ready_file=self.process.ready_file,
             shutdown=self.process.shutdown,
             worker=worker,
+            front_worker=self.process.front_worker,
         )
 
 

@@ -10,9 +10,9 @@ import os
 import sys
 
 from common import heap
-from server.app import serve
+from server.app import FrontWorker, serve
 from server.dataplane.security import TOKEN_ENV
-from server.errors import GatewayError
+from server.errors import ConfigError, GatewayError
 from server.runtime.event_loop import run_loop
 from server.runtime.options import CommandLine, parse
 
@@ -27,6 +27,8 @@ def main(argv: list[str], worker: bool = False) -> int:
         )
         if command_line.process.workers != 1 and not worker:
             return _supervise(command_line)
+        if command_line.process.front_worker != FrontWorker() and not worker:
+            raise ConfigError("front worker: set by the --workers supervisor for its workers only")
         heap.limit_arenas()  # before gRPC's and the engines' threads (common/heap.py)
         run_loop(serve(command_line.serve_options(worker)), command_line.process.loop)
     except GatewayError as e:

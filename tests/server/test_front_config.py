@@ -346,3 +346,34 @@ def test_http_inference_is_routed_in_envoy_when_the_replicas_http_port_is_given(
     assert "tiny_int8_http" not in {
         c["name"] for c in bootstrap(_plan(repository, {}))["static_resources"]["clusters"]
     }
+
+
+def test_workers_control_clusters_hold_every_worker_and_the_shadow_stays_with_the_first(
+    repository: Repository, tmp_path: Path
+) -> None:
+    """``--workers 2`` with the Envoy front: one Envoy, its control clusters hold the first
+    worker's loopback ports and the peer's; shadow samples go to the first worker alone (its
+    token); the listeners share their ports with the supervisor's held reservation."""
+    shadow = {"models": {"tiny": {"policy": "shadow", "precision": "int8"}}}
+    plan = _plan(
+        repository, shadow, triton_http_port=8000, control_peers=((40011, 40010),), reuse_port=True
+    )
+    config = bootstrap(plan)
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+
+    def ports(name: str) -> list[int]:
+        (group,) = clusters[name]["load_assignment"]["endpoints"]
+        return [
+            e["endpoint"]["address"]["socket_address"]["port_value"] for e in group["lb_endpoints"]
+        ]
+
+    assert ports(CONTROL_GRPC) == [40001, 40011] and ports(CONTROL_HTTP) == [40000, 40010]
+    assert ports(CONTROL_SHADOW) == [40001] and ports(CONTROL_SHADOW + "_http") == [40000]
+    listeners = config["static_resources"]["listeners"]
+    assert [x.get("enable_reuse_port") for x in listeners] == [True, True]
+    # a single gateway: one endpoint each, Envoy's own listener default
+    single = bootstrap(_plan(repository, shadow, triton_http_port=8000))
+    assert all("enable_reuse_port" not in x for x in single["static_resources"]["listeners"])
+    path = tmp_path / "envoy.json"
+    path.write_text(json.dumps(config))
+    assert validate(path) == ""

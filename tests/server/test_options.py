@@ -7,6 +7,7 @@ settings live in its URL query, checked by its package with errors naming the ke
 
 from __future__ import annotations
 
+import argparse
 import ast
 import re
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from common.options import options, to_argv
+from server.app import FrontWorker, Shutdown
 from server.errors import ConfigError
 from server.runtime.options import GROUPS, build_parser, parse, reference
 from server.runtime.workers import Supervisor
@@ -28,12 +30,19 @@ def test_help_shows_the_groups_and_at_most_20_options() -> None:
     parser = build_parser()
     titles = [g.title for g in parser._action_groups if g._group_actions]
     assert titles[1:] == ["listen", "limits", "security", "upstream", "routing", "process"]
-    flags = [s for a in parser._actions for s in a.option_strings if s not in ("-h", "--help")]
+    shown = [a for a in parser._actions if a.help != argparse.SUPPRESS]
+    flags = [s for a in shown for s in a.option_strings if s not in ("-h", "--help")]
     assert len(flags) == len(set(flags)) <= MAX_OPTIONS, flags
     # every option is a field of one group's dataclass, and nothing else is an option
     assert sorted(flags) == sorted(
-        "--" + (o.name or f.name).replace("_", "-") for cls in GROUPS for f, o in options(cls)
+        "--" + (o.name or f.name).replace("_", "-")
+        for cls in GROUPS
+        for f, o in options(cls)
+        if not o.hidden
     )
+    # the hidden ones: internal (the supervisor -> its workers), parsed but not shown
+    hidden = [s for a in parser._actions if a.help == argparse.SUPPRESS for s in a.option_strings]
+    assert hidden == ["--front-worker"]
     text = parser.format_help()
     for title in titles[1:]:
         assert f"\n{title}:\n" in text
@@ -70,6 +79,7 @@ def _non_defaults(tmp_path: Path) -> list[str]:
         "--log-level", "debug",
         "--ready-file", str(tmp_path / "ready.json"),
         "--shutdown", "drain=1.5,grace=4",
+        "--front-worker", "first=40010:40011",
     ]  # fmt: skip
 
 
@@ -96,11 +106,66 @@ def test_every_option_set_otherwise_reaches_a_worker_unchanged(tmp_path: Path) -
     for name in ("listen", "process"):
         ours, theirs = getattr(given, name), getattr(worker, name)
         for f, _ in options(ours):
-            if f.name not in ("ports", "workers", "ready_file"):
+            if f.name not in ("ports", "workers", "ready_file", "front_worker"):
                 assert getattr(theirs, f.name) == getattr(ours, f.name), f.name
     for name in ("limits", "security", "upstream", "routing"):
         assert getattr(worker, name) == getattr(given, name), name
     assert "s3cret" not in supervisor.worker_argv(0)  # the token file's path, never the token
+    assert worker.process.front_worker == FrontWorker()  # the supervisor's, not the given one
+
+
+def test_workers_behind_one_envoy_get_their_part_in_the_front(tmp_path: Path) -> None:
+    """The first worker gets the peers' loopback control ports; with Envoy in front, a peer
+    listens on its own pair, on loopback, plain, and stays open for drain + grace; with the
+    Python front, a peer is a worker on the public ports as before."""
+    argv = ["--repository", "r", "--workers", "3", "--host", "0.0.0.0"]
+    argv += ["--tls", f"{tmp_path / 'c.pem'},{tmp_path / 'k.pem'}", "--shutdown", "drain=2,grace=3"]
+    argv += ["--upstream", "triton://127.0.0.1:8001?front=envoy"]
+    supervisor = Supervisor(parse(argv))
+    try:
+        supervisor.ports = {"grpc_port": 40001, "http_port": 40000}
+        supervisor.peers = [(40011, 40010), (40021, 40020)]
+        first = parse(supervisor.worker_argv(0))
+        assert first.process.front_worker == FrontWorker(((40011, 40010), (40021, 40020)))
+        assert (first.listen.host, first.listen.grpc_port, first.listen.http_port) == (
+            "0.0.0.0",
+            40001,
+            40000,
+        )
+        assert first.listen.tls is not None and first.process.workers == 1
+        assert first.process.shutdown == Shutdown(2.0, 3.0)
+        supervisor.front = "envoy"  # what the first worker's ready file said
+        second = parse(supervisor.worker_argv(2))
+        assert second.process.front_worker == FrontWorker(peer=True)
+        assert (second.listen.host, second.listen.grpc_port, second.listen.http_port) == (
+            "127.0.0.1",
+            40021,
+            40020,
+        )
+        assert second.listen.tls is None and second.process.shutdown == Shutdown(5.0, 3.0)
+        assert second.process.ready_file == supervisor._dir / "worker-2.json"
+        assert second.upstream == first.upstream and second.routing == first.routing
+        supervisor.front = "python"
+        peer = parse(supervisor.worker_argv(1))
+        assert peer.process.front_worker == FrontWorker()
+        assert (peer.listen.host, peer.listen.grpc_port, peer.listen.tls) == (
+            "0.0.0.0",
+            40001,
+            first.listen.tls,
+        )
+    finally:
+        shutil.rmtree(supervisor._dir)
+    assert str(FrontWorker.parse("first=1:2,3:4")) == "first=1:2,3:4"
+    for bad in ("first=1", "first=1:x", "peers=1:2", "first=0:2"):
+        with pytest.raises(ConfigError, match="front worker"):
+            FrontWorker.parse(bad)
+
+
+def test_the_front_worker_option_is_for_workers_only(capsys: pytest.CaptureFixture[str]) -> None:
+    from server.runtime.process import main
+
+    assert main(["--repository", "r", "--front-worker", "peer"]) == 2
+    assert "set by the --workers supervisor" in capsys.readouterr().err
 
 
 def test_model_control_explicit_refuses_workers(tmp_path: Path) -> None:
