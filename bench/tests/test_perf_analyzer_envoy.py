@@ -49,6 +49,7 @@ def test_perf_analyzer_through_the_envoy_front(
     upstream = f"triton://{triton.grpc_url}?http={triton.http_port}&front=envoy"
     runs = [
         ("grpc", "tiny_int8", []),
+        ("grpc", "tiny_int8", ["-x", "1"]),  # the bench's command line: model_version "1"
         ("grpc", "tiny", []),
         ("http", "tiny_int8", []),
         ("grpc", "tiny_int8", ["--streaming"]),
@@ -78,7 +79,7 @@ def test_perf_analyzer_through_the_envoy_front(
             if before is not None:
                 success, fail = _triton_counts(triton.grpc_url, "tiny_int8")
                 assert success > before[0] and fail == before[1], said
-            if protocol == "grpc" and not extra and model == "tiny_int8":
+            if protocol == "grpc" and extra in ([], ["-x", "1"]) and model == "tiny_int8":
                 # through Envoy's cluster for the variant, not through Python
                 assert _envoy_requests(gw, "tiny_int8") > envoy_before, said
         # the shared-memory runs unregistered their regions on the control plane
