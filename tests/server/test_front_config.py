@@ -4,6 +4,7 @@ parsed back, accepted by ``envoy --mode validate``; each policy maps onto Envoy'
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -339,7 +340,14 @@ def test_http_inference_is_routed_in_envoy_when_the_replicas_http_port_is_given(
     routes = _routes(config, "http")
     (fp16,) = _by_route_header(routes, "hm:tiny:fp16")
     assert _chain(fp16) == ["tiny_fp16_http", "tiny_fp32_http"]
-    assert fp16["match"]["safe_regex"]["regex"] == "^/v2/models/[A-Za-z0-9_.-]+/infer$"
+    infer = re.compile(fp16["match"]["safe_regex"]["regex"])  # (RE2 reads this pattern alike)
+    for path, routed in (
+        ("/v2/models/tiny/infer", True),
+        ("/v2/models/tiny/versions/1/infer", True),  # the one version every model has
+        ("/v2/models/tiny/versions/2/infer", False),  # the control plane: Triton's error
+        ("/v2/models/tiny/ready", False),
+    ):
+        assert bool(infer.fullmatch(path)) is routed, path
     assert fp16["route"]["retry_policy"]["retriable_status_codes"] == [404, 503]
     assert routes[-1]["route"]["cluster"] == CONTROL_HTTP
     # without the port: HTTP inference goes to the control plane, as everything else on HTTP
