@@ -94,3 +94,20 @@ def _save_graph(graph: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, path)
     return path
+
+
+def metric_sum(url: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """The sum of the samples called ``name`` whose labels include ``labels``, scraped from the
+    Prometheus endpoint ``url`` now (0.0 when there are none)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    wanted = (labels or {}).items()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in wanted)
+    )

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from prometheus_client.parser import text_string_to_metric_families
 
 from common.process import wait_ready
 from server.runtime.runner import GatewayProcess
+from tests.helpers import metric_sum
 from tests.server.conftest import ort_outputs, rows
 from tests.server.test_lifecycle import make_slow_onnx
 
@@ -29,16 +29,6 @@ CALLS = 10
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _sample(url: str, name: str, labels: dict[str, str]) -> float:
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 def _infer(url: str, model: str, x: np.ndarray) -> np.ndarray:
@@ -97,7 +87,8 @@ def test_two_workers_serve_one_port_one_metrics_view_and_drain(repo_copy: Path):
 
         # one /metrics view: the count over both workers is every request sent
         labels = {"model": "tiny", "precision": "int8", "protocol": "grpc", "status": "ok"}
-        assert _sample(gw.metrics_url, "precision_serve_requests_total", labels) == CLIENTS * CALLS
+        total = metric_sum(gw.metrics_url, "precision_serve_requests_total", labels)
+        assert total == CLIENTS * CALLS
 
         # SIGTERM while slow requests are in flight: all answered, every process exits 0
         slow_x = rows(32, seed=9)
@@ -106,7 +97,7 @@ def test_two_workers_serve_one_port_one_metrics_view_and_drain(repo_copy: Path):
         inflight = {"model": "tiny"}
 
         def busy() -> bool:
-            return _sample(gw.metrics_url, "precision_serve_inflight_requests", inflight) >= 2
+            return metric_sum(gw.metrics_url, "precision_serve_inflight_requests", inflight) >= 2
 
         wait_ready(busy, 30, "slow requests in flight", interval=0.02)
         gw.proc.send_signal(signal.SIGTERM)

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from prometheus_client.parser import text_string_to_metric_families
 
 from common.process import wait_ready
 from server.launcher.distribution import TritonDistribution
 from server.launcher.tritonserver import TritonOptions, TritonServer
 from server.runtime.runner import GatewayProcess
 from server.upstreams.triton.detach import crashes_on_cancel
+from tests.helpers import metric_sum
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 X = np.random.default_rng(11).normal(size=(2, 16)).astype(np.float32)
@@ -89,16 +89,6 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def _sample(gw: GatewayProcess, name: str, labels: dict[str, str]) -> float:
-    text = urllib.request.urlopen(gw.metrics_url, timeout=10).read().decode()
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
-
-
 def _control_hosts(gw: GatewayProcess, cluster: str) -> dict[int, int]:
     """The port of each host of an Envoy cluster -> the replies it gave (rq_success)."""
     url = f"http://127.0.0.1:{gw.ports['envoy_admin_port']}/clusters?format=json"
@@ -143,14 +133,15 @@ def test_two_workers_behind_one_envoy(tiny_repository: Path, triton: TritonServe
         own = {"model": "tiny", "protocol": "grpc"}
         routed = {"model": "tiny", "precision": "int8", "protocol": "grpc"}
         envoy_name = "precision_serve_envoy_upstream_requests_total"
-        before_own = _sample(gw, "precision_serve_requests_total", own)
-        before_envoy = _sample(gw, envoy_name, routed)
+        before_own = metric_sum(gw.metrics_url, "precision_serve_requests_total", own)
+        before_envoy = metric_sum(gw.metrics_url, envoy_name, routed)
         client = grpcclient.InferenceServerClient(gw.grpc_url)
         for _ in range(4):
             assert _infer(client, "tiny", "int8") == "int8"
-        assert _sample(gw, envoy_name, routed) == before_envoy + 4
-        assert _sample(gw, "precision_serve_envoy_routed_requests_total", routed) >= 4
-        assert _sample(gw, "precision_serve_requests_total", own) == before_own
+        assert metric_sum(gw.metrics_url, envoy_name, routed) == before_envoy + 4
+        routed_total = "precision_serve_envoy_routed_requests_total"
+        assert metric_sum(gw.metrics_url, routed_total, routed) >= 4
+        assert metric_sum(gw.metrics_url, "precision_serve_requests_total", own) == before_own
 
         # control requests: answered, and spread over both workers' control planes
         before = _control_hosts(gw, "control_grpc")
