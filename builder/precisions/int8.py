@@ -130,6 +130,47 @@ def quantize_static_qdq(
         raise QuantizationError(f"static INT8 quantization failed: {e}") from e
 
 
+def calibration_cache(ctx: BuildContext, pre: Path, calibration: Dataset) -> Path:
+    """Where ONNX Runtime's calibration ranges for ``pre`` on ``calibration`` are kept."""
+    method = ctx.options.calibration_method
+    return ctx.cache_dir / f"{method}-{cache_key(pre, calibration, method)}.json"
+
+
+def static_quantizer(
+    ctx: BuildContext,
+    pre: Path,
+    calibration: Dataset,
+    types: QuantTypes,
+    quant_format: str = "QDQ",
+) -> QuantizeFn:
+    """Static INT8 of ``pre`` (per channel, this host's types, calibration cached) for
+    :func:`build_within_budget`, which names the nodes to keep in FP32. SmoothQuant's Muls stay
+    FP32: quantizing their input would quantize the unsmoothed range (the MatMul after each
+    still gets its QDQ input)."""
+    from builder.smoothquant import smoothing_nodes
+
+    smoothing = smoothing_nodes(pre)
+    batch = 1 if ctx.model.max_batch_size == 0 else 8
+
+    def quantize(exclude: list[str], path: Path) -> None:
+        quantize_static_qdq(
+            pre,
+            path,
+            calibration,
+            method=ctx.options.calibration_method,
+            activation_type=types.activation,
+            weight_type=types.weight,
+            per_channel=True,
+            reduce_range=types.reduce_range,
+            nodes_to_exclude=[*exclude, *smoothing],
+            cache_path=calibration_cache(ctx, pre, calibration),
+            calibration_batch=batch,
+            quant_format=quant_format,
+        )
+
+    return quantize
+
+
 class StaticInt8:
     name = "int8"
 
@@ -140,7 +181,6 @@ class StaticInt8:
 
     def build(self, ctx: BuildContext, out_path: Path) -> VariantResult:
         from builder.precisions.smoothing import choose_smoothing
-        from builder.smoothquant import smoothing_nodes
 
         opts = ctx.options
         quant_format = str(opts.extra.get("int8_format", "QDQ"))
@@ -149,38 +189,13 @@ class StaticInt8:
         if len(calib) == 0:
             raise QuantizationError("no calibration data: the model source provided none")
         types = host_quant_types()
-        batch = 1 if ctx.model.max_batch_size == 0 else 8
-
-        def cache_for(pre: Path) -> Path:
-            key = cache_key(pre, calib, opts.calibration_method)
-            return ctx.cache_dir / f"{opts.calibration_method}-{key}.json"
 
         def quantizer_for(pre: Path) -> QuantizeFn:
-            # SmoothQuant's Muls stay FP32: quantizing their input would quantize the
-            # unsmoothed range (the MatMul after each still gets its QDQ input).
-            smoothing = smoothing_nodes(pre)
-
-            def quantize(exclude: list[str], path: Path) -> None:
-                quantize_static_qdq(
-                    pre,
-                    path,
-                    calib,
-                    method=opts.calibration_method,
-                    activation_type=types.activation,
-                    weight_type=types.weight,
-                    per_channel=True,
-                    reduce_range=types.reduce_range,
-                    nodes_to_exclude=[*exclude, *smoothing],
-                    cache_path=cache_for(pre),
-                    calibration_batch=batch,
-                    quant_format=quant_format,
-                )
-
-            return quantize
+            return static_quantizer(ctx, pre, calib, types, quant_format)
 
         choice = choose_smoothing(ctx, "int8", quantizer_for)
         pre = choice.pre
-        cache_path = cache_for(pre)
+        cache_path = calibration_cache(ctx, pre, calib)
         cache_hit = cache_path.is_file() and not choice.tried
         outcome, diagnostics = build_within_budget(
             ctx, out_path, pre, quantizer_for(pre), diagnose=True, nodes=keepable(pre)

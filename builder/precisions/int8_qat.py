@@ -28,11 +28,10 @@ from builder.precisions.int8 import (
     check_quantizable,
     host_quant_types,
     preprocess,
-    quantize_static_qdq,
+    static_quantizer,
 )
 from builder.precisions.int8_dynamic import DYNAMIC_OPS, quantize_dynamic_int8
 from builder.precisions.qat_options import QatOptions
-from builder.smoothquant import smoothing_nodes
 from builder.sources.base import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -72,30 +71,12 @@ class QatInt8:
         types = host_quant_types()
         lr = qopts.lr or training.DEFAULT_LR[ctx.model.transformer]
         settings = training.TrainingSettings(qopts.steps, qopts.batch_size, lr, qopts.max_seconds)
-        batch = 1 if ctx.model.max_batch_size == 0 else 8
 
         def quantizer_fn(mode: str, pre: Path) -> Any:
             if mode == "dynamic":
                 return lambda exclude, path: quantize_dynamic_int8(pre, path, exclude)
 
-            def static(exclude: list[str], path: Path) -> None:
-                from builder.calibration import cache_key
-
-                key = cache_key(pre, calibration, opts.calibration_method)
-                quantize_static_qdq(
-                    pre,
-                    path,
-                    calibration,
-                    method=opts.calibration_method,
-                    activation_type=types.activation,
-                    weight_type=types.weight,
-                    reduce_range=types.reduce_range,
-                    nodes_to_exclude=[*exclude, *smoothing_nodes(pre)],
-                    cache_path=ctx.cache_dir / f"{opts.calibration_method}-{key}.json",
-                    calibration_batch=batch,
-                )
-
-            return static
+            return static_quantizer(ctx, pre, calibration, types)
 
         # Post-training first: each mode's loss (and speed, where measured) before any training,
         # with the SmoothQuant alpha chosen for it (training starts from that rescaling).
