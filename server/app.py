@@ -171,12 +171,6 @@ def _read(path: Path, what: str) -> bytes:
         raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from e
 
 
-async def _metrics(request: web.Request) -> web.Response:
-    return web.Response(
-        body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
-
-
 class GatewayServer:
     def __init__(self, options: ServeOptions, upstream: Upstream | None = None) -> None:
         self.options = options
@@ -308,7 +302,8 @@ class GatewayServer:
             )
             self._runners.append(runner)
             if not o.worker:
-                await self._start_metrics()
+                port = listen.metrics_port
+                await self._serve_metrics(REGISTRY, listen.host, port, "metrics_port")
         except OSError as e:
             raise ConfigError(
                 f"cannot bind HTTP/metrics port on {listen.host}: {e.strerror or e}"
@@ -415,7 +410,11 @@ class GatewayServer:
         )
         self._served_elsewhere(plan.variants)
         if self.options.worker:  # the supervisor's /metrics adds these families (not multiprocess)
-            await self._serve_envoy_metrics(self._collector)
+            # a worker's Envoy families on a loopback port of their own: a registry holding
+            # only the collector
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(self._collector)
+            await self._serve_metrics(registry, LOOPBACK, 0, "envoy_metrics_port")
         else:
             REGISTRY.register(self._collector)
         splits = [m for m in plan.models if len(m.first) > 1 and not m.slo]
@@ -465,22 +464,12 @@ class GatewayServer:
                     last[model.name] = values
                     log.info("Envoy split of %s: %s", model.name, weights)
 
-    async def _start_metrics(self) -> None:
-        o = self.options.listen
-        metrics_app = web.Application()
-        metrics_app.router.add_get("/metrics", _metrics)
-        runner = web.AppRunner(metrics_app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, o.host, o.metrics_port)
-        await site.start()
-        self._runners.append(runner)
-        self.ports["metrics_port"] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-    async def _serve_envoy_metrics(self, collector: EnvoyCollector) -> None:
-        """A worker's Envoy families on a loopback port of their own (``envoy_metrics_port``):
-        a registry with only the collector, read at scrape time like the gateway's own."""
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(collector)
+    async def _serve_metrics(
+        self, registry: CollectorRegistry, host: str, port: int, name: str
+    ) -> None:
+        """``/metrics`` of ``registry`` on ``host:port`` (the bound port: ``self.ports[name]``),
+        generated off the event loop: the Envoy collector reads Envoy's admin endpoint at
+        scrape time."""
 
         async def metrics(request: web.Request) -> web.Response:
             body = await asyncio.to_thread(generate_latest, registry)
@@ -490,10 +479,10 @@ class GatewayServer:
         app.router.add_get("/metrics", metrics)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, LOOPBACK, 0)
+        site = web.TCPSite(runner, host, port)
         await site.start()
         self._runners.append(runner)
-        self.ports["envoy_metrics_port"] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.ports[name] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def stop(self) -> None:
         """Not ready at once; keep serving for the drain delay (a load balancer sees the 503 and
